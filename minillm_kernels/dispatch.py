@@ -1,0 +1,325 @@
+"""Validation and backend choice, in one place, behind the two public functions.
+
+``fused_reverse_kld`` and ``fused_token_stats`` check their arguments, flatten ``[..., V]`` logits to
+``[N, V]`` rows, run one backend and reshape the per-token results back. Backends:
+
+=============  ===================================================  ==========================
+backend        what runs                                            tensors
+=============  ===================================================  ==========================
+"reference"    the naive PyTorch formulas (``reference.py``)        any device, any float dtype
+"cpu"          the fused C++ kernel (``csrc/cpu``), built on first  CPU
+               use with ninja
+"triton"       the Triton kernels (``ops/reverse_kld_triton.py``)   CUDA; CPU under
+                                                                    ``TRITON_INTERPRET=1``
+"cuda"         the CUDA C++ kernels: not built yet (a later issue)  CUDA
+=============  ===================================================  ==========================
+
+``backend="auto"`` picks "triton" for CUDA tensors and "cpu" for CPU tensors, falling back to
+"reference" where that backend is not available.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from numbers import Real
+from typing import NamedTuple, Optional
+
+import torch
+
+from minillm_kernels import reference
+from minillm_kernels.ops import reverse_kld as ops
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+REDUCTIONS = ("none", "sum", "mean")
+
+
+class TokenStats(NamedTuple):
+    """Per-token MiniLLM terms, each of the logits' leading shape, 0 where the mask is False.
+
+    reverse_kld:       KL_t = sum_v q_v (log q_v - log p_v)            (differentiable)
+    student_logprob:   log q(y_t)                                      (differentiable)
+    teacher_logprob:   log p(y_t)                                      (no gradient: teacher)
+    log_ratio:         r_t = log p(y_t) - log q(y_t)                   (detached)
+    importance_weight: w_t = q(y_t) / (alpha p(y_t) + (1 - alpha) q(y_t)), optionally clipped (detached)
+    entropy:           H_t = -sum_v q_v log q_v, or None unless asked for  (differentiable)
+    """
+
+    reverse_kld: torch.Tensor
+    student_logprob: torch.Tensor
+    teacher_logprob: torch.Tensor
+    log_ratio: torch.Tensor
+    importance_weight: torch.Tensor
+    entropy: Optional[torch.Tensor]
+
+
+def _triton_usable() -> bool:
+    return importlib.util.find_spec("triton") is not None and (
+        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    )
+
+
+def _cpu_usable() -> bool:
+    from minillm_kernels.cpu import load_extension
+
+    return load_extension() is not None
+
+
+_available: Optional[tuple[str, ...]] = None  # filled on the first call (a plain global, which dynamo reads)
+
+
+def available_backends() -> tuple[str, ...]:
+    """The backends usable on this machine, of ("reference", "cpu", "triton", "cuda").
+
+    "cpu" is listed once its C++ kernel has built (the first call builds it, ~20 s, then it is
+    cached); "triton" where Triton is installed and a GPU is present, or ``TRITON_INTERPRET=1`` is
+    set (then it runs on CPU tensors); "cuda" once the CUDA C++ kernels exist (a later issue).
+    """
+    global _available
+    if _available is None:
+        usable = {"reference": True, "cpu": _cpu_usable(), "triton": _triton_usable(), "cuda": False}
+        _available = tuple(name for name in BACKENDS if usable[name])
+    return _available
+
+
+def _interpreting_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _choose_backend(backend: str, device: torch.device) -> str:
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    available = available_backends()
+    if backend == "auto":
+        preferred = "triton" if device.type == "cuda" else "cpu"
+        return preferred if preferred in available else "reference"
+    if backend not in available:
+        raise ValueError(f"backend {backend!r} is not available here; available: {available}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' runs on CPU tensors, but the logits are on {device}")
+    if backend == "triton" and device.type != "cuda" and not _interpreting_triton():
+        raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), the logits are on {device}")
+    return backend
+
+
+class _Rows(NamedTuple):
+    """Validated inputs, flattened to rows."""
+
+    student: torch.Tensor  # [N, V_s], last dim contiguous
+    teacher: torch.Tensor  # [N, V_t], last dim contiguous
+    target: Optional[torch.Tensor]  # [N] int64
+    mask: Optional[torch.Tensor]  # [N] bool
+    lead_shape: torch.Size
+    vocab_size: int
+    backend: str
+
+
+def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+    rows = logits.reshape(-1, logits.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _check_companion(name: str, x: object, lead_shape: torch.Size, device: torch.device) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.shape != lead_shape:
+        raise ValueError(f"{name} must have the logits' leading shape {tuple(lead_shape)}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the logits are on {device}")
+
+
+def _validate(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target_ids: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    temperature: float,
+    vocab_size: Optional[int],
+    backend: str,
+) -> _Rows:
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] == 0:
+            raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
+    if student_logits.dtype != teacher_logits.dtype:
+        raise TypeError(
+            f"student_logits ({student_logits.dtype}) and teacher_logits ({teacher_logits.dtype}) must share a dtype"
+        )
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(
+            f"student_logits is on {student_logits.device} but teacher_logits is on {teacher_logits.device}"
+        )
+    lead_shape = student_logits.shape[:-1]
+    if teacher_logits.shape[:-1] != lead_shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} "
+            "must agree on every dimension but the last"
+        )
+    student_width, teacher_width = student_logits.shape[-1], teacher_logits.shape[-1]
+    if vocab_size is None:
+        if student_width != teacher_width:
+            raise ValueError(
+                f"student_logits has {student_width} vocab columns and teacher_logits {teacher_width}; "
+                "pass vocab_size= (the real vocabulary size) to compare padded logits"
+            )
+        vocab_size = student_width
+    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= min(
+        student_width, teacher_width
+    ):
+        raise ValueError(
+            f"vocab_size must be an int in [1, {min(student_width, teacher_width)}] (the narrower logits' width), "
+            f"got {vocab_size!r}"
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    device = student_logits.device
+    if mask is not None:
+        _check_companion("mask", mask, lead_shape, device)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = the token counts), got {mask.dtype}")
+        mask = mask.reshape(-1).contiguous()
+    if target_ids is not None:
+        _check_companion("target_ids", target_ids, lead_shape, device)
+        if target_ids.dtype.is_floating_point or target_ids.dtype.is_complex or target_ids.dtype == torch.bool:
+            raise TypeError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
+        target_ids = target_ids.reshape(-1).to(torch.int64).contiguous()
+        if not torch.compiler.is_compiling():  # a data-dependent check: skipped while tracing
+            counted = target_ids if mask is None else target_ids[mask]
+            if counted.numel() and not bool(((counted >= 0) & (counted < vocab_size)).all()):
+                raise ValueError(
+                    f"target_ids must lie in [0, vocab_size={vocab_size}) where the mask is True; "
+                    f"got values in [{int(counted.min())}, {int(counted.max())}]"
+                )
+    return _Rows(
+        student=_as_rows(student_logits),
+        teacher=_as_rows(teacher_logits),
+        target=target_ids,
+        mask=mask,
+        lead_shape=lead_shape,
+        vocab_size=vocab_size,
+        backend=_choose_backend(backend, device),
+    )
+
+
+def _token_stats(rows: _Rows, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kl, student_logprob, teacher_logprob, entropy)`` per row, from the chosen backend."""
+    if rows.backend == "reference":
+        return reference.token_stats(rows.student, rows.teacher, rows.target, rows.mask, temperature, rows.vocab_size)
+    kl, student_logprob, teacher_logprob, entropy, _ = ops.token_stats(
+        rows.student, rows.teacher, rows.target, rows.mask, 1.0 / temperature, rows.vocab_size, rows.backend
+    )
+    return kl, student_logprob, teacher_logprob, entropy
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+def _importance_weight(student_logprob: torch.Tensor, teacher_logprob: torch.Tensor, mix_alpha: float) -> torch.Tensor:
+    """w = q(y) / (alpha p(y) + (1 - alpha) q(y)), in log space: exactly 1 for alpha = 0, q/p for alpha = 1."""
+    mixture_logprob = torch.logaddexp(teacher_logprob + _log(mix_alpha), student_logprob + _log(1.0 - mix_alpha))
+    return (student_logprob - mixture_logprob).exp()
+
+
+def fused_reverse_kld(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    vocab_size: Optional[int] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Reverse KL divergence KL(q || p) of the student q from the teacher p, per token, fused.
+
+    With q = softmax(s / T) and p = softmax(t / T) over the first ``vocab_size`` columns:
+        KL_t = sum_v q_v (log q_v - log p_v),
+        dKL_t / ds_v = (1/T) q_v (log q_v - log p_v - KL_t)   (no T^2 factor is applied).
+
+    Args:
+        student_logits: ``[..., V_s]`` float logits of the student (gets the gradient).
+        teacher_logits: ``[..., V_t]`` float logits of the teacher, same dtype and leading shape (frozen).
+        mask: optional bool ``[...]``, True where the token counts.
+        temperature: T > 0, applied to both models.
+        reduction: "none" (``[...]``, 0 where masked), "sum", or "mean" over unmasked tokens
+            (0, with zero gradient, when there are none).
+        vocab_size: the real vocabulary size when the logits are padded to different widths; columns
+            at or past it are ignored in both, without a copy.
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (see ``available_backends()``).
+
+    Returns:
+        The loss, float32 (float64 for float64 logits). Logits holding NaN give NaN.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    rows = _validate(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend)
+    kl = _token_stats(rows, temperature)[0]
+    if reduction == "none":
+        return kl.reshape(rows.lead_shape)
+    total = kl.sum()
+    if reduction == "sum":
+        return total
+    count = kl.new_tensor(kl.numel()) if rows.mask is None else rows.mask.sum()
+    return total / count.clamp(min=1)
+
+
+def fused_token_stats(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    mix_alpha: float = 0.0,
+    weight_clip: Optional[tuple[float, float]] = None,
+    with_entropy: bool = False,
+    vocab_size: Optional[int] = None,
+    backend: str = "auto",
+) -> TokenStats:
+    """Every per-token MiniLLM term for sampled tokens ``target_ids``, from one pass over the logits.
+
+    With q = softmax(s / T), p = softmax(t / T) over the first ``vocab_size`` columns and y_t the target:
+        reverse_kld       KL_t = sum_v q_v (log q_v - log p_v)
+        student_logprob   log q(y_t)          teacher_logprob   log p(y_t)
+        log_ratio         r_t = log p(y_t) - log q(y_t)                      (detached)
+        importance_weight w_t = q(y_t) / (alpha p(y_t) + (1 - alpha) q(y_t)),
+                          clipped to ``weight_clip = (lo, hi)`` if given     (detached)
+        entropy           H_t = -sum_v q_v log q_v   (if ``with_entropy``)
+    Gradients flow to the student logits through reverse_kld, student_logprob and entropy:
+        d/ds_v = (1/T)(a q_v (log q_v - log p_v - KL_t) + b ([v = y_t] - q_v) - c q_v (log q_v + H_t))
+    with a, b, c the upstream gradients of the three, in one backward pass.
+
+    Args:
+        target_ids: integer ``[...]`` token ids in ``[0, vocab_size)`` where the mask is True
+            (masked positions may hold anything, e.g. -100).
+        mix_alpha: alpha in [0, 1] of the teacher-mixed sampling distribution (0: w = 1).
+        weight_clip: optional ``(lo, hi)`` with 0 <= lo <= hi.
+        Other arguments as in ``fused_reverse_kld``.
+
+    Returns:
+        ``TokenStats`` of ``[...]`` tensors (float32, float64 for float64 logits), 0 where masked.
+    """
+    if isinstance(mix_alpha, bool) or not isinstance(mix_alpha, Real) or not 0.0 <= mix_alpha <= 1.0:
+        raise ValueError(f"mix_alpha must be a number in [0, 1], got {mix_alpha!r}")
+    if weight_clip is not None and (
+        len(weight_clip) != 2 or not 0.0 <= weight_clip[0] <= weight_clip[1]
+    ):
+        raise ValueError(f"weight_clip must be None or (lo, hi) with 0 <= lo <= hi, got {weight_clip!r}")
+    if target_ids is None:
+        raise TypeError("target_ids must be a tensor of token ids, got None")
+    rows = _validate(student_logits, teacher_logits, target_ids, mask, temperature, vocab_size, backend)
+    kl, student_logprob, teacher_logprob, entropy = _token_stats(rows, temperature)
+    log_ratio = (teacher_logprob - student_logprob).detach()
+    importance_weight = _importance_weight(student_logprob.detach(), teacher_logprob.detach(), mix_alpha)
+    if weight_clip is not None:
+        importance_weight = importance_weight.clamp(weight_clip[0], weight_clip[1])
+    if rows.mask is not None:
+        importance_weight = torch.where(rows.mask, importance_weight, 0.0)
+    fields = (kl, student_logprob, teacher_logprob, log_ratio, importance_weight, entropy if with_entropy else None)
+    return TokenStats(*(None if x is None else x.reshape(rows.lead_shape) for x in fields))

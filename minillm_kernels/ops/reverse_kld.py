@@ -1,0 +1,117 @@
+"""The reverse-KL family as ``torch.library`` custom ops: one op, several kernels.
+
+``minillm_kernels::token_stats`` computes, per row of ``[N, V]`` logits, the reverse KL, the
+log-probabilities of a target token under both models, the student entropy and the row statistics
+``(m_s, log Z_s, m_t, log Z_t)`` that the backward needs (see ``reverse_kld_triton`` for the
+formulas). ``minillm_kernels::token_stats_backward`` turns per-row upstream gradients
+``a = dL/dKL, b = dL/dlog q(y), c = dL/dH`` into the one ``[N, V]`` gradient of the student logits.
+The ``backend`` argument picks the kernel ("cpu": the C++ kernel, "triton"); both ops have fake
+implementations, so ``torch.compile(fullgraph=True)`` traces through them, and the forward op has a
+registered autograd formula, so only per-row scalars are saved between forward and backward.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _kernels(backend: str) -> ModuleType:
+    """The module holding ``forward``/``backward`` for ``backend``."""
+    if backend == "cpu":
+        from minillm_kernels.cpu import load_extension
+
+        return load_extension()
+    if backend == "triton":
+        from minillm_kernels.ops import reverse_kld_triton
+
+        return reverse_kld_triton
+    raise ValueError(f"no kernels for backend {backend!r}")
+
+
+def stats_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """Per-token outputs are float64 for float64 logits, float32 otherwise."""
+    return torch.promote_types(logits_dtype, torch.float32)
+
+
+@torch.library.custom_op("minillm_kernels::token_stats", mutates_args=())
+def token_stats(
+    student: Tensor,
+    teacher: Tensor,
+    target: Optional[Tensor],
+    mask: Optional[Tensor],
+    inv_temperature: float,
+    vocab_size: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(kl, student_logprob, teacher_logprob, entropy, row_stats)`` of ``[N, V]`` logits."""
+    if student.shape[0] == 0:
+        return _empty_stats(student)
+    return tuple(_kernels(backend).forward(student, teacher, target, mask, inv_temperature, vocab_size))
+
+
+@token_stats.register_fake
+def _(student, teacher, target, mask, inv_temperature, vocab_size, backend):
+    return _empty_stats(student)
+
+
+def _empty_stats(student: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    n_rows, dtype = student.shape[0], stats_dtype(student.dtype)
+    per_row = tuple(student.new_empty(n_rows, dtype=dtype) for _ in range(4))
+    return (*per_row, student.new_empty(n_rows, 4, dtype=dtype))
+
+
+@torch.library.custom_op("minillm_kernels::token_stats_backward", mutates_args=())
+def token_stats_backward(
+    student: Tensor,
+    teacher: Tensor,
+    target: Optional[Tensor],
+    mask: Optional[Tensor],
+    grad_kl: Tensor,
+    grad_student_logprob: Tensor,
+    grad_entropy: Tensor,
+    kl: Tensor,
+    entropy: Tensor,
+    row_stats: Tensor,
+    inv_temperature: float,
+    vocab_size: int,
+    backend: str,
+) -> Tensor:
+    """The gradient of ``sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i`` with respect to ``student``."""
+    if student.shape[0] == 0:
+        return torch.empty_like(student, memory_format=torch.contiguous_format)
+    return _kernels(backend).backward(
+        student, teacher, target, mask, grad_kl, grad_student_logprob, grad_entropy,
+        kl, entropy, row_stats, inv_temperature, vocab_size,
+    )
+
+
+@token_stats_backward.register_fake
+def _(student, teacher, target, mask, grad_kl, grad_student_logprob, grad_entropy,
+      kl, entropy, row_stats, inv_temperature, vocab_size, backend):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    student, teacher, target, mask, inv_temperature, vocab_size, backend = inputs
+    kl, _, _, entropy, row_stats = output
+    ctx.save_for_backward(student, teacher, target, mask, kl, entropy, row_stats)
+    ctx.inv_temperature, ctx.vocab_size, ctx.backend = inv_temperature, vocab_size, backend
+
+
+def _backward(ctx, grad_kl, grad_student_logprob, grad_teacher_logprob, grad_entropy, grad_row_stats):
+    student, teacher, target, mask, kl, entropy, row_stats = ctx.saved_tensors
+    # Unused outputs have no gradient; expanded ones (from .sum()) must be made contiguous.
+    a, b, c = (kl.new_zeros(kl.shape) if g is None else g.to(kl.dtype).contiguous()
+               for g in (grad_kl, grad_student_logprob, grad_entropy))
+    grad_student = token_stats_backward(
+        student, teacher, target, mask, a, b, c, kl, entropy, row_stats,
+        ctx.inv_temperature, ctx.vocab_size, ctx.backend,
+    )
+    return grad_student, None, None, None, None, None, None
+
+
+token_stats.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,22 @@
+# Sourced by the quick-start scripts: selects the Python to run with and installs what it needs.
+#
+# - On a machine whose python3 already has a CUDA PyTorch (a GPU box, possibly offline), that python3
+#   is used as it is and the package is taken from this checkout (PYTHONPATH).
+# - Elsewhere, a .venv at the repository root is created or reused, with the CPU build of PyTorch
+#   (torch==2.13.0), triton==3.8.0 (its interpreter runs the Triton kernels on the CPU), ninja (the C++
+#   kernel's build), and this package installed in editable mode with its test extras.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  PYTHON=python3
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+else
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  PYTHON="$ROOT/.venv/bin/python"
+  if ! "$PYTHON" -c "import torch, triton, ninja, pytest, minillm_kernels" 2>/dev/null; then
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check torch==2.13.0 triton==3.8.0
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+  fi
+fi
+export PYTHON

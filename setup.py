@@ -1,0 +1,10 @@
+"""Ships the kernel sources in ``csrc/`` inside the package (as ``minillm_kernels/csrc``), where the
+just-in-time builds (``minillm_kernels/cpu.py``) find them after a regular install; an editable
+install reads them from the checkout."""
+from setuptools import setup
+
+setup(
+    packages=["minillm_kernels", "minillm_kernels.ops", "minillm_kernels.csrc"],
+    package_dir={"minillm_kernels.csrc": "csrc"},
+    package_data={"minillm_kernels.csrc": ["cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h"]},
+)
