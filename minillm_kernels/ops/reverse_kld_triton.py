@@ -23,7 +23,7 @@ import triton.language as tl
 
 # A finite stand-in for -inf as the initial running maximum, so that exp(m_old - m_new) is never
 # exp(-inf - -inf) = NaN when a whole block is -inf.
-_LOWEST = -3.0e38
+_LOWEST = tl.constexpr(-3.0e38)
 
 
 @triton.jit
