@@ -279,3 +279,17 @@ def test_auto_picks_the_cpu_kernel_on_cpu_tensors():
     from minillm_kernels import dispatch
 
     assert dispatch._choose_backend("auto", torch.device("cpu")) == "cpu"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_nan_logits_give_nan_in_their_row_only(backend):
+    """A NaN in the logits is never hidden behind a finite loss, and does not leak into other rows."""
+    require_backend(backend)
+    device = device_for(backend)
+    student = random_logits(4, ODD_VOCAB, torch.float32, device)
+    teacher = random_logits(4, ODD_VOCAB, torch.float32, device)
+    student[1, 700] = float("nan")
+    teacher[2, 5] = float("nan")
+    kl = mk.fused_reverse_kld(student, teacher, reduction="none", backend=backend)
+    assert kl[1].isnan() and kl[2].isnan()
+    assert torch.isfinite(kl[[0, 3]]).all()
