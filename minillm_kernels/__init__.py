@@ -3,8 +3,36 @@
     import minillm_kernels as mk
     loss = mk.fused_reverse_kld(student_logits, teacher_logits, mask=mask)       # KL(q || p)
     stats = mk.fused_token_stats(student_logits, teacher_logits, sampled_ids)    # per-token terms
+    rollout = mk.sample_teacher_mixed(student, teacher, prompt_ids, prompt_mask, max_new_tokens=64)
+    loss, parts = mk.minillm_loss(stats, rollout.student_logprob, rewards, rollout.importance_weight, ...)
 """
 from minillm_kernels.dispatch import TokenStats, available_backends, fused_reverse_kld, fused_token_stats
+from minillm_kernels.objective import (
+    language_modeling_loss,
+    length_normalized_returns,
+    log_ratio_rewards,
+    minillm_loss,
+    ppo_policy_loss,
+    single_step_loss,
+    whiten_advantages,
+)
+from minillm_kernels.sampling import TeacherMixedSample, response_logits, sample_teacher_mixed
 
-__all__ = ["TokenStats", "available_backends", "fused_reverse_kld", "fused_token_stats"]
+__all__ = [
+    "TokenStats",
+    "available_backends",
+    "fused_reverse_kld",
+    "fused_token_stats",
+    # the MiniLLM objective (objective.py) and teacher-mixed sampling (sampling.py)
+    "TeacherMixedSample",
+    "language_modeling_loss",
+    "length_normalized_returns",
+    "log_ratio_rewards",
+    "minillm_loss",
+    "ppo_policy_loss",
+    "response_logits",
+    "sample_teacher_mixed",
+    "single_step_loss",
+    "whiten_advantages",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,310 @@
+"""Teacher-mixed sampling for MiniLLM on stock Hugging Face causal LMs.
+
+Each response token is drawn from the mixture p~ = alpha p + (1 - alpha) q of the teacher p and the
+student q (the paper's teacher-mixed sampling; the reference code needs a forked ``transformers``
+for it). The loop keeps a KV cache for each model, feeds both the same tokens, and records per
+token what the MiniLLM objective needs: log q_old(y_t), log p(y_t) and the importance weight
+w_t = q(y_t) / p~(y_t).
+
+Any two models with the Hugging Face causal-LM interface work: ``model(input_ids=...,
+attention_mask=..., position_ids=..., <cache>=..., use_cache=True)`` returning ``.logits`` and the
+cache (``cache`` in transformers >= 5.2x, ``past_key_values`` before; the keyword is read from
+``forward``'s signature). Nothing here imports ``transformers``.
+
+Temperature and filtering, and what the returned numbers mean:
+- Sampling: each model's logits over the first ``vocab_size`` columns are divided by the
+  temperature T, then filtered by top-k and top-p (each model on its own, in this order, as
+  ``transformers.generate`` does), turned into probabilities q_f and p_f, and mixed:
+  p~ = alpha p_f + (1 - alpha) q_f.
+- ``importance_weight`` is w_t = q_f(y_t) / p~(y_t), from the very probabilities that were sampled
+  from (0 for a token the student's filter removed).
+- ``student_logprob`` and ``teacher_logprob`` are log softmax(logits / T) at the sampled token, at
+  the sampling temperature and without top-k/top-p: what ``fused_token_stats(..., temperature=T)``
+  gives on a fresh forward pass over the same sequences, so that the PPO ratio
+  exp(log q(y_t) - log q_old(y_t)) is exactly 1 before the first update. With top_k = 0 and
+  top_p = 1 (the reference defaults) w_t also equals ``fused_token_stats(..., mix_alpha=alpha).importance_weight``.
+  (The reference code renormalises both models over the student's top-k/top-p set instead.)
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from numbers import Real
+from typing import Optional, Sequence, Union
+
+import torch
+
+from minillm_kernels.dispatch import _importance_weight
+
+
+def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting only attended tokens, 0 on left padding: ``(cumsum(mask) - 1).clamp(min=0)``."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass(frozen=True)
+class TeacherMixedSample:
+    """What ``sample_teacher_mixed`` returns. N = the number of steps taken (<= max_new_tokens).
+
+    sequences:         ``[B, P + N]`` the prompts as given (left-padded), then the response tokens;
+                       ``pad_token_id`` after a row's first EOS.
+    attention_mask:    ``[B, P + N]`` long: the prompts' mask, then ``response_mask``.
+    response_mask:     ``[B, N]`` bool: True for each sampled token up to and including the first EOS.
+    student_logprob:   ``[B, N]`` log q_old(y_t) = log softmax(s / T)(y_t), 0 where masked.
+    teacher_logprob:   ``[B, N]`` log p(y_t) = log softmax(t / T)(y_t), 0 where masked.
+    importance_weight: ``[B, N]`` w_t = q_f(y_t) / (alpha p_f(y_t) + (1 - alpha) q_f(y_t)), 0 where masked.
+    prompt_length:     P.
+    The per-token tensors are aligned with ``response_ids = sequences[:, P:]``, and are float32
+    (float64 for float64 logits).
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    student_logprob: torch.Tensor
+    teacher_logprob: torch.Tensor
+    importance_weight: torch.Tensor
+    prompt_length: int
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        """``[B, N]`` the sampled tokens (``pad_token_id`` after EOS)."""
+        return self.sequences[:, self.prompt_length :]
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """``[B, P + N]`` the positions the models saw while sampling, for a fresh forward pass."""
+        return position_ids_from_attention_mask(self.attention_mask)
+
+
+class _CachedModel:
+    """One causal LM run step by step with its KV cache."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        parameters = inspect.signature(model.forward).parameters
+        self.model = model
+        self.cache_keyword = "cache" if "cache" in parameters else "past_key_values"
+        self.keeps_last_logits = "logits_to_keep" in parameters
+        self.cache = None
+
+    def next_token_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """``[B, W]`` logits for the token after ``input_ids``, extending the cache."""
+        kwargs = {self.cache_keyword: self.cache} if self.cache is not None else {}
+        if self.keeps_last_logits:
+            kwargs["logits_to_keep"] = 1
+        output = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kwargs
+        )
+        self.cache = getattr(output, self.cache_keyword)
+        return output.logits[:, -1, :]
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k, then top-p (nucleus) filtering: removed tokens get -inf.
+
+    top-k keeps the k largest logits (ties with the k-th kept); top-p keeps the smallest set of most
+    likely tokens whose probability reaches ``top_p`` (at least one token).
+    """
+    if 0 < top_k < logits.shape[-1]:
+        kth_largest = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        remove_sorted = mass_before >= top_p
+        remove_sorted[..., 0] = False
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, -math.inf)
+    return logits
+
+
+def _eos_ids(eos_token_id: Union[int, Sequence[int], None], device: torch.device) -> Optional[torch.Tensor]:
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+        raise ValueError(f"eos_token_id must be None, an int >= 0 or a non-empty list of them, got {eos_token_id!r}")
+    return torch.tensor(ids, device=device)
+
+
+def _validate(
+    input_ids: object,
+    attention_mask: object,
+    alpha: object,
+    max_new_tokens: object,
+    temperature: object,
+    top_k: object,
+    top_p: object,
+) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [batch, prompt_length] tensor, got {input_ids!r:.80}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must hold integer token ids with prompt_length >= 1, got {input_ids.dtype} "
+                         f"{tuple(input_ids.shape)}")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}")
+    if attention_mask.device != input_ids.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    if not bool((attention_mask[:, 1:] >= attention_mask[:, :-1]).all()) or not bool(attention_mask[:, -1].all()):
+        raise ValueError("the prompts must be left-padded: each attention_mask row is 0...0 1...1 with at least one 1")
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, Real) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be a number in (0, 1] (1: no top-p), got {top_p!r}")
+
+
+def _real_vocab_size(student_width: int, teacher_width: int, vocab_size: Optional[int]) -> int:
+    if vocab_size is None:
+        if student_width != teacher_width:
+            raise ValueError(
+                f"the student's logits have {student_width} columns and the teacher's {teacher_width}; "
+                "pass vocab_size= (the tokenizer's real vocabulary size) to compare padded logits"
+            )
+        return student_width
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= min(
+        student_width, teacher_width
+    ):
+        raise ValueError(
+            f"vocab_size must be an int in [1, {min(student_width, teacher_width)}] (the narrower logits' width), "
+            f"got {vocab_size!r}"
+        )
+    return vocab_size
+
+
+@torch.no_grad()
+def sample_teacher_mixed(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    alpha: float = 0.2,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: Union[int, Sequence[int], None] = None,
+    pad_token_id: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> TeacherMixedSample:
+    """Sample responses from p~ = alpha p + (1 - alpha) q, token by token, with both models' KV caches.
+
+    At each step, with s, t the student's and teacher's next-token logits over the first
+    ``vocab_size`` columns, q_f = softmax(filter(s / T)), p_f = softmax(filter(t / T)) (filter =
+    top-k then top-p), the token y_t ~ alpha p_f + (1 - alpha) q_f is recorded with
+        log q(y_t) = log softmax(s / T)(y_t),  log p(y_t) = log softmax(t / T)(y_t),
+        w_t = q_f(y_t) / (alpha p_f(y_t) + (1 - alpha) q_f(y_t))    (exactly 1 for alpha = 0).
+    A row stops at its first ``eos_token_id`` (which counts as a response token); later tokens are
+    ``pad_token_id`` and masked. The loop ends after ``max_new_tokens`` steps or when every row has
+    stopped. Defaults: alpha = 0.2 (paper and reference code), T = 1, top-k 0, top-p 1 (reference code).
+
+    Put both models in ``eval()`` mode first: with dropout on, a fresh forward pass would not
+    reproduce the recorded log-probabilities.
+
+    Args:
+        student, teacher: causal LMs sharing a tokenizer (their logits may be padded to different widths).
+        input_ids: ``[B, P]`` integer prompts, left-padded.
+        attention_mask: ``[B, P]`` 0/1 (or bool), 0 on the left padding.
+        alpha: the teacher's share in [0, 1].
+        max_new_tokens: at most this many response tokens (>= 1).
+        temperature: T > 0; top_k: >= 0 (0 = off); top_p: in (0, 1] (1 = off).
+        eos_token_id: an id, a list of ids, or None (never stop early).
+        pad_token_id: fills the rows after their EOS; default: the (first) EOS id, or 0.
+        vocab_size: the real vocabulary size when the two models' logits have different widths.
+        generator: optional ``torch.Generator`` for reproducible draws.
+
+    Returns: a ``TeacherMixedSample``.
+    """
+    _validate(input_ids, attention_mask, alpha, max_new_tokens, temperature, top_k, top_p)
+    device = input_ids.device
+    eos_ids = _eos_ids(eos_token_id, device)
+    if pad_token_id is None:
+        pad_token_id = int(eos_ids[0]) if eos_ids is not None else 0
+    models = (_CachedModel(student), _CachedModel(teacher))
+    batch, prompt_length = input_ids.shape
+    full_mask = attention_mask.long()
+    position = position_ids_from_attention_mask(full_mask)
+    student_logits, teacher_logits = (m.next_token_logits(input_ids, full_mask, position) for m in models)
+    vocab_size = _real_vocab_size(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+    next_position = position[:, -1:] + 1
+
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, valid, student_logprobs, teacher_logprobs, weights = [], [], [], [], []
+    for step in range(max_new_tokens):
+        compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+        student_scaled = student_logits[:, :vocab_size].to(compute_dtype) / temperature
+        teacher_scaled = teacher_logits[:, :vocab_size].to(compute_dtype) / temperature
+        student_filtered = _filter_logits(student_scaled, top_k, top_p).log_softmax(-1)
+        teacher_filtered = _filter_logits(teacher_scaled, top_k, top_p).log_softmax(-1)
+        mixture = alpha * teacher_filtered.exp() + (1.0 - alpha) * student_filtered.exp()
+        token = torch.multinomial(mixture, 1, generator=generator).squeeze(-1)
+        token = torch.where(finished, pad_token_id, token)
+        counts = ~finished
+        index = token.clamp(max=vocab_size - 1).unsqueeze(-1)
+
+        def at_token(logprob: torch.Tensor) -> torch.Tensor:
+            return logprob.gather(-1, index).squeeze(-1)
+
+        weight = _importance_weight(at_token(student_filtered), at_token(teacher_filtered), float(alpha))
+        tokens.append(token)
+        valid.append(counts)
+        student_logprobs.append(torch.where(counts, at_token(student_scaled.log_softmax(-1)), 0.0))
+        teacher_logprobs.append(torch.where(counts, at_token(teacher_scaled.log_softmax(-1)), 0.0))
+        weights.append(torch.where(counts, weight, 0.0))
+        if eos_ids is not None:
+            finished = finished | torch.isin(token, eos_ids)
+        if step + 1 == max_new_tokens or bool(finished.all()):
+            break
+        full_mask = torch.cat([full_mask, counts.long().unsqueeze(-1)], dim=-1)
+        student_logits, teacher_logits = (
+            m.next_token_logits(token.unsqueeze(-1), full_mask, next_position) for m in models
+        )
+        next_position = next_position + 1
+
+    response_mask = torch.stack(valid, dim=-1)
+    return TeacherMixedSample(
+        sequences=torch.cat([input_ids, torch.stack(tokens, dim=-1).to(input_ids.dtype)], dim=-1),
+        attention_mask=torch.cat([attention_mask.long(), response_mask.long()], dim=-1),
+        response_mask=response_mask,
+        student_logprob=torch.stack(student_logprobs, dim=-1),
+        teacher_logprob=torch.stack(teacher_logprobs, dim=-1),
+        importance_weight=torch.stack(weights, dim=-1),
+        prompt_length=prompt_length,
+    )
+
+
+def response_logits(model: torch.nn.Module, sample: TeacherMixedSample) -> torch.Tensor:
+    """``[B, N, W]`` a fresh forward pass's logits predicting each response token of ``sample``.
+
+    Runs ``model`` on ``sample.sequences`` with the attention mask and positions the sampler used,
+    and keeps the logits at positions P - 1 ... P + N - 2 (those that predict ``response_ids``;
+    with ``logits_to_keep`` where the model has it, so the prompt's logits are never built). Under
+    ``torch.no_grad()`` for the teacher; with gradients for the student being trained.
+    """
+    new_tokens = sample.response_mask.shape[-1]
+    kwargs = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = new_tokens + 1
+    logits = model(
+        input_ids=sample.sequences,
+        attention_mask=sample.attention_mask,
+        position_ids=sample.position_ids,
+        use_cache=False,
+        **kwargs,
+    ).logits
+    return logits[:, -(new_tokens + 1) : -1, :]
