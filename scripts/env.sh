@@ -14,7 +14,7 @@ if python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/de
 else
   [ -x .venv/bin/python ] || python3 -m venv .venv
   PYTHON="$ROOT/.venv/bin/python"
-  if ! "$PYTHON" -c "import torch, triton, ninja, pytest, minillm_kernels" 2>/dev/null; then
+  if ! "$PYTHON" -c "import torch, triton, ninja, pytest, transformers, minillm_kernels" 2>/dev/null; then
     "$PYTHON" -m pip install --quiet --disable-pip-version-check torch==2.13.0 triton==3.8.0
     "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]"
   fi
