@@ -1,0 +1,28 @@
+// Python bindings of the fused reverse-KL CUDA kernels (built just-in-time by minillm_kernels/cuda.py). forward and
+// backward have the CPU extension's signatures; the *_out variants write into caller-given outputs (the tests
+// pre-fill them with NaN to prove that every element is written).
+#include <torch/extension.h>
+
+#include "reverse_kld.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &reverse_kld_forward,
+        "Reverse-KL forward over [N, V] CUDA logits: returns (kl, student_logprob, teacher_logprob, entropy, "
+        "row_stats [N, 4]).",
+        py::arg("student"), py::arg("teacher"), py::arg("target"), py::arg("mask"), py::arg("inv_temperature"),
+        py::arg("vocab_size"));
+  m.def("forward_out", &reverse_kld_forward_out, "forward into caller-given output tensors.", py::arg("student"),
+        py::arg("teacher"), py::arg("target"), py::arg("mask"), py::arg("inv_temperature"), py::arg("vocab_size"),
+        py::arg("kl"), py::arg("student_logprob"), py::arg("teacher_logprob"), py::arg("entropy"),
+        py::arg("row_stats"));
+  m.def("backward", &reverse_kld_backward,
+        "Reverse-KL backward: gradient [N, Vs] w.r.t. the student logits from the upstream grads of "
+        "(kl, student_logprob, entropy) and the forward outputs.",
+        py::arg("student"), py::arg("teacher"), py::arg("target"), py::arg("mask"), py::arg("grad_kl"),
+        py::arg("grad_student_logprob"), py::arg("grad_entropy"), py::arg("kl"), py::arg("entropy"),
+        py::arg("row_stats"), py::arg("inv_temperature"), py::arg("vocab_size"));
+  m.def("backward_out", &reverse_kld_backward_out, "backward into a caller-given gradient tensor.",
+        py::arg("student"), py::arg("teacher"), py::arg("target"), py::arg("mask"), py::arg("grad_kl"),
+        py::arg("grad_student_logprob"), py::arg("grad_entropy"), py::arg("kl"), py::arg("entropy"),
+        py::arg("row_stats"), py::arg("inv_temperature"), py::arg("vocab_size"), py::arg("grad_student"));
+}

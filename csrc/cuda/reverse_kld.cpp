@@ -1,0 +1,186 @@
+// Fused reverse-KL CUDA kernels: argument checks, output allocation, device and stream, launch error checks.
+// The kernels and their launch configuration are in reverse_kld.cu, behind the torch-free reverse_kld_launch.h.
+#include "reverse_kld.h"
+
+#include <cstdint>
+#include <limits>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../common/reverse_kld_checks.h"
+#include "reverse_kld_launch.h"
+
+namespace {
+
+constexpr const char* kWhere = "reverse_kld (cuda)";
+
+using reverse_kld_checks::accumulation_dtype;
+using reverse_kld_checks::check_logits;
+using reverse_kld_checks::row_stats_of;
+using reverse_kld_checks::row_vector;
+
+minillm_cuda::LogitsDtype logits_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return minillm_cuda::LogitsDtype::kFloat32;
+    case at::kDouble:
+      return minillm_cuda::LogitsDtype::kFloat64;
+    case at::kBFloat16:
+      return minillm_cuda::LogitsDtype::kBFloat16;
+    case at::kHalf:
+      return minillm_cuda::LogitsDtype::kFloat16;
+    default:
+      TORCH_CHECK(false, kWhere, ": unsupported logits dtype ", dtype);
+  }
+}
+
+// The kernels index columns with int.
+void check_width(int64_t width) {
+  TORCH_CHECK(width <= std::numeric_limits<int>::max(), kWhere, ": at most ", std::numeric_limits<int>::max(),
+              " columns, got ", width);
+}
+
+// A caller-given output: contiguous, `dtype`, `sizes`, on `device`.
+void check_output(const at::Tensor& out, at::IntArrayRef sizes, at::ScalarType dtype, const at::Device& device,
+                  const char* name) {
+  TORCH_CHECK(out.defined() && out.device() == device && out.scalar_type() == dtype && out.sizes() == sizes &&
+                  out.is_contiguous(),
+              kWhere, ": ", name, " must be a contiguous ", device, " ", dtype, " tensor of shape ", sizes);
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& x) {
+  return x.defined() ? x.data_ptr<T>() : nullptr;
+}
+
+const void* data_or_null(const at::Tensor& x) {
+  return x.defined() ? x.data_ptr() : nullptr;
+}
+
+void check_launch(cudaError_t error, const char* kernel) {
+  TORCH_CHECK(error == cudaSuccess, kWhere, ": the ", kernel, " kernel failed to launch: ",
+              cudaGetErrorName(error), ": ", cudaGetErrorString(error));
+}
+
+}  // namespace
+
+void reverse_kld_forward_out(
+    const at::Tensor& student, const at::Tensor& teacher,
+    const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& mask,
+    double inv_temperature, int64_t vocab_size,
+    const at::Tensor& kl, const at::Tensor& student_logprob, const at::Tensor& teacher_logprob,
+    const at::Tensor& entropy, const at::Tensor& row_stats) {
+  check_logits(student, teacher, vocab_size, c10::DeviceType::CUDA, kWhere);
+  check_width(vocab_size);
+  const int64_t n_rows = student.size(0);
+  const at::Device device = student.device();
+  const at::Tensor target_c = row_vector(target, n_rows, at::kLong, device, "target", kWhere);
+  const at::Tensor mask_c = row_vector(mask, n_rows, at::kBool, device, "mask", kWhere);
+  const at::ScalarType acc_dtype = accumulation_dtype(student);
+  check_output(kl, {n_rows}, acc_dtype, device, "kl");
+  check_output(student_logprob, {n_rows}, acc_dtype, device, "student_logprob");
+  check_output(teacher_logprob, {n_rows}, acc_dtype, device, "teacher_logprob");
+  check_output(entropy, {n_rows}, acc_dtype, device, "entropy");
+  check_output(row_stats, {n_rows, 4}, acc_dtype, device, "row_stats");
+
+  minillm_cuda::ForwardLaunch args{};
+  args.dtype = logits_dtype(student.scalar_type());
+  args.student = student.data_ptr();
+  args.teacher = teacher.data_ptr();
+  args.student_row_stride = student.stride(0);
+  args.teacher_row_stride = teacher.stride(0);
+  args.target = ptr_or_null<int64_t>(target_c);
+  args.mask = ptr_or_null<bool>(mask_c);
+  args.kl = kl.data_ptr();
+  args.student_logprob = student_logprob.data_ptr();
+  args.teacher_logprob = teacher_logprob.data_ptr();
+  args.entropy = entropy.data_ptr();
+  args.row_stats = row_stats.data_ptr();
+  args.n_rows = n_rows;
+  args.n_cols = static_cast<int>(vocab_size);
+  args.inv_temperature = inv_temperature;
+
+  const c10::cuda::CUDAGuard guard(device);
+  check_launch(minillm_cuda::launch_reverse_kld_forward(args, c10::cuda::getCurrentCUDAStream(device.index())),
+               "forward");
+}
+
+std::vector<at::Tensor> reverse_kld_forward(
+    const at::Tensor& student, const at::Tensor& teacher,
+    const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& mask,
+    double inv_temperature, int64_t vocab_size) {
+  check_logits(student, teacher, vocab_size, c10::DeviceType::CUDA, kWhere);
+  const int64_t n_rows = student.size(0);
+  const auto opts = student.options().dtype(accumulation_dtype(student));
+  at::Tensor kl = at::empty({n_rows}, opts);
+  at::Tensor student_logprob = at::empty({n_rows}, opts);
+  at::Tensor teacher_logprob = at::empty({n_rows}, opts);
+  at::Tensor entropy = at::empty({n_rows}, opts);
+  at::Tensor row_stats = at::empty({n_rows, 4}, opts);
+  reverse_kld_forward_out(student, teacher, target, mask, inv_temperature, vocab_size, kl, student_logprob,
+                          teacher_logprob, entropy, row_stats);
+  return {kl, student_logprob, teacher_logprob, entropy, row_stats};
+}
+
+void reverse_kld_backward_out(
+    const at::Tensor& student, const at::Tensor& teacher,
+    const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& mask,
+    const at::Tensor& grad_kl, const at::Tensor& grad_student_logprob, const at::Tensor& grad_entropy,
+    const at::Tensor& kl, const at::Tensor& entropy, const at::Tensor& row_stats,
+    double inv_temperature, int64_t vocab_size, const at::Tensor& grad_student) {
+  check_logits(student, teacher, vocab_size, c10::DeviceType::CUDA, kWhere);
+  const int64_t n_rows = student.size(0);
+  const int64_t width = student.size(1);
+  check_width(width);
+  const at::Device device = student.device();
+  const at::ScalarType acc_dtype = accumulation_dtype(student);
+  const at::Tensor target_c = row_vector(target, n_rows, at::kLong, device, "target", kWhere);
+  const at::Tensor mask_c = row_vector(mask, n_rows, at::kBool, device, "mask", kWhere);
+  const at::Tensor ga = row_vector(grad_kl, n_rows, acc_dtype, device, "grad_kl", kWhere);
+  const at::Tensor gb = row_vector(grad_student_logprob, n_rows, acc_dtype, device, "grad_student_logprob", kWhere);
+  const at::Tensor gc = row_vector(grad_entropy, n_rows, acc_dtype, device, "grad_entropy", kWhere);
+  const at::Tensor kl_c = row_vector(kl, n_rows, acc_dtype, device, "kl", kWhere);
+  const at::Tensor ent_c = row_vector(entropy, n_rows, acc_dtype, device, "entropy", kWhere);
+  TORCH_CHECK(kl_c.defined() && ent_c.defined(), kWhere, ": kl and entropy from the forward pass are required");
+  const at::Tensor stats_c = row_stats_of(row_stats, n_rows, acc_dtype, device, kWhere);
+  check_output(grad_student, {n_rows, width}, student.scalar_type(), device, "grad_student");
+
+  minillm_cuda::BackwardLaunch args{};
+  args.dtype = logits_dtype(student.scalar_type());
+  args.student = student.data_ptr();
+  args.teacher = teacher.data_ptr();
+  args.student_row_stride = student.stride(0);
+  args.teacher_row_stride = teacher.stride(0);
+  args.target = ptr_or_null<int64_t>(target_c);
+  args.mask = ptr_or_null<bool>(mask_c);
+  args.grad_kl = data_or_null(ga);
+  args.grad_student_logprob = data_or_null(gb);
+  args.grad_entropy = data_or_null(gc);
+  args.kl = kl_c.data_ptr();
+  args.entropy = ent_c.data_ptr();
+  args.row_stats = stats_c.data_ptr();
+  args.grad_student = grad_student.data_ptr();
+  args.n_rows = n_rows;
+  args.n_cols = static_cast<int>(vocab_size);
+  args.width = static_cast<int>(width);
+  args.inv_temperature = inv_temperature;
+
+  const c10::cuda::CUDAGuard guard(device);
+  check_launch(minillm_cuda::launch_reverse_kld_backward(args, c10::cuda::getCurrentCUDAStream(device.index())),
+               "backward");
+}
+
+at::Tensor reverse_kld_backward(
+    const at::Tensor& student, const at::Tensor& teacher,
+    const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& mask,
+    const at::Tensor& grad_kl, const at::Tensor& grad_student_logprob, const at::Tensor& grad_entropy,
+    const at::Tensor& kl, const at::Tensor& entropy, const at::Tensor& row_stats,
+    double inv_temperature, int64_t vocab_size) {
+  check_logits(student, teacher, vocab_size, c10::DeviceType::CUDA, kWhere);
+  at::Tensor grad_student =
+      at::empty({student.size(0), student.size(1)}, student.options().memory_format(at::MemoryFormat::Contiguous));
+  reverse_kld_backward_out(student, teacher, target, mask, grad_kl, grad_student_logprob, grad_entropy, kl, entropy,
+                           row_stats, inv_temperature, vocab_size, grad_student);
+  return grad_student;
+}

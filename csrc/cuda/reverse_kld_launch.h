@@ -1,0 +1,62 @@
+// Launch interface of the fused reverse-KL CUDA kernels (reverse_kld.cu), free of torch headers so that the
+// kernels compile with nvcc alone. reverse_kld.cpp fills these structs from tensors, after checking them.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace minillm_cuda {
+
+// Element type of the logits (and of the gradient). Accumulation and the per-row outputs are double for
+// kFloat64, float otherwise.
+enum class LogitsDtype : int { kFloat32, kFloat64, kBFloat16, kFloat16 };
+
+// Forward over n_rows rows: reads columns [0, n_cols) of each row (n_cols = vocab_size), writes per row
+// kl, student_logprob, teacher_logprob, entropy and row_stats[4] = (m_s, log Z_s, m_t, log Z_t).
+struct ForwardLaunch {
+  LogitsDtype dtype;
+  const void* student;             // [n_rows, >= n_cols], row stride student_row_stride elements
+  const void* teacher;             // [n_rows, >= n_cols], row stride teacher_row_stride elements
+  int64_t student_row_stride;
+  int64_t teacher_row_stride;
+  const int64_t* target;           // [n_rows] or nullptr (then both log-probabilities are 0)
+  const bool* mask;                // [n_rows] or nullptr (all rows count)
+  void* kl;                        // [n_rows], accumulation dtype
+  void* student_logprob;           // [n_rows]
+  void* teacher_logprob;           // [n_rows]
+  void* entropy;                   // [n_rows]
+  void* row_stats;                 // [n_rows, 4], contiguous
+  int64_t n_rows;
+  int n_cols;
+  double inv_temperature;
+};
+
+// Backward: writes the [n_rows, width] contiguous gradient (logits dtype) of
+// sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i; columns [n_cols, width) and masked rows get 0.
+struct BackwardLaunch {
+  LogitsDtype dtype;
+  const void* student;
+  const void* teacher;
+  int64_t student_row_stride;
+  int64_t teacher_row_stride;
+  const int64_t* target;           // [n_rows] or nullptr (then b counts as 0)
+  const bool* mask;                // [n_rows] or nullptr
+  const void* grad_kl;             // a: [n_rows], accumulation dtype, or nullptr (zeros)
+  const void* grad_student_logprob;  // b: [n_rows] or nullptr
+  const void* grad_entropy;        // c: [n_rows] or nullptr
+  const void* kl;                  // [n_rows] from the forward
+  const void* entropy;             // [n_rows] from the forward
+  const void* row_stats;           // [n_rows, 4] from the forward, contiguous
+  void* grad_student;              // [n_rows, width], contiguous
+  int64_t n_rows;
+  int n_cols;
+  int width;
+  double inv_temperature;
+};
+
+// Each returns the launch's error (cudaGetLastError() right after it); cudaSuccess when n_rows == 0.
+cudaError_t launch_reverse_kld_forward(const ForwardLaunch& args, cudaStream_t stream);
+cudaError_t launch_reverse_kld_backward(const BackwardLaunch& args, cudaStream_t stream);
+
+}  // namespace minillm_cuda
