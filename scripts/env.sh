@@ -4,7 +4,7 @@
 #   is used as it is and the package is taken from this checkout (PYTHONPATH).
 # - Elsewhere, a .venv at the repository root is created or reused, with the CPU build of PyTorch
 #   (torch==2.13.0), triton==3.8.0 (its interpreter runs the Triton kernels on the CPU), ninja (the C++
-#   kernel's build), and this package installed in editable mode with its test extras.
+#   kernel's build), and this package installed in editable mode with its test and benchmark extras.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -14,9 +14,12 @@ if python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/de
 else
   [ -x .venv/bin/python ] || python3 -m venv .venv
   PYTHON="$ROOT/.venv/bin/python"
-  if ! "$PYTHON" -c "import torch, triton, ninja, pytest, transformers, minillm_kernels" 2>/dev/null; then
+  # Installed once per version of pyproject.toml: a changed dependency list installs again.
+  stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+  if [ ! -f "$stamp" ]; then
     "$PYTHON" -m pip install --quiet --disable-pip-version-check torch==2.13.0 triton==3.8.0
-    "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
+    touch "$stamp"
   fi
 fi
 export PYTHON

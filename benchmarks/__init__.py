@@ -1,0 +1,1 @@
+"""Speed and memory of the reverse-KL variants: ``python -m benchmarks --help``."""

@@ -1,0 +1,280 @@
+"""``python -m benchmarks``: time and peak memory of the reverse-KL variants, side by side.
+
+For every (op, variant, tokens, vocab, dtype) it measures the forward and the forward+backward time (median
+of repeats after a warm-up; on the GPU with ``triton.testing.do_bench``, CUDA events) and the peak memory that
+one forward+backward adds on top of its inputs: on the CPU as the peak resident set of a fresh process per
+case (the high-water mark is reset after the warm-up), on the GPU with ``torch.cuda.max_memory_allocated``.
+On the GPU it also gives the fraction of the memory-bandwidth floor: the bytes any implementation must move
+(forward: read both logits, 2 N V elements; forward+backward: read both once and write the gradient once,
+3 N V elements) over the measured time, against the bandwidth of a large device-to-device copy measured in
+the same run. Speed-ups are against the naive loss of the same shape in the same run. Results: a markdown
+table on stdout, and ``table.md``, ``results.csv`` and one PNG plot per (op, dtype) under
+``benchmarks/results/<device>-<date>/``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VOCABS = [32000, 128256, 151936, 262144]  # Llama 2, Llama 3, Qwen 2.5, Gemma
+DEFAULTS = {  # tokens, vocabs, dtypes, repeats
+    "cpu": dict(tokens=[256, 1024], vocab=VOCABS, dtype=["fp32", "bf16"], repeats=3),
+    "cuda": dict(tokens=[4096, 16384], vocab=VOCABS, dtype=["bf16", "fp32"]),  # do_bench picks the repeats
+    "quick": dict(tokens=[256], vocab=[4099], dtype=["fp32"], repeats=2),
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+FIELDS = (
+    "op", "variant", "tokens", "vocab", "dtype", "status", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb",
+    "peak_extra_nv", "fwd_bandwidth_frac", "fwd_bwd_bandwidth_frac",
+)
+
+
+def _proc_status_kb(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def _median_ms(fn: Callable[[], None], device: str, repeats: int) -> float:
+    """Median wall time of ``fn`` in ms: CUDA events through ``do_bench`` on the GPU, a host clock on the CPU."""
+    if device == "cuda":
+        import triton
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(n_bytes: int = 2**31) -> float:
+    """GB/s of a device-to-device copy of ``n_bytes``, counting bytes read plus bytes written."""
+    source = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    dest = torch.empty_like(source)
+    ms = _median_ms(lambda: dest.copy_(source), "cuda", 0)
+    del source, dest
+    return 2 * n_bytes / (ms * 1e-3) / 1e9
+
+
+def measure(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: str, repeats: int) -> dict:
+    """One case, in this process: times in ms, peak extra memory in MB and in [N, V] float32 tensors."""
+    from benchmarks.variants import variants
+
+    loss_fn = variants(op, device)[variant]
+    student = torch.randn(tokens, vocab, device=device, dtype=DTYPES[dtype]).mul_(3).requires_grad_()
+    teacher = torch.randn(tokens, vocab, device=device, dtype=DTYPES[dtype]).mul_(3)
+    target = torch.randint(0, vocab, (tokens,), device=device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            loss_fn(student, teacher, target)
+
+    def forward_backward() -> None:
+        student.grad = None
+        loss_fn(student, teacher, target).backward()
+
+    forward_backward()  # warm-up: builds, compiles, autotunes
+    forward()
+    student.grad = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        forward_backward()
+        torch.cuda.synchronize()
+        peak_extra = torch.cuda.max_memory_allocated() - baseline
+    else:
+        baseline = _proc_status_kb("VmRSS") * 1024
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM) to the current one
+        forward_backward()
+        peak_extra = _proc_status_kb("VmHWM") * 1024 - baseline
+    return dict(
+        fwd_ms=_median_ms(forward, device, repeats),
+        fwd_bwd_ms=_median_ms(forward_backward, device, repeats),
+        peak_extra_mb=peak_extra / 2**20,
+        peak_extra_nv=peak_extra / (tokens * vocab * 4),
+    )
+
+
+def run_case(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: str, repeats: int) -> dict:
+    """Measure one case: on the CPU in a fresh process, so that no case's allocations hide another's.
+    Running out of memory is a result (status "OOM"), not a crash."""
+    case = dict(op=op, variant=variant, tokens=tokens, vocab=vocab, dtype=dtype)
+    if device == "cuda":
+        try:
+            return {**case, "status": "ok", **measure(op, variant, tokens, vocab, dtype, device, repeats)}
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:  # Triton raises a RuntimeError on OOM
+            if "out of memory" not in str(error).lower():
+                return {**case, "status": f"error: {type(error).__name__}: {str(error)[:200]}"}
+            return {**case, "status": "OOM"}
+        finally:
+            torch.cuda.empty_cache()
+    # A fixed mmap threshold: glibc otherwise raises it after large frees (up to 32 MB) and serves later
+    # [N, V] tensors from memory it kept resident, which hides them from the peak resident set.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--worker", json.dumps({**case, "repeats": repeats})],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, env=env, check=False,
+    )
+    if done.returncode != 0:
+        killed = done.returncode == -9 or "out of memory" in done.stderr.lower()
+        return {**case, "status": "OOM" if killed else "error: " + done.stderr.strip()[-300:]}
+    return {**case, "status": "ok", **json.loads(done.stdout.splitlines()[-1])}
+
+
+def add_bandwidth_fractions(row: dict, bandwidth_gbps: float) -> dict:
+    """The floor's bytes over the measured time, as a fraction of the copy bandwidth."""
+    element_bytes = torch.empty((), dtype=DTYPES[row["dtype"]]).element_size()
+    elements = row["tokens"] * row["vocab"]
+    for key, n_tensors in (("fwd", 2), ("fwd_bwd", 3)):
+        floor_bytes = n_tensors * elements * element_bytes
+        row[f"{key}_bandwidth_frac"] = floor_bytes / (row[f"{key}_ms"] * 1e-3) / 1e9 / bandwidth_gbps
+    return row
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+    return f"{model.group(1).strip() if model else platform.processor()}, {torch.get_num_threads()} threads"
+
+
+def default_results_dir(device: str, date: str) -> Path:
+    """``benchmarks/results/<device>-<date>``, the device named by its model, e.g. ``cuda-nvidia-h100-80gb-hbm3``."""
+    model = re.sub(r"[^a-z0-9]+", "-", device_name(device).split(",")[0].lower()).strip("-")
+    return RESULTS / f"{device}-{model}-{date}"
+
+
+def versions() -> str:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return f"torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One line per case, with the forward+backward speed-up and memory against the naive loss of its shape."""
+    naive = {
+        (r["op"], r["tokens"], r["vocab"], r["dtype"]): r for r in rows if r["variant"] == "naive" and r["status"] == "ok"
+    }
+    gpu = any("fwd_bwd_bandwidth_frac" in r for r in rows)
+    header = "| op | tokens | vocab | dtype | variant | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs naive | peak extra MB | extra [N,V] fp32 |"
+    rule = "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"
+    if gpu:
+        header += " fwd % of bandwidth floor | fwd+bwd % of floor |"
+        rule += "---:|---:|"
+    lines = [header, rule]
+    for r in rows:
+        head = f"| {r['op']} | {r['tokens']} | {r['vocab']} | {r['dtype']} | {r['variant']} |"
+        if r["status"] != "ok":
+            lines.append(f"{head} {r['status']} |" + " |" * (6 if gpu else 4))
+            continue
+        base = naive.get((r["op"], r["tokens"], r["vocab"], r["dtype"]))
+        speedup = f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if base else "-"
+        line = (
+            f"{head} {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {speedup} | {r['peak_extra_mb']:.0f} | "
+            f"{r['peak_extra_nv']:.2f} |"
+        )
+        if gpu:
+            line += f" {100 * r['fwd_bandwidth_frac']:.0f}% | {100 * r['fwd_bwd_bandwidth_frac']:.0f}% |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _progress(items: list, device: str):
+    """A tqdm bar over the cases where tqdm is installed, plain lines otherwise."""
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc=f"benchmark ({device})", unit="case", file=sys.stderr)
+    except ImportError:
+        return items
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (the test suite runs it)")
+    parser.add_argument("--op", nargs="+", choices=("reverse_kld", "token_stats"), default=["reverse_kld"])
+    parser.add_argument("--tokens", type=int, nargs="+", help="token counts N (default: per device)")
+    parser.add_argument("--vocab", type=int, nargs="+", help=f"vocabulary sizes V (default: {VOCABS})")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), nargs="+", help="logits dtypes (default: per device)")
+    parser.add_argument("--variants", nargs="+", help="a subset of the variants (default: all that run here)")
+    parser.add_argument("--repeats", type=int, help="timed repeats per case on the CPU (default: per device)")
+    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>-<date>)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one CPU case in a fresh process: JSON in, JSON out
+    args = parser.parse_args(argv)
+    for key, value in DEFAULTS["quick" if args.quick else args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        case = json.loads(args.worker)
+        keys = ("op", "variant", "tokens", "vocab", "dtype")
+        print(json.dumps(measure(*(case[k] for k in keys), "cpu", case["repeats"])))
+        return
+
+    from benchmarks.variants import variants
+
+    cases = []
+    for op in args.op:
+        available = list(variants(op, args.device))
+        unknown = set(args.variants or ()) - set(available)
+        if unknown:
+            raise SystemExit(f"variants {sorted(unknown)} do not run here; available: {available}")
+        names = [v for v in available if not args.variants or v in args.variants]
+        cases += [(op, v, n, V, d) for d in args.dtype for V in args.vocab for n in args.tokens for v in names]
+    bandwidth = copy_bandwidth_gbps() if args.device == "cuda" else None
+    today = datetime.date.today().isoformat()
+    header = f"Device: {device_name(args.device)}; {versions()}; {today}"
+    if bandwidth:
+        header += f"; device-to-device copy bandwidth {bandwidth:.0f} GB/s (read + write)"
+    out = args.out or default_results_dir(args.device, today)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with open(out / "results.csv", "w", newline="") as f:  # row by row: a run cut short keeps what it measured
+        f.write(f"# {header}\n")
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for op, variant, tokens, vocab, dtype in (bar := _progress(cases, args.device)):
+            if hasattr(bar, "set_postfix_str"):
+                bar.set_postfix_str(f"{op} {variant} N={tokens} V={vocab} {dtype}")
+            row = run_case(op, variant, tokens, vocab, dtype, args.device, args.repeats)
+            rows.append(add_bandwidth_fractions(row, bandwidth) if bandwidth and row["status"] == "ok" else row)
+            writer.writerow(rows[-1])
+            f.flush()
+    table = markdown_table(rows)
+    print(f"{header}\n\n{table}")
+    (out / "table.md").write_text(f"{header}\n\n{table}\n")
+    if not args.no_plots:
+        from benchmarks.plots import plot_results
+
+        for path in plot_results(rows, header, out):
+            print(f"plot: {path}", file=sys.stderr)
+    print(f"\nwritten to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The benchmark never rots: a --quick run writes a table, a CSV and plots with every variant and sane numbers."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.run import add_bandwidth_fractions, markdown_table
+from benchmarks.variants import variants
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_run_measures_every_variant(tmp_path):
+    pytest.importorskip("matplotlib")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--device", "cpu", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "results.csv") as f:
+        header = f.readline()
+        rows = list(csv.DictReader(f))
+    assert header.startswith("# Device: ") and "torch " in header
+    expected = set(variants("reverse_kld", "cpu"))
+    assert {"naive", "naive_compile", "cpu"} <= expected
+    assert {r["variant"] for r in rows} == expected
+    by_variant = {r["variant"]: r for r in rows}
+    for row in rows:
+        assert row["status"] == "ok", row
+        for key in ("fwd_ms", "fwd_bwd_ms"):
+            assert 0 < float(row[key]) < 60_000 and math.isfinite(float(row[key])), row
+    # The naive loss keeps several [N, V] float32 tensors; the fused kernel only the gradient (1 [N, V]).
+    assert float(by_variant["naive"]["peak_extra_nv"]) > 2.5
+    assert 0.5 < float(by_variant["cpu"]["peak_extra_nv"]) < 1.5
+    assert "| naive |" in done.stdout and "| cpu |" in done.stdout
+    assert (tmp_path / "table.md").read_text().startswith("Device: ")
+    assert (tmp_path / "plot-reverse_kld-fp32.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bandwidth_fraction_and_table():
+    row = dict(op="reverse_kld", variant="naive", tokens=1000, vocab=1000, dtype="bf16", status="ok",
+               fwd_ms=1.0, fwd_bwd_ms=2.0, peak_extra_mb=20.0, peak_extra_nv=5.0)
+    add_bandwidth_fractions(row, bandwidth_gbps=10.0)
+    # forward: 2 tensors x 1e6 bf16 elements = 4 MB in 1 ms = 4 GB/s of 10; forward+backward: 6 MB in 2 ms.
+    assert row["fwd_bandwidth_frac"] == pytest.approx(0.4)
+    assert row["fwd_bwd_bandwidth_frac"] == pytest.approx(0.3)
+    fast = dict(row, variant="triton", fwd_bwd_ms=0.5)
+    oom = dict(op="reverse_kld", variant="liger", tokens=1000, vocab=1000, dtype="bf16", status="OOM")
+    table = markdown_table([row, fast, oom]).splitlines()
+    assert "| 4.00x |" in table[3] and "| 40% | 30% |" in table[2]
+    assert "OOM" in table[4] and table[4].count("|") == table[0].count("|")
