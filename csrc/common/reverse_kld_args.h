@@ -1,5 +1,6 @@
-// Argument checks shared by the reverse-KL kernels' tensor-level entry points (csrc/cpu, csrc/cuda): one place
-// for the contract of forward(student, teacher, target, mask, inv_temperature, vocab_size) and backward(...).
+// Argument checks and helpers shared by the reverse-KL kernels' tensor-level entry points (csrc/cpu, csrc/cuda):
+// one place for the contract of forward(student, teacher, target, mask, inv_temperature, vocab_size) and
+// backward(...).
 #pragma once
 
 #include <algorithm>
@@ -8,7 +9,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
-namespace reverse_kld_checks {
+namespace reverse_kld_args {
 
 // The accumulation (and per-row output) dtype: double for float64 logits, float otherwise.
 inline at::ScalarType accumulation_dtype(const at::Tensor& logits) {
@@ -62,4 +63,10 @@ inline at::Tensor row_stats_of(const at::Tensor& row_stats, int64_t n, at::Scala
   return row_stats.contiguous();
 }
 
-}  // namespace reverse_kld_checks
+// The data of an optional (possibly undefined) tensor, or nullptr.
+template <typename T>
+const T* ptr_or_null(const at::Tensor& x) {
+  return x.defined() ? x.data_ptr<T>() : nullptr;
+}
+
+}  // namespace reverse_kld_args

@@ -18,6 +18,8 @@
 
 #include "reverse_kld.h"
 
+#include "../common/reverse_kld_args.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -306,43 +308,13 @@ void backward_row(
 // ---------------------------------------------------------------------------------------------------------
 // Argument checks and small helpers.
 // ---------------------------------------------------------------------------------------------------------
-void check_logits(const at::Tensor& student, const at::Tensor& teacher, int64_t vocab_size) {
-  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(),
-              "reverse_kld (cpu): student and teacher logits must be CPU tensors");
-  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2,
-              "reverse_kld (cpu): logits must be 2-D [N, V], got ", student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(student.size(0) == teacher.size(0),
-              "reverse_kld (cpu): student and teacher have different row counts: ", student.size(0), " vs ",
-              teacher.size(0));
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "reverse_kld (cpu): student and teacher must have the same dtype, got ", student.scalar_type(),
-              " and ", teacher.scalar_type());
-  const auto dt = student.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-              "reverse_kld (cpu): logits must be float32, float64, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(vocab_size >= 1 && vocab_size <= student.size(1) && vocab_size <= teacher.size(1),
-              "reverse_kld (cpu): vocab_size must be in [1, min(Vs, Vt)] = [1, ",
-              std::min(student.size(1), teacher.size(1)), "], got ", vocab_size);
-  TORCH_CHECK((student.stride(1) == 1 || student.size(1) == 1) && (teacher.stride(1) == 1 || teacher.size(1) == 1),
-              "reverse_kld (cpu): logits must have last-dim stride 1, got strides ", student.strides(), " and ",
-              teacher.strides());
-}
+constexpr const char* kWhere = "reverse_kld (cpu)";
 
-// Contiguous [N] view of an optional per-row tensor (undefined if absent), after checking it.
-at::Tensor row_vector(const c10::optional<at::Tensor>& x, int64_t n, at::ScalarType dtype, const char* name) {
-  if (!x.has_value() || !x->defined()) return at::Tensor();
-  TORCH_CHECK(x->device().is_cpu(), "reverse_kld (cpu): ", name, " must be a CPU tensor");
-  TORCH_CHECK(x->dim() == 1 && x->size(0) == n, "reverse_kld (cpu): ", name, " must have shape [", n,
-              "], got ", x->sizes());
-  TORCH_CHECK(x->scalar_type() == dtype, "reverse_kld (cpu): ", name, " must be ", dtype, ", got ",
-              x->scalar_type());
-  return x->contiguous();
-}
-
-template <typename T>
-const T* ptr_or_null(const at::Tensor& x) {
-  return x.defined() ? x.data_ptr<T>() : nullptr;
-}
+using reverse_kld_args::accumulation_dtype;
+using reverse_kld_args::check_logits;
+using reverse_kld_args::ptr_or_null;
+using reverse_kld_args::row_stats_of;
+using reverse_kld_args::row_vector;
 
 // A fresh [N, V] gradient is a new mmap whose first touch page-faults once per 4 KiB page: at 2048 x 32000
 // float32 that took 70 of the backward's 95 ms. Asking the kernel for transparent huge pages on it (Linux,
@@ -373,12 +345,12 @@ std::vector<at::Tensor> reverse_kld_forward(
     const at::Tensor& student, const at::Tensor& teacher,
     const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& mask,
     double inv_temperature, int64_t vocab_size) {
-  check_logits(student, teacher, vocab_size);
+  check_logits(student, teacher, vocab_size, c10::DeviceType::CPU, kWhere);
   const int64_t n_rows = student.size(0);
-  const at::Tensor target_c = row_vector(target, n_rows, at::kLong, "target");
-  const at::Tensor mask_c = row_vector(mask, n_rows, at::kBool, "mask");
-  const at::ScalarType acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = student.options().dtype(acc_dtype);
+  const at::Device device = student.device();
+  const at::Tensor target_c = row_vector(target, n_rows, at::kLong, device, "target", kWhere);
+  const at::Tensor mask_c = row_vector(mask, n_rows, at::kBool, device, "mask", kWhere);
+  const auto opts = student.options().dtype(accumulation_dtype(student));
   at::Tensor kl = at::empty({n_rows}, opts);
   at::Tensor student_logprob = at::empty({n_rows}, opts);
   at::Tensor teacher_logprob = at::empty({n_rows}, opts);
@@ -437,24 +409,20 @@ at::Tensor reverse_kld_backward(
     const at::Tensor& grad_kl, const at::Tensor& grad_student_logprob, const at::Tensor& grad_entropy,
     const at::Tensor& kl, const at::Tensor& entropy, const at::Tensor& row_stats,
     double inv_temperature, int64_t vocab_size) {
-  check_logits(student, teacher, vocab_size);
+  check_logits(student, teacher, vocab_size, c10::DeviceType::CPU, kWhere);
   const int64_t n_rows = student.size(0);
   const int64_t width = student.size(1);
-  const at::ScalarType acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor target_c = row_vector(target, n_rows, at::kLong, "target");
-  const at::Tensor mask_c = row_vector(mask, n_rows, at::kBool, "mask");
-  const at::Tensor ga = row_vector(grad_kl, n_rows, acc_dtype, "grad_kl");
-  const at::Tensor gb = row_vector(grad_student_logprob, n_rows, acc_dtype, "grad_student_logprob");
-  const at::Tensor gc = row_vector(grad_entropy, n_rows, acc_dtype, "grad_entropy");
-  const at::Tensor kl_c = row_vector(kl, n_rows, acc_dtype, "kl");
-  const at::Tensor ent_c = row_vector(entropy, n_rows, acc_dtype, "entropy");
-  TORCH_CHECK(kl_c.defined() && ent_c.defined() && row_stats.defined(),
-              "reverse_kld (cpu): kl, entropy and row_stats from the forward pass are required");
-  TORCH_CHECK(row_stats.device().is_cpu() && row_stats.dim() == 2 && row_stats.size(0) == n_rows &&
-                  row_stats.size(1) == 4 && row_stats.scalar_type() == acc_dtype,
-              "reverse_kld (cpu): row_stats must be a CPU ", acc_dtype, " tensor of shape [", n_rows,
-              ", 4], got ", row_stats.scalar_type(), " ", row_stats.sizes());
-  const at::Tensor stats_c = row_stats.contiguous();
+  const at::Device device = student.device();
+  const at::ScalarType acc_dtype = accumulation_dtype(student);
+  const at::Tensor target_c = row_vector(target, n_rows, at::kLong, device, "target", kWhere);
+  const at::Tensor mask_c = row_vector(mask, n_rows, at::kBool, device, "mask", kWhere);
+  const at::Tensor ga = row_vector(grad_kl, n_rows, acc_dtype, device, "grad_kl", kWhere);
+  const at::Tensor gb = row_vector(grad_student_logprob, n_rows, acc_dtype, device, "grad_student_logprob", kWhere);
+  const at::Tensor gc = row_vector(grad_entropy, n_rows, acc_dtype, device, "grad_entropy", kWhere);
+  const at::Tensor kl_c = row_vector(kl, n_rows, acc_dtype, device, "kl", kWhere);
+  const at::Tensor ent_c = row_vector(entropy, n_rows, acc_dtype, device, "entropy", kWhere);
+  TORCH_CHECK(kl_c.defined() && ent_c.defined(), kWhere, ": kl and entropy from the forward pass are required");
+  const at::Tensor stats_c = row_stats_of(row_stats, n_rows, acc_dtype, device, kWhere);
   at::Tensor grad = at::empty({n_rows, width}, student.options().memory_format(at::MemoryFormat::Contiguous));
   advise_huge_pages(grad);
 

@@ -8,17 +8,18 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "../common/reverse_kld_checks.h"
+#include "../common/reverse_kld_args.h"
 #include "reverse_kld_launch.h"
 
 namespace {
 
 constexpr const char* kWhere = "reverse_kld (cuda)";
 
-using reverse_kld_checks::accumulation_dtype;
-using reverse_kld_checks::check_logits;
-using reverse_kld_checks::row_stats_of;
-using reverse_kld_checks::row_vector;
+using reverse_kld_args::accumulation_dtype;
+using reverse_kld_args::check_logits;
+using reverse_kld_args::ptr_or_null;
+using reverse_kld_args::row_stats_of;
+using reverse_kld_args::row_vector;
 
 minillm_cuda::LogitsDtype logits_dtype(at::ScalarType dtype) {
   switch (dtype) {
@@ -49,10 +50,6 @@ void check_output(const at::Tensor& out, at::IntArrayRef sizes, at::ScalarType d
               kWhere, ": ", name, " must be a contiguous ", device, " ", dtype, " tensor of shape ", sizes);
 }
 
-template <typename T>
-const T* ptr_or_null(const at::Tensor& x) {
-  return x.defined() ? x.data_ptr<T>() : nullptr;
-}
 
 const void* data_or_null(const at::Tensor& x) {
   return x.defined() ? x.data_ptr() : nullptr;
