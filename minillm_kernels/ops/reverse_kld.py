@@ -5,9 +5,10 @@ log-probabilities of a target token under both models, the student entropy and t
 ``(m_s, log Z_s, m_t, log Z_t)`` that the backward needs (see ``reverse_kld_triton`` for the
 formulas). ``minillm_kernels::token_stats_backward`` turns per-row upstream gradients
 ``a = dL/dKL, b = dL/dlog q(y), c = dL/dH`` into the one ``[N, V]`` gradient of the student logits.
-The ``backend`` argument picks the kernel ("cpu": the C++ kernel, "triton"); both ops have fake
-implementations, so ``torch.compile(fullgraph=True)`` traces through them, and the forward op has a
-registered autograd formula, so only per-row scalars are saved between forward and backward.
+The ``backend`` argument picks the kernel ("cpu": the C++ kernel, "triton", "cuda": the CUDA C++
+kernels); both ops have fake implementations, so ``torch.compile(fullgraph=True)`` traces through
+them, and the forward op has a registered autograd formula, so only per-row scalars are saved between
+forward and backward.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ def _kernels(backend: str) -> ModuleType:
         from minillm_kernels.cpu import load_extension
 
         return load_extension()
+    if backend == "cuda":
+        from minillm_kernels.cuda import load_extension as load_cuda_extension
+
+        return load_cuda_extension()
     if backend == "triton":
         from minillm_kernels.ops import reverse_kld_triton
 
