@@ -6,5 +6,8 @@ from setuptools import setup
 setup(
     packages=["minillm_kernels", "minillm_kernels.ops", "minillm_kernels.csrc"],
     package_dir={"minillm_kernels.csrc": "csrc"},
-    package_data={"minillm_kernels.csrc": ["common/*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h"]},
+    package_data={
+        "minillm_kernels": ["gpu_backend_choice.json"],
+        "minillm_kernels.csrc": ["common/*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h"],
+    },
 )

@@ -30,8 +30,8 @@ def device_for(backend: str) -> torch.device:
 
 
 def accumulates_in_float64(backend: str, dtype: torch.dtype) -> bool:
-    """The reference and the C++ CPU kernel keep float64 logits in float64; Triton/CUDA use float32."""
-    return dtype == torch.float64 and backend in ("reference", "cpu")
+    """The reference and the C++ CPU and CUDA kernels keep float64 logits in float64; Triton uses float32."""
+    return dtype == torch.float64 and backend in ("reference", "cpu", "cuda")
 
 
 def tolerance(backend: str, dtype: torch.dtype, *, gradient: bool = False) -> dict[str, float]:
