@@ -1,0 +1,59 @@
+"""The CUDA kernels (``csrc/**/*.cu``) compile for the H100 (sm_90) even on a machine without a GPU.
+
+nvcc is called directly, as the JIT build would for an H100 (``-gencode=arch=compute_90,code=sm_90``,
+C++20, -O3) with torch's include directories, and compiles each ``.cu`` to an object file in a
+temporary folder, all of them at once. With the CPU build of torch ``CUDA_HOME`` is None and
+``torch.utils.cpp_extension`` refuses ``.cu`` sources, hence no cpp_extension here. The ``.cpp``
+bindings need the CUDA build of torch and are only built on a GPU machine (``minillm_kernels/cuda.py``).
+Skipped where nvcc is not on the PATH.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA_SOURCES = sorted((ROOT / "csrc").rglob("*.cu"))
+NVCC_FLAGS = [
+    "-gencode=arch=compute_90,code=sm_90",
+    "-std=c++20",
+    "-O3",
+    "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+    "-Xcompiler",
+    "-fPIC",
+]
+
+
+@pytest.fixture(scope="module")
+def compile_logs(tmp_path_factory) -> dict[Path, tuple[int, str]]:
+    """``{source: (nvcc's exit code, its output)}``, the sources compiled in parallel."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on the PATH: the CUDA sources cannot be compile-checked here")
+    from torch.utils.cpp_extension import include_paths
+
+    includes = [f"-I{path}" for path in include_paths()]
+    objects = tmp_path_factory.mktemp("cuda_objects")
+    running = {
+        source: subprocess.Popen(
+            [nvcc, *NVCC_FLAGS, *includes, "-c", str(source), "-o", str(objects / f"{source.stem}.o")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for source in CUDA_SOURCES
+    }
+    return {source: (process.wait(timeout=600), process.communicate()[0]) for source, process in running.items()}
+
+
+def test_there_are_cuda_sources():
+    assert CUDA_SOURCES, "no .cu files under csrc/"
+
+
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda path: str(path.relative_to(ROOT)))
+def test_cuda_source_compiles_for_sm90(compile_logs, source):
+    returncode, output = compile_logs[source]
+    assert returncode == 0, f"nvcc failed on {source.relative_to(ROOT)}:\n{output[-4000:]}"
