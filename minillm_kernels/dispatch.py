@@ -180,13 +180,13 @@ def _as_rows(logits: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _check_companion(name: str, x: object, lead_shape: torch.Size, device: torch.device) -> None:
+def _check_companion(name: str, x: object, lead_shape: torch.Size, device: torch.device, inputs: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     if x.shape != lead_shape:
-        raise ValueError(f"{name} must have the logits' leading shape {tuple(lead_shape)}, got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have the {inputs}' leading shape {tuple(lead_shape)}, got {tuple(x.shape)}")
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but the logits are on {device}")
+        raise ValueError(f"{name} is on {x.device} but the {inputs} are on {device}")
 
 
 def _validate(
@@ -219,11 +219,46 @@ def _validate(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} "
             "must agree on every dimension but the last"
         )
-    student_width, teacher_width = student_logits.shape[-1], teacher_logits.shape[-1]
+    args = _validate_token_args(
+        lead_shape, student_logits.device, student_logits.dtype,
+        {"student_logits": student_logits.shape[-1], "teacher_logits": teacher_logits.shape[-1]},
+        target_ids, mask, temperature, vocab_size, backend, inputs="logits",
+    )
+    return _Rows(_as_rows(student_logits), _as_rows(teacher_logits), *args)
+
+
+class _TokenArgs(NamedTuple):
+    """The validated per-token arguments (the tail of ``_Rows``), for any producer of the logits."""
+
+    target: Optional[torch.Tensor]  # [N] int64
+    mask: Optional[torch.Tensor]  # [N] bool
+    lead_shape: torch.Size
+    vocab_size: int
+    backend: str
+
+
+def _validate_token_args(
+    lead_shape: torch.Size,
+    device: torch.device,
+    dtype: torch.dtype,
+    vocab_widths: dict[str, int],
+    target_ids: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    temperature: float,
+    vocab_size: Optional[int],
+    backend: str,
+    *,
+    inputs: str,
+) -> _TokenArgs:
+    """Checks what the logits-level and fused-linear functions share, once the logits' leading shape, device,
+    dtype and vocabulary widths are known. ``vocab_widths`` maps the student's then the teacher's argument name
+    to its vocabulary width (logits columns, or weight rows); ``inputs`` names the tensors that fix the leading
+    shape and device ("logits", "hidden states") in the messages."""
+    (student_name, student_width), (teacher_name, teacher_width) = vocab_widths.items()
     if vocab_size is None:
         if student_width != teacher_width:
             raise ValueError(
-                f"student_logits has {student_width} vocab columns and teacher_logits {teacher_width}; "
+                f"{student_name} has {student_width} vocab entries and {teacher_name} {teacher_width}; "
                 "pass vocab_size= (the real vocabulary size) to compare padded logits"
             )
         vocab_size = student_width
@@ -238,14 +273,13 @@ def _validate(
         math.isfinite(temperature) and temperature > 0
     ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    device = student_logits.device
     if mask is not None:
-        _check_companion("mask", mask, lead_shape, device)
+        _check_companion("mask", mask, lead_shape, device, inputs)
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor (True = the token counts), got {mask.dtype}")
         mask = mask.reshape(-1).contiguous()
     if target_ids is not None:
-        _check_companion("target_ids", target_ids, lead_shape, device)
+        _check_companion("target_ids", target_ids, lead_shape, device, inputs)
         if target_ids.dtype.is_floating_point or target_ids.dtype.is_complex or target_ids.dtype == torch.bool:
             raise TypeError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
         target_ids = target_ids.reshape(-1).to(torch.int64).contiguous()
@@ -256,15 +290,7 @@ def _validate(
                     f"target_ids must lie in [0, vocab_size={vocab_size}) where the mask is True; "
                     f"got values in [{int(counted.min())}, {int(counted.max())}]"
                 )
-    return _Rows(
-        student=_as_rows(student_logits),
-        teacher=_as_rows(teacher_logits),
-        target=target_ids,
-        mask=mask,
-        lead_shape=lead_shape,
-        vocab_size=vocab_size,
-        backend=_choose_backend(backend, device, student_logits.dtype, vocab_size),
-    )
+    return _TokenArgs(target_ids, mask, lead_shape, vocab_size, _choose_backend(backend, device, dtype, vocab_size))
 
 
 def _token_stats(rows: _Rows, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -285,6 +311,11 @@ def _importance_weight(student_logprob: torch.Tensor, teacher_logprob: torch.Ten
     """w = q(y) / (alpha p(y) + (1 - alpha) q(y)), in log space: exactly 1 for alpha = 0, q/p for alpha = 1."""
     mixture_logprob = torch.logaddexp(teacher_logprob + _log(mix_alpha), student_logprob + _log(1.0 - mix_alpha))
     return (student_logprob - mixture_logprob).exp()
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def fused_reverse_kld(
@@ -317,8 +348,7 @@ def fused_reverse_kld(
     Returns:
         The loss, float32 (float64 for float64 logits). Logits holding NaN give NaN.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_reduction(reduction)
     rows = _validate(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend)
     kl = _token_stats(rows, temperature)[0]
     if reduction == "none":
@@ -366,6 +396,18 @@ def fused_token_stats(
     Returns:
         ``TokenStats`` of ``[...]`` tensors (float32, float64 for float64 logits), 0 where masked.
     """
+    _check_sampling_args(target_ids, mix_alpha, weight_clip)
+    rows = _validate(student_logits, teacher_logits, target_ids, mask, temperature, vocab_size, backend)
+    kl, student_logprob, teacher_logprob, entropy = _token_stats(rows, temperature)
+    return _assemble_token_stats(
+        kl, student_logprob, teacher_logprob, entropy if with_entropy else None,
+        rows.mask, rows.lead_shape, mix_alpha, weight_clip,
+    )
+
+
+def _check_sampling_args(
+    target_ids: Optional[torch.Tensor], mix_alpha: float, weight_clip: Optional[tuple[float, float]]
+) -> None:
     if isinstance(mix_alpha, bool) or not isinstance(mix_alpha, Real) or not 0.0 <= mix_alpha <= 1.0:
         raise ValueError(f"mix_alpha must be a number in [0, 1], got {mix_alpha!r}")
     if weight_clip is not None and (
@@ -374,13 +416,25 @@ def fused_token_stats(
         raise ValueError(f"weight_clip must be None or (lo, hi) with 0 <= lo <= hi, got {weight_clip!r}")
     if target_ids is None:
         raise TypeError("target_ids must be a tensor of token ids, got None")
-    rows = _validate(student_logits, teacher_logits, target_ids, mask, temperature, vocab_size, backend)
-    kl, student_logprob, teacher_logprob, entropy = _token_stats(rows, temperature)
+
+
+def _assemble_token_stats(
+    kl: torch.Tensor,
+    student_logprob: torch.Tensor,
+    teacher_logprob: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    lead_shape: torch.Size,
+    mix_alpha: float,
+    weight_clip: Optional[tuple[float, float]],
+) -> TokenStats:
+    """``TokenStats`` of ``lead_shape`` from the per-row ``[N]`` kernel outputs: adds the detached log-ratio
+    and importance weight (clipped, 0 where masked)."""
     log_ratio = (teacher_logprob - student_logprob).detach()
     importance_weight = _importance_weight(student_logprob.detach(), teacher_logprob.detach(), mix_alpha)
     if weight_clip is not None:
         importance_weight = importance_weight.clamp(weight_clip[0], weight_clip[1])
-    if rows.mask is not None:
-        importance_weight = torch.where(rows.mask, importance_weight, 0.0)
-    fields = (kl, student_logprob, teacher_logprob, log_ratio, importance_weight, entropy if with_entropy else None)
-    return TokenStats(*(None if x is None else x.reshape(rows.lead_shape) for x in fields))
+    if mask is not None:
+        importance_weight = torch.where(mask, importance_weight, 0.0)
+    fields = (kl, student_logprob, teacher_logprob, log_ratio, importance_weight, entropy)
+    return TokenStats(*(None if x is None else x.reshape(lead_shape) for x in fields))
