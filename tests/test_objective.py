@@ -106,10 +106,10 @@ def test_whiten_advantages_over_valid_tokens():
     assert abs(float(whitened[mask].pow(2).mean()) - 1) < 1e-6
 
 
-def _whiten_on_rank(rank: int, world: int, init_file: str, shards, masks, results) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _whiten_on_rank(rank: int, world: int, folder: str, shards, masks) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
     try:
-        results[rank] = mk.whiten_advantages(shards[rank], masks[rank])
+        torch.save(mk.whiten_advantages(shards[rank], masks[rank]), os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -118,17 +118,9 @@ def test_whiten_advantages_across_processes():
     """Two gloo processes whitening their own shard give the whitening of the concatenated batch."""
     shards = [torch.randn(3, STEPS, dtype=F64) * 2 + 1, torch.randn(3, STEPS, dtype=F64) - 4]
     masks = [response_masks()[:3], response_masks()[3:]]
-    with tempfile.TemporaryDirectory() as tmp:
-        manager = mp.Manager()
-        results = manager.dict()
-        mp.start_processes(
-            _whiten_on_rank,
-            args=(2, os.path.join(tmp, "init"), shards, masks, results),
-            nprocs=2,
-            join=True,
-            start_method="spawn",
-        )
-        per_rank = [results[0], results[1]]
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(_whiten_on_rank, args=(2, folder, shards, masks), nprocs=2, join=True, start_method="spawn")
+        per_rank = [torch.load(os.path.join(folder, f"rank{rank}.pt")) for rank in range(2)]
     expected = slow_whiten(torch.cat(shards), torch.cat(masks))
     torch.testing.assert_close(torch.cat(per_rank), expected, **EXACT)
     local = torch.cat([slow_whiten(s, m) for s, m in zip(shards, masks)])
