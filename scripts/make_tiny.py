@@ -42,15 +42,17 @@ def save(model, tokenizer, name: str) -> None:
 
     final, temporary = CHECKPOINTS / name, CHECKPOINTS / f".{name}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
-    model.to(torch.float16).save_pretrained(temporary)
-    model.to(torch.float32)
+    half = {name: tensor.to(torch.float16) for name, tensor in model.state_dict().items()}
+    model.save_pretrained(temporary, state_dict=half)
     tokenizer.save_pretrained(temporary)
     shutil.rmtree(final, ignore_errors=True)
     temporary.rename(final)
 
 
-def train(model, tokenizer, next_examples, *, steps: int, lr: float, eval_every: int, heldout, log, target_em=None):
-    """AdamW (betas 0.9/0.95, wd 0.1) on cross-entropy of the responses; held-out eval every ``eval_every``."""
+def train(model, tokenizer, next_examples, *, steps: int, lr: float, eval_every: int, heldout, log, save_as: str,
+          target_em=None):
+    """AdamW (betas 0.9/0.95, wd 0.1) on cross-entropy of the responses; held-out eval and a checkpoint
+    every ``eval_every`` steps (so a run stopped early keeps its last evaluated state)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     start, scores = time.time(), None
     bar = tqdm(range(steps), desc="train")
@@ -71,6 +73,7 @@ def train(model, tokenizer, next_examples, *, steps: int, lr: float, eval_every:
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             scores = evaluate(model, tokenizer, heldout, max_new_tokens=MAX_NEW_TOKENS)
             log({"step": step + 1, "seconds": time.time() - start, "loss": loss.item(), "heldout": scores})
+            save(model, tokenizer, save_as)
             if target_em is not None and all(s["exact_match"] >= target_em for s in scores.values()):
                 break
     return scores
@@ -79,7 +82,7 @@ def train(model, tokenizer, next_examples, *, steps: int, lr: float, eval_every:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=("teacher", "student-sft"))
-    parser.add_argument("--max-steps", type=int, default=None, help="teacher: 20000; student-sft: 600")
+    parser.add_argument("--max-steps", type=int, default=None, help="teacher: 3000; student-sft: 600")
     parser.add_argument("--batch-size", type=int, default=None, help="teacher: 64; student-sft: 32")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--target-em", type=float, default=95.0, help="teacher: stop once every task has this EM %%")
@@ -114,8 +117,8 @@ def main() -> None:
         def next_examples():
             return sample_examples(per_task, stream, exclude=heldout_prompts)[:batch_size]
 
-        scores = train(model, tokenizer, next_examples, steps=args.max_steps or 20000, lr=args.lr, eval_every=250,
-                       heldout=splits["heldout"], log=log, target_em=args.target_em)
+        scores = train(model, tokenizer, next_examples, steps=args.max_steps or 3000, lr=args.lr, eval_every=250,
+                       heldout=splits["heldout"], log=log, save_as=args.name, target_em=args.target_em)
     else:
         tokenizer = AutoTokenizer.from_pretrained(CHECKPOINTS / "teacher")
         model = LlamaForCausalLM(tiny_config("student", len(tokenizer), tokenizer.eos_token_id))
@@ -125,8 +128,7 @@ def main() -> None:
             return order.sample(labelled, batch_size)
 
         scores = train(model, tokenizer, next_examples, steps=args.max_steps or 600, lr=args.lr, eval_every=100,
-                       heldout=splits["heldout"], log=log)
-    save(model, tokenizer, args.name)
+                       heldout=splits["heldout"], log=log, save_as=args.name)
     print(f"{args.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
           f"{time.time() - started:.0f} s, written to {CHECKPOINTS / args.name}")
     print(markdown_table({args.name: scores}))
