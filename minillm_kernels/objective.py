@@ -28,15 +28,22 @@ quantity                       paper                           reference code   
 reward r_t                     log p(y_t) - log q(y_t)         same, divided by 0.5 and        code
                                                                clipped to +-100 (train
                                                                scripts)
+reward temperature             (T = 1)                         log p at T = 1, log q at the    both at T
+                                                               sampling T                      (same at 1)
 long-term return               R_{t+1}: from the next token    R_t: from the current token     code
                                on (r_t is the single-step      on, so r_t counts in both
                                part's)                         terms
 discount                       none (gamma = 1)                gamma = 0.95                    code
 length normalisation           1 / (tokens after t)            1 / (valid tokens from t on)    code
-advantage whitening            none                            whitened over the mini-batch    code
-                                                               (see ``whiten_advantages``)
-single-step term               sum_t w_t KL_t                  mean_t KL_t, without w_t        paper
-PPO ratio clip                 0.2 on rho * w                  0.2 on rho * w                  both
+advantage whitening            not mentioned                   whitened per mini-batch         code, over
+                                                               (padding included, see          valid
+                                                               ``whiten_advantages``)          tokens
+single-step term               w_t-weighted: sum_t w_t KL_t    unweighted mean_t KL_t          paper's
+                                                                                               w_t, mean
+                                                                                               over tokens
+PPO clip                       clipping with 0.2               clip(rho * w, 0.8, 1.2)         code
+teacher-mixed sampling         alpha p + (1 - alpha) q         mixes each model's T/top-k/     see
+                                                               top-p-warped distribution       sampling.py
 LM loss on pre-training text   cross-entropy, coefficient 1    0.5 CE + 0.5 teacher soft-CE    paper
                                                                (--kd-ratio 0.5), coef. 1
 =============================  ==============================  ==============================  =========
