@@ -1,0 +1,226 @@
+"""The CUDA C++ backend on a GPU, beyond what ``test_reverse_kld.py`` checks for every backend.
+
+``test_reverse_kld.py`` already runs "cuda" against the float64 reference (dtypes, temperatures, masks,
+padding, -inf, extreme logits, NaN, non-contiguous inputs). Here, calling the extension module directly:
+agreement with the Triton kernels (row statistics included) and the reference at widths around each launch
+layout; every output element written (outputs pre-filled with NaN); rows whose pointers are not 16-byte
+aligned; N * V > 2^31 at 16384 x 151936 bf16 (sampled rows against the reference); torch.compile.
+Skipped without a GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import minillm_kernels as mk
+from conftest import random_logits, random_mask, require_backend, tolerance
+from minillm_kernels import reference
+from minillm_kernels.ops import reverse_kld_triton
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: the 'cuda' backend is built and run only there"
+)
+
+DEVICE = torch.device("cuda")
+STAT_NAMES = ("kl", "student_logprob", "teacher_logprob", "entropy", "row_stats")
+# Widths around the kernels' launch layouts (one warp per row up to 2048 columns, a 256-thread block up to
+# 16384, a 512-thread block above) and vector tails (8 bf16 / fp16 or 4 fp32 columns per 16-byte vector).
+WIDTHS = (1, 7, 1031, 2048, 2049, 16384, 16387, 50257)
+ROWS = 11  # more than the 8 rows of a one-warp-per-row block, and not a multiple of it
+TEMPERATURE = 0.7
+LARGE_ROWS, LARGE_VOCAB = 16384, 151936  # 2.5e9 elements: row offsets pass 2^31
+
+
+@pytest.fixture(scope="module")
+def cuda_kernels():
+    require_backend("cuda")
+    from minillm_kernels.cuda import load_extension
+
+    return load_extension()
+
+
+def make_inputs(rows, width, dtype, *, teacher_width=None, with_target=True, with_mask=True):
+    """Student [rows, width], teacher [rows, teacher_width], target, mask and upstream (a, b, c), on the GPU."""
+    teacher_width = teacher_width or width
+    vocab_size = min(width, teacher_width)
+    student = random_logits(rows, width, dtype, DEVICE)
+    teacher = random_logits(rows, teacher_width, dtype, DEVICE)
+    target = torch.randint(0, vocab_size, (rows,), device=DEVICE) if with_target else None
+    mask = random_mask(rows, DEVICE) if with_mask else None
+    if with_target and with_mask:
+        target[~mask] = -100  # masked rows may hold ignore ids
+    upstream = torch.randn(3, rows, device=DEVICE)  # a = dL/dKL, b = dL/dlog q(y), c = dL/dH
+    return student, teacher, target, mask, vocab_size, upstream
+
+
+def run_kernels(kernels, student, teacher, target, mask, vocab_size, upstream):
+    """The module's forward outputs and backward gradient."""
+    inv_temperature = 1.0 / TEMPERATURE
+    outputs = kernels.forward(student, teacher, target, mask, inv_temperature, vocab_size)
+    kl, _, _, entropy, row_stats = outputs
+    grad = kernels.backward(student, teacher, target, mask, *upstream, kl, entropy, row_stats, inv_temperature, vocab_size)
+    return tuple(outputs), grad
+
+
+def reference_outputs(student, teacher, target, mask, vocab_size, upstream):
+    """(kl, student_logprob, teacher_logprob, entropy) and the gradient, from the float64 reference."""
+    leaf = student.detach().double().requires_grad_()
+    stats = reference.token_stats(leaf, teacher.double(), target, mask, TEMPERATURE, vocab_size)
+    a, b, c = upstream.double()
+    (grad,) = torch.autograd.grad((a * stats[0] + b * stats[1] + c * stats[3]).sum(), leaf)
+    if student.shape[1] > vocab_size:
+        grad = torch.nn.functional.pad(grad, (0, student.shape[1] - vocab_size))
+    return stats, grad
+
+
+def assert_matches_reference(outputs, grad, expected_stats, expected_grad, dtype):
+    for name, got, want in zip(STAT_NAMES, outputs, expected_stats):
+        torch.testing.assert_close(got.double(), want, **tolerance("cuda", dtype), msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(grad.double(), expected_grad, **tolerance("cuda", dtype, gradient=True))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("width", WIDTHS)
+def test_cuda_matches_triton_and_the_reference(cuda_kernels, dtype, width):
+    inputs = make_inputs(ROWS, width, dtype)
+    outputs, grad = run_kernels(cuda_kernels, *inputs)
+    triton_outputs, triton_grad = run_kernels(reverse_kld_triton, *inputs)
+    for name, got, want in zip(STAT_NAMES, outputs, triton_outputs):
+        assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape, name
+        torch.testing.assert_close(got, want, **tolerance("cuda", dtype), msg=lambda m: f"{name}: {m}")
+    assert grad.dtype == dtype and grad.shape == inputs[0].shape and grad.is_contiguous()
+    torch.testing.assert_close(grad.float(), triton_grad.float(), **tolerance("cuda", dtype, gradient=True))
+    expected_stats, expected_grad = reference_outputs(*inputs)
+    assert_matches_reference(outputs, grad, expected_stats, expected_grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64))
+@pytest.mark.parametrize("width", (7, 1031, 4099, 50257))
+@pytest.mark.parametrize("with_target, with_mask", ((True, True), (False, False), (True, False)))
+def test_every_output_element_is_written(cuda_kernels, dtype, width, with_target, with_mask):
+    """Outputs pre-filled with NaN come back finite and equal to freshly allocated ones; padding and masked rows 0."""
+    student, teacher, target, mask, vocab_size, upstream = make_inputs(
+        ROWS, width + 5, dtype, teacher_width=width, with_target=with_target, with_mask=with_mask
+    )
+    inv_temperature = 1.0 / TEMPERATURE
+    stats_dtype = torch.promote_types(dtype, torch.float32)
+    upstream = upstream.to(stats_dtype)
+    poisoned = [torch.full((ROWS,), math.nan, dtype=stats_dtype, device=DEVICE) for _ in range(4)]
+    poisoned.append(torch.full((ROWS, 4), math.nan, dtype=stats_dtype, device=DEVICE))
+    cuda_kernels.forward_out(student, teacher, target, mask, inv_temperature, vocab_size, *poisoned)
+    fresh = cuda_kernels.forward(student, teacher, target, mask, inv_temperature, vocab_size)
+    for name, got, want in zip(STAT_NAMES, poisoned, fresh):
+        assert torch.isfinite(got).all(), f"{name}: elements left unwritten (NaN)"
+        assert torch.equal(got, want), name
+    kl, _, _, entropy, row_stats = fresh
+    if mask is not None:
+        assert all((x[~mask] == 0).all() for x in fresh)
+    if target is None:
+        assert (fresh[1] == 0).all() and (fresh[2] == 0).all()
+
+    grad = torch.full_like(student, math.nan)
+    backward_args = (student, teacher, target, mask, *upstream, kl, entropy, row_stats, inv_temperature, vocab_size)
+    cuda_kernels.backward_out(*backward_args, grad)
+    assert torch.isfinite(grad).all(), "gradient elements left unwritten (NaN)"
+    assert torch.equal(grad, cuda_kernels.backward(*backward_args))
+    assert (grad[:, vocab_size:] == 0).all()
+    if mask is not None:
+        assert (grad[~mask] == 0).all()
+
+
+def unaligned_case(case, rows, width, dtype):
+    """Student and teacher [rows, width] whose row pointers are not all 16-byte aligned, in the way `case` says."""
+    if case == "odd_width":  # rows of an odd width: each row starts at another offset, the same in both
+        return random_logits(rows, width | 1, dtype, DEVICE), random_logits(rows, width | 1, dtype, DEVICE)
+    if case == "same_column_offset":  # [:, 1:]: head columns before the first aligned one, then vectors
+        return (random_logits(rows, width + 1, dtype, DEVICE)[:, 1:], random_logits(rows, width + 1, dtype, DEVICE)[:, 1:])
+    if case == "different_column_offsets":  # offsets 1 and 2: no common alignment, every column one by one
+        return (random_logits(rows, width + 1, dtype, DEVICE)[:, 1:], random_logits(rows, width + 2, dtype, DEVICE)[:, 2:])
+    if case == "different_row_strides":  # the teacher's rows drift against the student's
+        return random_logits(rows, width, dtype, DEVICE), random_logits(rows, width + 3, dtype, DEVICE)[:, :width]
+    if case == "storage_offset":  # a base pointer one element past a 16-byte boundary
+        flat = random_logits(1, rows * width + 1, dtype, DEVICE).view(-1)
+        return flat[1:].view(rows, width), random_logits(rows, width, dtype, DEVICE)
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("width", (1031, 20001))
+@pytest.mark.parametrize(
+    "case", ("odd_width", "same_column_offset", "different_column_offsets", "different_row_strides", "storage_offset")
+)
+def test_unaligned_rows_match_the_reference(cuda_kernels, case, width, dtype):
+    student, teacher = unaligned_case(case, ROWS, width, dtype)
+    width = student.shape[1]
+    target = torch.randint(0, width, (ROWS,), device=DEVICE)
+    mask = random_mask(ROWS, DEVICE)
+    upstream = torch.randn(3, ROWS, device=DEVICE)
+    inputs = (student, teacher, target, mask, width, upstream)
+    outputs, grad = run_kernels(cuda_kernels, *inputs)
+    assert_matches_reference(outputs, grad, *reference_outputs(*inputs), dtype)
+    contiguous = (student.contiguous(), teacher.contiguous(), target, mask, width, upstream)
+    contiguous_outputs, contiguous_grad = run_kernels(cuda_kernels, *contiguous)
+    for name, got, want in zip(STAT_NAMES, outputs, contiguous_outputs):
+        torch.testing.assert_close(got, want, **tolerance("cuda", dtype), msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(grad.float(), contiguous_grad.float(), **tolerance("cuda", dtype, gradient=True))
+
+
+def test_more_than_2_to_the_31_elements(cuda_kernels):
+    """16384 x 151936 bf16 (Qwen2.5's vocabulary): every output written; sampled rows, past 2^31, exact."""
+    rows, vocab = LARGE_ROWS, LARGE_VOCAB
+    assert rows * vocab > 2**31
+    student = torch.empty(rows, vocab, dtype=torch.bfloat16, device=DEVICE).normal_(0.0, 3.0)
+    teacher = torch.empty(rows, vocab, dtype=torch.bfloat16, device=DEVICE).normal_(0.0, 3.0)
+    target = torch.randint(0, vocab, (rows,), device=DEVICE)
+    mask = torch.rand(rows, device=DEVICE) < 0.9
+    mask[-1] = True
+    upstream = torch.randn(3, rows, device=DEVICE)
+    inv_temperature = 1.0 / TEMPERATURE
+    outputs = cuda_kernels.forward(student, teacher, target, mask, inv_temperature, vocab)
+    kl, _, _, entropy, row_stats = outputs
+    assert all(torch.isfinite(x).all() for x in outputs)
+    grad = torch.full_like(student, math.nan)
+    cuda_kernels.backward_out(
+        student, teacher, target, mask, *upstream, kl, entropy, row_stats, inv_temperature, vocab, grad
+    )
+    assert torch.isfinite(grad).all(), "gradient elements left unwritten (NaN)"
+    assert (grad[~mask] == 0).all()
+
+    first_past_2_31 = 2**31 // vocab + 1  # the first row that starts past element 2^31
+    sampled = torch.randperm(rows, device=DEVICE)[:16].tolist() + [first_past_2_31 - 1, first_past_2_31, rows - 1]
+    index = torch.tensor(sorted(set(sampled)), device=DEVICE)
+    expected_stats, expected_grad = reference_outputs(
+        student[index], teacher[index], target[index], mask[index], vocab, upstream[:, index]
+    )
+    sampled_outputs = tuple(x[index] for x in outputs)
+    assert_matches_reference(sampled_outputs, grad[index], expected_stats, expected_grad, torch.bfloat16)
+
+
+def test_torch_compile_fullgraph_matches_eager(cuda_kernels):
+    def loss_fn(student, teacher, mask):
+        return 0.5 * mk.fused_reverse_kld(student, teacher, mask=mask, temperature=2.0, backend="cuda")
+
+    student = random_logits(6, 1031, torch.float32, DEVICE)
+    teacher = random_logits(6, 1031, torch.float32, DEVICE)
+    mask = random_mask(6, DEVICE)
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+        leaf = student.clone().requires_grad_()
+        loss = fn(leaf, teacher, mask)
+        loss.backward()
+        results.append((loss.detach(), leaf.grad))
+    (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def test_auto_picks_the_measured_faster_gpu_kernel_on_cuda_tensors():
+    from minillm_kernels import dispatch
+
+    available = mk.available_backends()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        faster = dispatch._faster_gpu_backend(dtype, LARGE_VOCAB)  # "triton" while no table is committed
+        expected = next(name for name in (faster, "triton", "cuda", "reference") if name in available)
+        assert dispatch._choose_backend("auto", DEVICE, dtype, LARGE_VOCAB) == expected
