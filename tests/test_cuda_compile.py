@@ -1,8 +1,9 @@
 """The CUDA kernels (``csrc/**/*.cu``) compile for the H100 (sm_90) even on a machine without a GPU.
 
 nvcc is called directly, as the JIT build would for an H100 (``-gencode=arch=compute_90,code=sm_90``,
-C++20, -O3) with torch's include directories, and compiles each ``.cu`` to an object file in a
-temporary folder, all of them at once. With the CPU build of torch ``CUDA_HOME`` is None and
+C++20, -O3, torch's ``COMMON_NVCC_FLAGS``, which turn off the implicit half / bfloat16 conversions)
+with torch's include directories, and compiles each ``.cu`` to an object file in a temporary folder,
+all of them at once. With the CPU build of torch ``CUDA_HOME`` is None and
 ``torch.utils.cpp_extension`` refuses ``.cu`` sources, hence no cpp_extension here. The ``.cpp``
 bindings need the CUDA build of torch and are only built on a GPU machine (``minillm_kernels/cuda.py``).
 Skipped where nvcc is not on the PATH.
@@ -33,13 +34,13 @@ def compile_logs(tmp_path_factory) -> dict[Path, tuple[int, str]]:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on the PATH: the CUDA sources cannot be compile-checked here")
-    from torch.utils.cpp_extension import include_paths
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
-    includes = [f"-I{path}" for path in include_paths()]
+    flags = [*NVCC_FLAGS, *COMMON_NVCC_FLAGS, *(f"-I{path}" for path in include_paths())]
     objects = tmp_path_factory.mktemp("cuda_objects")
     running = {
         source: subprocess.Popen(
-            [nvcc, *NVCC_FLAGS, *includes, "-c", str(source), "-o", str(objects / f"{source.stem}.o")],
+            [nvcc, *flags, "-c", str(source), "-o", str(objects / f"{source.stem}.o")],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
