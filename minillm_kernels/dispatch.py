@@ -118,7 +118,17 @@ def _faster_gpu_backend(dtype: Optional[torch.dtype], vocab_size: Optional[int])
     return choice
 
 
-_available: Optional[tuple[str, ...]] = None  # filled on the first call (a plain global, which dynamo reads)
+_USABILITY_CHECKS = {"reference": lambda: True, "cpu": _cpu_usable, "triton": _triton_usable, "cuda": _cuda_usable}
+_usable: dict[str, bool] = {}  # filled one backend at a time, on first use
+
+
+@torch.compiler.assume_constant_result  # while tracing, run eagerly and take the answer as a constant
+def backend_usable(name: str) -> bool:
+    """Whether backend ``name`` runs here. The first call for "cpu" or "cuda" builds that kernel (then cached),
+    and only that backend's: asking for "reference" builds nothing."""
+    if name not in _usable:
+        _usable[name] = _USABILITY_CHECKS[name]()
+    return _usable[name]
 
 
 def available_backends() -> tuple[str, ...]:
@@ -129,11 +139,7 @@ def available_backends() -> tuple[str, ...]:
     set (then it runs on CPU tensors); "cuda" where a GPU is present and its kernels have built (the
     first call builds them with nvcc, then they are cached).
     """
-    global _available
-    if _available is None:
-        usable = {"reference": True, "cpu": _cpu_usable(), "triton": _triton_usable(), "cuda": _cuda_usable()}
-        _available = tuple(name for name in BACKENDS if usable[name])
-    return _available
+    return tuple(name for name in BACKENDS if backend_usable(name))
 
 
 def _interpreting_triton() -> bool:
@@ -145,15 +151,14 @@ def _choose_backend(
 ) -> str:
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    available = available_backends()
     if backend == "auto":
         if device.type != "cuda":
-            return "cpu" if "cpu" in available else "reference"
+            return "cpu" if backend_usable("cpu") else "reference"
         faster = _faster_gpu_backend(dtype, vocab_size)
         other = "cuda" if faster == "triton" else "triton"
-        return next((name for name in (faster, other) if name in available), "reference")
-    if backend not in available:
-        raise ValueError(f"backend {backend!r} is not available here; available: {available}")
+        return next((name for name in (faster, other) if backend_usable(name)), "reference")
+    if not backend_usable(backend):
+        raise ValueError(f"backend {backend!r} is not available here; available: {available_backends()}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' runs on CPU tensors, but the logits are on {device}")
     if backend == "triton" and device.type != "cuda" and not _interpreting_triton():

@@ -32,7 +32,7 @@ def measured(monkeypatch, tmp_path):
 
 
 def set_available(monkeypatch, *backends):
-    monkeypatch.setattr(dispatch, "_available", ("reference", *backends))
+    monkeypatch.setattr(dispatch, "_usable", {name: name in ("reference", *backends) for name in dispatch.BACKENDS})
 
 
 def test_table_is_read_into_sorted_rules_per_dtype(tmp_path):

@@ -1,6 +1,10 @@
 """Every backend against the float64 reference: values, gradients, masks, padding, extreme inputs."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -293,3 +297,17 @@ def test_nan_logits_give_nan_in_their_row_only(backend):
     kl = mk.fused_reverse_kld(student, teacher, reduction="none", backend=backend)
     assert kl[1].isnan() and kl[2].isnan()
     assert torch.isfinite(kl[[0, 3]]).all()
+
+
+def test_torch_compile_as_the_first_call_in_a_process():
+    """The backend's availability (which builds the C++ kernel) is settled while tracing, not a graph break."""
+    script = (
+        "import torch, minillm_kernels as mk\n"
+        "f = torch.compile(lambda s, t: mk.fused_reverse_kld(s, t), fullgraph=True)\n"
+        "s, t = torch.randn(4, 100, requires_grad=True), torch.randn(4, 100)\n"
+        "f(s, t).backward()\n"
+        "torch.testing.assert_close(s.grad, torch.func.grad(lambda s: mk.fused_reverse_kld(s, t, backend='reference'))(s))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
