@@ -41,6 +41,17 @@ def cuda_kernels():
     return load_extension()
 
 
+def test_the_extension_builds_where_the_cuda_toolkit_is():
+    """A build failure on a GPU machine with nvcc is a failure, not a skip of every test below."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        pytest.skip("no CUDA toolkit (CUDA_HOME) on this GPU machine: the extension cannot be built here")
+    from minillm_kernels.cuda import load_extension
+
+    assert load_extension() is not None, "the CUDA extension did not build: see the RuntimeWarning for the error"
+
+
 def make_inputs(rows, width, dtype, *, teacher_width=None, with_target=True, with_mask=True):
     """Student [rows, width], teacher [rows, teacher_width], target, mask and upstream (a, b, c), on the GPU."""
     teacher_width = teacher_width or width
