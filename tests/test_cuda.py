@@ -71,7 +71,9 @@ def run_kernels(kernels, student, teacher, target, mask, vocab_size, upstream):
     inv_temperature = 1.0 / TEMPERATURE
     outputs = kernels.forward(student, teacher, target, mask, inv_temperature, vocab_size)
     kl, _, _, entropy, row_stats = outputs
-    grad = kernels.backward(student, teacher, target, mask, *upstream, kl, entropy, row_stats, inv_temperature, vocab_size)
+    grad = kernels.backward(
+        student, teacher, target, mask, *upstream, kl, entropy, row_stats, inv_temperature, vocab_size
+    )
     return tuple(outputs), grad
 
 
@@ -146,9 +148,9 @@ def unaligned_case(case, rows, width, dtype):
     if case == "odd_width":  # rows of an odd width: each row starts at another offset, the same in both
         return random_logits(rows, width | 1, dtype, DEVICE), random_logits(rows, width | 1, dtype, DEVICE)
     if case == "same_column_offset":  # [:, 1:]: head columns before the first aligned one, then vectors
-        return (random_logits(rows, width + 1, dtype, DEVICE)[:, 1:], random_logits(rows, width + 1, dtype, DEVICE)[:, 1:])
+        return random_logits(rows, width + 1, dtype, DEVICE)[:, 1:], random_logits(rows, width + 1, dtype, DEVICE)[:, 1:]
     if case == "different_column_offsets":  # offsets 1 and 2: no common alignment, every column one by one
-        return (random_logits(rows, width + 1, dtype, DEVICE)[:, 1:], random_logits(rows, width + 2, dtype, DEVICE)[:, 2:])
+        return random_logits(rows, width + 1, dtype, DEVICE)[:, 1:], random_logits(rows, width + 2, dtype, DEVICE)[:, 2:]
     if case == "different_row_strides":  # the teacher's rows drift against the student's
         return random_logits(rows, width, dtype, DEVICE), random_logits(rows, width + 3, dtype, DEVICE)[:, :width]
     if case == "storage_offset":  # a base pointer one element past a 16-byte boundary

@@ -154,7 +154,8 @@ __device__ __forceinline__ void rebase(RowState<acc_t>& st, acc_t new_m_s, acc_t
 // taken before scaling (inv_t > 0 and rounding are monotone, so max_k (x_k inv_t) = inv_t max_k x_k exactly as
 // rounded); the columns are converted twice rather than kept as 2 kN floats, to save registers.
 template <int kN, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void absorb(RowState<acc_t>& st, const scalar_t (&s)[kN], const scalar_t (&t)[kN], acc_t inv_t) {
+__device__ __forceinline__ void absorb(RowState<acc_t>& st, const scalar_t (&s)[kN], const scalar_t (&t)[kN],
+                                       acc_t inv_t) {
   acc_t raw_max_s = negative_infinity<acc_t>(), raw_max_t = negative_infinity<acc_t>();
 #pragma unroll
   for (int k = 0; k < kN; ++k) {
@@ -244,7 +245,8 @@ template <typename scalar_t>
 __device__ __forceinline__ ColumnSplit split_columns(const scalar_t* p, int n, bool vectorisable) {
   constexpr int kSize = Vector<scalar_t>::kSize;
   if (!vectorisable) return ColumnSplit{n, 0};
-  const int offset = static_cast<int>(reinterpret_cast<uintptr_t>(p) % kVectorBytes) / static_cast<int>(sizeof(scalar_t));
+  const int offset =
+      static_cast<int>(reinterpret_cast<uintptr_t>(p) % kVectorBytes) / static_cast<int>(sizeof(scalar_t));
   const int head = min(n, offset == 0 ? 0 : kSize - offset);
   return ColumnSplit{head, (n - head) / kSize};
 }
