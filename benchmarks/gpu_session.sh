@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: the whole test suite on the GPU, then the benchmark (every variant that runs there;
-# fused_reverse_kld at vocabularies 32000..262144, 4096 and 16384 tokens, bf16 and fp32; fused_token_stats
-# at the same sizes in bf16), all written under
-# benchmarks/results/cuda-<gpu>-<date>/ (environment.txt, tests.log, benchmark.log, table.md, results.csv, plots).
+# Everything a lent GPU is for, in one call of under 10 minutes, most important first:
+#   1. the whole test suite on the GPU (Triton and the CUDA C++ kernels against the float64 reference; the
+#      first use builds the CUDA extension with nvcc, timed in tests.log),
+#   2. the benchmark of fused_reverse_kld (every variant that runs there; vocabularies 32000..262144, 4096 and
+#      16384 tokens, bf16 and fp32), with the fractions of the bandwidth floor and gpu_backend_choice.json,
+#   3. compute-sanitizer memcheck over small runs of every CUDA kernel variant (benchmarks/sanitizer_runs.py),
+#   4. the benchmark of fused_token_stats in bf16,
+#   5. compute-sanitizer racecheck (the shared-memory row reductions).
+# Each step has a time limit, so a slow one cannot starve the next. Everything is written under
+# benchmarks/results/cuda-<gpu>-<date>/; commit that folder, and copy its gpu_backend_choice.json to
+# minillm_kernels/gpu_backend_choice.json (which backend="auto" reads). On the device tool's machine ($OUT set)
+# the folder is also packed into $OUT/results.tgz.
 #
-# Needs only this repository and the machine's python3 with a CUDA build of torch and triton (no internet, no
-# venv: the lent GPU machine has torch 2.11 / triton 3.6, pytest, matplotlib and tqdm). Optional packages such as
+# Needs only this repository and the machine's python3 with a CUDA torch, triton, nvcc and ninja (no internet,
+# no venv: the lent machine has torch 2.11 / triton 3.6, pytest, matplotlib, tqdm). Optional packages such as
 # liger-kernel can come along as wheels in a `.whl/` folder at the repository root; they are installed first.
-# On the device tool's machine ($OUT set) the results folder is also packed into $OUT/results.tgz.
-#
-#   bash benchmarks/gpu_session.sh     # under 9 minutes (time limits: tests 200 s, benchmarks 330 s together)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -19,14 +24,24 @@ fi
 dir=$(python3 -c "import datetime; from benchmarks.run import default_results_dir; print(default_results_dir('cuda', datetime.date.today().isoformat()))") || exit 1
 mkdir -p "$dir"
 { nvidia-smi; python3 -c "from benchmarks.run import versions; print(versions())"; python3 -m pip list 2>/dev/null | grep -iE '^(torch|triton|liger)'; } >"$dir/environment.txt" 2>&1
+failed=()
 
-timeout 200 python3 -m pytest -q -rs tests 2>&1 | tee "$dir/tests.log"
-tests_status=${PIPESTATUS[0]}
-timeout 210 python3 -m benchmarks --device cuda --op reverse_kld --out "$dir" 2>&1 | tee "$dir/benchmark.log"
-bench_status=${PIPESTATUS[0]}
-timeout 120 python3 -m benchmarks --device cuda --op token_stats --dtype bf16 --out "$dir/token_stats" 2>&1 | tee -a "$dir/benchmark.log"
-[ "${PIPESTATUS[0]}" = 0 ] || bench_status=1
+step() {  # step NAME SECONDS LOG COMMAND...: run with a time limit, append to LOG, remember a failure
+  local name=$1 limit=$2 log=$3; shift 3
+  echo "== $name (limit ${limit} s)" | tee -a "$log"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  local status=${PIPESTATUS[0]}
+  echo "== $name: exit status $status after $((SECONDS - start)) s" | tee -a "$log"
+  [ "$status" = 0 ] || failed+=("$name")
+}
 
-echo "tests exit status: $tests_status; benchmark exit status: $bench_status; results in $dir"
+step tests 170 "$dir/tests.log" python3 -m pytest -q -rs tests
+step benchmark 200 "$dir/benchmark.log" python3 -m benchmarks --device cuda --op reverse_kld --out "$dir"
+step memcheck 50 "$dir/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/sanitizer_runs.py
+step benchmark-token-stats 80 "$dir/benchmark.log" python3 -m benchmarks --device cuda --op token_stats --dtype bf16 --out "$dir/token_stats"
+step racecheck 50 "$dir/sanitizer.log" compute-sanitizer --tool racecheck --error-exitcode 9 python3 benchmarks/sanitizer_runs.py
+
+echo "failed steps: ${failed[*]:-none}; results in $dir"
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" "$dir"; fi
-[ "$tests_status" = 0 ] && [ "$bench_status" = 0 ]
+[ ${#failed[@]} -eq 0 ]

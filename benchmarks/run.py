@@ -146,6 +146,31 @@ def add_bandwidth_fractions(row: dict, bandwidth_gbps: float) -> dict:
     return row
 
 
+def gpu_backend_choice(rows: list[dict], header: str) -> dict | None:
+    """The measured choice between the GPU kernels, in the format of ``minillm_kernels/gpu_backend_choice.json``
+    (see ``dispatch.load_gpu_backend_choice``): per dtype and vocabulary size, the backend of "triton" and "cuda"
+    with the smaller forward+backward time of ``fused_reverse_kld`` summed over the token counts; a rule starts at
+    each measured vocabulary where the choice changes. None unless both were measured."""
+    times: dict[tuple[str, int], dict[str, float]] = {}
+    for r in rows:
+        if r["op"] == "reverse_kld" and r["variant"] in ("triton", "cuda") and r["status"] == "ok":
+            cell = times.setdefault((r["dtype"], r["vocab"]), {})
+            cell[r["variant"]] = cell.get(r["variant"], 0.0) + r["fwd_bwd_ms"]
+    rules = []
+    for dtype in sorted({d for d, _ in times}):
+        previous = None
+        for vocab in sorted(v for d, v in times if d == dtype):
+            cell = times[(dtype, vocab)]
+            if len(cell) < 2:
+                continue
+            faster = min(cell, key=cell.get)
+            if faster != previous:
+                rules.append(dict(dtype=str(DTYPES[dtype]).removeprefix("torch."), min_vocab=0 if previous is None else vocab,
+                                  backend=faster, measured_at_vocab=vocab, triton_ms=cell["triton"], cuda_ms=cell["cuda"]))
+                previous = faster
+    return dict(device=header, rules=rules) if rules else None
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -268,6 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown_table(rows)
     print(f"{header}\n\n{table}")
     (out / "table.md").write_text(f"{header}\n\n{table}\n")
+    choice = gpu_backend_choice(rows, header)
+    if choice:  # to be committed as minillm_kernels/gpu_backend_choice.json, which backend="auto" reads
+        (out / "gpu_backend_choice.json").write_text(json.dumps(choice, indent=1) + "\n")
     if not args.no_plots:
         from benchmarks.plots import plot_results
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -56,3 +57,28 @@ def test_bandwidth_fraction_and_table():
     table = markdown_table([row, fast, oom]).splitlines()
     assert "| 4.00x |" in table[3] and "| 40% | 30% |" in table[2]
     assert "OOM" in table[4] and table[4].count("|") == table[0].count("|")
+
+
+def test_gpu_backend_choice_is_read_back_by_the_dispatcher(tmp_path):
+    from benchmarks.run import gpu_backend_choice
+    from minillm_kernels import dispatch
+
+    def row(variant, vocab, ms, dtype="bf16", tokens=4096):
+        return dict(op="reverse_kld", variant=variant, tokens=tokens, vocab=vocab, dtype=dtype, status="ok", fwd_bwd_ms=ms)
+
+    rows = [
+        row("triton", 32000, 1.0), row("cuda", 32000, 2.0),
+        row("triton", 128256, 3.0), row("cuda", 128256, 2.0), row("triton", 128256, 3.0, tokens=16384),
+        row("cuda", 128256, 5.0, tokens=16384),  # summed over token counts: triton 6.0 < cuda 7.0
+        row("triton", 262144, 9.0), row("cuda", 262144, 4.0),
+        row("triton", 32000, 1.0, dtype="fp32"), row("cuda", 32000, 0.5, dtype="fp32"),
+        row("naive", 32000, 9.0),
+    ]
+    choice = gpu_backend_choice(rows, "Device: test")
+    path = tmp_path / "choice.json"
+    path.write_text(json.dumps(choice))
+    import torch
+
+    rules = dispatch.load_gpu_backend_choice(path)
+    assert rules == {torch.bfloat16: ((0, "triton"), (262144, "cuda")), torch.float32: ((0, "cuda"),)}
+    assert gpu_backend_choice([row("triton", 32000, 1.0)], "Device: test") is None

@@ -1,4 +1,4 @@
-"""Small runs of every CUDA kernel variant, for compute-sanitizer (GPU only; see scripts/cuda_check.sh).
+"""Small runs of every CUDA kernel variant, for compute-sanitizer (GPU only; run by benchmarks/gpu_session.sh).
 
 Each logits dtype x launch layout (widths around 2048 and 16384 columns) x alignment case (aligned rows, both
 tensors offset by one column, student and teacher offset differently) x (target and mask, neither), forward and
@@ -40,7 +40,7 @@ def main() -> None:
                     assert torch.isfinite(grad).all() and torch.isfinite(kl).all(), (dtype, width, student_offset)
                     runs += 1
     torch.cuda.synchronize()
-    print(f"cuda_check: {runs} forward + backward runs done")
+    print(f"sanitizer_runs: {runs} forward + backward runs done")
 
 
 if __name__ == "__main__":
