@@ -1,0 +1,315 @@
+"""fused_linear_reverse_kld / fused_linear_token_stats against the unfused composition: the lm_head matmuls
+in float64 on the CPU, then the reference loss; values and the gradients of hidden states, weight and bias."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import minillm_kernels as mk
+from conftest import ALL_BACKENDS, device_for, random_mask, require_backend, tolerance
+from minillm_kernels import fused_linear
+
+BATCH, SEQ = 2, 13  # 26 tokens: chunks of 7 (or of 4 over the ~18 counted ones) do not divide them
+STUDENT_HIDDEN, TEACHER_HIDDEN = 16, 24
+VOCAB = 101  # odd: not a multiple of any block size
+# bf16 inputs, against the float64 composition on the same inputs: bounds on the relative error ||got - want|| /
+# ||want|| of each tensor. The logits are rounded to bf16 after the matmul, and the gradients are bf16 matmuls of
+# a bf16 logit gradient, as in the unfused bf16 composition, whose errors ours matched (measured over 20 seeds:
+# at most 0.008 for the values, 0.018 for the gradients, ours and unfused alike).
+BF16_RELATIVE_ERROR = dict(values=2e-2, gradient=4e-2)
+
+
+def projection(hidden_size, vocab, dtype, device, *, bias=True, lead=(BATCH, SEQ)):
+    """(hidden [..., H], weight [vocab, H], bias [vocab] or None), logits ~ N(0, 9) like conftest's random_logits."""
+    hidden = torch.randn(*lead, hidden_size, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64) * (3.0 / hidden_size**0.5)
+    bias_ = torch.randn(vocab, dtype=torch.float64) if bias else None
+    return tuple(None if x is None else x.to(dtype).to(device) for x in (hidden, weight, bias_))
+
+
+def leaves(*tensors):
+    return tuple(None if x is None else x.detach().clone().requires_grad_() for x in tensors)
+
+
+def unfused_logits(hidden, weight, bias):
+    """The composition the fused functions replace, in float64 on the CPU."""
+    logits = hidden.cpu().double() @ weight.cpu().double().t()
+    return logits if bias is None else logits + bias.cpu().double()
+
+
+def as_reference_leaves(student, teacher):
+    """float64 CPU copies of the student's (hidden, weight, bias), requiring grad, and the teacher's."""
+    student = leaves(*(None if x is None else x.detach().cpu().double() for x in student))
+    teacher = tuple(None if x is None else x.detach().cpu().double() for x in teacher)
+    return student, teacher
+
+
+def gradients(loss, student):
+    wanted = [x for x in student if x is not None]
+    grads = iter(torch.autograd.grad(loss, wanted))
+    return tuple(None if x is None else next(grads) for x in student)
+
+
+def assert_gradients_close(got, want, **tol):
+    for name, g, w in zip(("hidden", "weight", "bias"), got, want):
+        assert (g is None) == (w is None), name
+        if g is not None:
+            torch.testing.assert_close(g.cpu().double(), w, **tol, msg=lambda m: f"grad {name}: {m}")
+
+
+def reverse_kld_case(backend, dtype, reduction, chunk_size, *, vocab_size=VOCAB, teacher_vocab=VOCAB + 3,
+                     temperature=1.5):
+    """Ours and the unfused reference: (loss, grads) each, with a random upstream gradient."""
+    device = device_for(backend)
+    student = leaves(*projection(STUDENT_HIDDEN, vocab_size, dtype, device))
+    teacher = projection(TEACHER_HIDDEN, teacher_vocab, dtype, device)
+    mask = random_mask(BATCH * SEQ, device).view(BATCH, SEQ)
+    kwargs = dict(mask=mask, temperature=temperature, reduction=reduction, vocab_size=vocab_size)
+    loss = mk.fused_linear_reverse_kld(
+        student[0], student[1], teacher[0], teacher[1], student_bias=student[2], teacher_bias=teacher[2],
+        chunk_size=chunk_size, backend=backend, **kwargs,
+    )
+    upstream = torch.randn(loss.shape, dtype=torch.float64)
+    grads = gradients((loss * upstream.to(loss)).sum(), student)
+
+    ref_student, ref_teacher = as_reference_leaves(student, teacher)
+    expected = mk.fused_reverse_kld(
+        unfused_logits(*ref_student), unfused_logits(*ref_teacher), backend="reference",
+        **{**kwargs, "mask": mask.cpu()},
+    )
+    expected_grads = gradients((expected * upstream).sum(), ref_student)
+    return (loss, grads), (expected, expected_grads), mask
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ("none", "sum", "mean"))
+def test_reverse_kld_matches_unfused_composition(backend, reduction):
+    require_backend(backend)
+    (loss, grads), (expected, expected_grads), mask = reverse_kld_case(backend, torch.float64, reduction, 4)
+    tol = tolerance(backend, torch.float64)
+    assert loss.shape == expected.shape and loss.dtype == torch.float64
+    torch.testing.assert_close(loss.cpu(), expected, **tol)
+    assert_gradients_close(grads, expected_grads, **tol)
+    assert (grads[0][~mask] == 0).all()  # masked tokens: no gradient to their hidden states
+    if reduction == "none":
+        assert (loss[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+@pytest.mark.parametrize("chunk_size", (None, 1, 7, 1000))
+def test_any_chunk_size_gives_the_same_result(backend, chunk_size):
+    require_backend(backend)
+    for reduction in ("mean", "none"):  # the two designs: gradient in the forward / recomputed in the backward
+        (loss, grads), (expected, expected_grads), _ = reverse_kld_case(
+            backend, torch.float64, reduction, chunk_size
+        )
+        torch.testing.assert_close(loss, expected, **tolerance(backend, torch.float64))
+        assert_gradients_close(grads, expected_grads, **tolerance(backend, torch.float64))
+
+
+def token_stats_case(backend, dtype, *, chunk_size=4, vocab_size=VOCAB, student_vocab=VOCAB + 5, bias=True):
+    device = device_for(backend)
+    student = leaves(*projection(STUDENT_HIDDEN, student_vocab, dtype, device, bias=bias))
+    teacher = projection(TEACHER_HIDDEN, vocab_size, dtype, device, bias=bias)
+    mask = random_mask(BATCH * SEQ, device).view(BATCH, SEQ)
+    target = torch.randint(0, vocab_size, (BATCH, SEQ), device=device).masked_fill(~mask, -100)
+    kwargs = dict(mask=mask, temperature=0.7, mix_alpha=0.2, weight_clip=(0.5, 1.5), with_entropy=True,
+                  vocab_size=vocab_size)
+    stats = mk.fused_linear_token_stats(
+        student[0], student[1], teacher[0], teacher[1], target, student_bias=student[2], teacher_bias=teacher[2],
+        chunk_size=chunk_size, backend=backend, **kwargs,
+    )
+    upstream = torch.randn(3, BATCH, SEQ, dtype=torch.float64)
+
+    def loss(stats, upstream):
+        a, b, c = upstream
+        return (a * stats.reverse_kld + b * stats.student_logprob + c * stats.entropy).sum()
+
+    grads = gradients(loss(stats, upstream.to(device, stats.reverse_kld.dtype)), student)
+    ref_student, ref_teacher = as_reference_leaves(student, teacher)
+    expected = mk.fused_token_stats(
+        unfused_logits(*ref_student), unfused_logits(*ref_teacher), target.cpu(), backend="reference",
+        **{**kwargs, "mask": mask.cpu()},
+    )
+    return (stats, grads), (expected, gradients(loss(expected, upstream), ref_student)), mask
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_token_stats_match_unfused_composition(backend):
+    require_backend(backend)
+    (stats, grads), (expected, expected_grads), mask = token_stats_case(backend, torch.float64)
+    tol = tolerance(backend, torch.float64)
+    for name in mk.TokenStats._fields:
+        torch.testing.assert_close(getattr(stats, name).cpu(), getattr(expected, name), **tol,
+                                   msg=lambda m: f"{name}: {m}")
+    assert_gradients_close(grads, expected_grads, **tol)
+    assert (grads[1][VOCAB:] == 0).all()  # the student's padding rows past vocab_size
+    assert not stats.teacher_logprob.requires_grad and not stats.importance_weight.requires_grad
+    assert (stats.importance_weight[~mask] == 0).all() and (stats.reverse_kld[~mask] == 0).all()
+
+
+def assert_relative_error(got, want, bound, name):
+    error = ((got.cpu().double() - want).norm() / want.norm()).item()
+    assert error <= bound, f"{name}: relative error {error:.4f} > {bound}"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_bf16_inputs(backend):
+    """bf16 hidden states and weights against the float64 composition on the same (rounded) inputs."""
+    require_backend(backend)
+    (stats, grads), (expected, expected_grads), _ = token_stats_case(backend, torch.bfloat16)
+    assert stats.reverse_kld.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
+    for name in ("reverse_kld", "student_logprob", "teacher_logprob", "entropy"):
+        assert_relative_error(getattr(stats, name), getattr(expected, name), BF16_RELATIVE_ERROR["values"], name)
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, expected_grads):
+        assert_relative_error(got, want, BF16_RELATIVE_ERROR["gradient"], f"grad {name}")
+    (loss, grads), (expected, expected_grads), _ = reverse_kld_case(backend, torch.bfloat16, "mean", 4)
+    assert_relative_error(loss, expected, BF16_RELATIVE_ERROR["values"], "mean reverse KL")
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, expected_grads):
+        assert_relative_error(got, want, BF16_RELATIVE_ERROR["gradient"], f"grad {name}")
+
+
+def test_without_biases_and_with_a_frozen_weight():
+    student_hidden, student_weight, _ = projection(STUDENT_HIDDEN, VOCAB, torch.float64, "cpu", bias=False)
+    teacher = projection(TEACHER_HIDDEN, VOCAB, torch.float64, "cpu", bias=False)
+    student_hidden.requires_grad_()
+    teacher[0].requires_grad_()  # a teacher that was not detached still gets no gradient
+    for reduction in ("sum", "none"):
+        loss = mk.fused_linear_reverse_kld(student_hidden, student_weight, teacher[0], teacher[1],
+                                           reduction=reduction, chunk_size=5)
+        loss.sum().backward()
+        expected_hidden = student_hidden.detach().clone().requires_grad_()
+        expected = mk.fused_reverse_kld(expected_hidden @ student_weight.t(), teacher[0].detach() @ teacher[1].t(),
+                                        reduction=reduction, backend="reference")
+        expected.sum().backward()
+        torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(student_hidden.grad, expected_hidden.grad, rtol=1e-9, atol=1e-10)
+        assert teacher[0].grad is None
+        student_hidden.grad = None
+
+
+def test_scalar_loss_backward_twice_with_retained_graph():
+    """The forward-time gradients are scaled by the upstream scalar and survive a retained graph."""
+    student = leaves(*projection(STUDENT_HIDDEN, VOCAB, torch.float64, "cpu"))
+    teacher = projection(TEACHER_HIDDEN, VOCAB, torch.float64, "cpu")
+    loss = mk.fused_linear_reverse_kld(student[0], student[1], teacher[0], teacher[1], student_bias=student[2],
+                                       teacher_bias=teacher[2], chunk_size=6)
+    (0.5 * loss).backward(retain_graph=True)
+    once = [x.grad.clone() for x in student]
+    loss.backward()
+    for x, g in zip(student, once):
+        torch.testing.assert_close(x.grad, 3 * g)
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+def test_mean_over_fully_masked_input_is_zero_with_zero_gradient(backend):
+    require_backend(backend)
+    student = leaves(*projection(STUDENT_HIDDEN, VOCAB, torch.float32, "cpu"))
+    teacher = projection(TEACHER_HIDDEN, VOCAB, torch.float32, "cpu")
+    mask = torch.zeros(BATCH, SEQ, dtype=torch.bool)
+    loss = mk.fused_linear_reverse_kld(student[0], student[1], teacher[0], teacher[1], student_bias=student[2],
+                                       mask=mask, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all((x.grad == 0).all() for x in student)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation (our custom ops included) produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in torch.utils._pytree.tree_leaves(out):
+            if isinstance(x, torch.Tensor):
+                self.numel = max(self.numel, x.numel())
+        return out
+
+
+@pytest.mark.parametrize("op", ("reverse_kld", "token_stats"))
+def test_never_materializes_the_logits(op):
+    tokens, hidden_size, chunk = 256, 8, 16
+    student = leaves(*projection(hidden_size, VOCAB, torch.float32, "cpu", lead=(tokens,)))
+    teacher = projection(hidden_size, VOCAB, torch.float32, "cpu", lead=(tokens,))
+    target = torch.randint(0, VOCAB, (tokens,))
+    with LargestTensor() as largest:
+        if op == "reverse_kld":
+            loss = mk.fused_linear_reverse_kld(student[0], student[1], teacher[0], teacher[1], chunk_size=chunk)
+        else:
+            stats = mk.fused_linear_token_stats(student[0], student[1], teacher[0], teacher[1], target,
+                                                chunk_size=chunk, with_entropy=True)
+            loss = (stats.reverse_kld + stats.student_logprob + stats.entropy).mean()
+        loss.backward()
+    # [chunk, V] buffers, the [V, H] weight gradient and the [N, H] hidden gradient: never [N, V].
+    assert largest.numel == max(chunk * VOCAB, VOCAB * hidden_size, tokens * hidden_size)
+    assert largest.numel * 8 < tokens * VOCAB
+
+
+def test_default_chunk_size_fills_the_budget_in_equal_chunks():
+    vocab, element_bytes = 32000, 4
+    per_token = 3 * vocab * element_bytes
+    limit = fused_linear.CHUNK_BYTES_CPU // per_token
+    for tokens in (1, limit, limit + 1, 10 * limit + 3):
+        size = fused_linear.default_chunk_size(tokens, vocab, torch.float32, torch.device("cpu"))
+        n_chunks = -(-tokens // size)
+        assert size <= limit and size * per_token <= fused_linear.CHUNK_BYTES_CPU
+        assert n_chunks == -(-tokens // limit)  # no more chunks than the budget needs, of sizes within one
+        assert size * (n_chunks - 1) < tokens <= size * n_chunks
+    assert fused_linear.default_chunk_size(10, 10**9, torch.float32, torch.device("cpu")) == 1
+
+
+def call(**overrides):
+    student = projection(STUDENT_HIDDEN, VOCAB, torch.float32, "cpu")
+    teacher = projection(TEACHER_HIDDEN, VOCAB, torch.float32, "cpu")
+    args = dict(student_hidden=student[0], student_weight=student[1], teacher_hidden=teacher[0],
+                teacher_weight=teacher[1], student_bias=student[2], teacher_bias=teacher[2],
+                target_ids=torch.randint(0, VOCAB, (BATCH, SEQ)), backend="reference")
+    args.update(overrides)
+    return mk.fused_linear_token_stats(**args)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(student_weight=torch.randn(VOCAB, STUDENT_HIDDEN + 1)), ValueError,
+         r"student_weight must have shape \[V, H\] .* H = student_hidden.shape\[-1\] = 16"),
+        (dict(teacher_weight=torch.randn(VOCAB * TEACHER_HIDDEN)), ValueError, r"teacher_weight must have shape \[V, H\]"),
+        (dict(student_bias=torch.randn(VOCAB + 1)), ValueError, r"student_bias must have shape \[V\] = \(101,\)"),
+        (dict(student_weight=torch.randn(VOCAB, STUDENT_HIDDEN, dtype=torch.float64)), TypeError,
+         "student_weight is torch.float64 but student_hidden is torch.float32"),
+        (dict(teacher_hidden=torch.randn(BATCH, SEQ, TEACHER_HIDDEN, dtype=torch.float64),
+              teacher_weight=torch.randn(VOCAB, TEACHER_HIDDEN, dtype=torch.float64),
+              teacher_bias=None), TypeError, "student_hidden .* and teacher_hidden .* must share a dtype"),
+        (dict(teacher_hidden=torch.randn(BATCH, SEQ + 1, TEACHER_HIDDEN)), ValueError,
+         "must agree on every dimension but the last"),
+        (dict(student_hidden=torch.randint(0, 3, (BATCH, SEQ, STUDENT_HIDDEN))), TypeError,
+         "student_hidden must be a floating-point tensor"),
+        (dict(student_weight="lm_head"), TypeError, "student_weight must be a tensor"),
+        (dict(student_weight=torch.empty(VOCAB, STUDENT_HIDDEN, device="meta")), ValueError,
+         "student_weight is on meta but student_hidden is on cpu"),
+        (dict(teacher_weight=torch.randn(VOCAB + 2, TEACHER_HIDDEN), teacher_bias=None), ValueError,
+         "student_weight has 101 vocab entries and teacher_weight 103; pass vocab_size"),
+        (dict(vocab_size=VOCAB + 1), ValueError, "vocab_size must be an int in"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be None or an int >= 1"),
+        (dict(mask=torch.ones(BATCH, SEQ + 1, dtype=torch.bool)), ValueError,
+         "mask must have the hidden states' leading shape"),
+        (dict(target_ids=torch.full((BATCH, SEQ), VOCAB)), ValueError, "target_ids must lie in"),
+        (dict(target_ids=None), TypeError, "target_ids must be a tensor"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(mix_alpha=-0.1), ValueError, "mix_alpha"),
+        (dict(backend="tpu"), ValueError, "backend must be 'auto' or one of"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(overrides, error, message):
+    with pytest.raises(error, match=message):
+        call(**overrides)
+
+
+def test_unknown_reduction():
+    student = projection(STUDENT_HIDDEN, VOCAB, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        mk.fused_linear_reverse_kld(student[0], student[1], student[0], student[1], reduction="avg")
