@@ -168,8 +168,8 @@ def load_data(args, tokenizer) -> dict[str, list]:
         from minillm_kernels.tiny import tiny_splits
 
         splits = tiny_splits()
-        labelled, heldout = splits["labelled"], splits["heldout"]
-        unlabelled = splits["prompts"]
+        labelled, unlabelled = splits["labelled"], splits["prompts"]
+        heldout = load_jsonl(args.eval_data) if args.eval_data else splits["heldout"]
     else:
         examples = load_jsonl(args.data)
         labelled = [e for e in examples if e.response]
@@ -256,30 +256,33 @@ def lm_loss(student, batch) -> torch.Tensor:
 
 
 class Rollout:
-    """One batch of teacher-mixed samples, with its rewards and the teacher's logits, reused by every PPO epoch."""
+    """One batch of teacher-mixed samples with its rewards and the teacher's logits at the response
+    positions (computed once, reused by every PPO epoch; not stored in checkpoints: recomputed)."""
 
-    def __init__(self, sample: mk.TeacherMixedSample, rewards: torch.Tensor) -> None:
+    def __init__(self, sample: mk.TeacherMixedSample, rewards: torch.Tensor, teacher) -> None:
         self.sample, self.rewards = sample, rewards
+        with torch.no_grad():
+            self.teacher_logits = mk.response_logits(teacher, sample)
+
+    def state(self) -> dict:
+        return {"sample": self.sample, "rewards": self.rewards}
 
     def chunks(self, count: int):
-        """The rollout cut into ``count`` micro-batches of rows."""
-        rows = self.sample.sequences.shape[0]
-        size = rows // count
-        for start in range(0, rows, size):
-            part = slice(start, start + size)
-            s = self.sample
-            yield Rollout(
-                mk.TeacherMixedSample(
-                    sequences=s.sequences[part], attention_mask=s.attention_mask[part],
-                    response_mask=s.response_mask[part], student_logprob=s.student_logprob[part],
-                    teacher_logprob=s.teacher_logprob[part], importance_weight=s.importance_weight[part],
-                    prompt_length=s.prompt_length,
-                ),
-                self.rewards[part],
+        """``(sample, rewards, teacher_logits)`` for each of ``count`` micro-batches of rows."""
+        s, size = self.sample, self.sample.sequences.shape[0] // count
+        for start in range(0, s.sequences.shape[0], size):
+            rows = slice(start, start + size)
+            part = mk.TeacherMixedSample(
+                sequences=s.sequences[rows], attention_mask=s.attention_mask[rows],
+                response_mask=s.response_mask[rows], student_logprob=s.student_logprob[rows],
+                teacher_logprob=s.teacher_logprob[rows], importance_weight=s.importance_weight[rows],
+                prompt_length=s.prompt_length,
             )
+            yield part, self.rewards[rows], self.teacher_logits[rows]
 
 
 def make_rollout(args, student, teacher, tokenizer, prompts: list[str], generator, vocab_size: int) -> Rollout:
+    """Sample responses from p~ = alpha p + (1 - alpha) q_old and score them: r_t = log p(y_t) - log q(y_t)."""
     input_ids, attention_mask = prompt_batch(tokenizer, prompts, max_length=args.max_length)
     device = next(student.parameters()).device
     student.eval()
@@ -292,14 +295,11 @@ def make_rollout(args, student, teacher, tokenizer, prompts: list[str], generato
     student.train()
     rewards = mk.log_ratio_rewards(sample.teacher_logprob - sample.student_logprob, sample.response_mask,
                                    reward_scaling=args.reward_scaling, reward_clip=args.reward_clip)
-    return Rollout(sample, rewards)
+    return Rollout(sample, rewards, teacher)
 
 
-def minillm_loss(args, student, teacher, rollout: Rollout, vocab_size: int) -> tuple[torch.Tensor, dict]:
+def minillm_loss(args, student, sample, rewards, teacher_logits, vocab_size: int) -> tuple[torch.Tensor, dict]:
     """L_pg + L_single on one micro-batch of a rollout; every vocabulary-wide term through fused_token_stats."""
-    sample = rollout.sample
-    with torch.no_grad():
-        teacher_logits = mk.response_logits(teacher, sample)
     student_logits = mk.response_logits(student, sample)
     mask = sample.response_mask
     stats = mk.fused_token_stats(
@@ -307,12 +307,21 @@ def minillm_loss(args, student, teacher, rollout: Rollout, vocab_size: int) -> t
         mask=mask, temperature=args.temperature, mix_alpha=args.alpha, vocab_size=vocab_size,
     )
     return mk.minillm_loss(
-        stats, sample.student_logprob, rollout.rewards, sample.importance_weight, mask, gamma=args.gamma,
+        stats, sample.student_logprob, rewards, sample.importance_weight, mask, gamma=args.gamma,
         whiten=not args.no_whiten, clip=args.ppo_clip, single_step_coef=args.single_step_coef,
     )
 
 
 # ----------------------------------------------------------------------------------------------- the loop
+
+def stop_if_not_finite(loss: torch.Tensor, parts: dict, method: str, step: int, checkpoint_path: Path) -> None:
+    """Raise FloatingPointError naming the step, the loss parts and the last checkpoint if ``loss`` is NaN/inf."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"{method}: non-finite loss {loss.item()} at step {step}; parts: "
+            + ", ".join(f"{name}={float(value):.4g}" for name, value in parts.items())
+            + f". Last checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none'}")
+
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to ``path.tmp``, then an atomic rename: a crash never leaves a half-written checkpoint."""
@@ -359,14 +368,20 @@ def train(args, method: str, out_dir: Path, teacher, tokenizer, data, rank: int,
         for sampler, key in ((pairs, "pairs"), (prompts, "prompts"), (lm_texts, "lm")):
             sampler.rng.setstate(state["data_rng"][key])
         torch.set_rng_state(state["torch_rng"])
-        step, rollout, history = state["step"], state["rollout"], state["history"]
+        step, history = state["step"], state["history"]
+        if state["rollout"] is not None:
+            rollout = Rollout(state["rollout"]["sample"], state["rollout"]["rewards"], teacher)
         if rank == 0:
             tqdm.write(f"resumed {method} at step {step} from {checkpoint_path}")
     log = open(out_dir / "log.jsonl", "a") if rank == 0 else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     micro = args.batch_size // args.grad_accum
 
+    evaluated_at = None
+
     def evaluate_student(at_step: int) -> None:
+        nonlocal evaluated_at
+        evaluated_at = at_step
         if rank == 0:
             scores = evaluate(student, tokenizer, data["heldout"], max_new_tokens=args.max_new_tokens, progress=True)
             history.append({"step": at_step, "heldout": scores})
@@ -379,7 +394,8 @@ def train(args, method: str, out_dir: Path, teacher, tokenizer, data, rank: int,
         if rank == 0:
             save_checkpoint(checkpoint_path, {
                 "student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "rollout": rollout, "history": history,
+                "scheduler": scheduler.state_dict(), "step": step, "history": history,
+                "rollout": None if rollout is None else rollout.state(),
                 "data_rng": {"pairs": pairs.rng.getstate(), "prompts": prompts.rng.getstate(),
                              "lm": lm_texts.rng.getstate()},
                 "torch_rng": torch.get_rng_state(), "method": method,
@@ -387,7 +403,7 @@ def train(args, method: str, out_dir: Path, teacher, tokenizer, data, rank: int,
         if world > 1:
             dist.barrier()
 
-    if step == 0 and not history:
+    if step == 0:
         evaluate_student(0)
     started = time.time()
     bar = tqdm(range(step, args.steps), desc=method, disable=rank != 0, initial=step, total=args.steps)
@@ -410,8 +426,10 @@ def train(args, method: str, out_dir: Path, teacher, tokenizer, data, rank: int,
                     # L_PT gets its own backward (DDP all-reduces once, in the last backward of the step)
                     with model.no_sync() if world > 1 else contextlib.nullcontext():
                         pretrain = lm_loss(model, lm_batch)
+                        stop_if_not_finite(args.lm_coef * pretrain, {"lm_loss": pretrain}, method, step,
+                                           checkpoint_path)
                         (args.lm_coef * pretrain / args.grad_accum).backward()
-                    loss, parts = minillm_loss(args, model, teacher, micro_batch, vocab_size)
+                    loss, parts = minillm_loss(args, model, *micro_batch, vocab_size)
                     parts = {**parts, "lm_loss": pretrain.detach(),
                              "total_loss": parts["total_loss"] + args.lm_coef * pretrain.detach()}
                 else:
@@ -421,11 +439,7 @@ def train(args, method: str, out_dir: Path, teacher, tokenizer, data, rank: int,
                                 device)
                     loss, parts = sft_loss(model, batch) if method == "sft" else kd_loss(
                         model, teacher, batch, args.temperature)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{method}: non-finite loss {loss.item()} at step {step}; parts: "
-                    + ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-                    + f". Last good checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none'}")
+            stop_if_not_finite(loss, parts, method, step, checkpoint_path)
             with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
                 (loss / args.grad_accum).backward()
             for name, value in parts.items():
@@ -450,10 +464,18 @@ def train(args, method: str, out_dir: Path, teacher, tokenizer, data, rank: int,
             evaluate_student(step)
         if step % args.save_every == 0 or step == args.steps:
             checkpoint()
-    if not history or history[-1]["step"] != args.steps:
+    if evaluated_at != args.steps:  # the same decision on every rank (history lives on rank 0 only)
         evaluate_student(args.steps)
         checkpoint()
     seconds = time.time() - started
+    if world > 1:  # DDP keeps the replicas equal; check it (a per-tensor sum and sum of squares, gathered)
+        fingerprint = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
+                                   for p in student.parameters()]).flatten()
+        gathered = [torch.empty_like(fingerprint) for _ in range(world)]
+        dist.all_gather(gathered, fingerprint)
+        replica_difference = max(float((g - gathered[0]).abs().max()) for g in gathered)
+        if rank == 0:
+            log.write(json.dumps({"method": method, "step": step, "replica_max_difference": replica_difference}) + "\n")
     if rank == 0:
         save_model(student, tokenizer, out_dir / "student")
         log.close()

@@ -11,6 +11,7 @@ stops when every task reaches ``--target-em`` exact match on the held-out split,
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -42,8 +43,7 @@ def save(model, tokenizer, name: str) -> None:
 
     final, temporary = CHECKPOINTS / name, CHECKPOINTS / f".{name}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
-    half = {name: tensor.to(torch.float16) for name, tensor in model.state_dict().items()}
-    model.save_pretrained(temporary, state_dict=half)
+    copy.deepcopy(model).to(torch.float16).save_pretrained(temporary)  # the training copy stays float32
     tokenizer.save_pretrained(temporary)
     shutil.rmtree(final, ignore_errors=True)
     temporary.rename(final)
