@@ -319,7 +319,7 @@ def stop_if_not_finite(loss: torch.Tensor, parts: dict, method: str, step: int, 
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"{method}: non-finite loss {loss.item()} at step {step}; parts: "
-            + ", ".join(f"{name}={float(value):.4g}" for name, value in parts.items())
+            + ", ".join(f"{name}={float(torch.as_tensor(value).detach()):.4g}" for name, value in parts.items())
             + f". Last checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none'}")
 
 
