@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="tiny",
                    help="'tiny' or a JSONL of {prompt, response?, task?}; a row without response is a prompt only")
     p.add_argument("--eval-data", default=None, help="JSONL of held-out {prompt, response, task?} (tiny: its split)")
+    p.add_argument("--eval-size", type=int, default=None, help="evaluate on the first N held-out examples only")
     p.add_argument("--lm-data", default=None,
                    help="JSONL of {text} pre-training text for L_PT (default: the data's prompt + response pairs)")
     p.add_argument("--out-dir", default="out/train")
@@ -180,6 +181,7 @@ def load_data(args, tokenizer) -> dict[str, list]:
             order = random.Random(args.seed).sample(labelled, len(labelled))
             cut = max(1, len(order) // 20)
             heldout, labelled = order[:cut], order[cut:]
+    heldout = heldout[: args.eval_size]
     if not labelled:
         raise SystemExit(f"{args.data}: no example has a response; SFT, KD and L_PT need gold pairs")
     if args.lm_data:
