@@ -9,7 +9,8 @@ On the GPU it also gives the fraction of the memory-bandwidth floor: the bytes a
 3 N V elements) over the measured time, against the bandwidth of a large device-to-device copy measured in
 the same run. Speed-ups are against the naive loss of the same shape in the same run. Results: a markdown
 table on stdout, and ``table.md``, ``results.csv`` and one PNG plot per (op, dtype) under
-``benchmarks/results/<device>-<date>/``.
+``benchmarks/results/<device>-<date>/``. The op ``linear_reverse_kld`` starts from hidden states of size ``--hidden``
+and lm_head weights instead of logits (its bound is the matmuls' compute, so it gets no bandwidth fraction).
 """
 from __future__ import annotations
 
@@ -31,14 +32,14 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VOCABS = [32000, 128256, 151936, 262144]  # Llama 2, Llama 3, Qwen 2.5, Gemma
-DEFAULTS = {  # tokens, vocabs, dtypes, repeats
-    "cpu": dict(tokens=[256, 1024], vocab=VOCABS, dtype=["fp32", "bf16"], repeats=3),
-    "cuda": dict(tokens=[4096, 16384], vocab=VOCABS, dtype=["bf16", "fp32"]),  # do_bench picks the repeats
-    "quick": dict(tokens=[256], vocab=[4099], dtype=["fp32"], repeats=2),
+DEFAULTS = {  # tokens, vocabs, dtypes, repeats, hidden size (linear_reverse_kld)
+    "cpu": dict(tokens=[256, 1024], vocab=VOCABS, dtype=["fp32", "bf16"], repeats=3, hidden=512),
+    "cuda": dict(tokens=[4096, 16384], vocab=VOCABS, dtype=["bf16", "fp32"], hidden=4096),  # do_bench: repeats
+    "quick": dict(tokens=[256], vocab=[4099], dtype=["fp32"], repeats=2, hidden=64),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = (
-    "op", "variant", "tokens", "vocab", "dtype", "status", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb",
+    "op", "variant", "tokens", "vocab", "hidden", "dtype", "status", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb",
     "peak_extra_nv", "fwd_bandwidth_frac", "fwd_bwd_bandwidth_frac",
 )
 
@@ -70,26 +71,27 @@ def copy_bandwidth_gbps(n_bytes: int = 2**31) -> float:
     return 2 * n_bytes / (ms * 1e-3) / 1e9
 
 
-def measure(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: str, repeats: int) -> dict:
+def measure(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: str, repeats: int,
+            hidden: int = 0) -> dict:
     """One case, in this process: times in ms, peak extra memory in MB and in [N, V] float32 tensors."""
-    from benchmarks.variants import variants
+    from benchmarks.variants import inputs, variants
 
     loss_fn = variants(op, device)[variant]
-    student = torch.randn(tokens, vocab, device=device, dtype=DTYPES[dtype]).mul_(3).requires_grad_()
-    teacher = torch.randn(tokens, vocab, device=device, dtype=DTYPES[dtype]).mul_(3)
-    target = torch.randint(0, vocab, (tokens,), device=device)
+    args, leaves = inputs(op, tokens, vocab, hidden, DTYPES[dtype], device)
 
     def forward() -> None:
         with torch.no_grad():
-            loss_fn(student, teacher, target)
+            loss_fn(*args)
 
     def forward_backward() -> None:
-        student.grad = None
-        loss_fn(student, teacher, target).backward()
+        for x in leaves:
+            x.grad = None
+        loss_fn(*args).backward()
 
     forward_backward()  # warm-up: builds, compiles, autotunes
     forward()
-    student.grad = None
+    for x in leaves:
+        x.grad = None
     if device == "cuda":
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated()
@@ -110,13 +112,16 @@ def measure(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: 
     )
 
 
-def run_case(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: str, repeats: int) -> dict:
+def run_case(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: str, repeats: int,
+             hidden: int = 0) -> dict:
     """Measure one case: on the CPU in a fresh process, so that no case's allocations hide another's.
     Running out of memory is a result (status "OOM"), not a crash."""
     case = dict(op=op, variant=variant, tokens=tokens, vocab=vocab, dtype=dtype)
+    if op == "linear_reverse_kld":
+        case["hidden"] = hidden
     if device == "cuda":
         try:
-            return {**case, "status": "ok", **measure(op, variant, tokens, vocab, dtype, device, repeats)}
+            return {**case, "status": "ok", **measure(op, variant, tokens, vocab, dtype, device, repeats, hidden)}
         except (torch.cuda.OutOfMemoryError, RuntimeError) as error:  # Triton raises a RuntimeError on OOM
             if "out of memory" not in str(error).lower():
                 return {**case, "status": f"error: {type(error).__name__}: {str(error)[:200]}"}
@@ -207,7 +212,8 @@ def markdown_table(rows: list[dict]) -> str:
         rule += "---:|---:|"
     lines = [header, rule]
     for r in rows:
-        head = f"| {r['op']} | {r['tokens']} | {r['vocab']} | {r['dtype']} | {r['variant']} |"
+        op = f"{r['op']} (H={r['hidden']})" if r.get("hidden") else r["op"]
+        head = f"| {op} | {r['tokens']} | {r['vocab']} | {r['dtype']} | {r['variant']} |"
         if r["status"] != "ok":
             lines.append(f"{head} {r['status']} |" + " |" * (6 if gpu else 4))
             continue
@@ -217,8 +223,10 @@ def markdown_table(rows: list[dict]) -> str:
             f"{head} {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {speedup} | {r['peak_extra_mb']:.0f} | "
             f"{r['peak_extra_nv']:.2f} |"
         )
-        if gpu:
+        if gpu and "fwd_bandwidth_frac" in r:
             line += f" {100 * r['fwd_bandwidth_frac']:.0f}% | {100 * r['fwd_bwd_bandwidth_frac']:.0f}% |"
+        elif gpu:
+            line += " - | - |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -237,7 +245,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (the test suite runs it)")
-    parser.add_argument("--op", nargs="+", choices=("reverse_kld", "token_stats"), default=["reverse_kld"])
+    parser.add_argument("--op", nargs="+", choices=("reverse_kld", "token_stats", "linear_reverse_kld"),
+                        default=["reverse_kld"])
+    parser.add_argument("--hidden", type=int, help="hidden size H of linear_reverse_kld's inputs (default: per device)")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts N (default: per device)")
     parser.add_argument("--vocab", type=int, nargs="+", help=f"vocabulary sizes V (default: {VOCABS})")
     parser.add_argument("--dtype", choices=tuple(DTYPES), nargs="+", help="logits dtypes (default: per device)")
@@ -258,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         case = json.loads(args.worker)
         keys = ("op", "variant", "tokens", "vocab", "dtype")
-        print(json.dumps(measure(*(case[k] for k in keys), "cpu", case["repeats"])))
+        print(json.dumps(measure(*(case[k] for k in keys), "cpu", case["repeats"], case.get("hidden", 0))))
         return
 
     from benchmarks.variants import variants
@@ -286,8 +296,9 @@ def main(argv: list[str] | None = None) -> None:
         for op, variant, tokens, vocab, dtype in (bar := _progress(cases, args.device)):
             if hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str(f"{op} {variant} N={tokens} V={vocab} {dtype}")
-            row = run_case(op, variant, tokens, vocab, dtype, args.device, args.repeats)
-            rows.append(add_bandwidth_fractions(row, bandwidth) if bandwidth and row["status"] == "ok" else row)
+            row = run_case(op, variant, tokens, vocab, dtype, args.device, args.repeats, args.hidden)
+            with_floor = bandwidth and row["status"] == "ok" and op != "linear_reverse_kld"
+            rows.append(add_bandwidth_fractions(row, bandwidth) if with_floor else row)
             writer.writerow(rows[-1])
             f.flush()
     table = markdown_table(rows)

@@ -7,7 +7,15 @@
   with a loss that back-propagates through the three differentiable ones: the naive formulas
   (``minillm_kernels.reference``, eager and compiled) and ``fused_token_stats`` on each backend.
 
-Each variant is ``loss(student, teacher, target) -> scalar``.
+- ``linear_reverse_kld``: the mean reverse KL from hidden states [N, H] and lm_head weights [V, H]: the matmuls to
+  the full logits then the naive loss (eager and compiled), ``fused_linear_reverse_kld`` on each backend (its
+  reduction "mean" computes the gradient in the forward; ``<backend>+recompute`` is reduction "none" then a mean,
+  which recomputes each chunk's logits in the backward, the path ``fused_linear_token_stats`` takes), and
+  Liger-Kernel's ``LigerFusedLinearJSD`` (GPU) and chunked ``LigerFusedLinearJSDLoss`` where installed, each with
+  the beta at which it computes the reverse KL (checked numerically).
+
+Each variant is ``loss(*inputs(op, ...)[0]) -> scalar``: ``(student, teacher, target)`` logits for the first two
+ops, ``(student_hidden, student_weight, teacher_hidden, teacher_weight)`` for ``linear_reverse_kld``.
 """
 from __future__ import annotations
 
@@ -20,8 +28,26 @@ import torch
 import minillm_kernels as mk
 from minillm_kernels import reference
 
-Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-OPS = ("reverse_kld", "token_stats")
+Loss = Callable[..., torch.Tensor]  # (student, teacher, target) or, for linear_reverse_kld, (hidden, weight) x 2
+OPS = ("reverse_kld", "token_stats", "linear_reverse_kld")
+
+
+def inputs(op: str, tokens: int, vocab: int, hidden: int, dtype: torch.dtype,
+           device: str) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The random inputs of one case and those of them that get a gradient. Logits ~ N(0, 9) either way: for
+    ``linear_reverse_kld`` hidden states ~ N(0, 1) and weights ~ N(0, 9 / hidden)."""
+    if op == "linear_reverse_kld":
+        def projection() -> tuple[torch.Tensor, torch.Tensor]:
+            weight = torch.randn(vocab, hidden, device=device, dtype=dtype).mul_(3 / hidden**0.5)
+            return torch.randn(tokens, hidden, device=device, dtype=dtype), weight
+
+        (student_hidden, student_weight), (teacher_hidden, teacher_weight) = projection(), projection()
+        student = (student_hidden.requires_grad_(), student_weight.requires_grad_())
+        return (*student, teacher_hidden, teacher_weight), student
+    student = torch.randn(tokens, vocab, device=device, dtype=dtype).mul_(3).requires_grad_()
+    teacher = torch.randn(tokens, vocab, device=device, dtype=dtype).mul_(3)
+    target = torch.randint(0, vocab, (tokens,), device=device)
+    return (student, teacher, target), (student,)
 
 
 def naive_reverse_kld(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -36,7 +62,22 @@ def naive_token_stats(student: torch.Tensor, teacher: torch.Tensor, target: torc
     return (kl + student_logprob + entropy).mean()
 
 
-def ours(op: str, backend: str) -> Loss:
+def naive_linear_reverse_kld(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                             teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor) -> torch.Tensor:
+    """The unfused composition: both models' full [N, V] logits, then the naive loss."""
+    return naive_reverse_kld(student_hidden @ student_weight.t(), teacher_hidden @ teacher_weight.t(), None)
+
+
+NAIVE: dict[str, Loss] = {
+    "reverse_kld": naive_reverse_kld, "token_stats": naive_token_stats, "linear_reverse_kld": naive_linear_reverse_kld,
+}
+
+
+def ours(op: str, backend: str, recompute: bool = False) -> Loss:
+    if op == "linear_reverse_kld":
+        if recompute:
+            return lambda *args: mk.fused_linear_reverse_kld(*args, reduction="none", backend=backend).mean()
+        return lambda *args: mk.fused_linear_reverse_kld(*args, backend=backend)
     if op == "reverse_kld":
         return lambda student, teacher, target: mk.fused_reverse_kld(student, teacher, backend=backend)
 
@@ -50,7 +91,7 @@ def ours(op: str, backend: str) -> Loss:
 @functools.cache
 def compiled(op: str) -> Loss:
     """The naive loss under ``torch.compile``, with dynamic shapes: one compilation serves every size."""
-    return torch.compile({"reverse_kld": naive_reverse_kld, "token_stats": naive_token_stats}[op], dynamic=True)
+    return torch.compile(NAIVE[op], dynamic=True)
 
 
 @functools.cache
@@ -78,18 +119,62 @@ def liger() -> Optional[Loss]:
     return loss
 
 
+@functools.cache
+def liger_linear(device: str) -> dict[str, Loss]:
+    """Liger's fused-linear JSD losses that run on ``device``, by name, each at the beta (1, else 0: conventions
+    differ between its versions and classes) where it gives the mean reverse KL on a small input; those installed."""
+    candidates: dict[str, Callable[[float], Loss]] = {}
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        def chunked(beta: float) -> Loss:
+            jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta)
+            return lambda sh, sw, th, tw: jsd(sh, sw, th, tw, torch.zeros(sh.shape[0], dtype=torch.long,
+                                                                          device=sh.device), None, None)
+
+        candidates["liger_chunked"] = chunked
+    except ImportError:
+        pass
+    if device == "cuda":  # Triton kernels
+        try:
+            from liger_kernel.transformers import LigerFusedLinearJSD
+
+            candidates["liger_fused"] = lambda beta: LigerFusedLinearJSD(jsd_beta=beta)
+        except ImportError:
+            pass
+    table = {}
+    sample = inputs("linear_reverse_kld", 16, 1000, 64, torch.float32, device)[0]
+    want = naive_linear_reverse_kld(*sample)
+    for name, make in candidates.items():
+        for beta in (1.0, 0.0):
+            try:
+                loss = make(beta)
+                got = loss(*sample)
+            except Exception as error:  # noqa: BLE001 (an installed version with another signature)
+                warnings.warn(f"{name}(beta={beta}) failed ({error}): not benchmarked", RuntimeWarning, stacklevel=2)
+                break
+            if torch.allclose(got.float(), want, rtol=1e-3, atol=1e-4):
+                table[f"{name}(beta={beta:g})"] = loss
+                break
+        else:
+            warnings.warn(f"{name} gives no mean reverse KL at beta 1 or 0: not benchmarked", RuntimeWarning,
+                          stacklevel=2)
+    return table
+
+
 def variants(op: str, device: str) -> dict[str, Loss]:
     """Every variant of ``op`` that can run on ``device`` here, by name (``naive`` first: ratios refer to it)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    table: dict[str, Loss] = {
-        "naive": naive_reverse_kld if op == "reverse_kld" else naive_token_stats,
-        "naive_compile": compiled(op),
-    }
+    table: dict[str, Loss] = {"naive": NAIVE[op], "naive_compile": compiled(op)}
     for backend in mk.available_backends():
         # The CPU kernel on CPU tensors; Triton and CUDA on the GPU (Triton's interpreter is no benchmark).
         if backend != "reference" and (backend == "cpu") == (device == "cpu"):
             table[backend] = ours(op, backend)
+            if op == "linear_reverse_kld":
+                table[f"{backend}+recompute"] = ours(op, backend, recompute=True)
     if op == "reverse_kld" and device == "cuda" and liger() is not None:
         table["liger"] = liger()
+    if op == "linear_reverse_kld":
+        table.update(liger_linear(device))
     return table

@@ -313,3 +313,17 @@ def test_unknown_reduction():
     student = projection(STUDENT_HIDDEN, VOCAB, torch.float32, "cpu")
     with pytest.raises(ValueError, match="reduction must be one of"):
         mk.fused_linear_reverse_kld(student[0], student[1], student[0], student[1], reduction="avg")
+
+
+def test_benchmark_variants_compute_the_same_loss():
+    """benchmarks/variants.py's linear_reverse_kld variants (ours per backend, Liger's where installed) agree
+    with its matmul + naive loss."""
+    from benchmarks.variants import inputs, variants
+
+    table = variants("linear_reverse_kld", "cpu")
+    args, _ = inputs("linear_reverse_kld", 64, 300, 32, torch.float32, "cpu")
+    want = table["naive"](*args)
+    fused = [name for name in table if not name.startswith("naive")]
+    assert fused, table
+    for name in fused:
+        torch.testing.assert_close(table[name](*args), want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
