@@ -26,6 +26,7 @@ Gradients flow to the student hidden states, weight and bias; the teacher is fro
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional, Union
 
@@ -101,20 +102,20 @@ def _rows_count(rows: Rows) -> int:
     return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
 
 
-class _ChunkBuffers:
-    """The two [C, vocab] logits buffers (C: the largest chunk), allocated once and reused by every chunk."""
+class _ChunkLogits:
+    """Both models' logits chunk by chunk, into two [C, vocab] buffers (C: the largest chunk) allocated once."""
 
-    def __init__(self, student: _Projection, plan: _Plan) -> None:
+    def __init__(self, student: _Projection, teacher: _Projection, plan: _Plan) -> None:
+        self.models = (student, teacher)
         shape = (max(map(_rows_count, plan.chunks), default=0), plan.vocab_size)
-        self.student = student.hidden.new_empty(shape)
-        self.teacher = student.hidden.new_empty(shape)
+        self.buffers = (student.hidden.new_empty(shape), student.hidden.new_empty(shape))
 
-    def logits(self, student: _Projection, teacher: _Projection, rows: Rows) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, rows: Rows) -> tuple[Tensor, Tensor, Tensor]:
         """The chunk's student hidden states [C, H_s] and the two models' logits [C, vocab] (buffer views)."""
-        n = _rows_count(rows)
+        (student, teacher), n = self.models, _rows_count(rows)
         student_hidden = student.hidden[rows]
-        student_logits = student.logits(student_hidden, self.student[:n])
-        teacher_logits = teacher.logits(teacher.hidden[rows], self.teacher[:n])
+        student_logits = student.logits(student_hidden, self.buffers[0][:n])
+        teacher_logits = teacher.logits(teacher.hidden[rows], self.buffers[1][:n])
         return student_hidden, student_logits, teacher_logits
 
 
@@ -190,6 +191,18 @@ class _InputGradients:
         return self.hidden, self.weight, None if self.bias is None else self.bias.to(self.bias_dtype)
 
 
+def _without_autocast(method):
+    """Run a forward/backward with autocast off on the inputs' device: the matmuls stay in the inputs' dtype
+    (an autocast region would otherwise run some of them, e.g. G W, in its lower precision)."""
+
+    @functools.wraps(method)
+    def run(ctx, first, *args):
+        with torch.autocast(first.device.type, enabled=False):
+            return method(ctx, first, *args)
+
+    return run
+
+
 def _projections(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                  vocab_size: int) -> tuple[_Projection, _Projection]:
     restrict = lambda x: None if x is None else x[:vocab_size]  # noqa: E731 (a view: the first rows)
@@ -203,16 +216,17 @@ class _LinearReverseKLDSum(torch.autograd.Function):
     """sum_t scale * KL_t over the counted tokens, with the student's gradients computed during the forward."""
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 plan: _Plan, scale: float):
         student, teacher = _projections(student_hidden, student_weight, student_bias, teacher_hidden,
                                         teacher_weight, teacher_bias, plan.vocab_size)
         needs = tuple(plan.needs_grad and x for x in ctx.needs_input_grad[:3])
         grads = _InputGradients(student_hidden, student_weight, student_bias, needs, plan.vocab_size)
-        buffers = _ChunkBuffers(student, plan)
+        chunk_logits = _ChunkLogits(student, teacher, plan)
         total = student_hidden.new_zeros((), dtype=ops.stats_dtype(student_hidden.dtype))
         for rows in plan.chunks:
-            hidden_rows, student_logits, teacher_logits = buffers.logits(student, teacher, rows)
+            hidden_rows, student_logits, teacher_logits = chunk_logits(rows)
             kl, _, _, entropy, row_stats = _chunk_stats(student_logits, teacher_logits, None, plan)
             total += kl.sum()
             if grads.any:
@@ -225,6 +239,7 @@ class _LinearReverseKLDSum(torch.autograd.Function):
         return total * scale
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_total):
         # The stored gradients are for an upstream gradient of 1: scale them (without a copy when it is 1).
         unit = bool(grad_total == 1)
@@ -236,6 +251,7 @@ class _LinearTokenStats(torch.autograd.Function):
     """Per-token (KL, log q(y), log p(y), H), ``[N]`` each; the backward recomputes each chunk's logits."""
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 plan: _Plan):
         student, teacher = _projections(student_hidden, student_weight, student_bias, teacher_hidden,
@@ -244,10 +260,10 @@ class _LinearTokenStats(torch.autograd.Function):
         stats_dtype = ops.stats_dtype(student_hidden.dtype)
         outputs = tuple(student_hidden.new_zeros(n_tokens, dtype=stats_dtype) for _ in range(4))
         row_stats = None if plan.backend == "reference" else student_hidden.new_zeros(n_tokens, 4, dtype=stats_dtype)
-        buffers = _ChunkBuffers(student, plan)
+        chunk_logits = _ChunkLogits(student, teacher, plan)
         for rows in plan.chunks:
             target = None if plan.target is None else plan.target[rows]
-            _, student_logits, teacher_logits = buffers.logits(student, teacher, rows)
+            _, student_logits, teacher_logits = chunk_logits(rows)
             *chunk_outputs, chunk_row_stats = _chunk_stats(student_logits, teacher_logits, target, plan)
             for out, value in zip(outputs, chunk_outputs):
                 out[rows] = value
@@ -261,21 +277,21 @@ class _LinearTokenStats(torch.autograd.Function):
         return outputs
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_kl, grad_student_logprob, grad_teacher_logprob, grad_entropy):
         (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
          kl, entropy, row_stats) = ctx.saved_tensors
         plan: _Plan = ctx.plan
         student, teacher = _projections(student_hidden, student_weight, student_bias, teacher_hidden,
                                         teacher_weight, teacher_bias, plan.vocab_size)
-        # Unused outputs have no gradient; expanded ones (from .sum()) must be made contiguous.
-        upstream = tuple(kl.new_zeros(kl.shape) if g is None else g.to(kl.dtype).contiguous()
-                         for g in (grad_kl, grad_student_logprob, grad_entropy))
+        # Unused outputs get zeros (autograd materializes them); expanded ones (from .sum()) must be contiguous.
+        upstream = tuple(g.to(kl.dtype).contiguous() for g in (grad_kl, grad_student_logprob, grad_entropy))
         grads = _InputGradients(student_hidden, student_weight, student_bias, ctx.needs_input_grad[:3],
                                 plan.vocab_size)
-        buffers = _ChunkBuffers(student, plan)
+        chunk_logits = _ChunkLogits(student, teacher, plan)
         for rows in plan.chunks:
             target = None if plan.target is None else plan.target[rows]
-            hidden_rows, student_logits, teacher_logits = buffers.logits(student, teacher, rows)
+            hidden_rows, student_logits, teacher_logits = chunk_logits(rows)
             saved = (kl[rows], entropy[rows], None if row_stats is None else row_stats[rows])
             grad_logits = _chunk_logit_gradient(
                 student_logits, teacher_logits, target, tuple(u[rows] for u in upstream), saved, plan

@@ -215,6 +215,22 @@ def test_mean_over_fully_masked_input_is_zero_with_zero_gradient(backend):
     assert all((x.grad == 0).all() for x in student)
 
 
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_autocast_leaves_the_matmuls_in_the_input_dtype(reduction):
+    student = leaves(*projection(STUDENT_HIDDEN, VOCAB, torch.float32, "cpu"))
+    teacher = projection(TEACHER_HIDDEN, VOCAB, torch.float32, "cpu")
+    upstream = torch.randn(BATCH, SEQ) if reduction == "none" else torch.randn(())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = mk.fused_linear_reverse_kld(student[0], student[1], teacher[0], teacher[1], student_bias=student[2],
+                                           teacher_bias=teacher[2], reduction=reduction, chunk_size=5)
+    grads = gradients((loss * upstream).sum(), student)
+    ref_student, ref_teacher = as_reference_leaves(student, teacher)
+    expected = mk.fused_reverse_kld(unfused_logits(*ref_student), unfused_logits(*ref_teacher), reduction=reduction)
+    torch.testing.assert_close(loss.double(), expected, **tolerance("cpu", torch.float32))
+    assert_gradients_close(grads, gradients((expected * upstream.double()).sum(), ref_student),
+                           **tolerance("cpu", torch.float32))
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest tensor any operation (our custom ops included) produces."""
 
