@@ -229,12 +229,13 @@ class _LinearReverseKLDSum(torch.autograd.Function):
             hidden_rows, student_logits, teacher_logits = chunk_logits(rows)
             kl, _, _, entropy, row_stats = _chunk_stats(student_logits, teacher_logits, None, plan)
             total += kl.sum()
-            if grads.any:
+            if grads.any:  # (the logit gradient, passed on directly, is freed before the next chunk's)
                 upstream = (torch.full_like(kl, scale), torch.zeros_like(kl), torch.zeros_like(kl))
-                grad_logits = _chunk_logit_gradient(
-                    student_logits, teacher_logits, None, upstream, (kl, entropy, row_stats), plan
+                grads.add_chunk(
+                    _chunk_logit_gradient(student_logits, teacher_logits, None, upstream, (kl, entropy, row_stats),
+                                          plan),
+                    rows, hidden_rows, student,
                 )
-                grads.add_chunk(grad_logits, rows, hidden_rows, student)
         ctx.save_for_backward(*grads.result())  # intermediates: freed after the backward, unless retained
         return total * scale
 
@@ -293,10 +294,11 @@ class _LinearTokenStats(torch.autograd.Function):
             target = None if plan.target is None else plan.target[rows]
             hidden_rows, student_logits, teacher_logits = chunk_logits(rows)
             saved = (kl[rows], entropy[rows], None if row_stats is None else row_stats[rows])
-            grad_logits = _chunk_logit_gradient(
-                student_logits, teacher_logits, target, tuple(u[rows] for u in upstream), saved, plan
+            grads.add_chunk(  # (the logit gradient, passed on directly, is freed before the next chunk's)
+                _chunk_logit_gradient(student_logits, teacher_logits, target, tuple(u[rows] for u in upstream),
+                                      saved, plan),
+                rows, hidden_rows, student,
             )
-            grads.add_chunk(grad_logits, rows, hidden_rows, student)
         return (*grads.result(), None, None, None, None)
 
 
