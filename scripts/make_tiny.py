@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="teacher: 64; student-sft: 32")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--target-em", type=float, default=95.0, help="teacher: stop once every task has this EM %%")
+    parser.add_argument("--resume", action="store_true", help="teacher: train the saved teacher further")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -97,7 +98,7 @@ def main() -> None:
     heldout_prompts = frozenset(e.prompt for e in splits["heldout"])
     CHECKPOINTS.mkdir(parents=True, exist_ok=True)
     log_path = CHECKPOINTS / f"{args.name}.log.jsonl"
-    log_file = open(log_path, "w")
+    log_file = open(log_path, "a" if args.resume else "w")
 
     def log(record: dict) -> None:
         log_file.write(json.dumps(record) + "\n")
@@ -109,8 +110,13 @@ def main() -> None:
     if args.name == "teacher":
         stream = random.Random(args.seed + 1)
         corpus = sample_examples(2000, stream, exclude=heldout_prompts)
-        tokenizer = train_bpe_tokenizer([e.prompt + e.response for e in corpus])
-        model = LlamaForCausalLM(tiny_config("teacher", len(tokenizer), tokenizer.eos_token_id))
+        if args.resume:  # more training of the saved teacher (float16 weights, fresh optimizer and stream)
+            stream = random.Random(args.seed + 2)
+            tokenizer = AutoTokenizer.from_pretrained(CHECKPOINTS / "teacher")
+            model = LlamaForCausalLM.from_pretrained(CHECKPOINTS / "teacher", dtype=torch.float32)
+        else:
+            tokenizer = train_bpe_tokenizer([e.prompt + e.response for e in corpus])
+            model = LlamaForCausalLM(tiny_config("teacher", len(tokenizer), tokenizer.eos_token_id))
         batch_size = args.batch_size or 64
         per_task = math.ceil(batch_size / len(TASKS))
 

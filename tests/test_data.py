@@ -25,7 +25,8 @@ def solve(prompt: str) -> str:
     if head == "Max":
         return f" {max(int(x) for x in items)}"
     if head.startswith("Lookup "):
-        return " " + dict(item.split("=") for item in items)[head.split()[1]]
+        key = head.split()[1]
+        return f" {key}=" + dict(item.split("=") for item in items)[key]
     raise AssertionError(f"unknown prompt {prompt!r}")
 
 

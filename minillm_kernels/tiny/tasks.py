@@ -4,6 +4,8 @@ Each task turns a ``random.Random`` into one ``Example(task, prompt, response)``
 ``"\\nA:"`` and responses start with a space, so a response's words are the same BPE tokens as in the
 prompt. Items are words from a small list and two-digit numbers, so every item is one or a few tokens
 and a 4-layer teacher can master the tasks (sorting, tried earlier, stayed at 0%: it is not here).
+Lookup answered with the bare value stayed near chance (about 20%) after 2,000 teacher steps; its
+answer now restates the key, so that the value is a copy of what follows "dog=" in the table.
 
 =========  ======================================  ===========
 task       prompt                                  response
@@ -12,7 +14,7 @@ copy       ``Repeat: moon fish red\\nA:``           `` moon fish red``
 reverse    ``Reverse: moon fish red\\nA:``          `` red fish moon``
 count      ``Count cat: cat dog cat sun\\nA:``      `` 2``
 max        ``Max: 37 12 85\\nA:``                   `` 85``
-lookup     ``Lookup dog: cat=41 dog=73\\nA:``     `` 73``
+lookup     ``Lookup dog: cat=41 dog=73\\nA:``      `` dog=73``
 =========  ======================================  ===========
 
 ``make_splits`` draws the three splits the default uses: ``labelled`` (prompt + gold response: the
@@ -63,7 +65,8 @@ def _lookup(rng: random.Random) -> tuple[str, str]:
     values = [rng.randint(10, 99) for _ in keys]
     asked = rng.randrange(len(keys))
     table = " ".join(f"{key}={value}" for key, value in zip(keys, values))
-    return f"Lookup {keys[asked]}: {table}", f" {values[asked]}"
+    # the answer restates the key ("dog=73"), so that its value follows "dog=" as in the table
+    return f"Lookup {keys[asked]}: {table}", f" {keys[asked]}={values[asked]}"
 
 
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
