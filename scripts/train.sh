@@ -6,4 +6,6 @@ source "$(dirname "$0")/env.sh"
 if ! "$PYTHON" -c "import transformers, tokenizers, safetensors, tqdm, matplotlib" 2>/dev/null; then
   "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[train]"
 fi
-exec "$PYTHON" examples/train.py --out-dir out/tiny "$@"
+# One CPU thread: the tiny models gain little from a second one, and two threads sharing 2 cores with
+# any other busy process slowed each step 4-5x here (OpenMP threads waiting on each other).
+exec "$PYTHON" examples/train.py --out-dir out/tiny --threads 1 "$@"
