@@ -47,7 +47,7 @@ Rows = Union[slice, Tensor]  # a chunk's tokens: a slice of [0, N), or the indic
 
 # The default chunk holds three [C, V] buffers (both models' logits and the student's logit gradient) in at most
 # this many bytes (on a GPU, at most a quarter of its free memory). On the CPU, 256 MiB is ~700 rows at V = 32000
-# in float32; the speed was the same from 256 rows up (2 cores, N = 4096, H = 256), and 50% lower at 64 rows.
+# in float32; the time was the same from 256 rows up (2 cores, N = 4096, H = 256), and 1.6x longer at 64 rows.
 # On a GPU, 1 GiB is ~1400 rows at V = 128256 in bf16, in the range where the matmuls run at full speed.
 CHUNK_BYTES_CPU = 256 * 2**20
 CHUNK_BYTES_GPU = 2**30

@@ -15,9 +15,10 @@ STUDENT_HIDDEN, TEACHER_HIDDEN = 16, 24
 VOCAB = 101  # odd: not a multiple of any block size
 # bf16 inputs, against the float64 composition on the same inputs: bounds on the relative error ||got - want|| /
 # ||want|| of each tensor. The logits are rounded to bf16 after the matmul, and the gradients are bf16 matmuls of
-# a bf16 logit gradient, as in the unfused bf16 composition, whose errors ours matched (measured over 20 seeds:
-# at most 0.008 for the values, 0.018 for the gradients, ours and unfused alike).
-BF16_RELATIVE_ERROR = dict(values=2e-2, gradient=4e-2)
+# a bf16 logit gradient, as in the unfused bf16 composition, whose errors ours matched (20 seeds: the same to within
+# 10%). Largest measured over 60 seeds x (cpu, reference): 0.008 for the values, 0.025 for the gradients (those of
+# weight and bias under random upstream gradients of both signs, where the sum over tokens cancels).
+BF16_RELATIVE_ERROR = dict(values=2e-2, gradient=6e-2)
 
 
 def projection(hidden_size, vocab, dtype, device, *, bias=True, lead=(BATCH, SEQ)):
