@@ -22,6 +22,10 @@ When is step 3 done? The loss's upstream gradient must be known to form G_c:
   per token and only known in the backward. The forward keeps per-token scalars (KL, H and the row statistics
   (m_s, log Z_s, m_t, log Z_t)); the backward recomputes each chunk's two logits and runs step 3 with them.
   Six matmuls per chunk in all (the teacher's too: the gradient needs log p).
+Measured (``python -m benchmarks --op linear_reverse_kld``, 2 CPU cores, V = 32000, H = 256, float32, 4k-16k
+tokens): the same peak memory either way (~290 MB), the forward-time gradient 1.4-1.5x faster forward+backward;
+so the first is used wherever the upstream is a scalar. The matmuls stay in the inputs' dtype under autocast, and
+grad W accumulates in the weight's dtype (one rounding per chunk).
 Gradients flow to the student hidden states, weight and bias; the teacher is frozen.
 """
 from __future__ import annotations
