@@ -94,3 +94,31 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, heldout_file
     assert sorted(losses(log, "total_loss")) == [1, 2, 3, 4]
     start = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["student"]
     assert start  # rank 0 wrote the checkpoint
+
+
+def test_compare_writes_one_table_and_the_curve_plot(tmp_path, heldout_file):
+    pytest.importorskip("matplotlib", reason="--compare's plot needs matplotlib (the train extra)")
+    train.main([*FAST, "--eval-data", str(heldout_file), "--out-dir", str(tmp_path), "--compare", "--steps", "2",
+                "--eval-every", "1"])
+    rows = [line.split(" |")[0] for line in (tmp_path / "compare.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows == ["| model", "| teacher", "| student (start)", "| student after sft", "| student after kd",
+                    "| student after minillm"]
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+    for method in train.METHODS:
+        evals = [json.loads(line)["step"] for line in (tmp_path / method / "log.jsonl").read_text().splitlines()
+                 if '"eval"' in line]
+        assert evals == [0, 1, 2]
+
+
+def test_own_jsonl_data_with_prompt_only_rows(tmp_path):
+    """A user's JSONL: gold pairs and prompt-only rows; 5% of the pairs are held out when no --eval-data."""
+    from minillm_kernels.tiny import tiny_splits
+
+    splits = tiny_splits()
+    rows = [e._asdict() for e in splits["labelled"][:40]] + [{"prompt": e.prompt} for e in splits["prompts"][:20]]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for method in ("sft", "minillm"):
+        train.main([*FAST, "--data", str(data), "--out-dir", str(tmp_path / method), "--method", method,
+                    "--steps", "2"])
+        assert "Held-out Rouge-L / exact match (%), 2 prompts" in (tmp_path / method / "results.md").read_text()
