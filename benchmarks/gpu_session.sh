@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Everything a lent GPU is for, in one call of under 10 minutes, most important first:
+# Everything a lent GPU is for, in one call of under 10 minutes (step limits: 560 s), most important first:
 #   1. the whole test suite on the GPU (Triton and the CUDA C++ kernels against the float64 reference; the
 #      first use builds the CUDA extension with nvcc, timed in tests.log),
 #   2. the benchmark of fused_reverse_kld (every variant that runs there; vocabularies 32000..262144, 4096 and
 #      16384 tokens, bf16 and fp32), with the fractions of the bandwidth floor and gpu_backend_choice.json,
 #   3. compute-sanitizer memcheck over small runs of every CUDA kernel variant (benchmarks/sanitizer_runs.py),
 #   4. the benchmark of fused_token_stats in bf16,
-#   5. compute-sanitizer racecheck (the shared-memory row reductions).
+#   5. the benchmark of fused_linear_reverse_kld at H = 4096, V = 128256, 8192 tokens, bf16 (beside Liger's
+#      fused-linear JSD where its wheel came along),
+#   6. compute-sanitizer racecheck (the shared-memory row reductions).
 # Each step has a time limit, so a slow one cannot starve the next. Everything is written under
 # benchmarks/results/cuda-<gpu>-<date>/; commit that folder, and copy its gpu_backend_choice.json to
 # minillm_kernels/gpu_backend_choice.json (which backend="auto" reads). On the device tool's machine ($OUT set)
@@ -36,11 +38,12 @@ step() {  # step NAME SECONDS LOG COMMAND...: run with a time limit, append to L
   [ "$status" = 0 ] || failed+=("$name")
 }
 
-step tests 170 "$dir/tests.log" python3 -m pytest -q -rs tests
-step benchmark 200 "$dir/benchmark.log" python3 -m benchmarks --device cuda --op reverse_kld --out "$dir"
+step tests 160 "$dir/tests.log" python3 -m pytest -q -rs tests
+step benchmark 180 "$dir/benchmark.log" python3 -m benchmarks --device cuda --op reverse_kld --out "$dir"
 step memcheck 50 "$dir/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/sanitizer_runs.py
-step benchmark-token-stats 80 "$dir/benchmark.log" python3 -m benchmarks --device cuda --op token_stats --dtype bf16 --out "$dir/token_stats"
-step racecheck 50 "$dir/sanitizer.log" compute-sanitizer --tool racecheck --error-exitcode 9 python3 benchmarks/sanitizer_runs.py
+step benchmark-token-stats 70 "$dir/benchmark.log" python3 -m benchmarks --device cuda --op token_stats --dtype bf16 --out "$dir/token_stats"
+step benchmark-linear 60 "$dir/benchmark.log" python3 -m benchmarks --device cuda --op linear_reverse_kld --hidden 4096 --vocab 128256 --tokens 8192 --dtype bf16 --out "$dir/linear"
+step racecheck 40 "$dir/sanitizer.log" compute-sanitizer --tool racecheck --error-exitcode 9 python3 benchmarks/sanitizer_runs.py
 
 echo "failed steps: ${failed[*]:-none}; results in $dir"
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" "$dir"; fi
