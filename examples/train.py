@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="'tiny' or a JSONL of {prompt, response?, task?}; a row without response is a prompt only")
     p.add_argument("--eval-data", default=None, help="JSONL of held-out {prompt, response, task?} (tiny: its split)")
     p.add_argument("--eval-size", type=int, default=None, help="evaluate on the first N held-out examples only")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap every prompt in the tokenizer's chat template (always on for --teacher smollm2)")
     p.add_argument("--lm-data", default=None,
                    help="JSONL of {text} pre-training text for L_PT (default: the data's prompt + response pairs)")
     p.add_argument("--out-dir", default="out/train")
@@ -100,8 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.grad_accum < 1 or args.batch_size % args.grad_accum:
         p.error(f"--batch-size ({args.batch_size}) must be a multiple of --grad-accum ({args.grad_accum})")
-    tiny = args.student == "tiny"
-    args.lr = args.lr if args.lr is not None else (TINY_LR if tiny else 5e-6)
+    args.lr = args.lr if args.lr is not None else (TINY_LR if args.student == "tiny" else 5e-6)
+    args.chat_template = args.chat_template or args.teacher == "smollm2"
     if args.max_new_tokens is None:
         from minillm_kernels.tiny import MAX_NEW_TOKENS
 
@@ -189,16 +191,14 @@ def load_data(args, tokenizer) -> dict[str, list]:
             lm_texts = [json.loads(line)["text"] for line in lines if line.strip()]
     else:
         lm_texts = [e.prompt + e.response for e in labelled]
-    if not getattr(tokenizer, "chat_template", None) or args.teacher != "smollm2":
-        prompts = [e.prompt for e in labelled + unlabelled]
-    else:  # an instruct model's prompts go through its chat template
-        def chat(text: str) -> str:
-            return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
+    if args.chat_template:  # an instruct model's prompts go through its chat template
+        def chat(example: Example) -> Example:
+            message = [{"role": "user", "content": example.prompt}]
+            return example._replace(prompt=tokenizer.apply_chat_template(message, tokenize=False,
+                                                                          add_generation_prompt=True))
 
-        labelled = [e._replace(prompt=chat(e.prompt)) for e in labelled]
-        heldout = [e._replace(prompt=chat(e.prompt)) for e in heldout]
-        prompts = [chat(e.prompt) for e in unlabelled] + [e.prompt for e in labelled]
+        labelled, unlabelled, heldout = ([chat(e) for e in split] for split in (labelled, unlabelled, heldout))
+    prompts = [e.prompt for e in labelled + unlabelled]
     return {"labelled": labelled, "prompts": prompts, "heldout": heldout, "lm": lm_texts}
 
 
@@ -451,7 +451,7 @@ def train(args, method: str, out_dir: Path, teacher, tokenizer, data, rank: int,
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if world > 1:  # average the logged figures over the processes
-            values = torch.tensor(list(parts_sum.values()), dtype=torch.float64)
+            values = torch.tensor(list(parts_sum.values()), dtype=torch.float64, device=device)
             dist.all_reduce(values)
             parts_sum = dict(zip(parts_sum, (values / world).tolist()))
         step += 1
