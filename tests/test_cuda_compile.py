@@ -1,11 +1,13 @@
-"""The CUDA kernels (``csrc/**/*.cu``) compile for the H100 (sm_90) even on a machine without a GPU.
+"""The CUDA kernels (``csrc/**/*.cu``) and their host side compile for the H100 (sm_90) without a GPU.
 
 nvcc is called directly, as the JIT build would for an H100 (``-gencode=arch=compute_90,code=sm_90``,
 C++20, -O3, torch's ``COMMON_NVCC_FLAGS``, which turn off the implicit half / bfloat16 conversions)
 with torch's include directories, and compiles each ``.cu`` to an object file in a temporary folder,
-all of them at once. With the CPU build of torch ``CUDA_HOME`` is None and
-``torch.utils.cpp_extension`` refuses ``.cu`` sources, hence no cpp_extension here. The ``.cpp``
-bindings need the CUDA build of torch and are only built on a GPU machine (``minillm_kernels/cuda.py``).
+all of them at once. The host-side ``.cpp`` files of ``csrc/cuda`` (tensor checks, launches on the
+current stream) go through nvcc too, which hands them to the host compiler with the CUDA headers; only
+the pybind bindings (``bindings.cpp``, a minute and 3 GB for ``torch/extension.h``) are left to the
+JIT build on a GPU machine (``minillm_kernels/cuda.py``). With the CPU build of torch ``CUDA_HOME`` is
+None and ``torch.utils.cpp_extension`` refuses ``.cu`` sources, hence no cpp_extension here.
 Skipped where nvcc is not on the PATH.
 """
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CUDA_SOURCES = sorted((ROOT / "csrc").rglob("*.cu"))
+CUDA_SOURCES = sorted((ROOT / "csrc").rglob("*.cu")) + sorted(
+    path for path in (ROOT / "csrc" / "cuda").glob("*.cpp") if path.name != "bindings.cpp"
+)
 NVCC_FLAGS = [
     "-gencode=arch=compute_90,code=sm_90",
     "-std=c++20",
@@ -40,7 +44,7 @@ def compile_logs(tmp_path_factory) -> dict[Path, tuple[int, str]]:
     objects = tmp_path_factory.mktemp("cuda_objects")
     running = {
         source: subprocess.Popen(
-            [nvcc, *flags, "-c", str(source), "-o", str(objects / f"{source.stem}.o")],
+            [nvcc, *flags, "-c", str(source), "-o", str(objects / f"{source.name}.o")],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -63,6 +63,35 @@ inline at::Tensor row_stats_of(const at::Tensor& row_stats, int64_t n, at::Scala
   return row_stats.contiguous();
 }
 
+// The per-row tensors of backward(...), checked against the [n_rows, V] student logits and made contiguous:
+// target int64 and mask bool (undefined if absent); the upstream gradients of (KL, log q(y), H) in the
+// accumulation dtype (undefined counts as zeros); kl, entropy and row_stats [n, 4] from the forward (required).
+struct BackwardRows {
+  at::Tensor target, mask, grad_kl, grad_student_logprob, grad_entropy, kl, entropy, row_stats;
+};
+
+inline BackwardRows backward_rows(
+    const at::Tensor& student, const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& mask,
+    const at::Tensor& grad_kl, const at::Tensor& grad_student_logprob, const at::Tensor& grad_entropy,
+    const at::Tensor& kl, const at::Tensor& entropy, const at::Tensor& row_stats, const char* where) {
+  const int64_t n = student.size(0);
+  const at::Device device = student.device();
+  const at::ScalarType acc = accumulation_dtype(student);
+  BackwardRows rows{
+      row_vector(target, n, at::kLong, device, "target", where),
+      row_vector(mask, n, at::kBool, device, "mask", where),
+      row_vector(grad_kl, n, acc, device, "grad_kl", where),
+      row_vector(grad_student_logprob, n, acc, device, "grad_student_logprob", where),
+      row_vector(grad_entropy, n, acc, device, "grad_entropy", where),
+      row_vector(kl, n, acc, device, "kl", where),
+      row_vector(entropy, n, acc, device, "entropy", where),
+      row_stats_of(row_stats, n, acc, device, where),
+  };
+  TORCH_CHECK(rows.kl.defined() && rows.entropy.defined(), where,
+              ": kl and entropy from the forward pass are required");
+  return rows;
+}
+
 // The data of an optional (possibly undefined) tensor, or nullptr.
 template <typename T>
 const T* ptr_or_null(const at::Tensor& x) {

@@ -313,7 +313,8 @@ constexpr const char* kWhere = "reverse_kld (cpu)";
 using reverse_kld_args::accumulation_dtype;
 using reverse_kld_args::check_logits;
 using reverse_kld_args::ptr_or_null;
-using reverse_kld_args::row_stats_of;
+using reverse_kld_args::BackwardRows;
+using reverse_kld_args::backward_rows;
 using reverse_kld_args::row_vector;
 
 // A fresh [N, V] gradient is a new mmap whose first touch page-faults once per 4 KiB page: at 2048 x 32000
@@ -412,17 +413,8 @@ at::Tensor reverse_kld_backward(
   check_logits(student, teacher, vocab_size, c10::DeviceType::CPU, kWhere);
   const int64_t n_rows = student.size(0);
   const int64_t width = student.size(1);
-  const at::Device device = student.device();
-  const at::ScalarType acc_dtype = accumulation_dtype(student);
-  const at::Tensor target_c = row_vector(target, n_rows, at::kLong, device, "target", kWhere);
-  const at::Tensor mask_c = row_vector(mask, n_rows, at::kBool, device, "mask", kWhere);
-  const at::Tensor ga = row_vector(grad_kl, n_rows, acc_dtype, device, "grad_kl", kWhere);
-  const at::Tensor gb = row_vector(grad_student_logprob, n_rows, acc_dtype, device, "grad_student_logprob", kWhere);
-  const at::Tensor gc = row_vector(grad_entropy, n_rows, acc_dtype, device, "grad_entropy", kWhere);
-  const at::Tensor kl_c = row_vector(kl, n_rows, acc_dtype, device, "kl", kWhere);
-  const at::Tensor ent_c = row_vector(entropy, n_rows, acc_dtype, device, "entropy", kWhere);
-  TORCH_CHECK(kl_c.defined() && ent_c.defined(), kWhere, ": kl and entropy from the forward pass are required");
-  const at::Tensor stats_c = row_stats_of(row_stats, n_rows, acc_dtype, device, kWhere);
+  const BackwardRows rows = backward_rows(student, target, mask, grad_kl, grad_student_logprob, grad_entropy, kl,
+                                          entropy, row_stats, kWhere);
   at::Tensor grad = at::empty({n_rows, width}, student.options().memory_format(at::MemoryFormat::Contiguous));
   advise_huge_pages(grad);
 
@@ -432,14 +424,14 @@ at::Tensor reverse_kld_backward(
     const scalar_t* t_base = teacher.data_ptr<scalar_t>();
     const int64_t s_stride = student.stride(0), t_stride = teacher.stride(0);
     scalar_t* g_base = grad.data_ptr<scalar_t>();
-    const int64_t* tgt = ptr_or_null<int64_t>(target_c);
-    const bool* msk = ptr_or_null<bool>(mask_c);
-    const acc_t* a_p = ptr_or_null<acc_t>(ga);
-    const acc_t* b_p = ptr_or_null<acc_t>(gb);
-    const acc_t* c_p = ptr_or_null<acc_t>(gc);
-    const acc_t* kl_p = kl_c.data_ptr<acc_t>();
-    const acc_t* ent_p = ent_c.data_ptr<acc_t>();
-    const acc_t* stats_p = stats_c.data_ptr<acc_t>();
+    const int64_t* tgt = ptr_or_null<int64_t>(rows.target);
+    const bool* msk = ptr_or_null<bool>(rows.mask);
+    const acc_t* a_p = ptr_or_null<acc_t>(rows.grad_kl);
+    const acc_t* b_p = ptr_or_null<acc_t>(rows.grad_student_logprob);
+    const acc_t* c_p = ptr_or_null<acc_t>(rows.grad_entropy);
+    const acc_t* kl_p = rows.kl.data_ptr<acc_t>();
+    const acc_t* ent_p = rows.entropy.data_ptr<acc_t>();
+    const acc_t* stats_p = rows.row_stats.data_ptr<acc_t>();
     const acc_t inv_t = static_cast<acc_t>(inv_temperature);
 
     at::parallel_for(0, n_rows, grain_rows(width), [&](int64_t begin, int64_t end) {

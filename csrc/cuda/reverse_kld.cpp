@@ -18,7 +18,8 @@ constexpr const char* kWhere = "reverse_kld (cuda)";
 using reverse_kld_args::accumulation_dtype;
 using reverse_kld_args::check_logits;
 using reverse_kld_args::ptr_or_null;
-using reverse_kld_args::row_stats_of;
+using reverse_kld_args::BackwardRows;
+using reverse_kld_args::backward_rows;
 using reverse_kld_args::row_vector;
 
 minillm_cuda::LogitsDtype logits_dtype(at::ScalarType dtype) {
@@ -131,16 +132,8 @@ void reverse_kld_backward_out(
   const int64_t width = student.size(1);
   check_width(width);
   const at::Device device = student.device();
-  const at::ScalarType acc_dtype = accumulation_dtype(student);
-  const at::Tensor target_c = row_vector(target, n_rows, at::kLong, device, "target", kWhere);
-  const at::Tensor mask_c = row_vector(mask, n_rows, at::kBool, device, "mask", kWhere);
-  const at::Tensor ga = row_vector(grad_kl, n_rows, acc_dtype, device, "grad_kl", kWhere);
-  const at::Tensor gb = row_vector(grad_student_logprob, n_rows, acc_dtype, device, "grad_student_logprob", kWhere);
-  const at::Tensor gc = row_vector(grad_entropy, n_rows, acc_dtype, device, "grad_entropy", kWhere);
-  const at::Tensor kl_c = row_vector(kl, n_rows, acc_dtype, device, "kl", kWhere);
-  const at::Tensor ent_c = row_vector(entropy, n_rows, acc_dtype, device, "entropy", kWhere);
-  TORCH_CHECK(kl_c.defined() && ent_c.defined(), kWhere, ": kl and entropy from the forward pass are required");
-  const at::Tensor stats_c = row_stats_of(row_stats, n_rows, acc_dtype, device, kWhere);
+  const BackwardRows rows = backward_rows(student, target, mask, grad_kl, grad_student_logprob, grad_entropy, kl,
+                                          entropy, row_stats, kWhere);
   check_output(grad_student, {n_rows, width}, student.scalar_type(), device, "grad_student");
 
   minillm_cuda::BackwardLaunch args{};
@@ -149,14 +142,14 @@ void reverse_kld_backward_out(
   args.teacher = teacher.data_ptr();
   args.student_row_stride = student.stride(0);
   args.teacher_row_stride = teacher.stride(0);
-  args.target = ptr_or_null<int64_t>(target_c);
-  args.mask = ptr_or_null<bool>(mask_c);
-  args.grad_kl = data_or_null(ga);
-  args.grad_student_logprob = data_or_null(gb);
-  args.grad_entropy = data_or_null(gc);
-  args.kl = kl_c.data_ptr();
-  args.entropy = ent_c.data_ptr();
-  args.row_stats = stats_c.data_ptr();
+  args.target = ptr_or_null<int64_t>(rows.target);
+  args.mask = ptr_or_null<bool>(rows.mask);
+  args.grad_kl = data_or_null(rows.grad_kl);
+  args.grad_student_logprob = data_or_null(rows.grad_student_logprob);
+  args.grad_entropy = data_or_null(rows.grad_entropy);
+  args.kl = rows.kl.data_ptr();
+  args.entropy = rows.entropy.data_ptr();
+  args.row_stats = rows.row_stats.data_ptr();
   args.grad_student = grad_student.data_ptr();
   args.n_rows = n_rows;
   args.n_cols = static_cast<int>(vocab_size);
