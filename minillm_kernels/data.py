@@ -2,8 +2,8 @@
 
 Teacher-forced batches (SFT, KD, the LM loss) are right-padded with labels -100 on the prompt and the
 padding; prompt batches (rollouts, evaluation) are left-padded so that generation continues every row at
-the same column. Position ids always come from the attention mask (``position_ids``), so both paddings
-give a model the positions it was trained with.
+the same column. Position ids always come from the attention mask (``position_ids_from_attention_mask``),
+so both paddings give a model the positions it was trained with.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from minillm_kernels.sampling import position_ids_from_attention_mask
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding), as in torch's cross_entropy
 
@@ -43,14 +45,9 @@ def load_jsonl(path: str | Path) -> list[Example]:
     return examples
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over the real tokens only: cumsum(mask) - 1, clamped at 0 on left padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def causal_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``[batch, seq, V]`` logits of a Hugging Face causal LM, positions taken from the mask."""
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_attention_mask(attention_mask)).logits
 
 
 class TeacherForcedBatch(NamedTuple):

@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from minillm_kernels.data import IGNORE_INDEX, Example, load_jsonl, position_ids, prompt_batch, teacher_forced_batch
+from minillm_kernels.data import IGNORE_INDEX, Example, load_jsonl, prompt_batch, teacher_forced_batch
+from minillm_kernels.sampling import position_ids_from_attention_mask
 from minillm_kernels.tiny.tasks import ANSWER_CUE, TASKS, make_splits, sample_example
 
 
@@ -91,7 +92,7 @@ def test_teacher_forced_batch_labels_are_the_shifted_response(tokenizer):
 def test_prompt_batch_left_pads_and_positions_start_at_zero(tokenizer):
     input_ids, attention_mask = prompt_batch(tokenizer, ["Max: 1 2 3\nA:", "Repeat: cat\nA:"], max_length=64)
     assert attention_mask[:, -1].all() and not attention_mask.all()
-    positions = position_ids(attention_mask)
+    positions = position_ids_from_attention_mask(attention_mask)
     for row in range(2):
         real = attention_mask[row].bool()
         assert positions[row][real].tolist() == list(range(int(real.sum())))
