@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=None, help="rollout and eval length (tiny: 12; else 128)")
     p.add_argument("--max-length", type=int, default=512, help="teacher-forced sequences are cut to this")
+    p.add_argument("--fused-linear", action="store_true",
+                   help="minillm: per-token terms from the models' last hidden states and output layers "
+                        "(fused_linear_token_stats), so the rollout's [tokens x V] logits are never built")
     # practicalities
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU; slow on most CPUs)")
     p.add_argument("--seed", type=int, default=0)
@@ -100,6 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from --out-dir's checkpoint.pt")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.fused_linear and "RANK" in os.environ:
+        p.error("--fused-linear is single-process for now: under DDP the student must run through its DDP wrapper")
     if args.grad_accum < 1 or args.batch_size % args.grad_accum:
         p.error(f"--batch-size ({args.batch_size}) must be a multiple of --grad-accum ({args.grad_accum})")
     args.lr = args.lr if args.lr is not None else (TINY_LR if args.student == "tiny" else 5e-6)
@@ -258,19 +263,20 @@ def lm_loss(student, batch) -> torch.Tensor:
 
 
 class Rollout:
-    """One batch of teacher-mixed samples with its rewards and the teacher's logits at the response
-    positions (computed once, reused by every PPO epoch; not stored in checkpoints: recomputed)."""
+    """One batch of teacher-mixed samples with its rewards and the teacher's outputs at the response
+    positions: its logits, or with --fused-linear its last hidden states (computed once, reused by every
+    PPO epoch; not stored in checkpoints: recomputed)."""
 
-    def __init__(self, sample: mk.TeacherMixedSample, rewards: torch.Tensor, teacher) -> None:
+    def __init__(self, sample: mk.TeacherMixedSample, rewards: torch.Tensor, teacher, fused_linear: bool) -> None:
         self.sample, self.rewards = sample, rewards
         with torch.no_grad():
-            self.teacher_logits = mk.response_logits(teacher, sample)
+            self.teacher_outputs = (mk.response_hidden_states if fused_linear else mk.response_logits)(teacher, sample)
 
     def state(self) -> dict:
         return {"sample": self.sample, "rewards": self.rewards}
 
     def chunks(self, count: int):
-        """``(sample, rewards, teacher_logits)`` for each of ``count`` micro-batches of rows."""
+        """``(sample, rewards, teacher_outputs)`` for each of ``count`` micro-batches of rows."""
         s, size = self.sample, self.sample.sequences.shape[0] // count
         for start in range(0, s.sequences.shape[0], size):
             rows = slice(start, start + size)
@@ -280,7 +286,7 @@ class Rollout:
                 teacher_logprob=s.teacher_logprob[rows], importance_weight=s.importance_weight[rows],
                 prompt_length=s.prompt_length,
             )
-            yield part, self.rewards[rows], self.teacher_logits[rows]
+            yield part, self.rewards[rows], self.teacher_outputs[rows]
 
 
 def make_rollout(args, student, teacher, tokenizer, prompts: list[str], generator, vocab_size: int) -> Rollout:
@@ -297,17 +303,27 @@ def make_rollout(args, student, teacher, tokenizer, prompts: list[str], generato
     student.train()
     rewards = mk.log_ratio_rewards(sample.teacher_logprob - sample.student_logprob, sample.response_mask,
                                    reward_scaling=args.reward_scaling, reward_clip=args.reward_clip)
-    return Rollout(sample, rewards, teacher)
+    return Rollout(sample, rewards, teacher, args.fused_linear)
 
 
-def minillm_loss(args, student, sample, rewards, teacher_logits, vocab_size: int) -> tuple[torch.Tensor, dict]:
-    """L_pg + L_single on one micro-batch of a rollout; every vocabulary-wide term through fused_token_stats."""
-    student_logits = mk.response_logits(student, sample)
+def minillm_loss(args, student, teacher, sample, rewards, teacher_outputs, vocab_size: int) -> tuple[torch.Tensor, dict]:
+    """L_pg + L_single on one micro-batch of a rollout; every vocabulary-wide term through fused_token_stats
+    (from the logits) or fused_linear_token_stats (from the last hidden states and output layers)."""
     mask = sample.response_mask
-    stats = mk.fused_token_stats(
-        student_logits, teacher_logits.to(student_logits.dtype), sample.response_ids.masked_fill(~mask, 0),
-        mask=mask, temperature=args.temperature, mix_alpha=args.alpha, vocab_size=vocab_size,
-    )
+    response_ids = sample.response_ids.masked_fill(~mask, 0)
+    token_args = dict(mask=mask, temperature=args.temperature, mix_alpha=args.alpha, vocab_size=vocab_size)
+    if args.fused_linear:
+        student_head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+        dtype = student_head.weight.dtype
+        stats = mk.fused_linear_token_stats(
+            mk.response_hidden_states(student, sample).to(dtype), student_head.weight,
+            teacher_outputs.to(dtype), teacher_head.weight.to(dtype), response_ids,
+            student_bias=student_head.bias, teacher_bias=teacher_head.bias, **token_args,
+        )
+    else:
+        student_logits = mk.response_logits(student, sample)
+        stats = mk.fused_token_stats(student_logits, teacher_outputs.to(student_logits.dtype), response_ids,
+                                     **token_args)
     return mk.minillm_loss(
         stats, sample.student_logprob, rewards, sample.importance_weight, mask, gamma=args.gamma,
         whiten=not args.no_whiten, clip=args.ppo_clip, single_step_coef=args.single_step_coef,
@@ -372,7 +388,7 @@ def train(args, method: str, out_dir: Path, teacher, tokenizer, data, rank: int,
         torch.set_rng_state(state["torch_rng"])
         step, history = state["step"], state["history"]
         if state["rollout"] is not None:
-            rollout = Rollout(state["rollout"]["sample"], state["rollout"]["rewards"], teacher)
+            rollout = Rollout(state["rollout"]["sample"], state["rollout"]["rewards"], teacher, args.fused_linear)
         if rank == 0:
             tqdm.write(f"resumed {method} at step {step} from {checkpoint_path}")
     log = open(out_dir / "log.jsonl", "a") if rank == 0 else None
@@ -431,7 +447,7 @@ def train(args, method: str, out_dir: Path, teacher, tokenizer, data, rank: int,
                         stop_if_not_finite(args.lm_coef * pretrain, {"lm_loss": pretrain}, method, step,
                                            checkpoint_path)
                         (args.lm_coef * pretrain / args.grad_accum).backward()
-                    loss, parts = minillm_loss(args, model, *micro_batch, vocab_size)
+                    loss, parts = minillm_loss(args, model, teacher, *micro_batch, vocab_size)
                     parts = {**parts, "lm_loss": pretrain.detach(),
                              "total_loss": parts["total_loss"] + args.lm_coef * pretrain.detach()}
                 else:

@@ -19,7 +19,12 @@ from minillm_kernels.objective import (
     single_step_loss,
     whiten_advantages,
 )
-from minillm_kernels.sampling import TeacherMixedSample, response_logits, sample_teacher_mixed
+from minillm_kernels.sampling import (
+    TeacherMixedSample,
+    response_hidden_states,
+    response_logits,
+    sample_teacher_mixed,
+)
 
 __all__ = [
     "TokenStats",
@@ -36,6 +41,7 @@ __all__ = [
     "log_ratio_rewards",
     "minillm_loss",
     "ppo_policy_loss",
+    "response_hidden_states",
     "response_logits",
     "sample_teacher_mixed",
     "single_step_loss",

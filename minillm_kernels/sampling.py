@@ -288,6 +288,25 @@ def sample_teacher_mixed(
     )
 
 
+def response_hidden_states(model: torch.nn.Module, sample: TeacherMixedSample) -> torch.Tensor:
+    """``[B, N, H]`` a fresh forward pass's last hidden states (after the final norm) that predict each
+    response token of ``sample``: the input of the output layer, for ``fused_linear_token_stats``.
+
+    The forward pass of ``response_logits`` without the output layer (``model.base_model``, the decoder
+    of a Hugging Face causal LM), so that ``response_logits(model, sample)`` equals
+    ``response_hidden_states(model, sample) @ W^T (+ b)`` with W, b the weight and bias of
+    ``model.get_output_embeddings()``, and the ``[B, N, V]`` logits are never built.
+    """
+    new_tokens = sample.response_mask.shape[-1]
+    hidden = model.base_model(
+        input_ids=sample.sequences,
+        attention_mask=sample.attention_mask,
+        position_ids=sample.position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    return hidden[:, -(new_tokens + 1) : -1, :]
+
+
 def response_logits(model: torch.nn.Module, sample: TeacherMixedSample) -> torch.Tensor:
     """``[B, N, W]`` a fresh forward pass's logits predicting each response token of ``sample``.
 

@@ -234,6 +234,15 @@ def test_hf_models_logprobs_equal_a_fresh_forward_pass():
     for name in ("student_logprob", "teacher_logprob", "importance_weight"):
         torch.testing.assert_close(getattr(stats, name).detach(), getattr(sample, name), rtol=0, atol=1e-10)
 
+    # The same from hidden states and the output layers (the trainer's --fused-linear), GPT-2 and Llama alike.
+    fused = mk.fused_linear_token_stats(
+        *(x for model in (student, teacher)
+          for x in (mk.response_hidden_states(model, sample), model.get_output_embeddings().weight)),
+        response, mask=mask, temperature=temperature, mix_alpha=alpha, vocab_size=vocab, backend="reference",
+    )
+    for name in mk.TokenStats._fields[:-1]:
+        torch.testing.assert_close(getattr(fused, name).detach(), getattr(stats, name).detach(), rtol=0, atol=1e-10)
+
 
 def test_hf_sampling_is_reproducible_with_a_generator():
     student, teacher = tiny_hf_pair()

@@ -76,6 +76,18 @@ def test_resume_gives_the_uninterrupted_next_step_loss(tmp_path, heldout_file):
     assert resumed[6] == pytest.approx(straight[6], rel=1e-6, abs=1e-7)
 
 
+def test_fused_linear_gives_the_logits_path_losses(tmp_path, heldout_file):
+    """--fused-linear (hidden states + output layers, no [tokens x V] logits) computes the same MiniLLM loss."""
+    keys = ("total_loss", "pg_loss", "single_step_loss", "reverse_kld")
+    logits_path = run(tmp_path / "logits", heldout_file, "--method", "minillm", "--steps", "2")
+    fused_path = run(tmp_path / "fused", heldout_file, "--method", "minillm", "--steps", "2", "--fused-linear")
+    for key in keys:
+        expected, got = losses(logits_path, key), losses(fused_path, key)
+        assert sorted(got) == [1, 2]
+        for step in got:
+            assert got[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), (key, step)
+
+
 def test_nan_loss_stops_with_a_clear_error(tmp_path, heldout_file):
     with pytest.raises(FloatingPointError, match="non-finite loss nan at step 0"):
         run(tmp_path, heldout_file, "--method", "minillm", "--steps", "2", "--lm-coef", "nan")
