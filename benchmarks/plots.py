@@ -1,6 +1,6 @@
 """PNG plots of a benchmark run: per (op, dtype), forward+backward time and peak extra memory against the
 vocabulary size (at the largest token count) and against the token count (at the largest vocabulary), one
-line per variant, log-log."""
+line per variant, log-log. An axis the run measured at one value only (e.g. a single vocabulary) gets no row."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +21,9 @@ def plot_results(rows: list[dict], title: str, out: Path) -> list[Path]:
     for op, dtype in sorted({(r["op"], r["dtype"]) for r in ok}):
         group = [r for r in ok if r["op"] == op and r["dtype"] == dtype]
         variants = list(dict.fromkeys(r["variant"] for r in group))
-        fig, axes = plt.subplots(len(AXES), len(METRICS), figsize=(11, 8), squeeze=False)
-        for i, (x_key, fixed_key) in enumerate(AXES):
+        varied = [(x, fixed) for x, fixed in AXES if len({r[x] for r in group}) > 1] or list(AXES[:1])
+        fig, axes = plt.subplots(len(varied), len(METRICS), figsize=(11, 4 * len(varied)), squeeze=False)
+        for i, (x_key, fixed_key) in enumerate(varied):
             fixed = max(r[fixed_key] for r in group)
             for j, (metric, label) in enumerate(METRICS):
                 ax = axes[i][j]
