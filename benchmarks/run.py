@@ -78,7 +78,6 @@ def copy_bandwidth_gbps(n_bytes: int = 2**31) -> float:
     source = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
     dest = torch.empty_like(source)
     ms = _median_ms(lambda: dest.copy_(source), "cuda", 0)
-    del source, dest
     return 2 * n_bytes / (ms * 1e-3) / 1e9
 
 

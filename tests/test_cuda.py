@@ -1,10 +1,10 @@
 """The CUDA C++ backend on a GPU, beyond what ``test_reverse_kld.py`` checks for every backend.
 
 ``test_reverse_kld.py`` already runs "cuda" against the float64 reference (dtypes, temperatures, masks,
-padding, -inf, extreme logits, NaN, non-contiguous inputs). Here, calling the extension module directly:
+padding, -inf, extreme logits, NaN, non-contiguous inputs, torch.compile). Here, calling the extension module directly:
 agreement with the Triton kernels (row statistics included) and the reference at widths around each launch
 layout; every output element written (outputs pre-filled with NaN); rows whose pointers are not 16-byte
-aligned; N * V > 2^31 at 16384 x 151936 bf16 (sampled rows against the reference); torch.compile.
+aligned; N * V > 2^31 at 16384 x 151936 bf16 (sampled rows against the reference).
 Skipped without a GPU.
 """
 from __future__ import annotations
@@ -209,24 +209,6 @@ def test_more_than_2_to_the_31_elements(cuda_kernels):
     )
     sampled_outputs = tuple(x[index] for x in outputs)
     assert_matches_reference(sampled_outputs, grad[index], expected_stats, expected_grad, torch.bfloat16)
-
-
-def test_torch_compile_fullgraph_matches_eager(cuda_kernels):
-    def loss_fn(student, teacher, mask):
-        return 0.5 * mk.fused_reverse_kld(student, teacher, mask=mask, temperature=2.0, backend="cuda")
-
-    student = random_logits(6, 1031, torch.float32, DEVICE)
-    teacher = random_logits(6, 1031, torch.float32, DEVICE)
-    mask = random_mask(6, DEVICE)
-    results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
-        leaf = student.clone().requires_grad_()
-        loss = fn(leaf, teacher, mask)
-        loss.backward()
-        results.append((loss.detach(), leaf.grad))
-    (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
-    torch.testing.assert_close(compiled_loss, eager_loss)
-    torch.testing.assert_close(compiled_grad, eager_grad)
 
 
 def test_auto_picks_the_measured_faster_gpu_kernel_on_cuda_tensors():

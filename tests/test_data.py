@@ -5,7 +5,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from minillm_kernels.data import IGNORE_INDEX, Example, load_jsonl, prompt_batch, teacher_forced_batch
 from minillm_kernels.sampling import position_ids_from_attention_mask

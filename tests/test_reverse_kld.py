@@ -239,7 +239,7 @@ def test_zero_tokens(backend):
     assert all(x.shape == (2, 0) for x in stats)
 
 
-@pytest.mark.parametrize("backend", ("cpu", "triton"))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_torch_compile_fullgraph_matches_eager(backend):
     require_backend(backend)
     device = device_for(backend)
