@@ -481,58 +481,69 @@ bool grid_for(int64_t n_rows, dim3* grid) {
   return true;
 }
 
+// One launch of a kernel instance (dtype, threads per row, rows per block), as a class template so that the
+// dispatch below serves both kernels.
 template <typename scalar_t, int kThreadsPerRow, int kRowsPerBlock>
-cudaError_t launch_forward_with(const ForwardLaunch& a, cudaStream_t stream) {
-  using acc_t = typename AccType<scalar_t>::type;
-  dim3 grid;
-  if (!grid_for<kRowsPerBlock>(a.n_rows, &grid)) return cudaErrorInvalidConfiguration;
-  reverse_kld_forward_kernel<scalar_t, acc_t, kThreadsPerRow, kRowsPerBlock>
-      <<<grid, kThreadsPerRow * kRowsPerBlock, 0, stream>>>(
-          static_cast<const scalar_t*>(a.student), static_cast<const scalar_t*>(a.teacher), a.student_row_stride,
-          a.teacher_row_stride, a.target, a.mask, static_cast<acc_t*>(a.kl), static_cast<acc_t*>(a.student_logprob),
-          static_cast<acc_t*>(a.teacher_logprob), static_cast<acc_t*>(a.entropy), static_cast<acc_t*>(a.row_stats),
-          a.n_rows, a.n_cols, static_cast<acc_t>(a.inv_temperature));
-  return cudaGetLastError();
-}
+struct ForwardLauncher {
+  static cudaError_t run(const ForwardLaunch& a, cudaStream_t stream) {
+    using acc_t = typename AccType<scalar_t>::type;
+    dim3 grid;
+    if (!grid_for<kRowsPerBlock>(a.n_rows, &grid)) return cudaErrorInvalidConfiguration;
+    reverse_kld_forward_kernel<scalar_t, acc_t, kThreadsPerRow, kRowsPerBlock>
+        <<<grid, kThreadsPerRow * kRowsPerBlock, 0, stream>>>(
+            static_cast<const scalar_t*>(a.student), static_cast<const scalar_t*>(a.teacher), a.student_row_stride,
+            a.teacher_row_stride, a.target, a.mask, static_cast<acc_t*>(a.kl), static_cast<acc_t*>(a.student_logprob),
+            static_cast<acc_t*>(a.teacher_logprob), static_cast<acc_t*>(a.entropy), static_cast<acc_t*>(a.row_stats),
+            a.n_rows, a.n_cols, static_cast<acc_t>(a.inv_temperature));
+    return cudaGetLastError();
+  }
+};
 
 template <typename scalar_t, int kThreadsPerRow, int kRowsPerBlock>
-cudaError_t launch_backward_with(const BackwardLaunch& a, cudaStream_t stream) {
-  using acc_t = typename AccType<scalar_t>::type;
-  dim3 grid;
-  if (!grid_for<kRowsPerBlock>(a.n_rows, &grid)) return cudaErrorInvalidConfiguration;
-  reverse_kld_backward_kernel<scalar_t, acc_t, kThreadsPerRow, kRowsPerBlock>
-      <<<grid, kThreadsPerRow * kRowsPerBlock, 0, stream>>>(
-          static_cast<const scalar_t*>(a.student), static_cast<const scalar_t*>(a.teacher), a.student_row_stride,
-          a.teacher_row_stride, a.target, a.mask, static_cast<const acc_t*>(a.grad_kl),
-          static_cast<const acc_t*>(a.grad_student_logprob), static_cast<const acc_t*>(a.grad_entropy),
-          static_cast<const acc_t*>(a.kl), static_cast<const acc_t*>(a.entropy),
-          static_cast<const acc_t*>(a.row_stats), static_cast<scalar_t*>(a.grad_student), a.n_rows, a.n_cols,
-          a.width, static_cast<acc_t>(a.inv_temperature));
-  return cudaGetLastError();
-}
+struct BackwardLauncher {
+  static cudaError_t run(const BackwardLaunch& a, cudaStream_t stream) {
+    using acc_t = typename AccType<scalar_t>::type;
+    dim3 grid;
+    if (!grid_for<kRowsPerBlock>(a.n_rows, &grid)) return cudaErrorInvalidConfiguration;
+    reverse_kld_backward_kernel<scalar_t, acc_t, kThreadsPerRow, kRowsPerBlock>
+        <<<grid, kThreadsPerRow * kRowsPerBlock, 0, stream>>>(
+            static_cast<const scalar_t*>(a.student), static_cast<const scalar_t*>(a.teacher), a.student_row_stride,
+            a.teacher_row_stride, a.target, a.mask, static_cast<const acc_t*>(a.grad_kl),
+            static_cast<const acc_t*>(a.grad_student_logprob), static_cast<const acc_t*>(a.grad_entropy),
+            static_cast<const acc_t*>(a.kl), static_cast<const acc_t*>(a.entropy),
+            static_cast<const acc_t*>(a.row_stats), static_cast<scalar_t*>(a.grad_student), a.n_rows, a.n_cols,
+            a.width, static_cast<acc_t>(a.inv_temperature));
+    return cudaGetLastError();
+  }
+};
 
-template <typename scalar_t>
-cudaError_t launch_forward_typed(const ForwardLaunch& a, cudaStream_t stream) {
-  switch (row_layout(a.n_cols)) {
+// The kernel instance for the row layout of `columns`.
+template <template <typename, int, int> class Launcher, typename scalar_t, typename Args>
+cudaError_t launch_in_layout(const Args& a, int columns, cudaStream_t stream) {
+  switch (row_layout(columns)) {
     case RowLayout::kWarpPerRow:
-      return launch_forward_with<scalar_t, kWarpSize, kRowsPerWarpBlock>(a, stream);
+      return Launcher<scalar_t, kWarpSize, kRowsPerWarpBlock>::run(a, stream);
     case RowLayout::kBlock256PerRow:
-      return launch_forward_with<scalar_t, 256, 1>(a, stream);
+      return Launcher<scalar_t, 256, 1>::run(a, stream);
     case RowLayout::kBlock512PerRow:
-      return launch_forward_with<scalar_t, 512, 1>(a, stream);
+      return Launcher<scalar_t, 512, 1>::run(a, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-template <typename scalar_t>
-cudaError_t launch_backward_typed(const BackwardLaunch& a, cudaStream_t stream) {
-  switch (row_layout(a.width)) {  // the backward touches every column of the gradient
-    case RowLayout::kWarpPerRow:
-      return launch_backward_with<scalar_t, kWarpSize, kRowsPerWarpBlock>(a, stream);
-    case RowLayout::kBlock256PerRow:
-      return launch_backward_with<scalar_t, 256, 1>(a, stream);
-    case RowLayout::kBlock512PerRow:
-      return launch_backward_with<scalar_t, 512, 1>(a, stream);
+// The kernel instance for the logits dtype and the row layout of `columns`; nothing to launch for zero rows.
+template <template <typename, int, int> class Launcher, typename Args>
+cudaError_t launch(const Args& a, int columns, cudaStream_t stream) {
+  if (a.n_rows == 0) return cudaSuccess;
+  switch (a.dtype) {
+    case LogitsDtype::kFloat32:
+      return launch_in_layout<Launcher, float>(a, columns, stream);
+    case LogitsDtype::kFloat64:
+      return launch_in_layout<Launcher, double>(a, columns, stream);
+    case LogitsDtype::kBFloat16:
+      return launch_in_layout<Launcher, __nv_bfloat16>(a, columns, stream);
+    case LogitsDtype::kFloat16:
+      return launch_in_layout<Launcher, __half>(a, columns, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -540,33 +551,11 @@ cudaError_t launch_backward_typed(const BackwardLaunch& a, cudaStream_t stream) 
 }  // namespace
 
 cudaError_t launch_reverse_kld_forward(const ForwardLaunch& args, cudaStream_t stream) {
-  if (args.n_rows == 0) return cudaSuccess;
-  switch (args.dtype) {
-    case LogitsDtype::kFloat32:
-      return launch_forward_typed<float>(args, stream);
-    case LogitsDtype::kFloat64:
-      return launch_forward_typed<double>(args, stream);
-    case LogitsDtype::kBFloat16:
-      return launch_forward_typed<__nv_bfloat16>(args, stream);
-    case LogitsDtype::kFloat16:
-      return launch_forward_typed<__half>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return launch<ForwardLauncher>(args, args.n_cols, stream);
 }
 
 cudaError_t launch_reverse_kld_backward(const BackwardLaunch& args, cudaStream_t stream) {
-  if (args.n_rows == 0) return cudaSuccess;
-  switch (args.dtype) {
-    case LogitsDtype::kFloat32:
-      return launch_backward_typed<float>(args, stream);
-    case LogitsDtype::kFloat64:
-      return launch_backward_typed<double>(args, stream);
-    case LogitsDtype::kBFloat16:
-      return launch_backward_typed<__nv_bfloat16>(args, stream);
-    case LogitsDtype::kFloat16:
-      return launch_backward_typed<__half>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return launch<BackwardLauncher>(args, args.width, stream);  // the backward touches every column of the gradient
 }
 
 }  // namespace minillm_cuda
