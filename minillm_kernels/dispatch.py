@@ -210,10 +210,6 @@ def _validate(
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
         if x.dim() == 0 or x.shape[-1] == 0:
             raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
-    if student_logits.dtype != teacher_logits.dtype:
-        raise TypeError(
-            f"student_logits ({student_logits.dtype}) and teacher_logits ({teacher_logits.dtype}) must share a dtype"
-        )
     if student_logits.device != teacher_logits.device:
         raise ValueError(
             f"student_logits is on {student_logits.device} but teacher_logits is on {teacher_logits.device}"
@@ -225,7 +221,7 @@ def _validate(
             "must agree on every dimension but the last"
         )
     args = _validate_token_args(
-        lead_shape, student_logits.device, student_logits.dtype,
+        lead_shape, student_logits.device, torch.promote_types(student_logits.dtype, teacher_logits.dtype),
         {"student_logits": student_logits.shape[-1], "teacher_logits": teacher_logits.shape[-1]},
         target_ids, mask, temperature, vocab_size, backend, inputs="logits",
     )
@@ -341,7 +337,7 @@ def fused_reverse_kld(
 
     Args:
         student_logits: ``[..., V_s]`` float logits of the student (gets the gradient).
-        teacher_logits: ``[..., V_t]`` float logits of the teacher, same dtype and leading shape (frozen).
+        teacher_logits: ``[..., V_t]`` float logits of the teacher, same leading shape, any float dtype (frozen).
         mask: optional bool ``[...]``, True where the token counts.
         temperature: T > 0, applied to both models.
         reduction: "none" (``[...]``, 0 where masked), "sum", or "mean" over unmasked tokens
