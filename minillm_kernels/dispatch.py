@@ -27,13 +27,14 @@ import importlib.util
 import json
 import math
 import os
-from numbers import Real
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 
 from minillm_kernels import reference
+from minillm_kernels._arguments import as_int, as_real
 from minillm_kernels.ops import reverse_kld as ops
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -225,7 +226,24 @@ def _validate(
         {"student_logits": student_logits.shape[-1], "teacher_logits": teacher_logits.shape[-1]},
         target_ids, mask, temperature, vocab_size, backend, inputs="logits",
     )
-    return _Rows(_as_rows(student_logits), _as_rows(teacher_logits), *args)
+    return _Rows(_as_rows(student_logits), _as_rows(frozen_teacher(teacher_logits, "teacher_logits")), *args)
+
+
+_warned_about_teacher_grad = False
+
+
+def frozen_teacher(teacher: torch.Tensor, name: str) -> torch.Tensor:
+    """``teacher.detach()``: the teacher gets no gradient. A teacher tensor that requires grad is warned about
+    once per process (it usually means the teacher ran with autograd on, keeping its whole graph alive)."""
+    global _warned_about_teacher_grad
+    if teacher.requires_grad and not _warned_about_teacher_grad and not torch.compiler.is_compiling():
+        _warned_about_teacher_grad = True
+        warnings.warn(
+            f"{name} requires grad, but the teacher is frozen and gets no gradient; compute it under "
+            f"torch.no_grad() (or pass {name}.detach()) to free its autograd graph. Warned once.",
+            UserWarning, stacklevel=4,
+        )
+    return teacher.detach()
 
 
 class _TokenArgs(NamedTuple):
@@ -263,17 +281,9 @@ def _validate_token_args(
                 "pass vocab_size= (the real vocabulary size) to compare padded logits"
             )
         vocab_size = student_width
-    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= min(
-        student_width, teacher_width
-    ):
-        raise ValueError(
-            f"vocab_size must be an int in [1, {min(student_width, teacher_width)}] (the narrower logits' width), "
-            f"got {vocab_size!r}"
-        )
-    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not (
-        math.isfinite(temperature) and temperature > 0
-    ):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    else:  # (at most the narrower width: the real vocabulary fits in both)
+        vocab_size = as_int("vocab_size", vocab_size, 1, min(student_width, teacher_width))
+    as_real("temperature", temperature, 0.0, open_low=True)
     if mask is not None:
         _check_companion("mask", mask, lead_shape, device, inputs)
         if mask.dtype != torch.bool:
@@ -284,7 +294,9 @@ def _validate_token_args(
         if target_ids.dtype.is_floating_point or target_ids.dtype.is_complex or target_ids.dtype == torch.bool:
             raise TypeError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
         target_ids = target_ids.reshape(-1).to(torch.int64).contiguous()
-        if not torch.compiler.is_compiling():  # a data-dependent check: skipped while tracing
+        # A data-dependent check: skipped while tracing (the kernels then give NaN log-probabilities for an
+        # out-of-range id) and on meta tensors (no data).
+        if not torch.compiler.is_compiling() and device.type != "meta":
             counted = target_ids if mask is None else target_ids[mask]
             if counted.numel() and not bool(((counted >= 0) & (counted < vocab_size)).all()):
                 raise ValueError(
@@ -304,14 +316,17 @@ def _token_stats(rows: _Rows, temperature: float) -> tuple[torch.Tensor, torch.T
     return kl, student_logprob, teacher_logprob, entropy
 
 
-def _log(x: float) -> float:
-    return math.log(x) if x > 0 else -math.inf
+def importance_weight(student_logprob: torch.Tensor, teacher_logprob: torch.Tensor, mix_alpha: float) -> torch.Tensor:
+    """w = q(y) / (alpha p(y) + (1 - alpha) q(y)), from the log-probabilities.
 
-
-def _importance_weight(student_logprob: torch.Tensor, teacher_logprob: torch.Tensor, mix_alpha: float) -> torch.Tensor:
-    """w = q(y) / (alpha p(y) + (1 - alpha) q(y)), in log space: exactly 1 for alpha = 0, q/p for alpha = 1."""
-    mixture_logprob = torch.logaddexp(teacher_logprob + _log(mix_alpha), student_logprob + _log(1.0 - mix_alpha))
-    return (student_logprob - mixture_logprob).exp()
+    Computed as 1 / (alpha exp(log p - log q) + 1 - alpha): exactly 1 for alpha = 0 (whatever q(y), even 0),
+    q/p for alpha = 1, and 0 where q(y) = 0 < alpha (there exp(log p - log q) = inf). NaN log-probabilities
+    (an out-of-range target under torch.compile) give NaN.
+    """
+    if mix_alpha == 0:
+        return torch.where(student_logprob.isnan() | teacher_logprob.isnan(), math.nan, 1.0).to(student_logprob.dtype)
+    weight = 1.0 / (mix_alpha * (teacher_logprob - student_logprob).exp() + (1.0 - mix_alpha))
+    return torch.where(student_logprob == -math.inf, 0.0, weight)  # q(y) = 0: 0, even where p(y) = 0 too
 
 
 def _check_reduction(reduction: str) -> None:
@@ -397,7 +412,7 @@ def fused_token_stats(
     Returns:
         ``TokenStats`` of ``[...]`` tensors (float32, float64 for float64 logits), 0 where masked.
     """
-    _check_sampling_args(target_ids, mix_alpha, weight_clip)
+    mix_alpha, weight_clip = _check_sampling_args(target_ids, mix_alpha, weight_clip)
     rows = _validate(student_logits, teacher_logits, target_ids, mask, temperature, vocab_size, backend)
     kl, student_logprob, teacher_logprob, entropy = _token_stats(rows, temperature)
     return _assemble_token_stats(
@@ -408,15 +423,18 @@ def fused_token_stats(
 
 def _check_sampling_args(
     target_ids: Optional[torch.Tensor], mix_alpha: float, weight_clip: Optional[tuple[float, float]]
-) -> None:
-    if isinstance(mix_alpha, bool) or not isinstance(mix_alpha, Real) or not 0.0 <= mix_alpha <= 1.0:
-        raise ValueError(f"mix_alpha must be a number in [0, 1], got {mix_alpha!r}")
-    if weight_clip is not None and (
-        len(weight_clip) != 2 or not 0.0 <= weight_clip[0] <= weight_clip[1]
-    ):
-        raise ValueError(f"weight_clip must be None or (lo, hi) with 0 <= lo <= hi, got {weight_clip!r}")
+) -> tuple[float, Optional[tuple[float, float]]]:
+    """``(mix_alpha, weight_clip)`` as floats, after checking them and that ``target_ids`` is given."""
+    mix_alpha = as_real("mix_alpha", mix_alpha, 0.0, 1.0)
+    if weight_clip is not None:
+        if not isinstance(weight_clip, (tuple, list)) or len(weight_clip) != 2:
+            raise ValueError(f"weight_clip must be None or a pair (lo, hi) with 0 <= lo <= hi, got {weight_clip!r}")
+        low = as_real("weight_clip[0] (lo)", weight_clip[0], 0.0)
+        high = as_real("weight_clip[1] (hi)", weight_clip[1], low)
+        weight_clip = (low, high)
     if target_ids is None:
         raise TypeError("target_ids must be a tensor of token ids, got None")
+    return mix_alpha, weight_clip
 
 
 def _assemble_token_stats(
@@ -430,12 +448,13 @@ def _assemble_token_stats(
     weight_clip: Optional[tuple[float, float]],
 ) -> TokenStats:
     """``TokenStats`` of ``lead_shape`` from the per-row ``[N]`` kernel outputs: adds the detached log-ratio
-    and importance weight (clipped, 0 where masked)."""
-    log_ratio = (teacher_logprob - student_logprob).detach()
-    importance_weight = _importance_weight(student_logprob.detach(), teacher_logprob.detach(), mix_alpha)
+    and importance weight (clipped, 0 where masked); the teacher's log-probability is detached too."""
+    teacher_logprob = teacher_logprob.detach()
+    log_ratio = teacher_logprob - student_logprob.detach()
+    weight = importance_weight(student_logprob.detach(), teacher_logprob, mix_alpha)
     if weight_clip is not None:
-        importance_weight = importance_weight.clamp(weight_clip[0], weight_clip[1])
+        weight = weight.clamp(weight_clip[0], weight_clip[1])
     if mask is not None:
-        importance_weight = torch.where(mask, importance_weight, 0.0)
-    fields = (kl, student_logprob, teacher_logprob, log_ratio, importance_weight, entropy)
+        weight = torch.where(mask, weight, 0.0)
+    fields = (kl, student_logprob, teacher_logprob, log_ratio, weight, entropy)
     return TokenStats(*(None if x is None else x.reshape(lead_shape) for x in fields))

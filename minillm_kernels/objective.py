@@ -50,13 +50,12 @@ LM loss on pre-training text   cross-entropy, coefficient 1    0.5 CE + 0.5 teac
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from minillm_kernels._arguments import as_real
 from minillm_kernels.dispatch import TokenStats
 
 # One place for each default; the table above gives its source.
@@ -89,12 +88,6 @@ def _check_per_token(name: str, x: object, mask: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _check_number(name: str, value: object, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not low <= value <= high:
-        raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
-    return float(value)
-
-
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum over valid tokens / their count; 0, with zero gradient, when none is valid."""
     return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
@@ -120,11 +113,9 @@ def log_ratio_rewards(
     log_ratio = _check_per_token("log_ratio", log_ratio, mask)
     rewards = log_ratio.detach()
     if reward_scaling is not None:
-        if isinstance(reward_scaling, bool) or not isinstance(reward_scaling, Real) or not reward_scaling > 0:
-            raise ValueError(f"reward_scaling must be a number > 0 or None, got {reward_scaling!r}")
-        rewards = rewards / float(reward_scaling)
+        rewards = rewards / as_real("reward_scaling (or None)", reward_scaling, 0.0, open_low=True)
     if reward_clip is not None:
-        clip = _check_number("reward_clip", reward_clip, 0.0, math.inf)
+        clip = as_real("reward_clip (or None)", reward_clip, 0.0)
         rewards = rewards.clamp(-clip, clip)
     return torch.where(mask, rewards, 0.0)
 
@@ -147,9 +138,11 @@ def length_normalized_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: 
     """
     mask = _check_mask(mask)
     rewards = _check_per_token("rewards", rewards, mask)
-    gamma = _check_number("gamma", gamma, 0.0, 1.0)
+    gamma = as_real("gamma", gamma, 0.0, 1.0)
     if rewards.dim() == 0:
         raise ValueError("rewards must have shape [..., T], got a scalar")
+    if rewards.shape[-1] == 0:  # zero-length responses: nothing to return
+        return torch.zeros_like(rewards)
     rewards = torch.where(mask, rewards, 0.0)
     running = torch.zeros_like(rewards[..., 0])
     discounted = []
@@ -175,7 +168,7 @@ def whiten_advantages(
     """
     mask = _check_mask(mask)
     advantages = _check_per_token("advantages", advantages, mask).detach()
-    _check_number("eps", eps, 0.0, math.inf)
+    as_real("eps", eps, 0.0)
     across_processes = distributed and dist.is_available() and dist.is_initialized()
     values = advantages.to(torch.promote_types(advantages.dtype, torch.float32))
     sum_and_count = torch.stack([torch.where(mask, values, 0.0).sum(), mask.sum().to(values.dtype)])
@@ -236,7 +229,7 @@ def ppo_policy_loss(
         _check_per_token(name, x, mask)
     if importance_weight is not None:
         _check_per_token("importance_weight", importance_weight, mask)
-    clip = _check_number("clip", clip, 0.0, math.inf)
+    clip = as_real("clip", clip, 0.0)
     ratio = _policy_ratio(logprob, old_logprob, mask, importance_weight)
     advantages = advantages.detach()
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages)
@@ -325,6 +318,10 @@ def minillm_loss(
         _check_per_token(name, x, mask)
     if (lm_logprob is None) != (lm_mask is None):
         raise ValueError("lm_logprob and lm_mask must be given together")
+    if not isinstance(whiten, bool):
+        raise TypeError(f"whiten must be True or False, got {type(whiten).__name__} {whiten!r}")
+    single_step_coef = as_real("single_step_coef", single_step_coef, 0.0)
+    lm_coef = as_real("lm_coef", lm_coef, 0.0)
     returns = length_normalized_returns(rewards.detach(), mask, gamma)
     advantages = whiten_advantages(returns, mask) if whiten else returns
     pg_loss = ppo_policy_loss(

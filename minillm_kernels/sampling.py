@@ -30,12 +30,12 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from numbers import Real
 from typing import Optional, Sequence, Union
 
 import torch
 
-from minillm_kernels.dispatch import _importance_weight
+from minillm_kernels._arguments import as_int, as_real
+from minillm_kernels.dispatch import importance_weight
 
 
 def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -153,18 +153,25 @@ def _validate(
         raise ValueError("attention_mask must hold only 0 and 1")
     if not bool((attention_mask[:, 1:] >= attention_mask[:, :-1]).all()) or not bool(attention_mask[:, -1].all()):
         raise ValueError("the prompts must be left-padded: each attention_mask row is 0...0 1...1 with at least one 1")
-    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not (
-        math.isfinite(temperature) and temperature > 0
-    ):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, Real) or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be a number in (0, 1] (1: no top-p), got {top_p!r}")
+    as_real("alpha", alpha, 0.0, 1.0)
+    as_int("max_new_tokens", max_new_tokens, 1)
+    as_real("temperature", temperature, 0.0, open_low=True)
+    as_int("top_k (0: no top-k)", top_k, 0)
+    as_real("top_p (1: no top-p)", top_p, 0.0, 1.0, open_low=True)
+
+
+def _check_prompt_ids(input_ids: torch.Tensor, models: dict[str, torch.nn.Module]) -> None:
+    """Every prompt id (padding included: the embedding reads it too) must be a row of each model's input
+    embedding."""
+    low, high = int(input_ids.min()), int(input_ids.max())
+    for name, model in models.items():
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        rows = getattr(embedding, "num_embeddings", None)
+        if rows is not None and (low < 0 or high >= rows):
+            raise ValueError(
+                f"input_ids must lie in [0, {rows}) (the {name}'s input embedding rows), got values in [{low}, {high}]; "
+                "were the prompts tokenized with another tokenizer, or padded with an id outside the vocabulary?"
+            )
 
 
 def _real_vocab_size(student_width: int, teacher_width: int, vocab_size: Optional[int]) -> int:
@@ -175,14 +182,7 @@ def _real_vocab_size(student_width: int, teacher_width: int, vocab_size: Optiona
                 "pass vocab_size= (the tokenizer's real vocabulary size) to compare padded logits"
             )
         return student_width
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= min(
-        student_width, teacher_width
-    ):
-        raise ValueError(
-            f"vocab_size must be an int in [1, {min(student_width, teacher_width)}] (the narrower logits' width), "
-            f"got {vocab_size!r}"
-        )
-    return vocab_size
+    return as_int("vocab_size", vocab_size, 1, min(student_width, teacher_width))  # (the narrower logits' width)
 
 
 @torch.no_grad()
@@ -231,6 +231,7 @@ def sample_teacher_mixed(
     Returns: a ``TeacherMixedSample``.
     """
     _validate(input_ids, attention_mask, alpha, max_new_tokens, temperature, top_k, top_p)
+    _check_prompt_ids(input_ids, {"student": student, "teacher": teacher})
     device = input_ids.device
     eos_ids = _eos_ids(eos_token_id, device)
     if pad_token_id is None:
@@ -260,7 +261,7 @@ def sample_teacher_mixed(
         def at_token(logprob: torch.Tensor) -> torch.Tensor:
             return logprob.gather(-1, index).squeeze(-1)
 
-        weight = _importance_weight(at_token(student_filtered), at_token(teacher_filtered), float(alpha))
+        weight = importance_weight(at_token(student_filtered), at_token(teacher_filtered), float(alpha))
         tokens.append(token)
         valid.append(counts)
         student_logprobs.append(torch.where(counts, at_token(student_scaled.log_softmax(-1)), 0.0))

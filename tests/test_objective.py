@@ -278,8 +278,29 @@ def test_minillm_loss_without_lm_or_whitening():
         (lambda m, x: mk.log_ratio_rewards(x, m, reward_scaling=0), ValueError, "reward_scaling"),
         (lambda m, x: mk.single_step_loss(x, m, importance_weight=x[:1]), ValueError, "importance_weight"),
         (lambda m, x: mk.minillm_loss(x, x, x, x, m), TypeError, "token_stats"),
+        (lambda m, x: mk.minillm_loss(stats_of(x), x, x, x, m, lm_coef=math.nan), ValueError, "lm_coef"),
+        (lambda m, x: mk.minillm_loss(stats_of(x), x, x, x, m, single_step_coef="1"), TypeError,
+         "single_step_coef must be a number, got str"),
+        (lambda m, x: mk.minillm_loss(stats_of(x), x, x, x, m, clip=None), TypeError, "clip must be a number"),
+        (lambda m, x: mk.minillm_loss(stats_of(x), x, x, x, m, gamma=math.nan), ValueError, "gamma"),
+        (lambda m, x: mk.minillm_loss(stats_of(x), x, x, x, m, whiten="yes"), TypeError, "whiten must be True or"),
+        (lambda m, x: mk.log_ratio_rewards(x, m, reward_clip=math.inf), ValueError, "reward_clip .* finite"),
     ],
 )
 def test_bad_arguments_are_named(call, error, words):
     with pytest.raises(error, match=words):
         call(response_masks(), torch.randn(BATCH, STEPS, dtype=F64))
+
+
+def stats_of(x: torch.Tensor) -> mk.TokenStats:
+    """TokenStats whose per-token fields are all ``x``."""
+    return mk.TokenStats(x, x, x, x, x, None)
+
+
+def test_zero_length_responses():
+    """A [B, 0] batch (every response empty) gives empty returns and a zero loss, not an IndexError."""
+    mask = torch.zeros(3, 0, dtype=torch.bool)
+    empty = torch.zeros(3, 0, dtype=F64)
+    assert mk.length_normalized_returns(empty, mask).shape == (3, 0)
+    total, parts = mk.minillm_loss(stats_of(empty), empty, empty, empty, mask)
+    assert total.item() == 0.0 and parts["pg_loss"].item() == 0.0

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers  # a declared test extra: a missing one must fail, not skip
 
 import minillm_kernels as mk
 
@@ -187,7 +188,6 @@ def test_bad_arguments_are_named(change, words):
 
 def tiny_hf_pair():
     """A GPT-2 student (40 logit columns) and a Llama teacher (44), float64, for a 37-token vocabulary."""
-    transformers = pytest.importorskip("transformers")
     student = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                 bos_token_id=0, eos_token_id=3)
@@ -196,7 +196,7 @@ def tiny_hf_pair():
         transformers.LlamaConfig(vocab_size=44, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=3)
     )
-    return student.double().eval(), teacher.double().eval()
+    return student.double().eval(), teacher.double().eval().requires_grad_(False)  # a frozen teacher
 
 
 def test_hf_models_logprobs_equal_a_fresh_forward_pass():
@@ -254,3 +254,12 @@ def test_hf_sampling_is_reproducible_with_a_generator():
     ]
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     assert torch.equal(runs[0].importance_weight, runs[1].importance_weight)
+
+
+@pytest.mark.parametrize("bad_id", (-1, 37 + 3, 10**6))
+def test_prompt_ids_outside_either_embedding_are_named(bad_id):
+    student, teacher = tiny_hf_pair()  # input embeddings of 40 and 44 rows
+    ids, mask = prompts(2)
+    ids[1, 2] = bad_id
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 40\) \(the student's input embedding rows\)"):
+        mk.sample_teacher_mixed(student, teacher, ids, mask, max_new_tokens=2)

@@ -1,6 +1,10 @@
 """Bad input gets a clear error that names the argument."""
 from __future__ import annotations
 
+import math
+import warnings
+
+import numpy as np
 import pytest
 import torch
 
@@ -44,6 +48,16 @@ def call(student=None, teacher=None, target=None, **kwargs):
         (dict(backend="tpu"), ValueError, "backend must be 'auto' or one of"),
         (dict(mix_alpha=1.5), ValueError, "mix_alpha"),
         (dict(weight_clip=(2.0, 1.0)), ValueError, "weight_clip"),
+        (dict(weight_clip=("0.5", "2")), TypeError, r"weight_clip\[0\] \(lo\) must be a number, got str"),
+        (dict(weight_clip=0.5), ValueError, r"weight_clip must be None or a pair \(lo, hi\)"),
+        (dict(weight_clip=(0.5, float("nan"))), ValueError, r"weight_clip\[1\] \(hi\) must be a finite number"),
+        (dict(vocab_size=np.int64(V + 1)), ValueError, "vocab_size must be an int in"),
+        (dict(vocab_size=5.0), TypeError, "vocab_size must be an int, got float"),
+        (dict(vocab_size="11"), TypeError, "vocab_size must be an int, got str"),
+        (dict(temperature="1.0"), TypeError, "temperature must be a number, got str"),
+        (dict(temperature=torch.tensor([1.0, 2.0])), TypeError, "temperature must be a number, got Tensor"),
+        (dict(temperature=float("inf")), ValueError, "temperature must be a finite number > 0"),
+        (dict(mix_alpha="0.2"), TypeError, "mix_alpha must be a number"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, error, message):
@@ -84,3 +98,45 @@ def test_student_and_teacher_on_different_devices():
 def test_mask_on_another_device():
     with pytest.raises(ValueError, match="mask is on meta"):
         mk.fused_reverse_kld(logits(3, V), logits(3, V), mask=torch.ones(3, dtype=torch.bool, device="meta"))
+
+
+@pytest.mark.parametrize("vocab_size", (np.int64(V), np.int32(V), torch.tensor(V)))
+@pytest.mark.parametrize("temperature", (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), np.int64(2)))
+def test_numpy_scalars_and_0_dim_tensors_are_numbers(vocab_size, temperature):
+    student, teacher = logits(2, 3, V), logits(2, 3, V)
+    target = torch.randint(0, V, (2, 3))
+    got = call(student=student, teacher=teacher, target=target, vocab_size=vocab_size, temperature=temperature)
+    want = call(student=student, teacher=teacher, target=target, vocab_size=V, temperature=float(temperature))
+    for x, y in zip(got[:5], want[:5]):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_a_teacher_that_requires_grad_is_warned_about_once_and_gets_none(monkeypatch):
+    from minillm_kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_warned_about_teacher_grad", False)
+    student, teacher = logits(2, 3, V).requires_grad_(), logits(2, 3, V).requires_grad_()
+    with pytest.warns(UserWarning, match=r"teacher_logits requires grad.*torch.no_grad\(\)"):
+        stats = call(student=student, teacher=teacher, backend="auto")
+    assert not stats.teacher_logprob.requires_grad and not stats.log_ratio.requires_grad
+    assert stats.student_logprob.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second call is silent
+        mk.fused_reverse_kld(student, teacher).backward()
+    assert teacher.grad is None and student.grad is not None
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+def test_importance_weight_where_the_student_gives_the_target_no_mass(backend):
+    """w = q(y) / (alpha p(y) + (1 - alpha) q(y)) is exactly 1 at alpha = 0 and 0 where q(y) = 0 < alpha, even
+    where p(y) = 0 as well (never 0/0 = NaN)."""
+    if backend not in mk.available_backends():
+        pytest.skip(f"backend {backend!r} is not available here")
+    student, teacher = logits(4, V), logits(4, V)
+    target = torch.tensor([1, 2, 3, 4])
+    student[0, 1] = student[1, 2] = -math.inf  # q(y) = 0
+    teacher[1, 2] = -math.inf  # and p(y) = 0
+    for alpha, expected in ((0.0, 1.0), (0.2, 0.0), (1.0, 0.0)):
+        w = mk.fused_token_stats(student, teacher, target, mix_alpha=alpha, backend=backend).importance_weight
+        assert (w[:2] == expected).all(), (alpha, w)
+        assert torch.isfinite(w[2:]).all() and (w[2:] > 0).all()

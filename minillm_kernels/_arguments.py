@@ -1,0 +1,50 @@
+"""Checks of the scalar arguments every public function shares: one place for "a number in a range".
+
+Python numbers, NumPy scalars (``np.int64(50)``, ``np.float32(0.7)``) and 0-dim tensors are accepted and turned
+into ``int`` / ``float``; anything else is a ``TypeError`` that names the argument and the type wanted, and a value
+out of range a ``ValueError`` that gives the range. The checks are written with comparisons only (no
+``math.isfinite``), so that ``torch.compile(dynamic=True)`` traces them when a float argument is symbolic.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import torch
+
+
+def _unwrap(value: object) -> object:
+    """A 0-dim tensor's Python number (eager only: ``.item()`` is a graph break under torch.compile)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value.item()
+    return value
+
+
+def as_int(name: str, value: object, low: int, high: float = math.inf) -> int:
+    """``value`` as an ``int`` in ``[low, high]``."""
+    value = _unwrap(value)
+    if isinstance(value, bool) or not isinstance(value, (Integral, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+    return value if isinstance(value, (int, torch.SymInt)) else int(value)  # (a symbolic size stays symbolic)
+
+
+def as_real(name: str, value: object, low: float = -math.inf, high: float = math.inf, *,
+            open_low: bool = False) -> float:
+    """``value`` as a finite ``float`` in ``[low, high]`` (``(low, high]`` with ``open_low``); NaN is refused."""
+    value = _unwrap(value)
+    if isinstance(value, bool) or not isinstance(value, (Real, torch.SymFloat)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    above_low = value > low if open_low else value >= low
+    # NaN fails every comparison; +-inf fails the finite bounds below.
+    if not (above_low and value <= high and -math.inf < value < math.inf):
+        raise ValueError(f"{name} must be {_range_words(low, high, open_low)}, got {value!r}")
+    return value if isinstance(value, (float, torch.SymFloat)) else float(value)
+
+
+def _range_words(low: float, high: float, open_low: bool) -> str:
+    """"a finite number > 0", "a number in [0, 1]", ..."""
+    if high == math.inf:
+        return "a finite number" if low == -math.inf else f"a finite number {'>' if open_low else '>='} {low:g}"
+    return f"a number in {'(' if open_low else '['}{low:g}, {high:g}]"
