@@ -5,14 +5,14 @@ output layers instead of their logits, with the student and teacher logits
     s = h_s W_s^T + b_s,      t = h_t W_t^T + b_t          (h: [N, H_s] / [N, H_t], W: [V_s, H_s] / [V_t, H_t])
 and compute exactly what ``fused_reverse_kld`` / ``fused_token_stats`` compute on (s, t), without ever holding
 the [N, V] logits: the tokens are split into chunks of C rows, and per chunk
-    1. s_c, t_c = the chunk's logits, two matmuls in the input dtype (float32 accumulation), written into two
-       [C, V] buffers reused from chunk to chunk;
+    1. s_c, t_c = the chunk's logits, one matmul per model in its weight's dtype (float32 accumulation), written
+       into two [C, V] buffers reused from chunk to chunk;
     2. the reverse-KL kernel of the chosen backend (``ops/reverse_kld.py``) gives the per-token terms;
     3. the kernel's backward gives G_c = dL/ds_c (one more [C, V] buffer), turned at once into
            grad h_s[c] = G_c W_s,     grad W_s += G_c^T h_s[c],     grad b_s += sum_rows G_c.
 Only the first ``vocab_size`` rows of each weight are used (the padding rows get a zero gradient), and masked
 tokens are skipped (they get zero outputs and a zero gradient), so the work is proportional to the counted
-tokens. Peak extra memory: three [C, V] buffers in the input dtype, plus the gradients of the inputs.
+tokens. Peak extra memory: three [C, V] buffers in the weights' dtypes, plus the gradients of the inputs.
 
 When is step 3 done? The loss's upstream gradient must be known to form G_c:
 - ``fused_linear_reverse_kld`` with reduction "sum" or "mean": the upstream of each KL_t is the same scalar
@@ -24,8 +24,19 @@ When is step 3 done? The loss's upstream gradient must be known to form G_c:
   Six matmuls per chunk in all (the teacher's too: the gradient needs log p).
 Measured (``python -m benchmarks --op linear_reverse_kld``, 2 CPU cores, V = 32000, H = 256, float32, 4k-16k
 tokens): the same peak memory either way (~290 MB), the forward-time gradient 1.4-1.5x faster forward+backward;
-so the first is used wherever the upstream is a scalar. The matmuls stay in the inputs' dtype under autocast, and
-grad W accumulates in the weight's dtype (one rounding per chunk).
+so the first is used wherever the upstream is a scalar.
+
+Dtypes: each model's matmul runs in its weight's dtype (the lm_head as stored): hidden states of another dtype
+are cast chunk by chunk ([C, H], no [N, H] copy), a bias of another dtype once ([V]). So a bf16 teacher beside a
+float32 student costs no copy of either weight, and the kernels read each model's logits in their own dtype. The
+matmuls stay in those dtypes under autocast; grad W accumulates in the weight's dtype (one rounding per chunk),
+grad h is returned in the hidden states' dtype, grad b in the bias's.
+
+The chunk loop runs inside two ``torch.library`` custom ops (``minillm_kernels::linear_token_stats`` and
+``minillm_kernels::linear_reverse_kld_sum``, each with a fake implementation and an autograd formula), so that
+``torch.compile(fullgraph=True)`` traces a model and this loss together: the chunk plan, which depends on the
+mask's contents, is made inside the op. Meta tensors get the outputs' shapes. The inputs are saved for the
+backward, so an in-place change of a weight between forward and backward is autograd's usual error.
 Gradients flow to the student hidden states, weight and bias; the teacher is frozen.
 """
 from __future__ import annotations
@@ -37,12 +48,14 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from minillm_kernels import reference
+from minillm_kernels._arguments import as_int
 from minillm_kernels.dispatch import (
     TokenStats,
     _assemble_token_stats,
     _check_reduction,
     _check_sampling_args,
     _validate_token_args,
+    frozen_teacher,
 )
 from minillm_kernels.ops import reverse_kld as ops
 
@@ -77,31 +90,52 @@ class _Projection(NamedTuple):
 
     hidden: Tensor  # [N, H]
     weight: Tensor  # [vocab_size, H], a view of the first rows of the [V, H] weight
-    bias: Optional[Tensor]  # [vocab_size] or None
+    bias: Optional[Tensor]  # [vocab_size] in the weight's dtype, or None
+
+    @classmethod
+    def of(cls, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], vocab_size: int) -> "_Projection":
+        bias = None if bias is None else bias[:vocab_size].to(weight.dtype)
+        return cls(hidden, weight[:vocab_size], bias)
 
     def logits(self, hidden_rows: Tensor, out: Tensor) -> Tensor:
-        """``hidden_rows @ weight^T + bias`` written into ``out`` ([C, vocab_size], contiguous)."""
+        """``hidden_rows @ weight^T + bias`` in the weight's dtype, written into ``out`` ([C, vocab_size])."""
+        hidden_rows = hidden_rows.to(self.weight.dtype)
         if self.bias is None:
             return torch.mm(hidden_rows, self.weight.t(), out=out)
         return torch.addmm(self.bias, hidden_rows, self.weight.t(), out=out)
 
 
 class _Plan(NamedTuple):
-    """What the autograd functions need besides the tensors they differentiate."""
+    """How the chunk loop runs: the chunks' rows and the per-token arguments."""
 
     chunks: list[Rows]
     target: Optional[Tensor]  # [N] int64
     temperature: float
     vocab_size: int
     backend: str
-    needs_grad: bool  # grad mode was on when called (forward-time gradients are skipped otherwise)
+
+    @property
+    def n_counted(self) -> int:
+        return sum(map(_rows_count, self.chunks))
 
 
-def _chunks(n_tokens: int, counted: Optional[Tensor], chunk_size: int) -> list[Rows]:
-    """The chunks' rows: slices of [0, N) without a mask, else slices of the indices of the counted tokens."""
+def _make_plan(student: _Projection, mask: Optional[Tensor], target: Optional[Tensor], temperature: float,
+               vocab_size: int, chunk_size: int, backend: str) -> _Plan:
+    """Chunks of ``chunk_size`` tokens (0: ``default_chunk_size``) over the counted tokens: slices of [0, N) without
+    a mask, else slices of the indices of the counted tokens (data-dependent: this runs inside the custom ops)."""
+    n_tokens = student.hidden.shape[0]
+    counted = None if mask is None else mask.nonzero().squeeze(1)
     n_rows = n_tokens if counted is None else counted.numel()
+    if chunk_size == 0:
+        chunk_size = default_chunk_size(n_rows, vocab_size, student.weight.dtype, student.hidden.device)
     bounds = [(start, min(start + chunk_size, n_rows)) for start in range(0, n_rows, chunk_size)]
-    return [slice(lo, hi) if counted is None else counted[lo:hi] for lo, hi in bounds]
+    chunks = [slice(lo, hi) if counted is None else counted[lo:hi] for lo, hi in bounds]
+    return _Plan(chunks, target, temperature, vocab_size, backend)
+
+
+def _stats_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Per-token outputs and sums: float64 if any input is float64, float32 otherwise."""
+    return functools.reduce(torch.promote_types, dtypes, torch.float32)
 
 
 def _rows_count(rows: Rows) -> int:
@@ -109,12 +143,13 @@ def _rows_count(rows: Rows) -> int:
 
 
 class _ChunkLogits:
-    """Both models' logits chunk by chunk, into two [C, vocab] buffers (C: the largest chunk) allocated once."""
+    """Both models' logits chunk by chunk, into two [C, vocab] buffers (C: the largest chunk) allocated once, each
+    in its model's weight dtype."""
 
     def __init__(self, student: _Projection, teacher: _Projection, plan: _Plan) -> None:
         self.models = (student, teacher)
-        shape = (max(map(_rows_count, plan.chunks), default=0), plan.vocab_size)
-        self.buffers = (student.hidden.new_empty(shape), student.hidden.new_empty(shape))
+        rows = max(map(_rows_count, plan.chunks), default=0)
+        self.buffers = tuple(m.weight.new_empty((rows, plan.vocab_size)) for m in self.models)
 
     def __call__(self, rows: Rows) -> tuple[Tensor, Tensor, Tensor]:
         """The chunk's student hidden states [C, H_s] and the two models' logits [C, vocab] (buffer views)."""
@@ -127,10 +162,10 @@ class _ChunkLogits:
 
 def _chunk_stats(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor], plan: _Plan):
     """``(kl, student_logprob, teacher_logprob, entropy, row_stats)`` of a chunk's logits, from the chosen backend
-    (the reference has no row statistics: None)."""
+    (the reference has no row statistics: zeros, unused by its backward)."""
     if plan.backend == "reference":
         stats = reference.token_stats(student_logits, teacher_logits, target, None, plan.temperature, plan.vocab_size)
-        return (*stats, None)
+        return (*stats, stats[0].new_zeros(stats[0].shape[0], 4))
     return ops.token_stats(
         student_logits, teacher_logits, target, None, 1.0 / plan.temperature, plan.vocab_size, plan.backend
     )
@@ -141,20 +176,14 @@ def _chunk_logit_gradient(
     teacher_logits: Tensor,
     target: Optional[Tensor],
     upstream: tuple[Tensor, Tensor, Tensor],
-    saved: tuple[Tensor, Tensor, Optional[Tensor]],
+    saved: tuple[Tensor, Tensor, Tensor],
     plan: _Plan,
 ) -> Tensor:
     """d/ds of sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i over a chunk, ``[C, vocab]`` in the logits' dtype, from
     ``upstream = (a, b, c)`` and the forward's ``saved = (kl, entropy, row_stats)``."""
     grad_kl, grad_student_logprob, grad_entropy = upstream
     if plan.backend == "reference":
-        with torch.enable_grad():
-            student_logits = student_logits.detach().requires_grad_()
-            kl, student_logprob, _, entropy = reference.token_stats(
-                student_logits, teacher_logits, target, None, plan.temperature, plan.vocab_size
-            )
-            loss = (grad_kl * kl + grad_student_logprob * student_logprob + grad_entropy * entropy).sum()
-            return torch.autograd.grad(loss, student_logits)[0]
+        return _reference_logit_gradient(student_logits, teacher_logits, target, upstream, plan)
     kl, entropy, row_stats = saved
     return ops.token_stats_backward(
         student_logits, teacher_logits, target, None, grad_kl, grad_student_logprob, grad_entropy,
@@ -162,11 +191,36 @@ def _chunk_logit_gradient(
     )
 
 
+def _reference_logit_gradient(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor],
+                              upstream: tuple[Tensor, Tensor, Tensor], plan: _Plan) -> Tensor:
+    """The reference backend's logit gradient, in closed form from the reference's log-probabilities (autograd does
+    not record inside a custom op):
+        (1/T) (a q_v (log q_v - log p_v - KL) + b ([v = y] - q_v) - c q_v (log q_v + H)),  0 where q_v = 0,
+    with b taken as 0 for an out-of-range target (its log-probability is NaN)."""
+    grad_kl, grad_student_logprob, grad_entropy = (u.unsqueeze(-1) for u in upstream)
+    dtype = _stats_dtype(student_logits.dtype, teacher_logits.dtype)
+    student_logq, teacher_logp = (torch.log_softmax(x[:, : plan.vocab_size].to(dtype) / plan.temperature, -1)
+                                  for x in (student_logits, teacher_logits))
+    q = student_logq.exp()
+    live_logq = torch.where(q > 0, student_logq, 0.0)
+    kl = (q * torch.where(q > 0, student_logq - teacher_logp, 0.0)).sum(-1, keepdim=True)
+    entropy = -(q * live_logq).sum(-1, keepdim=True)
+    grad = grad_kl * q * torch.where(q > 0, student_logq - teacher_logp - kl, 0.0)
+    grad = grad - grad_entropy * q * (live_logq + entropy)
+    if target is not None:
+        in_range = ((target >= 0) & (target < plan.vocab_size)).unsqueeze(-1)
+        b = torch.where(in_range, grad_student_logprob, 0.0)
+        one_hot = torch.nn.functional.one_hot(target.clamp(0, plan.vocab_size - 1), plan.vocab_size)
+        grad = grad + b * (one_hot - q)
+    return (grad / plan.temperature).to(student_logits.dtype)
+
+
 class _InputGradients:
-    """The student's input gradients, filled chunk by chunk (None for an input that needs none).
+    """The student's input gradients, filled chunk by chunk (an empty tensor for an input that needs none).
 
     grad_weight accumulates in the weight's dtype (one rounding per chunk, by ``addmm_``; a float32 copy of a
-    bf16 [V, H] weight would cost more memory than the chunks); grad_bias in float32 (float64 for float64).
+    bf16 [V, H] weight would cost more memory than the chunks); grad_hidden is written in the hidden states' dtype;
+    grad_bias accumulates in float32 (float64 for float64) and is returned in the bias's dtype.
     """
 
     def __init__(self, student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
@@ -175,9 +229,10 @@ class _InputGradients:
         self.weight = torch.zeros_like(student_weight) if needs[1] else None
         self.bias = None
         if student_bias is not None and needs[2]:
-            self.bias = student_bias.new_zeros(student_bias.shape, dtype=ops.stats_dtype(student_bias.dtype))
+            self.bias = student_bias.new_zeros(student_bias.shape, dtype=_stats_dtype(student_bias.dtype))
         self.bias_dtype = None if student_bias is None else student_bias.dtype
         self.vocab_size = vocab_size
+        self.like = student_hidden  # (the device and dtype of the empty tensors that stand for no gradient)
 
     @property
     def any(self) -> bool:
@@ -186,51 +241,142 @@ class _InputGradients:
     def add_chunk(self, grad_logits: Tensor, rows: Rows, student_hidden: Tensor, student: _Projection) -> None:
         """Turn the chunk's logit gradient G [C, vocab] into grad h[rows] = G W, grad W += G^T h, grad b += sum G."""
         if self.hidden is not None:
-            self.hidden[rows] = grad_logits @ student.weight
+            self.hidden[rows] = (grad_logits @ student.weight).to(self.hidden.dtype)
         if self.weight is not None:
-            self.weight[: self.vocab_size].addmm_(grad_logits.t(), student_hidden)
+            self.weight[: self.vocab_size].addmm_(grad_logits.t(), student_hidden.to(self.weight.dtype))
         if self.bias is not None:
             self.bias[: self.vocab_size] += grad_logits.sum(0, dtype=self.bias.dtype)
 
-    def result(self) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-        """``(grad_hidden, grad_weight, grad_bias)``, grad_bias in the bias's dtype."""
-        return self.hidden, self.weight, None if self.bias is None else self.bias.to(self.bias_dtype)
+    def result(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(grad_hidden, grad_weight, grad_bias)``, an empty tensor for each one not needed."""
+        bias = None if self.bias is None else self.bias.to(self.bias_dtype)
+        return tuple(self.like.new_empty(0) if g is None else g for g in (self.hidden, self.weight, bias))
 
 
-def _without_autocast(method):
-    """Run a forward/backward with autocast off on the inputs' device: the matmuls stay in the inputs' dtype
-    (an autocast region would otherwise run some of them, e.g. G W, in its lower precision)."""
-
-    @functools.wraps(method)
-    def run(ctx, first, *args):
-        with torch.autocast(first.device.type, enabled=False):
-            return method(ctx, first, *args)
-
-    return run
-
-
-def _projections(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                 vocab_size: int) -> tuple[_Projection, _Projection]:
-    restrict = lambda x: None if x is None else x[:vocab_size]  # noqa: E731 (a view: the first rows)
-    return (
-        _Projection(student_hidden, restrict(student_weight), restrict(student_bias)),
-        _Projection(teacher_hidden, restrict(teacher_weight), restrict(teacher_bias)),
-    )
-
-
-class _LinearReverseKLDSum(torch.autograd.Function):
-    """sum_t scale * KL_t over the counted tokens, with the student's gradients computed during the forward."""
-
-    @staticmethod
-    @_without_autocast
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                plan: _Plan, scale: float):
-        student, teacher = _projections(student_hidden, student_weight, student_bias, teacher_hidden,
-                                        teacher_weight, teacher_bias, plan.vocab_size)
-        needs = tuple(plan.needs_grad and x for x in ctx.needs_input_grad[:3])
-        grads = _InputGradients(student_hidden, student_weight, student_bias, needs, plan.vocab_size)
+# --------------------------------------------------------------------------------------------------------------
+# The custom ops. Inputs: flattened hidden states [N, H], weights [V, H], optional biases [V], for both models;
+# chunk_size 0 means default_chunk_size; the student's input gradients an op does not compute are empty tensors.
+# --------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("minillm_kernels::linear_token_stats", mutates_args=())
+def linear_token_stats(
+    student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+    teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
+    target: Optional[Tensor], mask: Optional[Tensor],
+    temperature: float, vocab_size: int, chunk_size: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-token ``(kl, student_logprob, teacher_logprob, entropy, row_stats)``, ``[N]`` each and ``[N, 4]``; 0 for
+    tokens the mask leaves out."""
+    student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
+    teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
+    outputs = _linear_token_stats_outputs(student_hidden, student_weight, teacher_weight, zeros=True)
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        plan = _make_plan(student, mask, target, temperature, vocab_size, chunk_size, backend)
         chunk_logits = _ChunkLogits(student, teacher, plan)
-        total = student_hidden.new_zeros((), dtype=ops.stats_dtype(student_hidden.dtype))
+        for rows in plan.chunks:
+            _, student_logits, teacher_logits = chunk_logits(rows)
+            target_rows = None if target is None else target[rows]
+            for out, value in zip(outputs, _chunk_stats(student_logits, teacher_logits, target_rows, plan)):
+                out[rows] = value
+    return outputs
+
+
+@linear_token_stats.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target, mask,
+      temperature, vocab_size, chunk_size, backend):
+    return _linear_token_stats_outputs(student_hidden, student_weight, teacher_weight, zeros=False)
+
+
+def _linear_token_stats_outputs(student_hidden: Tensor, student_weight: Tensor, teacher_weight: Tensor, *,
+                                zeros: bool) -> tuple[Tensor, ...]:
+    n_tokens, dtype = student_hidden.shape[0], _stats_dtype(student_weight.dtype, teacher_weight.dtype)
+    make = student_hidden.new_zeros if zeros else student_hidden.new_empty
+    return (*(make(n_tokens, dtype=dtype) for _ in range(4)), make(n_tokens, 4, dtype=dtype))
+
+
+@torch.library.custom_op("minillm_kernels::linear_token_stats_backward", mutates_args=())
+def linear_token_stats_backward(
+    student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+    teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
+    target: Optional[Tensor], mask: Optional[Tensor],
+    grad_kl: Tensor, grad_student_logprob: Tensor, grad_entropy: Tensor,
+    kl: Tensor, entropy: Tensor, row_stats: Tensor,
+    temperature: float, vocab_size: int, chunk_size: int, backend: str, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_hidden, grad_weight, grad_bias)`` of sum_t a_t KL_t + b_t log q(y_t) + c_t H_t, the chunks' logits
+    recomputed; ``needs`` says which of the three to compute (the others are empty)."""
+    student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
+    teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
+    grads = _InputGradients(student_hidden, student_weight, student_bias, tuple(needs), vocab_size)
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        plan = _make_plan(student, mask, target, temperature, vocab_size, chunk_size, backend)
+        chunk_logits = _ChunkLogits(student, teacher, plan)
+        upstream = (grad_kl, grad_student_logprob, grad_entropy)
+        for rows in plan.chunks:
+            hidden_rows, student_logits, teacher_logits = chunk_logits(rows)
+            target_rows = None if target is None else target[rows]
+            grads.add_chunk(  # (the logit gradient, passed on directly, is freed before the next chunk's)
+                _chunk_logit_gradient(student_logits, teacher_logits, target_rows, tuple(u[rows] for u in upstream),
+                                      (kl[rows], entropy[rows], row_stats[rows]), plan),
+                rows, hidden_rows, student,
+            )
+    return grads.result()
+
+
+@linear_token_stats_backward.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target, mask,
+      grad_kl, grad_student_logprob, grad_entropy, kl, entropy, row_stats, temperature, vocab_size, chunk_size,
+      backend, needs):
+    return _input_gradients_like(student_hidden, student_weight, student_bias, needs)
+
+
+def _input_gradients_like(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+                          needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """Fake ``(grad_hidden, grad_weight, grad_bias)``: each input's shape where needed, else empty."""
+    like = (student_hidden, student_weight, student_bias)
+    return tuple(torch.empty_like(x) if x is not None and need else student_hidden.new_empty(0)
+                 for x, need in zip(like, needs))
+
+
+def _setup_token_stats(ctx, inputs, output) -> None:
+    *tensors, target, mask, temperature, vocab_size, chunk_size, backend = inputs
+    kl, _, _, entropy, row_stats = output
+    ctx.save_for_backward(*tensors, target, mask, kl, entropy, row_stats)
+    ctx.arguments = (temperature, vocab_size, chunk_size, backend)
+    ctx.mark_non_differentiable(output[2], row_stats)
+
+
+def _token_stats_backward(ctx, grad_kl, grad_student_logprob, grad_teacher_logprob, grad_entropy, grad_row_stats):
+    *tensors, target, mask, kl, entropy, row_stats = ctx.saved_tensors
+    # Unused outputs have no gradient; expanded ones (from .sum()) must be made contiguous.
+    upstream = tuple(kl.new_zeros(kl.shape) if g is None else g.to(kl.dtype).contiguous()
+                     for g in (grad_kl, grad_student_logprob, grad_entropy))
+    needs = list(ctx.needs_input_grad[:3])
+    grads = linear_token_stats_backward(*tensors, target, mask, *upstream, kl, entropy, row_stats, *ctx.arguments,
+                                        needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 9)
+
+
+linear_token_stats.register_autograd(_token_stats_backward, setup_context=_setup_token_stats)
+
+
+@torch.library.custom_op("minillm_kernels::linear_reverse_kld_sum", mutates_args=())
+def linear_reverse_kld_sum(
+    student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+    teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
+    mask: Optional[Tensor], temperature: float, vocab_size: int, chunk_size: int, backend: str, mean: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, grad_hidden, grad_weight, grad_bias)``: loss = scale sum_t KL_t over the counted tokens (scale = 1,
+    or 1 / their count with ``mean``: 0 when none counts), and its gradients for an upstream gradient of 1,
+    computed in the forward (those ``needs`` leaves out are empty)."""
+    student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
+    teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
+    grads = _InputGradients(student_hidden, student_weight, student_bias, tuple(needs), vocab_size)
+    total = student_hidden.new_zeros((), dtype=_stats_dtype(student_weight.dtype, teacher_weight.dtype))
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        plan = _make_plan(student, mask, None, temperature, vocab_size, chunk_size, backend)
+        scale = 1.0 / max(plan.n_counted, 1) if mean else 1.0
+        chunk_logits = _ChunkLogits(student, teacher, plan)
         for rows in plan.chunks:
             hidden_rows, student_logits, teacher_logits = chunk_logits(rows)
             kl, _, _, entropy, row_stats = _chunk_stats(student_logits, teacher_logits, None, plan)
@@ -242,77 +388,42 @@ class _LinearReverseKLDSum(torch.autograd.Function):
                                           plan),
                     rows, hidden_rows, student,
                 )
-        ctx.save_for_backward(*grads.result())  # intermediates: freed after the backward, unless retained
-        return total * scale
-
-    @staticmethod
-    @_without_autocast
-    def backward(ctx, grad_total):
-        # The stored gradients are for an upstream gradient of 1: scale them (without a copy when it is 1).
-        unit = bool(grad_total == 1)
-        grads = tuple(g if g is None or unit else g * grad_total.to(g.dtype) for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None, None)
+    return (total * scale, *grads.result())
 
 
-class _LinearTokenStats(torch.autograd.Function):
-    """Per-token (KL, log q(y), log p(y), H), ``[N]`` each; the backward recomputes each chunk's logits."""
+@linear_reverse_kld_sum.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask, temperature,
+      vocab_size, chunk_size, backend, mean, needs):
+    total = student_hidden.new_empty((), dtype=_stats_dtype(student_weight.dtype, teacher_weight.dtype))
+    return (total, *_input_gradients_like(student_hidden, student_weight, student_bias, needs))
 
-    @staticmethod
-    @_without_autocast
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                plan: _Plan):
-        student, teacher = _projections(student_hidden, student_weight, student_bias, teacher_hidden,
-                                        teacher_weight, teacher_bias, plan.vocab_size)
-        n_tokens = student_hidden.shape[0]
-        stats_dtype = ops.stats_dtype(student_hidden.dtype)
-        outputs = tuple(student_hidden.new_zeros(n_tokens, dtype=stats_dtype) for _ in range(4))
-        row_stats = None if plan.backend == "reference" else student_hidden.new_zeros(n_tokens, 4, dtype=stats_dtype)
-        chunk_logits = _ChunkLogits(student, teacher, plan)
-        for rows in plan.chunks:
-            target = None if plan.target is None else plan.target[rows]
-            _, student_logits, teacher_logits = chunk_logits(rows)
-            *chunk_outputs, chunk_row_stats = _chunk_stats(student_logits, teacher_logits, target, plan)
-            for out, value in zip(outputs, chunk_outputs):
-                out[rows] = value
-            if row_stats is not None:
-                row_stats[rows] = chunk_row_stats
-        kl, _, teacher_logprob, entropy = outputs
-        ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                              teacher_bias, kl, entropy, row_stats)
-        ctx.plan = plan
-        ctx.mark_non_differentiable(teacher_logprob)
-        return outputs
 
-    @staticmethod
-    @_without_autocast
-    def backward(ctx, grad_kl, grad_student_logprob, grad_teacher_logprob, grad_entropy):
-        (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-         kl, entropy, row_stats) = ctx.saved_tensors
-        plan: _Plan = ctx.plan
-        student, teacher = _projections(student_hidden, student_weight, student_bias, teacher_hidden,
-                                        teacher_weight, teacher_bias, plan.vocab_size)
-        # Unused outputs get zeros (autograd materializes them); expanded ones (from .sum()) must be contiguous.
-        upstream = tuple(g.to(kl.dtype).contiguous() for g in (grad_kl, grad_student_logprob, grad_entropy))
-        grads = _InputGradients(student_hidden, student_weight, student_bias, ctx.needs_input_grad[:3],
-                                plan.vocab_size)
-        chunk_logits = _ChunkLogits(student, teacher, plan)
-        for rows in plan.chunks:
-            target = None if plan.target is None else plan.target[rows]
-            hidden_rows, student_logits, teacher_logits = chunk_logits(rows)
-            saved = (kl[rows], entropy[rows], None if row_stats is None else row_stats[rows])
-            grads.add_chunk(  # (the logit gradient, passed on directly, is freed before the next chunk's)
-                _chunk_logit_gradient(student_logits, teacher_logits, target, tuple(u[rows] for u in upstream),
-                                      saved, plan),
-                rows, hidden_rows, student,
-            )
-        return (*grads.result(), None, None, None, None)
+def _setup_sum(ctx, inputs, output) -> None:
+    # The inputs are saved only for autograd's version check: a weight changed in place between the forward and
+    # the backward raises, as for any op, instead of returning the gradient of the old weight.
+    ctx.save_for_backward(*inputs[:3], *output[1:])
+    ctx.needs = inputs[-1]
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _sum_backward(ctx, grad_total, *unused):
+    _, _, _, *grads = ctx.saved_tensors
+    # The stored gradients are for an upstream gradient of 1: scale them (in eager mode without a copy when it is
+    # 1, the common case: a copy of grad W is [V, H]).
+    unit = not torch.compiler.is_compiling() and not grad_total.is_meta and bool(grad_total == 1)
+    scaled = tuple((g if unit else g * grad_total.to(g.dtype)) if need else None for g, need in zip(grads, ctx.needs))
+    return (*scaled, *(None,) * 10)
+
+
+linear_reverse_kld_sum.register_autograd(_sum_backward, setup_context=_setup_sum)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Validation and the public functions
 # --------------------------------------------------------------------------------------------------------------
 def _check_projection(model: str, hidden: object, weight: object, bias: object) -> None:
-    """One model's hidden states [..., H], weight [V, H] and optional bias [V]: tensors of one dtype and device."""
+    """One model's hidden states [..., H], weight [V, H] and optional bias [V]: float tensors on one device (their
+    dtypes may differ: the matmul runs in the weight's)."""
     named = {f"{model}_hidden": hidden, f"{model}_weight": weight, f"{model}_bias": bias}
     for name, x in named.items():
         if x is None and name.endswith("_bias"):
@@ -321,8 +432,6 @@ def _check_projection(model: str, hidden: object, weight: object, bias: object) 
             raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        if x.dtype != hidden.dtype:
-            raise TypeError(f"{name} is {x.dtype} but {model}_hidden is {hidden.dtype}: cast them to one dtype")
         if x.device != hidden.device:
             raise ValueError(f"{name} is on {x.device} but {model}_hidden is on {hidden.device}")
     if hidden.dim() == 0 or hidden.shape[-1] == 0:
@@ -336,18 +445,23 @@ def _check_projection(model: str, hidden: object, weight: object, bias: object) 
         raise ValueError(f"{model}_bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def _plan(
+class _LinearCall(NamedTuple):
+    """The validated inputs of a fused-linear call, in the custom ops' argument order."""
+
+    tensors: tuple  # flattened student (hidden, weight, bias) and teacher (hidden, weight, bias), the teacher's detached
+    target: Optional[Tensor]  # [N] int64
+    mask: Optional[Tensor]  # [N] bool
+    options: tuple  # (temperature, vocab_size, chunk_size: 0 for the default, backend)
+    lead_shape: torch.Size
+
+
+def _validate_linear(
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
     target_ids, mask, temperature, vocab_size, chunk_size, backend,
-) -> tuple[_Plan, Optional[Tensor], torch.Size]:
-    """Validate everything; return the plan, the flattened mask and the leading shape."""
+) -> _LinearCall:
+    """Check everything a fused-linear function takes."""
     _check_projection("student", student_hidden, student_weight, student_bias)
     _check_projection("teacher", teacher_hidden, teacher_weight, teacher_bias)
-    if student_hidden.dtype != teacher_hidden.dtype:
-        raise TypeError(
-            f"student_hidden ({student_hidden.dtype}) and teacher_hidden ({teacher_hidden.dtype}) must share a dtype "
-            "(the kernels take both models' logits in one dtype)"
-        )
     if student_hidden.device != teacher_hidden.device:
         raise ValueError(f"student_hidden is on {student_hidden.device} but teacher_hidden is on {teacher_hidden.device}")
     lead_shape = student_hidden.shape[:-1]
@@ -356,31 +470,24 @@ def _plan(
             f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} must "
             "agree on every dimension but the last (the hidden sizes may differ)"
         )
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1 (tokens per chunk), got {chunk_size!r}")
+    chunk_size = 0 if chunk_size is None else as_int("chunk_size (tokens per chunk, or None)", chunk_size, 1)
     args = _validate_token_args(
-        lead_shape, student_hidden.device, student_hidden.dtype,
+        lead_shape, student_hidden.device, torch.promote_types(student_weight.dtype, teacher_weight.dtype),
         {"student_weight": student_weight.shape[0], "teacher_weight": teacher_weight.shape[0]},
         target_ids, mask, temperature, vocab_size, backend, inputs="hidden states",
     )
-    n_tokens = lead_shape.numel()
-    counted = None if args.mask is None else args.mask.nonzero().squeeze(1)
-    n_counted = n_tokens if counted is None else counted.numel()
-    if chunk_size is None:
-        chunk_size = default_chunk_size(n_counted, args.vocab_size, student_hidden.dtype, student_hidden.device)
-    plan = _Plan(
-        chunks=_chunks(n_tokens, counted, chunk_size),
-        target=args.target,
-        temperature=float(temperature),
-        vocab_size=args.vocab_size,
-        backend=args.backend,
-        needs_grad=torch.is_grad_enabled(),
-    )
-    return plan, args.mask, lead_shape
+    teacher = tuple(None if x is None else frozen_teacher(x, name) for x, name in (
+        (teacher_hidden, "teacher_hidden"), (teacher_weight, "teacher_weight"), (teacher_bias, "teacher_bias")))
+    flat = lambda hidden: hidden.reshape(-1, hidden.shape[-1])  # noqa: E731
+    tensors = (flat(student_hidden), student_weight, student_bias, flat(teacher[0]), *teacher[1:])
+    options = (float(temperature), args.vocab_size, chunk_size, args.backend)
+    return _LinearCall(tensors, args.target, args.mask, options, lead_shape)
 
 
-def _flat(hidden: Tensor) -> Tensor:
-    return hidden.reshape(-1, hidden.shape[-1])
+def _needs_grad(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor]) -> list[bool]:
+    """Which of the student's inputs get a gradient (none while grad mode is off)."""
+    return [torch.is_grad_enabled() and x is not None and x.requires_grad
+            for x in (student_hidden, student_weight, student_bias)]
 
 
 def fused_linear_reverse_kld(
@@ -407,26 +514,25 @@ def fused_linear_reverse_kld(
     Args:
         student_hidden: ``[..., H_s]`` the student's last hidden states (what its lm_head takes).
         student_weight: ``[V_s, H_s]`` the student's lm_head weight (``nn.Linear.weight``).
-        teacher_hidden: ``[..., H_t]``, same leading shape and dtype; H_t may differ from H_s.
+        teacher_hidden: ``[..., H_t]``, same leading shape; H_t may differ from H_s.
         teacher_weight: ``[V_t, H_t]``.
         student_bias, teacher_bias: optional ``[V_s]`` / ``[V_t]`` lm_head biases.
         chunk_size: tokens per chunk (default: ``default_chunk_size``, from V, the dtype and free GPU memory).
         mask, temperature, reduction, vocab_size, backend: as in ``fused_reverse_kld``.
+        Any float dtypes: each model's matmul runs in its weight's dtype (see the module docstring).
 
     Returns:
-        The loss, float32 (float64 for float64 inputs): ``[...]`` for "none", else a scalar.
+        The loss, float32 (float64 if a weight is float64): ``[...]`` for "none", else a scalar.
     """
     _check_reduction(reduction)
-    plan, flat_mask, lead_shape = _plan(
+    call = _validate_linear(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         None, mask, temperature, vocab_size, chunk_size, backend,
     )
-    inputs = (_flat(student_hidden), student_weight, student_bias, _flat(teacher_hidden), teacher_weight, teacher_bias)
     if reduction == "none":
-        return _LinearTokenStats.apply(*inputs, plan)[0].reshape(lead_shape)
-    n_counted = lead_shape.numel() if flat_mask is None else sum(map(_rows_count, plan.chunks))
-    scale = 1.0 if reduction == "sum" else 1.0 / max(n_counted, 1)  # "mean": 0, with zero gradient, if none count
-    return _LinearReverseKLDSum.apply(*inputs, plan, scale)
+        return linear_token_stats(*call.tensors, None, call.mask, *call.options)[0].reshape(call.lead_shape)
+    needs = _needs_grad(*call.tensors[:3])
+    return linear_reverse_kld_sum(*call.tensors, call.mask, *call.options, reduction == "mean", needs)[0]
 
 
 def fused_linear_token_stats(
@@ -455,17 +561,17 @@ def fused_linear_token_stats(
     Arguments as in ``fused_linear_reverse_kld`` and ``fused_token_stats``.
 
     Returns:
-        ``TokenStats`` of ``[...]`` tensors (float32, float64 for float64 inputs), 0 where masked.
+        ``TokenStats`` of ``[...]`` tensors (float32, float64 if a weight is float64), 0 where masked.
     """
-    _check_sampling_args(target_ids, mix_alpha, weight_clip)
-    plan, flat_mask, lead_shape = _plan(
+    mix_alpha, weight_clip = _check_sampling_args(target_ids, mix_alpha, weight_clip)
+    call = _validate_linear(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         target_ids, mask, temperature, vocab_size, chunk_size, backend,
     )
-    kl, student_logprob, teacher_logprob, entropy = _LinearTokenStats.apply(
-        _flat(student_hidden), student_weight, student_bias, _flat(teacher_hidden), teacher_weight, teacher_bias, plan
+    kl, student_logprob, teacher_logprob, entropy, _ = linear_token_stats(
+        *call.tensors, call.target, call.mask, *call.options
     )
     return _assemble_token_stats(
         kl, student_logprob, teacher_logprob, entropy if with_entropy else None,
-        flat_mask, lead_shape, mix_alpha, weight_clip,
+        call.mask, call.lead_shape, mix_alpha, weight_clip,
     )
