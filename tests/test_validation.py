@@ -140,3 +140,21 @@ def test_importance_weight_where_the_student_gives_the_target_no_mass(backend):
         w = mk.fused_token_stats(student, teacher, target, mix_alpha=alpha, backend=backend).importance_weight
         assert (w[:2] == expected).all(), (alpha, w)
         assert torch.isfinite(w[2:]).all() and (w[2:] > 0).all()
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+def test_reductions_follow_their_definitions(backend):
+    """"sum" and "mean" against the per-token "none" of the same call: sum over the unmasked tokens, divided by
+    their count (an independent check of the reduction code that every backend shares)."""
+    if backend not in mk.available_backends():
+        pytest.skip(f"backend {backend!r} is not available here")
+    student, teacher = logits(2, 5, V).requires_grad_(), logits(2, 5, V)
+    mask = torch.rand(2, 5) < 0.6
+    mask[0, 0], mask[1, 4] = True, False
+    per_token = mk.fused_reverse_kld(student, teacher, mask=mask, reduction="none", backend=backend)
+    grads = {}
+    for reduction, expected in (("sum", per_token[mask].sum()), ("mean", per_token[mask].sum() / mask.sum())):
+        loss = mk.fused_reverse_kld(student, teacher, mask=mask, reduction=reduction, backend=backend)
+        torch.testing.assert_close(loss, expected)
+        grads[reduction] = torch.autograd.grad(loss, student)[0]
+    torch.testing.assert_close(grads["mean"], grads["sum"] / mask.sum())

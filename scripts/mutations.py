@@ -1,0 +1,211 @@
+"""Mutation harness: plants known bugs, one at a time, in a scratch copy of the project and checks that the tests
+meant to catch each one fail.
+
+    python scripts/mutations.py              # every mutation (run by scripts/test.sh after the suite)
+    python scripts/mutations.py --list       # what is planted where, and which tests should catch it
+    python scripts/mutations.py --only reference-dead-terms cpu-bf16-truncates
+
+A mutation replaces one exact snippet of one file (which must occur exactly once, so that a refactoring that moves
+the code fails the harness loudly instead of planting nothing) and names the tests that should catch it. The
+harness copies the working tree once, runs the union of the named tests on the unmutated copy (they must pass: a
+test that already fails would "catch" anything), then for each mutation applies it, runs its tests with ``-x``,
+and restores the file. A C++ mutation gets a fresh kernel build (its own TORCH_EXTENSIONS_DIR); the others share
+one. It prints caught/missed per mutation and exits 1 if any is missed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIPPED_IN_COPY = (".git", ".venv", "out", "build", "__pycache__", ".pytest_cache", "*.egg-info", ".torch_ext")
+TIMEOUT_S = 900
+
+
+class Mutation(NamedTuple):
+    name: str
+    path: str  # relative to the repository root
+    old: str  # the exact snippet, present once
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files, relative to the repository root
+    bug: str  # what the planted bug is, in words
+
+
+MUTATIONS = (
+    # ---- the reference (the oracle): its bugs must be caught by independent checks, not by itself
+    Mutation(
+        "reference-dead-terms", "minillm_kernels/reference.py",
+        "kl = (q * torch.where(live, student_logq - teacher_logp, zero)).sum(-1)",
+        "kl = (q * (student_logq - teacher_logp)).sum(-1)",
+        ("tests/test_reverse_kld.py::test_negative_infinity_columns",),
+        "columns that are -inf in both models give 0 * inf = NaN instead of 0",
+    ),
+    # ---- validation and the logits-level functions
+    Mutation(
+        "mean-over-all-tokens", "minillm_kernels/dispatch.py",
+        "count = kl.new_tensor(kl.numel()) if rows.mask is None else rows.mask.sum()",
+        "count = kl.new_tensor(kl.numel())",
+        ("tests/test_validation.py::test_reductions_follow_their_definitions",),
+        "reduction='mean' divides by every token instead of the unmasked ones",
+    ),
+    Mutation(
+        "importance-weight-nan-at-alpha-0", "minillm_kernels/dispatch.py",
+        "    if mix_alpha == 0:\n",
+        "    if mix_alpha == -1:\n",
+        ("tests/test_validation.py::test_importance_weight_where_the_student_gives_the_target_no_mass",),
+        "alpha = 0 goes through the general formula: NaN where the student's target logit is -inf",
+    ),
+    Mutation(
+        "teacher-not-detached", "minillm_kernels/dispatch.py",
+        "    teacher_logprob = teacher_logprob.detach()\n",
+        "",
+        ("tests/test_validation.py::test_a_teacher_that_requires_grad_is_warned_about_once_and_gets_none",
+         "tests/test_fused_linear.py::test_token_stats_match_unfused_composition"),
+        "teacher_logprob reports requires_grad=True although no gradient can flow",
+    ),
+    Mutation(
+        "temperature-isfinite", "minillm_kernels/_arguments.py",
+        "if not (above_low and value <= high and -math.inf < value < math.inf):",
+        "if not (above_low and value <= high and math.isfinite(value)):",
+        ("tests/test_compile.py::test_fullgraph_matches_eager[dynamic-reference-logits]",),
+        "math.isfinite in the checks: torch.compile(dynamic=True) cannot trace a symbolic float",
+    ),
+    # ---- fused lm_head + loss
+    Mutation(
+        "linear-bias-gradient-overwritten", "minillm_kernels/fused_linear.py",
+        "self.bias[: self.vocab_size] += grad_logits.sum(0, dtype=self.bias.dtype)",
+        "self.bias[: self.vocab_size] = grad_logits.sum(0, dtype=self.bias.dtype)",
+        ("tests/test_fused_linear.py::test_reverse_kld_matches_unfused_composition",),
+        "grad bias keeps only the last chunk's sum",
+    ),
+    Mutation(
+        "linear-mean-counts-masked-tokens", "minillm_kernels/fused_linear.py",
+        "scale = 1.0 / max(plan.n_counted, 1) if mean else 1.0",
+        "scale = 1.0 / max(student_hidden.shape[0], 1) if mean else 1.0",
+        ("tests/test_fused_linear.py::test_reverse_kld_matches_unfused_composition",),
+        "the fused-linear mean divides by every token, masked ones included",
+    ),
+    Mutation(
+        "linear-no-version-check", "minillm_kernels/fused_linear.py",
+        "    ctx.save_for_backward(*inputs[:3], *output[1:])",
+        "    ctx.save_for_backward(None, None, None, *output[1:])",
+        ("tests/test_fused_linear.py::test_a_weight_changed_in_place_before_the_backward_is_an_error",),
+        "a weight changed in place between forward and backward silently gets the old weight's gradient",
+    ),
+    # ---- the MiniLLM objective
+    Mutation(
+        "returns-normalised-by-length", "minillm_kernels/objective.py",
+        "remaining = mask.flip(-1).cumsum(-1).flip(-1)  # valid tokens from t on",
+        "remaining = mask.sum(-1, keepdim=True).expand_as(mask)",
+        ("tests/test_objective.py::test_length_normalized_returns_match_the_formula",),
+        "R_t divided by the whole response length instead of the tokens left from t",
+    ),
+    Mutation(
+        "whitening-counts-padding", "minillm_kernels/objective.py",
+        "count = sum_and_count[1].clamp(min=1)",
+        "count = torch.tensor(float(mask.numel()), dtype=values.dtype)",
+        ("tests/test_objective.py::test_whiten_advantages_over_valid_tokens",),
+        "the whitening mean and variance divide by every position, padding included",
+    ),
+    Mutation(
+        "ppo-max-instead-of-min", "minillm_kernels/objective.py",
+        "surrogate = torch.minimum(ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages)",
+        "surrogate = torch.maximum(ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages)",
+        ("tests/test_objective.py::test_ppo_policy_loss_matches_the_formula_and_its_gradient",),
+        "the PPO surrogate takes the optimistic bound",
+    ),
+    # ---- teacher-mixed sampling
+    Mutation(
+        "mixture-swapped", "minillm_kernels/sampling.py",
+        "mixture = alpha * teacher_filtered.exp() + (1.0 - alpha) * student_filtered.exp()",
+        "mixture = (1.0 - alpha) * teacher_filtered.exp() + alpha * student_filtered.exp()",
+        ("tests/test_sampling.py::test_draws_follow_the_mixture_and_record_its_weights",),
+        "the sampler draws from (1 - alpha) p + alpha q",
+    ),
+)
+
+
+def copy_tree(destination: Path) -> None:
+    shutil.copytree(ROOT, destination, ignore=shutil.ignore_patterns(*SKIPPED_IN_COPY), symlinks=True)
+
+
+def is_native(mutation: Mutation) -> bool:
+    return mutation.path.startswith("csrc/")
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], extensions: Path, *, stop_first: bool) -> tuple[bool, float, str]:
+    """(passed, seconds, output tail) of pytest on ``tests`` in ``copy``."""
+    env = {**os.environ, "PYTHONPATH": str(copy), "TORCH_EXTENSIONS_DIR": str(extensions)}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] if stop_first else []),
+               *tests]
+    started = time.time()
+    try:
+        done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return False, time.time() - started, f"timed out after {TIMEOUT_S} s"
+    return done.returncode == 0, time.time() - started, (done.stdout + done.stderr)[-2000:]
+
+
+def apply(copy: Path, mutation: Mutation) -> str:
+    """Plant the mutation in ``copy``; returns the file's original text."""
+    path = copy / mutation.path
+    text = path.read_text()
+    if text.count(mutation.old) != 1:
+        raise SystemExit(f"mutation {mutation.name}: the snippet occurs {text.count(mutation.old)} times in "
+                         f"{mutation.path} (it must occur once):\n{mutation.old}")
+    path.write_text(text.replace(mutation.old, mutation.new))
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations only")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    if args.only and len(chosen) != len(set(args.only)):
+        unknown = set(args.only) - {m.name for m in MUTATIONS}
+        parser.error(f"unknown mutation(s): {', '.join(sorted(unknown))}")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:36} {m.path}: {m.bug}\n{'':36} caught by {', '.join(m.tests)}")
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="minillm-mutations-") as scratch:
+        copy, extensions = Path(scratch) / "repo", Path(scratch) / "extensions"
+        copy_tree(copy)
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        print(f"baseline: {len(tests)} test selections on the unmutated copy ...", flush=True)
+        passed, seconds, output = run_tests(copy, tests, extensions / "base", stop_first=False)
+        if not passed:
+            print(output)
+            print(f"baseline FAILED ({seconds:.0f} s): the tests must pass before any bug is planted")
+            return 1
+        print(f"baseline passed ({seconds:.0f} s)")
+        missed = []
+        for index, mutation in enumerate(chosen, 1):
+            original = apply(copy, mutation)
+            ext = extensions / mutation.name if is_native(mutation) else extensions / "base"
+            try:
+                passed, seconds, _ = run_tests(copy, mutation.tests, ext, stop_first=True)
+            finally:
+                (copy / mutation.path).write_text(original)
+            verdict = "MISSED" if passed else "caught"
+            print(f"[{index:2}/{len(chosen)}] {verdict:6} {mutation.name:36} {seconds:5.0f} s  {mutation.bug}",
+                  flush=True)
+            if passed:
+                missed.append(mutation.name)
+    print(f"{len(chosen) - len(missed)} of {len(chosen)} planted bugs caught" +
+          (f"; missed: {', '.join(missed)}" if missed else ""))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
