@@ -78,11 +78,22 @@ class TeacherMixedSample:
         return position_ids_from_attention_mask(self.attention_mask)
 
 
+def forward_parameters(model: torch.nn.Module) -> set[str]:
+    """The keyword arguments the model's own ``forward`` takes, through wrappers whose ``forward`` takes
+    ``*args, **kwargs`` (DistributedDataParallel and DataParallel: ``.module``; ``torch.compile``: ``._orig_mod``),
+    so that a wrapped model still gets ``logits_to_keep``. FSDP2's ``fully_shard`` keeps the model's own forward."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return set(inspect.signature(model.forward).parameters)
+        model = inner
+
+
 class _CachedModel:
     """One causal LM run step by step with its KV cache."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        parameters = inspect.signature(model.forward).parameters
+        parameters = forward_parameters(model)
         self.model = model
         self.cache_keyword = "cache" if "cache" in parameters else "past_key_values"
         self.keeps_last_logits = "logits_to_keep" in parameters
@@ -318,7 +329,7 @@ def response_logits(model: torch.nn.Module, sample: TeacherMixedSample) -> torch
     """
     new_tokens = sample.response_mask.shape[-1]
     kwargs = {}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if "logits_to_keep" in forward_parameters(model):
         kwargs["logits_to_keep"] = new_tokens + 1
     logits = model(
         input_ids=sample.sequences,

@@ -263,3 +263,27 @@ def test_prompt_ids_outside_either_embedding_are_named(bad_id):
     ids[1, 2] = bad_id
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 40\) \(the student's input embedding rows\)"):
         mk.sample_teacher_mixed(student, teacher, ids, mask, max_new_tokens=2)
+
+
+def test_wrapped_models_still_get_logits_to_keep(tmp_path):
+    """Through DistributedDataParallel and torch.compile (whose forward takes **kwargs), response_logits still asks
+    for the response positions' logits only: the same logits, and the model's forward saw logits_to_keep."""
+    import torch.distributed as dist
+
+    student, teacher = tiny_hf_pair()
+    ids, mask = prompts(2)
+    sample = mk.sample_teacher_mixed(student, teacher, ids, mask, max_new_tokens=3, vocab_size=37)
+    want = mk.response_logits(student, sample)
+    seen = []
+    student.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("logits_to_keep")),
+                                      with_kwargs=True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for wrapped in (torch.nn.parallel.DistributedDataParallel(student), torch.compile(student)):
+            assert "logits_to_keep" in mk.sampling.forward_parameters(wrapped)
+            seen.clear()
+            got = mk.response_logits(wrapped, sample)
+            assert seen and all(k == sample.response_mask.shape[1] + 1 for k in seen)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
