@@ -7,8 +7,10 @@ case (the high-water mark is reset after the warm-up), on the GPU with ``torch.c
 On the GPU it also gives the fraction of the memory-bandwidth floor: the bytes any implementation must move
 (forward: read both logits, 2 N V elements; forward+backward: read both once and write the gradient once,
 3 N V elements) over the measured time, against the bandwidth of a large device-to-device copy measured in
-the same run. Speed-ups are against the naive loss of the same shape in the same run. Results: a markdown
-table on stdout, and ``table.md``, ``results.csv`` and one PNG plot per (op, dtype) under
+the same run. Speed-ups are against the naive loss of the same shape in the same run. Before a variant is timed,
+its value and gradient are checked against the float64 reference on a small input of the case
+(``variants.disagreement``): one that disagrees is reported as an error and not timed, and the run exits non-zero.
+Results: a markdown table on stdout, and ``table.md``, ``results.csv`` and one PNG plot per (op, dtype) under
 ``benchmarks/results/<device>-<date>/``. The op ``linear_reverse_kld`` starts from hidden states of size ``--hidden``
 and lm_head weights instead of logits (its bound is the matmuls' compute, so it gets no bandwidth fraction).
 """
@@ -40,6 +42,7 @@ DEFAULTS = {  # tokens, vocabs, dtypes, repeats, hidden size (linear_reverse_kld
 CPU_WARMUP_MS = 1000.0  # on the CPU, warm-up calls until at least this long (and two calls)
 CPU_TIMING_BUDGET_MS = 3000.0  # then timed calls: at least 3, up to --repeats, until this long
 RESULTS = Path(__file__).resolve().parent / "results"
+WRONG = "error: disagrees with the float64 reference"  # the status of a variant that computes something else
 FIELDS = (
     "op", "variant", "tokens", "vocab", "hidden", "dtype", "status", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb",
     "peak_extra_nv", "fwd_bandwidth_frac", "fwd_bwd_bandwidth_frac",
@@ -83,10 +86,14 @@ def copy_bandwidth_gbps(n_bytes: int = 2**31) -> float:
 
 def measure(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: str, repeats: int,
             hidden: int = 0) -> dict:
-    """One case, in this process: times in ms, peak extra memory in MB and in [N, V] float32 tensors."""
-    from benchmarks.variants import inputs, variants
+    """One case, in this process: its status, times in ms, peak extra memory in MB and in [N, V] float32 tensors.
+    The variant is checked against the float64 reference first; one that disagrees is not timed."""
+    from benchmarks.variants import disagreement, inputs, variants
 
     loss_fn = variants(op, device)[variant]
+    wrong = disagreement(op, loss_fn, vocab, hidden, DTYPES[dtype], device)
+    if wrong:
+        return dict(status=f"{WRONG}: {wrong}")
     args, leaves = inputs(op, tokens, vocab, hidden, DTYPES[dtype], device)
 
     def forward() -> None:
@@ -115,6 +122,7 @@ def measure(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: 
         forward_backward()
         peak_extra = _proc_status_kb("VmHWM") * 1024 - baseline
     return dict(
+        status="ok",
         fwd_ms=_median_ms(forward, device, repeats),
         fwd_bwd_ms=_median_ms(forward_backward, device, repeats),
         peak_extra_mb=peak_extra / 2**20,
@@ -131,7 +139,7 @@ def run_case(op: str, variant: str, tokens: int, vocab: int, dtype: str, device:
         case["hidden"] = hidden
     if device == "cuda":
         try:
-            return {**case, "status": "ok", **measure(op, variant, tokens, vocab, dtype, device, repeats, hidden)}
+            return {**case, **measure(op, variant, tokens, vocab, dtype, device, repeats, hidden)}
         except (torch.cuda.OutOfMemoryError, RuntimeError) as error:  # Triton raises a RuntimeError on OOM
             if "out of memory" not in str(error).lower():
                 return {**case, "status": f"error: {type(error).__name__}: {str(error)[:200]}"}
@@ -148,7 +156,7 @@ def run_case(op: str, variant: str, tokens: int, vocab: int, dtype: str, device:
     if done.returncode != 0:
         killed = done.returncode == -9 or "out of memory" in done.stderr.lower()
         return {**case, "status": "OOM" if killed else "error: " + done.stderr.strip()[-300:]}
-    return {**case, "status": "ok", **json.loads(done.stdout.splitlines()[-1])}
+    return {**case, **json.loads(done.stdout.splitlines()[-1])}
 
 
 def add_bandwidth_fractions(row: dict, bandwidth_gbps: float) -> dict:
@@ -323,6 +331,10 @@ def main(argv: list[str] | None = None) -> None:
         for path in plot_results(rows, header, out):
             print(f"plot: {path}", file=sys.stderr)
     print(f"\nwritten to {out}", file=sys.stderr)
+    wrong = [f"{r['op']} {r['variant']} N={r['tokens']} V={r['vocab']} {r['dtype']}" for r in rows
+             if r["status"].startswith(WRONG)]
+    if wrong:
+        raise SystemExit(f"{len(wrong)} variant(s) disagree with the float64 reference, not timed: {'; '.join(wrong)}")
 
 
 if __name__ == "__main__":
