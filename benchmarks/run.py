@@ -11,8 +11,10 @@ the same run. Speed-ups are against the naive loss of the same shape in the same
 its value and gradient are checked against the float64 reference on a small input of the case
 (``variants.disagreement``): one that disagrees is reported as an error and not timed, and the run exits non-zero.
 Results: a markdown table on stdout, and ``table.md``, ``results.csv`` and one PNG plot per (op, dtype) under
-``benchmarks/results/<device>-<date>/``. The op ``linear_reverse_kld`` starts from hidden states of size ``--hidden``
-and lm_head weights instead of logits (its bound is the matmuls' compute, so it gets no bandwidth fraction).
+``--out``, by default ``out/benchmarks/<device>-<date>/`` (git-ignored: a run is committed on purpose, by copying
+its folder to ``benchmarks/results/``, where the README's figures come from). The op ``linear_reverse_kld`` starts from hidden states of size
+``--hidden`` and lm_head weights instead of logits (its bound is the matmuls' compute, so it gets no bandwidth
+fraction).
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ DEFAULTS = {  # tokens, vocabs, dtypes, repeats, hidden size (linear_reverse_kld
 }
 CPU_WARMUP_MS = 1000.0  # on the CPU, warm-up calls until at least this long (and two calls)
 CPU_TIMING_BUDGET_MS = 3000.0  # then timed calls: at least 3, up to --repeats, until this long
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "out" / "benchmarks"  # the default --out's parent, git-ignored; committed runs live in benchmarks/results
 WRONG = "error: disagrees with the float64 reference"  # the status of a variant that computes something else
 FIELDS = (
     "op", "variant", "tokens", "vocab", "hidden", "dtype", "status", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb",
@@ -151,7 +154,7 @@ def run_case(op: str, variant: str, tokens: int, vocab: int, dtype: str, device:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--worker", json.dumps({**case, "repeats": repeats})],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, env=env, check=False,
+        capture_output=True, text=True, cwd=ROOT, env=env, check=False,
     )
     if done.returncode != 0:
         killed = done.returncode == -9 or "out of memory" in done.stderr.lower()
@@ -197,14 +200,24 @@ def gpu_backend_choice(rows: list[dict], header: str) -> dict | None:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    model = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-    return f"{model.group(1).strip() if model else platform.processor()}, {torch.get_num_threads()} threads"
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"model name\s*:\s*(.*)", cpuinfo)
+    family = re.search(r"cpu family\s*:\s*(\d+)", cpuinfo)
+    flags = re.search(r"flags\s*:\s*(.*)", cpuinfo)
+    details = [f"family {family.group(1)}"] if family else []
+    details += ["AVX-512"] if flags and "avx512f" in flags.group(1).split() else []
+    name = model.group(1).strip() if model else platform.processor()
+    if details:
+        name += f" ({', '.join(details)})"
+    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def default_results_dir(device: str, date: str) -> Path:
-    """``benchmarks/results/<device>-<date>``, the device named by its model, e.g. ``cuda-nvidia-h100-80gb-hbm3``."""
-    model = re.sub(r"[^a-z0-9]+", "-", device_name(device).split(",")[0].lower()).strip("-")
-    return RESULTS / f"{device}-{model}-{date}"
+    """``out/benchmarks/<device>-<model>-<date>``, the device named by its model, e.g.
+    ``cuda-nvidia-h100-80gb-hbm3`` or ``cpu-amd-epyc``."""
+    model = re.sub(r"\(.*?\)", "", device_name(device)).split(",")[0]  # "AMD EPYC (family 26, ...), 2 threads"
+    model = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
+    return OUT / f"{device}-{model}-{date}"
 
 
 def versions() -> str:
@@ -271,7 +284,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=tuple(DTYPES), nargs="+", help="logits dtypes (default: per device)")
     parser.add_argument("--variants", nargs="+", help="a subset of the variants (default: all that run here)")
     parser.add_argument("--repeats", type=int, help="timed repeats per case on the CPU (default: per device)")
-    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>-<date>)")
+    parser.add_argument("--out", type=Path, help="results folder (default: out/benchmarks/<device>-<model>-<date>, "
+                        "git-ignored; copy a run to benchmarks/results/ to commit it)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one CPU case in a fresh process: JSON in, JSON out
     args = parser.parse_args(argv)

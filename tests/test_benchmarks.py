@@ -1,5 +1,5 @@
 """The benchmark never rots: a --quick run writes a table, a CSV and plots with every variant and sane numbers;
-a variant that computes something else is reported and not timed."""
+a variant that computes something else is reported and not timed; results go to a git-ignored folder by default."""
 from __future__ import annotations
 
 import csv
@@ -124,3 +124,11 @@ def test_a_wrong_variant_fails_the_run_and_shows_in_the_table(monkeypatch, tmp_p
 def test_every_variant_agrees_with_the_reference(op):
     for name, loss in variants(op, "cpu").items():
         assert disagreement(op, loss, 4099, 64, torch.float32, "cpu") is None, name
+
+
+def test_results_go_to_a_git_ignored_folder_by_default():
+    folder = run.default_results_dir("cpu", "2026-12-01")
+    assert folder.is_relative_to(ROOT / "out") and folder.name.startswith("cpu-") and folder.name.endswith("-2026-12-01")
+    probe = folder / "results.csv"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=ROOT, check=False)
+    assert ignored.returncode == 0, f"{probe} is not git-ignored"
