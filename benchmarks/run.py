@@ -12,7 +12,8 @@ its value and gradient are checked against the float64 reference on a small inpu
 (``variants.disagreement``): one that disagrees is reported as an error and not timed, and the run exits non-zero.
 Results: a markdown table on stdout, and ``table.md``, ``results.csv`` and one PNG plot per (op, dtype) under
 ``--out``, by default ``out/benchmarks/<device>-<date>/`` (git-ignored: a run is committed on purpose, by copying
-its folder to ``benchmarks/results/``, where the README's figures come from). The op ``linear_reverse_kld`` starts from hidden states of size
+its folder to ``benchmarks/results/``, where the README's figures come from). ``--replot DIR`` redraws the plots
+of a committed run from its ``results.csv``. The op ``linear_reverse_kld`` starts from hidden states of size
 ``--hidden`` and lm_head weights instead of logits (its bound is the matmuls' compute, so it gets no bandwidth
 fraction).
 """
@@ -162,6 +163,21 @@ def run_case(op: str, variant: str, tokens: int, vocab: int, dtype: str, device:
     return {**case, **json.loads(done.stdout.splitlines()[-1])}
 
 
+def read_results(path: Path) -> tuple[str, list[dict]]:
+    """The header line (device, versions, date) and the rows of a ``results.csv`` this module wrote, with its
+    numbers as numbers (an empty cell is left out of its row)."""
+    with open(path, newline="") as f:
+        header = f.readline().removeprefix("#").strip()
+        rows = [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(f)]
+    for row in rows:
+        for key, value in row.items():
+            if key in ("tokens", "vocab", "hidden"):
+                row[key] = int(value)
+            elif key not in ("op", "variant", "dtype", "status"):
+                row[key] = float(value)
+    return header, rows
+
+
 def add_bandwidth_fractions(row: dict, bandwidth_gbps: float) -> dict:
     """The floor's bytes over the measured time, as a fraction of the copy bandwidth."""
     element_bytes = torch.empty((), dtype=DTYPES[row["dtype"]]).element_size()
@@ -287,6 +303,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="results folder (default: out/benchmarks/<device>-<model>-<date>, "
                         "git-ignored; copy a run to benchmarks/results/ to commit it)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--replot", type=Path, nargs="+", metavar="DIR",
+                        help="measure nothing: redraw the plots of each DIR from its results.csv, into DIR")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one CPU case in a fresh process: JSON in, JSON out
     args = parser.parse_args(argv)
     for key, value in DEFAULTS["quick" if args.quick else args.device].items():
@@ -297,6 +315,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        from benchmarks.plots import plot_results
+
+        for folder in args.replot:
+            header, rows = read_results(folder / "results.csv")
+            for path in plot_results(rows, header, folder):
+                print(f"plot: {path}", file=sys.stderr)
+        return
     if args.worker:
         case = json.loads(args.worker)
         keys = ("op", "variant", "tokens", "vocab", "dtype")

@@ -1,11 +1,13 @@
 """The benchmark never rots: a --quick run writes a table, a CSV and plots with every variant and sane numbers;
-a variant that computes something else is reported and not timed; results go to a git-ignored folder by default."""
+a variant that computes something else is reported and not timed; results go to a git-ignored folder by default;
+the plots show every variant with plain-number ticks."""
 from __future__ import annotations
 
 import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import run
+from benchmarks import plots, run
 from benchmarks import variants as variants_module
-from benchmarks.run import WRONG, add_bandwidth_fractions, markdown_table, measure
+from benchmarks.run import WRONG, add_bandwidth_fractions, markdown_table, measure, read_results
 from benchmarks.variants import disagreement, naive_reverse_kld, variants
 
 ROOT = Path(__file__).resolve().parent.parent
+COMMITTED = ROOT / "benchmarks" / "results" / "cpu-amd-epyc-2026-11-26"
 
 
 def test_quick_run_measures_every_variant(tmp_path):
@@ -118,6 +121,7 @@ def test_a_wrong_variant_fails_the_run_and_shows_in_the_table(monkeypatch, tmp_p
     with pytest.raises(SystemExit, match="1 variant.* disagree"):
         run.main(["--device", "cpu", "--quick", "--no-plots", "--out", str(tmp_path)])
     assert f"| naive | {WRONG}: loss 0" in (tmp_path / "table.md").read_text()
+    assert read_results(tmp_path / "results.csv")[1][0]["status"].startswith(WRONG)
 
 
 @pytest.mark.parametrize("op", ["token_stats", "linear_reverse_kld"])  # reverse_kld's: the quick run above
@@ -132,3 +136,27 @@ def test_results_go_to_a_git_ignored_folder_by_default():
     probe = folder / "results.csv"
     ignored = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=ROOT, check=False)
     assert ignored.returncode == 0, f"{probe} is not git-ignored"
+
+
+def test_plots_show_every_variant_with_plain_ticks(monkeypatch, tmp_path):
+    """Redrawn from the committed raw results, where the compiled naive loss and the CPU kernel add the same
+    memory: each variant has its own marker, size and dash pattern, and no tick reads like 6x10^1."""
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    header, rows = read_results(COMMITTED / "results.csv")
+    paths = plots.plot_results(rows, header, tmp_path)
+    assert {p.name for p in paths} == {"plot-reverse_kld-fp32.png", "plot-reverse_kld-bf16.png"}
+    for figure in figures:
+        for ax in figure.axes:
+            styles = [(line.get_marker(), line.get_linestyle(), line.get_markersize()) for line in ax.get_lines()]
+            assert len(styles) == 3 and len(set(styles)) == len(styles), styles
+            labels = [t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels(minor=True) + ax.get_yticklabels()]
+            assert labels and all(text == "" or text.replace(",", "").replace(".", "").isdigit() for text in labels), labels
+
+
+def test_replot_redraws_a_committed_run_from_its_csv(tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(COMMITTED / "linear-h256-v32000", copy)
+    (copy / "plot-linear_reverse_kld-fp32.png").unlink()
+    run.main(["--replot", str(copy)])
+    assert (copy / "plot-linear_reverse_kld-fp32.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
