@@ -18,7 +18,7 @@ import torch
 from benchmarks import plots, run
 from benchmarks import variants as variants_module
 from benchmarks.run import WRONG, add_bandwidth_fractions, markdown_table, measure, read_results
-from benchmarks.variants import disagreement, naive_reverse_kld, variants
+from benchmarks.variants import OPS, disagreement, naive_reverse_kld, variants
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "benchmarks" / "results" / "cpu-amd-epyc-2026-11-26"
@@ -124,7 +124,7 @@ def test_a_wrong_variant_fails_the_run_and_shows_in_the_table(monkeypatch, tmp_p
     assert read_results(tmp_path / "results.csv")[1][0]["status"].startswith(WRONG)
 
 
-@pytest.mark.parametrize("op", ["token_stats", "linear_reverse_kld"])  # reverse_kld's: the quick run above
+@pytest.mark.parametrize("op", OPS)
 def test_every_variant_agrees_with_the_reference(op):
     for name, loss in variants(op, "cpu").items():
         assert disagreement(op, loss, 4099, 64, torch.float32, "cpu") is None, name
