@@ -131,11 +131,11 @@ def test_every_variant_agrees_with_the_reference(op):
 
 
 def test_results_go_to_a_git_ignored_folder_by_default():
+    """Under out/, which .gitignore lists (read from the file: the test needs no git checkout)."""
     folder = run.default_results_dir("cpu", "2026-12-01")
     assert folder.is_relative_to(ROOT / "out") and folder.name.startswith("cpu-") and folder.name.endswith("-2026-12-01")
-    probe = folder / "results.csv"
-    ignored = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=ROOT, check=False)
-    assert ignored.returncode == 0, f"{probe} is not git-ignored"
+    ignored = {line.strip().strip("/") for line in (ROOT / ".gitignore").read_text().splitlines()}
+    assert "out" in ignored, ".gitignore must list out/, where the benchmark writes by default"
 
 
 def test_plots_show_every_variant_with_plain_ticks(monkeypatch, tmp_path):
