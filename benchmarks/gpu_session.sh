@@ -10,9 +10,9 @@
 #      fused-linear JSD where its wheel came along),
 #   6. compute-sanitizer racecheck (the shared-memory row reductions).
 # Each step has a time limit, so a slow one cannot starve the next. Everything is written under
-# benchmarks/results/cuda-<gpu>-<date>/; commit that folder, and copy its gpu_backend_choice.json to
-# minillm_kernels/gpu_backend_choice.json (which backend="auto" reads). On the device tool's machine ($OUT set)
-# the folder is also packed into $OUT/results.tgz.
+# out/benchmarks/cuda-<gpu>-<date>/ (git-ignored); to commit the run, copy that folder to benchmarks/results/, and
+# its gpu_backend_choice.json to minillm_kernels/gpu_backend_choice.json (which backend="auto" reads). On the device
+# tool's machine ($OUT set) the folder is also packed into $OUT/results.tgz.
 #
 # Needs only this repository and the machine's python3 with a CUDA torch, triton, nvcc and ninja (no internet,
 # no venv: the lent machine has torch 2.11 / triton 3.6, pytest, matplotlib, tqdm). Optional packages such as

@@ -7,10 +7,15 @@ case (the high-water mark is reset after the warm-up), on the GPU with ``torch.c
 On the GPU it also gives the fraction of the memory-bandwidth floor: the bytes any implementation must move
 (forward: read both logits, 2 N V elements; forward+backward: read both once and write the gradient once,
 3 N V elements) over the measured time, against the bandwidth of a large device-to-device copy measured in
-the same run. Speed-ups are against the naive loss of the same shape in the same run. Results: a markdown
-table on stdout, and ``table.md``, ``results.csv`` and one PNG plot per (op, dtype) under
-``benchmarks/results/<device>-<date>/``. The op ``linear_reverse_kld`` starts from hidden states of size ``--hidden``
-and lm_head weights instead of logits (its bound is the matmuls' compute, so it gets no bandwidth fraction).
+the same run. Speed-ups are against the naive loss of the same shape in the same run. Before a variant is timed,
+its value and gradient are checked against the float64 reference on a small input of the case
+(``variants.disagreement``): one that disagrees is reported as an error and not timed, and the run exits non-zero.
+Results: a markdown table on stdout, and ``table.md``, ``results.csv`` and one PNG plot per (op, dtype) under
+``--out``, by default ``out/benchmarks/<device>-<date>/`` (git-ignored: a run is committed on purpose, by copying
+its folder to ``benchmarks/results/``, where the README's figures come from). ``--replot DIR`` redraws the plots
+of a committed run from its ``results.csv``. The op ``linear_reverse_kld`` starts from hidden states of size
+``--hidden`` and lm_head weights instead of logits (its bound is the matmuls' compute, so it gets no bandwidth
+fraction).
 """
 from __future__ import annotations
 
@@ -39,7 +44,9 @@ DEFAULTS = {  # tokens, vocabs, dtypes, repeats, hidden size (linear_reverse_kld
 }
 CPU_WARMUP_MS = 1000.0  # on the CPU, warm-up calls until at least this long (and two calls)
 CPU_TIMING_BUDGET_MS = 3000.0  # then timed calls: at least 3, up to --repeats, until this long
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "out" / "benchmarks"  # the default --out's parent, git-ignored; committed runs live in benchmarks/results
+WRONG = "error: disagrees with the float64 reference"  # the status of a variant that computes something else
 FIELDS = (
     "op", "variant", "tokens", "vocab", "hidden", "dtype", "status", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb",
     "peak_extra_nv", "fwd_bandwidth_frac", "fwd_bwd_bandwidth_frac",
@@ -83,10 +90,14 @@ def copy_bandwidth_gbps(n_bytes: int = 2**31) -> float:
 
 def measure(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: str, repeats: int,
             hidden: int = 0) -> dict:
-    """One case, in this process: times in ms, peak extra memory in MB and in [N, V] float32 tensors."""
-    from benchmarks.variants import inputs, variants
+    """One case, in this process: its status, times in ms, peak extra memory in MB and in [N, V] float32 tensors.
+    The variant is checked against the float64 reference first; one that disagrees is not timed."""
+    from benchmarks.variants import disagreement, inputs, variants
 
     loss_fn = variants(op, device)[variant]
+    wrong = disagreement(op, loss_fn, vocab, hidden, DTYPES[dtype], device)
+    if wrong:
+        return dict(status=f"{WRONG}: {wrong}")
     args, leaves = inputs(op, tokens, vocab, hidden, DTYPES[dtype], device)
 
     def forward() -> None:
@@ -115,6 +126,7 @@ def measure(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: 
         forward_backward()
         peak_extra = _proc_status_kb("VmHWM") * 1024 - baseline
     return dict(
+        status="ok",
         fwd_ms=_median_ms(forward, device, repeats),
         fwd_bwd_ms=_median_ms(forward_backward, device, repeats),
         peak_extra_mb=peak_extra / 2**20,
@@ -131,7 +143,7 @@ def run_case(op: str, variant: str, tokens: int, vocab: int, dtype: str, device:
         case["hidden"] = hidden
     if device == "cuda":
         try:
-            return {**case, "status": "ok", **measure(op, variant, tokens, vocab, dtype, device, repeats, hidden)}
+            return {**case, **measure(op, variant, tokens, vocab, dtype, device, repeats, hidden)}
         except (torch.cuda.OutOfMemoryError, RuntimeError) as error:  # Triton raises a RuntimeError on OOM
             if "out of memory" not in str(error).lower():
                 return {**case, "status": f"error: {type(error).__name__}: {str(error)[:200]}"}
@@ -143,12 +155,27 @@ def run_case(op: str, variant: str, tokens: int, vocab: int, dtype: str, device:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--worker", json.dumps({**case, "repeats": repeats})],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, env=env, check=False,
+        capture_output=True, text=True, cwd=ROOT, env=env, check=False,
     )
     if done.returncode != 0:
         killed = done.returncode == -9 or "out of memory" in done.stderr.lower()
         return {**case, "status": "OOM" if killed else "error: " + done.stderr.strip()[-300:]}
-    return {**case, "status": "ok", **json.loads(done.stdout.splitlines()[-1])}
+    return {**case, **json.loads(done.stdout.splitlines()[-1])}
+
+
+def read_results(path: Path) -> tuple[str, list[dict]]:
+    """The header line (device, versions, date) and the rows of a ``results.csv`` this module wrote, with its
+    numbers as numbers (an empty cell is left out of its row)."""
+    with open(path, newline="") as f:
+        header = f.readline().removeprefix("#").strip()
+        rows = [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(f)]
+    for row in rows:
+        for key, value in row.items():
+            if key in ("tokens", "vocab", "hidden"):
+                row[key] = int(value)
+            elif key not in ("op", "variant", "dtype", "status"):
+                row[key] = float(value)
+    return header, rows
 
 
 def add_bandwidth_fractions(row: dict, bandwidth_gbps: float) -> dict:
@@ -189,14 +216,24 @@ def gpu_backend_choice(rows: list[dict], header: str) -> dict | None:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    model = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-    return f"{model.group(1).strip() if model else platform.processor()}, {torch.get_num_threads()} threads"
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"model name\s*:\s*(.*)", cpuinfo)
+    family = re.search(r"cpu family\s*:\s*(\d+)", cpuinfo)
+    flags = re.search(r"flags\s*:\s*(.*)", cpuinfo)
+    details = [f"family {family.group(1)}"] if family else []
+    details += ["AVX-512"] if flags and "avx512f" in flags.group(1).split() else []
+    name = model.group(1).strip() if model else platform.processor()
+    if details:
+        name += f" ({', '.join(details)})"
+    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def default_results_dir(device: str, date: str) -> Path:
-    """``benchmarks/results/<device>-<date>``, the device named by its model, e.g. ``cuda-nvidia-h100-80gb-hbm3``."""
-    model = re.sub(r"[^a-z0-9]+", "-", device_name(device).split(",")[0].lower()).strip("-")
-    return RESULTS / f"{device}-{model}-{date}"
+    """``out/benchmarks/<device>-<model>-<date>``, the device named by its model, e.g.
+    ``cuda-nvidia-h100-80gb-hbm3`` or ``cpu-amd-epyc``."""
+    model = re.sub(r"\(.*?\)", "", device_name(device)).split(",")[0]  # "AMD EPYC (family 26, ...), 2 threads"
+    model = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
+    return OUT / f"{device}-{model}-{date}"
 
 
 def versions() -> str:
@@ -263,8 +300,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=tuple(DTYPES), nargs="+", help="logits dtypes (default: per device)")
     parser.add_argument("--variants", nargs="+", help="a subset of the variants (default: all that run here)")
     parser.add_argument("--repeats", type=int, help="timed repeats per case on the CPU (default: per device)")
-    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>-<date>)")
+    parser.add_argument("--out", type=Path, help="results folder (default: out/benchmarks/<device>-<model>-<date>, "
+                        "git-ignored; copy a run to benchmarks/results/ to commit it)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--replot", type=Path, nargs="+", metavar="DIR",
+                        help="measure nothing: redraw the plots of each DIR from its results.csv, into DIR")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one CPU case in a fresh process: JSON in, JSON out
     args = parser.parse_args(argv)
     for key, value in DEFAULTS["quick" if args.quick else args.device].items():
@@ -275,6 +315,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        from benchmarks.plots import plot_results
+
+        for folder in args.replot:
+            header, rows = read_results(folder / "results.csv")
+            for path in plot_results(rows, header, folder):
+                print(f"plot: {path}", file=sys.stderr)
+        return
     if args.worker:
         case = json.loads(args.worker)
         keys = ("op", "variant", "tokens", "vocab", "dtype")
@@ -323,6 +371,10 @@ def main(argv: list[str] | None = None) -> None:
         for path in plot_results(rows, header, out):
             print(f"plot: {path}", file=sys.stderr)
     print(f"\nwritten to {out}", file=sys.stderr)
+    wrong = [f"{r['op']} {r['variant']} N={r['tokens']} V={r['vocab']} {r['dtype']}" for r in rows
+             if r["status"].startswith(WRONG)]
+    if wrong:
+        raise SystemExit(f"{len(wrong)} variant(s) disagree with the float64 reference, not timed: {'; '.join(wrong)}")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,30 @@
-"""The benchmark never rots: a --quick run writes a table, a CSV and plots with every variant and sane numbers."""
+"""The benchmark never rots: a --quick run writes a table, a CSV and plots with every variant and sane numbers;
+a variant that computes something else is reported and not timed; results go to a git-ignored folder by default;
+the plots show every variant with plain-number ticks."""
 from __future__ import annotations
 
 import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks.run import add_bandwidth_fractions, markdown_table
-from benchmarks.variants import variants
+from benchmarks import plots, run
+from benchmarks import variants as variants_module
+from benchmarks.run import WRONG, add_bandwidth_fractions, markdown_table, measure, read_results
+from benchmarks.variants import OPS, disagreement, naive_reverse_kld, variants
 
 ROOT = Path(__file__).resolve().parent.parent
+COMMITTED = ROOT / "benchmarks" / "results" / "cpu-amd-epyc-2026-11-26"
 
 
 def test_quick_run_measures_every_variant(tmp_path):
-    pytest.importorskip("matplotlib")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--device", "cpu", "--quick", "--out", str(tmp_path)],
@@ -82,3 +88,75 @@ def test_gpu_backend_choice_is_read_back_by_the_dispatcher(tmp_path):
     rules = dispatch.load_gpu_backend_choice(path)
     assert rules == {torch.bfloat16: ((0, "triton"), (262144, "cuda")), torch.float32: ((0, "cuda"),)}
     assert gpu_backend_choice([row("triton", 32000, 1.0)], "Device: test") is None
+
+
+# Planted bugs: a benchmark variant that computes another loss must not get a timing.
+def kl_of_the_student_from_itself(student, teacher, target):
+    """KL(q || q) = 0, with a zero gradient."""
+    return naive_reverse_kld(student, student, target)
+
+
+def doubled_gradient(student, teacher, target):
+    """The right value, twice the gradient."""
+    loss = naive_reverse_kld(student, teacher, target)
+    return loss + (loss - loss.detach())
+
+
+@pytest.mark.parametrize("bug", [kl_of_the_student_from_itself, doubled_gradient])
+def test_a_wrong_variant_is_reported_and_not_timed(monkeypatch, bug):
+    monkeypatch.setitem(variants_module.NAIVE, "reverse_kld", bug)
+    row = measure("reverse_kld", "naive", 64, 1000, "fp32", "cpu", repeats=1)
+    assert row["status"].startswith(WRONG), row
+    assert "fwd_ms" not in row and "peak_extra_mb" not in row
+
+
+def test_a_wrong_variant_fails_the_run_and_shows_in_the_table(monkeypatch, tmp_path, capsys):
+    def run_case(op, variant, tokens, vocab, dtype, device, repeats, hidden=0):
+        case = dict(op=op, variant=variant, tokens=tokens, vocab=vocab, dtype=dtype)
+        if variant == "naive":
+            return {**case, "status": f"{WRONG}: loss 0, float64 reference 8.1"}
+        return {**case, "status": "ok", "fwd_ms": 1.0, "fwd_bwd_ms": 2.0, "peak_extra_mb": 1.0, "peak_extra_nv": 1.0}
+
+    monkeypatch.setattr(run, "run_case", run_case)
+    with pytest.raises(SystemExit, match="1 variant.* disagree"):
+        run.main(["--device", "cpu", "--quick", "--no-plots", "--out", str(tmp_path)])
+    assert f"| naive | {WRONG}: loss 0" in (tmp_path / "table.md").read_text()
+    assert read_results(tmp_path / "results.csv")[1][0]["status"].startswith(WRONG)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_variant_agrees_with_the_reference(op):
+    for name, loss in variants(op, "cpu").items():
+        assert disagreement(op, loss, 4099, 64, torch.float32, "cpu") is None, name
+
+
+def test_results_go_to_a_git_ignored_folder_by_default():
+    """Under out/, which .gitignore lists (read from the file: the test needs no git checkout)."""
+    folder = run.default_results_dir("cpu", "2026-12-01")
+    assert folder.is_relative_to(ROOT / "out") and folder.name.startswith("cpu-") and folder.name.endswith("-2026-12-01")
+    ignored = {line.strip().strip("/") for line in (ROOT / ".gitignore").read_text().splitlines()}
+    assert "out" in ignored, ".gitignore must list out/, where the benchmark writes by default"
+
+
+def test_plots_show_every_variant_with_plain_ticks(monkeypatch, tmp_path):
+    """Redrawn from the committed raw results, where the compiled naive loss and the CPU kernel add the same
+    memory: each variant has its own marker, size and dash pattern, and no tick reads like 6x10^1."""
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    header, rows = read_results(COMMITTED / "results.csv")
+    paths = plots.plot_results(rows, header, tmp_path)
+    assert {p.name for p in paths} == {"plot-reverse_kld-fp32.png", "plot-reverse_kld-bf16.png"}
+    for figure in figures:
+        for ax in figure.axes:
+            styles = [(line.get_marker(), line.get_linestyle(), line.get_markersize()) for line in ax.get_lines()]
+            assert len(styles) == 3 and len(set(styles)) == len(styles), styles
+            labels = [t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels(minor=True) + ax.get_yticklabels()]
+            assert labels and all(text == "" or text.replace(",", "").replace(".", "").isdigit() for text in labels), labels
+
+
+def test_replot_redraws_a_committed_run_from_its_csv(tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(COMMITTED / "linear-h256-v32000", copy)
+    (copy / "plot-linear_reverse_kld-fp32.png").unlink()
+    run.main(["--replot", str(copy)])
+    assert (copy / "plot-linear_reverse_kld-fp32.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
