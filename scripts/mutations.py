@@ -129,6 +129,14 @@ MUTATIONS = (
         ("tests/test_sampling.py::test_draws_follow_the_mixture_and_record_its_weights",),
         "the sampler draws from (1 - alpha) p + alpha q",
     ),
+    # ---- the benchmarks
+    Mutation(
+        "benchmark-naive-kl-q-q", "benchmarks/variants.py",
+        "teacher_logp = torch.log_softmax(teacher.float(), dim=-1)",
+        "teacher_logp = torch.log_softmax(student.float(), dim=-1)",
+        ("tests/test_benchmarks.py::test_every_variant_agrees_with_the_reference",),
+        "the benchmark's naive variant computes KL(q || q) = 0 (and would be timed as if right)",
+    ),
 )
 
 
