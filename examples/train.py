@@ -15,23 +15,33 @@ Methods (same data, same number of optimizer steps, each on --batch-size sequenc
 
 MiniLLM defaults are the reference code's (microsoft/LMOps minillm/, see minillm_kernels/objective.py):
 alpha 0.2, PPO clip 0.2, gamma 0.95, rewards / 0.5 clipped to +-100, whitened advantages, 4 PPO epochs,
-lr 5e-6 constant, AdamW betas (0.9, 0.95), weight decay 1e-6, grad clip 1.0, top-k 0, top-p 1, T 1.
-One departure, for the tiny default only: lr 1e-4 (5e-6 is tuned for 0.1-13B models and moves a
-0.6M-parameter student by nothing in a few hundred steps); every method of --compare uses it.
+lr 5e-6 constant, AdamW betas (0.9, 0.95), weight decay 1e-6, grad clip 1.0, top-k 0, top-p 1, T 1, and
+the student in eval() mode (no dropout) for the rollouts and for the PPO and L_PT passes, so that the
+first PPO epoch's ratio q / q_old is exactly 1 (--dropout turns dropout on in those passes; sft and kd
+train with the model's dropout, as fine-tuning does). One departure, for the tiny default only: lr 1e-4
+(5e-6 is tuned for 0.1-13B models and moves a 0.44M-parameter student by nothing in a few hundred
+steps); every method of --compare uses it.
 
-Outputs in --out-dir (per method with --compare): log.jsonl (every loss part, reward, KL, eval figure),
-checkpoint.pt (written to a temp file and renamed; --resume continues from it: weights, optimizer,
-scheduler, data order, RNG, step, the current rollout), student/ (the final model), eval tables.
+Outputs in --out-dir (per method with --compare): log.jsonl (one JSON record per step and per eval, flushed
+as written), checkpoint.pt (written to a temp file and renamed; loadable with torch.load(weights_only=True)),
+student/ (the final model), eval tables. --resume continues from checkpoint.pt: weights, optimizer, data
+order, RNG, step and the current rollout; it refuses another --method, lists the arguments that changed
+(they apply from the checkpoint's step on), and drops the log records past the checkpoint's step, so that
+every step appears in log.jsonl once. A fresh run (no --resume) starts a new log.jsonl.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import random
+import re
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,27 +51,34 @@ from tqdm.auto import tqdm
 
 import minillm_kernels as mk
 from minillm_kernels.data import (
-    IGNORE_INDEX, Example, causal_lm_logits, load_jsonl, prompt_batch, teacher_forced_batch,
+    IGNORE_INDEX, Example, causal_lm_logits, load_jsonl, load_texts, prompt_batch, teacher_forced_batch,
 )
-from minillm_kernels.evaluation import evaluate, markdown_table
+from minillm_kernels.evaluation import eval_mode, evaluate, markdown_table
 
 METHODS = ("sft", "kd", "minillm")
 TINY_LR = 1e-4  # the one departure from the reference defaults (see the docstring)
+NAMED_MODELS = ("tiny", "smollm2")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # what from_pretrained may fetch from the Hub
+# arguments that do not change what is trained: a resumed run may change them without a warning
+NOT_HYPERPARAMETERS = frozenset({"out_dir", "resume", "steps", "threads", "eval_every", "save_every", "compare",
+                                 "method"})
 
 
 # ----------------------------------------------------------------------------------------------- set-up
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="tiny", help="'tiny', 'smollm2' or an AutoModelForCausalLM path")
-    p.add_argument("--student", default="tiny",
-                   help="'tiny' (the shipped SFT student), 'smollm2' (the teacher cut to --student-layers) or a path")
+    p.add_argument("--teacher", default="tiny",
+                   help="'tiny', 'smollm2', a saved model directory or a Hugging Face Hub id")
+    p.add_argument("--student", default="tiny", help="'tiny' (the shipped SFT student), 'smollm2' (the teacher cut "
+                                                     "to --student-layers), a saved model directory or a Hub id")
     p.add_argument("--student-layers", type=int, default=6, help="smollm2 student: layers kept (evenly spaced)")
     p.add_argument("--method", choices=METHODS, default="minillm")
     p.add_argument("--compare", action="store_true", help="run sft, kd and minillm on the same budget")
     p.add_argument("--data", default="tiny",
                    help="'tiny' or a JSONL of {prompt, response?, task?}; a row without response is a prompt only")
-    p.add_argument("--eval-data", default=None, help="JSONL of held-out {prompt, response, task?} (tiny: its split)")
+    p.add_argument("--eval-data", default=None, help="JSONL of held-out {prompt, response, task?} (tiny: its split); "
+                                                     "a row without a response is an error naming its line")
     p.add_argument("--eval-size", type=int, default=None, help="evaluate on the first N held-out examples only")
     p.add_argument("--chat-template", action="store_true",
                    help="wrap every prompt in the tokenizer's chat template (always on for --teacher smollm2)")
@@ -86,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-whiten", action="store_true", help="do not whiten the advantages")
     p.add_argument("--single-step-coef", type=float, default=mk.objective.SINGLE_STEP_COEF)
     p.add_argument("--lm-coef", type=float, default=mk.objective.LM_COEF)
+    p.add_argument("--dropout", action="store_true",
+                   help="minillm: the student's dropout on in the PPO and L_PT passes (reference: off, eval() mode; "
+                        "rollouts are always sampled in eval() mode)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -99,13 +119,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=100, help="held-out eval every N steps (0: before/after only)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from --out-dir's checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --out-dir's checkpoint.pt (none there: a warning, then a fresh start)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.fused_linear and "RANK" in os.environ:
         p.error("--fused-linear is single-process for now: under DDP the student must run through its DDP wrapper")
     if args.grad_accum < 1 or args.batch_size % args.grad_accum:
         p.error(f"--batch-size ({args.batch_size}) must be a multiple of --grad-accum ({args.grad_accum})")
+    if args.student == "smollm2" and args.teacher != "smollm2":
+        p.error("--student smollm2 is the smollm2 teacher cut to fewer layers: use --teacher smollm2")
+    for flag in ("teacher", "student"):
+        value = getattr(args, flag)
+        if value not in NAMED_MODELS and not Path(value).exists() and not HUB_ID.fullmatch(value):
+            p.error(f"--{flag} {value}: no such directory (give a saved model directory, a Hugging Face Hub id "
+                    f"such as 'namespace/name', or one of {NAMED_MODELS})")
+    for flag, value in (("data", None if args.data == "tiny" else args.data), ("eval-data", args.eval_data),
+                        ("lm-data", args.lm_data)):
+        if value is not None and not Path(value).is_file():
+            p.error(f"--{flag} {value}: no such file")
     args.lr = args.lr if args.lr is not None else (TINY_LR if args.student == "tiny" else 5e-6)
     args.chat_template = args.chat_template or args.teacher == "smollm2"
     if args.max_new_tokens is None:
@@ -157,8 +189,6 @@ def load_student(args, teacher, device):
     if args.student == "smollm2":
         from minillm_kernels.smollm2 import cut_layers
 
-        if args.teacher != "smollm2":
-            raise SystemExit("--student smollm2 is the smollm2 teacher cut to fewer layers: use --teacher smollm2")
         student = cut_layers(teacher, args.student_layers)
     elif args.student == "tiny":
         from minillm_kernels.tiny import checkpoint_dir
@@ -171,30 +201,25 @@ def load_student(args, teacher, device):
 
 def load_data(args, tokenizer) -> dict[str, list]:
     """``labelled`` (gold pairs: SFT/KD data), ``prompts`` (every training prompt: MiniLLM's), ``heldout``, ``lm``."""
+    heldout = load_jsonl(args.eval_data, require_response=True) if args.eval_data else None
     if args.data == "tiny":
         from minillm_kernels.tiny import tiny_splits
 
         splits = tiny_splits()
         labelled, unlabelled = splits["labelled"], splits["prompts"]
-        heldout = load_jsonl(args.eval_data) if args.eval_data else splits["heldout"]
+        heldout = heldout or splits["heldout"]
     else:
         examples = load_jsonl(args.data)
         labelled = [e for e in examples if e.response]
         unlabelled = [e for e in examples if not e.response]
-        if args.eval_data:
-            heldout = load_jsonl(args.eval_data)
-        else:  # hold out 5% of the gold pairs (at least one), drawn with the seed
+        if heldout is None:  # hold out 5% of the gold pairs (at least one), drawn with the seed
             order = random.Random(args.seed).sample(labelled, len(labelled))
             cut = max(1, len(order) // 20)
             heldout, labelled = order[:cut], order[cut:]
     heldout = heldout[: args.eval_size]
     if not labelled:
         raise SystemExit(f"{args.data}: no example has a response; SFT, KD and L_PT need gold pairs")
-    if args.lm_data:
-        with open(args.lm_data, encoding="utf-8") as lines:
-            lm_texts = [json.loads(line)["text"] for line in lines if line.strip()]
-    else:
-        lm_texts = [e.prompt + e.response for e in labelled]
+    lm_texts = load_texts(args.lm_data) if args.lm_data else [e.prompt + e.response for e in labelled]
     if args.chat_template:  # an instruct model's prompts go through its chat template
         def chat(example: Example) -> Example:
             message = [{"role": "user", "content": example.prompt}]
@@ -272,42 +297,49 @@ class Rollout:
             self.teacher_outputs = (mk.response_hidden_states if fused_linear else mk.response_logits)(teacher, sample)
 
     def state(self) -> dict:
-        return {"sample": self.sample, "rewards": self.rewards}
+        """Tensors, an int and dicts only: ``torch.load(weights_only=True)`` reads them back."""
+        return {"sample": {field.name: getattr(self.sample, field.name)
+                           for field in dataclasses.fields(self.sample)}, "rewards": self.rewards}
+
+    @classmethod
+    def from_state(cls, state: dict, teacher, fused_linear: bool) -> Rollout:
+        return cls(mk.TeacherMixedSample(**state["sample"]), state["rewards"], teacher, fused_linear)
 
     def chunks(self, count: int):
-        """``(sample, rewards, teacher_outputs)`` for each of ``count`` micro-batches of rows."""
-        s, size = self.sample, self.sample.sequences.shape[0] // count
-        for start in range(0, s.sequences.shape[0], size):
-            rows = slice(start, start + size)
-            part = mk.TeacherMixedSample(
-                sequences=s.sequences[rows], attention_mask=s.attention_mask[rows],
-                response_mask=s.response_mask[rows], student_logprob=s.student_logprob[rows],
-                teacher_logprob=s.teacher_logprob[rows], importance_weight=s.importance_weight[rows],
+        """``(sample, rewards, teacher_outputs)`` for each of ``count`` micro-batches of rows (sizes differ by at
+        most one row, e.g. after a resume with another --batch-size or --grad-accum)."""
+        s, rows = self.sample, self.sample.sequences.shape[0]
+        for index in range(count):
+            part = slice(index * rows // count, (index + 1) * rows // count)
+            yield mk.TeacherMixedSample(
+                sequences=s.sequences[part], attention_mask=s.attention_mask[part],
+                response_mask=s.response_mask[part], student_logprob=s.student_logprob[part],
+                teacher_logprob=s.teacher_logprob[part], importance_weight=s.importance_weight[part],
                 prompt_length=s.prompt_length,
-            )
-            yield part, self.rewards[rows], self.teacher_outputs[rows]
+            ), self.rewards[part], self.teacher_outputs[part]
 
 
 def make_rollout(args, student, teacher, tokenizer, prompts: list[str], generator, vocab_size: int) -> Rollout:
-    """Sample responses from p~ = alpha p + (1 - alpha) q_old and score them: r_t = log p(y_t) - log q(y_t)."""
+    """Sample responses from p~ = alpha p + (1 - alpha) q_old (the student in eval() mode) and score them:
+    r_t = log p(y_t) - log q(y_t)."""
     input_ids, attention_mask = prompt_batch(tokenizer, prompts, max_length=args.max_length)
     device = next(student.parameters()).device
-    student.eval()
-    sample = mk.sample_teacher_mixed(
-        student, teacher, input_ids.to(device), attention_mask.to(device), alpha=args.alpha,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size,
-        generator=generator,
-    )
-    student.train()
+    with eval_mode(student):
+        sample = mk.sample_teacher_mixed(
+            student, teacher, input_ids.to(device), attention_mask.to(device), alpha=args.alpha,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size,
+            generator=generator,
+        )
     rewards = mk.log_ratio_rewards(sample.teacher_logprob - sample.student_logprob, sample.response_mask,
                                    reward_scaling=args.reward_scaling, reward_clip=args.reward_clip)
     return Rollout(sample, rewards, teacher, args.fused_linear)
 
 
-def minillm_loss(args, student, teacher, sample, rewards, teacher_outputs, vocab_size: int) -> tuple[torch.Tensor, dict]:
-    """L_pg + L_single on one micro-batch of a rollout; every vocabulary-wide term through fused_token_stats
-    (from the logits) or fused_linear_token_stats (from the last hidden states and output layers)."""
+def rollout_loss(args, student, teacher, sample, rewards, teacher_outputs,
+                 vocab_size: int) -> tuple[torch.Tensor, dict]:
+    """L_pg + L_single (``mk.minillm_loss``) on one micro-batch of a rollout; every vocabulary-wide term through
+    fused_token_stats (from the logits) or fused_linear_token_stats (from the last hidden states and output layers)."""
     mask = sample.response_mask
     response_ids = sample.response_ids.masked_fill(~mask, 0)
     token_args = dict(mask=mask, temperature=args.temperature, mix_alpha=args.alpha, vocab_size=vocab_size)
@@ -329,174 +361,353 @@ def minillm_loss(args, student, teacher, sample, rewards, teacher_outputs, vocab
     )
 
 
-# ----------------------------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------------------------- the run
 
-def stop_if_not_finite(loss: torch.Tensor, parts: dict, method: str, step: int, checkpoint_path: Path) -> None:
-    """Raise FloatingPointError naming the step, the loss parts and the last checkpoint if ``loss`` is NaN/inf."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"{method}: non-finite loss {loss.item()} at step {step}; parts: "
-            + ", ".join(f"{name}={float(torch.as_tensor(value).detach()):.4g}" for name, value in parts.items())
-            + f". Last checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none'}")
+@dataclasses.dataclass
+class Run:
+    """One method's training run: the models, the optimizer and data draws, and where it stands."""
+
+    method: str
+    student: torch.nn.Module
+    model: torch.nn.Module  # the student, or its DDP wrapper under torchrun
+    teacher: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    samplers: dict[str, Sampler]  # "pairs" (sft / kd), "prompts" (rollouts), "lm" (L_PT text)
+    vocab_size: int
+    checkpoint_path: Path
+    rank: int
+    world: int
+    step: int = 0
+    resumed: bool = False
+    rollout: Rollout | None = None
+    history: list[dict] = dataclasses.field(default_factory=list)  # [{"step", "heldout"}], the same on every rank
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            tqdm.write(text, file=sys.stderr)
+
+    def no_sync(self, skip: bool = True):
+        """DDP's no_sync() (gradients not all-reduced in this backward) if ``skip`` and under DDP."""
+        return self.model.no_sync() if skip and self.world > 1 else contextlib.nullcontext()
+
+
+def start_run(args, method: str, out_dir: Path, teacher, tokenizer, data: dict, rank: int, world: int) -> Run:
+    """A fresh run of ``method``, or with --resume the one that ``out_dir``'s checkpoint.pt holds."""
+    student = load_student(args, teacher, teacher.device)
+    student.train(method != "minillm" or args.dropout)  # MiniLLM updates in eval() mode, as the reference code
+    run = Run(
+        method=method, student=student,
+        model=torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student,
+        teacher=teacher, tokenizer=tokenizer,
+        optimizer=torch.optim.AdamW(student.parameters(), lr=args.lr, betas=tuple(args.betas),
+                                    weight_decay=args.weight_decay),
+        samplers={name: Sampler(data[key], args.seed + offset, rank, world)
+                  for offset, (name, key) in enumerate((("pairs", "labelled"), ("prompts", "prompts"), ("lm", "lm")))},
+        vocab_size=min(len(tokenizer), student.get_output_embeddings().weight.shape[0],
+                       teacher.get_output_embeddings().weight.shape[0]),
+        checkpoint_path=out_dir / "checkpoint.pt", rank=rank, world=world,
+    )
+    if args.resume and run.checkpoint_path.exists():
+        resume(args, run, load_checkpoint(run.checkpoint_path, run.device))
+    elif args.resume:
+        if rank == 0:
+            warnings.warn(f"--resume: no checkpoint at {run.checkpoint_path}; starting {method} from step 0")
+    elif run.checkpoint_path.exists() and rank == 0:
+        warnings.warn(f"{run.checkpoint_path} exists: this fresh run overwrites it and starts a new log.jsonl "
+                      "(pass --resume to continue it)")
+    return run
+
+
+def plain(arguments: argparse.Namespace) -> dict:
+    """The arguments as JSON values (tuples become lists), as a checkpoint stores them."""
+    return json.loads(json.dumps(vars(arguments)))
+
+
+def checkpoint_state(args, run: Run) -> dict:
+    """What --resume needs, in types that ``torch.load(weights_only=True)`` reads (tensors, numbers, strings,
+    lists, tuples and dicts)."""
+    return {
+        "method": run.method, "step": run.step, "args": plain(args), "history": run.history,
+        "student": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "rollout": None if run.rollout is None else run.rollout.state(),
+        "data_rng": {name: sampler.rng.getstate() for name, sampler in run.samplers.items()},
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
+    }
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """The checkpoint at ``path`` (``weights_only=True``); SystemExit naming the file if it cannot be read."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # torch.load fails in many ways (OSError, RuntimeError, UnpicklingError, EOFError...)
+        raise SystemExit(
+            f"--resume: cannot read the checkpoint {path} ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            "It is truncated or corrupt, or not a checkpoint of this trainer: delete it to start from step 0, "
+            "or put a good copy in its place") from error
+    if not isinstance(state, dict) or "args" not in state:
+        raise SystemExit(f"--resume: {path} is not a checkpoint of this version of the trainer: delete it to start "
+                         "from step 0, or resume it with the version that wrote it")
+    return state
+
+
+def resume(args, run: Run, state: dict) -> None:
+    """Restore ``state`` into ``run``. SystemExit for another method, or a checkpoint past --steps; a warning
+    lists the arguments that changed (they apply from here on: the learning rate, betas and weight decay are
+    set on the restored optimizer)."""
+    path = run.checkpoint_path
+    if state["method"] != run.method:
+        raise SystemExit(f"--resume: {path} is a {state['method']} run; --method {run.method} cannot continue it. "
+                         f"Resume with --method {state['method']}, or start {run.method} in another --out-dir")
+    if state["step"] > args.steps:
+        raise SystemExit(f"--resume: {path} is at step {state['step']}, past --steps {args.steps}: resume with "
+                         f"--steps >= {state['step']}, or start fresh in another --out-dir")
+    changed = [f"--{name.replace('_', '-')} {state['args'].get(name)} -> {value}"
+               for name, value in plain(args).items()
+               if name not in NOT_HYPERPARAMETERS and state["args"].get(name) != value]
+    if changed and run.rank == 0:
+        warnings.warn(f"--resume: arguments changed since {path} was written; from step {state['step']} on: "
+                      + ", ".join(changed))
+    run.student.load_state_dict(state["student"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    for group in run.optimizer.param_groups:  # what the optimizer restored gives way to the arguments
+        group.update(betas=tuple(args.betas), weight_decay=args.weight_decay)
+    for name, sampler in run.samplers.items():
+        sampler.rng.setstate(state["data_rng"][name])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and run.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], run.device)
+    run.step, run.history, run.resumed = state["step"], state["history"], True
+    if state["rollout"] is not None:
+        run.rollout = Rollout.from_state(state["rollout"], run.teacher, args.fused_linear)
+    run.say(f"resumed {run.method} at step {run.step} from {path}"
+            + (f": the run is finished (--steps {args.steps}); raise --steps to train further"
+               if run.step == args.steps else ""))
+
+
+def write_failure(path: Path, error: Exception) -> OSError:
+    """An OSError naming the file that could not be written and the free space where it goes."""
+    free = shutil.disk_usage(path.parent).free / 2**20
+    return OSError(f"could not write {path} ({type(error).__name__}: {error}); the partial file was removed. "
+                   f"{free:.1f} MiB are free on the file system of {path.parent}: if it is full, free some space "
+                   "or pass another --out-dir")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to ``path.tmp``, then an atomic rename: a crash never leaves a half-written checkpoint."""
+    """torch.save to ``path.tmp``, then an atomic rename: a crash never leaves a half-written checkpoint, and a
+    failed write (a full disk) removes the partial file and says where it was going."""
     temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
+    try:
+        torch.save(state, temporary)
+    except (OSError, RuntimeError) as error:  # a full disk: OSError, or torch's RuntimeError from its C++ writer
+        failure = write_failure(temporary, error)  # the free space with the partial file still there
+        temporary.unlink(missing_ok=True)
+        raise failure from error
     os.replace(temporary, path)
 
 
-def save_model(model, tokenizer, directory: Path) -> None:
-    import shutil
+def save(args, run: Run) -> None:
+    """The checkpoint of ``run`` (rank 0 writes it; every rank waits)."""
+    if run.rank == 0:
+        save_checkpoint(run.checkpoint_path, checkpoint_state(args, run))
+    if run.world > 1:
+        dist.barrier()
 
+
+def save_model(model, tokenizer, directory: Path) -> None:
+    """``save_pretrained`` of the model and tokenizer into a temp directory, then renamed to ``directory``."""
     temporary = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
+    try:
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+    except (OSError, RuntimeError) as error:
+        failure = write_failure(temporary, error)
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise failure from error
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(temporary, directory)
 
 
+class JsonlLog:
+    """log.jsonl: one JSON record per line, each flushed as it is written (a kill loses no record written).
+
+    Opening it keeps, for a resumed run (``through_step``: its checkpoint's step), the records up to that step
+    and drops those written after the checkpoint (atomic rewrite), so that the resumed run logs each step once;
+    a fresh run (``through_step=None``) starts it empty. Only rank 0 writes (``enabled``)."""
+
+    def __init__(self, path: Path, through_step: int | None, enabled: bool) -> None:
+        self.path, self.file = path, None
+        if not enabled:
+            return
+        kept = records_through(path, through_step) if through_step is not None and path.exists() else []
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(temporary, path)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def records_through(path: Path, step: int) -> list[str]:
+    """The lines of the log at ``path`` whose record's step is at most ``step`` (a line cut short is dropped)."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError):  # json.JSONDecodeError: the last line, cut short by a kill
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+    return kept
+
+
+def autocast(args, device: torch.device):
+    """bfloat16 autocast with --bf16, else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
+
+def learning_rate(args, step: int) -> float:
+    """--lr, after a linear warm-up over the first --warmup-steps steps: lr * min(1, (step + 1) / warmup)."""
+    return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+
+
+def stop_if_not_finite(value: torch.Tensor, what: str, parts: dict, run: Run) -> None:
+    """Raise FloatingPointError naming the step, the loss parts and the last checkpoint if ``value`` is NaN/inf."""
+    if not torch.isfinite(value):
+        listed = ", ".join(f"{name}={float(torch.as_tensor(part).detach()):.4g}" for name, part in parts.items())
+        raise FloatingPointError(
+            f"{run.method}: non-finite {what} {value.item()} at step {run.step}"
+            + (f"; parts: {listed}" if listed else "")
+            + f". Last checkpoint: {run.checkpoint_path if run.checkpoint_path.exists() else 'none'}")
+
+
+def evaluate_run(args, run: Run, heldout: list, log: JsonlLog) -> None:
+    """Held-out scores of the student at ``run.step``: rank 0 generates, every rank records them."""
+    scores = [evaluate(run.student, run.tokenizer, heldout, max_new_tokens=args.max_new_tokens, progress=True)
+              if run.rank == 0 else None]
+    if run.world > 1:
+        dist.broadcast_object_list(scores)
+    run.history.append({"step": run.step, "heldout": scores[0]})
+    log.write({"method": run.method, "step": run.step, "eval": scores[0]})
+
+
+def next_batch(args, run: Run) -> list:
+    """This step's micro-batches: for minillm ``(rollout rows, L_PT text batch)`` pairs, with a fresh rollout
+    every --ppo-epochs steps; for sft and kd teacher-forced batches of gold pairs."""
+    micro, device = args.batch_size // args.grad_accum, run.device
+    if run.method != "minillm":
+        pairs = [run.samplers["pairs"].next(micro) for _ in range(args.grad_accum)]
+        return [_to(teacher_forced_batch(run.tokenizer, [e.prompt for e in examples], [e.response for e in examples],
+                                         max_length=args.max_length), device) for examples in pairs]
+    if run.step % args.ppo_epochs == 0:
+        # non-finite weights (a diverged update, a bad checkpoint) would fail inside the sampler's multinomial
+        largest = torch.stack([p.detach().abs().max() for p in run.student.parameters()]).max()
+        stop_if_not_finite(largest, "student parameter (largest |value|) before the rollout", {}, run)
+        generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + run.step * 1009 + run.rank)
+        with autocast(args, device):
+            run.rollout = make_rollout(args, run.student, run.teacher, run.tokenizer,
+                                       run.samplers["prompts"].next(args.batch_size), generator, run.vocab_size)
+    texts = [run.samplers["lm"].next(micro) for _ in range(args.grad_accum)]
+    return [(rows, _to(teacher_forced_batch(run.tokenizer, lm_texts, None, max_length=args.max_length), device))
+            for rows, lm_texts in zip(run.rollout.chunks(args.grad_accum), texts)]
+
+
+def backward(args, run: Run, micro_batch, sync: bool) -> dict[str, torch.Tensor]:
+    """The loss of one micro-batch, its backward (divided by --grad-accum; DDP all-reduces if ``sync``) and its
+    detached parts. MiniLLM's L_PT gets its own backward first, so that its graph is freed before L_pg's."""
+    with autocast(args, run.device):
+        if run.method == "minillm":
+            rows, lm_batch = micro_batch
+            with run.no_sync():
+                pretrain = lm_loss(run.model, lm_batch)
+                stop_if_not_finite(args.lm_coef * pretrain, "loss", {"lm_loss": pretrain}, run)
+                (args.lm_coef * pretrain / args.grad_accum).backward()
+            loss, parts = rollout_loss(args, run.model, run.teacher, *rows, run.vocab_size)
+            parts = {**parts, "lm_loss": pretrain.detach(),
+                     "total_loss": parts["total_loss"] + args.lm_coef * pretrain.detach()}
+        elif run.method == "sft":
+            loss, parts = sft_loss(run.model, micro_batch)
+        else:
+            loss, parts = kd_loss(run.model, run.teacher, micro_batch, args.temperature)
+    stop_if_not_finite(loss, "loss", parts, run)
+    with run.no_sync(skip=not sync):
+        (loss / args.grad_accum).backward()
+    return parts
+
+
+def step(args, run: Run, batch: list) -> dict[str, float]:
+    """One optimizer step on ``batch``: every micro-batch's backward, gradient clipping, AdamW at this step's
+    learning rate. FloatingPointError before the update if the gradient norm is not finite. Returns the logged
+    figures (the loss parts averaged over the micro-batches and processes, lr, grad_norm)."""
+    parts: dict[str, float] = {}
+    for index, micro_batch in enumerate(batch):
+        for name, value in backward(args, run, micro_batch, sync=index == len(batch) - 1).items():
+            parts[name] = parts.get(name, 0.0) + float(value) / len(batch)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), args.grad_clip)
+    stop_if_not_finite(grad_norm, "gradient norm", parts, run)
+    lr = learning_rate(args, run.step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.world > 1:  # average the logged figures over the processes
+        values = torch.tensor(list(parts.values()), dtype=torch.float64, device=run.device)
+        dist.all_reduce(values)
+        parts = dict(zip(parts, (values / run.world).tolist()))
+    run.step += 1
+    return {"lr": lr, "grad_norm": float(grad_norm), **parts}
+
+
+def replica_difference(student: torch.nn.Module) -> float:
+    """The largest difference between the processes' copies of ``student`` (a per-tensor sum and sum of squares,
+    gathered): DDP keeps them equal."""
+    fingerprint = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
+                               for p in student.parameters()]).flatten()
+    gathered = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, fingerprint)
+    return max(float((g - gathered[0]).abs().max()) for g in gathered)
+
+
 def train(args, method: str, out_dir: Path, teacher, tokenizer, data, rank: int, world: int) -> dict:
-    """Train a fresh copy of the start student with ``method``.
+    """Train a fresh copy of the start student with ``method`` (or resume it).
 
-    Returns (on rank 0) ``{"history": [{"step", "heldout"}, ...], "seconds": training wall time}``.
+    Returns ``{"history": [{"step", "heldout"}, ...], "seconds": training wall time}``.
     """
-    device = next(teacher.parameters()).device
-    student = load_student(args, teacher, device)
-    model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
-    vocab_size = min(len(tokenizer), student.get_output_embeddings().weight.shape[0],
-                     teacher.get_output_embeddings().weight.shape[0])
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=tuple(args.betas),
-                                  weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0)
-    pairs = Sampler(data["labelled"], args.seed, rank, world)
-    prompts = Sampler(data["prompts"], args.seed + 1, rank, world)
-    lm_texts = Sampler(data["lm"], args.seed + 2, rank, world)
-    step, rollout, history = 0, None, []
-    checkpoint_path = out_dir / "checkpoint.pt"
-    if args.resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        for sampler, key in ((pairs, "pairs"), (prompts, "prompts"), (lm_texts, "lm")):
-            sampler.rng.setstate(state["data_rng"][key])
-        torch.set_rng_state(state["torch_rng"])
-        step, history = state["step"], state["history"]
-        if state["rollout"] is not None:
-            rollout = Rollout(state["rollout"]["sample"], state["rollout"]["rewards"], teacher, args.fused_linear)
-        if rank == 0:
-            tqdm.write(f"resumed {method} at step {step} from {checkpoint_path}")
-    log = open(out_dir / "log.jsonl", "a") if rank == 0 else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
-    micro = args.batch_size // args.grad_accum
-
-    evaluated_at = None
-
-    def evaluate_student(at_step: int) -> None:
-        nonlocal evaluated_at
-        evaluated_at = at_step
-        if rank == 0:
-            scores = evaluate(student, tokenizer, data["heldout"], max_new_tokens=args.max_new_tokens, progress=True)
-            history.append({"step": at_step, "heldout": scores})
-            log.write(json.dumps({"method": method, "step": at_step, "eval": scores}) + "\n")
-            log.flush()
-        if world > 1:
-            dist.barrier()
-
-    def checkpoint() -> None:
-        if rank == 0:
-            save_checkpoint(checkpoint_path, {
-                "student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "history": history,
-                "rollout": None if rollout is None else rollout.state(),
-                "data_rng": {"pairs": pairs.rng.getstate(), "prompts": prompts.rng.getstate(),
-                             "lm": lm_texts.rng.getstate()},
-                "torch_rng": torch.get_rng_state(), "method": method,
-            })
-        if world > 1:
-            dist.barrier()
-
-    if step == 0:
-        evaluate_student(0)
+    run = start_run(args, method, out_dir, teacher, tokenizer, data, rank, world)
+    log = JsonlLog(out_dir / "log.jsonl", run.step if run.resumed else None, enabled=rank == 0)
+    if run.step == 0:
+        evaluate_run(args, run, data["heldout"], log)
     started = time.time()
-    bar = tqdm(range(step, args.steps), desc=method, disable=rank != 0, initial=step, total=args.steps)
-    for step in bar:
-        parts_sum: dict[str, float] = {}
-        if method == "minillm" and step % args.ppo_epochs == 0:  # a fresh rollout every ppo_epochs steps
-            bar.set_postfix_str("rollout")
-            generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
-            with autocast:
-                rollout = make_rollout(args, student, teacher, tokenizer, prompts.next(args.batch_size),
-                                       generator, vocab_size)
-        micro_batches = list(rollout.chunks(args.grad_accum)) if method == "minillm" else [
-            pairs.next(micro) for _ in range(args.grad_accum)]
-        for index, micro_batch in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            with autocast:
-                if method == "minillm":
-                    texts = lm_texts.next(micro)
-                    lm_batch = _to(teacher_forced_batch(tokenizer, texts, None, max_length=args.max_length), device)
-                    # L_PT gets its own backward (DDP all-reduces once, in the last backward of the step)
-                    with model.no_sync() if world > 1 else contextlib.nullcontext():
-                        pretrain = lm_loss(model, lm_batch)
-                        stop_if_not_finite(args.lm_coef * pretrain, {"lm_loss": pretrain}, method, step,
-                                           checkpoint_path)
-                        (args.lm_coef * pretrain / args.grad_accum).backward()
-                    loss, parts = minillm_loss(args, model, teacher, *micro_batch, vocab_size)
-                    parts = {**parts, "lm_loss": pretrain.detach(),
-                             "total_loss": parts["total_loss"] + args.lm_coef * pretrain.detach()}
-                else:
-                    examples = micro_batch
-                    batch = _to(teacher_forced_batch(tokenizer, [e.prompt for e in examples],
-                                                     [e.response for e in examples], max_length=args.max_length),
-                                device)
-                    loss, parts = sft_loss(model, batch) if method == "sft" else kd_loss(
-                        model, teacher, batch, args.temperature)
-            stop_if_not_finite(loss, parts, method, step, checkpoint_path)
-            with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
-                (loss / args.grad_accum).backward()
-            for name, value in parts.items():
-                parts_sum[name] = parts_sum.get(name, 0.0) + float(value) / len(micro_batches)
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:  # average the logged figures over the processes
-            values = torch.tensor(list(parts_sum.values()), dtype=torch.float64, device=device)
-            dist.all_reduce(values)
-            parts_sum = dict(zip(parts_sum, (values / world).tolist()))
-        step += 1
-        if rank == 0:
-            record = {"method": method, "step": step, "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm), "seconds": time.time() - started, **parts_sum}
-            log.write(json.dumps(record) + "\n")
-            shown = "total_loss" if method == "minillm" else f"{method}_loss"
-            bar.set_postfix({shown: f"{parts_sum[shown]:.4f}",
-                             **({"reward": f"{parts_sum['reward']:.3f}"} if method == "minillm" else {})})
-        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            evaluate_student(step)
-        if step % args.save_every == 0 or step == args.steps:
-            checkpoint()
-    if evaluated_at != args.steps:  # the same decision on every rank (history lives on rank 0 only)
-        evaluate_student(args.steps)
-        checkpoint()
+    shown = ("total_loss", "reward") if method == "minillm" else (f"{method}_loss",)
+    bar = tqdm(range(run.step, args.steps), desc=method, disable=rank != 0, initial=run.step, total=args.steps)
+    for _ in bar:
+        parts = step(args, run, next_batch(args, run))
+        log.write({"method": method, "step": run.step, **parts, "seconds": time.time() - started})
+        bar.set_postfix({name: f"{parts[name]:.4f}" for name in shown})
+        if args.eval_every and run.step % args.eval_every == 0:
+            evaluate_run(args, run, data["heldout"], log)
+        if run.step % args.save_every == 0 or run.step == args.steps:
+            save(args, run)
+    if run.history[-1]["step"] != run.step:  # the final eval, unless --eval-every just ran it
+        evaluate_run(args, run, data["heldout"], log)
+        save(args, run)
     seconds = time.time() - started
-    if world > 1:  # DDP keeps the replicas equal; check it (a per-tensor sum and sum of squares, gathered)
-        fingerprint = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
-                                   for p in student.parameters()]).flatten()
-        gathered = [torch.empty_like(fingerprint) for _ in range(world)]
-        dist.all_gather(gathered, fingerprint)
-        replica_difference = max(float((g - gathered[0]).abs().max()) for g in gathered)
-        if rank == 0:
-            log.write(json.dumps({"method": method, "step": step, "replica_max_difference": replica_difference}) + "\n")
+    if world > 1:
+        log.write({"method": method, "step": run.step, "replica_max_difference": replica_difference(run.student)})
     if rank == 0:
-        save_model(student, tokenizer, out_dir / "student")
-        log.close()
-    return {"history": history, "seconds": seconds}
+        save_model(run.student, tokenizer, out_dir / "student")
+    log.close()
+    return {"history": run.history, "seconds": seconds}
 
 
 def _to(batch, device):

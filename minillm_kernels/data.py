@@ -8,7 +8,7 @@ so both paddings give a model the positions it was trained with.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,22 +27,52 @@ class Example(NamedTuple):
     response: str
 
 
-def load_jsonl(path: str | Path) -> list[Example]:
-    """Examples from a JSONL file of objects with "prompt", optional "response" and optional "task" fields.
+def jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file.
 
-    A missing "response" (or "") marks a prompt without a gold answer; a missing "task" groups the
-    example under "all".
+    A line that is not valid JSON, or not a JSON object, is a ValueError naming ``path:line``.
     """
-    examples = []
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path}:{number}: each line must be a JSON object with a string 'prompt' field")
-            examples.append(Example(str(record.get("task", "all")), record["prompt"], str(record.get("response", ""))))
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: each line must be a JSON object, got {type(record).__name__}")
+            yield number, record
+
+
+def load_jsonl(path: str | Path, *, require_response: bool = False) -> list[Example]:
+    """Examples from a JSONL file of objects with "prompt", optional "response" and optional "task" fields.
+
+    A missing "response" (or "") marks a prompt without a gold answer; with ``require_response`` (held-out
+    data, which is scored against it) it is a ValueError naming ``path:line``. A missing "task" groups the
+    example under "all".
+    """
+    examples = []
+    for number, record in jsonl_objects(path):
+        if not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{path}:{number}: each line must be a JSON object with a string 'prompt' field")
+        example = Example(str(record.get("task", "all")), record["prompt"], str(record.get("response", "")))
+        if require_response and not example.response:
+            raise ValueError(f"{path}:{number}: no 'response': every held-out example needs the answer it is "
+                             "scored against")
+        examples.append(example)
     return examples
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """The "text" field of each line of a JSONL file of plain (pre-training) text; ValueError naming
+    ``path:line`` for a line without a string "text"."""
+    texts = []
+    for number, record in jsonl_objects(path):
+        if not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{number}: each line must be a JSON object with a string 'text' field")
+        texts.append(record["text"])
+    return texts
 
 
 def causal_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

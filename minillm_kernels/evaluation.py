@@ -6,9 +6,10 @@ the ``rouge-score`` package's ``rougeL`` F-measure with its default tokenizer (l
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -56,6 +57,17 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(prediction.strip() == reference.strip())
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in ``eval()`` mode (no dropout) inside the block; its previous mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def greedy_responses(
     model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 64, progress: bool = False
@@ -63,25 +75,21 @@ def greedy_responses(
     """Greedy continuations of ``prompts`` (left-padded batches, stopped at the tokenizer's EOS), decoded."""
     from tqdm.auto import tqdm
 
-    was_training = model.training
-    model.eval()
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device
     responses: list[str] = []
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="eval", disable=not progress, leave=False):
-            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
-            generated = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            responses += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        with eval_mode(model):
+            for start in tqdm(range(0, len(prompts), batch_size), desc="eval", disable=not progress, leave=False):
+                batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
+                generated = model.generate(
+                    **batch.to(device), max_new_tokens=max_new_tokens, do_sample=False,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                )
+                responses += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :],
+                                                    skip_special_tokens=True)
     finally:
         tokenizer.padding_side = padding_side
-        model.train(was_training)
     return responses
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from minillm_kernels.data import IGNORE_INDEX, Example, load_jsonl, prompt_batch, teacher_forced_batch
+from minillm_kernels.data import IGNORE_INDEX, Example, load_jsonl, load_texts, prompt_batch, teacher_forced_batch
 from minillm_kernels.sampling import position_ids_from_attention_mask
 from minillm_kernels.tiny.tasks import ANSWER_CUE, TASKS, make_splits, sample_example
 
@@ -57,7 +57,6 @@ def test_unknown_task_is_rejected():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    pytest.importorskip("tokenizers", reason="the train extra (tokenizers, transformers) is not installed")
     from minillm_kernels.tiny.tokenizer import train_bpe_tokenizer
 
     corpus = make_splits(labelled_per_task=50, prompts_per_task=0, heldout_per_task=0, seed=1)["labelled"]
@@ -105,3 +104,29 @@ def test_load_jsonl(tmp_path):
     path.write_text(json.dumps({"response": "r"}) + "\n")
     with pytest.raises(ValueError, match="'prompt' field"):
         load_jsonl(path)
+
+
+def test_jsonl_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"prompt": "p1", "response": "r1"}) + "\n\n" + '{"prompt": "p2", "response": }\n')
+    with pytest.raises(ValueError, match=f"{path}:3: not valid JSON"):
+        load_jsonl(path)
+    path.write_text(json.dumps({"prompt": "p1", "response": "r1"}) + "\n" + json.dumps(["p2"]) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:2: each line must be a JSON object, got list"):
+        load_jsonl(path)
+    path.write_text(json.dumps({"prompt": "p1", "response": "r1"}) + "\n" + json.dumps({"prompt": "p2"}) + "\n")
+    assert len(load_jsonl(path)) == 2  # training data: a prompt-only row is a prompt for MiniLLM's rollouts
+    with pytest.raises(ValueError, match=f"{path}:2: no 'response'"):  # held-out data is scored against it
+        load_jsonl(path, require_response=True)
+
+
+def test_load_texts(tmp_path):
+    path = tmp_path / "lm.jsonl"
+    path.write_text(json.dumps({"text": "cat dog"}) + "\n\n" + json.dumps({"text": "sun"}) + "\n")
+    assert load_texts(path) == ["cat dog", "sun"]
+    path.write_text(json.dumps({"text": "cat dog"}) + "\n" + json.dumps({"prompt": "sun"}) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:2: each line must be a JSON object with a string 'text' field"):
+        load_texts(path)
+    path.write_text('{"text": "cat\n')
+    with pytest.raises(ValueError, match=f"{path}:1: not valid JSON"):
+        load_texts(path)

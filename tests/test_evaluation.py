@@ -5,6 +5,7 @@ import itertools
 import random
 
 import pytest
+from rouge_score import rouge_scorer
 
 from minillm_kernels.evaluation import exact_match, longest_common_subsequence, markdown_table, rouge_l, rouge_tokens
 
@@ -35,7 +36,6 @@ def test_lcs_matches_brute_force():
 
 
 def test_rouge_l_matches_rouge_score_package():
-    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer", reason="the rouge-score package is not installed")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rng = random.Random()
     nonzero = 0

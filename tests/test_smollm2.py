@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the train extra (transformers) is not installed")
-from minillm_kernels.smollm2 import INSTALL_HINT, cut_layers, kept_layers  # noqa: E402
+from minillm_kernels.smollm2 import INSTALL_HINT, cut_layers, kept_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 

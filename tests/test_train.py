@@ -1,17 +1,22 @@
-"""examples/train.py on the tiny default: each method, checkpoint + resume, NaN stop, DDP on 2 CPU processes."""
+"""examples/train.py on the tiny default: each method, the rewards' sign, checkpoint + resume (also after a
+SIGKILL), faults with clear errors, eval() mode in MiniLLM's updates, NaN stops, DDP on 2 CPU processes."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the train extra (transformers) is not installed")
-from minillm_kernels.tiny import checkpoint_dir  # noqa: E402
+import minillm_kernels as mk
+from minillm_kernels.data import causal_lm_logits
+from minillm_kernels.tiny import checkpoint_dir, tiny_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -28,8 +33,6 @@ FAST = ["--batch-size", "8", "--max-new-tokens", "8", "--eval-every", "0", "--th
 @pytest.fixture(scope="module")
 def heldout_file(tmp_path_factory) -> Path:
     """A 10-prompt held-out file, so that the before/after evaluations stay cheap."""
-    from minillm_kernels.tiny import tiny_splits
-
     path = tmp_path_factory.mktemp("data") / "heldout.jsonl"
     path.write_text("".join(json.dumps(e._asdict()) + "\n" for e in tiny_splits()["heldout"][:10]))
     return path
@@ -37,6 +40,10 @@ def heldout_file(tmp_path_factory) -> Path:
 
 def run(out_dir: Path, heldout_file: Path, *extra: str) -> list[dict]:
     train.main([*FAST, "--eval-data", str(heldout_file), "--out-dir", str(out_dir), *extra])
+    return read_log(out_dir)
+
+
+def read_log(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
 
 
@@ -66,14 +73,144 @@ def test_each_method_trains(tmp_path, heldout_file, method, loss_key):
     assert "| student after " + method in (tmp_path / "results.md").read_text()
 
 
-def test_resume_gives_the_uninterrupted_next_step_loss(tmp_path, heldout_file):
-    """6 steps straight vs 5 steps, stop, --resume to 6: step 6 (mid-rollout: PPO epoch 2 of 4) agrees."""
-    straight = losses(run(tmp_path / "straight", heldout_file, "--method", "minillm", "--steps", "6"), "total_loss")
-    run(tmp_path / "resumed", heldout_file, "--method", "minillm", "--steps", "5", "--save-every", "5")
-    resumed = losses(run(tmp_path / "resumed", heldout_file, "--method", "minillm", "--steps", "6", "--resume"),
-                     "total_loss")
-    assert resumed[5] == straight[5]  # the first run's steps, logged before the stop
-    assert resumed[6] == pytest.approx(straight[6], rel=1e-6, abs=1e-7)
+def test_resume_continues_as_if_uninterrupted(tmp_path, heldout_file):
+    """8 steps straight vs 3 steps, stop (mid-rollout: PPO epoch 3 of 4), --resume to 8: steps 4-8 agree, so the
+    optimizer's moments, the warm-up's position, the rollout and the data order were all restored."""
+    schedule = ["--method", "minillm", "--warmup-steps", "8"]
+    straight = run(tmp_path / "straight", heldout_file, *schedule, "--steps", "8")
+    run(tmp_path / "resumed", heldout_file, *schedule, "--steps", "3", "--save-every", "3")
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)  # plain types only
+    assert state["step"] == 3 and state["rollout"] is not None
+    resumed = run(tmp_path / "resumed", heldout_file, *schedule, "--steps", "8", "--resume")
+    assert [r["step"] for r in resumed if "total_loss" in r] == list(range(1, 9))
+    for key in ("total_loss", "pg_loss", "lr"):
+        expected, got = losses(straight, key), losses(resumed, key)
+        for step in range(4, 9):
+            assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), (key, step)
+    assert len(set(losses(straight, "lr").values())) == 8  # the warm-up moved the learning rate at every step
+
+
+def test_resume_checks_what_it_resumes(tmp_path, heldout_file, capsys):
+    """Another method is refused, --steps below the checkpoint is refused, a finished run says so, changed
+    arguments are listed and take effect (the learning rate too), a missing checkpoint is said."""
+    run(tmp_path, heldout_file, "--method", "sft", "--steps", "2")
+    with pytest.raises(SystemExit, match="is a sft run; --method kd cannot continue it"):
+        run(tmp_path, heldout_file, "--method", "kd", "--steps", "3", "--resume")
+    with pytest.raises(SystemExit, match="at step 2, past --steps 1"):
+        run(tmp_path, heldout_file, "--method", "sft", "--steps", "1", "--resume")
+    capsys.readouterr()
+    log = run(tmp_path, heldout_file, "--method", "sft", "--steps", "2", "--resume")
+    said = capsys.readouterr().err
+    assert "resumed sft at step 2" in said and "the run is finished (--steps 2)" in said
+    assert [r["step"] for r in log if "sft_loss" in r] == [1, 2]
+    with pytest.warns(UserWarning, match="arguments changed") as warned:
+        log = run(tmp_path, heldout_file, "--method", "sft", "--steps", "3", "--resume", "--lr", "3e-4",
+                  "--batch-size", "4", "--weight-decay", "0.01")
+    message = next(str(w.message) for w in warned if "arguments changed" in str(w.message))
+    assert "--batch-size 8 -> 4" in message and "--lr 0.0001 -> 0.0003" in message
+    assert "--weight-decay 1e-06 -> 0.01" in message and "--steps" not in message
+    assert losses(log, "lr") == {1: 1e-4, 2: 1e-4, 3: 3e-4}
+    group = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert (group["lr"], group["weight_decay"]) == (3e-4, 0.01)
+    with pytest.warns(UserWarning, match="--resume: no checkpoint at .*starting sft from step 0"):
+        log = run(tmp_path / "empty", heldout_file, "--method", "sft", "--steps", "1", "--resume")
+    assert [r["step"] for r in log if "sft_loss" in r] == [1]
+
+
+def test_a_killed_run_resumes_with_every_step_logged_once(tmp_path, heldout_file):
+    """SIGKILL mid-run, just after a step past the checkpoint: every record written before the kill is in
+    log.jsonl (each is flushed); the resumed run drops the records past the checkpoint's step and logs every step
+    exactly once, in order."""
+    steps = ["--method", "minillm", "--steps", "20", "--save-every", "3"]
+    command = [sys.executable, str(ROOT / "examples" / "train.py"), *FAST, "--eval-data", str(heldout_file),
+               "--out-dir", str(tmp_path), *steps]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=stderr)
+    checkpoint_path = tmp_path / "checkpoint.pt"
+    try:
+        deadline = time.monotonic() + 240
+        while not checkpoint_path.exists():  # step 3's checkpoint (renamed into place when complete)
+            assert process.poll() is None, (tmp_path / "stderr.txt").read_text()
+            assert time.monotonic() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.005)
+        first = checkpoint_path.stat()
+        while True:  # until step 4's record: it comes before step 6's checkpoint if each record is flushed
+            written = checkpoint_path.stat()  # (looked at before the log: a record it follows must be visible)
+            if max(logged_steps(tmp_path), default=0) >= 4:
+                break
+            assert (written.st_ino, written.st_mtime_ns) == (first.st_ino, first.st_mtime_ns), \
+                "a later checkpoint came before step 4's record reached log.jsonl: records are not flushed"
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.txt").read_text()
+            time.sleep(0.005)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before the kill"
+    before, checkpoint = logged_steps(tmp_path), torch.load(checkpoint_path, weights_only=True)["step"]
+    assert before == list(range(1, len(before) + 1)) and len(before) >= checkpoint, (before, checkpoint)
+    log = run(tmp_path, heldout_file, *steps, "--resume")
+    assert [r["step"] for r in log if "total_loss" in r] == list(range(1, 21)), (before, checkpoint)
+    assert [r["step"] for r in log if "eval" in r] == [0, 20]
+
+
+def logged_steps(out_dir: Path) -> list[int]:
+    """The steps of the training records in ``out_dir``'s log.jsonl so far (complete lines only)."""
+    path = out_dir / "log.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []  # the text after the last newline may be cut
+    return [record["step"] for record in map(json.loads, lines) if "total_loss" in record]
+
+
+def test_rollout_rewards_are_the_teacher_student_log_ratio():
+    """r_t = clip((log p(y_t) - log q(y_t)) / 0.5, +-100), with both log-probabilities recomputed here by a
+    plain forward pass of each model over the sampled sequences."""
+    args = train.parse_args(FAST)
+    device = torch.device("cpu")
+    teacher, tokenizer = train.load_teacher(args, device)
+    student = train.load_student(args, teacher, device)
+    vocab_size = min(len(tokenizer), student.config.vocab_size, teacher.config.vocab_size)
+    prompts = [e.prompt for e in tiny_splits()["prompts"][:8]]
+    rollout = train.make_rollout(args, student, teacher, tokenizer, prompts, torch.Generator().manual_seed(0),
+                                 vocab_size)
+    sample, mask = rollout.sample, rollout.sample.response_mask
+    assert student.training  # make_rollout sampled in eval() mode and gave the student back as it was
+
+    def response_logprob(model) -> torch.Tensor:
+        with torch.no_grad():
+            logits = causal_lm_logits(model.eval(), sample.sequences, sample.attention_mask)[..., :vocab_size]
+        logits = logits[:, sample.prompt_length - 1 : -1].double().log_softmax(-1)
+        return logits.gather(-1, sample.response_ids.clamp(max=vocab_size - 1).unsqueeze(-1)).squeeze(-1)
+
+    log_ratio = response_logprob(teacher) - response_logprob(student)
+    expected = torch.where(mask, (log_ratio / args.reward_scaling).clamp(-args.reward_clip, args.reward_clip), 0.0)
+    assert expected[mask].abs().max() > 1  # a flipped sign cannot pass
+    torch.testing.assert_close(rollout.rewards.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_minillm_updates_run_without_dropout(tmp_path, heldout_file, monkeypatch):
+    """A GPT-2 student with dropout 0.1: MiniLLM's first PPO epoch sees the sampler's log q_old again (ratio 1),
+    as the student is in eval() mode (the reference code's); --dropout turns dropout on in the updates."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tokenizer = train.load_teacher(train.parse_args([]), torch.device("cpu"))
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.1,
+                        embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    log_ratios = []
+
+    def spy(token_stats, old_logprob, rewards, importance_weight, mask, **kwargs):
+        log_ratios.append(float((token_stats.student_logprob - old_logprob).detach()[mask].abs().max()))
+        return minillm_loss(token_stats, old_logprob, rewards, importance_weight, mask, **kwargs)
+
+    minillm_loss = mk.minillm_loss
+    monkeypatch.setattr(mk, "minillm_loss", spy)
+    student = ["--student", str(tmp_path / "gpt2"), "--method", "minillm", "--steps", "1", "--lr", "1e-4"]
+    run(tmp_path / "eval_mode", heldout_file, *student)
+    run(tmp_path / "dropout", heldout_file, *student, "--dropout")
+    assert log_ratios[0] < 1e-5, log_ratios  # rho = w exactly: no dropout noise
+    assert log_ratios[1] > 1e-2, log_ratios
 
 
 def test_fused_linear_gives_the_logits_path_losses(tmp_path, heldout_file):
@@ -93,6 +230,59 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, heldout_file):
         run(tmp_path, heldout_file, "--method", "minillm", "--steps", "2", "--lm-coef", "nan")
 
 
+def test_a_diverging_step_stops_before_the_update_and_the_rollout(tmp_path, heldout_file):
+    """lr 1e3 makes step 1's gradient NaN: the run stops there, before the optimizer poisons the weights (and
+    before the next rollout's sampler, which would fail inside torch.multinomial)."""
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm nan at step 1; parts: pg_loss="):
+        run(tmp_path, heldout_file, "--method", "minillm", "--steps", "3", "--ppo-epochs", "1", "--lr", "1e3")
+
+
+def test_non_finite_student_weights_stop_before_the_rollout(tmp_path, heldout_file):
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(checkpoint_dir("student-sft"))
+    with torch.no_grad():
+        student.model.norm.weight[0] = float("nan")
+    student.save_pretrained(tmp_path / "nan-student")
+    with pytest.raises(FloatingPointError, match=r"non-finite student parameter \(largest \|value\|\) before the "
+                                                 "rollout nan at step 0. Last checkpoint: none"):
+        run(tmp_path, heldout_file, "--student", str(tmp_path / "nan-student"), "--method", "minillm", "--steps", "1")
+
+
+def test_a_corrupt_checkpoint_is_named(tmp_path, heldout_file):
+    run(tmp_path, heldout_file, "--method", "sft", "--steps", "1")
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(SystemExit, match=f"cannot read the checkpoint {re.escape(str(path))} .*truncated or corrupt"):
+        run(tmp_path, heldout_file, "--method", "sft", "--steps", "2", "--resume")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux), where every write fails: ENOSPC")
+def test_a_full_disk_names_the_file_and_removes_the_partial_checkpoint(tmp_path, heldout_file):
+    temporary = tmp_path / "checkpoint.tmp"
+    temporary.symlink_to("/dev/full")  # the checkpoint's temp file: writing it runs out of space
+    with pytest.raises(OSError, match=f"could not write {re.escape(str(temporary))} .*MiB are free on the file "
+                                      f"system of {re.escape(str(tmp_path))}"):
+        run(tmp_path, heldout_file, "--method", "sft", "--steps", "1")
+    assert not temporary.is_symlink() and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_bad_paths_and_data_are_named(tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    for argv, message in ((["--data", str(missing)], f"--data {missing}: no such file"),
+                          (["--eval-data", str(missing)], f"--eval-data {missing}: no such file"),
+                          (["--lm-data", str(missing)], f"--lm-data {missing}: no such file"),
+                          (["--teacher", str(tmp_path / "nope")], f"--teacher {tmp_path / 'nope'}: no such directory"),
+                          (["--student", "models/a/b"], "--student models/a/b: no such directory")):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+        assert message in capsys.readouterr().err
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"prompt": "Max: 1 2\nA:", "response": " 2"}) + "\n" + json.dumps({"prompt": "p"}))
+    with pytest.raises(ValueError, match=f"{re.escape(str(heldout))}:2: no 'response'"):
+        train.load_data(train.parse_args(["--eval-data", str(heldout)]), tokenizer=None)
+
+
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, heldout_file):
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -104,12 +294,11 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, heldout_file
     differences = [r["replica_max_difference"] for r in log if "replica_max_difference" in r]
     assert differences == [0.0]
     assert sorted(losses(log, "total_loss")) == [1, 2, 3, 4]
-    start = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["student"]
+    start = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["student"]
     assert start  # rank 0 wrote the checkpoint
 
 
 def test_compare_writes_one_table_and_the_curve_plot(tmp_path, heldout_file):
-    pytest.importorskip("matplotlib", reason="--compare's plot needs matplotlib (the train extra)")
     train.main([*FAST, "--eval-data", str(heldout_file), "--out-dir", str(tmp_path), "--compare", "--steps", "2",
                 "--eval-every", "1"])
     rows = [line.split(" |")[0] for line in (tmp_path / "compare.md").read_text().splitlines() if line.startswith("| ")]
@@ -124,8 +313,6 @@ def test_compare_writes_one_table_and_the_curve_plot(tmp_path, heldout_file):
 
 def test_own_jsonl_data_with_prompt_only_rows(tmp_path):
     """A user's JSONL: gold pairs and prompt-only rows; 5% of the pairs are held out when no --eval-data."""
-    from minillm_kernels.tiny import tiny_splits
-
     splits = tiny_splits()
     rows = [e._asdict() for e in splits["labelled"][:40]] + [{"prompt": e.prompt} for e in splits["prompts"][:20]]
     data = tmp_path / "mine.jsonl"
