@@ -1,10 +1,13 @@
 """Every backend against the float64 oracle (conftest.exact_token_stats): values, gradients, dtype pairs, masks,
-padding, out-of-range targets, extreme inputs, float32 accuracy at a realistic size."""
+padding, out-of-range targets, extreme inputs, float32 accuracy at a realistic size, and the CPU kernel's build for
+this machine's instruction set."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -481,3 +484,46 @@ def test_torch_compile_as_the_first_call_in_a_process():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CPU build is keyed by the instruction set (item 13).
+# ---------------------------------------------------------------------------------------------------------------
+def macros_of(march: str) -> frozenset[str]:
+    """The macros the C++ compiler predefines for ``-march=<march>``."""
+    done = subprocess.run([os.environ.get("CXX", "c++"), f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull],
+                          capture_output=True, text=True, check=True)
+    return frozenset(line.split()[1] for line in done.stdout.splitlines() if line.startswith("#define "))
+
+
+@pytest.mark.parametrize("level", ("x86-64", "x86-64-v2", "x86-64-v3", "x86-64-v4"))
+def test_cpu_build_is_named_and_flagged_by_its_instruction_set_level(level):
+    from minillm_kernels import cpu
+
+    name, flags = cpu.build_config(level)
+    assert name == "minillm_kernels_cpu_" + level.replace("-", "_")
+    assert f"-march={level}" in flags and not any("native" in flag for flag in flags)
+    if shutil.which(os.environ.get("CXX", "c++")) is None or not macros_of("native") >= {"__x86_64__"}:
+        pytest.skip("no x86-64 C++ compiler here to say which macros each level defines")
+    assert cpu.isa_level(macros_of(level), "x86_64") == level  # the compiler's own view of each level
+
+
+def test_cpu_build_for_other_architectures_uses_the_compilers_baseline():
+    from minillm_kernels import cpu
+
+    assert cpu.isa_level({"__aarch64__", "__ARM_NEON"}, "aarch64") == "aarch64"
+    name, flags = cpu.build_config("aarch64")
+    assert name == "minillm_kernels_cpu_aarch64" and not any(flag.startswith("-march") for flag in flags)
+
+
+def test_the_loaded_cpu_kernel_is_the_build_for_this_machine():
+    require_backend("cpu")
+    from minillm_kernels import cpu
+
+    level = cpu.host_isa_level()
+    assert cpu.load_extension().__name__ == cpu.build_config(level)[0]
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # cross-check the level against the kernel's view of the CPU
+        flags = set(next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split())
+        has_avx512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags
+        assert (level == "x86-64-v4") == has_avx512, (level, has_avx512)
