@@ -1,8 +1,8 @@
 """Every backend against the float64 oracle (conftest.exact_token_stats): values, gradients, dtype pairs, masks,
-padding, out-of-range targets, extreme inputs, float32 accuracy at a realistic size, and the CPU kernel's build for
-this machine's instruction set."""
+padding, out-of-range targets, extreme inputs, float32 accuracy at a realistic size, and the CPU kernel's build."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -487,8 +487,28 @@ def test_torch_compile_as_the_first_call_in_a_process():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The CPU build is keyed by the instruction set (item 13).
+# The kernels build where their toolchains are, and the CPU build is keyed by the instruction set (item 13).
 # ---------------------------------------------------------------------------------------------------------------
+def test_the_cpu_kernel_builds_where_a_compiler_and_ninja_are():
+    """A failed build must fail here, not skip every cpu row of this file."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available():
+        pytest.skip("no C++ compiler or no ninja: the CPU kernel cannot be built here")
+    assert "cpu" in mk.available_backends(), "the CPU kernel did not build: see the RuntimeWarning for the error"
+
+
+def test_the_triton_kernels_run_where_triton_is_installed():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    assert "triton" in mk.available_backends()
+    device = device_for("triton")
+    student, teacher = random_logits(2, 7, torch.float32, device), random_logits(2, 7, torch.float32, device)
+    exact = exact_token_stats(student, teacher, None).reverse_kld
+    got = mk.fused_reverse_kld(student, teacher, reduction="none", backend="triton")
+    assert_within(got, exact, per_token_bound(exact, torch.float32), "reverse_kld")
+
+
 def macros_of(march: str) -> frozenset[str]:
     """The macros the C++ compiler predefines for ``-march=<march>``."""
     done = subprocess.run([os.environ.get("CXX", "c++"), f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull],
