@@ -425,9 +425,10 @@ def test_cpu_float32_per_token_accuracy_at_4096_by_32000(temperature):
 
 @pytest.mark.parametrize("backend", ("triton", "cuda"))
 def test_gpu_kernels_float32_per_token_accuracy_at_32000_columns(backend):
-    """The same bound at the realistic vocabulary on the GPU kernels (a few rows: Triton's interpreter on a CPU)."""
+    """The same bound at the realistic vocabulary on the GPU kernels (4 rows under Triton's interpreter on a CPU;
+    1024 on a GPU, where the float64 oracle on the CPU is the cost)."""
     require_backend(backend)
-    rows = 4 if device_for(backend).type == "cpu" else 4096
+    rows = 4 if device_for(backend).type == "cpu" else 1024
     assert_per_token_accuracy(backend, rows, 32000, 0.7)
 
 
