@@ -20,9 +20,10 @@
 //
 // Dtypes: student and teacher may differ (any of float32, float64, bfloat16, float16); each is read in its
 // own dtype. Per-element arithmetic (the exps, the terms) is in acc_t: double if either input is float64,
-// float otherwise. The row sums Z_s, Z_t, E, A are double in both cases, added to term by term: float sums
-// round at the scale of their largest term, so over a row they cost up to 1e-6 relative in KL (the
-// cancellation in KL = k A / Z_s - log Z_s + log Z_t at V = 32000, or a peaked row's few large terms).
+// float otherwise. The row sums Z_s, Z_t, E, A are double in both cases, added to a pair of terms at a time
+// (accumulate_chunk): float sums round at the scale of their largest term, so over a row they cost up to 1e-6
+// relative in KL (the cancellation in KL = k A / Z_s - log Z_s + log Z_t at V = 32000, or a peaked row's few
+// large terms).
 // Per-row outputs are acc_t; the gradient has the student's dtype (rounded to nearest even).
 //
 // Targets: an unmasked row whose target y is outside [0, vocab_size) gets log q(y) = log p(y) = NaN (and the
