@@ -1,7 +1,8 @@
 """Just-in-time builds of the kernels in ``csrc/`` with ninja, shared by the ``cpu`` and ``cuda`` loaders.
 
-``build_extension`` compiles an extension once (torch caches the build across processes, keyed by the sources
-and flags) and returns the module; if the build fails, it warns once, naming the compiler's first error, and
+``build_extension`` compiles an extension once (torch caches the build across processes, keyed by the name, sources
+and flags, not by the machine: what depends on the host, such as the CPU's instruction set, must be in the name, as
+``cpu.py`` does) and returns the module; if the build fails, it warns once, naming the compiler's first error, and
 returns None, so that the caller's backend is simply not available.
 """
 from __future__ import annotations

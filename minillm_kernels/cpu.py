@@ -1,29 +1,98 @@
-"""The ``"cpu"`` backend's loader: builds the fused C++ kernels (``csrc/cpu``) just-in-time.
+"""The ``"cpu"`` backend's loader: builds the fused C++ kernels (``csrc/cpu``) just-in-time, one build per
+instruction-set level.
 
 ``load_extension()`` compiles the extension once per process (torch caches the build across processes)
 and returns the module, with ``forward`` and ``backward``; if the build fails it warns once and returns
 None, and the reference backend is used instead.
+
+torch's build cache is keyed by the extension's name, sources and flags, not by the CPU. A ``-march=native``
+build made on an AVX-512 machine and found in a cache shared with an older machine (one home directory or
+image) would crash that machine with an illegal instruction. So the build targets the host's x86-64
+micro-architecture level (``x86-64-v2``, ``-v3``: AVX2 and FMA, ``-v4``: AVX-512) with an explicit
+``-march=<level>``, and the extension's name carries the level (``minillm_kernels_cpu_x86_64_v4``): a shared
+cache holds one build per level, and a machine only ever loads the build for its own level. The level is the
+highest whose feature macros the compiler defines for ``-march=native`` (so it accounts for what the OS
+enables, e.g. AVX-512 state). Other architectures get the compiler's baseline for the machine (no ``-march``),
+named by ``platform.machine()``.
 """
 from __future__ import annotations
 
 import functools
+import os
+import platform
+import re
+import subprocess
+from collections.abc import Iterable
 from types import ModuleType
 
 from minillm_kernels._jit import build_extension, csrc_dir
 
 # No -ffast-math / -ffinite-math-only: the kernels must handle -inf logits.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
+
+X86_64_BASELINE = "x86-64"
+# The x86-64 micro-architecture levels (psABI), lowest first, by the feature macros gcc and clang define for them.
+X86_64_LEVEL_MACROS = {
+    "x86-64-v2": frozenset({"__SSE3__", "__SSSE3__", "__SSE4_1__", "__SSE4_2__", "__POPCNT__"}),
+    "x86-64-v3": frozenset({"__AVX__", "__AVX2__", "__BMI__", "__BMI2__", "__F16C__", "__FMA__", "__LZCNT__",
+                            "__MOVBE__", "__XSAVE__"}),
+    "x86-64-v4": frozenset({"__AVX512F__", "__AVX512BW__", "__AVX512CD__", "__AVX512DQ__", "__AVX512VL__"}),
+}
+
+
+def isa_level(macros: Iterable[str], machine: str) -> str:
+    """The instruction-set level to build for, from the compiler's predefined macros for ``-march=native``.
+
+    x86-64 (``__x86_64__`` defined): the highest level of ``X86_64_LEVEL_MACROS`` whose macros, and those of
+    every level below it, are all defined, else ``"x86-64"``. Any other architecture: ``machine`` itself.
+    """
+    macros = frozenset(macros)
+    if "__x86_64__" not in macros:
+        return machine
+    level, required = X86_64_BASELINE, frozenset()
+    for name, features in X86_64_LEVEL_MACROS.items():
+        required |= features
+        if not required <= macros:
+            break
+        level = name
+    return level
+
+
+def build_config(level: str) -> tuple[str, list[str]]:
+    """``(extension name, compiler flags)`` of the build for an instruction-set level from ``isa_level``."""
+    name = "minillm_kernels_cpu_" + re.sub(r"\W", "_", level)
+    if level == X86_64_BASELINE or level in X86_64_LEVEL_MACROS:
+        return name, [*_CFLAGS, f"-march={level}"]
+    return name, list(_CFLAGS)
+
+
+def _native_macros(compiler: str) -> frozenset[str]:
+    """The macros ``compiler`` predefines for ``-march=native`` (none if it cannot say)."""
+    try:
+        done = subprocess.run([compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
+                              capture_output=True, text=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    return frozenset(line.split()[1] for line in done.stdout.splitlines() if line.startswith("#define "))
+
+
+@functools.cache
+def host_isa_level() -> str:
+    """This machine's level (``isa_level``), asking the compiler the JIT build uses (``$CXX``, else ``c++``)."""
+    return isa_level(_native_macros(os.environ.get("CXX", "c++")), platform.machine())
 
 
 @functools.cache
 def load_extension() -> ModuleType | None:
-    """Build (or load the cached build of) the CPU extension; None, with one warning, if that fails."""
+    """Build (or load the cached build of) the CPU extension for this machine's instruction-set level; None, with
+    one warning, if that fails."""
     cpu_dir = csrc_dir() / "cpu"
+    name, cflags = build_config(host_isa_level())
     return build_extension(
-        "minillm_kernels_cpu",
+        name,
         [cpu_dir / "reverse_kld.cpp", cpu_dir / "bindings.cpp"],
         what="the CPU kernel",
         instead="using the reference backend instead",
-        extra_cflags=_CFLAGS,
+        extra_cflags=cflags,
         extra_ldflags=["-fopenmp"],
     )

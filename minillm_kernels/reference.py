@@ -1,19 +1,27 @@
-"""The naive PyTorch formulas: the oracle every backend is tested against.
+"""The naive PyTorch formulas: the ``"reference"`` backend, and the formulas every kernel implements.
 
 Everything here is written the way a user would write it by hand, on full ``[N, V]`` tensors, with
-autograd providing the gradients. It runs in any float dtype (float64 included) on any device, and is
-also the ``"reference"`` backend. Shapes: ``student``/``teacher`` are ``[N, V_s]``/``[N, V_t]``,
-``target``/``mask`` are ``[N]``; the first ``vocab_size`` columns are the real vocabulary.
+autograd providing the gradients. It runs in any float dtypes (float64 included, student and teacher may
+differ) on any device. Shapes: ``student``/``teacher`` are ``[N, V_s]``/``[N, V_t]``, ``target``/``mask``
+are ``[N]``; the first ``vocab_size`` columns are the real vocabulary.
 """
 from __future__ import annotations
 
 import torch
 
 
-def _log_softmax(logits: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
-    """log softmax(logits[:, :vocab_size] / T), computed in at least float32."""
-    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    return torch.log_softmax(logits[:, :vocab_size].to(compute_dtype) / temperature, dim=-1)
+def compute_dtype(*logits_dtypes: torch.dtype) -> torch.dtype:
+    """promote(*logits_dtypes, float32): float64 if any is float64, else float32. Both log-softmaxes are computed
+    in it (and the kernels' per-token outputs have it)."""
+    dtype = torch.float32
+    for logits_dtype in logits_dtypes:
+        dtype = torch.promote_types(dtype, logits_dtype)
+    return dtype
+
+
+def _log_softmax(logits: torch.Tensor, vocab_size: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """log softmax(logits[:, :vocab_size] / T), computed in ``dtype``."""
+    return torch.log_softmax(logits[:, :vocab_size].to(dtype) / temperature, dim=-1)
 
 
 def token_stats(
@@ -26,12 +34,16 @@ def token_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token (KL(q || p), log q(y), log p(y), H(q)), each ``[N]``, 0 where ``mask`` is False.
 
-    log q = log_softmax(s / T), log p = log_softmax(t / T) over the first ``vocab_size`` columns;
-    KL = sum_v q_v (log q_v - log p_v), H = -sum_v q_v log q_v, terms with q_v = 0 count 0.
-    Without ``target`` the two log-probabilities are zeros. The teacher gets no gradient.
+    log q = log_softmax(s / T), log p = log_softmax(t / T) over the first ``vocab_size`` columns, both in
+    ``compute_dtype(student.dtype, teacher.dtype)`` (the dtype of the results); KL = sum_v q_v (log q_v -
+    log p_v), H = -sum_v q_v log q_v, terms with q_v = 0 count 0. Without ``target`` the two log-probabilities
+    are zeros. A target outside [0, vocab_size) in an unmasked row gives NaN log-probabilities for that row
+    (and, under autograd, no gradient through them: the row's upstream gradient of log q(y) counts as 0);
+    masked rows may hold any id (e.g. -100). The teacher gets no gradient.
     """
-    student_logq = _log_softmax(student, vocab_size, temperature)
-    teacher_logp = _log_softmax(teacher.detach(), vocab_size, temperature)
+    dtype = compute_dtype(student.dtype, teacher.dtype)
+    student_logq = _log_softmax(student, vocab_size, temperature, dtype)
+    teacher_logp = _log_softmax(teacher.detach(), vocab_size, temperature, dtype)
     q = student_logq.exp()
     zero = student_logq.new_zeros(())
     # Select before multiplying, so that the dead terms' gradients are 0 and not 0 * inf = NaN.
@@ -41,9 +53,11 @@ def token_stats(
     if target is None:
         student_logprob = teacher_logprob = torch.zeros_like(kl)
     else:
-        index = target.clamp(0, vocab_size - 1).unsqueeze(-1)  # masked rows may hold ignore ids
-        student_logprob = student_logq.gather(-1, index).squeeze(-1)
-        teacher_logprob = teacher_logp.gather(-1, index).squeeze(-1)
+        in_range = (target >= 0) & (target < vocab_size)
+        index = torch.where(in_range, target, 0).unsqueeze(-1)  # a column of the row whatever the id
+        nan = student_logq.new_full((), float("nan"))
+        student_logprob = torch.where(in_range, student_logq.gather(-1, index).squeeze(-1), nan)
+        teacher_logprob = torch.where(in_range, teacher_logp.gather(-1, index).squeeze(-1), nan)
     stats = (kl, student_logprob, teacher_logprob, entropy)
     if mask is not None:
         stats = tuple(torch.where(mask, x, zero) for x in stats)

@@ -15,41 +15,57 @@ from pathlib import Path
 
 import pytest
 
-SHARED = dict(student_ptr="*{dt}", teacher_ptr="*{dt}", target_ptr="*i64", mask_ptr="*i1")
+DTYPES = ("bf16", "fp16", "fp32", "fp64")
+SHARED = dict(student_ptr="*{student}", teacher_ptr="*{teacher}", target_ptr="*i64", mask_ptr="*i1")
 SIGNATURES = {
     "forward": dict(
-        SHARED, kl_ptr="*fp32", student_logprob_ptr="*fp32", teacher_logprob_ptr="*fp32", entropy_ptr="*fp32",
-        row_stats_ptr="*fp32", student_row_stride="i64", teacher_row_stride="i64", vocab_size="i32",
-        inv_temperature="fp32",
+        SHARED, kl_ptr="*{stats}", student_logprob_ptr="*{stats}", teacher_logprob_ptr="*{stats}",
+        entropy_ptr="*{stats}", row_stats_ptr="*{stats}", student_row_stride="i64", teacher_row_stride="i64",
+        vocab_size="i32", inv_temperature="fp64",
     ),
     "backward": dict(
-        SHARED, grad_kl_ptr="*fp32", grad_student_logprob_ptr="*fp32", grad_entropy_ptr="*fp32", kl_ptr="*fp32",
-        entropy_ptr="*fp32", row_stats_ptr="*fp32", grad_student_ptr="*{dt}", student_row_stride="i64",
-        teacher_row_stride="i64", student_width="i32", vocab_size="i32", inv_temperature="fp32",
+        SHARED, grad_kl_ptr="*{stats}", grad_student_logprob_ptr="*{stats}", grad_entropy_ptr="*{stats}",
+        kl_ptr="*{stats}", entropy_ptr="*{stats}", row_stats_ptr="*{stats}", grad_student_ptr="*{student}",
+        student_row_stride="i64", teacher_row_stride="i64", student_width="i32", vocab_size="i32",
+        inv_temperature="fp64",
     ),
 }
-CASES = [(kernel, dtype, flags) for kernel in SIGNATURES for dtype in ("bf16", "fp16", "fp32") for flags in (True, False)]
+# Every (student, teacher) dtype pair with a target and a mask; the same-dtype pairs also without.
+CASES = [
+    (kernel, student, teacher, flags)
+    for kernel in SIGNATURES
+    for student in DTYPES
+    for teacher in DTYPES
+    for flags in ((True, False) if student == teacher else (True,))
+]
 
 
 def compile_all() -> dict[str, str]:
     """Compile every case for sm_90: ``{case: "ok" or the error}``."""
     import triton
+    import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
     from minillm_kernels.ops import reverse_kld_triton
 
     results = {}
-    for kernel_name, dtype, flags in CASES:
+    for kernel_name, student, teacher, flags in CASES:
         kernel = getattr(reverse_kld_triton, f"_reverse_kld_{kernel_name}_kernel")
-        constexprs = {"HAS_TARGET": flags, "HAS_MASK": flags, "BLOCK_V": 4096}
-        signature = {name: kind.format(dt=dtype) for name, kind in SIGNATURES[kernel_name].items()}
+        acc = "fp64" if "fp64" in (student, teacher) else "fp32"
+        constexprs = {"HAS_TARGET": flags, "HAS_MASK": flags, "BLOCK_V": 4096,
+                      "ACC_DTYPE": tl.float64 if acc == "fp64" else tl.float32}
+        signature = {
+            name: kind.format(student=student, teacher=teacher, stats=acc)
+            for name, kind in SIGNATURES[kernel_name].items()
+        }
         signature.update(dict.fromkeys(constexprs, "constexpr"))
+        case = str((kernel_name, student, teacher, flags))
         try:
             source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-            results[str((kernel_name, dtype, flags))] = "ok" if compiled.asm["cubin"] else "no cubin"
+            results[case] = "ok" if compiled.asm["cubin"] else "no cubin"
         except Exception as error:  # reported per case by the test
-            results[str((kernel_name, dtype, flags))] = f"{type(error).__name__}: {error}"
+            results[case] = f"{type(error).__name__}: {error}"
     return results
 
 

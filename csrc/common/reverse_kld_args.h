@@ -11,13 +11,18 @@
 
 namespace reverse_kld_args {
 
-// The accumulation (and per-row output) dtype: double for float64 logits, float otherwise.
-inline at::ScalarType accumulation_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+// The accumulation (and per-row output) dtype: double if either logits tensor is float64, float otherwise.
+inline at::ScalarType accumulation_dtype(const at::Tensor& student, const at::Tensor& teacher) {
+  return student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// student [N, Vs] and teacher [N, Vt] on `device`, same float dtype, last-dim stride 1, vocab_size in
-// [1, min(Vs, Vt)]. `where` names the backend in the messages, e.g. "reverse_kld (cuda)".
+inline bool is_logits_dtype(at::ScalarType dt) {
+  return dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf;
+}
+
+// student [N, Vs] and teacher [N, Vt] on `device`, each float32, float64, bfloat16 or float16 (the two may
+// differ), last-dim stride 1, vocab_size in [1, min(Vs, Vt)]. `where` names the backend in the messages, e.g.
+// "reverse_kld (cuda)".
 inline void check_logits(const at::Tensor& student, const at::Tensor& teacher, int64_t vocab_size,
                          c10::DeviceType device, const char* where) {
   TORCH_CHECK(student.device().type() == device && teacher.device() == student.device(), where,
@@ -27,12 +32,9 @@ inline void check_logits(const at::Tensor& student, const at::Tensor& teacher, i
               student.sizes(), " and ", teacher.sizes());
   TORCH_CHECK(student.size(0) == teacher.size(0), where, ": student and teacher have different row counts: ",
               student.size(0), " vs ", teacher.size(0));
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), where,
-              ": student and teacher must have the same dtype, got ", student.scalar_type(), " and ",
+  TORCH_CHECK(is_logits_dtype(student.scalar_type()) && is_logits_dtype(teacher.scalar_type()), where,
+              ": logits must be float32, float64, bfloat16 or float16, got ", student.scalar_type(), " and ",
               teacher.scalar_type());
-  const auto dt = student.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, where,
-              ": logits must be float32, float64, bfloat16 or float16, got ", dt);
   TORCH_CHECK(vocab_size >= 1 && vocab_size <= student.size(1) && vocab_size <= teacher.size(1), where,
               ": vocab_size must be in [1, min(Vs, Vt)] = [1, ", std::min(student.size(1), teacher.size(1)),
               "], got ", vocab_size);
@@ -63,7 +65,7 @@ inline at::Tensor row_stats_of(const at::Tensor& row_stats, int64_t n, at::Scala
   return row_stats.contiguous();
 }
 
-// The per-row tensors of backward(...), checked against the [n_rows, V] student logits and made contiguous:
+// The per-row tensors of backward(...), checked against the [n_rows, V] logits and made contiguous:
 // target int64 and mask bool (undefined if absent); the upstream gradients of (KL, log q(y), H) in the
 // accumulation dtype (undefined counts as zeros); kl, entropy and row_stats [n, 4] from the forward (required).
 struct BackwardRows {
@@ -71,12 +73,13 @@ struct BackwardRows {
 };
 
 inline BackwardRows backward_rows(
-    const at::Tensor& student, const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& mask,
+    const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& target,
+    const c10::optional<at::Tensor>& mask,
     const at::Tensor& grad_kl, const at::Tensor& grad_student_logprob, const at::Tensor& grad_entropy,
     const at::Tensor& kl, const at::Tensor& entropy, const at::Tensor& row_stats, const char* where) {
   const int64_t n = student.size(0);
   const at::Device device = student.device();
-  const at::ScalarType acc = accumulation_dtype(student);
+  const at::ScalarType acc = accumulation_dtype(student, teacher);
   BackwardRows rows{
       row_vector(target, n, at::kLong, device, "target", where),
       row_vector(mask, n, at::kBool, device, "mask", where),

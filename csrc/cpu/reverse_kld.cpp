@@ -1,20 +1,37 @@
 // Fused reverse-KL CPU kernels.
 //
-// Per row (token), with s' = s * inv_temperature and t' = t * inv_temperature over the first vocab_size
-// columns, the forward pass streams the row in chunks that stay in L1. Per chunk it takes the chunk maxima,
-// re-centres the running accumulators when a maximum grows (online softmax), then accumulates
-//   Z_s = sum_v e_v,  e_v = exp(s'_v - m_s)          Z_t = sum_v exp(t'_v - m_t)
-//   E   = sum_v e_v (s'_v - m_s)                      A   = sum_v e_v ((s'_v - m_s) - (t'_v - m_t))
+// Per row (token), over the first vocab_size columns of the student logits s and the teacher logits t, with
+// inverse temperature k = 1/T: the forward pass streams the row in chunks that stay in L1. Per chunk it takes
+// the chunk's maxima of the raw logits, re-centres the running sums when a maximum grows (online softmax),
+// then accumulates, with c_s, c_t the running maxima and u_v = s_v - c_s, w_v = t_v - c_t (raw differences),
+//   Z_s = sum_v e_v,  e_v = exp(k u_v)          Z_t = sum_v exp(k w_v)
+//   E   = sum_v e_v u_v                          A   = sum_v e_v (u_v - w_v)
 // (terms with e_v == 0 count 0, so -inf columns never give NaN), from which
-//   KL(q || p) = A / Z_s - log Z_s + log Z_t,         H(q) = log Z_s - E / Z_s.
-// Keeping everything centred on the running maxima keeps float32 accurate at |logits| ~ 1e4.
-// The backward pass recomputes log q_v and log p_v from the row statistics (m_s, log Z_s, m_t, log Z_t)
-// and writes, in one pass,
-//   grad_v = inv_temperature * ([q_v > 0] q_v (a (log q_v - log p_v - KL) - b - c (log q_v + H)) + b [v == y]).
-// Targets are clamped to [0, vocab_size) like the reference's gather.
-// Accumulation is in double for float64 input, in float otherwise. The inner loops are written so that gcc
-// vectorises them (OpenMP simd reductions, a branch-free exp, branch-free bf16/fp16 conversions);
-// rows are spread over threads with at::parallel_for.
+//   KL(q || p) = k A / Z_s - log Z_s + log Z_t,         H(q) = log Z_s - k E / Z_s,
+//   log q(y) = k (s_y - c_s) - log Z_s,                 log p(y) = k (t_y - c_t) - log Z_t.
+// Centring on the raw maxima (k u_v rather than k s_v - k c_s) makes the largest term exactly exp(0) = 1 and
+// every exponent <= 0 whatever the scale: a scaled logit recomputed with another rounding than the maximum
+// (x k rounded, then an FMA-contracted x k - max) could land above 0 and overflow the sums at |s k| ~ 1e10 in
+// float32. The raw differences u_v, w_v enter E and A unscaled (k is applied once per row, in double), so a
+// row dominated by one column keeps full accuracy at any |logits|.
+// The backward pass recomputes log q_v = k u_v - log Z_s and log p_v = k w_v - log Z_t from the row
+// statistics (c_s, log Z_s, c_t, log Z_t) and writes, in one pass,
+//   grad_v = k ([q_v > 0] q_v (a (log q_v - log p_v - KL) - b - c (log q_v + H)) + b [v == y]).
+//
+// Dtypes: student and teacher may differ (any of float32, float64, bfloat16, float16); each is read in its
+// own dtype. Per-element arithmetic (the exps, the terms) is in acc_t: double if either input is float64,
+// float otherwise. The row sums Z_s, Z_t, E, A are double in both cases, added to a pair of terms at a time
+// (accumulate_chunk): float sums round at the scale of their largest term, so over a row they cost up to 1e-6
+// relative in KL (the cancellation in KL = k A / Z_s - log Z_s + log Z_t at V = 32000, or a peaked row's few
+// large terms).
+// Per-row outputs are acc_t; the gradient has the student's dtype (rounded to nearest even).
+//
+// Targets: an unmasked row whose target y is outside [0, vocab_size) gets log q(y) = log p(y) = NaN (and the
+// rest of its outputs as usual); its b counts as 0 in the backward (no one-hot column, no -b q_v term). No
+// column outside [0, vocab_size) of a row is ever read. Masked rows are not read and may hold any target.
+//
+// The inner loops are written so that gcc vectorises them (OpenMP simd reductions, a branch-free exp,
+// branch-free bf16/fp16 conversions); rows are spread over threads with at::parallel_for.
 
 #include "reverse_kld.h"
 
@@ -40,19 +57,15 @@
 
 namespace {
 
-// Columns per chunk. A chunk is read twice (maxima, then accumulation): float32 / float64 chunks straight
-// from the logits (the second read hits L1), bf16 / fp16 chunks from two float buffers (16 KiB) filled by
-// the first pass.
+// Columns per chunk. A chunk is read twice (maxima, then accumulation): a chunk already in acc_t straight
+// from the logits (the second read hits L1), others from a buffer of acc_t (8 or 16 KiB) that the first pass
+// fills.
 constexpr int64_t kChunk = 2048;
 
-template <typename scalar_t>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
+// The per-element arithmetic type of a (student, teacher) dtype pair: double if either is double.
+template <typename student_t, typename teacher_t>
+using AccOf = std::conditional_t<std::is_same<student_t, double>::value || std::is_same<teacher_t, double>::value,
+                                 double, float>;
 
 template <typename To, typename From>
 C10_ALWAYS_INLINE To bit_as(From x) {
@@ -68,7 +81,8 @@ C10_ALWAYS_INLINE To bit_as(From x) {
 // exp(r) by a polynomial (float: degree 6 minimax; double: degree-13 Taylor, truncation < 1e-17), 2^k built
 // in the exponent bits. k is rounded with the 1.5 * 2^p "shifter" trick, whose low mantissa bits then hold
 // k + bias. Results: 0 for x below log of the smallest normal (-inf included; no subnormals are produced),
-// NaN for NaN; x is clamped to kHi above (never reached here). Max error measured: 0.91 ulp (float, all
+// NaN for NaN; x is clamped to kHi above (never reached here). No branch nor select: multiplying by the
+// comparison lets gcc vectorise the loops that add these terms into double sums. Max error measured: 0.91 ulp (float, all
 // inputs up to kHi), 1.0 ulp (double, sampled).
 // ---------------------------------------------------------------------------------------------------------
 C10_ALWAYS_INLINE float fast_exp(float x) {
@@ -78,8 +92,7 @@ C10_ALWAYS_INLINE float fast_exp(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;            // 355 / 512: k * kLn2Hi is exact
   constexpr float kLn2Lo = -2.12194440054690583e-4f;  // ln 2 - kLn2Hi
-  float xc = x < kLo ? kLo : x;  // NaN passes through
-  xc = xc > kHi ? kHi : xc;
+  const float xc = std::min(std::max(x, kLo), kHi);  // NaN passes through
   const float kf = xc * kLog2e + kShift;
   const float k = kf - kShift;
   float r = xc - k * kLn2Hi;
@@ -95,7 +108,7 @@ C10_ALWAYS_INLINE float fast_exp(float x) {
   p = p * r + 1.0f;
   const float scale = bit_as<float>(bit_as<uint32_t>(kf) << 23);  // 2^k
   const float y = p * scale;
-  return x < kLo ? 0.0f : y;
+  return y * static_cast<float>(x >= kLo);  // 0 below kLo (-inf included), NaN for NaN
 }
 
 C10_ALWAYS_INLINE double fast_exp(double x) {
@@ -105,8 +118,7 @@ C10_ALWAYS_INLINE double fast_exp(double x) {
   constexpr double kLog2e = 1.4426950408889634074;
   constexpr double kLn2Hi = 6.93147180369123816490e-01;  // ln 2 rounded to 32 significant bits
   constexpr double kLn2Lo = 1.90821492927058770002e-10;  // ln 2 - kLn2Hi
-  double xc = x < kLo ? kLo : x;
-  xc = xc > kHi ? kHi : xc;
+  const double xc = std::min(std::max(x, kLo), kHi);
   const double kf = xc * kLog2e + kShift;
   const double k = kf - kShift;
   double r = xc - k * kLn2Hi;
@@ -127,22 +139,23 @@ C10_ALWAYS_INLINE double fast_exp(double x) {
   p = p * r + 1.0;
   const double scale = bit_as<double>(bit_as<uint64_t>(kf) << 52);  // 2^k
   const double y = p * scale;
-  return x < kLo ? 0.0 : y;
+  return y * static_cast<double>(x >= kLo);
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Loads into acc_t and stores from acc_t, branch-free so that they vectorise inside the loops.
+// Loads (exact widenings to float, or to double) and stores (rounding to nearest even), branch-free so that
+// they vectorise inside the loops.
 // ---------------------------------------------------------------------------------------------------------
-C10_ALWAYS_INLINE float load_acc(const float* p, int64_t j) {
+C10_ALWAYS_INLINE float widen(const float* p, int64_t j) {
   return p[j];
 }
-C10_ALWAYS_INLINE double load_acc(const double* p, int64_t j) {
+C10_ALWAYS_INLINE double widen(const double* p, int64_t j) {
   return p[j];
 }
-C10_ALWAYS_INLINE float load_acc(const c10::BFloat16* p, int64_t j) {
+C10_ALWAYS_INLINE float widen(const c10::BFloat16* p, int64_t j) {
   return bit_as<float>(static_cast<uint32_t>(p[j].x) << 16);
 }
-C10_ALWAYS_INLINE float load_acc(const c10::Half* p, int64_t j) {
+C10_ALWAYS_INLINE float widen(const c10::Half* p, int64_t j) {
   const uint32_t h = p[j].x;
   const uint32_t sign = (h & 0x8000u) << 16;
   const uint32_t em = h & 0x7fffu;  // exponent and mantissa
@@ -155,20 +168,26 @@ C10_ALWAYS_INLINE float load_acc(const c10::Half* p, int64_t j) {
   return bit_as<float>(bit_as<uint32_t>(mag) | sign);
 }
 
-C10_ALWAYS_INLINE void store_acc(float* p, int64_t j, float v) {
+// The value of p[j] in acc_t (float values widen exactly to double).
+template <typename acc_t, typename scalar_t>
+C10_ALWAYS_INLINE acc_t load_as(const scalar_t* p, int64_t j) {
+  return static_cast<acc_t>(widen(p, j));
+}
+
+C10_ALWAYS_INLINE void store_rounded(float* p, int64_t j, float v) {
   p[j] = v;
 }
-C10_ALWAYS_INLINE void store_acc(double* p, int64_t j, double v) {
+C10_ALWAYS_INLINE void store_rounded(double* p, int64_t j, double v) {
   p[j] = v;
 }
-C10_ALWAYS_INLINE void store_acc(c10::BFloat16* p, int64_t j, float v) {
+C10_ALWAYS_INLINE void store_rounded(c10::BFloat16* p, int64_t j, float v) {
   // Round to nearest even; NaN -> 0x7fc0 (as c10::BFloat16 does).
   const uint32_t u = bit_as<uint32_t>(v);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const uint32_t h = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded;
   p[j].x = static_cast<uint16_t>(h);
 }
-C10_ALWAYS_INLINE void store_acc(c10::Half* p, int64_t j, float v) {
+C10_ALWAYS_INLINE void store_rounded(c10::Half* p, int64_t j, float v) {
   // Round to nearest even, overflow -> inf, NaN -> 0x7e00, subnormals rounded through a float addition.
   const uint32_t u = bit_as<uint32_t>(v);
   const uint32_t sign = (u >> 16) & 0x8000u;
@@ -180,97 +199,164 @@ C10_ALWAYS_INLINE void store_acc(c10::Half* p, int64_t j, float v) {
   h = a > 0x7f800000u ? 0x7e00u : h;
   p[j].x = static_cast<uint16_t>(h | sign);
 }
+// A double result into a narrower dtype: rounded to float, then to the dtype (the second rounding can differ
+// from a direct one only when the float lands on the dtype's midpoint: by at most 2^-24 relative).
+template <typename scalar_t>
+C10_ALWAYS_INLINE void store_rounded(scalar_t* p, int64_t j, double v) {
+  store_rounded(p, j, static_cast<float>(v));
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Forward, one row.
 // ---------------------------------------------------------------------------------------------------------
+// Centre of the running sums: the running maximum, or 0 while it is -inf (so that -inf - centre is -inf).
 template <typename acc_t>
-struct RowStats {
-  acc_t m_s, logz_s, m_t, logz_t, kl, entropy;
+C10_ALWAYS_INLINE acc_t centre_of(acc_t running_max) {
+  return running_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : running_max;
+}
+
+// v where live, else +0: a bit mask rather than a select (which kept gcc from vectorising the loop that adds
+// float terms into double sums); v may be NaN or inf where not live.
+template <typename acc_t>
+C10_ALWAYS_INLINE acc_t where_live(bool live, acc_t v) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+  return bit_as<acc_t>(bit_as<bits_t>(v) & (bits_t(0) - static_cast<bits_t>(live)));
+}
+
+// The values of n logits in acc_t (the logits themselves when they are acc_t, else converted into buf), and
+// their maximum (NaN ignored: a NaN reaches the sums through exp instead).
+template <typename acc_t, typename scalar_t>
+const acc_t* chunk_values(const scalar_t* __restrict p, int64_t n, acc_t* __restrict buf, acc_t& chunk_max) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t v = p[j];  // a local, not std::max(m, p[j]): gcc vectorises only this form
+      m = std::max(m, v);
+    }
+    chunk_max = m;
+    return p;
+  } else {
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t v = load_as<acc_t>(p, j);
+      buf[j] = v;
+      m = std::max(m, v);
+    }
+    chunk_max = m;
+    return buf;
+  }
+}
+
+// The row sums, centred on (c_s, c_t): Z_s, Z_t, E, A of the header (raw differences, double).
+struct RowSums {
+  double z_s = 0, z_t = 0, e = 0, a = 0;
 };
 
-template <typename scalar_t, typename acc_t>
-RowStats<acc_t> forward_row(
-    const scalar_t* __restrict s, const scalar_t* __restrict t, int64_t n_cols, acc_t inv_t,
-    acc_t* __restrict buf_s, acc_t* __restrict buf_t) {
+// The terms of one column in acc_t: e_v = exp(k u_v), exp(k w_v), e_v u_v and e_v (u_v - w_v) (0 where e_v = 0).
+template <typename acc_t>
+struct ColumnTerms {
+  acc_t z_s, z_t, e, a;
+};
+
+template <typename acc_t>
+C10_ALWAYS_INLINE ColumnTerms<acc_t> column_terms(acc_t x, acc_t y, acc_t c_s, acc_t c_t, acc_t k) {
+  const acc_t u = x - c_s;  // <= 0: the centre is the maximum
+  const acc_t w = y - c_t;
+  const acc_t e = fast_exp(u * k);
+  const bool live = e > 0;
+  return {e, fast_exp(w * k), where_live(live, e * u), where_live(live, e * (u - w))};
+}
+
+// Adds n columns (values x of the student, y of the teacher, in acc_t) at the centres c_s, c_t into the double
+// row sums. A float sum would round at the scale of its largest term (1, for the row's maximum): summed over a
+// chunk, that cost up to 5e-7 relative in Z_s on a peaked row. Here the terms of columns j and j + n/2 are
+// added in acc_t (one rounding, at the scale of the pair) and the pair in double: as accurate as a double
+// sum of the terms, with half the conversions (the loop runs ~20% faster than converting every term).
+template <typename acc_t>
+void accumulate_chunk(const acc_t* __restrict x, const acc_t* __restrict y, int64_t n, acc_t c_s, acc_t c_t,
+                      acc_t k, RowSums& sums) {
+  const int64_t half = n / 2;
+  double z_s = 0, z_t = 0, e_sum = 0, a_sum = 0;
+#pragma omp simd reduction(+ : z_s, z_t, e_sum, a_sum)
+  for (int64_t j = 0; j < half; ++j) {
+    const ColumnTerms<acc_t> p = column_terms(x[j], y[j], c_s, c_t, k);
+    const ColumnTerms<acc_t> q = column_terms(x[j + half], y[j + half], c_s, c_t, k);
+    z_s += p.z_s + q.z_s;
+    z_t += p.z_t + q.z_t;
+    e_sum += p.e + q.e;
+    a_sum += p.a + q.a;
+  }
+  if (n % 2 != 0) {
+    const ColumnTerms<acc_t> p = column_terms(x[n - 1], y[n - 1], c_s, c_t, k);
+    z_s += p.z_s;
+    z_t += p.z_t;
+    e_sum += p.e;
+    a_sum += p.a;
+  }
+  sums.z_s += z_s;
+  sums.z_t += z_t;
+  sums.e += e_sum;
+  sums.a += a_sum;
+}
+
+// Per-row results (double) and the centres the backward needs.
+struct RowStats {
+  double c_s, logz_s, c_t, logz_t, kl, entropy;
+};
+
+template <typename student_t, typename teacher_t, typename acc_t>
+RowStats forward_row(const student_t* __restrict s, const teacher_t* __restrict t, int64_t n_cols, double inv_t,
+                     acc_t* __restrict buf_s, acc_t* __restrict buf_t) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  constexpr bool kDirect = std::is_same<scalar_t, acc_t>::value;
+  const acc_t k = static_cast<acc_t>(inv_t);
   acc_t m_s = kNegInf, m_t = kNegInf;  // running maxima
-  // Centres of the accumulators: the running maxima, or 0 while a maximum is still -inf (so that
-  // -inf - centre is -inf, never NaN).
-  acc_t c_s = 0, c_t = 0;
-  acc_t z_s = 0, z_t = 0, e_acc = 0, a_acc = 0;
+  acc_t c_s = 0, c_t = 0;              // centres
+  RowSums sums;
   for (int64_t start = 0; start < n_cols; start += kChunk) {
     const int64_t n = std::min(kChunk, n_cols - start);
-    const scalar_t* __restrict sc = s + start;
-    const scalar_t* __restrict tc = t + start;
+    // Pass 1: chunk maxima (and the chunks in acc_t).
+    acc_t bm_s, bm_t;
+    const acc_t* x = chunk_values(s + start, n, buf_s, bm_s);
+    const acc_t* y = chunk_values(t + start, n, buf_t, bm_t);
 
-    // Pass 1: chunk maxima (bf16 / fp16: also convert the chunk into the float buffers).
-    acc_t bm_s = kNegInf, bm_t = kNegInf;
-#pragma omp simd reduction(max : bm_s, bm_t)
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t x = load_acc(sc, j) * inv_t;
-      const acc_t y = load_acc(tc, j) * inv_t;
-      if constexpr (!kDirect) {
-        buf_s[j] = x;
-        buf_t[j] = y;
-      }
-      bm_s = std::max(bm_s, x);
-      bm_t = std::max(bm_t, y);
-    }
-
-    // Re-centre the accumulators on the new maxima.
+    // Re-centre the sums on the new maxima (in double: the centres' difference is exact there).
     m_s = std::max(m_s, bm_s);
     m_t = std::max(m_t, bm_t);
-    const acc_t nc_s = m_s == kNegInf ? acc_t(0) : m_s;
-    const acc_t nc_t = m_t == kNegInf ? acc_t(0) : m_t;
+    const acc_t nc_s = centre_of(m_s), nc_t = centre_of(m_t);
     if (nc_t != c_t) {
-      // (t' - c_t) = (t' - nc_t) + (nc_t - c_t): A gains (nc_t - c_t) Z_s.
-      if (z_t > 0) z_t *= std::exp(c_t - nc_t);
-      if (z_s > 0) a_acc += (nc_t - c_t) * z_s;
+      // w -> w + d with d = c_t - nc_t: A loses d Z_s.
+      const double d = double(c_t) - double(nc_t);
+      if (sums.z_t > 0) sums.z_t *= std::exp(d * inv_t);
+      if (sums.z_s > 0) sums.a -= d * sums.z_s;
       c_t = nc_t;
     }
     if (nc_s != c_s) {
-      // e_v -> r e_v with r = exp(c_s - nc_s), and (s' - c_s) = (s' - nc_s) - (c_s - nc_s).
-      if (z_s > 0) {
-        const acc_t d = c_s - nc_s;
-        const acc_t r = std::exp(d);
+      // u -> u + d with d = c_s - nc_s, and e_v -> r e_v with r = exp(k d).
+      if (sums.z_s > 0) {
+        const double d = double(c_s) - double(nc_s);
+        const double r = std::exp(d * inv_t);
         if (r > 0) {
-          e_acc = r * (e_acc + d * z_s);
-          a_acc = r * (a_acc + d * z_s);
-          z_s *= r;
+          sums.e = r * (sums.e + d * sums.z_s);
+          sums.a = r * (sums.a + d * sums.z_s);
+          sums.z_s *= r;
         } else {
-          z_s = e_acc = a_acc = 0;
+          sums.z_s = sums.e = sums.a = 0;
         }
       }
       c_s = nc_s;
     }
 
     // Pass 2: accumulate.
-    acc_t bz_s = 0, bz_t = 0, be = 0, ba = 0;
-#pragma omp simd reduction(+ : bz_s, bz_t, be, ba)
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t ds = (kDirect ? load_acc(sc, j) * inv_t : buf_s[j]) - c_s;
-      const acc_t dt = (kDirect ? load_acc(tc, j) * inv_t : buf_t[j]) - c_t;
-      const acc_t e = fast_exp(ds);
-      bz_s += e;
-      bz_t += fast_exp(dt);
-      const bool live = e > 0;
-      be += live ? e * ds : acc_t(0);
-      ba += live ? e * (ds - dt) : acc_t(0);
-    }
-    z_s += bz_s;
-    z_t += bz_t;
-    e_acc += be;
-    a_acc += ba;
+    accumulate_chunk<acc_t>(x, y, n, c_s, c_t, k, sums);
   }
-  RowStats<acc_t> out;
-  out.m_s = m_s;
-  out.m_t = m_t;
-  out.logz_s = std::log(z_s);
-  out.logz_t = std::log(z_t);
-  out.kl = a_acc / z_s - out.logz_s + out.logz_t;
-  out.entropy = out.logz_s - e_acc / z_s;
+  RowStats out;
+  out.c_s = c_s;
+  out.c_t = c_t;
+  out.logz_s = std::log(sums.z_s);
+  out.logz_t = std::log(sums.z_t);
+  out.kl = inv_t * sums.a / sums.z_s - out.logz_s + out.logz_t;
+  out.entropy = out.logz_s - inv_t * sums.e / sums.z_s;
   return out;
 }
 
@@ -279,29 +365,28 @@ RowStats<acc_t> forward_row(
 // ---------------------------------------------------------------------------------------------------------
 template <typename acc_t>
 struct RowGrad {
-  acc_t m_s, logz_s, m_t, logz_t;  // row statistics
+  acc_t c_s, logz_s, c_t, logz_t;  // row statistics
   acc_t a, b, c, kl, entropy;      // upstream grads, forward outputs
-  acc_t inv_t;
+  acc_t k;                         // inverse temperature
 };
 
-// inv_t * [q > 0] q (a (log q - log p - KL) - b - c (log q + H)), from the scaled logits x = s', y = t'.
+// k [q > 0] q (a (log q - log p - KL) - b - c (log q + H)), from the raw logits x (student) and y (teacher).
 template <typename acc_t>
 C10_ALWAYS_INLINE acc_t grad_term(const RowGrad<acc_t>& g, acc_t x, acc_t y) {
-  const acc_t lq = (x - g.m_s) - g.logz_s;
-  const acc_t lp = (y - g.m_t) - g.logz_t;
+  const acc_t lq = (x - g.c_s) * g.k - g.logz_s;
+  const acc_t lp = (y - g.c_t) * g.k - g.logz_t;
   const acc_t q = fast_exp(lq);
   const acc_t v = q * (g.a * ((lq - lp) - g.kl) - g.b - g.c * (lq + g.entropy));
-  return q > 0 ? v * g.inv_t : acc_t(0);
+  return where_live(q > 0, v * g.k);
 }
 
-template <typename scalar_t, typename acc_t>
-void backward_row(
-    const scalar_t* __restrict s, const scalar_t* __restrict t, scalar_t* __restrict out, int64_t n_cols,
-    const RowGrad<acc_t>& g) {
+template <typename student_t, typename teacher_t, typename acc_t>
+void backward_row(const student_t* __restrict s, const teacher_t* __restrict t, student_t* __restrict out,
+                  int64_t n_cols, const RowGrad<acc_t>& g) {
   const RowGrad<acc_t> gl = g;  // local copy: keeps the fields in registers in the loop
 #pragma omp simd
   for (int64_t v = 0; v < n_cols; ++v) {
-    store_acc(out, v, grad_term(gl, load_acc(s, v) * gl.inv_t, load_acc(t, v) * gl.inv_t));
+    store_rounded(out, v, grad_term(gl, load_as<acc_t>(s, v), load_as<acc_t>(t, v)));
   }
 }
 
@@ -340,6 +425,22 @@ int64_t grain_rows(int64_t n_cols) {
   return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, n_cols));
 }
 
+// Calls f(student data, teacher data) with the typed data pointers of the logits, for the 16 dtype pairs of
+// float32, float64, bfloat16 and float16.
+template <typename F>
+void dispatch_logits_pair(const at::Tensor& student, const at::Tensor& teacher, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "reverse_kld (cpu)", [&] {
+    using student_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, teacher.scalar_type(), "reverse_kld (cpu)", [&] {
+      f(student.data_ptr<student_t>(), teacher.data_ptr<scalar_t>());
+    });
+  });
+}
+
+// The element type of a data pointer.
+template <typename P>
+using ElementOf = std::remove_cv_t<std::remove_pointer_t<P>>;
+
 }  // namespace
 
 std::vector<at::Tensor> reverse_kld_forward(
@@ -351,17 +452,17 @@ std::vector<at::Tensor> reverse_kld_forward(
   const at::Device device = student.device();
   const at::Tensor target_c = row_vector(target, n_rows, at::kLong, device, "target", kWhere);
   const at::Tensor mask_c = row_vector(mask, n_rows, at::kBool, device, "mask", kWhere);
-  const auto opts = student.options().dtype(accumulation_dtype(student));
+  const auto opts = student.options().dtype(accumulation_dtype(student, teacher));
   at::Tensor kl = at::empty({n_rows}, opts);
   at::Tensor student_logprob = at::empty({n_rows}, opts);
   at::Tensor teacher_logprob = at::empty({n_rows}, opts);
   at::Tensor entropy = at::empty({n_rows}, opts);
   at::Tensor row_stats = at::empty({n_rows, 4}, opts);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "reverse_kld_forward", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
-    const scalar_t* s_base = student.data_ptr<scalar_t>();
-    const scalar_t* t_base = teacher.data_ptr<scalar_t>();
+  dispatch_logits_pair(student, teacher, [&](const auto* s_base, const auto* t_base) {
+    using student_t = ElementOf<decltype(s_base)>;
+    using teacher_t = ElementOf<decltype(t_base)>;
+    using acc_t = AccOf<student_t, teacher_t>;
     const int64_t s_stride = student.stride(0), t_stride = teacher.stride(0);
     const int64_t* tgt = ptr_or_null<int64_t>(target_c);
     const bool* msk = ptr_or_null<bool>(mask_c);
@@ -370,7 +471,7 @@ std::vector<at::Tensor> reverse_kld_forward(
     acc_t* tlp_p = teacher_logprob.data_ptr<acc_t>();
     acc_t* ent_p = entropy.data_ptr<acc_t>();
     acc_t* stats_p = row_stats.data_ptr<acc_t>();
-    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
+    constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
 
     at::parallel_for(0, n_rows, grain_rows(vocab_size), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf_s[kChunk];
@@ -382,21 +483,23 @@ std::vector<at::Tensor> reverse_kld_forward(
           st[0] = st[1] = st[2] = st[3] = 0;
           continue;
         }
-        const scalar_t* s = s_base + i * s_stride;
-        const scalar_t* t = t_base + i * t_stride;
-        const RowStats<acc_t> r = forward_row<scalar_t, acc_t>(s, t, vocab_size, inv_t, buf_s, buf_t);
-        kl_p[i] = r.kl;
-        ent_p[i] = r.entropy;
-        st[0] = r.m_s;
-        st[1] = r.logz_s;
-        st[2] = r.m_t;
-        st[3] = r.logz_t;
-        if (tgt != nullptr) {
-          const int64_t y = std::min(std::max<int64_t>(tgt[i], 0), vocab_size - 1);  // as the reference
-          slp_p[i] = (load_acc(s, y) * inv_t - r.m_s) - r.logz_s;
-          tlp_p[i] = (load_acc(t, y) * inv_t - r.m_t) - r.logz_t;
-        } else {
+        const student_t* s = s_base + i * s_stride;
+        const teacher_t* t = t_base + i * t_stride;
+        const RowStats r = forward_row<student_t, teacher_t, acc_t>(s, t, vocab_size, inv_temperature, buf_s, buf_t);
+        kl_p[i] = static_cast<acc_t>(r.kl);
+        ent_p[i] = static_cast<acc_t>(r.entropy);
+        st[0] = static_cast<acc_t>(r.c_s);
+        st[1] = static_cast<acc_t>(r.logz_s);
+        st[2] = static_cast<acc_t>(r.c_t);
+        st[3] = static_cast<acc_t>(r.logz_t);
+        if (tgt == nullptr) {
           slp_p[i] = tlp_p[i] = 0;
+        } else if (tgt[i] >= 0 && tgt[i] < vocab_size) {
+          const int64_t y = tgt[i];
+          slp_p[i] = static_cast<acc_t>((double(widen(s, y)) - r.c_s) * inv_temperature - r.logz_s);
+          tlp_p[i] = static_cast<acc_t>((double(widen(t, y)) - r.c_t) * inv_temperature - r.logz_t);
+        } else {
+          slp_p[i] = tlp_p[i] = kNaN;  // out of the vocabulary: nothing is read
         }
       }
     });
@@ -413,17 +516,17 @@ at::Tensor reverse_kld_backward(
   check_logits(student, teacher, vocab_size, c10::DeviceType::CPU, kWhere);
   const int64_t n_rows = student.size(0);
   const int64_t width = student.size(1);
-  const BackwardRows rows = backward_rows(student, target, mask, grad_kl, grad_student_logprob, grad_entropy, kl,
-                                          entropy, row_stats, kWhere);
+  const BackwardRows rows = backward_rows(student, teacher, target, mask, grad_kl, grad_student_logprob,
+                                          grad_entropy, kl, entropy, row_stats, kWhere);
   at::Tensor grad = at::empty({n_rows, width}, student.options().memory_format(at::MemoryFormat::Contiguous));
   advise_huge_pages(grad);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "reverse_kld_backward", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
-    const scalar_t* s_base = student.data_ptr<scalar_t>();
-    const scalar_t* t_base = teacher.data_ptr<scalar_t>();
+  dispatch_logits_pair(student, teacher, [&](const auto* s_base, const auto* t_base) {
+    using student_t = ElementOf<decltype(s_base)>;
+    using teacher_t = ElementOf<decltype(t_base)>;
+    using acc_t = AccOf<student_t, teacher_t>;
     const int64_t s_stride = student.stride(0), t_stride = teacher.stride(0);
-    scalar_t* g_base = grad.data_ptr<scalar_t>();
+    student_t* g_base = grad.data_ptr<student_t>();
     const int64_t* tgt = ptr_or_null<int64_t>(rows.target);
     const bool* msk = ptr_or_null<bool>(rows.mask);
     const acc_t* a_p = ptr_or_null<acc_t>(rows.grad_kl);
@@ -432,37 +535,31 @@ at::Tensor reverse_kld_backward(
     const acc_t* kl_p = rows.kl.data_ptr<acc_t>();
     const acc_t* ent_p = rows.entropy.data_ptr<acc_t>();
     const acc_t* stats_p = rows.row_stats.data_ptr<acc_t>();
-    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
 
     at::parallel_for(0, n_rows, grain_rows(width), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        scalar_t* out = g_base + i * width;
+        student_t* out = g_base + i * width;
         if (msk != nullptr && !msk[i]) {
-          std::memset(static_cast<void*>(out), 0, sizeof(scalar_t) * width);
+          std::memset(static_cast<void*>(out), 0, sizeof(student_t) * width);
           continue;
         }
-        const scalar_t* s = s_base + i * s_stride;
-        const scalar_t* t = t_base + i * t_stride;
-        RowGrad<acc_t> g;
-        g.m_s = stats_p[4 * i];
-        g.logz_s = stats_p[4 * i + 1];
-        g.m_t = stats_p[4 * i + 2];
-        g.logz_t = stats_p[4 * i + 3];
-        g.a = a_p != nullptr ? a_p[i] : acc_t(0);
-        g.b = (b_p != nullptr && tgt != nullptr) ? b_p[i] : acc_t(0);
-        g.c = c_p != nullptr ? c_p[i] : acc_t(0);
-        g.kl = kl_p[i];
-        g.entropy = ent_p[i];
-        g.inv_t = inv_t;
-        backward_row<scalar_t, acc_t>(s, t, out, vocab_size, g);
+        const student_t* s = s_base + i * s_stride;
+        const teacher_t* t = t_base + i * t_stride;
+        // b counts only with a target in the vocabulary (an out-of-range one has NaN log-probabilities).
+        const bool has_target = tgt != nullptr && tgt[i] >= 0 && tgt[i] < vocab_size;
+        RowGrad<acc_t> g{stats_p[4 * i], stats_p[4 * i + 1], stats_p[4 * i + 2], stats_p[4 * i + 3],
+                         a_p != nullptr ? a_p[i] : acc_t(0), (b_p != nullptr && has_target) ? b_p[i] : acc_t(0),
+                         c_p != nullptr ? c_p[i] : acc_t(0), kl_p[i], ent_p[i],
+                         static_cast<acc_t>(inv_temperature)};
+        backward_row<student_t, teacher_t, acc_t>(s, t, out, vocab_size, g);
         if (width > vocab_size) {
-          std::memset(static_cast<void*>(out + vocab_size), 0, sizeof(scalar_t) * (width - vocab_size));
+          std::memset(static_cast<void*>(out + vocab_size), 0, sizeof(student_t) * (width - vocab_size));
         }
-        if (tgt != nullptr) {
+        if (has_target) {
           // The one-hot part b [v == y], added to the target column's term before rounding.
-          const int64_t y = std::min(std::max<int64_t>(tgt[i], 0), vocab_size - 1);
-          const acc_t term = grad_term(g, load_acc(s, y) * inv_t, load_acc(t, y) * inv_t);
-          store_acc(out, y, term + g.b * inv_t);
+          const int64_t y = tgt[i];
+          const acc_t term = grad_term(g, load_as<acc_t>(s, y), load_as<acc_t>(t, y));
+          store_rounded(out, y, term + g.b * g.k);
         }
       }
     });

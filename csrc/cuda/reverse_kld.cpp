@@ -22,6 +22,7 @@ using reverse_kld_args::BackwardRows;
 using reverse_kld_args::backward_rows;
 using reverse_kld_args::row_vector;
 
+// The launch interface's element type of a logits tensor (check_logits has checked it is one of the four).
 minillm_cuda::LogitsDtype logits_dtype(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat:
@@ -75,7 +76,7 @@ void reverse_kld_forward_out(
   const at::Device device = student.device();
   const at::Tensor target_c = row_vector(target, n_rows, at::kLong, device, "target", kWhere);
   const at::Tensor mask_c = row_vector(mask, n_rows, at::kBool, device, "mask", kWhere);
-  const at::ScalarType acc_dtype = accumulation_dtype(student);
+  const at::ScalarType acc_dtype = accumulation_dtype(student, teacher);
   check_output(kl, {n_rows}, acc_dtype, device, "kl");
   check_output(student_logprob, {n_rows}, acc_dtype, device, "student_logprob");
   check_output(teacher_logprob, {n_rows}, acc_dtype, device, "teacher_logprob");
@@ -83,7 +84,8 @@ void reverse_kld_forward_out(
   check_output(row_stats, {n_rows, 4}, acc_dtype, device, "row_stats");
 
   minillm_cuda::ForwardLaunch args{};
-  args.dtype = logits_dtype(student.scalar_type());
+  args.student_dtype = logits_dtype(student.scalar_type());
+  args.teacher_dtype = logits_dtype(teacher.scalar_type());
   args.student = student.data_ptr();
   args.teacher = teacher.data_ptr();
   args.student_row_stride = student.stride(0);
@@ -110,7 +112,7 @@ std::vector<at::Tensor> reverse_kld_forward(
     double inv_temperature, int64_t vocab_size) {
   check_logits(student, teacher, vocab_size, c10::DeviceType::CUDA, kWhere);
   const int64_t n_rows = student.size(0);
-  const auto opts = student.options().dtype(accumulation_dtype(student));
+  const auto opts = student.options().dtype(accumulation_dtype(student, teacher));
   at::Tensor kl = at::empty({n_rows}, opts);
   at::Tensor student_logprob = at::empty({n_rows}, opts);
   at::Tensor teacher_logprob = at::empty({n_rows}, opts);
@@ -132,12 +134,13 @@ void reverse_kld_backward_out(
   const int64_t width = student.size(1);
   check_width(width);
   const at::Device device = student.device();
-  const BackwardRows rows = backward_rows(student, target, mask, grad_kl, grad_student_logprob, grad_entropy, kl,
-                                          entropy, row_stats, kWhere);
+  const BackwardRows rows = backward_rows(student, teacher, target, mask, grad_kl, grad_student_logprob, grad_entropy,
+                                          kl, entropy, row_stats, kWhere);
   check_output(grad_student, {n_rows, width}, student.scalar_type(), device, "grad_student");
 
   minillm_cuda::BackwardLaunch args{};
-  args.dtype = logits_dtype(student.scalar_type());
+  args.student_dtype = logits_dtype(student.scalar_type());
+  args.teacher_dtype = logits_dtype(teacher.scalar_type());
   args.student = student.data_ptr();
   args.teacher = teacher.data_ptr();
   args.student_row_stride = student.stride(0);

@@ -1,20 +1,29 @@
 // Fused reverse-KL (KL(q || p)) CUDA kernels: one streaming pass per row forward, one backward.
 //
-// The math is the CPU kernel's (csrc/cpu/reverse_kld.cpp), line for line. Per row (token), with
-// s' = s * inv_temperature and t' = t * inv_temperature over the first n_cols = vocab_size columns, each thread
-// streams its share of the row one 16-byte vector at a time. Per vector it takes the vector's maxima, re-centres
-// its running accumulators when a maximum grows (online softmax), then accumulates
-//   Z_s = sum_v e_v,  e_v = exp(s'_v - m_s)          Z_t = sum_v exp(t'_v - m_t)
-//   E   = sum_v e_v (s'_v - m_s)                      A   = sum_v e_v ((s'_v - m_s) - (t'_v - m_t))
+// The math is the CPU kernel's (csrc/cpu/reverse_kld.cpp). Per row (token), over the first n_cols = vocab_size
+// columns of the student logits s and the teacher logits t, with k = inv_temperature, each thread streams its share
+// of the row one vector of columns at a time. Per vector it takes the maxima of the raw logits, re-centres its
+// running sums when a maximum grows (online softmax), then accumulates, with c_s, c_t the running maxima and
+// u_v = s_v - c_s, w_v = t_v - c_t,
+//   Z_s = sum_v e_v,  e_v = exp(k u_v)          Z_t = sum_v exp(k w_v)
+//   E   = sum_v e_v u_v                          A   = sum_v e_v (u_v - w_v)
 // (terms with e_v == 0 count 0, so -inf columns never give NaN). The threads' partial states are then merged
 // (re-centred on the larger maxima and added) by warp shuffles and, for rows spread over several warps, through
 // shared memory; thread 0 of the row writes
-//   KL(q || p) = A / Z_s - log Z_s + log Z_t,         H(q) = log Z_s - E / Z_s,
-//   log q(y) = s'_y - m_s - log Z_s,   log p(y) = t'_y - m_t - log Z_t,   row_stats = (m_s, log Z_s, m_t, log Z_t).
-// The backward kernel recomputes log q_v and log p_v from the row statistics and writes, in one pass,
-//   grad_v = inv_temperature * ([q_v > 0] q_v (a (log q_v - log p_v - KL) - b - c (log q_v + H)) + b [v == y]),
-// 0 in the padding columns [n_cols, width) and in masked rows. Targets are clamped to [0, n_cols) like the
-// reference's gather. Accumulation is double for float64 logits, float otherwise.
+//   KL(q || p) = k A / Z_s - log Z_s + log Z_t,         H(q) = log Z_s - k E / Z_s,
+//   log q(y) = k (s_y - c_s) - log Z_s,   log p(y) = k (t_y - c_t) - log Z_t,   row_stats = (c_s, log Z_s, c_t, log Z_t).
+// Centring on the raw maxima keeps every exponent k u_v <= 0 (the largest exactly 0) at any |logits / T|, and the
+// raw differences enter E and A unscaled. The backward kernel recomputes log q_v and log p_v from the row statistics
+// and writes, in one pass,
+//   grad_v = k ([q_v > 0] q_v (a (log q_v - log p_v - KL) - b - c (log q_v + H)) + b [v == y]),
+// 0 in the padding columns [n_cols, width) and in masked rows. A target outside [0, n_cols) in an unmasked row gives
+// NaN log-probabilities (it is never read) and its b counts as 0.
+//
+// Dtypes: student and teacher may differ (float32, float64, bfloat16, float16: 16 pairs); each is read in its own
+// dtype. Per-element arithmetic is in acc_t, double if either is float64, float otherwise; the sums Z_s, Z_t, E, A are
+// double in every thread (the float terms of adjacent columns are added in pairs first), as are the merges and the
+// final per-row formulas: float sums round at the scale of their largest term, which cost up to 4e-7 relative on
+// peaked rows. Per-row outputs are acc_t; the gradient has the student's dtype.
 //
 // Launch configuration (row_layout below): a row is owned by a group of kThreadsPerRow threads.
 //   columns <= 2048:          one warp per row, 8 rows per 256-thread block (a block per row would leave most
@@ -23,12 +32,13 @@
 //   columns > 16384:          one 512-thread block per row (151936 bf16 columns: 19 vectors per thread); 512
 //                             rather than 1024 threads so that two or more blocks share an SM and one block's
 //                             final reduction overlaps another's loads.
-// Each thread issues kUnroll = 2 vector loads per tensor before using them (4 x 16 bytes in flight per thread in
-// the forward). Rows are indexed in int64 (row * row_stride passes 2^31 elements at 16384 x 151936); columns in
-// int, which the caller checks. A row's columns are read as 16-byte vectors where its pointers (student, teacher,
-// and the gradient in the backward) sit at the same offset within 16 bytes: a scalar head up to the first
-// aligned column, whole vectors, then a scalar tail. Rows whose pointers differ in that offset (e.g. student and
-// teacher of different odd widths) are read one column at a time, still coalesced across the warp.
+// Each thread issues kUnroll = 2 vector loads per tensor before using them. Rows are indexed in int64 (row *
+// row_stride passes 2^31 elements at 16384 x 151936); columns in int, which the caller checks. A vector is kCols =
+// 16 / (the larger element size) columns: 16 bytes of the wider tensor, 8 or 4 of the narrower one (a bf16 student
+// with a float32 teacher: 4 columns, 8 + 16 bytes). A row's columns are read as vectors where its pointers
+// (student, teacher, and the gradient in the backward) sit at the same column offset within a vector: a scalar head
+// up to the first aligned column, whole vectors, then a scalar tail. Rows whose pointers differ in that offset
+// (e.g. student and teacher of different odd widths) are read one column at a time, still coalesced across the warp.
 //
 // Memory traffic per row of V = n_cols columns (width W >= V in the backward): the forward reads s and t once
 // (2V elements, plus the target column of each) and writes 8 scalars; the backward reads s and t once (2V) and
@@ -37,10 +47,12 @@
 #include "reverse_kld_launch.h"
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <math_constants.h>
 
 namespace minillm_cuda {
 namespace {
@@ -52,30 +64,35 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // Threads an SM must hold at once (__launch_bounds__' minimum blocks): caps registers at 64 per thread.
 constexpr int kMinResidentThreads = 1024;
 
-template <typename scalar_t>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
+// The per-element arithmetic type of a (student, teacher) dtype pair: double if either is double.
+template <typename student_t, typename teacher_t>
+using AccOf = std::conditional_t<std::is_same<student_t, double>::value || std::is_same<teacher_t, double>::value,
+                                 double, float>;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Conversions and math in the accumulation type.
 // ---------------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+// Exact widenings: to float (double stays double), then to acc_t.
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ double widen(double x) { return x; }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
 
-// Round to the logits' dtype (nearest even).
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t to_acc(scalar_t x) {
+  return static_cast<acc_t>(widen(x));
+}
+
+// Round to the gradient's dtype (nearest even; a double goes through float for bf16 / fp16).
 __device__ __forceinline__ void convert_into(float v, float& out) { out = v; }
 __device__ __forceinline__ void convert_into(double v, double& out) { out = v; }
+__device__ __forceinline__ void convert_into(double v, float& out) { out = static_cast<float>(v); }
 __device__ __forceinline__ void convert_into(float v, __nv_bfloat16& out) { out = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void convert_into(float v, __half& out) { out = __float2half_rn(v); }
+__device__ __forceinline__ void convert_into(double v, __nv_bfloat16& out) { convert_into(static_cast<float>(v), out); }
+__device__ __forceinline__ void convert_into(double v, __half& out) { convert_into(static_cast<float>(v), out); }
 
-// exp for the arguments the kernels pass (x <= ~0: logits minus their running maximum, log-probabilities).
+// exp for the arguments the kernels pass (x <= 0: scaled differences to the running maximum, log-probabilities).
 // float: 2^(x log2 e) with the SFU's ex2.approx.ftz (one multiply and one MUFU.EX2; Triton's tl.exp is the same):
 // relative error about 2^-22 plus |x| 2^-24 from rounding x log2 e, so ~1e-6 at x = -20 where the term is already
 // below 1e-8 of the largest. Results under 2^-126 flush to 0 (such columns count as q = 0). exp(-inf) = 0 and
@@ -86,31 +103,29 @@ __device__ __forceinline__ float exp_acc(float x) {
   return y;
 }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-// x * inv_t - c with one rounding: the difference of a scaled logit and a centre (or the maximum) keeps the
-// accuracy of the difference instead of that of x * inv_t (which at |logits| ~ 1e4 is ~1e-3).
-__device__ __forceinline__ float scaled_minus(float x, float inv_t, float c) { return fmaf(x, inv_t, -c); }
-__device__ __forceinline__ double scaled_minus(double x, double inv_t, double c) { return fma(x, inv_t, -c); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
 // fmax ignores a NaN operand: a NaN logit reaches the sums through exp instead, and the row's KL is NaN.
 __device__ __forceinline__ float max_acc(float x, float y) { return fmaxf(x, y); }
 __device__ __forceinline__ double max_acc(double x, double y) { return fmax(x, y); }
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t negative_infinity() {
-  return static_cast<acc_t>(-INFINITY);
+  return static_cast<acc_t>(-CUDART_INF);
+}
+
+// The centre of the sums: the running maximum, or 0 while it is -inf (so that -inf - centre is -inf, never NaN).
+template <typename acc_t>
+__device__ __forceinline__ acc_t centre_of(acc_t running_max) {
+  return running_max == negative_infinity<acc_t>() ? acc_t(0) : running_max;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward state of a part of a row, and the online-softmax updates.
 // ---------------------------------------------------------------------------------------------------------------
-// The accumulators are centred on the running maxima, or on 0 while a maximum is still -inf (so that
-// -inf - centre is -inf, never NaN).
 template <typename acc_t>
 struct RowState {
-  acc_t m_s, m_t;      // running maxima of s' and t'
-  acc_t z_s, z_t;      // Z_s, Z_t
-  acc_t e_acc, a_acc;  // E, A
+  acc_t m_s, m_t;             // running maxima of the raw logits
+  double z_s, z_t;            // Z_s, Z_t (centred on centre_of(m_s), centre_of(m_t))
+  double e_acc, a_acc;        // E, A
 };
 
 template <typename acc_t>
@@ -119,25 +134,22 @@ __device__ __forceinline__ RowState<acc_t> empty_state() {
   return RowState<acc_t>{lowest, lowest, 0, 0, 0, 0};
 }
 
+// Re-centres the sums on new maxima (each >= the old one), in double (where the centres' differences are exact):
+// the CPU kernel's update, term for term.
 template <typename acc_t>
-__device__ __forceinline__ acc_t centre_of(acc_t running_max) {
-  return running_max == negative_infinity<acc_t>() ? acc_t(0) : running_max;
-}
-
-// Re-centres the accumulators on new maxima (each >= the old one): the CPU kernel's update, term for term.
-template <typename acc_t>
-__device__ __forceinline__ void rebase(RowState<acc_t>& st, acc_t new_m_s, acc_t new_m_t) {
-  const acc_t c_s = centre_of(st.m_s), c_t = centre_of(st.m_t);
-  const acc_t nc_s = centre_of(new_m_s), nc_t = centre_of(new_m_t);
+__device__ __noinline__ void rebase(RowState<acc_t>& st, acc_t new_m_s, acc_t new_m_t, double k) {
+  const double c_s = centre_of(st.m_s), c_t = centre_of(st.m_t);
+  const double nc_s = centre_of(new_m_s), nc_t = centre_of(new_m_t);
   if (nc_t != c_t) {
-    // (t' - c_t) = (t' - nc_t) + (nc_t - c_t): A gains (nc_t - c_t) Z_s.
-    if (st.z_t > 0) st.z_t *= exp_acc(c_t - nc_t);
-    if (st.z_s > 0) st.a_acc += (nc_t - c_t) * st.z_s;
+    // w -> w + d with d = c_t - nc_t: A loses d Z_s.
+    const double d = c_t - nc_t;
+    if (st.z_t > 0) st.z_t *= exp(d * k);
+    if (st.z_s > 0) st.a_acc -= d * st.z_s;
   }
   if (nc_s != c_s && st.z_s > 0) {
-    // e_v -> r e_v with r = exp(c_s - nc_s), and (s' - c_s) = (s' - nc_s) - (c_s - nc_s).
-    const acc_t d = c_s - nc_s;
-    const acc_t r = exp_acc(d);
+    // u -> u + d with d = c_s - nc_s, and e_v -> r e_v with r = exp(k d).
+    const double d = c_s - nc_s;
+    const double r = exp(d * k);
     if (r > 0) {
       st.e_acc = r * (st.e_acc + d * st.z_s);
       st.a_acc = r * (st.a_acc + d * st.z_s);
@@ -150,39 +162,54 @@ __device__ __forceinline__ void rebase(RowState<acc_t>& st, acc_t new_m_s, acc_t
   st.m_t = new_m_t;
 }
 
-// Adds kN columns s[k], t[k] (unscaled logits): maxima first, then the terms at the new centres. The maxima are
-// taken before scaling (inv_t > 0 and rounding are monotone, so max_k (x_k inv_t) = inv_t max_k x_k exactly as
-// rounded); the columns are converted twice rather than kept as 2 kN floats, to save registers.
-template <int kN, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void absorb(RowState<acc_t>& st, const scalar_t (&s)[kN], const scalar_t (&t)[kN],
-                                       acc_t inv_t) {
-  acc_t raw_max_s = negative_infinity<acc_t>(), raw_max_t = negative_infinity<acc_t>();
+// The terms of one column in acc_t: e_v, exp(k w_v), e_v u_v and e_v (u_v - w_v) (0 where e_v = 0).
+template <typename acc_t>
+struct ColumnTerms {
+  acc_t z_s, z_t, e, a;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ ColumnTerms<acc_t> column_terms(acc_t x, acc_t y, acc_t c_s, acc_t c_t, acc_t k) {
+  const acc_t u = x - c_s;  // <= 0: the centre is the maximum
+  const acc_t w = y - c_t;
+  const acc_t e = exp_acc(u * k);
+  const bool live = e > 0;
+  return ColumnTerms<acc_t>{e, exp_acc(w * k), live ? e * u : acc_t(0), live ? e * (u - w) : acc_t(0)};
+}
+
+// Adds kN columns s[j], t[j]: maxima first, then the terms at the new centres, two columns at a time (their terms
+// added in acc_t, one rounding at the scale of the pair, then into the double sums: half the conversions).
+template <int kN, typename student_t, typename teacher_t, typename acc_t>
+__device__ __forceinline__ void absorb(RowState<acc_t>& st, const student_t (&s)[kN], const teacher_t (&t)[kN],
+                                       acc_t k, double k64) {
+  acc_t max_s = negative_infinity<acc_t>(), max_t = negative_infinity<acc_t>();
 #pragma unroll
-  for (int k = 0; k < kN; ++k) {
-    raw_max_s = max_acc(raw_max_s, to_acc(s[k]));
-    raw_max_t = max_acc(raw_max_t, to_acc(t[k]));
+  for (int j = 0; j < kN; ++j) {
+    max_s = max_acc(max_s, to_acc<acc_t>(s[j]));
+    max_t = max_acc(max_t, to_acc<acc_t>(t[j]));
   }
-  const acc_t m_s = max_acc(st.m_s, raw_max_s * inv_t), m_t = max_acc(st.m_t, raw_max_t * inv_t);
-  if (m_s != st.m_s || m_t != st.m_t) rebase(st, m_s, m_t);
+  const acc_t m_s = max_acc(st.m_s, max_s), m_t = max_acc(st.m_t, max_t);
+  if (m_s != st.m_s || m_t != st.m_t) rebase(st, m_s, m_t, k64);
   const acc_t c_s = centre_of(st.m_s), c_t = centre_of(st.m_t);
 #pragma unroll
-  for (int k = 0; k < kN; ++k) {
-    const acc_t ds = scaled_minus(to_acc(s[k]), inv_t, c_s);
-    const acc_t dt = scaled_minus(to_acc(t[k]), inv_t, c_t);
-    const acc_t e = exp_acc(ds);
-    st.z_s += e;
-    st.z_t += exp_acc(dt);
-    const bool live = e > 0;
-    st.e_acc += live ? e * ds : acc_t(0);
-    st.a_acc += live ? e * (ds - dt) : acc_t(0);
+  for (int j = 0; j < kN; j += 2) {
+    ColumnTerms<acc_t> p = column_terms(to_acc<acc_t>(s[j]), to_acc<acc_t>(t[j]), c_s, c_t, k);
+    if (j + 1 < kN) {
+      const ColumnTerms<acc_t> q = column_terms(to_acc<acc_t>(s[j + 1]), to_acc<acc_t>(t[j + 1]), c_s, c_t, k);
+      p = ColumnTerms<acc_t>{p.z_s + q.z_s, p.z_t + q.z_t, p.e + q.e, p.a + q.a};
+    }
+    st.z_s += p.z_s;
+    st.z_t += p.z_t;
+    st.e_acc += p.e;
+    st.a_acc += p.a;
   }
 }
 
 template <typename acc_t>
-__device__ __forceinline__ RowState<acc_t> merge(RowState<acc_t> x, RowState<acc_t> y) {
+__device__ __forceinline__ RowState<acc_t> merge(RowState<acc_t> x, RowState<acc_t> y, double k) {
   const acc_t m_s = max_acc(x.m_s, y.m_s), m_t = max_acc(x.m_t, y.m_t);
-  rebase(x, m_s, m_t);
-  rebase(y, m_s, m_t);
+  rebase(x, m_s, m_t, k);
+  rebase(y, m_s, m_t, k);
   x.z_s += y.z_s;
   x.z_t += y.z_t;
   x.e_acc += y.e_acc;
@@ -192,7 +219,7 @@ __device__ __forceinline__ RowState<acc_t> merge(RowState<acc_t> x, RowState<acc
 
 // Tree reduction over the warp; lane 0 ends with the merge of all 32 states (other lanes hold partial merges).
 template <typename acc_t>
-__device__ __forceinline__ RowState<acc_t> warp_reduce(RowState<acc_t> st) {
+__device__ __forceinline__ RowState<acc_t> warp_reduce(RowState<acc_t> st, double k) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     RowState<acc_t> other;
@@ -202,7 +229,7 @@ __device__ __forceinline__ RowState<acc_t> warp_reduce(RowState<acc_t> st) {
     other.z_t = __shfl_down_sync(kFullMask, st.z_t, offset);
     other.e_acc = __shfl_down_sync(kFullMask, st.e_acc, offset);
     other.a_acc = __shfl_down_sync(kFullMask, st.a_acc, offset);
-    st = merge(st, other);
+    st = merge(st, other, k);
   }
   return st;
 }
@@ -210,71 +237,78 @@ __device__ __forceinline__ RowState<acc_t> warp_reduce(RowState<acc_t> st) {
 // The merged state of a row group, valid in the group's thread 0. With several warps per row the group is the
 // whole block (one row per block), and every thread of the block must call this.
 template <int kWarpsPerRow, typename acc_t>
-__device__ __forceinline__ RowState<acc_t> reduce_row(RowState<acc_t> st, RowState<acc_t>* partials) {
-  st = warp_reduce(st);
+__device__ __forceinline__ RowState<acc_t> reduce_row(RowState<acc_t> st, RowState<acc_t>* partials, double k) {
+  st = warp_reduce(st, k);
   if constexpr (kWarpsPerRow > 1) {
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
     if (lane == 0) partials[warp] = st;
     __syncthreads();
     if (warp == 0) {
       st = lane < kWarpsPerRow ? partials[lane] : empty_state<acc_t>();
-      st = warp_reduce(st);
+      st = warp_reduce(st, k);
     }
   }
   return st;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Column layout of a row: scalar head, 16-byte vectors, scalar tail.
+// Column layout of a row: scalar head, vectors of kCols columns, scalar tail.
 // ---------------------------------------------------------------------------------------------------------------
-template <typename scalar_t>
-struct alignas(kVectorBytes) Vector {
-  static constexpr int kSize = kVectorBytes / static_cast<int>(sizeof(scalar_t));
-  scalar_t v[kSize];
+// kCols columns of one tensor, aligned to their size (at most 16 bytes).
+template <typename scalar_t, int kCols>
+struct alignas(kCols * sizeof(scalar_t)) Columns {
+  scalar_t v[kCols];
 };
 
-// Columns [head, head + n_vectors * kSize) of a run of n columns starting at p are read as vectors; the others
-// (the head, before the first 16-byte boundary, and the tail) one by one. vectorisable is false when the other
-// pointers of the row do not share p's offset within 16 bytes: then every column is a scalar one.
+// Columns per vector for a (student, teacher) pair: 16 bytes of the wider of the two.
+template <typename student_t, typename teacher_t>
+constexpr int kPairCols = kVectorBytes / static_cast<int>(sizeof(student_t) > sizeof(teacher_t) ? sizeof(student_t)
+                                                                                                 : sizeof(teacher_t));
+
+// The column offset of p within a vector of kCols columns (p is aligned to its element).
+template <int kCols, typename scalar_t>
+__device__ __forceinline__ int column_phase(const scalar_t* p) {
+  return static_cast<int>((reinterpret_cast<uintptr_t>(p) / sizeof(scalar_t)) % kCols);
+}
+
+// Columns [head, head + n_vectors * kCols) of a run of n columns starting at p are read as vectors; the others
+// (the head, before the first aligned column, and the tail) one by one. vectorisable is false when the other
+// pointers of the row do not share p's column phase: then every column is a scalar one.
 struct ColumnSplit {
   int head;
   int n_vectors;
 };
 
-template <typename scalar_t>
+template <int kCols, typename scalar_t>
 __device__ __forceinline__ ColumnSplit split_columns(const scalar_t* p, int n, bool vectorisable) {
-  constexpr int kSize = Vector<scalar_t>::kSize;
   if (!vectorisable) return ColumnSplit{n, 0};
-  const int offset =
-      static_cast<int>(reinterpret_cast<uintptr_t>(p) % kVectorBytes) / static_cast<int>(sizeof(scalar_t));
-  const int head = min(n, offset == 0 ? 0 : kSize - offset);
-  return ColumnSplit{head, (n - head) / kSize};
+  const int phase = column_phase<kCols>(p);
+  const int head = min(n, phase == 0 ? 0 : kCols - phase);
+  return ColumnSplit{head, (n - head) / kCols};
 }
 
-// The column of the j-th scalar column (j in [0, n - n_vectors * kSize)): the head, then the tail.
-template <typename scalar_t>
+// The column of the j-th scalar column (j in [0, n - n_vectors * kCols)): the head, then the tail.
+template <int kCols>
 __device__ __forceinline__ int scalar_column(const ColumnSplit& split, int j) {
-  return j < split.head ? j : j + split.n_vectors * Vector<scalar_t>::kSize;
-}
-
-__device__ __forceinline__ bool same_offset_in_vector(const void* p, const void* q) {
-  return ((reinterpret_cast<uintptr_t>(p) ^ reinterpret_cast<uintptr_t>(q)) % kVectorBytes) == 0;
+  return j < split.head ? j : j + split.n_vectors * kCols;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward kernel.
 // ---------------------------------------------------------------------------------------------------------------
-template <typename scalar_t, typename acc_t, int kThreadsPerRow, int kRowsPerBlock>
+template <typename student_t, typename teacher_t, int kThreadsPerRow, int kRowsPerBlock>
 __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock, kMinResidentThreads / (kThreadsPerRow * kRowsPerBlock))
 reverse_kld_forward_kernel(
-    const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher, int64_t student_row_stride,
+    const student_t* __restrict__ student, const teacher_t* __restrict__ teacher, int64_t student_row_stride,
     int64_t teacher_row_stride, const int64_t* __restrict__ target, const bool* __restrict__ mask,
-    acc_t* __restrict__ kl, acc_t* __restrict__ student_logprob, acc_t* __restrict__ teacher_logprob,
-    acc_t* __restrict__ entropy, acc_t* __restrict__ row_stats, int64_t n_rows, int n_cols, acc_t inv_t) {
+    AccOf<student_t, teacher_t>* __restrict__ kl, AccOf<student_t, teacher_t>* __restrict__ student_logprob,
+    AccOf<student_t, teacher_t>* __restrict__ teacher_logprob, AccOf<student_t, teacher_t>* __restrict__ entropy,
+    AccOf<student_t, teacher_t>* __restrict__ row_stats, int64_t n_rows, int n_cols, double inv_temperature) {
+  using acc_t = AccOf<student_t, teacher_t>;
   constexpr int kWarpsPerRow = kThreadsPerRow / kWarpSize;
   static_assert(kThreadsPerRow % kWarpSize == 0, "a row group is whole warps");
   static_assert(kWarpsPerRow == 1 || kRowsPerBlock == 1, "a row spread over several warps owns its block");
-  constexpr int kSize = Vector<scalar_t>::kSize;
+  constexpr int kCols = kPairCols<student_t, teacher_t>;
   __shared__ RowState<acc_t> partials[kWarpsPerRow];
 
   const int lane = threadIdx.x % kThreadsPerRow;
@@ -284,19 +318,21 @@ reverse_kld_forward_kernel(
   if (mask != nullptr && !mask[row]) {  // the same for the whole row group: a masked row reads nothing
     if (lane == 0) {
       kl[row] = student_logprob[row] = teacher_logprob[row] = entropy[row] = 0;
-      for (int k = 0; k < 4; ++k) row_stats[4 * row + k] = 0;
+      for (int j = 0; j < 4; ++j) row_stats[4 * row + j] = 0;
     }
     return;
   }
-  const scalar_t* s = student + row * student_row_stride;
-  const scalar_t* t = teacher + row * teacher_row_stride;
+  const student_t* s = student + row * student_row_stride;
+  const teacher_t* t = teacher + row * teacher_row_stride;
+  const acc_t k = static_cast<acc_t>(inv_temperature);
 
   RowState<acc_t> st = empty_state<acc_t>();
-  const ColumnSplit split = split_columns(s, n_cols, same_offset_in_vector(s, t));
-  const Vector<scalar_t>* s_vectors = reinterpret_cast<const Vector<scalar_t>*>(s + split.head);
-  const Vector<scalar_t>* t_vectors = reinterpret_cast<const Vector<scalar_t>*>(t + split.head);
+  const ColumnSplit split = split_columns<kCols>(s, n_cols, column_phase<kCols>(s) == column_phase<kCols>(t));
+  const auto* s_vectors = reinterpret_cast<const Columns<student_t, kCols>*>(s + split.head);
+  const auto* t_vectors = reinterpret_cast<const Columns<teacher_t, kCols>*>(t + split.head);
   for (int i = lane; i < split.n_vectors; i += kThreadsPerRow * kUnroll) {
-    Vector<scalar_t> sv[kUnroll], tv[kUnroll];
+    Columns<student_t, kCols> sv[kUnroll];
+    Columns<teacher_t, kCols> tv[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int j = min(i + u * kThreadsPerRow, split.n_vectors - 1);  // unpredicated loads; extras are not used
@@ -305,73 +341,76 @@ reverse_kld_forward_kernel(
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (i + u * kThreadsPerRow < split.n_vectors) absorb(st, sv[u].v, tv[u].v, inv_t);
+      if (i + u * kThreadsPerRow < split.n_vectors) absorb(st, sv[u].v, tv[u].v, k, inv_temperature);
     }
   }
-  const int n_scalar = n_cols - split.n_vectors * kSize;
+  const int n_scalar = n_cols - split.n_vectors * kCols;
   for (int j = lane; j < n_scalar; j += kThreadsPerRow) {
-    const int col = scalar_column<scalar_t>(split, j);
-    const scalar_t s_col[1] = {s[col]};
-    const scalar_t t_col[1] = {t[col]};
-    absorb(st, s_col, t_col, inv_t);
+    const int col = scalar_column<kCols>(split, j);
+    const student_t s_col[1] = {s[col]};
+    const teacher_t t_col[1] = {t[col]};
+    absorb(st, s_col, t_col, k, inv_temperature);
   }
 
-  st = reduce_row<kWarpsPerRow>(st, partials);
+  st = reduce_row<kWarpsPerRow>(st, partials, inv_temperature);
   if (lane != 0) return;
-  const acc_t log_z_s = log_acc(st.z_s);
-  const acc_t log_z_t = log_acc(st.z_t);
-  kl[row] = st.a_acc / st.z_s - log_z_s + log_z_t;
-  entropy[row] = log_z_s - st.e_acc / st.z_s;
-  row_stats[4 * row + 0] = st.m_s;
-  row_stats[4 * row + 1] = log_z_s;
-  row_stats[4 * row + 2] = st.m_t;
-  row_stats[4 * row + 3] = log_z_t;
-  if (target != nullptr) {
-    const int64_t y = min(max(target[row], int64_t(0)), static_cast<int64_t>(n_cols - 1));  // as the reference
-    student_logprob[row] = scaled_minus(to_acc(s[y]), inv_t, st.m_s) - log_z_s;
-    teacher_logprob[row] = scaled_minus(to_acc(t[y]), inv_t, st.m_t) - log_z_t;
-  } else {
+  const double c_s = centre_of(st.m_s), c_t = centre_of(st.m_t);
+  const double log_z_s = log(st.z_s);
+  const double log_z_t = log(st.z_t);
+  kl[row] = static_cast<acc_t>(inv_temperature * st.a_acc / st.z_s - log_z_s + log_z_t);
+  entropy[row] = static_cast<acc_t>(log_z_s - inv_temperature * st.e_acc / st.z_s);
+  row_stats[4 * row + 0] = static_cast<acc_t>(c_s);
+  row_stats[4 * row + 1] = static_cast<acc_t>(log_z_s);
+  row_stats[4 * row + 2] = static_cast<acc_t>(c_t);
+  row_stats[4 * row + 3] = static_cast<acc_t>(log_z_t);
+  if (target == nullptr) {
     student_logprob[row] = teacher_logprob[row] = 0;
+  } else if (target[row] >= 0 && target[row] < n_cols) {
+    const int64_t y = target[row];
+    student_logprob[row] = static_cast<acc_t>(inv_temperature * (static_cast<double>(widen(s[y])) - c_s) - log_z_s);
+    teacher_logprob[row] = static_cast<acc_t>(inv_temperature * (static_cast<double>(widen(t[y])) - c_t) - log_z_t);
+  } else {
+    student_logprob[row] = teacher_logprob[row] = static_cast<acc_t>(CUDART_NAN);  // nothing is read
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Backward kernel.
 // ---------------------------------------------------------------------------------------------------------------
-// Per-row constants of the backward. With log q = s' - m_s - log Z_s and log p = t' - m_t - log Z_t,
-//   inv_t q (a (log q - log p - KL) - b - c (log q + H)) = q (w_q log q + w_p log p + w_0)
-// with w_q = inv_t (a - c), w_p = -inv_t a, w_0 = -inv_t (a KL + b + c H).
+// Per-row constants of the backward. With log q = k (s - c_s) - log Z_s and log p = k (t - c_t) - log Z_t,
+//   k q (a (log q - log p - KL) - b - c (log q + H)) = q (w_q log q + w_p log p + w_0)
+// with w_q = k (a - c), w_p = -k a, w_0 = -k (a KL + b + c H).
 template <typename acc_t>
 struct RowGrad {
-  acc_t m_s, log_z_s, m_t, log_z_t;  // row statistics
+  acc_t c_s, log_z_s, c_t, log_z_t;  // row statistics
   acc_t w_q, w_p, w_0;               // the coefficients above
-  acc_t one_hot;                     // inv_t b, added at the target column
-  acc_t inv_t;
-  int target_col;                    // -1 without a target
+  acc_t one_hot;                     // k b, added at the target column
+  acc_t k;
+  int target_col;                    // -1 without a target in the vocabulary
 };
 
 template <typename acc_t>
 __device__ __forceinline__ RowGrad<acc_t> row_grad(const acc_t* row_stats, acc_t a, acc_t b, acc_t c, acc_t kl,
-                                                   acc_t entropy, acc_t inv_t, int target_col) {
+                                                   acc_t entropy, acc_t k, int target_col) {
   RowGrad<acc_t> g;
-  g.m_s = row_stats[0];
+  g.c_s = row_stats[0];
   g.log_z_s = row_stats[1];
-  g.m_t = row_stats[2];
+  g.c_t = row_stats[2];
   g.log_z_t = row_stats[3];
-  g.w_q = inv_t * (a - c);
-  g.w_p = -inv_t * a;
-  g.w_0 = -inv_t * (a * kl + b + c * entropy);
-  g.one_hot = inv_t * b;
-  g.inv_t = inv_t;
+  g.w_q = k * (a - c);
+  g.w_p = -k * a;
+  g.w_0 = -k * (a * kl + b + c * entropy);
+  g.one_hot = k * b;
+  g.k = k;
   g.target_col = target_col;
   return g;
 }
 
-// inv_t ([q > 0] q (a (log q - log p - KL) - b - c (log q + H)) + b [col == y]) from the unscaled logits x, y.
+// k ([q > 0] q (a (log q - log p - KL) - b - c (log q + H)) + b [col == y]) from the raw logits x, y.
 template <typename acc_t>
 __device__ __forceinline__ acc_t grad_at(const RowGrad<acc_t>& g, acc_t x, acc_t y, int col) {
-  const acc_t log_q = scaled_minus(x, g.inv_t, g.m_s) - g.log_z_s;
-  const acc_t log_p = scaled_minus(y, g.inv_t, g.m_t) - g.log_z_t;
+  const acc_t log_q = (x - g.c_s) * g.k - g.log_z_s;
+  const acc_t log_p = (y - g.c_t) * g.k - g.log_z_t;
   const acc_t q = exp_acc(log_q);
   const acc_t term = q > 0 ? q * (g.w_q * log_q + (g.w_p * log_p + g.w_0)) : acc_t(0);
   return col == g.target_col ? term + g.one_hot : term;
@@ -382,54 +421,60 @@ __device__ __forceinline__ acc_t load_or_zero(const acc_t* p, int64_t row) {
   return p != nullptr ? p[row] : acc_t(0);
 }
 
-// Writes 0 to the n columns starting at out, by the row group's threads.
+// Writes 0 to the n columns starting at out, by the row group's threads (16-byte vectors where aligned).
 template <typename scalar_t, int kThreadsPerRow>
 __device__ __forceinline__ void zero_columns(scalar_t* out, int n, int lane) {
-  constexpr int kSize = Vector<scalar_t>::kSize;
-  const ColumnSplit split = split_columns(out, n, true);
-  Vector<scalar_t> zeros;
+  constexpr int kCols = kVectorBytes / static_cast<int>(sizeof(scalar_t));
+  const ColumnSplit split = split_columns<kCols>(out, n, true);
+  Columns<scalar_t, kCols> zeros;
 #pragma unroll
-  for (int k = 0; k < kSize; ++k) convert_into(typename AccType<scalar_t>::type(0), zeros.v[k]);
-  Vector<scalar_t>* out_vectors = reinterpret_cast<Vector<scalar_t>*>(out + split.head);
+  for (int j = 0; j < kCols; ++j) convert_into(decltype(widen(scalar_t{}))(0), zeros.v[j]);
+  auto* out_vectors = reinterpret_cast<Columns<scalar_t, kCols>*>(out + split.head);
   for (int i = lane; i < split.n_vectors; i += kThreadsPerRow) out_vectors[i] = zeros;
-  const int n_scalar = n - split.n_vectors * kSize;
-  for (int j = lane; j < n_scalar; j += kThreadsPerRow) out[scalar_column<scalar_t>(split, j)] = zeros.v[0];
+  const int n_scalar = n - split.n_vectors * kCols;
+  for (int j = lane; j < n_scalar; j += kThreadsPerRow) out[scalar_column<kCols>(split, j)] = zeros.v[0];
 }
 
-template <typename scalar_t, typename acc_t, int kThreadsPerRow, int kRowsPerBlock>
+template <typename student_t, typename teacher_t, int kThreadsPerRow, int kRowsPerBlock>
 __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock, kMinResidentThreads / (kThreadsPerRow * kRowsPerBlock))
 reverse_kld_backward_kernel(
-    const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher, int64_t student_row_stride,
+    const student_t* __restrict__ student, const teacher_t* __restrict__ teacher, int64_t student_row_stride,
     int64_t teacher_row_stride, const int64_t* __restrict__ target, const bool* __restrict__ mask,
-    const acc_t* __restrict__ grad_kl, const acc_t* __restrict__ grad_student_logprob,
-    const acc_t* __restrict__ grad_entropy, const acc_t* __restrict__ kl, const acc_t* __restrict__ entropy,
-    const acc_t* __restrict__ row_stats, scalar_t* __restrict__ grad_student, int64_t n_rows, int n_cols,
-    int width, acc_t inv_t) {
+    const AccOf<student_t, teacher_t>* __restrict__ grad_kl,
+    const AccOf<student_t, teacher_t>* __restrict__ grad_student_logprob,
+    const AccOf<student_t, teacher_t>* __restrict__ grad_entropy, const AccOf<student_t, teacher_t>* __restrict__ kl,
+    const AccOf<student_t, teacher_t>* __restrict__ entropy, const AccOf<student_t, teacher_t>* __restrict__ row_stats,
+    student_t* __restrict__ grad_student, int64_t n_rows, int n_cols, int width, double inv_temperature) {
+  using acc_t = AccOf<student_t, teacher_t>;
   static_assert(kThreadsPerRow % kWarpSize == 0, "a row group is whole warps");
-  constexpr int kSize = Vector<scalar_t>::kSize;
+  constexpr int kCols = kPairCols<student_t, teacher_t>;
 
   const int lane = threadIdx.x % kThreadsPerRow;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreadsPerRow;  // int64
   if (row >= n_rows) return;
-  scalar_t* out = grad_student + row * width;
+  student_t* out = grad_student + row * width;
   const int n_live = (mask == nullptr || mask[row]) ? n_cols : 0;  // a masked row reads nothing, gets 0
 
   if (n_live > 0) {
-    const scalar_t* s = student + row * student_row_stride;
-    const scalar_t* t = teacher + row * teacher_row_stride;
-    const int target_col =
-        target != nullptr ? static_cast<int>(min(max(target[row], int64_t(0)), int64_t(n_cols - 1))) : -1;
-    const acc_t b = target != nullptr ? load_or_zero(grad_student_logprob, row) : acc_t(0);
-    const RowGrad<acc_t> g = row_grad(row_stats + 4 * row, load_or_zero(grad_kl, row), b,
-                                      load_or_zero(grad_entropy, row), kl[row], entropy[row], inv_t, target_col);
+    const student_t* s = student + row * student_row_stride;
+    const teacher_t* t = teacher + row * teacher_row_stride;
+    // b counts only with a target in the vocabulary (an out-of-range one has NaN log-probabilities).
+    const bool has_target = target != nullptr && target[row] >= 0 && target[row] < n_cols;
+    const int target_col = has_target ? static_cast<int>(target[row]) : -1;
+    const acc_t b = has_target ? load_or_zero(grad_student_logprob, row) : acc_t(0);
+    const RowGrad<acc_t> g =
+        row_grad(row_stats + 4 * row, load_or_zero(grad_kl, row), b, load_or_zero(grad_entropy, row), kl[row],
+                 entropy[row], static_cast<acc_t>(inv_temperature), target_col);
 
-    const bool vectorisable = same_offset_in_vector(s, t) && same_offset_in_vector(s, out);
-    const ColumnSplit split = split_columns(s, n_live, vectorisable);
-    const Vector<scalar_t>* s_vectors = reinterpret_cast<const Vector<scalar_t>*>(s + split.head);
-    const Vector<scalar_t>* t_vectors = reinterpret_cast<const Vector<scalar_t>*>(t + split.head);
-    Vector<scalar_t>* out_vectors = reinterpret_cast<Vector<scalar_t>*>(out + split.head);
+    const int phase = column_phase<kCols>(s);
+    const bool vectorisable = column_phase<kCols>(t) == phase && column_phase<kCols>(out) == phase;
+    const ColumnSplit split = split_columns<kCols>(s, n_live, vectorisable);
+    const auto* s_vectors = reinterpret_cast<const Columns<student_t, kCols>*>(s + split.head);
+    const auto* t_vectors = reinterpret_cast<const Columns<teacher_t, kCols>*>(t + split.head);
+    auto* out_vectors = reinterpret_cast<Columns<student_t, kCols>*>(out + split.head);
     for (int i = lane; i < split.n_vectors; i += kThreadsPerRow * kUnroll) {
-      Vector<scalar_t> sv[kUnroll], tv[kUnroll];
+      Columns<student_t, kCols> sv[kUnroll];
+      Columns<teacher_t, kCols> tv[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int j = min(i + u * kThreadsPerRow, split.n_vectors - 1);  // unpredicated loads; extras are not used
@@ -440,23 +485,23 @@ reverse_kld_backward_kernel(
       for (int u = 0; u < kUnroll; ++u) {
         const int j = i + u * kThreadsPerRow;
         if (j < split.n_vectors) {
-          Vector<scalar_t> gv;
+          Columns<student_t, kCols> gv;
 #pragma unroll
-          for (int k = 0; k < kSize; ++k) {
-            const int col = split.head + j * kSize + k;
-            convert_into(grad_at(g, to_acc(sv[u].v[k]), to_acc(tv[u].v[k]), col), gv.v[k]);
+          for (int c = 0; c < kCols; ++c) {
+            const int col = split.head + j * kCols + c;
+            convert_into(grad_at(g, to_acc<acc_t>(sv[u].v[c]), to_acc<acc_t>(tv[u].v[c]), col), gv.v[c]);
           }
           out_vectors[j] = gv;
         }
       }
     }
-    const int n_scalar = n_live - split.n_vectors * kSize;
+    const int n_scalar = n_live - split.n_vectors * kCols;
     for (int j = lane; j < n_scalar; j += kThreadsPerRow) {
-      const int col = scalar_column<scalar_t>(split, j);
-      convert_into(grad_at(g, to_acc(s[col]), to_acc(t[col]), col), out[col]);
+      const int col = scalar_column<kCols>(split, j);
+      convert_into(grad_at(g, to_acc<acc_t>(s[col]), to_acc<acc_t>(t[col]), col), out[col]);
     }
   }
-  zero_columns<scalar_t, kThreadsPerRow>(out + n_live, width - n_live, lane);
+  zero_columns<student_t, kThreadsPerRow>(out + n_live, width - n_live, lane);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -481,71 +526,90 @@ bool grid_for(int64_t n_rows, dim3* grid) {
   return true;
 }
 
-// One launch of a kernel instance (dtype, threads per row, rows per block), as a class template so that the
+// One launch of a kernel instance (dtype pair, threads per row, rows per block), as a class template so that the
 // dispatch below serves both kernels.
-template <typename scalar_t, int kThreadsPerRow, int kRowsPerBlock>
+template <typename student_t, typename teacher_t, int kThreadsPerRow, int kRowsPerBlock>
 struct ForwardLauncher {
   static cudaError_t run(const ForwardLaunch& a, cudaStream_t stream) {
-    using acc_t = typename AccType<scalar_t>::type;
+    using acc_t = AccOf<student_t, teacher_t>;
     dim3 grid;
     if (!grid_for<kRowsPerBlock>(a.n_rows, &grid)) return cudaErrorInvalidConfiguration;
-    reverse_kld_forward_kernel<scalar_t, acc_t, kThreadsPerRow, kRowsPerBlock>
+    reverse_kld_forward_kernel<student_t, teacher_t, kThreadsPerRow, kRowsPerBlock>
         <<<grid, kThreadsPerRow * kRowsPerBlock, 0, stream>>>(
-            static_cast<const scalar_t*>(a.student), static_cast<const scalar_t*>(a.teacher), a.student_row_stride,
-            a.teacher_row_stride, a.target, a.mask, static_cast<acc_t*>(a.kl), static_cast<acc_t*>(a.student_logprob),
-            static_cast<acc_t*>(a.teacher_logprob), static_cast<acc_t*>(a.entropy), static_cast<acc_t*>(a.row_stats),
-            a.n_rows, a.n_cols, static_cast<acc_t>(a.inv_temperature));
+            static_cast<const student_t*>(a.student), static_cast<const teacher_t*>(a.teacher),
+            a.student_row_stride, a.teacher_row_stride, a.target, a.mask, static_cast<acc_t*>(a.kl),
+            static_cast<acc_t*>(a.student_logprob), static_cast<acc_t*>(a.teacher_logprob),
+            static_cast<acc_t*>(a.entropy), static_cast<acc_t*>(a.row_stats), a.n_rows, a.n_cols, a.inv_temperature);
     return cudaGetLastError();
   }
 };
 
-template <typename scalar_t, int kThreadsPerRow, int kRowsPerBlock>
+template <typename student_t, typename teacher_t, int kThreadsPerRow, int kRowsPerBlock>
 struct BackwardLauncher {
   static cudaError_t run(const BackwardLaunch& a, cudaStream_t stream) {
-    using acc_t = typename AccType<scalar_t>::type;
+    using acc_t = AccOf<student_t, teacher_t>;
     dim3 grid;
     if (!grid_for<kRowsPerBlock>(a.n_rows, &grid)) return cudaErrorInvalidConfiguration;
-    reverse_kld_backward_kernel<scalar_t, acc_t, kThreadsPerRow, kRowsPerBlock>
+    reverse_kld_backward_kernel<student_t, teacher_t, kThreadsPerRow, kRowsPerBlock>
         <<<grid, kThreadsPerRow * kRowsPerBlock, 0, stream>>>(
-            static_cast<const scalar_t*>(a.student), static_cast<const scalar_t*>(a.teacher), a.student_row_stride,
-            a.teacher_row_stride, a.target, a.mask, static_cast<const acc_t*>(a.grad_kl),
+            static_cast<const student_t*>(a.student), static_cast<const teacher_t*>(a.teacher),
+            a.student_row_stride, a.teacher_row_stride, a.target, a.mask, static_cast<const acc_t*>(a.grad_kl),
             static_cast<const acc_t*>(a.grad_student_logprob), static_cast<const acc_t*>(a.grad_entropy),
             static_cast<const acc_t*>(a.kl), static_cast<const acc_t*>(a.entropy),
-            static_cast<const acc_t*>(a.row_stats), static_cast<scalar_t*>(a.grad_student), a.n_rows, a.n_cols,
-            a.width, static_cast<acc_t>(a.inv_temperature));
+            static_cast<const acc_t*>(a.row_stats), static_cast<student_t*>(a.grad_student), a.n_rows, a.n_cols,
+            a.width, a.inv_temperature);
     return cudaGetLastError();
   }
 };
 
 // The kernel instance for the row layout of `columns`.
-template <template <typename, int, int> class Launcher, typename scalar_t, typename Args>
+template <template <typename, typename, int, int> class Launcher, typename student_t, typename teacher_t,
+          typename Args>
 cudaError_t launch_in_layout(const Args& a, int columns, cudaStream_t stream) {
   switch (row_layout(columns)) {
     case RowLayout::kWarpPerRow:
-      return Launcher<scalar_t, kWarpSize, kRowsPerWarpBlock>::run(a, stream);
+      return Launcher<student_t, teacher_t, kWarpSize, kRowsPerWarpBlock>::run(a, stream);
     case RowLayout::kBlock256PerRow:
-      return Launcher<scalar_t, 256, 1>::run(a, stream);
+      return Launcher<student_t, teacher_t, 256, 1>::run(a, stream);
     case RowLayout::kBlock512PerRow:
-      return Launcher<scalar_t, 512, 1>::run(a, stream);
+      return Launcher<student_t, teacher_t, 512, 1>::run(a, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-// The kernel instance for the logits dtype and the row layout of `columns`; nothing to launch for zero rows.
-template <template <typename, int, int> class Launcher, typename Args>
-cudaError_t launch(const Args& a, int columns, cudaStream_t stream) {
-  if (a.n_rows == 0) return cudaSuccess;
-  switch (a.dtype) {
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// f(TypeTag<element type>{}) for a logits dtype.
+template <typename F>
+cudaError_t with_element_type(LogitsDtype dtype, F&& f) {
+  switch (dtype) {
     case LogitsDtype::kFloat32:
-      return launch_in_layout<Launcher, float>(a, columns, stream);
+      return f(TypeTag<float>{});
     case LogitsDtype::kFloat64:
-      return launch_in_layout<Launcher, double>(a, columns, stream);
+      return f(TypeTag<double>{});
     case LogitsDtype::kBFloat16:
-      return launch_in_layout<Launcher, __nv_bfloat16>(a, columns, stream);
+      return f(TypeTag<__nv_bfloat16>{});
     case LogitsDtype::kFloat16:
-      return launch_in_layout<Launcher, __half>(a, columns, stream);
+      return f(TypeTag<__half>{});
   }
   return cudaErrorInvalidValue;
+}
+
+// The kernel instance for the (student, teacher) dtype pair and the row layout of `columns`; nothing to launch for
+// zero rows. 16 pairs x 3 layouts of each kernel.
+template <template <typename, typename, int, int> class Launcher, typename Args>
+cudaError_t launch(const Args& a, int columns, cudaStream_t stream) {
+  if (a.n_rows == 0) return cudaSuccess;
+  return with_element_type(a.student_dtype, [&](auto student_tag) {
+    return with_element_type(a.teacher_dtype, [&](auto teacher_tag) {
+      using student_t = typename decltype(student_tag)::type;
+      using teacher_t = typename decltype(teacher_tag)::type;
+      return launch_in_layout<Launcher, student_t, teacher_t>(a, columns, stream);
+    });
+  });
 }
 
 }  // namespace

@@ -7,10 +7,12 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
-// student [N, Vs], teacher [N, Vt] (same float dtype, on one CUDA device, last-dim stride 1); target int64 [N] and
-// mask bool [N] optional; only the first vocab_size columns are read. Returns, in the accumulation dtype (double
-// for float64 input, else float): {kl [N], student_logprob [N], teacher_logprob [N], entropy [N],
-// row_stats [N, 4] = (m_s, log Z_s, m_t, log Z_t)}. Rows with mask False are not read; their outputs are 0.
+// student [N, Vs], teacher [N, Vt] (each float32, float64, bfloat16 or float16, the two may differ; on one CUDA
+// device, last-dim stride 1); target int64 [N] and mask bool [N] optional; only the first vocab_size columns are
+// read. Returns, in the accumulation dtype (double if either input is float64, else float): {kl [N],
+// student_logprob [N], teacher_logprob [N], entropy [N], row_stats [N, 4] = (c_s, log Z_s, c_t, log Z_t)} (c: the
+// row maxima of the raw logits). Rows with mask False are not read; their outputs are 0. An unmasked row whose target
+// is outside [0, vocab_size) gets NaN log-probabilities (its other outputs as usual).
 std::vector<at::Tensor> reverse_kld_forward(
     const at::Tensor& student, const at::Tensor& teacher,
     const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& mask,
@@ -27,7 +29,8 @@ void reverse_kld_forward_out(
 
 // Gradient [N, Vs] (contiguous, student dtype) of sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i with respect to the
 // student logits, given the upstream grads a, b, c ([N], accumulation dtype; an undefined tensor counts as zeros)
-// and kl, entropy, row_stats from reverse_kld_forward. Padding columns [vocab_size, Vs) and masked rows get 0.
+// and kl, entropy, row_stats from reverse_kld_forward. b_i counts as 0 where the target is outside [0, vocab_size).
+// Padding columns [vocab_size, Vs) and masked rows get 0.
 at::Tensor reverse_kld_backward(
     const at::Tensor& student, const at::Tensor& teacher,
     const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& mask,

@@ -8,14 +8,16 @@
 
 namespace minillm_cuda {
 
-// Element type of the logits (and of the gradient). Accumulation and the per-row outputs are double for
-// kFloat64, float otherwise.
+// Element type of a logits tensor (the gradient has the student's). Student and teacher may differ; the
+// arithmetic and the per-row outputs are double if either is kFloat64, float otherwise (the accumulation dtype).
 enum class LogitsDtype : int { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
 // Forward over n_rows rows: reads columns [0, n_cols) of each row (n_cols = vocab_size), writes per row
-// kl, student_logprob, teacher_logprob, entropy and row_stats[4] = (m_s, log Z_s, m_t, log Z_t).
+// kl, student_logprob, teacher_logprob, entropy and row_stats[4] = (c_s, log Z_s, c_t, log Z_t) (c: the maxima of
+// the raw logits). A target outside [0, n_cols) gives NaN log-probabilities and is never read.
 struct ForwardLaunch {
-  LogitsDtype dtype;
+  LogitsDtype student_dtype;
+  LogitsDtype teacher_dtype;
   const void* student;             // [n_rows, >= n_cols], row stride student_row_stride elements
   const void* teacher;             // [n_rows, >= n_cols], row stride teacher_row_stride elements
   int64_t student_row_stride;
@@ -32,10 +34,12 @@ struct ForwardLaunch {
   double inv_temperature;
 };
 
-// Backward: writes the [n_rows, width] contiguous gradient (logits dtype) of
-// sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i; columns [n_cols, width) and masked rows get 0.
+// Backward: writes the [n_rows, width] contiguous gradient (student dtype) of
+// sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i; columns [n_cols, width) and masked rows get 0; b_i counts as 0
+// where the target is outside [0, n_cols).
 struct BackwardLaunch {
-  LogitsDtype dtype;
+  LogitsDtype student_dtype;
+  LogitsDtype teacher_dtype;
   const void* student;
   const void* teacher;
   int64_t student_row_stride;

@@ -2,13 +2,24 @@
 
 ``minillm_kernels::token_stats`` computes, per row of ``[N, V]`` logits, the reverse KL, the
 log-probabilities of a target token under both models, the student entropy and the row statistics
-``(m_s, log Z_s, m_t, log Z_t)`` that the backward needs (see ``reverse_kld_triton`` for the
+``(c_s, log Z_s, c_t, log Z_t)`` that the backward needs (see ``reverse_kld_triton`` for the
 formulas). ``minillm_kernels::token_stats_backward`` turns per-row upstream gradients
 ``a = dL/dKL, b = dL/dlog q(y), c = dL/dH`` into the one ``[N, V]`` gradient of the student logits.
 The ``backend`` argument picks the kernel ("cpu": the C++ kernel, "triton", "cuda": the CUDA C++
 kernels); both ops have fake implementations, so ``torch.compile(fullgraph=True)`` traces through
 them, and the forward op has a registered autograd formula, so only per-row scalars are saved between
 forward and backward.
+
+The contract every kernel keeps:
+- student and teacher may have different float dtypes (float32, float64, bfloat16, float16): each is read
+  in its own dtype, with no copy; the arithmetic is float32, float64 if either is float64. Per-row outputs
+  (and the upstream gradients a, b, c) have ``stats_dtype(student, teacher)``; the gradient has the
+  student's dtype.
+- No kernel reads outside the first ``vocab_size`` columns of a row, whatever ``target`` holds. An unmasked
+  row whose target is outside ``[0, vocab_size)`` gets NaN log-probabilities (its KL and entropy as usual), and
+  its b counts as 0 in the backward: exactly what ``reference.token_stats`` gives under autograd. The public
+  functions raise a ValueError for such ids in eager mode; this is what a ``torch.compile`` graph (where that
+  data-dependent check cannot run) gets. Masked rows are not read and may hold any id.
 """
 from __future__ import annotations
 
@@ -16,6 +27,8 @@ from types import ModuleType
 from typing import Optional
 
 import torch
+
+from minillm_kernels import reference
 
 Tensor = torch.Tensor
 
@@ -37,9 +50,8 @@ def _kernels(backend: str) -> ModuleType:
     raise ValueError(f"no kernels for backend {backend!r}")
 
 
-def stats_dtype(logits_dtype: torch.dtype) -> torch.dtype:
-    """Per-token outputs are float64 for float64 logits, float32 otherwise."""
-    return torch.promote_types(logits_dtype, torch.float32)
+# The per-row outputs' dtype, of the logits dtypes: float64 if either is float64, float32 otherwise.
+stats_dtype = reference.compute_dtype
 
 
 @torch.library.custom_op("minillm_kernels::token_stats", mutates_args=())
@@ -54,17 +66,17 @@ def token_stats(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(kl, student_logprob, teacher_logprob, entropy, row_stats)`` of ``[N, V]`` logits."""
     if student.shape[0] == 0:
-        return _empty_stats(student)
+        return _empty_stats(student, teacher)
     return tuple(_kernels(backend).forward(student, teacher, target, mask, inv_temperature, vocab_size))
 
 
 @token_stats.register_fake
 def _(student, teacher, target, mask, inv_temperature, vocab_size, backend):
-    return _empty_stats(student)
+    return _empty_stats(student, teacher)
 
 
-def _empty_stats(student: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    n_rows, dtype = student.shape[0], stats_dtype(student.dtype)
+def _empty_stats(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    n_rows, dtype = student.shape[0], stats_dtype(student.dtype, teacher.dtype)
     per_row = tuple(student.new_empty(n_rows, dtype=dtype) for _ in range(4))
     return (*per_row, student.new_empty(n_rows, 4, dtype=dtype))
 

@@ -1,19 +1,32 @@
 """Triton kernels for the reverse-KL family: one streaming pass per row forward, one backward.
 
-Per row (token) with s' = s / T and t' = t / T over the first ``vocab_size`` columns, the forward
-kernel keeps the running maxima m_s, m_t and, centred on them for accuracy at |logits| ~ 1e4,
-    Z_s = sum_v e_v,  e_v = exp(s'_v - m_s)          Z_t = sum_v exp(t'_v - m_t)
-    E   = sum_v e_v (s'_v - m_s)                      A   = sum_v e_v ((s'_v - m_s) - (t'_v - m_t))
-rescaled whenever a block raises a maximum (online softmax). Then, with log q_v = s'_v - m_s - log Z_s
-and log p_v = t'_v - m_t - log Z_t,
-    KL(q || p) = A / Z_s - log Z_s + log Z_t,      H(q) = log Z_s - E / Z_s,
-and log q(y), log p(y) come from one extra load each. Terms with e_v = 0 count 0, so a column that is
--inf in both models contributes 0, never NaN. The row statistics (m_s, log Z_s, m_t, log Z_t) are
-kept for the backward kernel, which writes in one pass
-    grad_v = (1/T) (q_v (a (log q_v - log p_v - KL) - b - c (log q_v + H)) + b [v == y])
-with a = dL/dKL, b = dL/dlog q(y), c = dL/dH per row. Accumulation is float32 whatever the input
-dtype. Memory traffic per row of V columns: forward reads s and t once (2V elements), backward reads
-s and t once and writes the gradient once (3V elements).
+Per row (token), over the first ``vocab_size`` columns of the student logits s and the teacher logits t,
+with k = 1/T, the forward kernel keeps the running maxima of the raw logits and, centred on them
+(c_s, c_t; with u_v = s_v - c_s, w_v = t_v - c_t),
+    Z_s = sum_v e_v,  e_v = exp(k u_v)          Z_t = sum_v exp(k w_v)
+    E   = sum_v e_v u_v                          A   = sum_v e_v (u_v - w_v)
+re-centred whenever a block raises a maximum (online softmax). Then
+    KL(q || p) = k A / Z_s - log Z_s + log Z_t,      H(q) = log Z_s - k E / Z_s,
+    log q(y) = k (s_y - c_s) - log Z_s,              log p(y) = k (t_y - c_t) - log Z_t.
+Centring on the raw maxima makes every exponent k u_v <= 0 and the largest exactly 0 at any scale: no
+finite stand-in for -inf, and no rescale factor that overflows, so rows entirely below -3e38 or with a
+maximum near the float32 limit stay finite. Terms with e_v = 0 count 0, so a column that is -inf in both
+models contributes 0, never NaN. The row statistics (c_s, log Z_s, c_t, log Z_t) are kept for the
+backward kernel, which writes in one pass
+    grad_v = k (q_v (a (log q_v - log p_v - KL) - b - c (log q_v + H)) + b [v == y])
+with a = dL/dKL, b = dL/dlog q(y), c = dL/dH per row.
+
+Dtypes: student and teacher may differ; each is loaded in its own dtype. Per-element arithmetic is in
+``ACC_DTYPE``, float64 if either input is float64, else float32. The sums Z_s, Z_t, E, A are float64 in
+both cases (each block's terms are summed in float64: float32 block sums round at the scale of their
+largest term and cost up to 4e-7 relative on peaked rows); k reaches the kernels in float64.
+
+Targets: an unmasked row whose target is outside [0, vocab_size) gets NaN log-probabilities (its KL and
+entropy as usual) and its b counts as 0 in the backward; no load ever leaves the row. Masked rows are not
+read and may hold any id.
+
+Memory traffic per row of V columns: forward reads s and t once (2V elements), backward reads s and t
+once and writes the gradient once (3V elements).
 """
 from __future__ import annotations
 
@@ -21,17 +34,32 @@ import torch
 import triton
 import triton.language as tl
 
-# A finite stand-in for -inf as the initial running maximum, so that exp(m_old - m_new) is never
-# exp(-inf - -inf) = NaN when a whole block is -inf.
-_LOWEST = tl.constexpr(-3.0e38)
+from minillm_kernels.reference import compute_dtype
+
+
+@triton.jit
+def _centre(running_max):
+    """The centre of the sums: the running maximum, or 0 while it is -inf (so that -inf - centre is -inf)."""
+    return tl.where(running_max == float("-inf"), 0.0, running_max)
+
+
+@triton.jit
+def _round_to_bfloat16(x):
+    """x rounded to bfloat16, to nearest even (NaN -> 0x7fc0), through float32 for float64 x. Written out because
+    Triton's interpreter truncates float32 -> bfloat16 casts (and mangles float64 -> bfloat16 ones); compiled, the
+    cast rounds to nearest even as this does."""
+    bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
 def _reverse_kld_forward_kernel(
     student_ptr, teacher_ptr, target_ptr, mask_ptr,
     kl_ptr, student_logprob_ptr, teacher_logprob_ptr, entropy_ptr, row_stats_ptr,
-    student_row_stride, teacher_row_stride, vocab_size, inv_temperature,
-    HAS_TARGET: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
+    student_row_stride, teacher_row_stride, vocab_size, inv_temperature: tl.float64,
+    HAS_TARGET: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     # int64 row index: row * row_stride passes 2^31 once N * V does (16k tokens x 152k vocab).
     row = tl.program_id(0).to(tl.int64)
@@ -39,57 +67,71 @@ def _reverse_kld_forward_kernel(
     teacher_ptr += row * teacher_row_stride
     valid = tl.load(mask_ptr + row) != 0 if HAS_MASK else True
     n_cols = tl.where(valid, vocab_size, 0)  # a masked row reads nothing
+    k64 = tl.zeros((), tl.float64) + inv_temperature
+    k = k64.to(ACC_DTYPE)
 
-    m_s = tl.full((), _LOWEST, tl.float32)
-    m_t = tl.full((), _LOWEST, tl.float32)
-    z_s = tl.zeros((), tl.float32)
-    z_t = tl.zeros((), tl.float32)
-    e_acc = tl.zeros((), tl.float32)
-    a_acc = tl.zeros((), tl.float32)
+    m_s = tl.full((), float("-inf"), ACC_DTYPE)  # running maxima
+    m_t = tl.full((), float("-inf"), ACC_DTYPE)
+    z_s = tl.zeros((), tl.float64)
+    z_t = tl.zeros((), tl.float64)
+    e_acc = tl.zeros((), tl.float64)
+    a_acc = tl.zeros((), tl.float64)
     offsets = tl.arange(0, BLOCK_V)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + offsets
         in_row = cols < n_cols
-        s = tl.load(student_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
-        t = tl.load(teacher_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
-        new_m_s = tl.maximum(m_s, tl.max(s, axis=0))
-        new_m_t = tl.maximum(m_t, tl.max(t, axis=0))
-        # Re-centre the accumulators on the new maxima: e_v picks up r_s, (s' - m_s) shifts by
-        # (m_s - new_m_s) and (t' - m_t) by (m_t - new_m_t).
-        shift_s = m_s - new_m_s
-        r_s = tl.exp(shift_s)
-        a_acc = r_s * (a_acc + (shift_s - (m_t - new_m_t)) * z_s)
-        e_acc = r_s * (e_acc + shift_s * z_s)
-        z_s = r_s * z_s
-        z_t = tl.exp(m_t - new_m_t) * z_t
-        m_s = new_m_s
-        m_t = new_m_t
+        s = tl.load(student_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
+        t = tl.load(teacher_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
+        old_c_s = _centre(m_s).to(tl.float64)
+        old_c_t = _centre(m_t).to(tl.float64)
+        m_s = tl.maximum(m_s, tl.max(s, axis=0))
+        m_t = tl.maximum(m_t, tl.max(t, axis=0))
+        c_s = _centre(m_s)
+        c_t = _centre(m_t)
+        # Re-centre the sums (float64, where the centres' differences are exact): with d = old - new <= 0,
+        # w -> w + d_t takes d_t Z_s from A; u -> u + d_s and e_v -> r e_v, r = exp(k d_s). An empty sum stays 0
+        # (its old centre, 0, may lie above the new one: the min keeps r <= 1 from meeting Z = 0 as inf * 0).
+        d_t = tl.minimum(old_c_t - c_t.to(tl.float64), 0.0)
+        a_acc = tl.where(z_s > 0, a_acc - d_t * z_s, a_acc)
+        z_t = z_t * tl.exp(d_t * k64)
+        d_s = tl.minimum(old_c_s - c_s.to(tl.float64), 0.0)
+        r_s = tl.exp(d_s * k64)
+        keep = (z_s > 0) & (r_s > 0)
+        a_acc = tl.where(keep, r_s * (a_acc + d_s * z_s), 0.0)
+        e_acc = tl.where(keep, r_s * (e_acc + d_s * z_s), 0.0)
+        z_s = tl.where(keep, r_s * z_s, 0.0)
 
-        centred_s = s - m_s
-        centred_t = t - m_t
-        e = tl.exp(centred_s)
+        u = s - c_s  # <= 0
+        w = t - c_t
+        e = tl.exp(u * k)
         live = e > 0
-        z_s += tl.sum(e, axis=0)
-        z_t += tl.sum(tl.exp(centred_t), axis=0)
-        e_acc += tl.sum(tl.where(live, e * centred_s, 0.0), axis=0)
-        a_acc += tl.sum(tl.where(live, e * (centred_s - centred_t), 0.0), axis=0)
+        z_s += tl.sum(e.to(tl.float64), axis=0)
+        z_t += tl.sum(tl.exp(w * k).to(tl.float64), axis=0)
+        e_acc += tl.sum(tl.where(live, e * u, 0.0).to(tl.float64), axis=0)
+        a_acc += tl.sum(tl.where(live, e * (u - w), 0.0).to(tl.float64), axis=0)
 
+    c_s = _centre(m_s).to(tl.float64)
+    c_t = _centre(m_t).to(tl.float64)
     log_z_s = tl.log(z_s)
     log_z_t = tl.log(z_t)
-    kl = a_acc / z_s - log_z_s + log_z_t
-    entropy = log_z_s - e_acc / z_s
+    kl = k64 * a_acc / z_s - log_z_s + log_z_t
+    entropy = log_z_s - k64 * e_acc / z_s
     tl.store(kl_ptr + row, tl.where(valid, kl, 0.0))
     tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0))
-    tl.store(row_stats_ptr + 4 * row + 0, tl.where(valid, m_s, 0.0))
+    tl.store(row_stats_ptr + 4 * row + 0, tl.where(valid, c_s, 0.0))
     tl.store(row_stats_ptr + 4 * row + 1, tl.where(valid, log_z_s, 0.0))
-    tl.store(row_stats_ptr + 4 * row + 2, tl.where(valid, m_t, 0.0))
+    tl.store(row_stats_ptr + 4 * row + 2, tl.where(valid, c_t, 0.0))
     tl.store(row_stats_ptr + 4 * row + 3, tl.where(valid, log_z_t, 0.0))
     if HAS_TARGET:
-        target = tl.where(valid, tl.load(target_ptr + row), 0)  # masked rows may hold ignore ids
-        s_y = tl.load(student_ptr + target).to(tl.float32) * inv_temperature
-        t_y = tl.load(teacher_ptr + target).to(tl.float32) * inv_temperature
-        tl.store(student_logprob_ptr + row, tl.where(valid, (s_y - m_s) - log_z_s, 0.0))
-        tl.store(teacher_logprob_ptr + row, tl.where(valid, (t_y - m_t) - log_z_t, 0.0))
+        target = tl.load(target_ptr + row)  # masked rows may hold ignore ids; out-of-range ids are never loaded
+        in_range = valid & (target >= 0) & (target < vocab_size)
+        column = tl.where(in_range, target, 0)
+        s_y = tl.load(student_ptr + column, mask=in_range, other=0.0).to(tl.float64)
+        t_y = tl.load(teacher_ptr + column, mask=in_range, other=0.0).to(tl.float64)
+        student_logprob = tl.where(in_range, k64 * (s_y - c_s) - log_z_s, float("nan"))
+        teacher_logprob = tl.where(in_range, k64 * (t_y - c_t) - log_z_t, float("nan"))
+        tl.store(student_logprob_ptr + row, tl.where(valid, student_logprob, 0.0))
+        tl.store(teacher_logprob_ptr + row, tl.where(valid, teacher_logprob, 0.0))
 
 
 @triton.jit
@@ -97,8 +139,8 @@ def _reverse_kld_backward_kernel(
     student_ptr, teacher_ptr, target_ptr, mask_ptr,
     grad_kl_ptr, grad_student_logprob_ptr, grad_entropy_ptr,
     kl_ptr, entropy_ptr, row_stats_ptr, grad_student_ptr,
-    student_row_stride, teacher_row_stride, student_width, vocab_size, inv_temperature,
-    HAS_TARGET: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
+    student_row_stride, teacher_row_stride, student_width, vocab_size, inv_temperature: tl.float64,
+    HAS_TARGET: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: see the forward kernel
     student_ptr += row * student_row_stride
@@ -106,18 +148,22 @@ def _reverse_kld_backward_kernel(
     grad_student_ptr += row * student_width
     valid = tl.load(mask_ptr + row) != 0 if HAS_MASK else True
     n_cols = tl.where(valid, vocab_size, 0)  # a masked row reads nothing and gets a zero gradient
+    k = (tl.zeros((), tl.float64) + inv_temperature).to(ACC_DTYPE)
 
-    a = tl.load(grad_kl_ptr + row).to(tl.float32)
-    c = tl.load(grad_entropy_ptr + row).to(tl.float32)
-    kl = tl.load(kl_ptr + row).to(tl.float32)
-    entropy = tl.load(entropy_ptr + row).to(tl.float32)
-    m_s = tl.load(row_stats_ptr + 4 * row + 0).to(tl.float32)
-    log_z_s = tl.load(row_stats_ptr + 4 * row + 1).to(tl.float32)
-    m_t = tl.load(row_stats_ptr + 4 * row + 2).to(tl.float32)
-    log_z_t = tl.load(row_stats_ptr + 4 * row + 3).to(tl.float32)
+    a = tl.load(grad_kl_ptr + row).to(ACC_DTYPE)
+    c = tl.load(grad_entropy_ptr + row).to(ACC_DTYPE)
+    kl = tl.load(kl_ptr + row).to(ACC_DTYPE)
+    entropy = tl.load(entropy_ptr + row).to(ACC_DTYPE)
+    c_s = tl.load(row_stats_ptr + 4 * row + 0).to(ACC_DTYPE)
+    log_z_s = tl.load(row_stats_ptr + 4 * row + 1).to(ACC_DTYPE)
+    c_t = tl.load(row_stats_ptr + 4 * row + 2).to(ACC_DTYPE)
+    log_z_t = tl.load(row_stats_ptr + 4 * row + 3).to(ACC_DTYPE)
     if HAS_TARGET:
-        b = tl.where(valid, tl.load(grad_student_logprob_ptr + row).to(tl.float32), 0.0)
         target = tl.load(target_ptr + row)
+        # b counts only with a target in the vocabulary (an out-of-range one has NaN log-probabilities).
+        in_range = valid & (target >= 0) & (target < vocab_size)
+        b = tl.where(in_range, tl.load(grad_student_logprob_ptr + row).to(ACC_DTYPE), 0.0)
+        target = tl.where(in_range, target, -1)
     else:
         b = 0.0
         target = -1
@@ -127,14 +173,16 @@ def _reverse_kld_backward_kernel(
     for start in range(0, student_width, BLOCK_V):
         cols = start + offsets
         in_row = cols < n_cols
-        s = tl.load(student_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
-        t = tl.load(teacher_ptr + cols, mask=in_row, other=0.0).to(tl.float32) * inv_temperature
-        log_q = (s - m_s) - log_z_s
-        log_p = (t - m_t) - log_z_t
+        s = tl.load(student_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
+        t = tl.load(teacher_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
+        log_q = (s - c_s) * k - log_z_s
+        log_p = (t - c_t) * k - log_z_t
         q = tl.exp(log_q)
         grad = tl.where(q > 0, q * ((a - c) * log_q - a * log_p + const), 0.0)
-        grad += tl.where(cols == target, b, 0.0)
-        tl.store(grad_student_ptr + cols, grad * inv_temperature, mask=cols < student_width)
+        grad = (grad + tl.where(cols == target, b, 0.0)) * k
+        if grad_student_ptr.dtype.element_ty == tl.bfloat16:
+            grad = _round_to_bfloat16(grad)
+        tl.store(grad_student_ptr + cols, grad, mask=cols < student_width)
 
 
 def _block_size(vocab_size: int) -> int:
@@ -143,6 +191,11 @@ def _block_size(vocab_size: int) -> int:
 
 def _num_warps(block_v: int) -> int:
     return 8 if block_v >= 2048 else 4
+
+
+def _acc_dtype(student: torch.Tensor, teacher: torch.Tensor) -> tl.dtype:
+    """The per-element arithmetic: float64 if either input is float64, float32 otherwise."""
+    return tl.float64 if compute_dtype(student.dtype, teacher.dtype) == torch.float64 else tl.float32
 
 
 def forward(
@@ -155,7 +208,7 @@ def forward(
 ) -> tuple[torch.Tensor, ...]:
     """Launch the forward kernel: ``(kl, student_logprob, teacher_logprob, entropy, row_stats)``."""
     n_rows = student.shape[0]
-    stats_dtype = torch.promote_types(student.dtype, torch.float32)
+    stats_dtype = compute_dtype(student.dtype, teacher.dtype)
     kl, student_logprob, teacher_logprob, entropy = (
         student.new_zeros(n_rows, dtype=stats_dtype) for _ in range(4)
     )
@@ -166,7 +219,7 @@ def forward(
         kl, student_logprob, teacher_logprob, entropy, row_stats,
         student.stride(0), teacher.stride(0), vocab_size, inv_temperature,
         HAS_TARGET=target is not None, HAS_MASK=mask is not None, BLOCK_V=block_v,
-        num_warps=_num_warps(block_v),
+        ACC_DTYPE=_acc_dtype(student, teacher), num_warps=_num_warps(block_v),
     )
     return kl, student_logprob, teacher_logprob, entropy, row_stats
 
@@ -194,6 +247,6 @@ def backward(
         grad_kl, grad_student_logprob, grad_entropy, kl, entropy, row_stats, grad_student,
         student.stride(0), teacher.stride(0), student_width, vocab_size, inv_temperature,
         HAS_TARGET=target is not None, HAS_MASK=mask is not None, BLOCK_V=block_v,
-        num_warps=_num_warps(block_v),
+        ACC_DTYPE=_acc_dtype(student, teacher), num_warps=_num_warps(block_v),
     )
     return grad_student
