@@ -362,7 +362,7 @@ def fused_reverse_kld(
         backend: "auto", "reference", "cpu", "triton" or "cuda" (see ``available_backends()``).
 
     Returns:
-        The loss, float32 (float64 for float64 logits). Logits holding NaN give NaN.
+        The loss, float32 (float64 if either logits tensor is float64). Logits holding NaN give NaN.
     """
     _check_reduction(reduction)
     rows = _validate(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend)
@@ -410,7 +410,7 @@ def fused_token_stats(
         Other arguments as in ``fused_reverse_kld``.
 
     Returns:
-        ``TokenStats`` of ``[...]`` tensors (float32, float64 for float64 logits), 0 where masked.
+        ``TokenStats`` of ``[...]`` tensors (float32; float64 if either logits tensor is float64), 0 where masked.
     """
     mix_alpha, weight_clip = _check_sampling_args(target_ids, mix_alpha, weight_clip)
     rows = _validate(student_logits, teacher_logits, target_ids, mask, temperature, vocab_size, backend)

@@ -41,7 +41,6 @@ Gradients flow to the student hidden states, weight and bias; the teacher is fro
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Optional, Union
 
@@ -133,11 +132,6 @@ def _make_plan(student: _Projection, mask: Optional[Tensor], target: Optional[Te
     return _Plan(chunks, target, temperature, vocab_size, backend)
 
 
-def _stats_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """Per-token outputs and sums: float64 if any input is float64, float32 otherwise."""
-    return functools.reduce(torch.promote_types, dtypes, torch.float32)
-
-
 def _rows_count(rows: Rows) -> int:
     return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
 
@@ -182,37 +176,14 @@ def _chunk_logit_gradient(
     """d/ds of sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i over a chunk, ``[C, vocab]`` in the logits' dtype, from
     ``upstream = (a, b, c)`` and the forward's ``saved = (kl, entropy, row_stats)``."""
     grad_kl, grad_student_logprob, grad_entropy = upstream
-    if plan.backend == "reference":
-        return _reference_logit_gradient(student_logits, teacher_logits, target, upstream, plan)
+    if plan.backend == "reference":  # (in closed form: autograd does not record inside a custom op)
+        return reference.token_stats_gradient(student_logits, teacher_logits, target, upstream, plan.temperature,
+                                              plan.vocab_size)
     kl, entropy, row_stats = saved
     return ops.token_stats_backward(
         student_logits, teacher_logits, target, None, grad_kl, grad_student_logprob, grad_entropy,
         kl, entropy, row_stats, 1.0 / plan.temperature, plan.vocab_size, plan.backend,
     )
-
-
-def _reference_logit_gradient(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor],
-                              upstream: tuple[Tensor, Tensor, Tensor], plan: _Plan) -> Tensor:
-    """The reference backend's logit gradient, in closed form from the reference's log-probabilities (autograd does
-    not record inside a custom op):
-        (1/T) (a q_v (log q_v - log p_v - KL) + b ([v = y] - q_v) - c q_v (log q_v + H)),  0 where q_v = 0,
-    with b taken as 0 for an out-of-range target (its log-probability is NaN)."""
-    grad_kl, grad_student_logprob, grad_entropy = (u.unsqueeze(-1) for u in upstream)
-    dtype = _stats_dtype(student_logits.dtype, teacher_logits.dtype)
-    student_logq, teacher_logp = (torch.log_softmax(x[:, : plan.vocab_size].to(dtype) / plan.temperature, -1)
-                                  for x in (student_logits, teacher_logits))
-    q = student_logq.exp()
-    live_logq = torch.where(q > 0, student_logq, 0.0)
-    kl = (q * torch.where(q > 0, student_logq - teacher_logp, 0.0)).sum(-1, keepdim=True)
-    entropy = -(q * live_logq).sum(-1, keepdim=True)
-    grad = grad_kl * q * torch.where(q > 0, student_logq - teacher_logp - kl, 0.0)
-    grad = grad - grad_entropy * q * (live_logq + entropy)
-    if target is not None:
-        in_range = ((target >= 0) & (target < plan.vocab_size)).unsqueeze(-1)
-        b = torch.where(in_range, grad_student_logprob, 0.0)
-        one_hot = torch.nn.functional.one_hot(target.clamp(0, plan.vocab_size - 1), plan.vocab_size)
-        grad = grad + b * (one_hot - q)
-    return (grad / plan.temperature).to(student_logits.dtype)
 
 
 class _InputGradients:
@@ -229,7 +200,7 @@ class _InputGradients:
         self.weight = torch.zeros_like(student_weight) if needs[1] else None
         self.bias = None
         if student_bias is not None and needs[2]:
-            self.bias = student_bias.new_zeros(student_bias.shape, dtype=_stats_dtype(student_bias.dtype))
+            self.bias = student_bias.new_zeros(student_bias.shape, dtype=reference.compute_dtype(student_bias.dtype))
         self.bias_dtype = None if student_bias is None else student_bias.dtype
         self.vocab_size = vocab_size
         self.like = student_hidden  # (the device and dtype of the empty tensors that stand for no gradient)
@@ -288,7 +259,7 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
 
 def _linear_token_stats_outputs(student_hidden: Tensor, student_weight: Tensor, teacher_weight: Tensor, *,
                                 zeros: bool) -> tuple[Tensor, ...]:
-    n_tokens, dtype = student_hidden.shape[0], _stats_dtype(student_weight.dtype, teacher_weight.dtype)
+    n_tokens, dtype = student_hidden.shape[0], reference.compute_dtype(student_weight.dtype, teacher_weight.dtype)
     make = student_hidden.new_zeros if zeros else student_hidden.new_empty
     return (*(make(n_tokens, dtype=dtype) for _ in range(4)), make(n_tokens, 4, dtype=dtype))
 
@@ -372,7 +343,7 @@ def linear_reverse_kld_sum(
     student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
     teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
     grads = _InputGradients(student_hidden, student_weight, student_bias, tuple(needs), vocab_size)
-    total = student_hidden.new_zeros((), dtype=_stats_dtype(student_weight.dtype, teacher_weight.dtype))
+    total = student_hidden.new_zeros((), dtype=reference.compute_dtype(student_weight.dtype, teacher_weight.dtype))
     with torch.autocast(student_hidden.device.type, enabled=False):
         plan = _make_plan(student, mask, None, temperature, vocab_size, chunk_size, backend)
         scale = 1.0 / max(plan.n_counted, 1) if mean else 1.0
@@ -394,7 +365,7 @@ def linear_reverse_kld_sum(
 @linear_reverse_kld_sum.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask, temperature,
       vocab_size, chunk_size, backend, mean, needs):
-    total = student_hidden.new_empty((), dtype=_stats_dtype(student_weight.dtype, teacher_weight.dtype))
+    total = student_hidden.new_empty((), dtype=reference.compute_dtype(student_weight.dtype, teacher_weight.dtype))
     return (total, *_input_gradients_like(student_hidden, student_weight, student_bias, needs))
 
 

@@ -62,3 +62,38 @@ def token_stats(
     if mask is not None:
         stats = tuple(torch.where(mask, x, zero) for x in stats)
     return stats
+
+
+def token_stats_gradient(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor | None,
+    upstream: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    temperature: float,
+    vocab_size: int,
+) -> torch.Tensor:
+    """d/d(student) of sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i, ``upstream = (a, b, c)`` each ``[N]``, in closed
+    form (for where autograd cannot record, e.g. inside a custom op), in the student's dtype:
+
+        (1/T) (a q_v (log q_v - log p_v - KL) + b ([v = y] - q_v) - c q_v (log q_v + H)),   0 where q_v = 0,
+
+    over the first ``vocab_size`` columns (0 past them), b counting as 0 for an out-of-range target, as
+    ``token_stats`` under autograd gives. Unmasked rows only (no ``mask``).
+    """
+    grad_kl, grad_student_logprob, grad_entropy = (u.unsqueeze(-1) for u in upstream)
+    dtype = compute_dtype(student.dtype, teacher.dtype)
+    student_logq = _log_softmax(student, vocab_size, temperature, dtype)
+    teacher_logp = _log_softmax(teacher.detach(), vocab_size, temperature, dtype)
+    q = student_logq.exp()
+    live = q > 0
+    live_logq = torch.where(live, student_logq, 0.0)
+    kl = (q * torch.where(live, student_logq - teacher_logp, 0.0)).sum(-1, keepdim=True)
+    entropy = -(q * live_logq).sum(-1, keepdim=True)
+    grad = grad_kl * q * torch.where(live, student_logq - teacher_logp - kl, 0.0)
+    grad = grad - grad_entropy * q * (live_logq + entropy)
+    if target is not None:
+        in_range = ((target >= 0) & (target < vocab_size)).unsqueeze(-1)
+        one_hot = torch.nn.functional.one_hot(torch.where(in_range.squeeze(-1), target, 0), vocab_size)
+        grad = grad + torch.where(in_range, grad_student_logprob, 0.0) * (one_hot - q)
+    grad = torch.nn.functional.pad(grad / temperature, (0, student.shape[-1] - vocab_size))
+    return grad.to(student.dtype)

@@ -34,6 +34,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from minillm_kernels import reference
 from minillm_kernels._arguments import as_int, as_real
 from minillm_kernels.dispatch import importance_weight
 
@@ -258,7 +259,7 @@ def sample_teacher_mixed(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, valid, student_logprobs, teacher_logprobs, weights = [], [], [], [], []
     for step in range(max_new_tokens):
-        compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+        compute_dtype = reference.compute_dtype(student_logits.dtype, teacher_logits.dtype)
         student_scaled = student_logits[:, :vocab_size].to(compute_dtype) / temperature
         teacher_scaled = teacher_logits[:, :vocab_size].to(compute_dtype) / temperature
         student_filtered = _filter_logits(student_scaled, top_k, top_p).log_softmax(-1)

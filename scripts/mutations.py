@@ -34,11 +34,84 @@ class Mutation(NamedTuple):
     path: str  # relative to the repository root
     old: str  # the exact snippet, present once
     new: str
-    tests: tuple[str, ...]  # pytest node ids or files, relative to the repository root
+    tests: tuple[str, ...]  # pytest arguments: node ids or files relative to the repository root, "-k", "expr"
     bug: str  # what the planted bug is, in words
 
 
 MUTATIONS = (
+    # ---- the C++ CPU kernel (each gets a fresh build)
+    Mutation(
+        "cpu-bf16-truncates", "csrc/cpu/reverse_kld.cpp",
+        "const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;",
+        "const uint32_t rounded = u >> 16;",
+        ("tests/test_reverse_kld.py::test_token_stats_and_gradient_match_the_oracle", "-k", "cpu and bf16"),
+        "the bf16 gradient store truncates instead of rounding to nearest even",
+    ),
+    Mutation(
+        "cpu-build-fails", "csrc/cpu/reverse_kld.cpp",
+        "namespace {",
+        "#error planted build failure\nnamespace {",
+        ("tests/test_reverse_kld.py::test_the_cpu_kernel_builds_where_a_compiler_and_ninja_are",),
+        "the CPU kernel does not compile (the suite must fail, not skip every cpu row)",
+    ),
+    Mutation(
+        "cpu-rescale-forgets-the-shift", "csrc/cpu/reverse_kld.cpp",
+        "          sums.a = r * (sums.a + d * sums.z_s);",
+        "          sums.a = r * sums.a;",
+        ("tests/test_reverse_kld.py::test_cpu_float32_per_token_accuracy_at_4096_by_32000[1.0]",),
+        "when a later chunk raises the student's maximum, A is rescaled but not shifted to the new centre",
+    ),
+    Mutation(
+        "cpu-padding-gradient-unwritten", "csrc/cpu/reverse_kld.cpp",
+        "          std::memset(static_cast<void*>(out + vocab_size), 0, sizeof(student_t) * (width - vocab_size));",
+        "",
+        ("tests/test_reverse_kld.py::test_vocab_size_ignores_padding_columns[teacher-cpu]", "tests/test_reverse_kld.py::test_vocab_size_ignores_padding_columns[student-cpu]"),
+        "the gradient's padding columns past vocab_size are left uninitialised",
+    ),
+    Mutation(
+        "cpu-out-of-range-target-clamped", "csrc/cpu/reverse_kld.cpp",
+        "        } else if (tgt[i] >= 0 && tgt[i] < vocab_size) {\n          const int64_t y = tgt[i];",
+        "        } else if (true) {\n          const int64_t y = std::min(std::max<int64_t>(tgt[i], 0), vocab_size - 1);",
+        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_no_gradient_through_them[cpu]",),
+        "an out-of-range target is clamped to the last column: a silently wrong log-probability",
+    ),
+    # ---- the Triton kernels (under the interpreter here)
+    Mutation(
+        "triton-one-hot-dropped", "minillm_kernels/ops/reverse_kld_triton.py",
+        "        grad = (grad + tl.where(cols == target, b, 0.0)) * k",
+        "        grad = grad * k",
+        ("tests/test_reverse_kld.py::test_token_stats_and_gradient_match_the_oracle[1.0-fp32-fp32-triton]",),
+        "the backward forgets the b [v == y] term of the student log-probability's gradient",
+    ),
+    Mutation(
+        "triton-out-of-range-target-clamped", "minillm_kernels/ops/reverse_kld_triton.py",
+        "        column = tl.where(in_range, target, 0)",
+        "        column = tl.minimum(tl.maximum(target, 0), vocab_size - 1)\n        in_range = valid",
+        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_no_gradient_through_them[triton]",),
+        "an out-of-range target is clamped: a silently wrong log-probability",
+    ),
+    Mutation(
+        "triton-float32-sums", "minillm_kernels/ops/reverse_kld_triton.py",
+        "        z_s += tl.sum(e.to(tl.float64), axis=0)",
+        "        z_s += tl.sum(e, axis=0).to(tl.float32)",
+        ("tests/test_reverse_kld.py::test_token_stats_and_gradient_match_the_oracle[1.0-fp64-fp64-triton]",),
+        "Z_s summed in float32: float64 logits get float32 accuracy",
+    ),
+    Mutation(
+        "reference-out-of-range-target-zero", "minillm_kernels/reference.py",
+        '        nan = student_logq.new_full((), float("nan"))',
+        '        nan = student_logq.new_full((), 0.0)',
+        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_no_gradient_through_them[reference]",),
+        "the reference gives log-probability 0 (probability 1) for an out-of-range target instead of NaN",
+    ),
+    # ---- the CUDA kernels: only compiled here (no GPU), so only a build break can be caught
+    Mutation(
+        "cuda-does-not-compile", "csrc/cuda/reverse_kld.cu",
+        "constexpr int kWarpSize = 32;",
+        "constexpr int kWarpSize = 32",
+        ("tests/test_cuda_compile.py",),
+        "a CUDA source that nvcc cannot compile",
+    ),
     # ---- the reference (the oracle): its bugs must be caught by independent checks, not by itself
     Mutation(
         "reference-dead-terms", "minillm_kernels/reference.py",
@@ -211,6 +284,17 @@ MUTATIONS = (
 )
 
 
+def selected_paths(tests: tuple[str, ...]) -> tuple[str, ...]:
+    """The node ids and files of a mutation's pytest arguments, without ``-k`` and its expression: the baseline
+    runs the union of those (a superset of every mutation's selection)."""
+    paths, skip = [], False
+    for arg in tests:
+        if not skip and arg != "-k":
+            paths.append(arg)
+        skip = arg == "-k"
+    return tuple(paths)
+
+
 def copy_tree(destination: Path) -> None:
     shutil.copytree(ROOT, destination, ignore=shutil.ignore_patterns(*SKIPPED_IN_COPY), symlinks=True)
 
@@ -260,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="minillm-mutations-") as scratch:
         copy, extensions = Path(scratch) / "repo", Path(scratch) / "extensions"
         copy_tree(copy)
-        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        tests = tuple(dict.fromkeys(t for m in chosen for t in selected_paths(m.tests)))
         print(f"baseline: {len(tests)} test selections on the unmutated copy ...", flush=True)
         passed, seconds, output = run_tests(copy, tests, extensions / "base", stop_first=False)
         if not passed:

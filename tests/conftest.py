@@ -46,10 +46,10 @@ def accumulation_dtype(*logits_dtypes: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def tolerance(backend: str, dtype: torch.dtype) -> dict[str, float]:
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
     """rtol/atol for results composed from the per-token terms by further floating-point work (the fused-linear
-    matmuls, sums over tokens), against float64 on the same rounded inputs. ``backend`` is kept for the callers:
-    every backend accumulates alike (``accumulation_dtype``).
+    matmuls, sums over tokens), against float64 on the same rounded inputs (every backend accumulates alike:
+    ``accumulation_dtype``).
 
     float64: 1e-9 / 1e-10, far above the ~1e-15 a float64 computation reaches and far below any float32 error.
     float32: 2e-5, room for float32 matmuls and reductions over ~1e2 terms (about 100 float32 ulps) on top of the
