@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import minillm_kernels as mk
 from minillm_kernels.data import causal_lm_logits
@@ -376,13 +378,13 @@ def test_fsdp_gives_one_process_losses_and_resumes(tmp_path, heldout_file):
         run(tmp_path / "two", heldout_file, *SAME_GLOBAL_BATCH, "--resume")
 
 
-def random_llama(directory: Path, tokenizer, seed: int) -> Path:
-    """A small random Llama (2 layers, hidden 64, 1000 logit columns for the tokenizer's 327 tokens, untied
+def random_llama(directory: Path, tokenizer, seed: int, vocab: int = 1000) -> Path:
+    """A small random Llama (2 layers, hidden 64, ``vocab`` logit columns for the tokenizer's 327 tokens, untied
     embeddings: an lm_head of its own, sharded apart from them) saved with the tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          tie_word_embeddings=False, bos_token_id=tokenizer.eos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -439,3 +441,87 @@ def test_fsdp_needs_torchrun_and_the_number_of_processes_that_wrote_the_checkpoi
     run = SimpleNamespace(checkpoint=save, world=1, rank=0)
     with pytest.raises(SystemExit, match="by 2 processes, this run has 1: resume with torchrun --nproc_per_node 2"):
         train.resume_file(run)
+
+
+class LargeAllocations(TorchDispatchMode):
+    """Every tensor an op allocates with at least ``threshold`` elements, with the op and the current ``phase``: the
+    op outputs whose storage is none of the op's inputs' (views and in-place results share an input's, and are
+    left out). Runs in the forward and in the backward (autograd runs the CPU backward in this thread, mode and all).
+    What a custom op allocates inside itself and frees is not seen (the fused-linear chunk buffers, [C, V] with C
+    below N): only what it returns."""
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__()
+        self.threshold, self.phase, self.found = threshold, "", []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() >= self.threshold \
+                    and t.untyped_storage().data_ptr() not in inputs:
+                self.found.append((self.phase, str(func), tuple(t.shape)))
+        return out
+
+
+def large_allocations_of_a_step(monkeypatch, out_dir: Path, models: list[str], *flags: str) -> tuple[list, int]:
+    """The [N, V]-or-larger allocations of one MiniLLM step of the trainer (``train.step`` on a fresh rollout of 32
+    prompts, one micro-batch), by phase: "L_PT" (its forward and backward), "L_pg + L_single" (the rollout loss's
+    forward and backward), "update" (clipping, AdamW). N = the micro-batch's response positions (rows x response
+    length), V = the logits' width."""
+    args = train.parse_args([*FAST, *models, "--batch-size", "32", "--max-new-tokens", "12", *flags])
+    teacher, tokenizer = train.load_teacher(args, torch.device("cpu"))
+    data = train.load_data(args, tokenizer)
+    teacher = train.parallelize(teacher, fsdp=False, trainable=False)
+    run = train.start_run(args, "minillm", out_dir, teacher, tokenizer, data, rank=0, world=1)
+    batch = train.next_batch(args, run)  # the rollout (sampling and the teacher's outputs) is not part of the step
+    positions = run.rollout.sample.response_mask.numel()
+    width = run.student.get_output_embeddings().weight.shape[0]
+    largest_parameter = max(p.numel() for p in run.student.parameters())
+    assert positions * width > largest_parameter  # no parameter-sized tensor (a gradient, an Adam moment) counts
+    recorder = LargeAllocations(positions * width)
+
+    def in_phase(phase: str, function):
+        def wrapped(*args, **kwargs):
+            recorder.phase = phase
+            return function(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(train, "lm_loss", in_phase("L_PT", train.lm_loss))
+    monkeypatch.setattr(train, "rollout_loss", in_phase("L_pg + L_single", train.rollout_loss))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", in_phase("update", torch.nn.utils.clip_grad_norm_))
+    with recorder:
+        train.step(args, run, batch)
+    return recorder.found, positions
+
+
+def count_by_phase(found: list) -> dict[str, int]:
+    return {phase: sum(1 for f in found if f[0] == phase) for phase in ("L_PT", "L_pg + L_single", "update")}
+
+
+def test_the_step_allocates_no_tokens_x_vocab_tensor_but_those_the_design_needs(tmp_path, monkeypatch, capsys):
+    """The memory promise on the trainer's path: tensors of >= N x V elements allocated during one MiniLLM step.
+
+    On random Llamas with V = 4096 logit columns (for the tokenizer's 327 tokens) and H = 64: as in an LLM, V is far
+    above H and the sequence length, so that no activation, weight or gradient but the [tokens x V] ones reaches
+    N x V (in the tiny default V = 327 is 2.6 H, and a [B, T, H] activation does).
+
+    L_pg + L_single on the logits path: the student's [B, N + 1, V] logits (logits_to_keep), the kernel's [B N, V]
+    gradient, and the zero-filled [B, N + 1, V] that slice_backward scatters it into (the model's own), plus today 2
+    copies: dispatch._as_rows makes the [:, -(N+1):-1] views of both models' logits contiguous (issue 12 item 1:
+    with strided kernel inputs they go, and this count becomes 3). With --fused-linear: none (the kernels' [C, V]
+    chunk buffers stay inside the op). L_PT, the cross-entropy on pre-training text, is plain PyTorch on its own
+    [B, T, V] logits on either path (reported and checked to be the same on both); the update allocates none."""
+    _, tokenizer = train.load_teacher(train.parse_args([]), torch.device("cpu"))
+    models = ["--teacher", str(random_llama(tmp_path / "teacher", tokenizer, seed=1, vocab=4096)),
+              "--student", str(random_llama(tmp_path / "student", tokenizer, seed=2, vocab=4096))]
+    logits_path, positions = large_allocations_of_a_step(monkeypatch, tmp_path, models)
+    fused_path, _ = large_allocations_of_a_step(monkeypatch, tmp_path, models, "--fused-linear")
+    with capsys.disabled():
+        for name, found in (("logits", logits_path), ("fused-linear", fused_path)):
+            print(f"\n{name} path, N = {positions}: {count_by_phase(found)}; " + "; ".join(map(str, found)))
+    logits_counts, fused_counts = count_by_phase(logits_path), count_by_phase(fused_path)
+    assert logits_counts["L_pg + L_single"] == 5, logits_path  # item 1 (strided inputs, no _as_rows copy): 3
+    assert fused_counts["L_pg + L_single"] == 0, fused_path
+    assert logits_counts["L_PT"] == fused_counts["L_PT"] and logits_counts["update"] == fused_counts["update"] == 0
