@@ -708,8 +708,8 @@ def next_batch(args, run: Run) -> list:
 
 
 def backward(args, run: Run, micro_batch, sync: bool) -> dict[str, torch.Tensor]:
-    """The loss of one micro-batch, its backward (divided by --grad-accum; DDP all-reduces if ``sync``) and its
-    detached parts. MiniLLM's L_PT gets its own backward first, so that its graph is freed before L_pg's."""
+    """The loss of one micro-batch, its backward (divided by --grad-accum; DDP all-reduces if ``sync``, FSDP2
+    reduce-scatters every time) and its detached parts. MiniLLM's L_PT gets its own backward first, so that its graph is freed before L_pg's."""
     with autocast(args, run.device):
         if run.method == "minillm":
             rows, lm_batch = micro_batch
@@ -840,6 +840,8 @@ def main(argv=None) -> None:
     rank, world, device = init_distributed()
     try:
         distill(args, rank, world, device)
+        if world > 1:  # every process done (rank 0 writes the results last): gloo aborts one whose peer is still busy
+            dist.barrier()
     finally:  # after an error too: the other processes' collectives fail instead of waiting
         if world > 1:
             dist.destroy_process_group()

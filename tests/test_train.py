@@ -302,7 +302,7 @@ def torchrun(out_dir: Path, heldout_file: Path, *extra: str, timeout: float = 24
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         pytest.fail(f"torchrun {' '.join(extra)} did not finish in {timeout} s", pytrace=False)
-    assert process.returncode == 0, stderr[-3000:]
+    assert process.returncode == 0, stderr[-6000:]
     return read_log(out_dir)
 
 
