@@ -15,7 +15,9 @@ Results: a markdown table on stdout, and ``table.md``, ``results.csv`` and one P
 its folder to ``benchmarks/results/``, where the README's figures come from). ``--replot DIR`` redraws the plots
 of a committed run from its ``results.csv``. The op ``linear_reverse_kld`` starts from hidden states of size
 ``--hidden`` and lm_head weights instead of logits (its bound is the matmuls' compute, so it gets no bandwidth
-fraction).
+fraction). The op ``minillm_step`` is one MiniLLM step's loss, forward and backward through a student, on a rollout
+of ``--models`` (``benchmarks/minillm_step.py``): its variants are checked against its naive variant, and it gets
+no plot (one shape per model).
 """
 from __future__ import annotations
 
@@ -38,9 +40,11 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VOCABS = [32000, 128256, 151936, 262144]  # Llama 2, Llama 3, Qwen 2.5, Gemma
 DEFAULTS = {  # tokens, vocabs, dtypes, repeats, hidden size (linear_reverse_kld)
-    "cpu": dict(tokens=[256, 1024], vocab=VOCABS, dtype=["fp32", "bf16"], repeats=7, hidden=512),
-    "cuda": dict(tokens=[4096, 16384], vocab=VOCABS, dtype=["bf16", "fp32"], hidden=4096),  # do_bench: repeats
-    "quick": dict(tokens=[256], vocab=[4099], dtype=["fp32"], repeats=2, hidden=64),
+    "cpu": dict(tokens=[256, 1024], vocab=VOCABS, dtype=["fp32", "bf16"], repeats=7, hidden=512,
+                models=["tiny", "llama-128k"]),
+    "cuda": dict(tokens=[4096, 16384], vocab=VOCABS, dtype=["bf16", "fp32"], hidden=4096,  # do_bench: repeats
+                 models=["tiny", "llama-128k"]),
+    "quick": dict(tokens=[256], vocab=[4099], dtype=["fp32"], repeats=2, hidden=64, models=["llama-4k"]),
 }
 CPU_WARMUP_MS = 1000.0  # on the CPU, warm-up calls until at least this long (and two calls)
 CPU_TIMING_BUDGET_MS = 3000.0  # then timed calls: at least 3, up to --repeats, until this long
@@ -49,7 +53,7 @@ OUT = ROOT / "out" / "benchmarks"  # the default --out's parent, git-ignored; co
 WRONG = "error: disagrees with the float64 reference"  # the status of a variant that computes something else
 FIELDS = (
     "op", "variant", "tokens", "vocab", "hidden", "dtype", "status", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb",
-    "peak_extra_nv", "fwd_bandwidth_frac", "fwd_bwd_bandwidth_frac",
+    "peak_extra_nv", "fwd_bandwidth_frac", "fwd_bwd_bandwidth_frac", "model", "held_nv",
 )
 
 
@@ -57,7 +61,7 @@ def _proc_status_kb(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
-def _median_ms(fn: Callable[[], None], device: str, repeats: int) -> float:
+def median_ms(fn: Callable[[], None], device: str, repeats: int) -> float:
     """Median wall time of ``fn`` in ms: CUDA events through ``do_bench`` on the GPU, a host clock on the CPU."""
     if device == "cuda":
         import triton
@@ -80,11 +84,27 @@ def _median_ms(fn: Callable[[], None], device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+def peak_extra_bytes(fn: Callable[[], None], device: str) -> int:
+    """The memory one call of ``fn`` adds at its peak over what is held before it: on the GPU from
+    ``torch.cuda.max_memory_allocated``, on the CPU from the peak resident set (reset just before the call)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - baseline
+    baseline = _proc_status_kb("VmRSS") * 1024
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM) to the current one
+    fn()
+    return _proc_status_kb("VmHWM") * 1024 - baseline
+
+
 def copy_bandwidth_gbps(n_bytes: int = 2**31) -> float:
     """GB/s of a device-to-device copy of ``n_bytes``, counting bytes read plus bytes written."""
     source = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
     dest = torch.empty_like(source)
-    ms = _median_ms(lambda: dest.copy_(source), "cuda", 0)
+    ms = median_ms(lambda: dest.copy_(source), "cuda", 0)
     return 2 * n_bytes / (ms * 1e-3) / 1e9
 
 
@@ -113,37 +133,39 @@ def measure(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: 
     forward()
     for x in leaves:
         x.grad = None
-    if device == "cuda":
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        forward_backward()
-        torch.cuda.synchronize()
-        peak_extra = torch.cuda.max_memory_allocated() - baseline
-    else:
-        baseline = _proc_status_kb("VmRSS") * 1024
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM) to the current one
-        forward_backward()
-        peak_extra = _proc_status_kb("VmHWM") * 1024 - baseline
+    peak_extra = peak_extra_bytes(forward_backward, device)
     return dict(
         status="ok",
-        fwd_ms=_median_ms(forward, device, repeats),
-        fwd_bwd_ms=_median_ms(forward_backward, device, repeats),
+        fwd_ms=median_ms(forward, device, repeats),
+        fwd_bwd_ms=median_ms(forward_backward, device, repeats),
         peak_extra_mb=peak_extra / 2**20,
         peak_extra_nv=peak_extra / (tokens * vocab * 4),
     )
 
 
+def measure_case(case: dict, device: str, repeats: int) -> dict:
+    """``measure`` of an op's case, or ``minillm_step.measure_step`` of a ``minillm_step`` case (its ``model``)."""
+    if case["op"] == "minillm_step":
+        from benchmarks.minillm_step import measure_step
+
+        return measure_step(case["model"], case["variant"], device, repeats)
+    keys = ("op", "variant", "tokens", "vocab", "dtype")
+    return measure(*(case[k] for k in keys), device, repeats, case.get("hidden", 0))
+
+
 def run_case(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: str, repeats: int,
-             hidden: int = 0) -> dict:
+             hidden: int = 0, model: str | None = None) -> dict:
     """Measure one case: on the CPU in a fresh process, so that no case's allocations hide another's.
-    Running out of memory is a result (status "OOM"), not a crash."""
+    Running out of memory is a result (status "OOM"), not a crash. A ``minillm_step`` case is its ``model``'s (its
+    tokens and vocabulary come from the measurement)."""
     case = dict(op=op, variant=variant, tokens=tokens, vocab=vocab, dtype=dtype)
     if op == "linear_reverse_kld":
         case["hidden"] = hidden
+    if op == "minillm_step":
+        case = dict(op=op, variant=variant, model=model, dtype=dtype)
     if device == "cuda":
         try:
-            return {**case, **measure(op, variant, tokens, vocab, dtype, device, repeats, hidden)}
+            return {**case, **measure_case(case, device, repeats)}
         except (torch.cuda.OutOfMemoryError, RuntimeError) as error:  # Triton raises a RuntimeError on OOM
             if "out of memory" not in str(error).lower():
                 return {**case, "status": f"error: {type(error).__name__}: {str(error)[:200]}"}
@@ -173,7 +195,7 @@ def read_results(path: Path) -> tuple[str, list[dict]]:
         for key, value in row.items():
             if key in ("tokens", "vocab", "hidden"):
                 row[key] = int(value)
-            elif key not in ("op", "variant", "dtype", "status"):
+            elif key not in ("op", "variant", "dtype", "status", "model"):
                 row[key] = float(value)
     return header, rows
 
@@ -247,22 +269,28 @@ def versions() -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One line per case, with the forward+backward speed-up and memory against the naive loss of its shape."""
+    """One line per case, with the forward+backward speed-up and memory against the naive loss of its shape; for
+    ``minillm_step`` rows (named by their model) also what the rollout holds (``held_nv``)."""
     naive = {
-        (r["op"], r["tokens"], r["vocab"], r["dtype"]): r for r in rows if r["variant"] == "naive" and r["status"] == "ok"
+        (r["op"], r.get("tokens"), r.get("vocab"), r["dtype"]): r
+        for r in rows if r["variant"] == "naive" and r["status"] == "ok"
     }
     gpu = any("fwd_bwd_bandwidth_frac" in r for r in rows)
+    held = any("held_nv" in r for r in rows)
     header = "| op | tokens | vocab | dtype | variant | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs naive | peak extra MB | extra [N,V] fp32 |"
     rule = "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"
+    if held:
+        header += " held by the rollout [N,V] fp32 |"
+        rule += "---:|"
     if gpu:
         header += " fwd % of bandwidth floor | fwd+bwd % of floor |"
         rule += "---:|---:|"
     lines = [header, rule]
     for r in rows:
-        op = f"{r['op']} (H={r['hidden']})" if r.get("hidden") else r["op"]
-        head = f"| {op} | {r['tokens']} | {r['vocab']} | {r['dtype']} | {r['variant']} |"
+        op = r["op"] + (f" ({r['model']})" if r.get("model") else f" (H={r['hidden']})" if r.get("hidden") else "")
+        head = f"| {op} | {r.get('tokens', '-')} | {r.get('vocab', '-')} | {r['dtype']} | {r['variant']} |"
         if r["status"] != "ok":
-            lines.append(f"{head} {r['status']} |" + " |" * (6 if gpu else 4))
+            lines.append(f"{head} {r['status']} |" + " |" * (4 + 2 * gpu + held))
             continue
         base = naive.get((r["op"], r["tokens"], r["vocab"], r["dtype"]))
         speedup = f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if base else "-"
@@ -270,6 +298,8 @@ def markdown_table(rows: list[dict]) -> str:
             f"{head} {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {speedup} | {r['peak_extra_mb']:.0f} | "
             f"{r['peak_extra_nv']:.2f} |"
         )
+        if held:
+            line += f" {r['held_nv']:.2f} |" if "held_nv" in r else " - |"
         if gpu and "fwd_bandwidth_frac" in r:
             line += f" {100 * r['fwd_bandwidth_frac']:.0f}% | {100 * r['fwd_bwd_bandwidth_frac']:.0f}% |"
         elif gpu:
@@ -292,9 +322,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (the test suite runs it)")
-    parser.add_argument("--op", nargs="+", choices=("reverse_kld", "token_stats", "linear_reverse_kld"),
+    parser.add_argument("--op", nargs="+", choices=("reverse_kld", "token_stats", "linear_reverse_kld", "minillm_step"),
                         default=["reverse_kld"])
     parser.add_argument("--hidden", type=int, help="hidden size H of linear_reverse_kld's inputs (default: per device)")
+    parser.add_argument("--models", nargs="+", choices=("tiny", "llama-128k", "llama-4k"),
+                        help="minillm_step's models (default: tiny and llama-128k; --quick: llama-4k)")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts N (default: per device)")
     parser.add_argument("--vocab", type=int, nargs="+", help=f"vocabulary sizes V (default: {VOCABS})")
     parser.add_argument("--dtype", choices=tuple(DTYPES), nargs="+", help="logits dtypes (default: per device)")
@@ -325,20 +357,24 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.worker:
         case = json.loads(args.worker)
-        keys = ("op", "variant", "tokens", "vocab", "dtype")
-        print(json.dumps(measure(*(case[k] for k in keys), "cpu", case["repeats"], case.get("hidden", 0))))
+        print(json.dumps(measure_case(case, "cpu", case["repeats"])))
         return
 
+    from benchmarks.minillm_step import VARIANTS as STEP_VARIANTS
     from benchmarks.variants import variants
 
-    cases = []
+    cases = []  # (op, variant, tokens, vocab, dtype, model)
     for op in args.op:
-        available = list(variants(op, args.device))
+        available = list(STEP_VARIANTS if op == "minillm_step" else variants(op, args.device))
         unknown = set(args.variants or ()) - set(available)
         if unknown:
             raise SystemExit(f"variants {sorted(unknown)} do not run here; available: {available}")
         names = [v for v in available if not args.variants or v in args.variants]
-        cases += [(op, v, n, V, d) for d in args.dtype for V in args.vocab for n in args.tokens for v in names]
+        if op == "minillm_step":  # float32, at each model's own rollout size
+            cases += [(op, v, None, None, "fp32", model) for model in args.models for v in names]
+        else:
+            shapes = [(n, V, d) for d in args.dtype for V in args.vocab for n in args.tokens]
+            cases += [(op, v, n, V, d, None) for n, V, d in shapes for v in names]
     bandwidth = copy_bandwidth_gbps() if args.device == "cuda" else None
     today = datetime.date.today().isoformat()
     header = f"Device: {device_name(args.device)}; {versions()}; {today}"
@@ -351,11 +387,11 @@ def main(argv: list[str] | None = None) -> None:
         f.write(f"# {header}\n")
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for op, variant, tokens, vocab, dtype in (bar := _progress(cases, args.device)):
+        for op, variant, tokens, vocab, dtype, model in (bar := _progress(cases, args.device)):
             if hasattr(bar, "set_postfix_str"):
-                bar.set_postfix_str(f"{op} {variant} N={tokens} V={vocab} {dtype}")
-            row = run_case(op, variant, tokens, vocab, dtype, args.device, args.repeats, args.hidden)
-            with_floor = bandwidth and row["status"] == "ok" and op != "linear_reverse_kld"
+                bar.set_postfix_str(f"{op} {variant} {model or f'N={tokens} V={vocab}'} {dtype}")
+            row = run_case(op, variant, tokens, vocab, dtype, args.device, args.repeats, args.hidden, model)
+            with_floor = bandwidth and row["status"] == "ok" and op in ("reverse_kld", "token_stats")
             rows.append(add_bandwidth_fractions(row, bandwidth) if with_floor else row)
             writer.writerow(rows[-1])
             f.flush()
@@ -368,13 +404,14 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_plots:
         from benchmarks.plots import plot_results
 
-        for path in plot_results(rows, header, out):
+        for path in plot_results([r for r in rows if r["op"] != "minillm_step"], header, out):
             print(f"plot: {path}", file=sys.stderr)
     print(f"\nwritten to {out}", file=sys.stderr)
-    wrong = [f"{r['op']} {r['variant']} N={r['tokens']} V={r['vocab']} {r['dtype']}" for r in rows
+    wrong = [f"{r['op']} {r['variant']} N={r.get('tokens')} V={r.get('vocab')} {r['dtype']}" for r in rows
              if r["status"].startswith(WRONG)]
     if wrong:
-        raise SystemExit(f"{len(wrong)} variant(s) disagree with the float64 reference, not timed: {'; '.join(wrong)}")
+        raise SystemExit(f"{len(wrong)} variant(s) disagree with their reference (the float64 one; minillm_step's "
+                         f"naive variant), not timed: {'; '.join(wrong)}")
 
 
 if __name__ == "__main__":

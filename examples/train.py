@@ -4,6 +4,7 @@
     python examples/train.py --compare                         # sft, kd and minillm on the same budget, one table
     python examples/train.py --teacher smollm2 --student smollm2 --student-layers 6   # SmolLM2-135M-Instruct
     torchrun --nproc_per_node 2 examples/train.py ...          # DDP (gloo on CPU, NCCL on GPU)
+    torchrun --nproc_per_node 2 examples/train.py --fsdp ...   # FSDP2: student and teacher sharded
 
 Methods (same data, same number of optimizer steps, each on --batch-size sequences):
     sft      cross-entropy on the data's gold responses
@@ -28,6 +29,12 @@ student/ (the final model), eval tables. --resume continues from checkpoint.pt: 
 order, RNG, step and the current rollout; it refuses another --method, lists the arguments that changed
 (they apply from the checkpoint's step on), and drops the log records past the checkpoint's step, so that
 every step appears in log.jsonl once. A fresh run (no --resume) starts a new log.jsonl.
+
+Under torchrun every use of a model goes through one wrapper's forward (``minillm_kernels.distributed``): with DDP
+the student's ModelRunner is wrapped by DDP (the fused-linear terms included, so their gradients are all-reduced);
+with --fsdp the student and the frozen teacher are sharded by FSDP2 (per decoder layer, the rest in the root), every
+process samples, evaluates and checkpoints in step with the others, and checkpoint/ (a sharded
+torch.distributed.checkpoint of the weights and optimizer, and each process's rollout and RNG) replaces checkpoint.pt.
 """
 from __future__ import annotations
 
@@ -53,6 +60,9 @@ import minillm_kernels as mk
 from minillm_kernels.data import (
     IGNORE_INDEX, Example, causal_lm_logits, load_jsonl, load_texts, prompt_batch, teacher_forced_batch,
 )
+from minillm_kernels.distributed import (
+    full_state_dict, full_tensor, load_sharded, local_tensor, parallelize, save_sharded,
+)
 from minillm_kernels.evaluation import eval_mode, evaluate, markdown_table
 
 METHODS = ("sft", "kd", "minillm")
@@ -62,6 +72,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # what from_pr
 # arguments that do not change what is trained: a resumed run may change them without a warning
 NOT_HYPERPARAMETERS = frozenset({"out_dir", "resume", "steps", "threads", "eval_every", "save_every", "compare",
                                  "method"})
+SHARDED_CHECKPOINT = re.compile(r"\d{6}")  # checkpoint/<save number>/ under --fsdp (see save_sharded_checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -116,15 +127,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(fused_linear_token_stats), so the rollout's [tokens x V] logits are never built")
     # practicalities
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU; slow on most CPUs)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the student (per decoder layer and as a whole) and the frozen teacher "
+                        "with FSDP2 instead of DDP; on GPU bf16 compute, fp32 weights and gradient reduction; "
+                        "sharded checkpoints (checkpoint/ instead of checkpoint.pt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=100, help="held-out eval every N steps (0: before/after only)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from --out-dir's checkpoint.pt (none there: a warning, then a fresh start)")
+                   help="continue from --out-dir's checkpoint.pt (checkpoint/ with --fsdp; none there: a warning, "
+                        "then a fresh start)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
-    if args.fused_linear and "RANK" in os.environ:
-        p.error("--fused-linear is single-process for now: under DDP the student must run through its DDP wrapper")
+    if args.fsdp and "RANK" not in os.environ:
+        p.error("--fsdp shards the models over the processes of torchrun: run "
+                "`torchrun --nproc_per_node N examples/train.py --fsdp ...` (or drop --fsdp for one process)")
     if args.grad_accum < 1 or args.batch_size % args.grad_accum:
         p.error(f"--batch-size ({args.batch_size}) must be a multiple of --grad-accum ({args.grad_accum})")
     if args.student == "smollm2" and args.teacher != "smollm2":
@@ -182,14 +199,14 @@ def load_teacher(args, device):
     return teacher.to(device).eval().requires_grad_(False), tokenizer
 
 
-def load_student(args, teacher, device):
+def load_student(args, device):
     """A fresh float32 copy of the start student, in train mode."""
     from transformers import AutoModelForCausalLM
 
     if args.student == "smollm2":
-        from minillm_kernels.smollm2 import cut_layers
+        from minillm_kernels.smollm2 import cut_layers, load_smollm2
 
-        student = cut_layers(teacher, args.student_layers)
+        student = cut_layers(load_smollm2()[0], args.student_layers)  # from a fresh copy: the teacher may be sharded
     elif args.student == "tiny":
         from minillm_kernels.tiny import checkpoint_dir
 
@@ -288,13 +305,17 @@ def lm_loss(student, batch) -> torch.Tensor:
 
 class Rollout:
     """One batch of teacher-mixed samples with its rewards and the teacher's outputs at the response
-    positions: its logits, or with --fused-linear its last hidden states (computed once, reused by every
-    PPO epoch; not stored in checkpoints: recomputed)."""
+    positions: its logits, or with --fused-linear its last hidden states and its output layer (``teacher_head``:
+    (weight, bias), gathered whole under --fsdp). Computed once through the teacher's ModelRunner, reused by every
+    PPO epoch; not stored in checkpoints: recomputed."""
 
     def __init__(self, sample: mk.TeacherMixedSample, rewards: torch.Tensor, teacher, fused_linear: bool) -> None:
-        self.sample, self.rewards = sample, rewards
+        self.sample, self.rewards, self.teacher_head = sample, rewards, None
         with torch.no_grad():
-            self.teacher_outputs = (mk.response_hidden_states if fused_linear else mk.response_logits)(teacher, sample)
+            self.teacher_outputs = teacher(mk.response_hidden_states if fused_linear else mk.response_logits, sample)
+            if fused_linear:
+                head = teacher.module.get_output_embeddings()
+                self.teacher_head = (full_tensor(head.weight), full_tensor(head.bias))
 
     def state(self) -> dict:
         """Tensors, an int and dicts only: ``torch.load(weights_only=True)`` reads them back."""
@@ -306,8 +327,8 @@ class Rollout:
         return cls(mk.TeacherMixedSample(**state["sample"]), state["rewards"], teacher, fused_linear)
 
     def chunks(self, count: int):
-        """``(sample, rewards, teacher_outputs)`` for each of ``count`` micro-batches of rows (sizes differ by at
-        most one row, e.g. after a resume with another --batch-size or --grad-accum)."""
+        """``(sample, rewards, teacher_outputs, teacher_head)`` for each of ``count`` micro-batches of rows (sizes
+        differ by at most one row, e.g. after a resume with another --batch-size or --grad-accum)."""
         s, rows = self.sample, self.sample.sequences.shape[0]
         for index in range(count):
             part = slice(index * rows // count, (index + 1) * rows // count)
@@ -316,12 +337,12 @@ class Rollout:
                 response_mask=s.response_mask[part], student_logprob=s.student_logprob[part],
                 teacher_logprob=s.teacher_logprob[part], importance_weight=s.importance_weight[part],
                 prompt_length=s.prompt_length,
-            ), self.rewards[part], self.teacher_outputs[part]
+            ), self.rewards[part], self.teacher_outputs[part], self.teacher_head
 
 
 def make_rollout(args, student, teacher, tokenizer, prompts: list[str], generator, vocab_size: int) -> Rollout:
     """Sample responses from p~ = alpha p + (1 - alpha) q_old (the student in eval() mode) and score them:
-    r_t = log p(y_t) - log q(y_t)."""
+    r_t = log p(y_t) - log q(y_t). Under --fsdp every process takes the same number of sampling steps."""
     input_ids, attention_mask = prompt_batch(tokenizer, prompts, max_length=args.max_length)
     device = next(student.parameters()).device
     with eval_mode(student):
@@ -329,34 +350,31 @@ def make_rollout(args, student, teacher, tokenizer, prompts: list[str], generato
             student, teacher, input_ids.to(device), attention_mask.to(device), alpha=args.alpha,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size,
-            generator=generator,
+            generator=generator, synced_processes=args.fsdp,
         )
     rewards = mk.log_ratio_rewards(sample.teacher_logprob - sample.student_logprob, sample.response_mask,
                                    reward_scaling=args.reward_scaling, reward_clip=args.reward_clip)
     return Rollout(sample, rewards, teacher, args.fused_linear)
 
 
-def rollout_loss(args, student, teacher, sample, rewards, teacher_outputs,
+def owned_token_stats(student, *args, **options) -> mk.TokenStats:
+    """``mk.response_token_stats(student, *args, **options)`` with each [B, N] field in its own storage (a clone of a
+    few numbers per token): FSDP2 warns about every view its root's forward returns (an in-place op on one would
+    bypass its backward hook), and the kernels' per-token outputs are views."""
+    stats = mk.response_token_stats(student, *args, **options)
+    return mk.TokenStats(*(None if x is None else x.clone() for x in stats))
+
+
+def rollout_loss(args, model, sample, rewards, teacher_outputs, teacher_head,
                  vocab_size: int) -> tuple[torch.Tensor, dict]:
     """L_pg + L_single (``mk.minillm_loss``) on one micro-batch of a rollout; every vocabulary-wide term through
-    fused_token_stats (from the logits) or fused_linear_token_stats (from the last hidden states and output layers)."""
-    mask = sample.response_mask
-    response_ids = sample.response_ids.masked_fill(~mask, 0)
-    token_args = dict(mask=mask, temperature=args.temperature, mix_alpha=args.alpha, vocab_size=vocab_size)
-    if args.fused_linear:
-        student_head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-        dtype = student_head.weight.dtype
-        stats = mk.fused_linear_token_stats(
-            mk.response_hidden_states(student, sample).to(dtype), student_head.weight,
-            teacher_outputs.to(dtype), teacher_head.weight.to(dtype), response_ids,
-            student_bias=student_head.bias, teacher_bias=teacher_head.bias, **token_args,
-        )
-    else:
-        student_logits = mk.response_logits(student, sample)
-        stats = mk.fused_token_stats(student_logits, teacher_outputs.to(student_logits.dtype), response_ids,
-                                     **token_args)
+    ``mk.response_token_stats`` inside the student's ModelRunner forward (``model``): fused_token_stats from the
+    logits, or with --fused-linear (a ``teacher_head``) fused_linear_token_stats from the last hidden states and
+    output layers, so that DDP all-reduces and FSDP2 gathers the lm_head as for any forward."""
+    stats = model(owned_token_stats, sample, teacher_outputs, teacher_head, temperature=args.temperature,
+                  mix_alpha=args.alpha, vocab_size=vocab_size)
     return mk.minillm_loss(
-        stats, sample.student_logprob, rewards, sample.importance_weight, mask, gamma=args.gamma,
+        stats, sample.student_logprob, rewards, sample.importance_weight, sample.response_mask, gamma=args.gamma,
         whiten=not args.no_whiten, clip=args.ppo_clip, single_step_coef=args.single_step_coef,
     )
 
@@ -368,14 +386,14 @@ class Run:
     """One method's training run: the models, the optimizer and data draws, and where it stands."""
 
     method: str
-    student: torch.nn.Module
-    model: torch.nn.Module  # the student, or its DDP wrapper under torchrun
-    teacher: torch.nn.Module
+    student: torch.nn.Module  # the Hugging Face model (its parameters sharded under --fsdp)
+    model: torch.nn.Module  # every use of the student goes through it: its ModelRunner (DDP'd or sharded)
+    teacher: torch.nn.Module  # the teacher's ModelRunner (sharded under --fsdp)
     tokenizer: object
     optimizer: torch.optim.Optimizer
     samplers: dict[str, Sampler]  # "pairs" (sft / kd), "prompts" (rollouts), "lm" (L_PT text)
     vocab_size: int
-    checkpoint_path: Path
+    checkpoint_path: Path  # checkpoint.pt, or under --fsdp the folder checkpoint/ (see save_sharded_checkpoint)
     rank: int
     world: int
     step: int = 0
@@ -387,37 +405,54 @@ class Run:
     def device(self) -> torch.device:
         return next(self.student.parameters()).device
 
+    @property
+    def checkpoint(self) -> Path | None:
+        """What --resume reads: checkpoint.pt, or under --fsdp the newest complete save in checkpoint/; None if there
+        is none yet."""
+        if self.checkpoint_path.suffix == ".pt":
+            return self.checkpoint_path if self.checkpoint_path.exists() else None
+        saves = [p for p in self.checkpoint_path.glob("*") if SHARDED_CHECKPOINT.fullmatch(p.name) and p.is_dir()]
+        return max(saves, default=None)
+
     def say(self, text: str) -> None:
         if self.rank == 0:
             tqdm.write(text, file=sys.stderr)
 
     def no_sync(self, skip: bool = True):
-        """DDP's no_sync() (gradients not all-reduced in this backward) if ``skip`` and under DDP."""
-        return self.model.no_sync() if skip and self.world > 1 else contextlib.nullcontext()
+        """DDP's no_sync() (gradients not all-reduced in this backward) if ``skip`` and under DDP. FSDP2
+        reduce-scatters after every backward instead: its sharded gradients accumulate (skipping the reduction
+        would keep whole, unsharded gradients until the last backward)."""
+        skip = skip and isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        return self.model.no_sync() if skip else contextlib.nullcontext()
 
 
 def start_run(args, method: str, out_dir: Path, teacher, tokenizer, data: dict, rank: int, world: int) -> Run:
-    """A fresh run of ``method``, or with --resume the one that ``out_dir``'s checkpoint.pt holds."""
-    student = load_student(args, teacher, teacher.device)
+    """A fresh run of ``method``, or with --resume the one that ``out_dir``'s checkpoint holds (SystemExit if it
+    holds the other kind: checkpoint.pt without --fsdp, checkpoint/ with it)."""
+    student = load_student(args, teacher.module.device)
     student.train(method != "minillm" or args.dropout)  # MiniLLM updates in eval() mode, as the reference code
+    model = parallelize(student, fsdp=args.fsdp, trainable=True)  # before the optimizer: FSDP2 replaces parameters
     run = Run(
-        method=method, student=student,
-        model=torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student,
-        teacher=teacher, tokenizer=tokenizer,
+        method=method, student=student, model=model, teacher=teacher, tokenizer=tokenizer,
         optimizer=torch.optim.AdamW(student.parameters(), lr=args.lr, betas=tuple(args.betas),
                                     weight_decay=args.weight_decay),
         samplers={name: Sampler(data[key], args.seed + offset, rank, world)
                   for offset, (name, key) in enumerate((("pairs", "labelled"), ("prompts", "prompts"), ("lm", "lm")))},
         vocab_size=min(len(tokenizer), student.get_output_embeddings().weight.shape[0],
-                       teacher.get_output_embeddings().weight.shape[0]),
-        checkpoint_path=out_dir / "checkpoint.pt", rank=rank, world=world,
+                       teacher.module.get_output_embeddings().weight.shape[0]),
+        checkpoint_path=out_dir / ("checkpoint" if args.fsdp else "checkpoint.pt"), rank=rank, world=world,
     )
-    if args.resume and run.checkpoint_path.exists():
-        resume(args, run, load_checkpoint(run.checkpoint_path, run.device))
+    other = out_dir / ("checkpoint.pt" if args.fsdp else "checkpoint")
+    if args.resume and run.checkpoint is None and other.exists():
+        flag = "without" if args.fsdp else "with"
+        raise SystemExit(f"--resume: {out_dir} holds {other.name}, the checkpoint of a run {flag} --fsdp: resume it "
+                         f"{flag} --fsdp, or start this run in another --out-dir")
+    if args.resume and run.checkpoint is not None:
+        resume(args, run, load_checkpoint(resume_file(run), run.device))
     elif args.resume:
         if rank == 0:
             warnings.warn(f"--resume: no checkpoint at {run.checkpoint_path}; starting {method} from step 0")
-    elif run.checkpoint_path.exists() and rank == 0:
+    elif run.checkpoint is not None and rank == 0:
         warnings.warn(f"{run.checkpoint_path} exists: this fresh run overwrites it and starts a new log.jsonl "
                       "(pass --resume to continue it)")
     return run
@@ -430,10 +465,10 @@ def plain(arguments: argparse.Namespace) -> dict:
 
 def checkpoint_state(args, run: Run) -> dict:
     """What --resume needs, in types that ``torch.load(weights_only=True)`` reads (tensors, numbers, strings,
-    lists, tuples and dicts)."""
+    lists, tuples and dicts). Under --fsdp this process's part, without the weights and optimizer (saved sharded)."""
+    weights = {} if args.fsdp else {"student": run.student.state_dict(), "optimizer": run.optimizer.state_dict()}
     return {
-        "method": run.method, "step": run.step, "args": plain(args), "history": run.history,
-        "student": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "method": run.method, "step": run.step, "args": plain(args), "history": run.history, **weights,
         "rollout": None if run.rollout is None else run.rollout.state(),
         "data_rng": {name: sampler.rng.getstate() for name, sampler in run.samplers.items()},
         "torch_rng": torch.get_rng_state(),
@@ -456,11 +491,23 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
     return state
 
 
+def resume_file(run: Run) -> Path:
+    """The file of ``run.checkpoint`` this process reads: checkpoint.pt, or under --fsdp its rank-<r>.pt; SystemExit
+    if another number of processes wrote the sharded checkpoint."""
+    if run.checkpoint.is_file():
+        return run.checkpoint
+    written = len(list(run.checkpoint.glob("rank-*.pt")))
+    if written != run.world:
+        raise SystemExit(f"--resume: {run.checkpoint} was written by {written} processes, this run has {run.world}: "
+                         f"resume with torchrun --nproc_per_node {written}")
+    return run.checkpoint / f"rank-{run.rank}.pt"
+
+
 def resume(args, run: Run, state: dict) -> None:
-    """Restore ``state`` into ``run``. SystemExit for another method, or a checkpoint past --steps; a warning
-    lists the arguments that changed (they apply from here on: the learning rate, betas and weight decay are
-    set on the restored optimizer)."""
-    path = run.checkpoint_path
+    """Restore ``state`` into ``run`` (under --fsdp, the weights and optimizer from the sharded save). SystemExit for
+    another method, or a checkpoint past --steps; a warning lists the arguments that changed (they apply from here
+    on: the learning rate, betas and weight decay are set on the restored optimizer)."""
+    path = run.checkpoint
     if state["method"] != run.method:
         raise SystemExit(f"--resume: {path} is a {state['method']} run; --method {run.method} cannot continue it. "
                          f"Resume with --method {state['method']}, or start {run.method} in another --out-dir")
@@ -473,8 +520,11 @@ def resume(args, run: Run, state: dict) -> None:
     if changed and run.rank == 0:
         warnings.warn(f"--resume: arguments changed since {path} was written; from step {state['step']} on: "
                       + ", ".join(changed))
-    run.student.load_state_dict(state["student"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    if args.fsdp:
+        load_sharded(path, run.student, run.optimizer)
+    else:
+        run.student.load_state_dict(state["student"])
+        run.optimizer.load_state_dict(state["optimizer"])
     for group in run.optimizer.param_groups:  # what the optimizer restored gives way to the arguments
         group.update(betas=tuple(args.betas), weight_decay=args.weight_decay)
     for name, sampler in run.samplers.items():
@@ -512,19 +562,46 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def save(args, run: Run) -> None:
-    """The checkpoint of ``run`` (rank 0 writes it; every rank waits)."""
-    if run.rank == 0:
+    """The checkpoint of ``run``: rank 0 writes checkpoint.pt, or under --fsdp every process its part of the sharded
+    checkpoint; every rank waits."""
+    if args.fsdp:
+        save_sharded_checkpoint(run, checkpoint_state(args, run))
+    elif run.rank == 0:
         save_checkpoint(run.checkpoint_path, checkpoint_state(args, run))
     if run.world > 1:
         dist.barrier()
 
 
-def save_model(model, tokenizer, directory: Path) -> None:
-    """``save_pretrained`` of the model and tokenizer into a temp directory, then renamed to ``directory``."""
+def save_sharded_checkpoint(run: Run, state: dict) -> None:
+    """--fsdp: save number k into checkpoint/<k>/ (6 digits): the weights and optimizer by
+    torch.distributed.checkpoint (each process its shards) and each process's ``state`` (its rollout and RNG) as
+    rank-<r>.pt. Written as <k>.tmp/ and renamed by rank 0 once every process is done, then the older saves are
+    removed: a crash at any point leaves the newest complete save in place (and --resume reads it)."""
+    latest = run.checkpoint
+    folder = run.checkpoint_path / f"{int(latest.name) + 1 if latest else 1:06d}"
+    temporary = folder.with_name(folder.name + ".tmp")
+    try:
+        save_sharded(temporary, run.student, run.optimizer)
+        save_checkpoint(temporary / f"rank-{run.rank}.pt", state)
+    except (OSError, RuntimeError) as error:  # a full disk
+        failure = write_failure(temporary, error)
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise failure from error
+    dist.barrier()
+    if run.rank == 0:
+        os.replace(temporary, folder)
+        for old in run.checkpoint_path.iterdir():
+            if old != folder:
+                shutil.rmtree(old)
+
+
+def save_model(model, state: dict, tokenizer, directory: Path) -> None:
+    """``save_pretrained`` of the model (its whole ``state`` dict) and tokenizer into a temp directory, then renamed
+    to ``directory``."""
     temporary = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     try:
-        model.save_pretrained(temporary)
+        model.save_pretrained(temporary, state_dict=state)
         tokenizer.save_pretrained(temporary)
     except (OSError, RuntimeError) as error:
         failure = write_failure(temporary, error)
@@ -588,17 +665,26 @@ def stop_if_not_finite(value: torch.Tensor, what: str, parts: dict, run: Run) ->
         raise FloatingPointError(
             f"{run.method}: non-finite {what} {value.item()} at step {run.step}"
             + (f"; parts: {listed}" if listed else "")
-            + f". Last checkpoint: {run.checkpoint_path if run.checkpoint_path.exists() else 'none'}")
+            + f". Last checkpoint: {run.checkpoint or 'none'}")
+
+
+def held_out_scores(args, model, tokenizer, heldout: list, rank: int, world: int) -> dict:
+    """``evaluate`` of a ModelRunner's model on rank 0, or under --fsdp on every rank (each generation step is a
+    collective there: every rank generates the same greedy answers, with generate's synced_gpus); rank 0's scores,
+    on every rank. Under no_grad from the wrapper's forward on, so that DDP expects no backward after it."""
+    with torch.no_grad():
+        scores = [model(evaluate, tokenizer, heldout, max_new_tokens=args.max_new_tokens, progress=rank == 0,
+                        synced_gpus=args.fsdp) if rank == 0 or args.fsdp else None]
+    if world > 1:
+        dist.broadcast_object_list(scores)
+    return scores[0]
 
 
 def evaluate_run(args, run: Run, heldout: list, log: JsonlLog) -> None:
-    """Held-out scores of the student at ``run.step``: rank 0 generates, every rank records them."""
-    scores = [evaluate(run.student, run.tokenizer, heldout, max_new_tokens=args.max_new_tokens, progress=True)
-              if run.rank == 0 else None]
-    if run.world > 1:
-        dist.broadcast_object_list(scores)
-    run.history.append({"step": run.step, "heldout": scores[0]})
-    log.write({"method": run.method, "step": run.step, "eval": scores[0]})
+    """Held-out scores of the student at ``run.step``, recorded by every rank."""
+    scores = held_out_scores(args, run.model, run.tokenizer, heldout, run.rank, run.world)
+    run.history.append({"step": run.step, "heldout": scores})
+    log.write({"method": run.method, "step": run.step, "eval": scores})
 
 
 def next_batch(args, run: Run) -> list:
@@ -611,11 +697,10 @@ def next_batch(args, run: Run) -> list:
                                          max_length=args.max_length), device) for examples in pairs]
     if run.step % args.ppo_epochs == 0:
         # non-finite weights (a diverged update, a bad checkpoint) would fail inside the sampler's multinomial
-        largest = torch.stack([p.detach().abs().max() for p in run.student.parameters()]).max()
-        stop_if_not_finite(largest, "student parameter (largest |value|) before the rollout", {}, run)
+        stop_if_not_finite(largest_parameter(run), "student parameter (largest |value|) before the rollout", {}, run)
         generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + run.step * 1009 + run.rank)
         with autocast(args, device):
-            run.rollout = make_rollout(args, run.student, run.teacher, run.tokenizer,
+            run.rollout = make_rollout(args, run.model, run.teacher, run.tokenizer,
                                        run.samplers["prompts"].next(args.batch_size), generator, run.vocab_size)
     texts = [run.samplers["lm"].next(micro) for _ in range(args.grad_accum)]
     return [(rows, _to(teacher_forced_batch(run.tokenizer, lm_texts, None, max_length=args.max_length), device))
@@ -623,8 +708,8 @@ def next_batch(args, run: Run) -> list:
 
 
 def backward(args, run: Run, micro_batch, sync: bool) -> dict[str, torch.Tensor]:
-    """The loss of one micro-batch, its backward (divided by --grad-accum; DDP all-reduces if ``sync``) and its
-    detached parts. MiniLLM's L_PT gets its own backward first, so that its graph is freed before L_pg's."""
+    """The loss of one micro-batch, its backward (divided by --grad-accum; DDP all-reduces if ``sync``, FSDP2
+    reduce-scatters every time) and its detached parts. MiniLLM's L_PT gets its own backward first, so that its graph is freed before L_pg's."""
     with autocast(args, run.device):
         if run.method == "minillm":
             rows, lm_batch = micro_batch
@@ -632,7 +717,7 @@ def backward(args, run: Run, micro_batch, sync: bool) -> dict[str, torch.Tensor]
                 pretrain = lm_loss(run.model, lm_batch)
                 stop_if_not_finite(args.lm_coef * pretrain, "loss", {"lm_loss": pretrain}, run)
                 (args.lm_coef * pretrain / args.grad_accum).backward()
-            loss, parts = rollout_loss(args, run.model, run.teacher, *rows, run.vocab_size)
+            loss, parts = rollout_loss(args, run.model, *rows, run.vocab_size)
             parts = {**parts, "lm_loss": pretrain.detach(),
                      "total_loss": parts["total_loss"] + args.lm_coef * pretrain.detach()}
         elif run.method == "sft":
@@ -653,7 +738,7 @@ def step(args, run: Run, batch: list) -> dict[str, float]:
     for index, micro_batch in enumerate(batch):
         for name, value in backward(args, run, micro_batch, sync=index == len(batch) - 1).items():
             parts[name] = parts.get(name, 0.0) + float(value) / len(batch)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), args.grad_clip)
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(run.student.parameters(), args.grad_clip))
     stop_if_not_finite(grad_norm, "gradient norm", parts, run)
     lr = learning_rate(args, run.step)
     for group in run.optimizer.param_groups:
@@ -668,11 +753,23 @@ def step(args, run: Run, batch: list) -> dict[str, float]:
     return {"lr": lr, "grad_norm": float(grad_norm), **parts}
 
 
+def largest_parameter(run: Run) -> torch.Tensor:
+    """max |p| over the student's parameters (NaN if any is NaN), over every process's shards under --fsdp
+    (gathered: gloo's MAX reduction may drop a NaN)."""
+    shards = [local_tensor(p).detach() for p in run.student.parameters()]
+    largest = torch.stack([shard.abs().max() for shard in shards if shard.numel()]).max()
+    if run.world == 1:
+        return largest
+    gathered = [torch.empty_like(largest) for _ in range(run.world)]
+    dist.all_gather(gathered, largest)
+    return torch.stack(gathered).max()
+
+
 def replica_difference(student: torch.nn.Module) -> float:
-    """The largest difference between the processes' copies of ``student`` (a per-tensor sum and sum of squares,
-    gathered): DDP keeps them equal."""
-    fingerprint = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
-                               for p in student.parameters()]).flatten()
+    """The largest difference between the processes' copies of ``student``'s full parameters (a per-tensor sum and
+    sum of squares, gathered): DDP keeps them equal, and FSDP2 gathers one copy of each shard."""
+    fingerprint = torch.stack([torch.stack([full.double().sum(), full.double().square().sum()])
+                               for full in map(full_tensor, student.parameters())]).flatten()
     gathered = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, fingerprint)
     return max(float((g - gathered[0]).abs().max()) for g in gathered)
@@ -704,8 +801,9 @@ def train(args, method: str, out_dir: Path, teacher, tokenizer, data, rank: int,
     seconds = time.time() - started
     if world > 1:
         log.write({"method": method, "step": run.step, "replica_max_difference": replica_difference(run.student)})
+    state = full_state_dict(run.student)  # (gathered from every process under --fsdp)
     if rank == 0:
-        save_model(run.student, tokenizer, out_dir / "student")
+        save_model(run.student, state, tokenizer, out_dir / "student")
     log.close()
     return {"history": run.history, "seconds": seconds}
 
@@ -740,8 +838,20 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = init_distributed()
+    try:
+        distill(args, rank, world, device)
+        if world > 1:  # every process done (rank 0 writes the results last): gloo aborts one whose peer is still busy
+            dist.barrier()
+    finally:  # after an error too: the other processes' collectives fail instead of waiting
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def distill(args, rank: int, world: int, device: torch.device) -> None:
+    """The teacher's scores, then each method's run (``train``), then the results table (rank 0 writes it)."""
     torch.manual_seed(args.seed)
     teacher, tokenizer = load_teacher(args, device)
+    teacher = parallelize(teacher, fsdp=args.fsdp, trainable=False)
     data = load_data(args, tokenizer)
     out_dir = Path(args.out_dir)
     methods = METHODS if args.compare else (args.method,)
@@ -752,10 +862,7 @@ def main(argv=None) -> None:
         print(f"teacher {args.teacher}, student {args.student}, data {args.data}: {len(data['labelled'])} gold pairs, "
               f"{len(data['prompts'])} prompts, {len(data['heldout'])} held-out; {world} process(es) on {device}; "
               f"kernels: {mk.available_backends()}", file=sys.stderr)
-        teacher_scores = evaluate(teacher, tokenizer, data["heldout"], max_new_tokens=args.max_new_tokens,
-                                  progress=True)
-    if world > 1:
-        dist.barrier()
+    teacher_scores = held_out_scores(args, teacher, tokenizer, data["heldout"], rank, world)
     runs = {method: train(args, method, out_dir / method if args.compare else out_dir, teacher, tokenizer, data,
                           rank, world) for method in methods}
     if rank == 0:
@@ -770,8 +877,6 @@ def main(argv=None) -> None:
         if args.compare:
             plot_curves(runs, out_dir / "compare.png")
         print("\n" + summary)
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

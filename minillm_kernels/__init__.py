@@ -23,6 +23,7 @@ from minillm_kernels.sampling import (
     TeacherMixedSample,
     response_hidden_states,
     response_logits,
+    response_token_stats,
     sample_teacher_mixed,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "ppo_policy_loss",
     "response_hidden_states",
     "response_logits",
+    "response_token_stats",
     "sample_teacher_mixed",
     "single_step_loss",
     "whiten_advantages",

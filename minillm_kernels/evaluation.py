@@ -59,20 +59,27 @@ def exact_match(prediction: str, reference: str) -> float:
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """``model`` in ``eval()`` mode (no dropout) inside the block; its previous mode is restored after."""
-    was_training = model.training
+    """``model`` in ``eval()`` mode (no dropout) inside the block; the previous mode of each of its modules is
+    restored after (a wrapper's own flag, e.g. DDP's, says nothing about the model inside it)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 @torch.no_grad()
 def greedy_responses(
-    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 64, progress: bool = False
+    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 64, progress: bool = False,
+    synced_gpus: bool = False,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded batches, stopped at the tokenizer's EOS), decoded."""
+    """Greedy continuations of ``prompts`` (left-padded batches, stopped at the tokenizer's EOS), decoded.
+
+    ``synced_gpus``: ``generate``'s, every process of the ``torch.distributed`` group steps until all have finished
+    (a model sharded by FSDP2 all-gathers its parameters in every forward pass: each process must call them all).
+    """
     from tqdm.auto import tqdm
 
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -84,7 +91,7 @@ def greedy_responses(
                 batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
                 generated = model.generate(
                     **batch.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
                 )
                 responses += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :],
                                                     skip_special_tokens=True)
@@ -95,17 +102,18 @@ def greedy_responses(
 
 def evaluate(
     model, tokenizer, examples: Sequence[PromptResponse], *, max_new_tokens: int, batch_size: int = 64,
-    progress: bool = False,
+    progress: bool = False, synced_gpus: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Held-out scores per task and over all examples: ``{task: {"rouge_l": %, "exact_match": %}, "all": ...}``.
 
-    Both are means over the examples, in percent (Rouge-L x 100, as the paper reports it).
+    Both are means over the examples, in percent (Rouge-L x 100, as the paper reports it). ``synced_gpus``: see
+    ``greedy_responses``.
     """
     if not examples:
         raise ValueError("examples must not be empty")
     predictions = greedy_responses(
         model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens, batch_size=batch_size,
-        progress=progress,
+        progress=progress, synced_gpus=synced_gpus,
     )
     scores: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for example, prediction in zip(examples, predictions):

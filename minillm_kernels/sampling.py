@@ -33,10 +33,12 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 
 from minillm_kernels import reference
 from minillm_kernels._arguments import as_int, as_real
-from minillm_kernels.dispatch import importance_weight
+from minillm_kernels.dispatch import TokenStats, fused_token_stats, importance_weight
+from minillm_kernels.fused_linear import fused_linear_token_stats
 
 
 def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -79,15 +81,21 @@ class TeacherMixedSample:
         return position_ids_from_attention_mask(self.attention_mask)
 
 
-def forward_parameters(model: torch.nn.Module) -> set[str]:
-    """The keyword arguments the model's own ``forward`` takes, through wrappers whose ``forward`` takes
-    ``*args, **kwargs`` (DistributedDataParallel and DataParallel: ``.module``; ``torch.compile``: ``._orig_mod``),
-    so that a wrapped model still gets ``logits_to_keep``. FSDP2's ``fully_shard`` keeps the model's own forward."""
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside wrappers whose ``forward`` takes ``*args, **kwargs``: DistributedDataParallel, DataParallel
+    and ``minillm_kernels.distributed.ModelRunner`` (``.module``), ``torch.compile`` (``._orig_mod``). FSDP2's
+    ``fully_shard`` keeps a module's own class and forward, so it needs no unwrapping."""
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if not isinstance(inner, torch.nn.Module):
-            return set(inspect.signature(model.forward).parameters)
+            return model
         model = inner
+
+
+def forward_parameters(model: torch.nn.Module) -> set[str]:
+    """The keyword arguments the model's own ``forward`` takes, through its wrappers (``unwrapped``), so that a
+    wrapped model still gets ``logits_to_keep``."""
+    return set(inspect.signature(unwrapped(model).forward).parameters)
 
 
 class _CachedModel:
@@ -177,6 +185,7 @@ def _check_prompt_ids(input_ids: torch.Tensor, models: dict[str, torch.nn.Module
     embedding."""
     low, high = int(input_ids.min()), int(input_ids.max())
     for name, model in models.items():
+        model = unwrapped(model)
         embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         rows = getattr(embedding, "num_embeddings", None)
         if rows is not None and (low < 0 or high >= rows):
@@ -197,6 +206,16 @@ def _real_vocab_size(student_width: int, teacher_width: int, vocab_size: Optiona
     return as_int("vocab_size", vocab_size, 1, min(student_width, teacher_width))  # (the narrower logits' width)
 
 
+def _every_row_stopped(finished: torch.Tensor, synced_processes: bool) -> bool:
+    """True when every row has stopped: in this process, or with ``synced_processes`` in every process of the
+    default group (one all-reduce of the count of running rows)."""
+    if not synced_processes:
+        return bool(finished.all())
+    running = (~finished).sum().reshape(1)
+    dist.all_reduce(running)
+    return int(running) == 0
+
+
 @torch.no_grad()
 def sample_teacher_mixed(
     student: torch.nn.Module,
@@ -213,6 +232,7 @@ def sample_teacher_mixed(
     pad_token_id: Optional[int] = None,
     vocab_size: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    synced_processes: bool = False,
 ) -> TeacherMixedSample:
     """Sample responses from p~ = alpha p + (1 - alpha) q, token by token, with both models' KV caches.
 
@@ -223,7 +243,8 @@ def sample_teacher_mixed(
         w_t = q_f(y_t) / (alpha p_f(y_t) + (1 - alpha) q_f(y_t))    (exactly 1 for alpha = 0).
     A row stops at its first ``eos_token_id`` (which counts as a response token); later tokens are
     ``pad_token_id`` and masked. The loop ends after ``max_new_tokens`` steps or when every row has
-    stopped. Defaults: alpha = 0.2 (paper and reference code), T = 1, top-k 0, top-p 1 (reference code).
+    stopped (with ``synced_processes``, every row of every process: see below). Defaults: alpha = 0.2
+    (paper and reference code), T = 1, top-k 0, top-p 1 (reference code).
 
     Put both models in ``eval()`` mode first: with dropout on, a fresh forward pass would not
     reproduce the recorded log-probabilities.
@@ -239,10 +260,18 @@ def sample_teacher_mixed(
         pad_token_id: fills the rows after their EOS; default: the (first) EOS id, or 0.
         vocab_size: the real vocabulary size when the two models' logits have different widths.
         generator: optional ``torch.Generator`` for reproducible draws.
+        synced_processes: every process of the default ``torch.distributed`` group takes the same number of
+            steps (one all-reduce per step): needed where each forward pass is a collective, as with models sharded
+            by FSDP2, whose layers all-gather their parameters. A process whose rows have all stopped keeps
+            stepping (its extra tokens are padding, masked) until every process's rows have. Every process gets
+            the same N. (``generate``'s ``synced_gpus`` does the same.)
 
     Returns: a ``TeacherMixedSample``.
     """
     _validate(input_ids, attention_mask, alpha, max_new_tokens, temperature, top_k, top_p)
+    if synced_processes and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("synced_processes=True needs an initialised torch.distributed process group "
+                         "(torch.distributed.init_process_group, e.g. under torchrun)")
     _check_prompt_ids(input_ids, {"student": student, "teacher": teacher})
     device = input_ids.device
     eos_ids = _eos_ids(eos_token_id, device)
@@ -281,7 +310,7 @@ def sample_teacher_mixed(
         weights.append(torch.where(counts, weight, 0.0))
         if eos_ids is not None:
             finished = finished | torch.isin(token, eos_ids)
-        if step + 1 == max_new_tokens or bool(finished.all()):
+        if step + 1 == max_new_tokens or _every_row_stopped(finished, synced_processes):
             break
         full_mask = torch.cat([full_mask, counts.long().unsqueeze(-1)], dim=-1)
         student_logits, teacher_logits = (
@@ -309,7 +338,19 @@ def response_hidden_states(model: torch.nn.Module, sample: TeacherMixedSample) -
     of a Hugging Face causal LM), so that ``response_logits(model, sample)`` equals
     ``response_hidden_states(model, sample) @ W^T (+ b)`` with W, b the weight and bias of
     ``model.get_output_embeddings()``, and the ``[B, N, V]`` logits are never built.
+
+    ``model`` is the causal LM itself, not a DDP or FSDP2 wrapper: its base model and lm_head are not one call
+    of the model's forward, which is all that DDP synchronises and FSDP2 gathers. Under them, call it inside
+    the wrapper's forward: ``ModelRunner(model)(response_hidden_states, sample)`` with the ModelRunner wrapped by
+    DDP or ``fully_shard`` (``minillm_kernels.distributed``). A wrapper given here is a TypeError saying so.
     """
+    if not hasattr(model, "base_model") and hasattr(unwrapped(model), "base_model"):
+        raise TypeError(
+            f"response_hidden_states needs the causal LM itself, got its {type(model).__name__} wrapper: calling the "
+            "inner model's base model would bypass the wrapper (DDP would not synchronise the gradients). Run it "
+            "inside the wrapper's forward: wrap ModelRunner(model) (minillm_kernels.distributed) with DDP or "
+            "fully_shard and call wrapper(response_hidden_states, sample)"
+        )
     new_tokens = sample.response_mask.shape[-1]
     hidden = model.base_model(
         input_ids=sample.sequences,
@@ -340,3 +381,36 @@ def response_logits(model: torch.nn.Module, sample: TeacherMixedSample) -> torch
         **kwargs,
     ).logits
     return logits[:, -(new_tokens + 1) : -1, :]
+
+
+def response_token_stats(
+    model: torch.nn.Module,
+    sample: TeacherMixedSample,
+    teacher_outputs: torch.Tensor,
+    teacher_head: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+    **options,
+) -> TokenStats:
+    """``[B, N]`` per-token MiniLLM terms of the student ``model`` on ``sample``'s responses (a fresh forward pass).
+
+    Without ``teacher_head``, from the logits: ``fused_token_stats(response_logits(model, sample), teacher_outputs,
+    ...)``, ``teacher_outputs`` being the teacher's ``response_logits``. With ``teacher_head = (weight, bias)``, the
+    teacher's output layer: ``fused_linear_token_stats`` of ``response_hidden_states(model, sample)`` with the
+    model's output layer and of ``teacher_outputs`` (the teacher's ``response_hidden_states``) with
+    ``teacher_head``, so that neither model's ``[B, N, V]`` logits are built. Each model's logits (or matmuls) are
+    in its own dtype. The targets are ``sample.response_ids`` (0 where masked) and the mask
+    ``sample.response_mask``; ``options`` are the other keyword arguments of ``fused_token_stats`` (temperature,
+    mix_alpha, vocab_size, ...).
+
+    The fused-linear form reads the model's base model and lm_head weight: as ``response_hidden_states`` it takes
+    the causal LM itself, so under DDP or FSDP2 call it inside the wrapper's forward (``ModelRunner``).
+    """
+    mask = sample.response_mask
+    response_ids = sample.response_ids.masked_fill(~mask, 0)
+    if teacher_head is None:
+        return fused_token_stats(response_logits(model, sample), teacher_outputs, response_ids, mask=mask, **options)
+    hidden = response_hidden_states(model, sample)
+    student_head, (teacher_weight, teacher_bias) = model.get_output_embeddings(), teacher_head
+    return fused_linear_token_stats(
+        hidden, student_head.weight, teacher_outputs, teacher_weight, response_ids,
+        student_bias=student_head.bias, teacher_bias=teacher_bias, mask=mask, **options,
+    )

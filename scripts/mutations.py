@@ -281,6 +281,29 @@ MUTATIONS = (
         ("tests/test_benchmarks.py::test_every_variant_agrees_with_the_reference",),
         "the benchmark's naive variant computes KL(q || q) = 0 (and would be timed as if right)",
     ),
+    Mutation(
+        "benchmark-step-naive-kl-q-q", "benchmarks/minillm_step.py",
+        "teacher_logp = s.teacher_logits[..., : s.vocab_size].float().log_softmax(-1)",
+        "teacher_logp = student_logq.detach()",
+        ("tests/test_benchmarks.py::test_minillm_step_variants_agree_with_naive",),
+        "the minillm_step benchmark's naive variant computes KL(q || q) = 0, the reference the others are checked by",
+    ),
+    # ---- the trainer under DDP and FSDP2 (2 gloo processes)
+    Mutation(
+        "fused-linear-outside-ddp", "examples/train.py",
+        "    stats = model(owned_token_stats, sample, teacher_outputs, teacher_head,",
+        "    stats = owned_token_stats(mk.sampling.unwrapped(model), sample, teacher_outputs, teacher_head,",
+        ("tests/test_train.py::test_ddp_fused_linear_gives_one_process_losses",),
+        "the fused-linear terms run on the student inside DDP, not through it: no gradient is all-reduced",
+    ),
+    Mutation(
+        "eval-mode-restores-the-wrapper-flag", "minillm_kernels/evaluation.py",
+        "        for module, training in modes:\n            module.training = training",
+        "        model.train(modes[0][1])",
+        ("tests/test_distributed.py::test_eval_mode_restores_each_module_through_a_wrapper",
+         "tests/test_train.py::test_minillm_updates_run_without_dropout"),
+        "eval_mode restores the wrapper's flag recursively: a student in eval() mode inside a ModelRunner gets dropout",
+    ),
 )
 
 

@@ -111,7 +111,7 @@ def test_a_wrong_variant_is_reported_and_not_timed(monkeypatch, bug):
 
 
 def test_a_wrong_variant_fails_the_run_and_shows_in_the_table(monkeypatch, tmp_path, capsys):
-    def run_case(op, variant, tokens, vocab, dtype, device, repeats, hidden=0):
+    def run_case(op, variant, tokens, vocab, dtype, device, repeats, hidden=0, model=None):
         case = dict(op=op, variant=variant, tokens=tokens, vocab=vocab, dtype=dtype)
         if variant == "naive":
             return {**case, "status": f"{WRONG}: loss 0, float64 reference 8.1"}
@@ -160,3 +160,31 @@ def test_replot_redraws_a_committed_run_from_its_csv(tmp_path):
     (copy / "plot-linear_reverse_kld-fp32.png").unlink()
     run.main(["--replot", str(copy)])
     assert (copy / "plot-linear_reverse_kld-fp32.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_minillm_step_variants_agree_with_naive():
+    """On the quick model's rollout, ours on the logits and ours fused-linear give naive's loss and gradient norm."""
+    from benchmarks import minillm_step
+
+    setup = minillm_step.setup("llama-4k", "cpu")
+    for variant in minillm_step.VARIANTS:
+        assert minillm_step.disagreement(variant, setup) is None, variant
+    assert minillm_step.held_nv("ours", setup) == 1.0  # the teacher's [B, N, V] logits
+    assert minillm_step.held_nv("ours_fused_linear", setup) == 64 / 4096  # its [B, N, H] hidden states
+
+
+def test_a_wrong_minillm_step_variant_is_reported_and_not_timed(monkeypatch):
+    """A per-token KL of the student from itself (0): reported, not timed, and the row still names its model."""
+    from benchmarks import minillm_step
+
+    def kl_of_the_student_from_itself(student, s):
+        stats = minillm_step.naive_token_stats(student, s)
+        return stats._replace(reverse_kld=stats.reverse_kld * 0)
+
+    monkeypatch.setitem(minillm_step.STATS, "ours", kl_of_the_student_from_itself)
+    row = minillm_step.measure_step("llama-4k", "ours", "cpu", repeats=1)
+    assert row["status"].startswith(WRONG) and "loss" in row["status"], row
+    assert "fwd_ms" not in row and row["model"] == "llama-4k" and row["vocab"] == 4096
+    line = markdown_table([{**row, "op": "minillm_step", "variant": "ours", "dtype": "fp32"}]).splitlines()[2]
+    assert line.startswith("| minillm_step (llama-4k) | 32 | 4096 | fp32 | ours | error")
+    assert line.count("|") == markdown_table([]).splitlines()[0].count("|") + 1  # + the held column

@@ -1,0 +1,69 @@
+"""minillm_kernels.distributed in one process: the ModelRunner's two kinds of call, the decoder layers FSDP2 shards,
+the wrapper errors of response_hidden_states and the sampler, and eval_mode through a wrapper. (DDP and FSDP2 on 2
+processes run in tests/test_train.py, through the trainer.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import minillm_kernels as mk
+from minillm_kernels.distributed import ModelRunner, decoder_layers, parallelize
+from minillm_kernels.evaluation import eval_mode
+from minillm_kernels.tiny import checkpoint_dir
+
+
+@pytest.fixture(scope="module")
+def student() -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(checkpoint_dir("student-sft"), dtype=torch.float32).eval()
+
+
+def sample_of(student: torch.nn.Module) -> mk.TeacherMixedSample:
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        return mk.sample_teacher_mixed(student, student, ids, torch.ones_like(ids), max_new_tokens=3,
+                                       generator=torch.Generator().manual_seed(0))
+
+
+def test_a_model_runner_runs_the_model_or_a_function_of_it(student):
+    runner = parallelize(student, fsdp=False, trainable=True)  # one process: no DDP
+    assert type(runner) is ModelRunner and runner.module is student
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(runner(input_ids=ids).logits, student(input_ids=ids).logits, rtol=0, atol=0)
+        sample = sample_of(student)
+        torch.testing.assert_close(runner(mk.response_logits, sample), mk.response_logits(student, sample))
+    assert "logits_to_keep" in mk.sampling.forward_parameters(runner)  # the sampler sees the model's signature
+
+
+def test_decoder_layers_are_the_no_split_modules(student):
+    assert [type(m).__name__ for m in decoder_layers(student)] == ["LlamaDecoderLayer"] * 2
+    with pytest.raises(ValueError, match="names no decoder layer class in _no_split_modules"):
+        decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_response_hidden_states_refuses_a_wrapper(student):
+    """Through a wrapper the base model would run outside the wrapper's forward (unsynchronised gradients under DDP,
+    unsharded parameters missing under FSDP2): a TypeError saying what to do."""
+    sample = sample_of(student)
+    with pytest.raises(TypeError, match="Run it inside the wrapper's forward"):
+        mk.response_hidden_states(ModelRunner(student), sample)
+    with torch.no_grad():
+        hidden = ModelRunner(student)(mk.response_hidden_states, sample)
+    torch.testing.assert_close(hidden @ student.lm_head.weight.t(), mk.response_logits(student, sample))
+
+
+def test_synced_sampling_needs_a_process_group(student):
+    ids = torch.tensor([[5, 6]])
+    with pytest.raises(ValueError, match="synced_processes=True needs an initialised torch.distributed"):
+        mk.sample_teacher_mixed(student, student, ids, torch.ones_like(ids), max_new_tokens=2, synced_processes=True)
+
+
+def test_eval_mode_restores_each_module_through_a_wrapper(student):
+    """A wrapper built in train mode around a model in eval mode: after eval_mode the model is in eval mode again
+    (restoring the wrapper's flag recursively would switch the model's dropout on)."""
+    wrapper = ModelRunner(student.eval())
+    assert wrapper.training and not student.training
+    with eval_mode(wrapper):
+        assert not wrapper.training
+    assert wrapper.training and not any(m.training for m in student.modules())
