@@ -1,7 +1,9 @@
 """Validation and backend choice, in one place, behind the two public functions.
 
-``fused_reverse_kld`` and ``fused_token_stats`` check their arguments, flatten ``[..., V]`` logits to
-``[N, V]`` rows, run one backend and reshape the per-token results back. Backends:
+``fused_reverse_kld`` and ``fused_token_stats`` check their arguments, hand the ``[..., V]`` logits to one
+backend as they are (any strides in the leading dimensions: the kernels index rows through them, see
+``ops/reverse_kld.py``; only a last dimension of stride other than 1 is copied) and reshape the per-token
+``[N]`` results back. Backends:
 
 =============  ===================================================  ==========================
 backend        what runs                                            tensors
@@ -170,10 +172,10 @@ def _choose_backend(
 
 
 class _Rows(NamedTuple):
-    """Validated inputs, flattened to rows."""
+    """Validated inputs: the logits as given (N rows: their leading dimensions), the per-token tensors flattened."""
 
-    student: torch.Tensor  # [N, V_s], last dim contiguous
-    teacher: torch.Tensor  # [N, V_t], last dim contiguous
+    student: torch.Tensor  # [..., V_s], last-dim stride 1, leading dims of any strides
+    teacher: torch.Tensor  # [..., V_t], the same leading shape, last-dim stride 1, its own strides
     target: Optional[torch.Tensor]  # [N] int64
     mask: Optional[torch.Tensor]  # [N] bool
     lead_shape: torch.Size
@@ -181,9 +183,10 @@ class _Rows(NamedTuple):
     backend: str
 
 
-def _as_rows(logits: torch.Tensor) -> torch.Tensor:
-    rows = logits.reshape(-1, logits.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+def _unit_column_stride(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` itself when its last dimension has stride 1, whatever the leading dimensions' strides (the
+    kernels take those as they are), else a contiguous copy."""
+    return logits if logits.stride(-1) == 1 or logits.shape[-1] == 1 else logits.contiguous()
 
 
 def _check_companion(name: str, x: object, lead_shape: torch.Size, device: torch.device, inputs: str) -> None:
@@ -226,7 +229,8 @@ def _validate(
         {"student_logits": student_logits.shape[-1], "teacher_logits": teacher_logits.shape[-1]},
         target_ids, mask, temperature, vocab_size, backend, inputs="logits",
     )
-    return _Rows(_as_rows(student_logits), _as_rows(frozen_teacher(teacher_logits, "teacher_logits")), *args)
+    teacher_logits = frozen_teacher(teacher_logits, "teacher_logits")
+    return _Rows(_unit_column_stride(student_logits), _unit_column_stride(teacher_logits), *args)
 
 
 _warned_about_teacher_grad = False
@@ -307,9 +311,10 @@ def _validate_token_args(
 
 
 def _token_stats(rows: _Rows, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(kl, student_logprob, teacher_logprob, entropy)`` per row, from the chosen backend."""
-    if rows.backend == "reference":
-        return reference.token_stats(rows.student, rows.teacher, rows.target, rows.mask, temperature, rows.vocab_size)
+    """``(kl, student_logprob, teacher_logprob, entropy)`` per row, ``[N]``, from the chosen backend."""
+    if rows.backend == "reference":  # the naive formulas, on [N, V] rows (a copy where the layout needs one)
+        student, teacher = (x.reshape(-1, x.shape[-1]) for x in (rows.student, rows.teacher))
+        return reference.token_stats(student, teacher, rows.target, rows.mask, temperature, rows.vocab_size)
     kl, student_logprob, teacher_logprob, entropy, _ = ops.token_stats(
         rows.student, rows.teacher, rows.target, rows.mask, 1.0 / temperature, rows.vocab_size, rows.backend
     )
@@ -351,8 +356,13 @@ def fused_reverse_kld(
         dKL_t / ds_v = (1/T) q_v (log q_v - log p_v - KL_t)   (no T^2 factor is applied).
 
     Args:
-        student_logits: ``[..., V_s]`` float logits of the student (gets the gradient).
-        teacher_logits: ``[..., V_t]`` float logits of the teacher, same leading shape, any float dtype (frozen).
+        student_logits: ``[..., V_s]`` float logits of the student (gets the gradient). The leading dimensions may
+            have any strides (e.g. ``logits[:, -(N+1):-1]`` of a ``[B, L, V]`` output): the kernels read them in
+            place, with no copy, where they coalesce into two levels of rows, as every slice, transpose or
+            ``expand`` of a ``[B, L, V]`` tensor does (three or more leading dimensions that do not merge are
+            copied). The gradient is a fresh contiguous tensor of this shape.
+        teacher_logits: ``[..., V_t]`` float logits of the teacher, same leading shape, any float dtype (frozen),
+            strides as for the student (its own).
         mask: optional bool ``[...]``, True where the token counts.
         temperature: T > 0, applied to both models.
         reduction: "none" (``[...]``, 0 where masked), "sum", or "mean" over unmasked tokens

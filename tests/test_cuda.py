@@ -5,7 +5,7 @@ padding, -inf, extreme logits, out-of-range targets, NaN, non-contiguous inputs,
 4096 x 32000). Here, calling the extension module directly: agreement with the Triton kernels (row statistics
 included) and the oracle at widths around each launch layout; every output element written (outputs pre-filled with
 NaN); rows whose pointers are not aligned to a vector, for dtype pairs of equal and of different element sizes;
-N * V > 2^31 at 16384 x 151936 bf16 (sampled rows against the oracle).
+N * V > 2^31 at 16384 x 151936 bf16, contiguous and as a [:, -(N+1):-1] slice (sampled rows against the oracle).
 Skipped without a GPU.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from conftest import (
     require_backend,
 )
 from minillm_kernels.ops import reverse_kld_triton
+from minillm_kernels.ops.reverse_kld import row_view
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU: the 'cuda' backend is built and run only there"
@@ -77,15 +78,17 @@ def make_inputs(rows, width, dtype, *, teacher_width=None, teacher_dtype=None, w
 
 
 def run_kernels(kernels, student, teacher, target, mask, vocab_size, upstream):
-    """The module's forward outputs and backward gradient."""
+    """The module's forward outputs and backward gradient (of the student's shape) for ``[..., V]`` logits, handed
+    over as the ops do (``row_view``)."""
     inv_temperature = 1.0 / TEMPERATURE
-    outputs = kernels.forward(student, teacher, target, mask, inv_temperature, vocab_size)
+    student_rows, teacher_rows = row_view(student), row_view(teacher)
+    outputs = kernels.forward(student_rows, teacher_rows, target, mask, inv_temperature, vocab_size)
     kl, _, _, entropy, row_stats = outputs
     upstream = upstream.to(kl.dtype)
     grad = kernels.backward(
-        student, teacher, target, mask, *upstream, kl, entropy, row_stats, inv_temperature, vocab_size
+        student_rows, teacher_rows, target, mask, *upstream, kl, entropy, row_stats, inv_temperature, vocab_size
     )
-    return tuple(outputs), grad
+    return tuple(outputs), grad.view(student.shape)
 
 
 def assert_matches_the_oracle(outputs, grad, student, teacher, target, mask, vocab_size, upstream):
@@ -134,6 +137,7 @@ def test_every_output_element_is_written(cuda_kernels, dtype, width, with_target
     upstream = upstream.to(stats_dtype)
     poisoned = [torch.full((ROWS,), math.nan, dtype=stats_dtype, device=DEVICE) for _ in range(4)]
     poisoned.append(torch.full((ROWS, 4), math.nan, dtype=stats_dtype, device=DEVICE))
+    student, teacher = row_view(student), row_view(teacher)
     cuda_kernels.forward_out(student, teacher, target, mask, inv_temperature, vocab_size, *poisoned)
     fresh = cuda_kernels.forward(student, teacher, target, mask, inv_temperature, vocab_size)
     for name, got, want in zip(STAT_NAMES, poisoned, fresh):
@@ -145,7 +149,7 @@ def test_every_output_element_is_written(cuda_kernels, dtype, width, with_target
     if target is None:
         assert (fresh[1] == 0).all() and (fresh[2] == 0).all()
 
-    grad = torch.full_like(student, math.nan)
+    grad = torch.full((ROWS, width + 5), math.nan, dtype=dtype, device=DEVICE)
     backward_args = (student, teacher, target, mask, *upstream, kl, entropy, row_stats, inv_temperature, vocab_size)
     cuda_kernels.backward_out(*backward_args, grad)
     assert torch.isfinite(grad).all(), "gradient elements left unwritten (NaN)"
@@ -201,32 +205,41 @@ def test_unaligned_rows_match_the_oracle(cuda_kernels, case, width, dtype, teach
     assert_matches_the_oracle(contiguous_outputs, contiguous_grad, *contiguous)
 
 
-def test_more_than_2_to_the_31_elements(cuda_kernels):
-    """16384 x 151936 bf16 (Qwen2.5's vocabulary): every output written; sampled rows, past 2^31, exact."""
-    rows, vocab = LARGE_ROWS, LARGE_VOCAB
+@pytest.mark.parametrize("layout", ("contiguous", "response_slice"))
+def test_more_than_2_to_the_31_elements(cuda_kernels, layout):
+    """16384 x 151936 bf16 (Qwen2.5's vocabulary), as contiguous rows and as the [:, -(N+1):-1] slice of [8, 2049, V]
+    logits (two levels of row strides): every output written; sampled rows, past 2^31, exact."""
+    rows, vocab, batch = LARGE_ROWS, LARGE_VOCAB, 8
     assert rows * vocab > 2**31
-    student = torch.empty(rows, vocab, dtype=torch.bfloat16, device=DEVICE).normal_(0.0, 3.0)
-    teacher = torch.empty(rows, vocab, dtype=torch.bfloat16, device=DEVICE).normal_(0.0, 3.0)
+
+    def logits():
+        if layout == "contiguous":
+            return torch.empty(rows, vocab, dtype=torch.bfloat16, device=DEVICE).normal_(0.0, 3.0)
+        response = rows // batch
+        base = torch.empty(batch, response + 1, vocab, dtype=torch.bfloat16, device=DEVICE).normal_(0.0, 3.0)
+        return base[:, -(response + 1):-1]
+
+    student, teacher = logits(), logits()
     target = torch.randint(0, vocab, (rows,), device=DEVICE)
     mask = torch.rand(rows, device=DEVICE) < 0.9
     mask[-1] = True
     upstream = torch.randn(3, rows, device=DEVICE)
     inv_temperature = 1.0 / TEMPERATURE
-    outputs = cuda_kernels.forward(student, teacher, target, mask, inv_temperature, vocab)
+    outputs = cuda_kernels.forward(row_view(student), row_view(teacher), target, mask, inv_temperature, vocab)
     kl, _, _, entropy, row_stats = outputs
     assert all(torch.isfinite(x).all() for x in outputs)
-    grad = torch.full_like(student, math.nan)
-    cuda_kernels.backward_out(
-        student, teacher, target, mask, *upstream, kl, entropy, row_stats, inv_temperature, vocab, grad
-    )
+    grad = torch.full((rows, vocab), math.nan, dtype=torch.bfloat16, device=DEVICE)
+    cuda_kernels.backward_out(row_view(student), row_view(teacher), target, mask, *upstream, kl, entropy, row_stats,
+                              inv_temperature, vocab, grad)
     assert torch.isfinite(grad).all(), "gradient elements left unwritten (NaN)"
     assert (grad[~mask] == 0).all()
 
-    first_past_2_31 = 2**31 // vocab + 1  # the first row that starts past element 2^31
+    first_past_2_31 = 2**31 // vocab + 1  # the first contiguous row that starts past element 2^31
     sampled = torch.randperm(rows, device=DEVICE)[:16].tolist() + [first_past_2_31 - 1, first_past_2_31, rows - 1]
     index = torch.tensor(sorted(set(sampled)), device=DEVICE)
+    lead_index = torch.unravel_index(index, student.shape[:-1])  # the sampled rows, without a copy of the logits
     sampled_outputs = tuple(x[index] for x in outputs)
-    assert_matches_the_oracle(sampled_outputs, grad[index], student[index], teacher[index], target[index],
+    assert_matches_the_oracle(sampled_outputs, grad[index], student[lead_index], teacher[lead_index], target[index],
                               mask[index], vocab, upstream[:, index])
 
 

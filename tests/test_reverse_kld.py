@@ -3,6 +3,7 @@ padding, out-of-range targets, extreme inputs, float32 accuracy at a realistic s
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import shutil
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import minillm_kernels as mk
 from conftest import (
@@ -285,19 +288,125 @@ def test_importance_weight_and_clip(backend, mix_alpha):
     assert stats.entropy is None
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Strided inputs, taken without a copy (issue 12, item 1): the leading dimensions may have any strides.
+# ---------------------------------------------------------------------------------------------------------------
+def strided_view(layout, lead, width, dtype, device):
+    """``(base, view)``: fresh random logits ``base`` and a ``[*lead, width]`` view of them laid out as ``layout``
+    says (``view(base)`` gives it: a function, so that the view can be taken of a leaf that requires grad)."""
+    *outer, seq = lead
+    if layout == "contiguous":
+        return random_logits(math.prod(lead), width, dtype, device).view(*lead, width), lambda x: x
+    if layout == "response_slice":  # response_logits: logits[:, -(N+1):-1] of a model's [B, L, V] output
+        base = random_logits(math.prod(outer) * (seq + 3), width, dtype, device).view(*outer, seq + 3, width)
+        return base, lambda x: x[..., -(seq + 1):-1, :]
+    if layout == "transposed":  # sequence-first [T, B, V] seen as [B, T, V]
+        base = random_logits(math.prod(lead), width, dtype, device).view(seq, *outer, width)
+        return base, lambda x: x.movedim(0, -2)
+    if layout == "column_slice":  # [..., :V] of wider rows
+        base = random_logits(math.prod(lead), width + 13, dtype, device).view(*lead, width + 13)
+        return base, lambda x: x[..., :width]
+    if layout == "expanded":  # one sequence's logits for the whole batch: stride 0 over the batch
+        base = random_logits(seq, width, dtype, device).view(*[1] * len(outer), seq, width)
+        return base, lambda x: x.expand(*lead, width)
+    if layout == "every_other_row":  # every leading dimension strided on its own: three levels for three of them
+        base = random_logits(math.prod(lead) * 2 ** len(lead), width, dtype, device).view(*(2 * d for d in lead), width)
+        return base, lambda x: x[(slice(None, None, 2),) * len(lead)]
+    raise ValueError(layout)
+
+
+# name: (student layout, teacher layout, teacher padding columns, leading shape)
+STRIDED_CASES = {
+    "response_slice": ("response_slice", "response_slice", 0, (3, 4)),
+    "transposed": ("transposed", "transposed", 0, (3, 4)),
+    "column_slice": ("column_slice", "column_slice", 0, (3, 4)),
+    "expanded_teacher": ("response_slice", "expanded", 0, (3, 4)),
+    "different_layouts_padded_teacher": ("transposed", "response_slice", 61, (3, 4)),
+    "three_levels_copied": ("every_other_row", "transposed", 0, (2, 3, 4)),
+}
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_non_contiguous_inputs(backend):
+@pytest.mark.parametrize("case", STRIDED_CASES)
+@pytest.mark.parametrize("student_dtype, teacher_dtype", [(torch.float32, torch.float32),
+                                                          (torch.bfloat16, torch.float32)],
+                         ids=("fp32-fp32", "bf16-fp32"))
+def test_strided_views_match_the_oracle(backend, case, student_dtype, teacher_dtype):
+    """Values and gradients of views whose leading dimensions have any strides, against the oracle; the gradient
+    reaches the tensor the student's view was taken of, there and nowhere else."""
     require_backend(backend)
     device = device_for(backend)
-    batch, seq = 3, 4
-    # [seq, batch, V] transposed to [batch, seq, V], and a column slice: neither is contiguous.
-    student = random_logits(seq * batch, ODD_VOCAB + 8, torch.float32, device).view(seq, batch, -1).transpose(0, 1)
-    teacher = random_logits(seq * batch, ODD_VOCAB, torch.float32, device).view(seq, batch, -1).transpose(0, 1)
-    student = student[..., :ODD_VOCAB]
-    target = torch.randint(0, ODD_VOCAB, (seq, batch), device=device).t()
-    assert not student.is_contiguous() and not teacher.is_contiguous() and not target.is_contiguous()
-    upstream = torch.randn(3, batch, seq, dtype=torch.float64)
-    check_against_oracle(backend, student, teacher, target, upstream)
+    student_layout, teacher_layout, teacher_padding, lead = STRIDED_CASES[case]
+    student_base, student_view = strided_view(student_layout, lead, ODD_VOCAB, student_dtype, device)
+    teacher_base, teacher_view = strided_view(teacher_layout, lead, ODD_VOCAB + teacher_padding, teacher_dtype,
+                                              device)
+    student_base.requires_grad_()
+    student, teacher = student_view(student_base), teacher_view(teacher_base)
+    assert not student.is_contiguous() and not teacher.is_contiguous()
+    mask = random_mask(math.prod(lead), device).view(lead)
+    target = torch.randint(0, ODD_VOCAB, lead, device=device).masked_fill(~mask, -100)
+    stats = mk.fused_token_stats(student, teacher, target, mask=mask, temperature=0.7, mix_alpha=0.2,
+                                 with_entropy=True, vocab_size=ODD_VOCAB, backend=backend)
+    upstream = torch.randn(3, *lead, dtype=torch.float64)
+    a, b, c = (u.to(device, stats.reverse_kld.dtype) for u in upstream)
+    loss = (a * stats.reverse_kld + b * stats.student_logprob + c * stats.entropy).sum()
+    grad, base_grad = torch.autograd.grad(loss, (student, student_base))
+
+    exact = exact_token_stats(student, teacher, target, upstream, mask=mask, temperature=0.7,
+                              vocab_size=ODD_VOCAB, mix_alpha=0.2)
+    acc = accumulation_dtype(student_dtype, teacher_dtype)
+    assert grad.shape == student.shape and grad.dtype == student_dtype
+    assert_stats_within(stats, exact, acc, naive=backend == "reference")
+    assert_gradient_within(grad, exact, acc, naive=backend == "reference")
+    expected_base_grad = torch.zeros_like(student_base)
+    student_view(expected_base_grad).copy_(grad)
+    assert torch.equal(base_grad, expected_base_grad)
+
+
+class LargeTensors(TorchDispatchMode):
+    """Records ``(op, shape)`` of every tensor of at least ``numel`` elements that an operation creates (a view, which
+    shares the storage of one of the op's inputs, is not a creation). It sees the ops the public functions call and
+    the outputs of our custom ops, not what runs inside them (``bytes_allocated`` counts that)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel = numel
+        self.created: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {x.untyped_storage().data_ptr() for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)}
+        for x in tree_leaves(out):
+            if isinstance(x, torch.Tensor) and x.numel() >= self.numel and x.untyped_storage().data_ptr() not in inputs:
+                self.created.append((str(func), tuple(x.shape)))
+        return out
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_response_slice_allocates_only_its_gradient(backend):
+    """The trainer's inputs, ``logits[:, -(N+1):-1]`` of both models' [B, L, V] outputs (a bf16 teacher, an fp32
+    student): forward and backward create one tensor of N V elements or more, the student's gradient [B, N, V]
+    (before: a copy of each input as well). Counted both as the tensors the ops create (``LargeTensors``) and as
+    the bytes allocated anywhere, the kernels' insides included (less than the gradient and one bf16 [N, V])."""
+    require_backend(backend)
+    device = device_for(backend)
+    batch, response, vocab = 2, 5, 4099
+    student_base, response_slice = strided_view("response_slice", (batch, response), vocab, torch.float32, device)
+    teacher_base, _ = strided_view("response_slice", (batch, response), vocab, torch.bfloat16, device)
+    student_base.requires_grad_()
+    student, teacher = response_slice(student_base), response_slice(teacher_base)
+    target = torch.randint(0, vocab, (batch, response), device=device)
+    grads = []
+
+    def forward_and_backward():
+        stats = mk.fused_token_stats(student, teacher, target, with_entropy=True, backend=backend)
+        loss = (stats.reverse_kld + stats.student_logprob + stats.entropy).sum()
+        grads.extend(torch.autograd.grad(loss, student))
+
+    with LargeTensors(batch * response * vocab) as large:
+        allocated = bytes_allocated(forward_and_backward, device)
+    assert large.created == [("minillm_kernels.token_stats_backward.default", (batch, response, vocab))]
+    assert allocated < grads[0].nbytes + batch * response * vocab * 2, f"{allocated} bytes allocated"
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -317,16 +426,19 @@ def test_zero_tokens(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_torch_compile_fullgraph_matches_eager(backend):
+@pytest.mark.parametrize("layout", ("contiguous", "response_slice"))
+def test_torch_compile_fullgraph_matches_eager(backend, layout):
+    """Compiled in full, as eager: also on the trainer's [:, -(N+1):-1] slices (the strides reach the ops' fake
+    implementations as metadata)."""
     require_backend(backend)
     device = device_for(backend)
 
     def loss_fn(student, teacher, mask):
-        return 0.5 * mk.fused_reverse_kld(student, teacher, mask=mask, temperature=2.0, backend=backend)
+        return 0.5 * mk.fused_reverse_kld(view(student), view(teacher), mask=mask, temperature=2.0, backend=backend)
 
-    student = random_logits(6, ODD_VOCAB, torch.float32, device)
-    teacher = random_logits(6, ODD_VOCAB, torch.bfloat16, device)  # a bf16 teacher with an fp32 student
-    mask = random_mask(6, device)
+    student, view = strided_view(layout, (2, 3), ODD_VOCAB, torch.float32, device)
+    teacher, _ = strided_view(layout, (2, 3), ODD_VOCAB, torch.bfloat16, device)  # a bf16 teacher, an fp32 student
+    mask = random_mask(6, device).view(2, 3)
     results = []
     for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
         leaf = student.clone().requires_grad_()

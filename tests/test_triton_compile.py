@@ -17,17 +17,21 @@ import pytest
 
 DTYPES = ("bf16", "fp16", "fp32", "fp64")
 SHARED = dict(student_ptr="*{student}", teacher_ptr="*{teacher}", target_ptr="*i64", mask_ptr="*i1")
+# Each tensor's rows (rows_per_outer, outer_stride, inner_stride): some i32 and some i64, as Triton types them by
+# whether they fit in 32 bits (the offsets are int64 either way: they come from the int64 row index).
+ROW_STRIDES = dict(
+    student_rows_per_outer="i32", student_outer_stride="i64", student_inner_stride="i32",
+    teacher_rows_per_outer="i32", teacher_outer_stride="i32", teacher_inner_stride="i64",
+)
 SIGNATURES = {
     "forward": dict(
         SHARED, kl_ptr="*{stats}", student_logprob_ptr="*{stats}", teacher_logprob_ptr="*{stats}",
-        entropy_ptr="*{stats}", row_stats_ptr="*{stats}", student_row_stride="i64", teacher_row_stride="i64",
-        vocab_size="i32", inv_temperature="fp64",
+        entropy_ptr="*{stats}", row_stats_ptr="*{stats}", **ROW_STRIDES, vocab_size="i32", inv_temperature="fp64",
     ),
     "backward": dict(
         SHARED, grad_kl_ptr="*{stats}", grad_student_logprob_ptr="*{stats}", grad_entropy_ptr="*{stats}",
         kl_ptr="*{stats}", entropy_ptr="*{stats}", row_stats_ptr="*{stats}", grad_student_ptr="*{student}",
-        student_row_stride="i64", teacher_row_stride="i64", student_width="i32", vocab_size="i32",
-        inv_temperature="fp64",
+        **ROW_STRIDES, student_width="i32", vocab_size="i32", inv_temperature="fp64",
     ),
 }
 # Every (student, teacher) dtype pair with a target and a mask; the same-dtype pairs also without.

@@ -9,6 +9,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include "row_strides.h"
+
 namespace reverse_kld_args {
 
 // The accumulation (and per-row output) dtype: double if either logits tensor is float64, float otherwise.
@@ -20,25 +22,38 @@ inline bool is_logits_dtype(at::ScalarType dt) {
   return dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf;
 }
 
-// student [N, Vs] and teacher [N, Vt] on `device`, each float32, float64, bfloat16 or float16 (the two may
-// differ), last-dim stride 1, vocab_size in [1, min(Vs, Vt)]. `where` names the backend in the messages, e.g.
-// "reverse_kld (cuda)".
+// The rows of [n_outer, rows_per_outer, V] logits: N = n_outer * rows_per_outer.
+inline int64_t n_rows(const at::Tensor& logits) {
+  return logits.size(0) * logits.size(1);
+}
+
+// Row r of [n_outer, rows_per_outer, V] logits starts at (r / rows_per_outer) * stride(0) + (r % rows_per_outer) *
+// stride(1) (see row_strides.h). rows_per_outer is at least 1, so that a layout of zero rows divides by nothing.
+inline minillm::RowStrides row_strides(const at::Tensor& logits) {
+  return minillm::RowStrides{std::max<int64_t>(logits.size(1), 1), logits.stride(0), logits.stride(1)};
+}
+
+// student [n_outer, rows_per_outer, Vs] and teacher [n_outer', rows_per_outer', Vt] (each its own split of the N
+// rows and its own strides in the first two dims, as minillm_kernels/ops/reverse_kld.py's row_view gives them) on
+// `device`, each float32, float64, bfloat16 or float16 (the two may differ), last-dim stride 1, vocab_size in
+// [1, min(Vs, Vt)]. `where` names the backend in the messages, e.g. "reverse_kld (cuda)".
 inline void check_logits(const at::Tensor& student, const at::Tensor& teacher, int64_t vocab_size,
                          c10::DeviceType device, const char* where) {
   TORCH_CHECK(student.device().type() == device && teacher.device() == student.device(), where,
               ": student and teacher logits must be ", device, " tensors on one device, got ", student.device(),
               " and ", teacher.device());
-  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, where, ": logits must be 2-D [N, V], got ",
-              student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(student.size(0) == teacher.size(0), where, ": student and teacher have different row counts: ",
-              student.size(0), " vs ", teacher.size(0));
+  TORCH_CHECK(student.dim() == 3 && teacher.dim() == 3, where,
+              ": logits must be 3-D [n_outer, rows_per_outer, V] row views, got ", student.sizes(), " and ",
+              teacher.sizes());
+  TORCH_CHECK(n_rows(student) == n_rows(teacher), where, ": student and teacher have different row counts: ",
+              n_rows(student), " vs ", n_rows(teacher));
   TORCH_CHECK(is_logits_dtype(student.scalar_type()) && is_logits_dtype(teacher.scalar_type()), where,
               ": logits must be float32, float64, bfloat16 or float16, got ", student.scalar_type(), " and ",
               teacher.scalar_type());
-  TORCH_CHECK(vocab_size >= 1 && vocab_size <= student.size(1) && vocab_size <= teacher.size(1), where,
-              ": vocab_size must be in [1, min(Vs, Vt)] = [1, ", std::min(student.size(1), teacher.size(1)),
+  TORCH_CHECK(vocab_size >= 1 && vocab_size <= student.size(2) && vocab_size <= teacher.size(2), where,
+              ": vocab_size must be in [1, min(Vs, Vt)] = [1, ", std::min(student.size(2), teacher.size(2)),
               "], got ", vocab_size);
-  TORCH_CHECK((student.stride(1) == 1 || student.size(1) == 1) && (teacher.stride(1) == 1 || teacher.size(1) == 1),
+  TORCH_CHECK((student.stride(2) == 1 || student.size(2) == 1) && (teacher.stride(2) == 1 || teacher.size(2) == 1),
               where, ": logits must have last-dim stride 1, got strides ", student.strides(), " and ",
               teacher.strides());
 }
@@ -65,7 +80,7 @@ inline at::Tensor row_stats_of(const at::Tensor& row_stats, int64_t n, at::Scala
   return row_stats.contiguous();
 }
 
-// The per-row tensors of backward(...), checked against the [n_rows, V] logits and made contiguous:
+// The per-row tensors of backward(...), checked against the N rows of the logits and made contiguous:
 // target int64 and mask bool (undefined if absent); the upstream gradients of (KL, log q(y), H) in the
 // accumulation dtype (undefined counts as zeros); kl, entropy and row_stats [n, 4] from the forward (required).
 struct BackwardRows {
@@ -77,7 +92,7 @@ inline BackwardRows backward_rows(
     const c10::optional<at::Tensor>& mask,
     const at::Tensor& grad_kl, const at::Tensor& grad_student_logprob, const at::Tensor& grad_entropy,
     const at::Tensor& kl, const at::Tensor& entropy, const at::Tensor& row_stats, const char* where) {
-  const int64_t n = student.size(0);
+  const int64_t n = n_rows(student);
   const at::Device device = student.device();
   const at::ScalarType acc = accumulation_dtype(student, teacher);
   BackwardRows rows{

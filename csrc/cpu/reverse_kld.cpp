@@ -26,6 +26,10 @@
 // large terms).
 // Per-row outputs are acc_t; the gradient has the student's dtype (rounded to nearest even).
 //
+// Rows: the logits come as [n_outer, rows_per_outer, V] views with any strides in the first two dims (each tensor its
+// own; see csrc/common/row_strides.h); a row's offset is computed once per row, the columns are contiguous. The
+// gradient is written contiguous, [N, Vs].
+//
 // Targets: an unmasked row whose target y is outside [0, vocab_size) gets log q(y) = log p(y) = NaN (and the
 // rest of its outputs as usual); its b counts as 0 in the backward (no one-hot column, no -b q_v term). No
 // column outside [0, vocab_size) of a row is ever read. Masked rows are not read and may hold any target.
@@ -397,9 +401,11 @@ constexpr const char* kWhere = "reverse_kld (cpu)";
 
 using reverse_kld_args::accumulation_dtype;
 using reverse_kld_args::check_logits;
+using reverse_kld_args::n_rows;
 using reverse_kld_args::ptr_or_null;
 using reverse_kld_args::BackwardRows;
 using reverse_kld_args::backward_rows;
+using reverse_kld_args::row_strides;
 using reverse_kld_args::row_vector;
 
 // A fresh [N, V] gradient is a new mmap whose first touch page-faults once per 4 KiB page: at 2048 x 32000
@@ -448,22 +454,22 @@ std::vector<at::Tensor> reverse_kld_forward(
     const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& mask,
     double inv_temperature, int64_t vocab_size) {
   check_logits(student, teacher, vocab_size, c10::DeviceType::CPU, kWhere);
-  const int64_t n_rows = student.size(0);
+  const int64_t n = n_rows(student);
   const at::Device device = student.device();
-  const at::Tensor target_c = row_vector(target, n_rows, at::kLong, device, "target", kWhere);
-  const at::Tensor mask_c = row_vector(mask, n_rows, at::kBool, device, "mask", kWhere);
+  const at::Tensor target_c = row_vector(target, n, at::kLong, device, "target", kWhere);
+  const at::Tensor mask_c = row_vector(mask, n, at::kBool, device, "mask", kWhere);
   const auto opts = student.options().dtype(accumulation_dtype(student, teacher));
-  at::Tensor kl = at::empty({n_rows}, opts);
-  at::Tensor student_logprob = at::empty({n_rows}, opts);
-  at::Tensor teacher_logprob = at::empty({n_rows}, opts);
-  at::Tensor entropy = at::empty({n_rows}, opts);
-  at::Tensor row_stats = at::empty({n_rows, 4}, opts);
+  at::Tensor kl = at::empty({n}, opts);
+  at::Tensor student_logprob = at::empty({n}, opts);
+  at::Tensor teacher_logprob = at::empty({n}, opts);
+  at::Tensor entropy = at::empty({n}, opts);
+  at::Tensor row_stats = at::empty({n, 4}, opts);
 
   dispatch_logits_pair(student, teacher, [&](const auto* s_base, const auto* t_base) {
     using student_t = ElementOf<decltype(s_base)>;
     using teacher_t = ElementOf<decltype(t_base)>;
     using acc_t = AccOf<student_t, teacher_t>;
-    const int64_t s_stride = student.stride(0), t_stride = teacher.stride(0);
+    const minillm::RowStrides s_rows = row_strides(student), t_rows = row_strides(teacher);
     const int64_t* tgt = ptr_or_null<int64_t>(target_c);
     const bool* msk = ptr_or_null<bool>(mask_c);
     acc_t* kl_p = kl.data_ptr<acc_t>();
@@ -473,7 +479,7 @@ std::vector<at::Tensor> reverse_kld_forward(
     acc_t* stats_p = row_stats.data_ptr<acc_t>();
     constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
 
-    at::parallel_for(0, n_rows, grain_rows(vocab_size), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, grain_rows(vocab_size), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf_s[kChunk];
       alignas(64) acc_t buf_t[kChunk];
       for (int64_t i = begin; i < end; ++i) {
@@ -483,8 +489,8 @@ std::vector<at::Tensor> reverse_kld_forward(
           st[0] = st[1] = st[2] = st[3] = 0;
           continue;
         }
-        const student_t* s = s_base + i * s_stride;
-        const teacher_t* t = t_base + i * t_stride;
+        const student_t* s = s_base + s_rows.offset(i);
+        const teacher_t* t = t_base + t_rows.offset(i);
         const RowStats r = forward_row<student_t, teacher_t, acc_t>(s, t, vocab_size, inv_temperature, buf_s, buf_t);
         kl_p[i] = static_cast<acc_t>(r.kl);
         ent_p[i] = static_cast<acc_t>(r.entropy);
@@ -514,18 +520,18 @@ at::Tensor reverse_kld_backward(
     const at::Tensor& kl, const at::Tensor& entropy, const at::Tensor& row_stats,
     double inv_temperature, int64_t vocab_size) {
   check_logits(student, teacher, vocab_size, c10::DeviceType::CPU, kWhere);
-  const int64_t n_rows = student.size(0);
-  const int64_t width = student.size(1);
+  const int64_t n = n_rows(student);
+  const int64_t width = student.size(2);
   const BackwardRows rows = backward_rows(student, teacher, target, mask, grad_kl, grad_student_logprob,
                                           grad_entropy, kl, entropy, row_stats, kWhere);
-  at::Tensor grad = at::empty({n_rows, width}, student.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = at::empty({n, width}, student.options().memory_format(at::MemoryFormat::Contiguous));
   advise_huge_pages(grad);
 
   dispatch_logits_pair(student, teacher, [&](const auto* s_base, const auto* t_base) {
     using student_t = ElementOf<decltype(s_base)>;
     using teacher_t = ElementOf<decltype(t_base)>;
     using acc_t = AccOf<student_t, teacher_t>;
-    const int64_t s_stride = student.stride(0), t_stride = teacher.stride(0);
+    const minillm::RowStrides s_rows = row_strides(student), t_rows = row_strides(teacher);
     student_t* g_base = grad.data_ptr<student_t>();
     const int64_t* tgt = ptr_or_null<int64_t>(rows.target);
     const bool* msk = ptr_or_null<bool>(rows.mask);
@@ -536,15 +542,15 @@ at::Tensor reverse_kld_backward(
     const acc_t* ent_p = rows.entropy.data_ptr<acc_t>();
     const acc_t* stats_p = rows.row_stats.data_ptr<acc_t>();
 
-    at::parallel_for(0, n_rows, grain_rows(width), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, grain_rows(width), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         student_t* out = g_base + i * width;
         if (msk != nullptr && !msk[i]) {
           std::memset(static_cast<void*>(out), 0, sizeof(student_t) * width);
           continue;
         }
-        const student_t* s = s_base + i * s_stride;
-        const teacher_t* t = t_base + i * t_stride;
+        const student_t* s = s_base + s_rows.offset(i);
+        const teacher_t* t = t_base + t_rows.offset(i);
         // b counts only with a target in the vocabulary (an out-of-range one has NaN log-probabilities).
         const bool has_target = tgt != nullptr && tgt[i] >= 0 && tgt[i] < vocab_size;
         RowGrad<acc_t> g{stats_p[4 * i], stats_p[4 * i + 1], stats_p[4 * i + 2], stats_p[4 * i + 3],

@@ -17,9 +17,11 @@ constexpr const char* kWhere = "reverse_kld (cuda)";
 
 using reverse_kld_args::accumulation_dtype;
 using reverse_kld_args::check_logits;
+using reverse_kld_args::n_rows;
 using reverse_kld_args::ptr_or_null;
 using reverse_kld_args::BackwardRows;
 using reverse_kld_args::backward_rows;
+using reverse_kld_args::row_strides;
 using reverse_kld_args::row_vector;
 
 // The launch interface's element type of a logits tensor (check_logits has checked it is one of the four).
@@ -72,24 +74,24 @@ void reverse_kld_forward_out(
     const at::Tensor& entropy, const at::Tensor& row_stats) {
   check_logits(student, teacher, vocab_size, c10::DeviceType::CUDA, kWhere);
   check_width(vocab_size);
-  const int64_t n_rows = student.size(0);
+  const int64_t n = n_rows(student);
   const at::Device device = student.device();
-  const at::Tensor target_c = row_vector(target, n_rows, at::kLong, device, "target", kWhere);
-  const at::Tensor mask_c = row_vector(mask, n_rows, at::kBool, device, "mask", kWhere);
+  const at::Tensor target_c = row_vector(target, n, at::kLong, device, "target", kWhere);
+  const at::Tensor mask_c = row_vector(mask, n, at::kBool, device, "mask", kWhere);
   const at::ScalarType acc_dtype = accumulation_dtype(student, teacher);
-  check_output(kl, {n_rows}, acc_dtype, device, "kl");
-  check_output(student_logprob, {n_rows}, acc_dtype, device, "student_logprob");
-  check_output(teacher_logprob, {n_rows}, acc_dtype, device, "teacher_logprob");
-  check_output(entropy, {n_rows}, acc_dtype, device, "entropy");
-  check_output(row_stats, {n_rows, 4}, acc_dtype, device, "row_stats");
+  check_output(kl, {n}, acc_dtype, device, "kl");
+  check_output(student_logprob, {n}, acc_dtype, device, "student_logprob");
+  check_output(teacher_logprob, {n}, acc_dtype, device, "teacher_logprob");
+  check_output(entropy, {n}, acc_dtype, device, "entropy");
+  check_output(row_stats, {n, 4}, acc_dtype, device, "row_stats");
 
   minillm_cuda::ForwardLaunch args{};
   args.student_dtype = logits_dtype(student.scalar_type());
   args.teacher_dtype = logits_dtype(teacher.scalar_type());
   args.student = student.data_ptr();
   args.teacher = teacher.data_ptr();
-  args.student_row_stride = student.stride(0);
-  args.teacher_row_stride = teacher.stride(0);
+  args.student_rows = row_strides(student);
+  args.teacher_rows = row_strides(teacher);
   args.target = ptr_or_null<int64_t>(target_c);
   args.mask = ptr_or_null<bool>(mask_c);
   args.kl = kl.data_ptr();
@@ -97,7 +99,7 @@ void reverse_kld_forward_out(
   args.teacher_logprob = teacher_logprob.data_ptr();
   args.entropy = entropy.data_ptr();
   args.row_stats = row_stats.data_ptr();
-  args.n_rows = n_rows;
+  args.n_rows = n;
   args.n_cols = static_cast<int>(vocab_size);
   args.inv_temperature = inv_temperature;
 
@@ -111,13 +113,13 @@ std::vector<at::Tensor> reverse_kld_forward(
     const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& mask,
     double inv_temperature, int64_t vocab_size) {
   check_logits(student, teacher, vocab_size, c10::DeviceType::CUDA, kWhere);
-  const int64_t n_rows = student.size(0);
+  const int64_t n = n_rows(student);
   const auto opts = student.options().dtype(accumulation_dtype(student, teacher));
-  at::Tensor kl = at::empty({n_rows}, opts);
-  at::Tensor student_logprob = at::empty({n_rows}, opts);
-  at::Tensor teacher_logprob = at::empty({n_rows}, opts);
-  at::Tensor entropy = at::empty({n_rows}, opts);
-  at::Tensor row_stats = at::empty({n_rows, 4}, opts);
+  at::Tensor kl = at::empty({n}, opts);
+  at::Tensor student_logprob = at::empty({n}, opts);
+  at::Tensor teacher_logprob = at::empty({n}, opts);
+  at::Tensor entropy = at::empty({n}, opts);
+  at::Tensor row_stats = at::empty({n, 4}, opts);
   reverse_kld_forward_out(student, teacher, target, mask, inv_temperature, vocab_size, kl, student_logprob,
                           teacher_logprob, entropy, row_stats);
   return {kl, student_logprob, teacher_logprob, entropy, row_stats};
@@ -130,21 +132,21 @@ void reverse_kld_backward_out(
     const at::Tensor& kl, const at::Tensor& entropy, const at::Tensor& row_stats,
     double inv_temperature, int64_t vocab_size, const at::Tensor& grad_student) {
   check_logits(student, teacher, vocab_size, c10::DeviceType::CUDA, kWhere);
-  const int64_t n_rows = student.size(0);
-  const int64_t width = student.size(1);
+  const int64_t n = n_rows(student);
+  const int64_t width = student.size(2);
   check_width(width);
   const at::Device device = student.device();
   const BackwardRows rows = backward_rows(student, teacher, target, mask, grad_kl, grad_student_logprob, grad_entropy,
                                           kl, entropy, row_stats, kWhere);
-  check_output(grad_student, {n_rows, width}, student.scalar_type(), device, "grad_student");
+  check_output(grad_student, {n, width}, student.scalar_type(), device, "grad_student");
 
   minillm_cuda::BackwardLaunch args{};
   args.student_dtype = logits_dtype(student.scalar_type());
   args.teacher_dtype = logits_dtype(teacher.scalar_type());
   args.student = student.data_ptr();
   args.teacher = teacher.data_ptr();
-  args.student_row_stride = student.stride(0);
-  args.teacher_row_stride = teacher.stride(0);
+  args.student_rows = row_strides(student);
+  args.teacher_rows = row_strides(teacher);
   args.target = ptr_or_null<int64_t>(rows.target);
   args.mask = ptr_or_null<bool>(rows.mask);
   args.grad_kl = data_or_null(rows.grad_kl);
@@ -154,7 +156,7 @@ void reverse_kld_backward_out(
   args.entropy = rows.entropy.data_ptr();
   args.row_stats = rows.row_stats.data_ptr();
   args.grad_student = grad_student.data_ptr();
-  args.n_rows = n_rows;
+  args.n_rows = n;
   args.n_cols = static_cast<int>(vocab_size);
   args.width = static_cast<int>(width);
   args.inv_temperature = inv_temperature;
@@ -172,7 +174,7 @@ at::Tensor reverse_kld_backward(
     double inv_temperature, int64_t vocab_size) {
   check_logits(student, teacher, vocab_size, c10::DeviceType::CUDA, kWhere);
   at::Tensor grad_student =
-      at::empty({student.size(0), student.size(1)}, student.options().memory_format(at::MemoryFormat::Contiguous));
+      at::empty({n_rows(student), student.size(2)}, student.options().memory_format(at::MemoryFormat::Contiguous));
   reverse_kld_backward_out(student, teacher, target, mask, grad_kl, grad_student_logprob, grad_entropy, kl, entropy,
                            row_stats, inv_temperature, vocab_size, grad_student);
   return grad_student;

@@ -32,8 +32,10 @@
 //   columns > 16384:          one 512-thread block per row (151936 bf16 columns: 19 vectors per thread); 512
 //                             rather than 1024 threads so that two or more blocks share an SM and one block's
 //                             final reduction overlaps another's loads.
-// Each thread issues kUnroll = 2 vector loads per tensor before using them. Rows are indexed in int64 (row *
-// row_stride passes 2^31 elements at 16384 x 151936); columns in int, which the caller checks. A vector is kCols =
+// Each thread issues kUnroll = 2 vector loads per tensor before using them. Rows are indexed in int64 (their offsets,
+// RowStrides::offset of csrc/common/row_strides.h, once per row: two levels of strides per tensor, so that a
+// [:, -(N+1):-1] slice of [B, L, V] logits is read in place, pass 2^31 elements at 16384 x 151936); columns in int,
+// which the caller checks. The gradient is written contiguous, [n_rows, width]. A vector is kCols =
 // 16 / (the larger element size) columns: 16 bytes of the wider tensor, 8 or 4 of the narrower one (a bf16 student
 // with a float32 teacher: 4 columns, 8 + 16 bytes). A row's columns are read as vectors where its pointers
 // (student, teacher, and the gradient in the backward) sit at the same column offset within a vector: a scalar head
@@ -56,6 +58,8 @@
 
 namespace minillm_cuda {
 namespace {
+
+using minillm::RowStrides;
 
 constexpr int kWarpSize = 32;
 constexpr int kVectorBytes = 16;
@@ -299,8 +303,8 @@ __device__ __forceinline__ int scalar_column(const ColumnSplit& split, int j) {
 template <typename student_t, typename teacher_t, int kThreadsPerRow, int kRowsPerBlock>
 __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock, kMinResidentThreads / (kThreadsPerRow * kRowsPerBlock))
 reverse_kld_forward_kernel(
-    const student_t* __restrict__ student, const teacher_t* __restrict__ teacher, int64_t student_row_stride,
-    int64_t teacher_row_stride, const int64_t* __restrict__ target, const bool* __restrict__ mask,
+    const student_t* __restrict__ student, const teacher_t* __restrict__ teacher, RowStrides student_rows,
+    RowStrides teacher_rows, const int64_t* __restrict__ target, const bool* __restrict__ mask,
     AccOf<student_t, teacher_t>* __restrict__ kl, AccOf<student_t, teacher_t>* __restrict__ student_logprob,
     AccOf<student_t, teacher_t>* __restrict__ teacher_logprob, AccOf<student_t, teacher_t>* __restrict__ entropy,
     AccOf<student_t, teacher_t>* __restrict__ row_stats, int64_t n_rows, int n_cols, double inv_temperature) {
@@ -312,7 +316,7 @@ reverse_kld_forward_kernel(
   __shared__ RowState<acc_t> partials[kWarpsPerRow];
 
   const int lane = threadIdx.x % kThreadsPerRow;
-  // int64: row * row_stride passes 2^31 once N * V does (16k tokens x 152k vocab).
+  // int64: the row offsets pass 2^31 once N * V does (16k tokens x 152k vocab).
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
   if (row >= n_rows) return;  // only in the last block, and for whole warps (one warp per row)
   if (mask != nullptr && !mask[row]) {  // the same for the whole row group: a masked row reads nothing
@@ -322,8 +326,8 @@ reverse_kld_forward_kernel(
     }
     return;
   }
-  const student_t* s = student + row * student_row_stride;
-  const teacher_t* t = teacher + row * teacher_row_stride;
+  const student_t* s = student + student_rows.offset(row);
+  const teacher_t* t = teacher + teacher_rows.offset(row);
   const acc_t k = static_cast<acc_t>(inv_temperature);
 
   RowState<acc_t> st = empty_state<acc_t>();
@@ -438,8 +442,8 @@ __device__ __forceinline__ void zero_columns(scalar_t* out, int n, int lane) {
 template <typename student_t, typename teacher_t, int kThreadsPerRow, int kRowsPerBlock>
 __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock, kMinResidentThreads / (kThreadsPerRow * kRowsPerBlock))
 reverse_kld_backward_kernel(
-    const student_t* __restrict__ student, const teacher_t* __restrict__ teacher, int64_t student_row_stride,
-    int64_t teacher_row_stride, const int64_t* __restrict__ target, const bool* __restrict__ mask,
+    const student_t* __restrict__ student, const teacher_t* __restrict__ teacher, RowStrides student_rows,
+    RowStrides teacher_rows, const int64_t* __restrict__ target, const bool* __restrict__ mask,
     const AccOf<student_t, teacher_t>* __restrict__ grad_kl,
     const AccOf<student_t, teacher_t>* __restrict__ grad_student_logprob,
     const AccOf<student_t, teacher_t>* __restrict__ grad_entropy, const AccOf<student_t, teacher_t>* __restrict__ kl,
@@ -456,8 +460,8 @@ reverse_kld_backward_kernel(
   const int n_live = (mask == nullptr || mask[row]) ? n_cols : 0;  // a masked row reads nothing, gets 0
 
   if (n_live > 0) {
-    const student_t* s = student + row * student_row_stride;
-    const teacher_t* t = teacher + row * teacher_row_stride;
+    const student_t* s = student + student_rows.offset(row);
+    const teacher_t* t = teacher + teacher_rows.offset(row);
     // b counts only with a target in the vocabulary (an out-of-range one has NaN log-probabilities).
     const bool has_target = target != nullptr && target[row] >= 0 && target[row] < n_cols;
     const int target_col = has_target ? static_cast<int>(target[row]) : -1;
@@ -537,7 +541,7 @@ struct ForwardLauncher {
     reverse_kld_forward_kernel<student_t, teacher_t, kThreadsPerRow, kRowsPerBlock>
         <<<grid, kThreadsPerRow * kRowsPerBlock, 0, stream>>>(
             static_cast<const student_t*>(a.student), static_cast<const teacher_t*>(a.teacher),
-            a.student_row_stride, a.teacher_row_stride, a.target, a.mask, static_cast<acc_t*>(a.kl),
+            a.student_rows, a.teacher_rows, a.target, a.mask, static_cast<acc_t*>(a.kl),
             static_cast<acc_t*>(a.student_logprob), static_cast<acc_t*>(a.teacher_logprob),
             static_cast<acc_t*>(a.entropy), static_cast<acc_t*>(a.row_stats), a.n_rows, a.n_cols, a.inv_temperature);
     return cudaGetLastError();
@@ -553,7 +557,7 @@ struct BackwardLauncher {
     reverse_kld_backward_kernel<student_t, teacher_t, kThreadsPerRow, kRowsPerBlock>
         <<<grid, kThreadsPerRow * kRowsPerBlock, 0, stream>>>(
             static_cast<const student_t*>(a.student), static_cast<const teacher_t*>(a.teacher),
-            a.student_row_stride, a.teacher_row_stride, a.target, a.mask, static_cast<const acc_t*>(a.grad_kl),
+            a.student_rows, a.teacher_rows, a.target, a.mask, static_cast<const acc_t*>(a.grad_kl),
             static_cast<const acc_t*>(a.grad_student_logprob), static_cast<const acc_t*>(a.grad_entropy),
             static_cast<const acc_t*>(a.kl), static_cast<const acc_t*>(a.entropy),
             static_cast<const acc_t*>(a.row_stats), static_cast<student_t*>(a.grad_student), a.n_rows, a.n_cols,

@@ -7,12 +7,13 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
-// student [N, Vs], teacher [N, Vt] (each float32, float64, bfloat16 or float16, the two may differ; on one CUDA
-// device, last-dim stride 1); target int64 [N] and mask bool [N] optional; only the first vocab_size columns are
-// read. Returns, in the accumulation dtype (double if either input is float64, else float): {kl [N],
-// student_logprob [N], teacher_logprob [N], entropy [N], row_stats [N, 4] = (c_s, log Z_s, c_t, log Z_t)} (c: the
-// row maxima of the raw logits). Rows with mask False are not read; their outputs are 0. An unmasked row whose target
-// is outside [0, vocab_size) gets NaN log-probabilities (its other outputs as usual).
+// student [n_outer, rows_per_outer, Vs], teacher [n_outer', rows_per_outer', Vt]: the N rows of each, in order, with
+// any strides in the first two dims (each its own; see csrc/common/row_strides.h) and last-dim stride 1; each float32,
+// float64, bfloat16 or float16, the two may differ, on one CUDA device. target int64 [N] and mask bool [N] optional;
+// only the first vocab_size columns are read. Returns, in the accumulation dtype (double if either input is float64,
+// else float): {kl [N], student_logprob [N], teacher_logprob [N], entropy [N], row_stats [N, 4] = (c_s, log Z_s, c_t,
+// log Z_t)} (c: the row maxima of the raw logits). Rows with mask False are not read; their outputs are 0. An unmasked
+// row whose target is outside [0, vocab_size) gets NaN log-probabilities (its other outputs as usual).
 std::vector<at::Tensor> reverse_kld_forward(
     const at::Tensor& student, const at::Tensor& teacher,
     const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& mask,

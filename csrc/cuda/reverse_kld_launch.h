@@ -6,22 +6,27 @@
 
 #include <cuda_runtime.h>
 
+#include "../common/row_strides.h"
+
 namespace minillm_cuda {
 
 // Element type of a logits tensor (the gradient has the student's). Student and teacher may differ; the
 // arithmetic and the per-row outputs are double if either is kFloat64, float otherwise (the accumulation dtype).
 enum class LogitsDtype : int { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
+// Row r of the student starts at student + student_rows.offset(r) elements, of the teacher at
+// teacher + teacher_rows.offset(r) (row_strides.h: two levels of strides each, int64); its columns are contiguous.
+//
 // Forward over n_rows rows: reads columns [0, n_cols) of each row (n_cols = vocab_size), writes per row
 // kl, student_logprob, teacher_logprob, entropy and row_stats[4] = (c_s, log Z_s, c_t, log Z_t) (c: the maxima of
 // the raw logits). A target outside [0, n_cols) gives NaN log-probabilities and is never read.
 struct ForwardLaunch {
   LogitsDtype student_dtype;
   LogitsDtype teacher_dtype;
-  const void* student;             // [n_rows, >= n_cols], row stride student_row_stride elements
-  const void* teacher;             // [n_rows, >= n_cols], row stride teacher_row_stride elements
-  int64_t student_row_stride;
-  int64_t teacher_row_stride;
+  const void* student;             // n_rows rows of >= n_cols columns, laid out as student_rows says
+  const void* teacher;             // n_rows rows of >= n_cols columns, laid out as teacher_rows says
+  minillm::RowStrides student_rows;
+  minillm::RowStrides teacher_rows;
   const int64_t* target;           // [n_rows] or nullptr (then both log-probabilities are 0)
   const bool* mask;                // [n_rows] or nullptr (all rows count)
   void* kl;                        // [n_rows], accumulation dtype
@@ -40,10 +45,10 @@ struct ForwardLaunch {
 struct BackwardLaunch {
   LogitsDtype student_dtype;
   LogitsDtype teacher_dtype;
-  const void* student;
+  const void* student;             // as in ForwardLaunch
   const void* teacher;
-  int64_t student_row_stride;
-  int64_t teacher_row_stride;
+  minillm::RowStrides student_rows;
+  minillm::RowStrides teacher_rows;
   const int64_t* target;           // [n_rows] or nullptr (then b counts as 0)
   const bool* mask;                // [n_rows] or nullptr
   const void* grad_kl;             // a: [n_rows], accumulation dtype, or nullptr (zeros)

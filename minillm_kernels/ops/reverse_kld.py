@@ -1,14 +1,23 @@
 """The reverse-KL family as ``torch.library`` custom ops: one op, several kernels.
 
-``minillm_kernels::token_stats`` computes, per row of ``[N, V]`` logits, the reverse KL, the
-log-probabilities of a target token under both models, the student entropy and the row statistics
-``(c_s, log Z_s, c_t, log Z_t)`` that the backward needs (see ``reverse_kld_triton`` for the
-formulas). ``minillm_kernels::token_stats_backward`` turns per-row upstream gradients
-``a = dL/dKL, b = dL/dlog q(y), c = dL/dH`` into the one ``[N, V]`` gradient of the student logits.
+``minillm_kernels::token_stats`` computes, per row of ``[..., V]`` logits (N rows: the leading dimensions,
+in row-major order), the reverse KL, the log-probabilities of a target token under both models, the student
+entropy and the row statistics ``(c_s, log Z_s, c_t, log Z_t)`` that the backward needs (see
+``reverse_kld_triton`` for the formulas), each ``[N]`` (``[N, 4]``). ``minillm_kernels::token_stats_backward``
+turns per-row upstream gradients ``a = dL/dKL, b = dL/dlog q(y), c = dL/dH`` into the one gradient of the
+student logits, a fresh contiguous tensor of the student's shape.
 The ``backend`` argument picks the kernel ("cpu": the C++ kernel, "triton", "cuda": the CUDA C++
 kernels); both ops have fake implementations, so ``torch.compile(fullgraph=True)`` traces through
 them, and the forward op has a registered autograd formula, so only per-row scalars are saved between
 forward and backward.
+
+Row layout: the logits' last dimension has stride 1, the leading ones any strides (a ``[:, -(N+1):-1]`` slice of
+a model's ``[B, L, V]`` output, a transposed ``[T, B, V]``, a column slice of wider rows, a stride-0 ``expand``);
+student and teacher may be laid out differently. ``row_view`` coalesces each one's leading dimensions into at
+most two levels and hands the kernels the ``[n_outer, rows_per_outer, V]`` view, whose strides give each row's
+offset, ``(r // rows_per_outer) * outer_stride + (r % rows_per_outer) * inner_stride``: no copy. Only leading
+dimensions that do not coalesce into two levels (three or more that no merging joins, e.g. every other row of
+each of three leading dimensions) are copied, inside the op, to contiguous rows.
 
 The contract every kernel keeps:
 - student and teacher may have different float dtypes (float32, float64, bfloat16, float16): each is read
@@ -23,6 +32,7 @@ The contract every kernel keeps:
 """
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Optional
 
@@ -54,6 +64,39 @@ def _kernels(backend: str) -> ModuleType:
 stats_dtype = reference.compute_dtype
 
 
+def _n_rows(logits: Tensor) -> int:
+    """N: the product of the leading dimensions of ``[..., V]`` logits."""
+    return math.prod(logits.shape[:-1])
+
+
+def _row_levels(logits: Tensor) -> list[tuple[int, int]]:
+    """The leading dimensions of ``logits`` as ``(size, stride)`` levels, outermost first: size-1 dimensions dropped,
+    and each dimension merged into the one before it where their strides chain (outer stride = size * stride)."""
+    levels: list[tuple[int, int]] = []
+    for size, stride in zip(logits.shape[:-1], logits.stride()[:-1]):
+        if size == 1:
+            continue
+        if levels and levels[-1][1] == size * stride:
+            levels[-1] = (levels[-1][0] * size, stride)
+        else:
+            levels.append((size, stride))
+    return levels
+
+
+def row_view(logits: Tensor) -> Tensor:
+    """``[..., V]`` logits (last-dimension stride 1) as the kernels take them: a ``[n_outer, rows_per_outer, V]``
+    view with strides ``(outer_stride, inner_stride, 1)`` whose rows, in order, are the logits' rows, so that row r
+    starts ``(r // rows_per_outer) * outer_stride + (r % rows_per_outer) * inner_stride`` elements past the first.
+    No copy, unless the leading dimensions do not coalesce into two levels (``_row_levels``): then a contiguous
+    copy of the rows (as ``[1, N, V]``)."""
+    width = logits.shape[-1]
+    levels = _row_levels(logits)
+    if len(levels) > 2:
+        return logits.reshape(1, -1, width)  # (not a view: reshape copies)
+    (n_outer, outer_stride), (rows_per_outer, inner_stride) = [(1, 0)] * (2 - len(levels)) + levels
+    return logits.as_strided((n_outer, rows_per_outer, width), (outer_stride, inner_stride, 1))
+
+
 @torch.library.custom_op("minillm_kernels::token_stats", mutates_args=())
 def token_stats(
     student: Tensor,
@@ -64,10 +107,13 @@ def token_stats(
     vocab_size: int,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(kl, student_logprob, teacher_logprob, entropy, row_stats)`` of ``[N, V]`` logits."""
-    if student.shape[0] == 0:
+    """``(kl, student_logprob, teacher_logprob, entropy, row_stats)`` of ``[..., V]`` logits, each ``[N]`` (row_stats
+    ``[N, 4]``); ``target`` and ``mask`` are ``[N]``."""
+    if _n_rows(student) == 0:
         return _empty_stats(student, teacher)
-    return tuple(_kernels(backend).forward(student, teacher, target, mask, inv_temperature, vocab_size))
+    return tuple(_kernels(backend).forward(
+        row_view(student), row_view(teacher), target, mask, inv_temperature, vocab_size
+    ))
 
 
 @token_stats.register_fake
@@ -76,7 +122,7 @@ def _(student, teacher, target, mask, inv_temperature, vocab_size, backend):
 
 
 def _empty_stats(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    n_rows, dtype = student.shape[0], stats_dtype(student.dtype, teacher.dtype)
+    n_rows, dtype = _n_rows(student), stats_dtype(student.dtype, teacher.dtype)
     per_row = tuple(student.new_empty(n_rows, dtype=dtype) for _ in range(4))
     return (*per_row, student.new_empty(n_rows, 4, dtype=dtype))
 
@@ -97,19 +143,25 @@ def token_stats_backward(
     vocab_size: int,
     backend: str,
 ) -> Tensor:
-    """The gradient of ``sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i`` with respect to ``student``."""
-    if student.shape[0] == 0:
-        return torch.empty_like(student, memory_format=torch.contiguous_format)
-    return _kernels(backend).backward(
-        student, teacher, target, mask, grad_kl, grad_student_logprob, grad_entropy,
+    """The gradient of ``sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i`` with respect to ``student``: a fresh
+    contiguous tensor of its shape, whatever the student's strides (autograd takes it for the strided input)."""
+    if _n_rows(student) == 0:
+        return _fresh_gradient(student)
+    grad = _kernels(backend).backward(
+        row_view(student), row_view(teacher), target, mask, grad_kl, grad_student_logprob, grad_entropy,
         kl, entropy, row_stats, inv_temperature, vocab_size,
     )
+    return grad.view(student.shape)
 
 
 @token_stats_backward.register_fake
 def _(student, teacher, target, mask, grad_kl, grad_student_logprob, grad_entropy,
       kl, entropy, row_stats, inv_temperature, vocab_size, backend):
-    return torch.empty_like(student, memory_format=torch.contiguous_format)
+    return _fresh_gradient(student)
+
+
+def _fresh_gradient(student: Tensor) -> Tensor:
+    return student.new_empty(student.shape)  # (new_empty is contiguous, unlike empty_like of a strided tensor)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -21,6 +21,10 @@ Dtypes: student and teacher may differ; each is loaded in its own dtype. Per-ele
 both cases (each block's terms are summed in float64: float32 block sums round at the scale of their
 largest term and cost up to 4e-7 relative on peaked rows); k reaches the kernels in float64.
 
+Rows: the logits come as ``[n_outer, rows_per_outer, V]`` views (``reverse_kld.row_view``), each with its own
+strides: row r starts at (r // rows_per_outer) * outer_stride + (r % rows_per_outer) * inner_stride (``_row_offset``,
+once per program). The gradient is written contiguous, [N, V_s].
+
 Targets: an unmasked row whose target is outside [0, vocab_size) gets NaN log-probabilities (its KL and
 entropy as usual) and its b counts as 0 in the backward; no load ever leaves the row. Masked rows are not
 read and may hold any id.
@@ -44,6 +48,13 @@ def _centre(running_max):
 
 
 @triton.jit
+def _row_offset(row, rows_per_outer, outer_stride, inner_stride):
+    """The element offset of row ``row`` (int64) in ``[n_outer, rows_per_outer, V]`` logits of strides
+    ``(outer_stride, inner_stride, 1)``: int64, as ``row`` is (it passes 2^31 once N * V does)."""
+    return (row // rows_per_outer) * outer_stride + (row % rows_per_outer) * inner_stride
+
+
+@triton.jit
 def _round_to_bfloat16(x):
     """x rounded to bfloat16, to nearest even (NaN -> 0x7fc0), through float32 for float64 x. Written out because
     Triton's interpreter truncates float32 -> bfloat16 casts (and mangles float64 -> bfloat16 ones); compiled, the
@@ -58,13 +69,14 @@ def _round_to_bfloat16(x):
 def _reverse_kld_forward_kernel(
     student_ptr, teacher_ptr, target_ptr, mask_ptr,
     kl_ptr, student_logprob_ptr, teacher_logprob_ptr, entropy_ptr, row_stats_ptr,
-    student_row_stride, teacher_row_stride, vocab_size, inv_temperature: tl.float64,
+    student_rows_per_outer, student_outer_stride, student_inner_stride,
+    teacher_rows_per_outer, teacher_outer_stride, teacher_inner_stride, vocab_size, inv_temperature: tl.float64,
     HAS_TARGET: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    # int64 row index: row * row_stride passes 2^31 once N * V does (16k tokens x 152k vocab).
+    # int64 row index: the row offsets pass 2^31 once N * V does (16k tokens x 152k vocab).
     row = tl.program_id(0).to(tl.int64)
-    student_ptr += row * student_row_stride
-    teacher_ptr += row * teacher_row_stride
+    student_ptr += _row_offset(row, student_rows_per_outer, student_outer_stride, student_inner_stride)
+    teacher_ptr += _row_offset(row, teacher_rows_per_outer, teacher_outer_stride, teacher_inner_stride)
     valid = tl.load(mask_ptr + row) != 0 if HAS_MASK else True
     n_cols = tl.where(valid, vocab_size, 0)  # a masked row reads nothing
     k64 = tl.zeros((), tl.float64) + inv_temperature
@@ -139,12 +151,14 @@ def _reverse_kld_backward_kernel(
     student_ptr, teacher_ptr, target_ptr, mask_ptr,
     grad_kl_ptr, grad_student_logprob_ptr, grad_entropy_ptr,
     kl_ptr, entropy_ptr, row_stats_ptr, grad_student_ptr,
-    student_row_stride, teacher_row_stride, student_width, vocab_size, inv_temperature: tl.float64,
+    student_rows_per_outer, student_outer_stride, student_inner_stride,
+    teacher_rows_per_outer, teacher_outer_stride, teacher_inner_stride, student_width, vocab_size,
+    inv_temperature: tl.float64,
     HAS_TARGET: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: see the forward kernel
-    student_ptr += row * student_row_stride
-    teacher_ptr += row * teacher_row_stride
+    student_ptr += _row_offset(row, student_rows_per_outer, student_outer_stride, student_inner_stride)
+    teacher_ptr += _row_offset(row, teacher_rows_per_outer, teacher_outer_stride, teacher_inner_stride)
     grad_student_ptr += row * student_width
     valid = tl.load(mask_ptr + row) != 0 if HAS_MASK else True
     n_cols = tl.where(valid, vocab_size, 0)  # a masked row reads nothing and gets a zero gradient
@@ -198,6 +212,11 @@ def _acc_dtype(student: torch.Tensor, teacher: torch.Tensor) -> tl.dtype:
     return tl.float64 if compute_dtype(student.dtype, teacher.dtype) == torch.float64 else tl.float32
 
 
+def _row_strides(logits: torch.Tensor) -> tuple[int, int, int]:
+    """``(rows_per_outer, outer_stride, inner_stride)`` of ``[n_outer, rows_per_outer, V]`` logits."""
+    return logits.shape[1], logits.stride(0), logits.stride(1)
+
+
 def forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -206,8 +225,9 @@ def forward(
     inv_temperature: float,
     vocab_size: int,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the forward kernel: ``(kl, student_logprob, teacher_logprob, entropy, row_stats)``."""
-    n_rows = student.shape[0]
+    """Launch the forward kernel on ``[n_outer, rows_per_outer, V]`` logits (each its own split and strides):
+    ``(kl, student_logprob, teacher_logprob, entropy, row_stats)``, of the N rows."""
+    n_rows = student.shape[0] * student.shape[1]
     stats_dtype = compute_dtype(student.dtype, teacher.dtype)
     kl, student_logprob, teacher_logprob, entropy = (
         student.new_zeros(n_rows, dtype=stats_dtype) for _ in range(4)
@@ -217,7 +237,7 @@ def forward(
     _reverse_kld_forward_kernel[(n_rows,)](
         student, teacher, target if target is not None else kl, mask if mask is not None else kl,
         kl, student_logprob, teacher_logprob, entropy, row_stats,
-        student.stride(0), teacher.stride(0), vocab_size, inv_temperature,
+        *_row_strides(student), *_row_strides(teacher), vocab_size, inv_temperature,
         HAS_TARGET=target is not None, HAS_MASK=mask is not None, BLOCK_V=block_v,
         ACC_DTYPE=_acc_dtype(student, teacher), num_warps=_num_warps(block_v),
     )
@@ -238,14 +258,14 @@ def backward(
     inv_temperature: float,
     vocab_size: int,
 ) -> torch.Tensor:
-    """Launch the backward kernel: the gradient with respect to ``student``, ``[N, V_s]``."""
-    n_rows, student_width = student.shape
+    """Launch the backward kernel: the gradient with respect to ``student``, ``[N, V_s]`` contiguous."""
+    n_rows, student_width = student.shape[0] * student.shape[1], student.shape[2]
     grad_student = torch.empty((n_rows, student_width), dtype=student.dtype, device=student.device)
     block_v = _block_size(vocab_size)
     _reverse_kld_backward_kernel[(n_rows,)](
         student, teacher, target if target is not None else kl, mask if mask is not None else kl,
         grad_kl, grad_student_logprob, grad_entropy, kl, entropy, row_stats, grad_student,
-        student.stride(0), teacher.stride(0), student_width, vocab_size, inv_temperature,
+        *_row_strides(student), *_row_strides(teacher), student_width, vocab_size, inv_temperature,
         HAS_TARGET=target is not None, HAS_MASK=mask is not None, BLOCK_V=block_v,
         ACC_DTYPE=_acc_dtype(student, teacher), num_warps=_num_warps(block_v),
     )
