@@ -364,23 +364,25 @@ def response_hidden_states(model: torch.nn.Module, sample: TeacherMixedSample) -
 def response_logits(model: torch.nn.Module, sample: TeacherMixedSample) -> torch.Tensor:
     """``[B, N, W]`` a fresh forward pass's logits predicting each response token of ``sample``.
 
-    Runs ``model`` on ``sample.sequences`` with the attention mask and positions the sampler used,
-    and keeps the logits at positions P - 1 ... P + N - 2 (those that predict ``response_ids``;
-    with ``logits_to_keep`` where the model has it, so the prompt's logits are never built). Under
-    ``torch.no_grad()`` for the teacher; with gradients for the student being trained.
+    Runs ``model`` on ``sample.sequences`` with the attention mask and positions the sampler used, and keeps the
+    logits at positions P - 1 ... P + N - 2 (those that predict ``response_ids``). Where the model takes
+    ``logits_to_keep`` (Hugging Face causal LMs), those positions are passed as a tensor of indices, so that the
+    model's output layer runs on them only: the result is a contiguous ``[B, N, W]`` tensor, its gradient the one
+    ``[B, N, W]`` tensor of the backward (a slice of wider logits would cost the prompt's logits and a zero-filled
+    ``[B, N + 1, W]`` in ``slice_backward``). Other models' logits are sliced (a view of the full logits). Under ``torch.no_grad()`` for the
+    teacher; with gradients for the student being trained.
     """
-    new_tokens = sample.response_mask.shape[-1]
-    kwargs = {}
-    if "logits_to_keep" in forward_parameters(model):
-        kwargs["logits_to_keep"] = new_tokens + 1
+    length, new_tokens = sample.sequences.shape[1], sample.response_mask.shape[-1]
+    positions = torch.arange(length - new_tokens - 1, length - 1, device=sample.sequences.device)
+    keeps_positions = "logits_to_keep" in forward_parameters(model)
     logits = model(
         input_ids=sample.sequences,
         attention_mask=sample.attention_mask,
         position_ids=sample.position_ids,
         use_cache=False,
-        **kwargs,
+        **({"logits_to_keep": positions} if keeps_positions else {}),
     ).logits
-    return logits[:, -(new_tokens + 1) : -1, :]
+    return logits if keeps_positions else logits[:, -(new_tokens + 1) : -1]  # (a view)
 
 
 def response_token_stats(

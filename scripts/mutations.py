@@ -75,7 +75,21 @@ MUTATIONS = (
         ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_no_gradient_through_them[cpu]",),
         "an out-of-range target is clamped to the last column: a silently wrong log-probability",
     ),
+    Mutation(
+        "cpu-row-offset-ignores-the-outer-stride", "csrc/common/row_strides.h",
+        "    return (row / rows_per_outer) * outer_stride + (row % rows_per_outer) * inner_stride;",
+        "    return row * inner_stride;",
+        ("tests/test_reverse_kld.py::test_strided_views_match_the_oracle", "-k", "cpu"),
+        "strided rows addressed with the inner stride only: a [B, L, V][:, a:b] slice reads the wrong rows",
+    ),
     # ---- the Triton kernels (under the interpreter here)
+    Mutation(
+        "triton-row-offset-ignores-the-outer-stride", "minillm_kernels/ops/reverse_kld_triton.py",
+        "    return (row // rows_per_outer) * outer_stride + (row % rows_per_outer) * inner_stride",
+        "    return row * inner_stride",
+        ("tests/test_reverse_kld.py::test_strided_views_match_the_oracle", "-k", "triton"),
+        "strided rows addressed with the inner stride only",
+    ),
     Mutation(
         "triton-one-hot-dropped", "minillm_kernels/ops/reverse_kld_triton.py",
         "        grad = (grad + tl.where(cols == target, b, 0.0)) * k",
@@ -127,6 +141,22 @@ MUTATIONS = (
         "count = kl.new_tensor(kl.numel())",
         ("tests/test_validation.py::test_reductions_follow_their_definitions",),
         "reduction='mean' divides by every token instead of the unmasked ones",
+    ),
+    Mutation(
+        "strided-logits-copied", "minillm_kernels/dispatch.py",
+        "    return logits if logits.stride(-1) == 1 or logits.shape[-1] == 1 else logits.contiguous()",
+        "    return logits.contiguous()",
+        ("tests/test_reverse_kld.py::test_a_response_slice_allocates_only_its_gradient",),
+        "the response slice of a model's logits is copied before the kernel (3 [N, V] tensors instead of 1)",
+    ),
+    Mutation(
+        "response-logits-slice-instead-of-positions", "minillm_kernels/sampling.py",
+        '        **({"logits_to_keep": positions} if keeps_positions else {}),\n    ).logits\n'
+        "    return logits if keeps_positions else logits[:, -(new_tokens + 1) : -1]  # (a view)",
+        '        **({"logits_to_keep": new_tokens + 1} if keeps_positions else {}),\n    ).logits\n'
+        "    return logits[:, -(new_tokens + 1) : -1]",
+        ("tests/test_train.py::test_the_step_allocates_no_tokens_x_vocab_tensor_but_those_the_design_needs",),
+        "response_logits builds N + 1 positions' logits and slices them: slice_backward's [B, N + 1, V] in the step",
     ),
     Mutation(
         "importance-weight-nan-at-alpha-0", "minillm_kernels/dispatch.py",

@@ -283,7 +283,8 @@ def test_wrapped_models_still_get_logits_to_keep(tmp_path):
             assert "logits_to_keep" in mk.sampling.forward_parameters(wrapped)
             seen.clear()
             got = mk.response_logits(wrapped, sample)
-            assert seen and all(k == sample.response_mask.shape[1] + 1 for k in seen)
+            length, new_tokens = sample.sequences.shape[1], sample.response_mask.shape[1]
+            assert seen and all(k.tolist() == list(range(length - new_tokens - 1, length - 1)) for k in seen)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     finally:
         dist.destroy_process_group()

@@ -507,11 +507,10 @@ def test_the_step_allocates_no_tokens_x_vocab_tensor_but_those_the_design_needs(
     above H and the sequence length, so that no activation, weight or gradient but the [tokens x V] ones reaches
     N x V (in the tiny default V = 327 is 2.6 H, and a [B, T, H] activation does).
 
-    L_pg + L_single on the logits path: the student's [B, N + 1, V] logits (logits_to_keep), the kernel's [B N, V]
-    gradient, and the zero-filled [B, N + 1, V] that slice_backward scatters it into (the model's own), plus today 2
-    copies: dispatch._as_rows makes the [:, -(N+1):-1] views of both models' logits contiguous (issue 12 item 1:
-    with strided kernel inputs they go, and this count becomes 3). With --fused-linear: none (the kernels' [C, V]
-    chunk buffers stay inside the op). L_PT, the cross-entropy on pre-training text, is plain PyTorch on its own
+    L_pg + L_single on the logits path: the student's [B, N, V] logits (response_logits passes the response
+    positions as logits_to_keep) and the kernel's [B N, V] gradient: nothing else (a [:, -(N+1):-1] slice of wider
+    logits cost 3 more: the copies of both models' views and slice_backward's zero-filled [B, N + 1, V]). With
+    --fused-linear: none (the kernels' [C, V] chunk buffers stay inside the op). L_PT, the cross-entropy on pre-training text, is plain PyTorch on its own
     [B, T, V] logits on either path (reported and checked to be the same on both); the update allocates none."""
     _, tokenizer = train.load_teacher(train.parse_args([]), torch.device("cpu"))
     models = ["--teacher", str(random_llama(tmp_path / "teacher", tokenizer, seed=1, vocab=4096)),
@@ -522,6 +521,6 @@ def test_the_step_allocates_no_tokens_x_vocab_tensor_but_those_the_design_needs(
         for name, found in (("logits", logits_path), ("fused-linear", fused_path)):
             print(f"\n{name} path, N = {positions}: {count_by_phase(found)}; " + "; ".join(map(str, found)))
     logits_counts, fused_counts = count_by_phase(logits_path), count_by_phase(fused_path)
-    assert logits_counts["L_pg + L_single"] == 5, logits_path  # item 1 (strided inputs, no _as_rows copy): 3
+    assert logits_counts["L_pg + L_single"] == 2, logits_path
     assert fused_counts["L_pg + L_single"] == 0, fused_path
     assert logits_counts["L_PT"] == fused_counts["L_PT"] and logits_counts["update"] == fused_counts["update"] == 0
