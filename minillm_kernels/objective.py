@@ -36,11 +36,11 @@ long-term return               R_{t+1}: from the next token    R_t: from the cur
 discount                       none (gamma = 1)                gamma = 0.95                    code
 length normalisation           1 / (tokens after t)            1 / (valid tokens from t on)    code
 advantage whitening            not mentioned                   whitened per mini-batch         code, over
-                                                               (padding included, see          valid
-                                                               ``whiten_advantages``)          tokens
+                                                               (padding included, unbiased     valid
+                                                               variance: ``over="padded"``)    tokens
 single-step term               w_t-weighted: sum_t w_t KL_t    unweighted mean_t KL_t          paper's
-                                                                                               w_t, mean
-                                                                                               over tokens
+                                                               (``weighted_single_step=        w_t, mean
+                                                               False``)                        over tokens
 PPO clip                       clipping with 0.2               clip(rho * w, 0.8, 1.2)         code
 teacher-mixed sampling         alpha p + (1 - alpha) q         mixes each model's T/top-k/     see
                                                                top-p-warped distribution       sampling.py
@@ -64,6 +64,7 @@ REWARD_CLIP = 100.0  # then clipped to [-REWARD_CLIP, REWARD_CLIP] (reference sc
 GAMMA = 0.95  # discount of the future rewards (reference: --gamma 0.95)
 PPO_CLIP = 0.2  # PPO clip range on rho (paper and reference: --cliprange 0.2)
 WHITEN_EPS = 1e-8  # (A - mean) / sqrt(var + eps) (reference)
+WHITEN_OVER = ("valid", "padded")  # what whiten_advantages takes the statistics over: ours, the reference code's
 SINGLE_STEP_COEF = 1.0  # weight of L_single (paper and reference: added with weight 1)
 LM_COEF = 1.0  # weight of L_PT (paper and reference: --lm-coef 1)
 
@@ -155,31 +156,36 @@ def length_normalized_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def whiten_advantages(
-    advantages: torch.Tensor, mask: torch.Tensor, *, eps: float = WHITEN_EPS, distributed: bool = True
+    advantages: torch.Tensor, mask: torch.Tensor, *, eps: float = WHITEN_EPS, distributed: bool = True,
+    over: str = "valid",
 ) -> torch.Tensor:
-    """(A - mean) / sqrt(var + eps) over the valid tokens, 0 where masked, detached.
+    """(A - mean) / sqrt(var + eps), 0 where masked, detached.
 
-    mean and var (the population variance, dividing by the count) are taken over every valid token
-    of the batch, and over every process's batch when ``torch.distributed`` is initialised and
-    ``distributed`` is True (two all-reduces; every process must call it).
-
-    Reference-code differences: it whitens the whole ``[B, T]`` tensor, padding zeros included, and
-    uses the unbiased variance on one process but the population variance across processes.
+    ``over="valid"`` (the default): mean and var (the population variance, dividing by the count) are taken over
+    every valid token of the batch. ``over="padded"`` (the reference code's ``whiten``): over every position of the
+    ``[B, T]`` tensor, a masked one counting as A = 0 (the reference's returns are 0 there), with the unbiased
+    variance (dividing by count - 1, ``torch.var_mean``'s) on one process and the population variance across
+    processes (the reference's ``get_global_statistics``). The statistics pool every process's batch when
+    ``torch.distributed`` is initialised and ``distributed`` is True (two all-reduces; every process must call it).
     """
     mask = _check_mask(mask)
     advantages = _check_per_token("advantages", advantages, mask).detach()
     as_real("eps", eps, 0.0)
+    if over not in WHITEN_OVER:
+        raise ValueError(f"over must be one of {WHITEN_OVER}, got {over!r}")
     across_processes = distributed and dist.is_available() and dist.is_initialized()
-    values = advantages.to(torch.promote_types(advantages.dtype, torch.float32))
-    sum_and_count = torch.stack([torch.where(mask, values, 0.0).sum(), mask.sum().to(values.dtype)])
+    counted = mask if over == "valid" else torch.ones_like(mask)
+    values = torch.where(mask, advantages.to(torch.promote_types(advantages.dtype, torch.float32)), 0.0)
+    sum_and_count = torch.stack([values.sum(), counted.sum().to(values.dtype)])
     if across_processes:
         dist.all_reduce(sum_and_count)
     count = sum_and_count[1].clamp(min=1)
     mean = sum_and_count[0] / count
-    squared_deviation = torch.where(mask, (values - mean) ** 2, 0.0).sum()
+    squared_deviation = torch.where(counted, (values - mean) ** 2, 0.0).sum()
     if across_processes:
         dist.all_reduce(squared_deviation)
-    variance = squared_deviation / count
+    unbiased = over == "padded" and not across_processes
+    variance = squared_deviation / ((count - 1).clamp(min=1) if unbiased else count)
     return torch.where(mask, (values - mean) * torch.rsqrt(variance + eps), 0.0).to(advantages.dtype)
 
 
@@ -276,15 +282,18 @@ def minillm_loss(
     lm_mask: Optional[torch.Tensor] = None,
     gamma: float = GAMMA,
     whiten: bool = True,
+    whiten_over: str = "valid",
     clip: float = PPO_CLIP,
     single_step_coef: float = SINGLE_STEP_COEF,
+    weighted_single_step: bool = True,
     lm_coef: float = LM_COEF,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The MiniLLM loss on one mini-batch of rollouts: L = L_pg + single_step_coef L_single + lm_coef L_PT.
 
-        A_t      = whiten(length_normalized_returns(rewards, mask, gamma))   (if ``whiten``)
+        A_t      = whiten(length_normalized_returns(rewards, mask, gamma), over=whiten_over)   (if ``whiten``)
         L_pg     = ppo_policy_loss(student_logprob, old_logprob, A, mask, importance_weight=w, clip=clip)
-        L_single = mean_t w_t KL_t
+        L_single = mean_t w_t KL_t  (the paper's), or mean_t KL_t with ``weighted_single_step=False`` (the reference
+                   code's)
         L_PT     = -mean_t lm_logprob   (only if ``lm_logprob`` is given)
 
     Args:
@@ -297,7 +306,8 @@ def minillm_loss(
         importance_weight: ``[B, T]`` w_t recorded at sampling (``TeacherMixedSample.importance_weight``).
         mask: ``[B, T]`` bool response mask.
         lm_logprob, lm_mask: ``[B', T']`` student log-probabilities of pre-training text and their mask.
-        gamma, whiten, clip, single_step_coef, lm_coef: see the module docstring for their sources.
+        gamma, whiten, whiten_over, clip, single_step_coef, weighted_single_step, lm_coef: see the module
+            docstring for their sources.
 
     Returns:
         ``(total, parts)``: the 0-dim loss, and detached 0-dim tensors for logging: "pg_loss",
@@ -318,16 +328,18 @@ def minillm_loss(
         _check_per_token(name, x, mask)
     if (lm_logprob is None) != (lm_mask is None):
         raise ValueError("lm_logprob and lm_mask must be given together")
-    if not isinstance(whiten, bool):
-        raise TypeError(f"whiten must be True or False, got {type(whiten).__name__} {whiten!r}")
+    for name, flag in (("whiten", whiten), ("weighted_single_step", weighted_single_step)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {type(flag).__name__} {flag!r}")
     single_step_coef = as_real("single_step_coef", single_step_coef, 0.0)
     lm_coef = as_real("lm_coef", lm_coef, 0.0)
     returns = length_normalized_returns(rewards.detach(), mask, gamma)
-    advantages = whiten_advantages(returns, mask) if whiten else returns
+    advantages = whiten_advantages(returns, mask, over=whiten_over) if whiten else returns
     pg_loss = ppo_policy_loss(
         token_stats.student_logprob, old_logprob, advantages, mask, importance_weight=importance_weight, clip=clip
     )
-    single = single_step_loss(token_stats.reverse_kld, mask, importance_weight=importance_weight)
+    single = single_step_loss(token_stats.reverse_kld, mask,
+                              importance_weight=importance_weight if weighted_single_step else None)
     total = pg_loss + single_step_coef * single
     parts = {"pg_loss": pg_loss, "single_step_loss": single}
     if lm_logprob is not None:

@@ -106,25 +106,51 @@ def test_whiten_advantages_over_valid_tokens():
     assert abs(float(whitened[mask].pow(2).mean()) - 1) < 1e-6
 
 
+def reference_whiten(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """microsoft/LMOps ``minillm/utils.py whiten`` on the padded tensor (0 where masked), as ours returns it: 0 there.
+    One process: ``torch.var_mean`` (unbiased); across processes the population variance of all positions."""
+    padded = torch.where(mask, x, 0.0)
+    var, mean = torch.var_mean(padded, correction=1 if unbiased else 0)
+    return torch.where(mask, (padded - mean) * torch.rsqrt(var + eps), 0.0)
+
+
+def test_whiten_advantages_over_the_padded_tensor_as_the_reference_code():
+    """over="padded": the reference's statistics (every position, padding as 0, unbiased variance): its advantages are
+    larger and shifted against ours on a batch of responses of different lengths."""
+    advantages = torch.randn(BATCH, STEPS, dtype=F64) * 0.5 + 1
+    mask = response_masks()
+    padded = mk.whiten_advantages(advantages, mask, over="padded")
+    torch.testing.assert_close(padded, reference_whiten(advantages, mask), **EXACT)
+    assert not torch.allclose(padded, reference_whiten(advantages, mask, unbiased=False))  # (count - 1) counts
+    ours = mk.whiten_advantages(advantages, mask)
+    assert float((padded - ours)[mask].abs().max()) > 0.1
+    with pytest.raises(ValueError, match=r"over must be one of \('valid', 'padded'\), got 'all'"):
+        mk.whiten_advantages(advantages, mask, over="all")
+
+
 def _whiten_on_rank(rank: int, world: int, folder: str, shards, masks) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
     try:
-        torch.save(mk.whiten_advantages(shards[rank], masks[rank]), os.path.join(folder, f"rank{rank}.pt"))
+        whitened = [mk.whiten_advantages(shards[rank], masks[rank], over=over) for over in ("valid", "padded")]
+        torch.save(whitened, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_whiten_advantages_across_processes():
-    """Two gloo processes whitening their own shard give the whitening of the concatenated batch."""
+    """Two gloo processes whitening their own shard give the whitening of the concatenated batch (over="padded": with
+    the population variance, as the reference code's global statistics)."""
     shards = [torch.randn(3, STEPS, dtype=F64) * 2 + 1, torch.randn(3, STEPS, dtype=F64) - 4]
     masks = [response_masks()[:3], response_masks()[3:]]
     with tempfile.TemporaryDirectory() as folder:
         mp.start_processes(_whiten_on_rank, args=(2, folder, shards, masks), nprocs=2, join=True, start_method="spawn")
         per_rank = [torch.load(os.path.join(folder, f"rank{rank}.pt")) for rank in range(2)]
     expected = slow_whiten(torch.cat(shards), torch.cat(masks))
-    torch.testing.assert_close(torch.cat(per_rank), expected, **EXACT)
+    torch.testing.assert_close(torch.cat([valid for valid, _ in per_rank]), expected, **EXACT)
     local = torch.cat([slow_whiten(s, m) for s, m in zip(shards, masks)])
     assert not torch.allclose(local, expected)  # the shards differ: per-process whitening would be wrong
+    torch.testing.assert_close(torch.cat([padded for _, padded in per_rank]),
+                               reference_whiten(torch.cat(shards), torch.cat(masks), unbiased=False), **EXACT)
 
 
 def ppo_inputs(with_weight: bool = True):
@@ -267,6 +293,22 @@ def test_minillm_loss_without_lm_or_whitening():
     assert abs(total.item() - (pg + 0.5 * single).item()) < 1e-12 and "lm_loss" not in parts
 
 
+def test_minillm_loss_with_the_reference_code_switches():
+    """whiten_over="padded" whitens as the reference code; weighted_single_step=False is its unweighted mean of KL_t."""
+    mask = response_masks()
+    stats = stats_of(torch.rand(BATCH, STEPS, dtype=F64, requires_grad=True))
+    old_logprob = stats.student_logprob.detach() + 0.1 * torch.randn(BATCH, STEPS, dtype=F64)
+    rewards, weight = torch.randn(BATCH, STEPS, dtype=F64), torch.rand(BATCH, STEPS, dtype=F64) + 0.5
+    total, parts = mk.minillm_loss(stats, old_logprob, rewards, weight, mask, whiten_over="padded",
+                                   weighted_single_step=False)
+    advantages = reference_whiten(mk.length_normalized_returns(rewards, mask), mask)
+    pg = mk.ppo_policy_loss(stats.student_logprob, old_logprob, advantages, mask, importance_weight=weight)
+    single = float(stats.reverse_kld.detach()[mask].mean())
+    assert abs(float(parts["pg_loss"]) - pg.item()) < 1e-12 and abs(float(parts["single_step_loss"]) - single) < 1e-12
+    weighted = mk.minillm_loss(stats, old_logprob, rewards, weight, mask)[1]["single_step_loss"]
+    assert abs(float(weighted) - single) > 1e-3  # the default is the paper's w-weighted mean
+
+
 @pytest.mark.parametrize(
     "call, error, words",
     [
@@ -284,6 +326,9 @@ def test_minillm_loss_without_lm_or_whitening():
         (lambda m, x: mk.minillm_loss(stats_of(x), x, x, x, m, clip=None), TypeError, "clip must be a number"),
         (lambda m, x: mk.minillm_loss(stats_of(x), x, x, x, m, gamma=math.nan), ValueError, "gamma"),
         (lambda m, x: mk.minillm_loss(stats_of(x), x, x, x, m, whiten="yes"), TypeError, "whiten must be True or"),
+        (lambda m, x: mk.minillm_loss(stats_of(x), x, x, x, m, weighted_single_step=1), TypeError,
+         "weighted_single_step must be True or False"),
+        (lambda m, x: mk.minillm_loss(stats_of(x), x, x, x, m, whiten_over="tokens"), ValueError, "over must be one"),
         (lambda m, x: mk.log_ratio_rewards(x, m, reward_clip=math.inf), ValueError, "reward_clip .* finite"),
     ],
 )
