@@ -1,34 +1,53 @@
-"""MiniLLM distillation of a Hugging Face causal LM, with the paper's SFT and KD baselines.
+"""MiniLLM distillation of a Hugging Face causal LM, with the paper's SFT, KD and SeqKD baselines on equal terms.
 
     python examples/train.py                                   # tiny default: teacher + SFT student + data, shipped
-    python examples/train.py --compare                         # sft, kd and minillm on the same budget, one table
+    python examples/train.py --compare                         # every method x 3 seeds on the same budget, one table
     python examples/train.py --teacher smollm2 --student smollm2 --student-layers 6   # SmolLM2-135M-Instruct
     torchrun --nproc_per_node 2 examples/train.py ...          # DDP (gloo on CPU, NCCL on GPU)
     torchrun --nproc_per_node 2 examples/train.py --fsdp ...   # FSDP2: student and teacher sharded
 
-Methods (same data, same number of optimizer steps, each on --batch-size sequences):
-    sft      cross-entropy on the data's gold responses
-    kd       token-level forward KL(p || q) to the teacher on the data's gold responses (teacher-forced)
-    minillm  on prompts only: responses sampled from p~ = alpha p + (1 - alpha) q (sample_teacher_mixed),
+Methods (the same prompt pool, start, number of optimizer steps of --batch-size sequences, learning rate and
+schedule, and the same L_PT for every one):
+    sft      cross-entropy on the pool's gold responses
+    kd       token-level forward KL(p || q) to the teacher, teacher-forced on the gold responses (--teacher-answers:
+             on the teacher's answers, as seqkd's)
+    seqkd    cross-entropy on the teacher's answers: one per pool prompt, sampled at T = 1 (top-k 0, top-p 1),
+             generated once and cached on disk (--cache-dir), keyed by the teacher's weights, the prompts, the
+             seed and the generation settings (a changed teacher never reuses a stale cache)
+    minillm  on the pool's prompts: responses sampled from p~ = alpha p + (1 - alpha) q (sample_teacher_mixed),
              rewards r_t = log p(y_t) - log q(y_t), then --ppo-epochs optimizer steps of
-             L = L_pg + L_single (minillm_loss, per-token terms from fused_token_stats) + lm_coef L_PT
-             (cross-entropy on pre-training text: the gold pairs' text for the tiny default).
+             L = L_pg + L_single (minillm_loss, per-token terms from fused_token_stats)
+A method that needs gold answers trains on the pool's prompts that have one (every prompt of the tiny default).
+L_PT (--lm-data, pre-training text): lm_coef x cross-entropy added to every method's loss (none without --lm-data).
 
 MiniLLM defaults are the reference code's (microsoft/LMOps minillm/, see minillm_kernels/objective.py):
 alpha 0.2, PPO clip 0.2, gamma 0.95, rewards / 0.5 clipped to +-100, whitened advantages, 4 PPO epochs,
-lr 5e-6 constant, AdamW betas (0.9, 0.95), weight decay 1e-6, grad clip 1.0, top-k 0, top-p 1, T 1, and
-the student in eval() mode (no dropout) for the rollouts and for the PPO and L_PT passes, so that the
-first PPO epoch's ratio q / q_old is exactly 1 (--dropout turns dropout on in those passes; sft and kd
-train with the model's dropout, as fine-tuning does). One departure, for the tiny default only: lr 1e-4
-(5e-6 is tuned for 0.1-13B models and moves a 0.44M-parameter student by nothing in a few hundred
-steps); every method of --compare uses it.
+lr 5e-6 constant after 100 linear warm-up steps, AdamW betas (0.9, 0.95), weight decay 1e-6, grad clip 1.0,
+top-k 0, top-p 1, T 1, and the student in eval() mode (no dropout) for the rollouts and for the PPO and L_PT
+passes, so that the first PPO epoch's ratio q / q_old is exactly 1 (--dropout turns dropout on in those passes;
+sft, kd and seqkd train with the model's dropout, as fine-tuning does). Where the paper and the reference code
+differ, the default and the other's flag:
+    advantage whitening   over the valid tokens (ours)          --whiten-over padded: the whole padded tensor,
+                                                                 unbiased variance (reference)
+    single-step term      w-weighted mean (paper)               --single-step unweighted (reference)
+    L_PT                  cross-entropy (paper)                 --lm-kd-ratio 0.5: 0.5 CE + 0.5 teacher soft-CE
+                                                                 (reference's --kd-ratio)
+One departure, for the tiny default only: lr 1e-4 (5e-6 is tuned for 0.1-13B models and moves a 0.44M-parameter
+student by nothing in a few hundred steps); every method of --compare uses it.
 
-Outputs in --out-dir (per method with --compare): log.jsonl (one JSON record per step and per eval, flushed
-as written), checkpoint.pt (written to a temp file and renamed; loadable with torch.load(weights_only=True)),
-student/ (the final model), eval tables. --resume continues from checkpoint.pt: weights, optimizer, data
-order, RNG, step and the current rollout; it refuses another --method, lists the arguments that changed
-(they apply from the checkpoint's step on), and drops the log records past the checkpoint's step, so that
-every step appears in log.jsonl once. A fresh run (no --resume) starts a new log.jsonl.
+Evaluation: held-out greedy scores every --eval-every steps; at the end the whole protocol: greedy, sampled at T = 1
+with each of --eval-samples seeds, and (tiny default) the exposure-bias measure ExAccErr on the long tasks. Gold tasks
+are scored by Rouge-L, exact match and calibration (ECE), open tasks (many right answers) by their validity rule
+and distinct-n (minillm_kernels/evaluation.py).
+
+Outputs in --out-dir (per method and seed with --compare: <method>/seed-<s>/): log.jsonl (one JSON record per step and
+per eval, flushed as written), checkpoint.pt (written to a temp file and renamed; loadable with
+torch.load(weights_only=True)), student/ (the final model); in --out-dir itself results.json (every run's scores and
+compute: teacher forward tokens, generated tokens, wall time) and results.md (compare.md), the tables. --resume
+continues from checkpoint.pt: weights, optimizer, data order, RNG, step and the current rollout; it refuses another
+--method, lists the arguments that changed (they apply from the checkpoint's step on), and drops the log records
+past the checkpoint's step, so that every step appears in log.jsonl once. A fresh run (no --resume) starts a new
+log.jsonl.
 
 Under torchrun every use of a model goes through one wrapper's forward (``minillm_kernels.distributed``): with DDP
 the student's ModelRunner is wrapped by DDP (the fused-linear terms included, so their gradients are all-reduced);
@@ -46,6 +65,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import sys
 import time
 import warnings
@@ -58,21 +78,31 @@ from tqdm.auto import tqdm
 
 import minillm_kernels as mk
 from minillm_kernels.data import (
-    IGNORE_INDEX, Example, causal_lm_logits, load_jsonl, load_texts, prompt_batch, teacher_forced_batch,
+    IGNORE_INDEX, Example, causal_lm_logits, load_jsonl, load_texts, prompt_batch, teacher_answers,
+    teacher_forced_batch,
 )
 from minillm_kernels.distributed import (
     full_state_dict, full_tensor, load_sharded, local_tensor, parallelize, save_sharded,
 )
-from minillm_kernels.evaluation import eval_mode, evaluate, markdown_table
+from minillm_kernels.evaluation import eval_mode, evaluate, exposure_bias, markdown_table, score_responses
 
-METHODS = ("sft", "kd", "minillm")
+METHODS = ("sft", "kd", "seqkd", "minillm")
+# --compare: (name, --method, --teacher-answers), every one for each of --seeds
+COMPARED = (("sft", "sft", False), ("kd", "kd", False), ("seqkd", "seqkd", True),
+            ("kd (teacher answers)", "kd", True), ("minillm", "minillm", False))
 TINY_LR = 1e-4  # the one departure from the reference defaults (see the docstring)
 NAMED_MODELS = ("tiny", "smollm2")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # what from_pretrained may fetch from the Hub
 # arguments that do not change what is trained: a resumed run may change them without a warning
 NOT_HYPERPARAMETERS = frozenset({"out_dir", "resume", "steps", "threads", "eval_every", "save_every", "compare",
-                                 "method"})
+                                 "method", "seeds", "eval_samples", "cache_dir"})
 SHARDED_CHECKPOINT = re.compile(r"\d{6}")  # checkpoint/<save number>/ under --fsdp (see save_sharded_checkpoint)
+LOSS_SHOWN = {"sft": "sft_loss", "seqkd": "sft_loss", "kd": "kd_loss", "minillm": "reward"}  # on the progress bar
+
+
+def default_cache_dir() -> Path:
+    """``$MINILLM_CACHE/teacher-answers`` or ``~/.cache/minillm_kernels/teacher-answers``."""
+    return Path(os.environ.get("MINILLM_CACHE") or Path.home() / ".cache" / "minillm_kernels") / "teacher-answers"
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -85,22 +115,31 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                      "to --student-layers), a saved model directory or a Hub id")
     p.add_argument("--student-layers", type=int, default=6, help="smollm2 student: layers kept (evenly spaced)")
     p.add_argument("--method", choices=METHODS, default="minillm")
-    p.add_argument("--compare", action="store_true", help="run sft, kd and minillm on the same budget")
+    p.add_argument("--teacher-answers", action="store_true",
+                   help="kd: teacher-forced on the teacher's cached T=1 answers (seqkd's targets) instead of the gold")
+    p.add_argument("--compare", action="store_true",
+                   help="run every method (sft, kd, seqkd, kd --teacher-answers, minillm) for each of --seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=(0, 1, 2), help="--compare: the training seeds")
     p.add_argument("--data", default="tiny",
                    help="'tiny' or a JSONL of {prompt, response?, task?}; a row without response is a prompt only")
     p.add_argument("--eval-data", default=None, help="JSONL of held-out {prompt, response, task?} (tiny: its split); "
                                                      "a row without a response is an error naming its line")
     p.add_argument("--eval-size", type=int, default=None, help="evaluate on the first N held-out examples only")
+    p.add_argument("--pool-size", type=int, default=None, help="train on the first N prompts of the pool only")
+    p.add_argument("--eval-samples", type=int, default=3,
+                   help="the final evaluation samples at T=1 with this many seeds (0, 1, ...) besides greedy")
     p.add_argument("--chat-template", action="store_true",
                    help="wrap every prompt in the tokenizer's chat template (always on for --teacher smollm2)")
-    p.add_argument("--lm-data", default=None,
-                   help="JSONL of {text} pre-training text for L_PT (default: the data's prompt + response pairs)")
+    p.add_argument("--lm-data", default=None, help="JSONL of {text} pre-training text for L_PT, in every method")
     p.add_argument("--out-dir", default="out/train")
+    p.add_argument("--cache-dir", default=None, help="the teacher's cached answers (default: $MINILLM_CACHE/"
+                                                     "teacher-answers or ~/.cache/minillm_kernels/teacher-answers)")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step (per process)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=None, help="default: 5e-6 (reference); 1e-4 for the tiny student")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, then constant (reference: 0)")
+    p.add_argument("--warmup-steps", type=int, default=100,
+                   help="linear warm-up, then constant (reference MiniLLM scripts: --warmup-iters 100)")
     p.add_argument("--weight-decay", type=float, default=1e-6)
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
     p.add_argument("--grad-clip", type=float, default=1.0)
@@ -112,15 +151,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reward-scaling", type=float, default=mk.objective.REWARD_SCALING)
     p.add_argument("--reward-clip", type=float, default=mk.objective.REWARD_CLIP)
     p.add_argument("--no-whiten", action="store_true", help="do not whiten the advantages")
+    p.add_argument("--whiten-over", choices=mk.objective.WHITEN_OVER, default="valid",
+                   help="whitening statistics over the valid tokens (ours), or over the whole padded [B, T] tensor "
+                        "with the unbiased variance (the reference code's)")
+    p.add_argument("--single-step", choices=("weighted", "unweighted"), default="weighted",
+                   help="L_single: mean of w_t KL_t (the paper's) or of KL_t (the reference code's)")
     p.add_argument("--single-step-coef", type=float, default=mk.objective.SINGLE_STEP_COEF)
-    p.add_argument("--lm-coef", type=float, default=mk.objective.LM_COEF)
+    p.add_argument("--lm-coef", type=float, default=None, help="weight of L_PT (default: 1, the reference's, with "
+                                                               "--lm-data; 0 without)")
+    p.add_argument("--lm-kd-ratio", type=float, default=0.0,
+                   help="L_PT = (1 - r) CE + r teacher soft-CE -sum_v p_v log q_v (paper: 0; reference code: 0.5)")
     p.add_argument("--dropout", action="store_true",
                    help="minillm: the student's dropout on in the PPO and L_PT passes (reference: off, eval() mode; "
                         "rollouts are always sampled in eval() mode)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="rollout and eval length (tiny: 12; else 128)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="rollout, teacher-answer and eval length (tiny: 40; else 128)")
     p.add_argument("--max-length", type=int, default=512, help="teacher-forced sequences are cut to this")
     p.add_argument("--fused-linear", action="store_true",
                    help="minillm: per-token terms from the models' last hidden states and output layers "
@@ -142,6 +190,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.fsdp and "RANK" not in os.environ:
         p.error("--fsdp shards the models over the processes of torchrun: run "
                 "`torchrun --nproc_per_node N examples/train.py --fsdp ...` (or drop --fsdp for one process)")
+    if args.fsdp and (args.compare or args.method == "seqkd" or args.teacher_answers):
+        p.error("the teacher's answers (seqkd, --teacher-answers, --compare) are generated by one process with the "
+                "whole teacher: drop --fsdp (DDP or one process)")
+    if args.teacher_answers and args.method != "kd":
+        p.error(f"--teacher-answers is kd's (seqkd always trains on the teacher's answers), not --method {args.method}")
     if args.grad_accum < 1 or args.batch_size % args.grad_accum:
         p.error(f"--batch-size ({args.batch_size}) must be a multiple of --grad-accum ({args.grad_accum})")
     if args.student == "smollm2" and args.teacher != "smollm2":
@@ -155,8 +208,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         ("lm-data", args.lm_data)):
         if value is not None and not Path(value).is_file():
             p.error(f"--{flag} {value}: no such file")
+    if args.lm_coef is None:
+        args.lm_coef = mk.objective.LM_COEF if args.lm_data else 0.0
+    elif args.lm_coef != 0 and not args.lm_data:
+        p.error(f"--lm-coef {args.lm_coef}: L_PT needs pre-training text, --lm-data")
     args.lr = args.lr if args.lr is not None else (TINY_LR if args.student == "tiny" else 5e-6)
     args.chat_template = args.chat_template or args.teacher == "smollm2"
+    args.cache_dir = args.cache_dir or str(default_cache_dir())
     if args.max_new_tokens is None:
         from minillm_kernels.tiny import MAX_NEW_TOKENS
 
@@ -216,36 +274,52 @@ def load_student(args, device):
     return student.to(device).train().requires_grad_(True)
 
 
-def load_data(args, tokenizer) -> dict[str, list]:
-    """``labelled`` (gold pairs: SFT/KD data), ``prompts`` (every training prompt: MiniLLM's), ``heldout``, ``lm``."""
+def load_data(args, tokenizer) -> dict:
+    """The training prompt ``pool`` (examples; the tiny default's all have a gold answer, a user's rows may lack one),
+    ``pairs`` (its gold pairs: what sft and kd train on), ``prompts`` (every pool prompt: minillm's and the teacher's
+    answers'), ``heldout``, ``lm`` (L_PT text), ``checkers`` (the open tasks' validity rules: tiny only) and
+    ``long_prompts`` (the held-out prompts of the long tasks, where ExAccErr is measured: tiny only)."""
     heldout = load_jsonl(args.eval_data, require_response=True) if args.eval_data else None
+    checkers, long_tasks = {}, ()
     if args.data == "tiny":
-        from minillm_kernels.tiny import tiny_splits
+        from minillm_kernels.tiny import LONG_TASKS, tiny_checkers, tiny_splits
 
         splits = tiny_splits()
-        labelled, unlabelled = splits["labelled"], splits["prompts"]
-        heldout = heldout or splits["heldout"]
+        pool, heldout = splits["prompts"], heldout or splits["heldout"]
+        checkers, long_tasks = tiny_checkers(), LONG_TASKS
     else:
-        examples = load_jsonl(args.data)
-        labelled = [e for e in examples if e.response]
-        unlabelled = [e for e in examples if not e.response]
+        pool = load_jsonl(args.data)
         if heldout is None:  # hold out 5% of the gold pairs (at least one), drawn with the seed
-            order = random.Random(args.seed).sample(labelled, len(labelled))
-            cut = max(1, len(order) // 20)
-            heldout, labelled = order[:cut], order[cut:]
-    heldout = heldout[: args.eval_size]
-    if not labelled:
-        raise SystemExit(f"{args.data}: no example has a response; SFT, KD and L_PT need gold pairs")
-    lm_texts = load_texts(args.lm_data) if args.lm_data else [e.prompt + e.response for e in labelled]
+            labelled = [e for e in pool if e.response]
+            heldout = random.Random(args.seed).sample(labelled, len(labelled))[: max(1, len(labelled) // 20)]
+            pool = [e for e in pool if e not in set(heldout)]
+    pool, heldout = pool[: args.pool_size], heldout[: args.eval_size]
+    if not any(e.response for e in pool):
+        raise SystemExit(f"{args.data}: no example has a response; sft and kd, and the held-out split, need gold pairs")
     if args.chat_template:  # an instruct model's prompts go through its chat template
         def chat(example: Example) -> Example:
             message = [{"role": "user", "content": example.prompt}]
             return example._replace(prompt=tokenizer.apply_chat_template(message, tokenize=False,
                                                                           add_generation_prompt=True))
 
-        labelled, unlabelled, heldout = ([chat(e) for e in split] for split in (labelled, unlabelled, heldout))
-    prompts = [e.prompt for e in labelled + unlabelled]
-    return {"labelled": labelled, "prompts": prompts, "heldout": heldout, "lm": lm_texts}
+        pool, heldout = ([chat(e) for e in split] for split in (pool, heldout))
+    return {"pool": pool, "pairs": [e for e in pool if e.response], "prompts": [e.prompt for e in pool],
+            "heldout": heldout, "lm": load_texts(args.lm_data) if args.lm_data else [], "checkers": checkers,
+            "long_prompts": [e.prompt for e in heldout if e.task in long_tasks]}
+
+
+def with_teacher_answers(args, data: dict, teacher, tokenizer, rank: int, world: int) -> dict:
+    """``data`` whose ``pairs`` are the teacher's answers to every pool prompt (``teacher_answers``: sampled at T=1
+    with --seed, cached in --cache-dir), with ``answers`` (what they cost to generate). Under DDP rank 0 generates
+    them and the others read them from the cache."""
+    options = dict(seed=args.seed, max_new_tokens=args.max_new_tokens, cache_dir=Path(args.cache_dir))
+    if rank == 0:
+        answers, meta = teacher_answers(teacher.module, tokenizer, data["pool"], progress=True, **options)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        answers, meta = teacher_answers(teacher.module, tokenizer, data["pool"], cached_only=True, **options)
+    return {**data, "pairs": answers, "answers": meta}
 
 
 class Sampler:
@@ -268,39 +342,51 @@ def token_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                             ignore_index=IGNORE_INDEX).view(labels.shape)
 
 
-def sft_loss(student, batch) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy on the response tokens."""
-    logits = causal_lm_logits(student, batch.input_ids, batch.attention_mask)
+def sft_loss(run: Run, batch) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy on the response tokens (sft: the gold ones; seqkd: the teacher's answers)."""
+    logits = causal_lm_logits(run.model, batch.input_ids, batch.attention_mask)
     mask = batch.labels != IGNORE_INDEX
     loss = mk.language_modeling_loss(token_logprob(logits, batch.labels), mask)
     return loss, {"sft_loss": loss.detach()}
 
 
-def kd_loss(student, teacher, batch, temperature: float) -> tuple[torch.Tensor, dict]:
+def teacher_logits(run: Run, batch) -> torch.Tensor:
+    """The frozen teacher's logits on a teacher-forced batch (counted in ``run.compute``)."""
+    with torch.no_grad():
+        logits = causal_lm_logits(run.teacher, batch.input_ids, batch.attention_mask)
+    run.compute["teacher_forward_tokens"] += int(batch.attention_mask.sum())
+    return logits[..., : run.vocab_size]
+
+
+def kd_loss(run: Run, batch, temperature: float) -> tuple[torch.Tensor, dict]:
     """Token-level forward KL(p || q) = sum_v p_v (log p_v - log q_v), mean over the response tokens.
 
     The package's kernels compute the reverse KL (gradient to their first argument); the forward KL of
     this baseline is plain PyTorch (a [tokens x V] tensor, like any KD code). The fused reverse KL of
     the same positions is logged for comparison.
     """
-    logits = causal_lm_logits(student, batch.input_ids, batch.attention_mask)
-    with torch.no_grad():
-        teacher_logits = causal_lm_logits(teacher, batch.input_ids, batch.attention_mask)
+    logits = causal_lm_logits(run.model, batch.input_ids, batch.attention_mask)[..., : run.vocab_size]
+    teacher = teacher_logits(run, batch)
     mask = batch.labels != IGNORE_INDEX
-    width = min(logits.shape[-1], teacher_logits.shape[-1])
-    student_logq = (logits[mask][:, :width].float() / temperature).log_softmax(-1)
-    teacher_logp = (teacher_logits[mask][:, :width].float() / temperature).log_softmax(-1)
+    student_logq = (logits[mask].float() / temperature).log_softmax(-1)
+    teacher_logp = (teacher[mask].float() / temperature).log_softmax(-1)
     loss = F.kl_div(student_logq, teacher_logp, log_target=True, reduction="batchmean")
     with torch.no_grad():
-        reverse = mk.fused_reverse_kld(logits[..., :width], teacher_logits[..., :width], mask=mask,
-                                       temperature=temperature)
+        reverse = mk.fused_reverse_kld(logits, teacher, mask=mask, temperature=temperature)
     return loss, {"kd_loss": loss.detach(), "reverse_kld": reverse}
 
 
-def lm_loss(student, batch) -> torch.Tensor:
-    """L_PT: cross-entropy of the student on pre-training text."""
-    logits = causal_lm_logits(student, batch.input_ids, batch.attention_mask)
-    return mk.language_modeling_loss(token_logprob(logits, batch.labels), batch.labels != IGNORE_INDEX)
+def pretrain_loss(args, run: Run, batch) -> torch.Tensor:
+    """L_PT on pre-training text: the student's cross-entropy (the paper's), or with --lm-kd-ratio r the reference
+    code's (1 - r) CE + r (-mean_t sum_v p_v log q_v), a soft cross-entropy to the teacher on the same text."""
+    logits = causal_lm_logits(run.model, batch.input_ids, batch.attention_mask)
+    mask = batch.labels != IGNORE_INDEX
+    loss = mk.language_modeling_loss(token_logprob(logits, batch.labels), mask)
+    if not args.lm_kd_ratio:
+        return loss
+    soft_targets = teacher_logits(run, batch)[mask].float().softmax(-1)
+    soft = F.cross_entropy(logits[..., : run.vocab_size][mask].float(), soft_targets)
+    return (1 - args.lm_kd_ratio) * loss + args.lm_kd_ratio * soft
 
 
 class Rollout:
@@ -375,7 +461,8 @@ def rollout_loss(args, model, sample, rewards, teacher_outputs, teacher_head,
                   mix_alpha=args.alpha, vocab_size=vocab_size)
     return mk.minillm_loss(
         stats, sample.student_logprob, rewards, sample.importance_weight, sample.response_mask, gamma=args.gamma,
-        whiten=not args.no_whiten, clip=args.ppo_clip, single_step_coef=args.single_step_coef,
+        whiten=not args.no_whiten, whiten_over=args.whiten_over, clip=args.ppo_clip,
+        single_step_coef=args.single_step_coef, weighted_single_step=args.single_step == "weighted",
     )
 
 
@@ -391,7 +478,7 @@ class Run:
     teacher: torch.nn.Module  # the teacher's ModelRunner (sharded under --fsdp)
     tokenizer: object
     optimizer: torch.optim.Optimizer
-    samplers: dict[str, Sampler]  # "pairs" (sft / kd), "prompts" (rollouts), "lm" (L_PT text)
+    samplers: dict[str, Sampler]  # "pairs" (sft / kd / seqkd), "prompts" (rollouts), "lm" (L_PT text)
     vocab_size: int
     checkpoint_path: Path  # checkpoint.pt, or under --fsdp the folder checkpoint/ (see save_sharded_checkpoint)
     rank: int
@@ -400,6 +487,9 @@ class Run:
     resumed: bool = False
     rollout: Rollout | None = None
     history: list[dict] = dataclasses.field(default_factory=list)  # [{"step", "heldout"}], the same on every rank
+    # this process's teacher forward tokens (non-padding), generated (rollout) tokens and training seconds so far
+    compute: dict = dataclasses.field(
+        default_factory=lambda: {"teacher_forward_tokens": 0, "generated_tokens": 0, "seconds": 0.0})
 
     @property
     def device(self) -> torch.device:
@@ -426,9 +516,11 @@ class Run:
         return self.model.no_sync() if skip else contextlib.nullcontext()
 
 
-def start_run(args, method: str, out_dir: Path, teacher, tokenizer, data: dict, rank: int, world: int) -> Run:
-    """A fresh run of ``method``, or with --resume the one that ``out_dir``'s checkpoint holds (SystemExit if it
-    holds the other kind: checkpoint.pt without --fsdp, checkpoint/ with it)."""
+def start_run(args, out_dir: Path, teacher, tokenizer, data: dict, rank: int, world: int) -> Run:
+    """A fresh run of --method, or with --resume the one that ``out_dir``'s checkpoint holds (SystemExit if it holds
+    the other kind: checkpoint.pt without --fsdp, checkpoint/ with it). The pairs and the prompts are drawn with the
+    same seed, so that every method of a seed sees the pool's prompts in the same order."""
+    method = args.method
     student = load_student(args, teacher.module.device)
     student.train(method != "minillm" or args.dropout)  # MiniLLM updates in eval() mode, as the reference code
     model = parallelize(student, fsdp=args.fsdp, trainable=True)  # before the optimizer: FSDP2 replaces parameters
@@ -436,8 +528,8 @@ def start_run(args, method: str, out_dir: Path, teacher, tokenizer, data: dict, 
         method=method, student=student, model=model, teacher=teacher, tokenizer=tokenizer,
         optimizer=torch.optim.AdamW(student.parameters(), lr=args.lr, betas=tuple(args.betas),
                                     weight_decay=args.weight_decay),
-        samplers={name: Sampler(data[key], args.seed + offset, rank, world)
-                  for offset, (name, key) in enumerate((("pairs", "labelled"), ("prompts", "prompts"), ("lm", "lm")))},
+        samplers={name: Sampler(data[name], args.seed + offset, rank, world)
+                  for name, offset in (("pairs", 0), ("prompts", 0), ("lm", 2))},
         vocab_size=min(len(tokenizer), student.get_output_embeddings().weight.shape[0],
                        teacher.module.get_output_embeddings().weight.shape[0]),
         checkpoint_path=out_dir / ("checkpoint" if args.fsdp else "checkpoint.pt"), rank=rank, world=world,
@@ -468,7 +560,8 @@ def checkpoint_state(args, run: Run) -> dict:
     lists, tuples and dicts). Under --fsdp this process's part, without the weights and optimizer (saved sharded)."""
     weights = {} if args.fsdp else {"student": run.student.state_dict(), "optimizer": run.optimizer.state_dict()}
     return {
-        "method": run.method, "step": run.step, "args": plain(args), "history": run.history, **weights,
+        "method": run.method, "step": run.step, "args": plain(args), "history": run.history, "compute": run.compute,
+        **weights,
         "rollout": None if run.rollout is None else run.rollout.state(),
         "data_rng": {name: sampler.rng.getstate() for name, sampler in run.samplers.items()},
         "torch_rng": torch.get_rng_state(),
@@ -532,7 +625,7 @@ def resume(args, run: Run, state: dict) -> None:
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and run.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng"], run.device)
-    run.step, run.history, run.resumed = state["step"], state["history"], True
+    run.step, run.history, run.compute, run.resumed = state["step"], state["history"], state["compute"], True
     if state["rollout"] is not None:
         run.rollout = Rollout.from_state(state["rollout"], run.teacher, args.fused_linear)
     run.say(f"resumed {run.method} at step {run.step} from {path}"
@@ -668,33 +761,58 @@ def stop_if_not_finite(value: torch.Tensor, what: str, parts: dict, run: Run) ->
             + f". Last checkpoint: {run.checkpoint or 'none'}")
 
 
-def held_out_scores(args, model, tokenizer, heldout: list, rank: int, world: int) -> dict:
-    """``evaluate`` of a ModelRunner's model on rank 0, or under --fsdp on every rank (each generation step is a
-    collective there: every rank generates the same greedy answers, with generate's synced_gpus); rank 0's scores,
-    on every rank. Under no_grad from the wrapper's forward on, so that DDP expects no backward after it."""
+def held_out_scores(args, model, tokenizer, data: dict, rank: int, world: int,
+                    sample_seed: int | None = None) -> dict:
+    """``evaluate`` of a ModelRunner's model on the held-out split, greedy (or sampled with ``sample_seed``), on rank
+    0, or under --fsdp on every rank (each generation step is a collective there: every rank generates the same
+    answers, with generate's synced_gpus); rank 0's scores, on every rank. Under no_grad from the wrapper's forward
+    on, so that DDP expects no backward after it."""
     with torch.no_grad():
-        scores = [model(evaluate, tokenizer, heldout, max_new_tokens=args.max_new_tokens, progress=rank == 0,
-                        synced_gpus=args.fsdp) if rank == 0 or args.fsdp else None]
+        scores = [model(evaluate, tokenizer, data["heldout"], max_new_tokens=args.max_new_tokens,
+                        checkers=data["checkers"], sample_seed=sample_seed, progress=rank == 0, synced_gpus=args.fsdp)
+                  if rank == 0 or args.fsdp else None]
     if world > 1:
         dist.broadcast_object_list(scores)
     return scores[0]
 
 
-def evaluate_run(args, run: Run, heldout: list, log: JsonlLog) -> None:
-    """Held-out scores of the student at ``run.step``, recorded by every rank."""
-    scores = held_out_scores(args, run.model, run.tokenizer, heldout, run.rank, run.world)
+def final_scores(args, model, teacher, tokenizer, data: dict, rank: int, world: int,
+                 greedy: dict | None = None) -> dict:
+    """The whole evaluation protocol of ``model`` (a ModelRunner): ``{"greedy": scores (``greedy`` if given), "sampled":
+    [the scores of each of the --eval-samples seeds 0, 1, ...], "exposure_bias": ExAccErr or None}``. ExAccErr (the
+    tiny default's long tasks) is measured against ``teacher`` (None: the teacher itself, for which it is 0 / 0), on
+    rank 0 with the unwrapped models, not under --fsdp."""
+    scores = {"greedy": greedy or held_out_scores(args, model, tokenizer, data, rank, world),
+              "sampled": [held_out_scores(args, model, tokenizer, data, rank, world, seed)
+                          for seed in range(args.eval_samples)], "exposure_bias": [None]}
+    if teacher is not None and data["long_prompts"] and args.eval_samples and not args.fsdp:
+        if rank == 0:
+            scores["exposure_bias"] = [exposure_bias(mk.sampling.unwrapped(model), teacher.module, tokenizer,
+                                                     data["long_prompts"], max_new_tokens=args.max_new_tokens)]
+        if world > 1:
+            dist.broadcast_object_list(scores["exposure_bias"])
+    return {**scores, "exposure_bias": scores["exposure_bias"][0]}
+
+
+def evaluate_run(args, run: Run, data: dict, log: JsonlLog) -> None:
+    """Held-out greedy scores of the student at ``run.step``, recorded by every rank."""
+    scores = held_out_scores(args, run.model, run.tokenizer, data, run.rank, run.world)
     run.history.append({"step": run.step, "heldout": scores})
     log.write({"method": run.method, "step": run.step, "eval": scores})
 
 
 def next_batch(args, run: Run) -> list:
-    """This step's micro-batches: for minillm ``(rollout rows, L_PT text batch)`` pairs, with a fresh rollout
-    every --ppo-epochs steps; for sft and kd teacher-forced batches of gold pairs."""
+    """This step's micro-batches, each ``(the method's part, an L_PT text batch or None)``: for minillm rows of the
+    rollout, a fresh one every --ppo-epochs steps; for sft, kd and seqkd teacher-forced batches of their pairs."""
     micro, device = args.batch_size // args.grad_accum, run.device
+    texts = [run.samplers["lm"].next(micro) if args.lm_coef else None for _ in range(args.grad_accum)]
+    lm_batches = [None if t is None else _to(teacher_forced_batch(run.tokenizer, t, None, max_length=args.max_length),
+                                             device) for t in texts]
     if run.method != "minillm":
         pairs = [run.samplers["pairs"].next(micro) for _ in range(args.grad_accum)]
-        return [_to(teacher_forced_batch(run.tokenizer, [e.prompt for e in examples], [e.response for e in examples],
-                                         max_length=args.max_length), device) for examples in pairs]
+        return [(_to(teacher_forced_batch(run.tokenizer, [e.prompt for e in examples], [e.response for e in examples],
+                                          max_length=args.max_length), device), lm)
+                for examples, lm in zip(pairs, lm_batches)]
     if run.step % args.ppo_epochs == 0:
         # non-finite weights (a diverged update, a bad checkpoint) would fail inside the sampler's multinomial
         stop_if_not_finite(largest_parameter(run), "student parameter (largest |value|) before the rollout", {}, run)
@@ -702,31 +820,36 @@ def next_batch(args, run: Run) -> list:
         with autocast(args, device):
             run.rollout = make_rollout(args, run.model, run.teacher, run.tokenizer,
                                        run.samplers["prompts"].next(args.batch_size), generator, run.vocab_size)
-    texts = [run.samplers["lm"].next(micro) for _ in range(args.grad_accum)]
-    return [(rows, _to(teacher_forced_batch(run.tokenizer, lm_texts, None, max_length=args.max_length), device))
-            for rows, lm_texts in zip(run.rollout.chunks(args.grad_accum), texts)]
+        # the teacher ran on every token while sampling, then once more on the sequences (response_logits)
+        run.compute["teacher_forward_tokens"] += 2 * int(run.rollout.sample.attention_mask.sum())
+        run.compute["generated_tokens"] += int(run.rollout.sample.response_mask.sum())
+    return list(zip(run.rollout.chunks(args.grad_accum), lm_batches))
 
 
 def backward(args, run: Run, micro_batch, sync: bool) -> dict[str, torch.Tensor]:
     """The loss of one micro-batch, its backward (divided by --grad-accum; DDP all-reduces if ``sync``, FSDP2
-    reduce-scatters every time) and its detached parts. MiniLLM's L_PT gets its own backward first, so that its graph is freed before L_pg's."""
+    reduce-scatters every time) and its detached parts. L_PT gets its own backward first, so that its graph is freed
+    before the method's."""
+    part, lm_batch = micro_batch
+    parts = {}
     with autocast(args, run.device):
-        if run.method == "minillm":
-            rows, lm_batch = micro_batch
+        if lm_batch is not None:
             with run.no_sync():
-                pretrain = lm_loss(run.model, lm_batch)
+                pretrain = pretrain_loss(args, run, lm_batch)
                 stop_if_not_finite(args.lm_coef * pretrain, "loss", {"lm_loss": pretrain}, run)
                 (args.lm_coef * pretrain / args.grad_accum).backward()
-            loss, parts = rollout_loss(args, run.model, *rows, run.vocab_size)
-            parts = {**parts, "lm_loss": pretrain.detach(),
-                     "total_loss": parts["total_loss"] + args.lm_coef * pretrain.detach()}
-        elif run.method == "sft":
-            loss, parts = sft_loss(run.model, micro_batch)
+            parts["lm_loss"] = pretrain.detach()
+        if run.method == "minillm":
+            loss, method_parts = rollout_loss(args, run.model, *part, run.vocab_size)
+        elif run.method == "kd":
+            loss, method_parts = kd_loss(run, part, args.temperature)
         else:
-            loss, parts = kd_loss(run.model, run.teacher, micro_batch, args.temperature)
+            loss, method_parts = sft_loss(run, part)
+    parts.update(method_parts)
     stop_if_not_finite(loss, "loss", parts, run)
     with run.no_sync(skip=not sync):
         (loss / args.grad_accum).backward()
+    parts["total_loss"] = loss.detach() + args.lm_coef * parts.get("lm_loss", 0.0)
     return parts
 
 
@@ -775,62 +898,49 @@ def replica_difference(student: torch.nn.Module) -> float:
     return max(float((g - gathered[0]).abs().max()) for g in gathered)
 
 
-def train(args, method: str, out_dir: Path, teacher, tokenizer, data, rank: int, world: int) -> dict:
-    """Train a fresh copy of the start student with ``method`` (or resume it).
+def train(args, out_dir: Path, teacher, tokenizer, data: dict, rank: int, world: int) -> dict:
+    """Train a fresh copy of the start student with --method (or resume it), then evaluate it (``final_scores``).
 
-    Returns ``{"history": [{"step", "heldout"}, ...], "seconds": training wall time}``.
+    Returns ``{"history": [{"step", "heldout"}, ...], "final": final_scores, "compute": {"teacher_forward_tokens",
+    "generated_tokens", "seconds" (training: the steps and their batches, not the evaluations), "answers" (what the
+    teacher's answers cost to generate, or None)}}``, the counts summed over the processes.
     """
-    run = start_run(args, method, out_dir, teacher, tokenizer, data, rank, world)
+    run = start_run(args, out_dir, teacher, tokenizer, data, rank, world)
     log = JsonlLog(out_dir / "log.jsonl", run.step if run.resumed else None, enabled=rank == 0)
     if run.step == 0:
-        evaluate_run(args, run, data["heldout"], log)
-    started = time.time()
-    shown = ("total_loss", "reward") if method == "minillm" else (f"{method}_loss",)
-    bar = tqdm(range(run.step, args.steps), desc=method, disable=rank != 0, initial=run.step, total=args.steps)
+        evaluate_run(args, run, data, log)
+    bar = tqdm(range(run.step, args.steps), desc=run.method, disable=rank != 0, initial=run.step, total=args.steps)
     for _ in bar:
+        started = time.time()
         parts = step(args, run, next_batch(args, run))
-        log.write({"method": method, "step": run.step, **parts, "seconds": time.time() - started})
-        bar.set_postfix({name: f"{parts[name]:.4f}" for name in shown})
+        run.compute["seconds"] += time.time() - started
+        log.write({"method": run.method, "step": run.step, **parts, "seconds": run.compute["seconds"]})
+        bar.set_postfix({name: f"{parts[name]:.4f}" for name in ("total_loss", LOSS_SHOWN[run.method])})
         if args.eval_every and run.step % args.eval_every == 0:
-            evaluate_run(args, run, data["heldout"], log)
+            evaluate_run(args, run, data, log)
         if run.step % args.save_every == 0 or run.step == args.steps:
             save(args, run)
-    if run.history[-1]["step"] != run.step:  # the final eval, unless --eval-every just ran it
-        evaluate_run(args, run, data["heldout"], log)
+    if run.history[-1]["step"] != run.step:  # the final greedy eval, unless --eval-every just ran it
+        evaluate_run(args, run, data, log)
         save(args, run)
-    seconds = time.time() - started
+    final = final_scores(args, run.model, teacher, tokenizer, data, rank, world, greedy=run.history[-1]["heldout"])
+    compute = dict(run.compute)
     if world > 1:
-        log.write({"method": method, "step": run.step, "replica_max_difference": replica_difference(run.student)})
+        log.write({"method": run.method, "step": run.step, "replica_max_difference": replica_difference(run.student)})
+        counts = torch.tensor([compute["teacher_forward_tokens"], compute["generated_tokens"]], device=run.device)
+        dist.all_reduce(counts)
+        compute.update(teacher_forward_tokens=int(counts[0]), generated_tokens=int(counts[1]))
+    compute["answers"] = data.get("answers")
+    log.write({"method": run.method, "step": run.step, "final": final, "compute": compute})
     state = full_state_dict(run.student)  # (gathered from every process under --fsdp)
     if rank == 0:
         save_model(run.student, state, tokenizer, out_dir / "student")
     log.close()
-    return {"history": run.history, "seconds": seconds}
+    return {"history": run.history, "final": final, "compute": compute}
 
 
 def _to(batch, device):
     return type(batch)(*(t.to(device) for t in batch))
-
-
-def plot_curves(runs: dict[str, dict], path: Path) -> None:
-    """Held-out exact match and Rouge-L (all tasks) against the step, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, metric, label in zip(axes, ("exact_match", "rouge_l"), ("exact match (%)", "Rouge-L")):
-        for method, run in runs.items():
-            points = [(h["step"], h["heldout"]["all"][metric]) for h in run["history"]]
-            axis.plot(*zip(*points), marker="o", label=method)
-        axis.set_xlabel("optimizer step")
-        axis.set_ylabel(f"held-out {label}")
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def main(argv=None) -> None:
@@ -847,36 +957,175 @@ def main(argv=None) -> None:
             dist.destroy_process_group()
 
 
+def planned_runs(args) -> list[tuple[str, argparse.Namespace]]:
+    """``(name, arguments)`` of each run: with --compare every method of ``COMPARED`` for each of --seeds (seed by
+    seed), else the one --method."""
+    if not args.compare:
+        return [("kd (teacher answers)" if args.teacher_answers else args.method, args)]
+    return [(name, argparse.Namespace(**{**vars(args), "method": method, "teacher_answers": answers, "seed": seed}))
+            for seed in args.seeds for name, method, answers in COMPARED]
+
+
 def distill(args, rank: int, world: int, device: torch.device) -> None:
-    """The teacher's scores, then each method's run (``train``), then the results table (rank 0 writes it)."""
+    """The teacher's and the start student's scores, then each run (``train``), then the results (rank 0 writes
+    results.json and the tables)."""
+    started = time.time()
     torch.manual_seed(args.seed)
     teacher, tokenizer = load_teacher(args, device)
     teacher = parallelize(teacher, fsdp=args.fsdp, trainable=False)
     data = load_data(args, tokenizer)
     out_dir = Path(args.out_dir)
-    methods = METHODS if args.compare else (args.method,)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for method in methods if args.compare else ():
-            (out_dir / method).mkdir(exist_ok=True)
-        print(f"teacher {args.teacher}, student {args.student}, data {args.data}: {len(data['labelled'])} gold pairs, "
-              f"{len(data['prompts'])} prompts, {len(data['heldout'])} held-out; {world} process(es) on {device}; "
-              f"kernels: {mk.available_backends()}", file=sys.stderr)
-    teacher_scores = held_out_scores(args, teacher, tokenizer, data["heldout"], rank, world)
-    runs = {method: train(args, method, out_dir / method if args.compare else out_dir, teacher, tokenizer, data,
-                          rank, world) for method in methods}
+        print(f"teacher {args.teacher}, student {args.student}, data {args.data}: {len(data['prompts'])} prompts "
+              f"({len(data['pairs'])} with a gold answer), {len(data['heldout'])} held-out; {world} process(es) on "
+              f"{device}; kernels: {mk.available_backends()}", file=sys.stderr)
+    start = parallelize(load_student(args, device), fsdp=args.fsdp, trainable=False)
+    results = {"setup": setup(args, device, world, data),
+               "teacher": final_scores(args, teacher, None, tokenizer, data, rank, world),
+               "student (start)": final_scores(args, start, teacher, tokenizer, data, rank, world),
+               "gold answers": score_responses(data["heldout"], [e.response for e in data["heldout"]],
+                                               checkers=data["checkers"]), "runs": []}
+    del start
+    for name, run_args in planned_runs(args):
+        run_dir = out_dir / re.sub(r"\W+", "-", name).strip("-") / f"seed-{run_args.seed}" if args.compare else out_dir
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        needs_answers = run_args.method == "seqkd" or run_args.teacher_answers
+        run_data = with_teacher_answers(run_args, data, teacher, tokenizer, rank, world) if needs_answers else data
+        record = train(run_args, run_dir, teacher, tokenizer, run_data, rank, world)
+        results["runs"].append({"name": name, "method": run_args.method, "teacher_answers": run_args.teacher_answers,
+                                "seed": run_args.seed, **record})
     if rank == 0:
-        results = {"teacher": teacher_scores, "student (start)": runs[methods[0]]["history"][0]["heldout"]}
-        results.update({f"student after {m}": runs[m]["history"][-1]["heldout"] for m in methods})
-        table = markdown_table(results)
-        times = ", ".join(f"{m} {runs[m]['seconds']:.0f} s" for m in methods)
-        summary = (f"Held-out Rouge-L / exact match (%), {len(data['heldout'])} prompts, greedy; {args.steps} steps "
-                   f"x {args.batch_size} sequences x {world} process(es), lr {args.lr:g}; training time: {times}.\n\n"
-                   f"{table}\n")
+        results["setup"]["seconds"] = time.time() - started
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        summary = results_markdown(results)
         (out_dir / ("compare.md" if args.compare else "results.md")).write_text(summary)
-        if args.compare:
-            plot_curves(runs, out_dir / "compare.png")
         print("\n" + summary)
+
+
+# ----------------------------------------------------------------------------------------------- the results
+
+def setup(args, device: torch.device, world: int, data: dict) -> dict:
+    """What the results were measured with: the arguments, the data's sizes, the machine and the versions, the date."""
+    import platform
+
+    import transformers
+
+    cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration):  # Linux: the model name, family and AVX-512
+        info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines())
+        info = {key.strip(): value.strip() for key, value in info.items()}
+        cpu = (f"{info['model name']}, family {info['cpu family']}"
+               + (", AVX-512" if "avx512f" in info["flags"].split() else "") + f", {os.cpu_count()} cores")
+    return {"args": plain(args), "prompts": len(data["prompts"]), "gold pairs": len(data["pairs"]),
+            "heldout": len(data["heldout"]), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "device": str(device), "cpu": cpu,
+            "threads": torch.get_num_threads(), "processes": world, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+# (column, decoding, group of evaluate's scores, metric): the tables' columns; "sampled" is the mean over the samples
+GOLD_COLUMNS = (("R-L", "greedy", "gold", "rouge_l"), ("EM", "greedy", "gold", "exact_match"),
+                ("R-L T=1", "sampled", "gold", "rouge_l"), ("EM T=1", "sampled", "gold", "exact_match"),
+                ("ECE", "greedy", "gold", "ece"), ("ECE T=1", "sampled", "gold", "ece"))
+OPEN_COLUMNS = (("valid", "greedy", "open", "valid"), ("valid T=1", "sampled", "open", "valid"),
+                ("distinct-2", "greedy", "open", "distinct_2"), ("distinct-2 T=1", "sampled", "open", "distinct_2"))
+LONG_COLUMNS = (("countup EM", "greedy", "countup", "exact_match"), ("countup EM T=1", "sampled", "countup",
+                                                                     "exact_match"),
+                ("story valid", "greedy", "story", "valid"), ("story valid T=1", "sampled", "story", "valid"),
+                ("ExAccErr(20) %", "exposure_bias", None, "ex_acc_err"))
+
+
+def figure(final: dict, decoding: str, group: str | None, metric: str) -> float | None:
+    """One figure of a run's ``final_scores`` (None where it was not measured)."""
+    if decoding == "exposure_bias":
+        return None if final["exposure_bias"] is None else final["exposure_bias"][metric]
+    scores = [final["greedy"]] if decoding == "greedy" else final["sampled"]
+    values = [s[group][metric] for s in scores if metric in s.get(group, {})]
+    return statistics.fmean(values) if values else None
+
+
+def mean_sd(values: list) -> str:
+    """``mean ± sd`` of the values that are not None (sd over 2 or more), "-" if there are none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{statistics.fmean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+
+
+def grouped(results: dict) -> dict[str, list[dict]]:
+    """``{row name: [final_scores, ...]}``: the teacher, the start student, then each run's name over its seeds."""
+    rows = {"teacher": [results["teacher"]], "student (start)": [results["student (start)"]]}
+    for record in results["runs"]:
+        rows.setdefault(f"student after {record['name']}", []).append(record["final"])
+    return rows
+
+
+def table(rows: dict[str, list[dict]], columns: tuple) -> str:
+    """A markdown table of ``rows`` (mean ± sd over each row's runs), with the columns that any row has."""
+    kept = [c for c in columns if any(figure(final, *c[1:]) is not None for finals in rows.values() for final in finals)]
+    lines = ["| model | " + " | ".join(name for name, *_ in kept) + " |", "|---" * (len(kept) + 1) + "|"]
+    for row, finals in rows.items():
+        lines.append(f"| {row} | " + " | ".join(mean_sd([figure(f, *c[1:]) for f in finals]) for c in kept) + " |")
+    return "\n".join(lines)
+
+
+def mean_scores(all_scores: list[dict]) -> dict:
+    """The mean of each (task, metric) of several ``evaluate`` results."""
+    pairs = {(task, metric) for scores in all_scores for task, metrics in scores.items() for metric in metrics}
+    means: dict[str, dict[str, float]] = {}
+    for task, metric in sorted(pairs):
+        values = [s[task][metric] for s in all_scores if metric in s.get(task, {})]
+        means.setdefault(task, {})[metric] = statistics.fmean(values)
+    return means
+
+
+def compute_table(results: dict) -> str:
+    """Per run name, over its seeds: the teacher forward tokens, generated tokens and training seconds of the runs,
+    and what the teacher's answers (where used) cost to generate, once per seed."""
+    lines = ["| method | teacher forward tokens | generated tokens | training s | teacher answers: forward tokens, "
+             "generated tokens, s |", "|---|---|---|---|---|"]
+    names = dict.fromkeys(record["name"] for record in results["runs"])
+    for name in names:
+        computes = [record["compute"] for record in results["runs"] if record["name"] == name]
+        answers = [c["answers"] for c in computes if c["answers"]]
+        cost = "-" if not answers else (f"{statistics.fmean(a['teacher_forward_tokens'] for a in answers):,.0f}, "
+                                        f"{statistics.fmean(a['generated_tokens'] for a in answers):,.0f}, "
+                                        f"{mean_sd([a['seconds'] for a in answers])}")
+        lines.append(f"| {name} | {statistics.fmean(c['teacher_forward_tokens'] for c in computes):,.0f} | "
+                     f"{statistics.fmean(c['generated_tokens'] for c in computes):,.0f} | "
+                     f"{mean_sd([c['seconds'] for c in computes])} | {cost} |")
+    return "\n".join(lines)
+
+
+def results_markdown(results: dict) -> str:
+    """The results' tables: gold tasks, open tasks, long tasks and ExAccErr, compute, then per task."""
+    a, rows = results["setup"]["args"], grouped(results)
+    seeds = sorted({record["seed"] for record in results["runs"]})
+    text = (f"Held-out scores (%) on {results['setup']['heldout']} prompts; every method trained on the same "
+            f"{results['setup']['prompts']} prompts ({results['setup']['gold pairs']} with a gold answer); mean ± sd "
+            f"over training seeds {seeds}; T=1: the mean over {a['eval_samples']} sample seeds. {a['steps']} steps x "
+            f"{a['batch_size']} sequences x {results['setup']['processes']} process(es), lr {a['lr']:g} after "
+            f"{a['warmup_steps']} warm-up steps, L_PT coefficient {a['lm_coef']:g}; {results['setup']['cpu']}, "
+            f"{results['setup']['threads']} thread(s), torch {results['setup']['torch']}, "
+            f"{results['setup']['date']}.\n\n"
+            f"Tasks with one gold answer: Rouge-L, exact match, expected calibration error\n\n"
+            f"{table(rows, GOLD_COLUMNS)}\n\n")
+    if any(figure(finals[0], *OPEN_COLUMNS[0][1:]) is not None for finals in rows.values()):
+        gold = {"greedy": results["gold answers"], "sampled": [], "exposure_bias": None}
+        text += (f"Open tasks: validity rate, distinct-2 (the held-out gold answers: one right answer each, drawn "
+                 f"at random)\n\n{table({'gold answers': [gold], **rows}, OPEN_COLUMNS)}\n\n")
+    if any(figure(finals[0], *c[1:]) is not None for c in LONG_COLUMNS for finals in rows.values()):
+        text += f"Long responses: exact match, validity, ExAccErr(20)\n\n{table(rows, LONG_COLUMNS)}\n\n"
+    text += f"Compute per run (mean over seeds)\n\n{compute_table(results)}\n\n"
+    for decoding in ("greedy", "sampled"):
+        per_task = {row: mean_scores([s for f in finals for s in ([f["greedy"]] if decoding == "greedy"
+                                                                  else f["sampled"])]) for row, finals in rows.items()}
+        per_task = {row: scores for row, scores in per_task.items() if scores}
+        if per_task:
+            text += (f"Per task, {'greedy' if decoding == 'greedy' else 'T=1'} (gold: R-L / EM; open: valid / "
+                     f"distinct-2)\n\n{markdown_table(per_task)}\n\n")
+    return text
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """Instruction data for the trainer: prompt/response examples, JSONL loading and the batches the losses take.
 
-Teacher-forced batches (SFT, KD, the LM loss) are right-padded with labels -100 on the prompt and the
+``teacher_answers`` caches the teacher's sampled answers (SeqKD's targets) on disk. Teacher-forced batches
+(SFT, KD, the LM loss) are right-padded with labels -100 on the prompt and the
 padding; prompt batches (rollouts, evaluation) are left-padded so that generation continues every row at
 the same column. Position ids always come from the attention mask (``position_ids_from_attention_mask``),
 so both paddings give a model the positions it was trained with.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -142,3 +146,59 @@ def prompt_batch(tokenizer, prompts: Sequence[str], *, max_length: int) -> tuple
         input_ids[i, width - len(ids) :] = torch.tensor(ids)
         attention_mask[i, width - len(ids) :] = 1
     return input_ids, attention_mask
+
+
+def cache_key(model: torch.nn.Module, prompts: Sequence[str], **settings) -> str:
+    """A SHA-256 of ``model``'s weights (names, dtypes, shapes and bytes), the prompts and ``settings``: the key of
+    what the model generated for them."""
+    digest = hashlib.sha256(json.dumps({"prompts": list(prompts), **settings}, sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def teacher_answers(
+    teacher, tokenizer, examples: Sequence[Example], *, seed: int, max_new_tokens: int, cache_dir: str | Path,
+    batch_size: int = 64, progress: bool = False, cached_only: bool = False,
+) -> tuple[list[Example], dict]:
+    """The teacher's answer to each example's prompt, one each, sampled at temperature 1 from its full distribution
+    (top-k 0, top-p 1) with ``seed``: SeqKD's targets (Kim and Rush, 2016; as the MiniLLM reference code's
+    ``generate_data_seqkd.sh``), generated once and cached.
+
+    The cache is ``cache_dir/<key>.json``, the key a hash of the teacher's weights, the prompts, the seed and the
+    generation settings (the batches too: they set which random numbers each row draws) (``cache_key``): a changed teacher, prompt list, seed or length never reads a stale file.
+    It is written to a temp file and renamed. ``cached_only``: FileNotFoundError instead of generating.
+
+    Returns ``(examples with the teacher's responses, meta)``; ``meta`` holds what generating them cost, read from
+    the cache file if it was there: ``{"key", "seconds", "teacher_forward_tokens" (prompt and response tokens the
+    teacher ran on), "generated_tokens" (response tokens, EOS included), "cached" (read from the cache)}``.
+    """
+    from minillm_kernels.evaluation import generate_all  # (evaluation imports this module)
+
+    prompts = [e.prompt for e in examples]
+    settings = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                    batch_size=batch_size, eos_token_id=tokenizer.eos_token_id, vocabulary=len(tokenizer))
+    key = cache_key(teacher, prompts, **settings)
+    path = Path(cache_dir) / f"{key}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        responses, meta = cached["responses"], {**cached["meta"], "cached": True}
+    elif cached_only:
+        raise FileNotFoundError(f"no cached teacher answers at {path}")
+    else:
+        started = time.time()
+        generations = generate_all(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens, sample_seed=seed,
+                                   batch_size=batch_size, progress=progress)
+        responses = [r for g in generations for r in tokenizer.batch_decode(g.response_ids, skip_special_tokens=True)]
+        meta = {"key": key, "seconds": time.time() - started, "prompts": len(prompts),
+                "teacher_forward_tokens": sum(int(g.attention_mask.sum()) for g in generations),
+                "generated_tokens": sum(int(g.response_mask.sum()) for g in generations)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        temporary.write_text(json.dumps({"meta": meta, "settings": settings, "responses": responses}), encoding="utf-8")
+        os.replace(temporary, path)
+        meta = {**meta, "cached": False}
+    if len(responses) != len(examples):
+        raise ValueError(f"{path} holds {len(responses)} answers for {len(examples)} prompts: delete it")
+    return [e._replace(response=r) for e, r in zip(examples, responses)], meta

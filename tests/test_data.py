@@ -1,14 +1,20 @@
-"""The tiny tasks (answers checked by an independent solver), their splits, and the trainer's batches."""
+"""The tiny tasks (gold answers checked by an independent solver, the open tasks' validity rules against an
+independent parser and hand-picked wrong answers), their splits, the teacher-answer cache, and the trainer's
+batches."""
 from __future__ import annotations
 
 import json
 import random
 
 import pytest
+import torch
 
 from minillm_kernels.data import IGNORE_INDEX, Example, load_jsonl, load_texts, prompt_batch, teacher_forced_batch
 from minillm_kernels.sampling import position_ids_from_attention_mask
-from minillm_kernels.tiny.tasks import ANSWER_CUE, TASKS, make_splits, sample_example
+from minillm_kernels.tiny.tasks import (
+    ADJECTIVES, ANSWER_CUE, CATEGORIES, NOUNS, OPEN_TASKS, PREPOSITIONS, TASKS, VERBS, is_valid, make_splits,
+    sample_example,
+)
 
 
 def solve(prompt: str) -> str:
@@ -16,6 +22,9 @@ def solve(prompt: str) -> str:
     assert prompt.endswith(ANSWER_CUE)
     head, _, body = prompt[: -len(ANSWER_CUE)].partition(": ")
     items = body.split()
+    if head.startswith("Count from "):
+        start, end, step = (int(x) for x in head.split()[2::2])
+        return " " + " ".join(str(n) for n in range(start, end + 1, step))
     if head == "Repeat":
         return " " + " ".join(items)
     if head == "Reverse":
@@ -30,24 +39,142 @@ def solve(prompt: str) -> str:
     raise AssertionError(f"unknown prompt {prompt!r}")
 
 
-def test_every_task_answer_is_correct():
+def test_every_gold_task_answer_is_correct():
     rng = random.Random()
     for task in TASKS:
-        for _ in range(200):
+        for _ in range(200 if task not in OPEN_TASKS else 0):
             example = sample_example(task, rng)
             assert example.task == task and example.response == solve(example.prompt)
 
 
+def parse_noun_phrase(words: list[str], at: int) -> int | None:
+    """Recursive descent: the position after ``the [ADJECTIVE] NOUN`` at ``at``, or None."""
+    if at >= len(words) or words[at] != "the":
+        return None
+    at += 1
+    if at < len(words) and words[at] in ADJECTIVES:
+        at += 1
+    return at + 1 if at < len(words) and words[at] in NOUNS else None
+
+
+def parses(words: list[str]) -> bool:
+    """NP VERB NP [PREP NP], 6-10 words, by recursive descent."""
+    at = parse_noun_phrase(words, 0)
+    if at is None or at >= len(words) or words[at] not in VERBS:
+        return False
+    at = parse_noun_phrase(words, at + 1)
+    if at is not None and at < len(words) and words[at] in PREPOSITIONS:
+        at = parse_noun_phrase(words, at + 1)
+    return at == len(words) and 6 <= len(words) <= 10
+
+
+def right_answers(prompt: str) -> set[str] | None:
+    """Every right answer of a pick or number prompt, enumerated from its text; None for the grammar tasks."""
+    question = prompt[: -len(ANSWER_CUE)]
+    if question.startswith("Pick two "):
+        category, _, listed = question[len("Pick two "):].partition(": ")
+        members = [w for w in listed.split() if w in CATEGORIES[category]]
+        return {f" {a} {b}" for a in members for b in members if a != b}
+    if " number between " in question:
+        parity, _, _, low, _, high = question.split()
+        return {f" {n}" for n in range(int(low) + 1, int(high)) if (n % 2 == 1) == (parity == "Odd")}
+    return None
+
+
+def test_open_task_checkers_accept_exactly_the_right_answers():
+    """Gold answers pass; pick and number against every candidate answer of the lexicon (the enumerated right ones
+    pass, no other); sentence and story against the recursive-descent parser on mutated gold answers (a word
+    dropped, added, replaced or two swapped), which must also keep every asked word."""
+    rng = random.Random(0)
+    lexicon = sorted({w for words in CATEGORIES.values() for w in words} | set(NOUNS) | set(ADJECTIVES) | set(VERBS)
+                     | set(PREPOSITIONS) | {"the", "."})
+    checked = {task: [0, 0] for task in OPEN_TASKS}  # [accepted, rejected] candidates
+    for task in OPEN_TASKS:
+        for _ in range(100):
+            example = sample_example(task, rng)
+            assert is_valid(task, example.prompt, example.response), example
+            expected = right_answers(example.prompt)
+            if expected is not None:
+                candidates = ([f" {n}" for n in range(0, 120)] + [f" 0{n}" for n in range(10)] if task == "number"
+                              else [f" {a} {b}" for a in lexicon[::3] for b in lexicon[::2]] + list(expected))
+                for candidate in candidates:
+                    valid = is_valid(task, example.prompt, candidate)
+                    assert valid == (candidate in expected), (example.prompt, candidate)
+                    checked[task][not valid] += 1
+                continue
+            for _ in range(30):
+                mutated = mutate(example.response, rng, lexicon)
+                valid = is_valid(task, example.prompt, mutated)
+                assert valid == independently_valid(example.prompt, mutated), (example.prompt, mutated)
+                checked[task][not valid] += 1
+    assert all(accepted > 100 and rejected > 100 for accepted, rejected in checked.values()), checked
+
+
+def mutate(response: str, rng: random.Random, lexicon: list[str]) -> str:
+    words = response.replace(".", " .").split()
+    i, j = rng.randrange(len(words)), rng.randrange(len(words))
+    change = rng.choice(("drop", "add", "replace", "swap", "none"))
+    if change == "drop":
+        del words[i]
+    elif change == "add":
+        words.insert(i, rng.choice(lexicon))
+    elif change == "replace":
+        words[i] = rng.choice(lexicon)
+    elif change == "swap":
+        words[i], words[j] = words[j], words[i]
+    return " " + " ".join(words).replace(" .", ".")
+
+
+def independently_valid(prompt: str, response: str) -> bool:
+    """The sentence and story rules: parsed sentences (a story: 3 of them, each ended by a period) using every word
+    the prompt asks for."""
+    question = prompt[: -len(ANSWER_CUE)]
+    asked = question.partition(": ")[2].split()
+    if question.startswith("Sentence"):
+        words = response.split()
+        return response == " " + " ".join(words) and parses(words) and set(asked) <= set(words)
+    sentences = [s.split() for s in response[:-1].split(".")] if response.endswith(".") else []
+    return (len(sentences) == 3 and response == " " + " ".join(" ".join(s) + "." for s in sentences)
+            and all(parses(s) for s in sentences) and set(asked) <= {w for s in sentences for w in s})
+
+
+@pytest.mark.parametrize("task, question, wrong", [
+    ("pick", "Pick two water: cat fish sun frog duck", [" fish", " fish fish", " fish sun", " fish crab", " fish frog duck",
+                                                        "fish frog", " fish  frog", " Fish frog"]),
+    ("number", "Even number between 24 and 41", [" 24", " 41", " 31", " 42", " 0", " 030", "30", " 30 32", " thirty"]),
+    ("sentence", "Sentence using: frog king likes", [" the frog likes the cat", " the frog sees the king",
+                                                     " the frog likes king", " frog likes the king the",
+                                                     " the big frog likes the old king near the small tree cat",
+                                                     " the frog likes the red cat", ""]),
+    ("story", "Story using: cat moon tree", [" the cat sees the moon near the tree.",
+                                             " the cat sees the moon. the old moon likes the cat. the tree likes the cat",
+                                             " the cat sees the moon. the old moon likes the cat. the big dog likes the"
+                                             " cat.", " the cat sees the red moon. the old moon likes the cat. the"
+                                             " tree likes the cat the.", " the cat sees the red moon. the old moon"
+                                             " likes the cat. the tree likes the cat. the dog sees the big cat."]),
+])
+def test_open_task_checkers_reject_wrong_answers(task, question, wrong):
+    right = {"pick": " frog duck", "number": " 30", "sentence": " the king likes the small frog",
+             "story": " the cat sees the red moon. the old moon likes the cat. the tree likes the happy cat."}[task]
+    assert is_valid(task, question + ANSWER_CUE, right)
+    for answer in wrong:
+        assert not is_valid(task, question + ANSWER_CUE, answer), answer
+    with pytest.raises(ValueError, match="open tasks"):
+        is_valid("copy", "Repeat: cat\nA:", " cat")
+
+
 def test_splits_are_seeded_disjoint_and_sized():
-    splits = make_splits(labelled_per_task=20, prompts_per_task=30, heldout_per_task=10, seed=3)
-    assert splits == make_splits(labelled_per_task=20, prompts_per_task=30, heldout_per_task=10, seed=3)
-    assert splits != make_splits(labelled_per_task=20, prompts_per_task=30, heldout_per_task=10, seed=4)
-    assert [len(splits[k]) for k in ("labelled", "prompts", "heldout")] == [20 * len(TASKS), 30 * len(TASKS), 10 * len(TASKS)]
+    splits = make_splits(prompts_per_task=30, heldout_per_task=10, seed=3)
+    assert splits == make_splits(prompts_per_task=30, heldout_per_task=10, seed=3)
+    assert splits != make_splits(prompts_per_task=30, heldout_per_task=10, seed=4)
+    assert [len(splits[k]) for k in ("prompts", "heldout")] == [30 * len(TASKS), 10 * len(TASKS)]
     prompts = {k: {e.prompt for e in v} for k, v in splits.items()}
-    assert not prompts["heldout"] & (prompts["labelled"] | prompts["prompts"])
-    assert not prompts["labelled"] & prompts["prompts"]
-    assert all(e.response == "" for e in splits["prompts"])
-    assert all(e.response == solve(e.prompt) for e in splits["labelled"] + splits["heldout"])
+    assert not prompts["heldout"] & prompts["prompts"]
+    for example in splits["prompts"] + splits["heldout"]:
+        if example.task in OPEN_TASKS:
+            assert is_valid(example.task, example.prompt, example.response)
+        else:
+            assert example.response == solve(example.prompt)
 
 
 def test_unknown_task_is_rejected():
@@ -59,7 +186,7 @@ def test_unknown_task_is_rejected():
 def tokenizer():
     from minillm_kernels.tiny.tokenizer import train_bpe_tokenizer
 
-    corpus = make_splits(labelled_per_task=50, prompts_per_task=0, heldout_per_task=0, seed=1)["labelled"]
+    corpus = make_splits(prompts_per_task=50, heldout_per_task=0, seed=1)["prompts"]
     return train_bpe_tokenizer([e.prompt + e.response for e in corpus], vocab_size=300)
 
 
@@ -130,3 +257,39 @@ def test_load_texts(tmp_path):
     path.write_text('{"text": "cat\n')
     with pytest.raises(ValueError, match=f"{path}:1: not valid JSON"):
         load_texts(path)
+
+
+def test_teacher_answers_are_cached_under_a_key_of_the_teacher_the_prompts_and_the_seed(tokenizer, tmp_path):
+    """Generated once (sampled, seeded: the same answers again from a fresh cache), then read back; another seed,
+    prompt list or teacher (one weight changed) is another key, never the stale file; ``cached_only`` without a file
+    is an error."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minillm_kernels.data import teacher_answers
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.5,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    teacher = LlamaForCausalLM(config).eval()
+    examples = make_splits(prompts_per_task=2, heldout_per_task=0, seed=5)["prompts"]
+    options = dict(max_new_tokens=6, cache_dir=tmp_path / "cache", batch_size=8)
+    answers, meta = teacher_answers(teacher, tokenizer, examples, seed=0, **options)
+    assert not meta["cached"] and meta["generated_tokens"] > len(examples) and meta["teacher_forward_tokens"] > 0
+    assert [(e.task, e.prompt) for e in answers] == [(e.task, e.prompt) for e in examples]
+    assert [e.response for e in answers] != [e.response for e in examples]
+    files = list((tmp_path / "cache").iterdir())
+    assert [f.name for f in files] == [meta["key"] + ".json"]
+    again, cached = teacher_answers(teacher, tokenizer, examples, seed=0, **options)
+    assert again == answers and cached["cached"] and cached["seconds"] == meta["seconds"]
+    files[0].unlink()
+    assert teacher_answers(teacher, tokenizer, examples, seed=0, **options)[0] == answers  # the seed fixes the samples
+    other_seed, meta_seed = teacher_answers(teacher, tokenizer, examples, seed=1, **options)
+    assert not meta_seed["cached"] and other_seed != answers
+    assert not teacher_answers(teacher, tokenizer, examples[:-1], seed=0, **options)[1]["cached"]
+    with torch.no_grad():
+        teacher.model.norm.weight[0] += 1e-3
+    assert not teacher_answers(teacher, tokenizer, examples, seed=0, **options)[1]["cached"]
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+    with pytest.raises(FileNotFoundError, match="no cached teacher answers"):
+        teacher_answers(teacher, tokenizer, examples, seed=2, cached_only=True, **options)

@@ -5,35 +5,37 @@ trains the byte-level BPE tokenizer, and ``scripts/make_tiny.py`` trains the tea
 SFT start once and writes them under ``checkpoints/`` (safetensors + config + tokenizer), where
 ``examples/train.py --teacher tiny --student tiny`` finds them.
 
-How the default makes the sft / kd / minillm comparison meaningful: the teacher learnt the tasks from
-an unlimited stream of examples (it stands for a large model far better than the student's data); the
-student sees gold answers for only ``LABELLED_PER_TASK`` prompts per task (its SFT data, which SFT and
-KD train on, KD against the teacher's distribution on those same responses) and ``PROMPTS_PER_TASK``
-prompts per task without answers, which only on-policy distillation (MiniLLM) can use.
+How the default makes a fair comparison of sft / kd / seqkd / minillm: the teacher learnt the tasks from an
+unlimited stream of examples (it stands for a large model far better than the student); the student's SFT start
+was fine-tuned on the prompt pool's gold answers (``PROMPTS_PER_TASK`` prompts per task, each with one gold
+answer), and every method then trains it further on that same pool: the gold answers where a method needs them
+(sft, kd), the same prompts for the others (seqkd and kd on the teacher's answers, minillm's rollouts).
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-from minillm_kernels.tiny.tasks import TASKS, make_splits
+from minillm_kernels.tiny.tasks import LONG_TASKS, OPEN_TASKS, TASKS, is_valid, make_splits
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
-LABELLED_PER_TASK = 100
-PROMPTS_PER_TASK = 2000
+PROMPTS_PER_TASK = 500
 HELDOUT_PER_TASK = 50
 SPLIT_SEED = 0
-MAX_NEW_TOKENS = 12  # the longest response (6 words) is 6 tokens + EOS
+MAX_NEW_TOKENS = 40  # the longest response (countup: 12 numbers of 3 tokens) is 36 tokens + EOS
 
 # name -> (layers, hidden size, heads); both Llama-style (RMSNorm, SwiGLU, RoPE), tied embeddings
 ARCHITECTURES = {"teacher": (4, 256, 4), "student": (2, 128, 4)}
 
 
 def tiny_splits() -> dict:
-    """The default's ``labelled`` / ``prompts`` / ``heldout`` splits (see ``tasks.make_splits``)."""
-    return make_splits(
-        labelled_per_task=LABELLED_PER_TASK, prompts_per_task=PROMPTS_PER_TASK,
-        heldout_per_task=HELDOUT_PER_TASK, seed=SPLIT_SEED,
-    )
+    """The default's ``prompts`` (the prompt pool, with gold answers) and ``heldout`` splits (``tasks.make_splits``)."""
+    return make_splits(prompts_per_task=PROMPTS_PER_TASK, heldout_per_task=HELDOUT_PER_TASK, seed=SPLIT_SEED)
+
+
+def tiny_checkers() -> dict:
+    """``{open task: check(prompt, response)}``, the validity rules ``evaluation.evaluate`` scores open tasks by."""
+    return {task: functools.partial(is_valid, task) for task in OPEN_TASKS}
 
 
 def tiny_config(name: str, vocab_size: int, eos_token_id: int):
@@ -60,4 +62,5 @@ def checkpoint_dir(name: str) -> Path:
     return path
 
 
-__all__ = ["ARCHITECTURES", "CHECKPOINTS", "MAX_NEW_TOKENS", "TASKS", "checkpoint_dir", "tiny_config", "tiny_splits"]
+__all__ = ["ARCHITECTURES", "CHECKPOINTS", "LONG_TASKS", "MAX_NEW_TOKENS", "OPEN_TASKS", "TASKS", "checkpoint_dir",
+           "tiny_checkers", "tiny_config", "tiny_splits"]
