@@ -184,7 +184,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     p.add_argument("--resume", action="store_true",
                    help="continue from --out-dir's checkpoint.pt (checkpoint/ with --fsdp; none there: a warning, "
-                        "then a fresh start)")
+                        "then a fresh start); with --compare, runs already finished are read back from their log.jsonl")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.fsdp and "RANK" not in os.environ:
@@ -966,6 +966,20 @@ def planned_runs(args) -> list[tuple[str, argparse.Namespace]]:
             for seed in args.seeds for name, method, answers in COMPARED]
 
 
+def finished_run(run_dir: Path, args) -> dict | None:
+    """What ``train`` returned for the run of ``args`` that already ended in ``run_dir`` (its log.jsonl ends with the
+    final record of --method at --steps), else None: --compare --resume goes on from the first unfinished run, and
+    several --compare processes (different --seeds, one --out-dir) end with one --compare --resume that writes the
+    whole table."""
+    path = run_dir / "log.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    if not records or "final" not in records[-1] or records[-1]["method"] != args.method \
+            or records[-1]["step"] != args.steps:
+        return None
+    history = [{"step": r["step"], "heldout": r["eval"]} for r in records if "eval" in r]
+    return {"history": history, "final": records[-1]["final"], "compute": records[-1]["compute"]}
+
+
 def distill(args, rank: int, world: int, device: torch.device) -> None:
     """The teacher's and the start student's scores, then each run (``train``), then the results (rank 0 writes
     results.json and the tables)."""
@@ -991,9 +1005,13 @@ def distill(args, rank: int, world: int, device: torch.device) -> None:
         run_dir = out_dir / re.sub(r"\W+", "-", name).strip("-") / f"seed-{run_args.seed}" if args.compare else out_dir
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-        needs_answers = run_args.method == "seqkd" or run_args.teacher_answers
-        run_data = with_teacher_answers(run_args, data, teacher, tokenizer, rank, world) if needs_answers else data
-        record = train(run_args, run_dir, teacher, tokenizer, run_data, rank, world)
+        record = finished_run(run_dir, run_args) if args.resume and args.compare else None
+        if record is None:
+            needs_answers = run_args.method == "seqkd" or run_args.teacher_answers
+            run_data = with_teacher_answers(run_args, data, teacher, tokenizer, rank, world) if needs_answers else data
+            record = train(run_args, run_dir, teacher, tokenizer, run_data, rank, world)
+        elif rank == 0:
+            print(f"{name}, seed {run_args.seed}: finished in {run_dir}, its results read from log.jsonl", file=sys.stderr)
         results["runs"].append({"name": name, "method": run_args.method, "teacher_answers": run_args.teacher_answers,
                                 "seed": run_args.seed, **record})
     if rank == 0:

@@ -90,7 +90,7 @@ def train(model, tokenizer, next_examples, *, steps: int, lr: float, eval_every:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=("teacher", "student-sft"))
-    parser.add_argument("--max-steps", type=int, default=None, help="teacher: 6000; student-sft: 600")
+    parser.add_argument("--max-steps", type=int, default=None, help="teacher: 2500; student-sft: 600")
     parser.add_argument("--batch-size", type=int, default=None, help="teacher: 64; student-sft: 32")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--target", type=float, default=95.0,
@@ -132,7 +132,7 @@ def main() -> None:
         def next_examples():
             return sample_examples(per_task, stream, exclude=heldout_prompts)[:batch_size]
 
-        scores = train(model, tokenizer, next_examples, steps=args.max_steps or 6000, lr=args.lr, eval_every=500,
+        scores = train(model, tokenizer, next_examples, steps=args.max_steps or 2500, lr=args.lr, eval_every=500,
                        heldout=splits["heldout"], log=log, save_as=args.name, target=args.target)
     else:
         tokenizer = AutoTokenizer.from_pretrained(CHECKPOINTS / "teacher")

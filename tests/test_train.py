@@ -517,7 +517,7 @@ def test_fsdp_fused_linear_on_a_random_llama_gives_one_process_losses(tmp_path, 
     assert_same_run(one, two, tmp_path / "one", tmp_path / "two", lr=1e-3)
 
 
-def test_compare_runs_every_method_for_each_seed_and_writes_the_tables(tmp_path, heldout_file):
+def test_compare_runs_every_method_for_each_seed_and_writes_the_tables(tmp_path, heldout_file, monkeypatch):
     """--compare with 2 seeds: 5 runs per seed, each in its own folder; the teacher's answers generated once per seed
     (seqkd's run) and read from the cache by kd's; the tables give mean ± sd over the seeds, greedy and sampled, the
     open tasks, ExAccErr and the compute; results.json holds every run."""
@@ -541,6 +541,12 @@ def test_compare_runs_every_method_for_each_seed_and_writes_the_tables(tmp_path,
     assert "| R-L | EM | R-L T=1 | EM T=1 | ECE | ECE T=1 |" in text and "ExAccErr(20) %" in text and " ± " in text
     assert "| valid | valid T=1 | distinct-2 | distinct-2 T=1 |" in text and "| seqkd | 0 | 0 |" in text
     assert "| gold answers | 100.0 | - |" in text
+    # --resume reads the finished runs back instead of training them again, and writes the same tables
+    monkeypatch.setattr(train, "train", lambda *args: pytest.fail("a finished run was trained again"))
+    train.main([*FAST, *lm_flags(heldout_file), "--eval-data", str(heldout_file), "--out-dir", str(tmp_path),
+                "--compare", "--seeds", "0", "1", "--steps", "2", "--eval-samples", "1",
+                "--cache-dir", str(tmp_path / "cache"), "--resume"])
+    assert (tmp_path / "compare.md").read_text() == text
 
 
 def test_own_jsonl_data_with_prompt_only_rows(tmp_path):
