@@ -19,9 +19,14 @@ def compute_dtype(*logits_dtypes: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def _scaled(logits: torch.Tensor, vocab_size: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """logits[:, :vocab_size] / T, in ``dtype``."""
+    return logits[:, :vocab_size].to(dtype) / temperature
+
+
 def _log_softmax(logits: torch.Tensor, vocab_size: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:
     """log softmax(logits[:, :vocab_size] / T), computed in ``dtype``."""
-    return torch.log_softmax(logits[:, :vocab_size].to(dtype) / temperature, dim=-1)
+    return torch.log_softmax(_scaled(logits, vocab_size, temperature, dtype), dim=-1)
 
 
 def token_stats(
@@ -37,9 +42,10 @@ def token_stats(
     log q = log_softmax(s / T), log p = log_softmax(t / T) over the first ``vocab_size`` columns, both in
     ``compute_dtype(student.dtype, teacher.dtype)`` (the dtype of the results); KL = sum_v q_v (log q_v -
     log p_v), H = -sum_v q_v log q_v, terms with q_v = 0 count 0. Without ``target`` the two log-probabilities
-    are zeros. A target outside [0, vocab_size) in an unmasked row gives NaN log-probabilities for that row
-    (and, under autograd, no gradient through them: the row's upstream gradient of log q(y) counts as 0);
-    masked rows may hold any id (e.g. -100). The teacher gets no gradient.
+    are zeros. A target outside [0, vocab_size) in an unmasked row has no column: NaN log-probabilities for
+    that row, and under autograd the gradient of log q(y) = s'_y - lse(s') without its one-hot, i.e. through the
+    -lse(s') part alone (-q), which every id has; masked rows may hold any id (e.g. -100). The teacher gets no
+    gradient.
     """
     dtype = compute_dtype(student.dtype, teacher.dtype)
     student_logq = _log_softmax(student, vocab_size, temperature, dtype)
@@ -56,7 +62,9 @@ def token_stats(
         in_range = (target >= 0) & (target < vocab_size)
         index = torch.where(in_range, target, 0).unsqueeze(-1)  # a column of the row whatever the id
         nan = student_logq.new_full((), float("nan"))
-        student_logprob = torch.where(in_range, student_logq.gather(-1, index).squeeze(-1), nan)
+        # Out of range: s'_y is NaN, the -lse(s') part remains (and with it the gradient -q).
+        no_column = nan - torch.logsumexp(_scaled(student, vocab_size, temperature, dtype), -1)
+        student_logprob = torch.where(in_range, student_logq.gather(-1, index).squeeze(-1), no_column)
         teacher_logprob = torch.where(in_range, teacher_logp.gather(-1, index).squeeze(-1), nan)
     stats = (kl, student_logprob, teacher_logprob, entropy)
     if mask is not None:
@@ -77,7 +85,7 @@ def token_stats_gradient(
 
         (1/T) (a q_v (log q_v - log p_v - KL) + b ([v = y] - q_v) - c q_v (log q_v + H)),   0 where q_v = 0,
 
-    over the first ``vocab_size`` columns (0 past them), b counting as 0 for an out-of-range target, as
+    over the first ``vocab_size`` columns (0 past them), without the one-hot [v = y] for an out-of-range target, as
     ``token_stats`` under autograd gives. Unmasked rows only (no ``mask``).
     """
     grad_kl, grad_student_logprob, grad_entropy = (u.unsqueeze(-1) for u in upstream)
@@ -94,6 +102,6 @@ def token_stats_gradient(
     if target is not None:
         in_range = ((target >= 0) & (target < vocab_size)).unsqueeze(-1)
         one_hot = torch.nn.functional.one_hot(torch.where(in_range.squeeze(-1), target, 0), vocab_size)
-        grad = grad + torch.where(in_range, grad_student_logprob, 0.0) * (one_hot - q)
+        grad = grad + grad_student_logprob * (torch.where(in_range, one_hot, 0) - q)
     grad = torch.nn.functional.pad(grad / temperature, (0, student.shape[-1] - vocab_size))
     return grad.to(student.dtype)

@@ -72,8 +72,15 @@ MUTATIONS = (
         "cpu-out-of-range-target-clamped", "csrc/cpu/reverse_kld.cpp",
         "        } else if (tgt[i] >= 0 && tgt[i] < vocab_size) {\n          const int64_t y = tgt[i];",
         "        } else if (true) {\n          const int64_t y = std::min(std::max<int64_t>(tgt[i], 0), vocab_size - 1);",
-        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_no_gradient_through_them[cpu]",),
+        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_a_gradient_without_the_one_hot[cpu]",),
         "an out-of-range target is clamped to the last column: a silently wrong log-probability",
+    ),
+    Mutation(
+        "cpu-out-of-range-target-drops-b", "csrc/cpu/reverse_kld.cpp",
+        "(b_p != nullptr && tgt != nullptr) ? b_p[i] : acc_t(0),",
+        "(b_p != nullptr && in_vocab) ? b_p[i] : acc_t(0),",
+        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_a_gradient_without_the_one_hot[cpu]",),
+        "an out-of-range target drops its whole b, the -b q_v term too (what a vocabulary shard without the target needs)",
     ),
     Mutation(
         "cpu-row-offset-ignores-the-outer-stride", "csrc/common/row_strides.h",
@@ -101,8 +108,15 @@ MUTATIONS = (
         "triton-out-of-range-target-clamped", "minillm_kernels/ops/reverse_kld_triton.py",
         "        column = tl.where(in_range, target, 0)",
         "        column = tl.minimum(tl.maximum(target, 0), vocab_size - 1)\n        in_range = valid",
-        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_no_gradient_through_them[triton]",),
+        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_a_gradient_without_the_one_hot[triton]",),
         "an out-of-range target is clamped: a silently wrong log-probability",
+    ),
+    Mutation(
+        "triton-out-of-range-target-drops-b", "minillm_kernels/ops/reverse_kld_triton.py",
+        "        b = tl.load(grad_student_logprob_ptr + row).to(ACC_DTYPE)",
+        "        b = tl.where(in_range, tl.load(grad_student_logprob_ptr + row).to(ACC_DTYPE), 0.0)",
+        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_a_gradient_without_the_one_hot[triton]",),
+        "an out-of-range target drops its whole b, the -b q_v term too",
     ),
     Mutation(
         "triton-float32-sums", "minillm_kernels/ops/reverse_kld_triton.py",
@@ -115,8 +129,15 @@ MUTATIONS = (
         "reference-out-of-range-target-zero", "minillm_kernels/reference.py",
         '        nan = student_logq.new_full((), float("nan"))',
         '        nan = student_logq.new_full((), 0.0)',
-        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_no_gradient_through_them[reference]",),
+        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_a_gradient_without_the_one_hot[reference]",),
         "the reference gives log-probability 0 (probability 1) for an out-of-range target instead of NaN",
+    ),
+    Mutation(
+        "reference-out-of-range-target-drops-b", "minillm_kernels/reference.py",
+        "        no_column = nan - torch.logsumexp(_scaled(student, vocab_size, temperature, dtype), -1)",
+        "        no_column = nan",
+        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_a_gradient_without_the_one_hot[reference]",),
+        "the reference's out-of-range log q(y) has no gradient at all (its -lse part dropped)",
     ),
     # ---- the CUDA kernels: only compiled here (no GPU), so only a build break can be caught
     Mutation(

@@ -202,7 +202,7 @@ def exact_token_stats(
         log q(y), log p(y) (NaN for y outside [0, V)),  r = log p(y) - log q(y),
         w = q(y) / (alpha p(y) + (1 - alpha) q(y))  (exactly 1 at alpha = 0),
         d/ds_v = (1/T) (a q_v (log q_v - log p_v - KL) + b ([v = y] - q_v) - c q_v (log q_v + H))
-    with upstream = (a, b, c) (each of the leading shape) and b counted as 0 where y is out of range; without
+    with upstream = (a, b, c) (each of the leading shape), and no one-hot [v = y] where y is out of range; without
     upstream, only the per-token terms (grad and grad_error None). Masked rows: every term and the gradient 0.
     Padding columns (past V) of the student: gradient 0.
     """
@@ -242,7 +242,8 @@ def exact_token_stats(
             per_token = tuple(torch.where(mask.detach().cpu().reshape(-1), x, 0.0) for x in per_token)
         return Exact(*(x.reshape(lead) for x in per_token), None, None)
     a, b, c = upstream.detach().cpu().double().reshape(3, n)
-    b = torch.where(in_range, b, 0.0)
+    if target is None:
+        b = torch.zeros_like(b)  # no log q(y): nothing for b to act on
     one_hot = torch.zeros_like(q)
     one_hot[torch.arange(n), column] = in_range.double()
     a_, b_, c_, kl_, h_ = (x[:, None] for x in (a, b, c, kl, entropy))

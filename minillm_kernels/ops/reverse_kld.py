@@ -26,9 +26,11 @@ The contract every kernel keeps:
   student's dtype.
 - No kernel reads outside the first ``vocab_size`` columns of a row, whatever ``target`` holds. An unmasked
   row whose target is outside ``[0, vocab_size)`` gets NaN log-probabilities (its KL and entropy as usual), and
-  its b counts as 0 in the backward: exactly what ``reference.token_stats`` gives under autograd. The public
-  functions raise a ValueError for such ids in eager mode; this is what a ``torch.compile`` graph (where that
-  data-dependent check cannot run) gets. Masked rows are not read and may hold any id.
+  in the backward its log q(y) = s'_y - lse(s') has no one-hot [v = y] but keeps the -b q_v of its lse part:
+  exactly what ``reference.token_stats`` gives under autograd. The public functions raise a ValueError for such
+  ids in eager mode; this is what a ``torch.compile`` graph (where that data-dependent check cannot run) gets,
+  and what a vocabulary shard that does not hold a row's target is given (``parallel.py``). Masked rows are not
+  read and may hold any id.
 """
 from __future__ import annotations
 
