@@ -410,6 +410,13 @@ MUTATIONS = (
         ("tests/test_benchmarks.py::test_minillm_step_variants_agree_with_naive",),
         "the minillm_step benchmark's naive variant computes KL(q || q) = 0, the reference the others are checked by",
     ),
+    Mutation(
+        "benchmark-all-gather-kl-q-q", "benchmarks/vocab_parallel.py",
+        "    return mk.fused_reverse_kld(_GatherColumns.apply(student), _GatherColumns.apply(teacher.detach()),",
+        "    return mk.fused_reverse_kld(_GatherColumns.apply(student), _GatherColumns.apply(student.detach()),",
+        ("tests/test_benchmarks.py::test_vocab_parallel_variants_are_checked_and_their_bytes_counted",),
+        "the vocab_parallel benchmark's all-gather baseline computes KL(q || q) = 0 (and would be timed as if right)",
+    ),
     # ---- the trainer under DDP and FSDP2 (2 gloo processes)
     Mutation(
         "fused-linear-outside-ddp", "examples/train.py",
