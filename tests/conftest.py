@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import pytest
@@ -311,3 +315,28 @@ def random_mask(rows: int, device: torch.device) -> torch.Tensor:
     mask = torch.rand(rows) < 0.7
     mask[0], mask[-1] = True, False
     return mask.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes.
+# ---------------------------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun(script: Path, *args: str, timeout: float, what: str) -> str:
+    """``script`` on 2 gloo CPU processes under torchrun (one thread each, the repository importable): its stdout.
+    Fails with the processes' stderr if the run fails, and kills the whole process group (torchrun and its workers)
+    after ``timeout`` seconds: a collective that hangs fails. ``what`` names the run in the failure."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               *args]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group: torchrun and its 2 workers
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{what} did not finish in {timeout} s", pytrace=False)
+    assert process.returncode == 0, stderr[-6000:]
+    return stdout

@@ -13,12 +13,8 @@ import math
 import os
 import random
 import re
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -28,6 +24,7 @@ import torch.multiprocessing as mp
 
 import minillm_kernels as mk
 from conftest import (
+    ROOT,
     Exact,
     accumulation_dtype,
     assert_gradient_within,
@@ -36,9 +33,9 @@ from conftest import (
     per_token_bound,
     require_backend,
     tolerance,
+    torchrun,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 RANKS_TIMEOUT_S = 240
 BATCH, SEQ = 2, 5  # 10 tokens, as [2, 5]: leading dimensions reshaped like a model's
 HIDDEN = 8
@@ -576,16 +573,5 @@ def test_a_mismatched_call_fails_on_every_rank_naming_the_argument(ranks, call):
 def test_the_readme_torchrun_example_matches_the_unsharded_loss():
     """``torchrun --nproc_per_node 2 examples/vocab_parallel.py``, as the README shows it: the losses from the sharded
     logits and from the sharded lm_heads (DTensors) and their gradients against the unsharded ones, on each process."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "examples" / "vocab_parallel.py")]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # its own process group: torchrun and its 2 workers
-    try:
-        stdout, stderr = process.communicate(timeout=RANKS_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"the example did not finish in {RANKS_TIMEOUT_S} s", pytrace=False)
-    assert process.returncode == 0, stderr[-6000:]
+    stdout = torchrun(ROOT / "examples" / "vocab_parallel.py", timeout=RANKS_TIMEOUT_S, what="the example")
     assert re.search(r"2 processes: loss \d+\.\d+ from the sharded logits and from the sharded lm_heads", stdout), stdout
