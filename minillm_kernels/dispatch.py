@@ -3,7 +3,8 @@
 ``fused_reverse_kld`` and ``fused_token_stats`` check their arguments, hand the ``[..., V]`` logits to one
 backend as they are (any strides in the leading dimensions: the kernels index rows through them, see
 ``ops/reverse_kld.py``; only a last dimension of stride other than 1 is copied) and reshape the per-token
-``[N]`` results back. Backends:
+``[N]`` results back (with ``process_group``, or DTensor logits, through ``parallel.py``: a vocabulary sharded over
+processes). Backends:
 
 =============  ===================================================  ==========================
 backend        what runs                                            tensors

@@ -38,6 +38,10 @@ The chunk loop runs inside two ``torch.library`` custom ops (``minillm_kernels::
 mask's contents, is made inside the op. Meta tensors get the outputs' shapes. The inputs are saved for the
 backward, so an in-place change of a weight between forward and backward is autograd's usual error.
 Gradients flow to the student hidden states, weight and bias; the teacher is frozen.
+
+Vocabulary-parallel (``process_group``, or DTensor weights; ``parallel.py``): each rank runs the chunk loop on its
+rows of both lm_heads, the per-token terms are combined over the ranks (for reduction "sum" / "mean", chunk by chunk,
+before each chunk's gradient), and grad h, each rank's G_r W_r, is summed over the ranks in the backward.
 """
 from __future__ import annotations
 
