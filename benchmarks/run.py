@@ -7,9 +7,10 @@ case (the high-water mark is reset after the warm-up), on the GPU with ``torch.c
 On the GPU it also gives the fraction of the memory-bandwidth floor: the bytes any implementation must move
 (forward: read both logits, 2 N V elements; forward+backward: read both once and write the gradient once,
 3 N V elements) over the measured time, against the bandwidth of a large device-to-device copy measured in
-the same run. Speed-ups are against the naive loss of the same shape in the same run. Before a variant is timed,
-its value and gradient are checked against the float64 reference on a small input of the case
-(``variants.disagreement``): one that disagrees is reported as an error and not timed, and the run exits non-zero.
+the same run. Speed-ups are against the naive loss of the same shape in the same run (for vocab_parallel: against
+all-gathering the logits). Before a variant is timed, its value and gradient are checked against the float64
+reference on a small input of the case (``variants.disagreement``): one that disagrees is reported as an error and
+not timed, and the run exits non-zero.
 Results: a markdown table on stdout, and ``table.md``, ``results.csv`` and one PNG plot per (op, dtype) under
 ``--out``, by default ``out/benchmarks/<device>-<date>/`` (git-ignored: a run is committed on purpose, by copying
 its folder to ``benchmarks/results/``, where the README's figures come from). ``--replot DIR`` redraws the plots
@@ -17,7 +18,9 @@ of a committed run from its ``results.csv``. The op ``linear_reverse_kld`` start
 ``--hidden`` and lm_head weights instead of logits (its bound is the matmuls' compute, so it gets no bandwidth
 fraction). The op ``minillm_step`` is one MiniLLM step's loss, forward and backward through a student, on a rollout
 of ``--models`` (``benchmarks/minillm_step.py``): its variants are checked against its naive variant, and it gets
-no plot (one shape per model).
+no plot (one shape per model). The op ``vocab_parallel`` is the reverse KL of logits sharded over the vocabulary
+across 2 gloo processes, ours against all-gathering the logits (``benchmarks/vocab_parallel.py``), with the bytes
+each process receives per step (``received_bytes``).
 """
 from __future__ import annotations
 
@@ -53,8 +56,9 @@ OUT = ROOT / "out" / "benchmarks"  # the default --out's parent, git-ignored; co
 WRONG = "error: disagrees with the float64 reference"  # the status of a variant that computes something else
 FIELDS = (
     "op", "variant", "tokens", "vocab", "hidden", "dtype", "status", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb",
-    "peak_extra_nv", "fwd_bandwidth_frac", "fwd_bwd_bandwidth_frac", "model", "held_nv",
+    "peak_extra_nv", "fwd_bandwidth_frac", "fwd_bwd_bandwidth_frac", "model", "held_nv", "world", "received_bytes",
 )
+BASELINES = {"vocab_parallel": "all_gather"}  # the variant each op's speed-ups refer to (default: "naive")
 
 
 def _proc_status_kb(key: str) -> int:
@@ -144,11 +148,16 @@ def measure(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: 
 
 
 def measure_case(case: dict, device: str, repeats: int) -> dict:
-    """``measure`` of an op's case, or ``minillm_step.measure_step`` of a ``minillm_step`` case (its ``model``)."""
+    """``measure`` of an op's case, or ``minillm_step.measure_step`` of a ``minillm_step`` case (its ``model``), or
+    ``vocab_parallel.measure_vocab_parallel`` of a ``vocab_parallel`` one (CPU)."""
     if case["op"] == "minillm_step":
         from benchmarks.minillm_step import measure_step
 
         return measure_step(case["model"], case["variant"], device, repeats)
+    if case["op"] == "vocab_parallel":
+        from benchmarks.vocab_parallel import measure_vocab_parallel
+
+        return measure_vocab_parallel(case["variant"], case["tokens"], case["vocab"], case["dtype"], repeats)
     keys = ("op", "variant", "tokens", "vocab", "dtype")
     return measure(*(case[k] for k in keys), device, repeats, case.get("hidden", 0))
 
@@ -193,7 +202,7 @@ def read_results(path: Path) -> tuple[str, list[dict]]:
         rows = [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(f)]
     for row in rows:
         for key, value in row.items():
-            if key in ("tokens", "vocab", "hidden"):
+            if key in ("tokens", "vocab", "hidden", "world", "received_bytes"):
                 row[key] = int(value)
             elif key not in ("op", "variant", "dtype", "status", "model"):
                 row[key] = float(value)
@@ -269,30 +278,38 @@ def versions() -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One line per case, with the forward+backward speed-up and memory against the naive loss of its shape; for
-    ``minillm_step`` rows (named by their model) also what the rollout holds (``held_nv``)."""
-    naive = {
+    """One line per case, with the forward+backward speed-up and memory against the baseline of its shape (the naive
+    loss; for ``vocab_parallel``, all-gathering the logits: ``BASELINES``); for ``minillm_step`` rows (named by their
+    model) also what the rollout holds (``held_nv``), for ``vocab_parallel`` rows what each process receives."""
+    baseline = {
         (r["op"], r.get("tokens"), r.get("vocab"), r["dtype"]): r
-        for r in rows if r["variant"] == "naive" and r["status"] == "ok"
+        for r in rows if r["variant"] == BASELINES.get(r["op"], "naive") and r["status"] == "ok"
     }
+    against = " / ".join(dict.fromkeys(BASELINES.get(r["op"], "naive") for r in rows)) or "naive"
     gpu = any("fwd_bwd_bandwidth_frac" in r for r in rows)
     held = any("held_nv" in r for r in rows)
-    header = "| op | tokens | vocab | dtype | variant | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs naive | peak extra MB | extra [N,V] fp32 |"
+    received = any("received_bytes" in r for r in rows)
+    header = (f"| op | tokens | vocab | dtype | variant | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs {against} | "
+              "peak extra MB | extra [N,V] fp32 |")
     rule = "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"
     if held:
         header += " held by the rollout [N,V] fp32 |"
         rule += "---:|"
+    if received:
+        header += " received per process per step | bytes per token |"
+        rule += "---:|---:|"
     if gpu:
         header += " fwd % of bandwidth floor | fwd+bwd % of floor |"
         rule += "---:|---:|"
     lines = [header, rule]
     for r in rows:
-        op = r["op"] + (f" ({r['model']})" if r.get("model") else f" (H={r['hidden']})" if r.get("hidden") else "")
+        op = r["op"] + (f" ({r['model']})" if r.get("model") else f" (H={r['hidden']})" if r.get("hidden") else
+                        f" ({r['world']} processes)" if r.get("world") else "")
         head = f"| {op} | {r.get('tokens', '-')} | {r.get('vocab', '-')} | {r['dtype']} | {r['variant']} |"
         if r["status"] != "ok":
-            lines.append(f"{head} {r['status']} |" + " |" * (4 + 2 * gpu + held))
+            lines.append(f"{head} {r['status']} |" + " |" * (4 + 2 * gpu + held + 2 * received))
             continue
-        base = naive.get((r["op"], r["tokens"], r["vocab"], r["dtype"]))
+        base = baseline.get((r["op"], r["tokens"], r["vocab"], r["dtype"]))
         speedup = f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if base else "-"
         line = (
             f"{head} {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {speedup} | {r['peak_extra_mb']:.0f} | "
@@ -300,12 +317,23 @@ def markdown_table(rows: list[dict]) -> str:
         )
         if held:
             line += f" {r['held_nv']:.2f} |" if "held_nv" in r else " - |"
+        if received:
+            line += (f" {_bytes(r['received_bytes'])} | {r['received_bytes'] / r['tokens']:,.1f} |"
+                     if "received_bytes" in r else " - | - |")
         if gpu and "fwd_bandwidth_frac" in r:
             line += f" {100 * r['fwd_bandwidth_frac']:.0f}% | {100 * r['fwd_bwd_bandwidth_frac']:.0f}% |"
         elif gpu:
             line += " - | - |"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _bytes(count: float) -> str:
+    """1.2 GB, 33 KB, 56 B."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count:.0f} B"
 
 
 def _progress(items: list, device: str):
@@ -322,7 +350,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (the test suite runs it)")
-    parser.add_argument("--op", nargs="+", choices=("reverse_kld", "token_stats", "linear_reverse_kld", "minillm_step"),
+    parser.add_argument("--op", nargs="+", choices=("reverse_kld", "token_stats", "linear_reverse_kld", "minillm_step",
+                                                    "vocab_parallel"),
                         default=["reverse_kld"])
     parser.add_argument("--hidden", type=int, help="hidden size H of linear_reverse_kld's inputs (default: per device)")
     parser.add_argument("--models", nargs="+", choices=("tiny", "llama-128k", "llama-4k"),
@@ -362,10 +391,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from benchmarks.minillm_step import VARIANTS as STEP_VARIANTS
     from benchmarks.variants import variants
+    from benchmarks.vocab_parallel import VARIANTS as PARALLEL_VARIANTS
 
+    if "vocab_parallel" in args.op and args.device != "cpu":
+        raise SystemExit("--op vocab_parallel runs on the CPU (gloo processes)")
     cases = []  # (op, variant, tokens, vocab, dtype, model)
     for op in args.op:
-        available = list(STEP_VARIANTS if op == "minillm_step" else variants(op, args.device))
+        special = {"minillm_step": STEP_VARIANTS, "vocab_parallel": PARALLEL_VARIANTS}
+        available = list(special[op] if op in special else variants(op, args.device))
         unknown = set(args.variants or ()) - set(available)
         if unknown:
             raise SystemExit(f"variants {sorted(unknown)} do not run here; available: {available}")

@@ -3,7 +3,8 @@
 ``fused_reverse_kld`` and ``fused_token_stats`` check their arguments, hand the ``[..., V]`` logits to one
 backend as they are (any strides in the leading dimensions: the kernels index rows through them, see
 ``ops/reverse_kld.py``; only a last dimension of stride other than 1 is copied) and reshape the per-token
-``[N]`` results back. Backends:
+``[N]`` results back (with ``process_group``, or DTensor logits, through ``parallel.py``: a vocabulary sharded over
+processes). Backends:
 
 =============  ===================================================  ==========================
 backend        what runs                                            tensors
@@ -35,7 +36,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from minillm_kernels import reference
+from minillm_kernels import parallel, reference
 from minillm_kernels._arguments import as_int, as_real
 from minillm_kernels.ops import reverse_kld as ops
 
@@ -206,6 +207,7 @@ def _validate(
     temperature: float,
     vocab_size: Optional[int],
     backend: str,
+    shards: Optional[parallel.VocabShards] = None,
 ) -> _Rows:
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):
@@ -227,7 +229,7 @@ def _validate(
     args = _validate_token_args(
         lead_shape, student_logits.device, torch.promote_types(student_logits.dtype, teacher_logits.dtype),
         {"student_logits": student_logits.shape[-1], "teacher_logits": teacher_logits.shape[-1]},
-        target_ids, mask, temperature, vocab_size, backend, inputs="logits",
+        target_ids, mask, temperature, vocab_size, backend, inputs="logits", shards=shards,
     )
     teacher_logits = frozen_teacher(teacher_logits, "teacher_logits")
     return _Rows(_unit_column_stride(student_logits), _unit_column_stride(teacher_logits), *args)
@@ -272,12 +274,24 @@ def _validate_token_args(
     backend: str,
     *,
     inputs: str,
+    shards: Optional[parallel.VocabShards] = None,
 ) -> _TokenArgs:
     """Checks what the logits-level and fused-linear functions share, once the logits' leading shape, device,
     dtype and vocabulary widths are known. ``vocab_widths`` maps the student's then the teacher's argument name
     to its vocabulary width (logits columns, or weight rows); ``inputs`` names the tensors that fix the leading
-    shape and device ("logits", "hidden states") in the messages."""
+    shape and device ("logits", "hidden states") in the messages. With ``shards`` the widths are local, equal for
+    both models, and ``vocab_size`` and the ids are global (up to the ranks' widths together)."""
     (student_name, student_width), (teacher_name, teacher_width) = vocab_widths.items()
+    vocab_name = "vocab_size"
+    if shards is not None:
+        if student_width != teacher_width:
+            raise ValueError(
+                f"with a process group, {student_name} and {teacher_name} must cover the same vocabulary columns: "
+                f"rank r holds global columns [r W, (r + 1) W) of both, but their local widths are {student_width} "
+                f"and {teacher_width}; pad both models' vocabularies to the same size"
+            )
+        vocab_name = f"vocab_size (global: {shards.world} ranks x {student_width} columns at most)"
+        student_width = teacher_width = shards.world * student_width
     if vocab_size is None:
         if student_width != teacher_width:
             raise ValueError(
@@ -286,7 +300,7 @@ def _validate_token_args(
             )
         vocab_size = student_width
     else:  # (at most the narrower width: the real vocabulary fits in both)
-        vocab_size = as_int("vocab_size", vocab_size, 1, min(student_width, teacher_width))
+        vocab_size = as_int(vocab_name, vocab_size, 1, min(student_width, teacher_width))
     as_real("temperature", temperature, 0.0, open_low=True)
     if mask is not None:
         _check_companion("mask", mask, lead_shape, device, inputs)
@@ -310,8 +324,13 @@ def _validate_token_args(
     return _TokenArgs(target_ids, mask, lead_shape, vocab_size, _choose_backend(backend, device, dtype, vocab_size))
 
 
-def _token_stats(rows: _Rows, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(kl, student_logprob, teacher_logprob, entropy)`` per row, ``[N]``, from the chosen backend."""
+def _token_stats(rows: _Rows, temperature: float, shards: Optional[parallel.VocabShards] = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kl, student_logprob, teacher_logprob, entropy)`` per row, ``[N]``, from the chosen backend (over the
+    vocabulary the ranks of ``shards`` hold together, if given)."""
+    if shards is not None:
+        return parallel.logits_token_stats(shards, rows.student, rows.teacher, rows.target, rows.mask, temperature,
+                                           rows.vocab_size, rows.backend)
     if rows.backend == "reference":  # the naive formulas, on [N, V] rows (a copy where the layout needs one)
         student, teacher = (x.reshape(-1, x.shape[-1]) for x in (rows.student, rows.teacher))
         return reference.token_stats(student, teacher, rows.target, rows.mask, temperature, rows.vocab_size)
@@ -348,6 +367,7 @@ def fused_reverse_kld(
     reduction: str = "mean",
     vocab_size: Optional[int] = None,
     backend: str = "auto",
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
 ) -> torch.Tensor:
     """Reverse KL divergence KL(q || p) of the student q from the teacher p, per token, fused.
 
@@ -370,13 +390,20 @@ def fused_reverse_kld(
         vocab_size: the real vocabulary size when the logits are padded to different widths; columns
             at or past it are ignored in both, without a copy.
         backend: "auto", "reference", "cpu", "triton" or "cuda" (see ``available_backends()``).
+        process_group: a vocabulary sharded over this group's P ranks (tensor parallelism): the logits are this
+            rank's columns [r W, (r + 1) W) of the vocabulary, W the same on every rank and for both models;
+            ``vocab_size`` (default P W) and target ids are global, the mask replicated. Every rank returns the
+            same loss, the unsharded one, and gets its slice of the unsharded gradient; the ranks exchange a few
+            numbers per token, never the logits (``parallel.py``). DTensor logits placed ``Shard(-1)`` bring
+            their mesh's group and need none (e.g. the output of ``ColwiseParallel(use_local_output=False)``).
 
     Returns:
         The loss, float32 (float64 if either logits tensor is float64). Logits holding NaN give NaN.
     """
     _check_reduction(reduction)
-    rows = _validate(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend)
-    kl = _token_stats(rows, temperature)[0]
+    shards, (student_logits, teacher_logits) = _logits_shards(process_group, student_logits, teacher_logits)
+    rows = _validate(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend, shards)
+    kl = _token_stats(rows, temperature, shards)[0]
     if reduction == "none":
         return kl.reshape(rows.lead_shape)
     total = kl.sum()
@@ -398,6 +425,7 @@ def fused_token_stats(
     with_entropy: bool = False,
     vocab_size: Optional[int] = None,
     backend: str = "auto",
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
 ) -> TokenStats:
     """Every per-token MiniLLM term for sampled tokens ``target_ids``, from one pass over the logits.
 
@@ -417,18 +445,28 @@ def fused_token_stats(
             (masked positions may hold anything, e.g. -100).
         mix_alpha: alpha in [0, 1] of the teacher-mixed sampling distribution (0: w = 1).
         weight_clip: optional ``(lo, hi)`` with 0 <= lo <= hi.
-        Other arguments as in ``fused_reverse_kld``.
+        Other arguments as in ``fused_reverse_kld`` (with ``process_group``, ``target_ids`` are global ids and
+        every rank gets the same ``TokenStats``).
 
     Returns:
         ``TokenStats`` of ``[...]`` tensors (float32; float64 if either logits tensor is float64), 0 where masked.
     """
     mix_alpha, weight_clip = _check_sampling_args(target_ids, mix_alpha, weight_clip)
-    rows = _validate(student_logits, teacher_logits, target_ids, mask, temperature, vocab_size, backend)
-    kl, student_logprob, teacher_logprob, entropy = _token_stats(rows, temperature)
+    shards, (student_logits, teacher_logits) = _logits_shards(process_group, student_logits, teacher_logits)
+    rows = _validate(student_logits, teacher_logits, target_ids, mask, temperature, vocab_size, backend, shards)
+    kl, student_logprob, teacher_logprob, entropy = _token_stats(rows, temperature, shards)
     return _assemble_token_stats(
         kl, student_logprob, teacher_logprob, entropy if with_entropy else None,
         rows.mask, rows.lead_shape, mix_alpha, weight_clip,
     )
+
+
+def _logits_shards(process_group, student_logits, teacher_logits):
+    """``(shards or None, (student_logits, teacher_logits) as this rank's local tensors)``: ``parallel.vocab_shards``
+    of a logits-level call."""
+    shards, logits = parallel.vocab_shards(
+        process_group, {"student_logits": (student_logits, -1), "teacher_logits": (teacher_logits, -1)})
+    return shards, logits
 
 
 def _check_sampling_args(

@@ -38,15 +38,19 @@ The chunk loop runs inside two ``torch.library`` custom ops (``minillm_kernels::
 mask's contents, is made inside the op. Meta tensors get the outputs' shapes. The inputs are saved for the
 backward, so an in-place change of a weight between forward and backward is autograd's usual error.
 Gradients flow to the student hidden states, weight and bias; the teacher is frozen.
+
+Vocabulary-parallel (``process_group``, or DTensor weights; ``parallel.py``): each rank runs the chunk loop on its
+rows of both lm_heads, the per-token terms are combined over the ranks (for reduction "sum" / "mean", chunk by chunk,
+before each chunk's gradient), and grad h, each rank's G_r W_r, is summed over the ranks in the backward.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-from minillm_kernels import reference
+from minillm_kernels import parallel, reference
 from minillm_kernels._arguments import as_int
 from minillm_kernels.dispatch import (
     TokenStats,
@@ -155,14 +159,9 @@ class _ChunkLogits:
 
 
 def _chunk_stats(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor], plan: _Plan):
-    """``(kl, student_logprob, teacher_logprob, entropy, row_stats)`` of a chunk's logits, from the chosen backend
-    (the reference has no row statistics: zeros, unused by its backward)."""
-    if plan.backend == "reference":
-        stats = reference.token_stats(student_logits, teacher_logits, target, None, plan.temperature, plan.vocab_size)
-        return (*stats, stats[0].new_zeros(stats[0].shape[0], 4))
-    return ops.token_stats(
-        student_logits, teacher_logits, target, None, 1.0 / plan.temperature, plan.vocab_size, plan.backend
-    )
+    """``(kl, student_logprob, teacher_logprob, entropy, row_stats)`` of a chunk's logits, from the chosen backend."""
+    return ops.backend_token_stats(student_logits, teacher_logits, target, None, plan.temperature, plan.vocab_size,
+                                   plan.backend)
 
 
 def _chunk_logit_gradient(
@@ -175,15 +174,8 @@ def _chunk_logit_gradient(
 ) -> Tensor:
     """d/ds of sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i over a chunk, ``[C, vocab]`` in the logits' dtype, from
     ``upstream = (a, b, c)`` and the forward's ``saved = (kl, entropy, row_stats)``."""
-    grad_kl, grad_student_logprob, grad_entropy = upstream
-    if plan.backend == "reference":  # (in closed form: autograd does not record inside a custom op)
-        return reference.token_stats_gradient(student_logits, teacher_logits, target, upstream, plan.temperature,
-                                              plan.vocab_size)
-    kl, entropy, row_stats = saved
-    return ops.token_stats_backward(
-        student_logits, teacher_logits, target, None, grad_kl, grad_student_logprob, grad_entropy,
-        kl, entropy, row_stats, 1.0 / plan.temperature, plan.vocab_size, plan.backend,
-    )
+    return ops.backend_logit_gradient(student_logits, teacher_logits, target, None, upstream, saved, plan.temperature,
+                                      plan.vocab_size, plan.backend)
 
 
 class _InputGradients:
@@ -340,6 +332,20 @@ def linear_reverse_kld_sum(
     """``(loss, grad_hidden, grad_weight, grad_bias)``: loss = scale sum_t KL_t over the counted tokens (scale = 1,
     or 1 / their count with ``mean``: 0 when none counts), and its gradients for an upstream gradient of 1,
     computed in the forward (those ``needs`` leaves out are empty)."""
+    return reverse_kld_sum_and_gradients(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                         teacher_bias, mask, temperature, vocab_size, chunk_size, backend, mean, needs)
+
+
+def reverse_kld_sum_and_gradients(
+    student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+    teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
+    mask: Optional[Tensor], temperature: float, vocab_size: int, chunk_size: int, backend: str, mean: bool,
+    needs: list[bool], combine: Optional[Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What ``linear_reverse_kld_sum`` returns. ``combine``, for a vocabulary shard (``parallel.py``), turns each
+    chunk's per-token terms into those of the whole vocabulary (a collective: every rank runs the same chunks),
+    which the loss sums and the chunk's gradient is computed from; the gradient of the hidden states is then this
+    shard's part of it."""
     student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
     teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
     grads = _InputGradients(student_hidden, student_weight, student_bias, tuple(needs), vocab_size)
@@ -350,7 +356,8 @@ def linear_reverse_kld_sum(
         chunk_logits = _ChunkLogits(student, teacher, plan)
         for rows in plan.chunks:
             hidden_rows, student_logits, teacher_logits = chunk_logits(rows)
-            kl, _, _, entropy, row_stats = _chunk_stats(student_logits, teacher_logits, None, plan)
+            stats = _chunk_stats(student_logits, teacher_logits, None, plan)
+            kl, _, _, entropy, row_stats = stats if combine is None else combine(stats)
             total += kl.sum()
             if grads.any:  # (the logit gradient, passed on directly, is freed before the next chunk's)
                 upstream = (torch.full_like(kl, scale), torch.zeros_like(kl), torch.zeros_like(kl))
@@ -379,14 +386,104 @@ def _setup_sum(ctx, inputs, output) -> None:
 
 def _sum_backward(ctx, grad_total, *unused):
     _, _, _, *grads = ctx.saved_tensors
-    # The stored gradients are for an upstream gradient of 1: scale them (in eager mode without a copy when it is
-    # 1, the common case: a copy of grad W is [V, H]).
+    return (*_scaled_gradients(grads, ctx.needs, grad_total), *(None,) * 10)
+
+
+def _scaled_gradients(grads: tuple[Tensor, ...], needs: list[bool], grad_total: Tensor) -> tuple[Optional[Tensor], ...]:
+    """The gradients stored for an upstream gradient of 1, scaled by ``grad_total`` (in eager mode without a copy
+    when it is 1, the common case: a copy of grad W is [V, H]); None where not needed."""
     unit = not torch.compiler.is_compiling() and not grad_total.is_meta and bool(grad_total == 1)
-    scaled = tuple((g if unit else g * grad_total.to(g.dtype)) if need else None for g, need in zip(grads, ctx.needs))
-    return (*scaled, *(None,) * 10)
+    return tuple((g if unit else g * grad_total.to(g.dtype)) if need else None for g, need in zip(grads, needs))
 
 
 linear_reverse_kld_sum.register_autograd(_sum_backward, setup_context=_setup_sum)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vocabulary-parallel: this rank's rows of both lm_heads (parallel.py)
+# --------------------------------------------------------------------------------------------------------------
+class _LinearShard(parallel.ShardTerms):
+    """A rank's rows [r W, (r + 1) W) of both lm_heads: its shard's terms and gradients by the chunk loop's custom ops
+    on its V_r real rows (none on a padding shard), with the chunk size the ranks agree on (the smallest default,
+    which depends on a GPU's free memory: the reduction "sum" / "mean" loop runs a collective per chunk)."""
+
+    def __init__(self, call: "_LinearCall") -> None:
+        self.temperature, self.vocab_size, chunk_size, self.backend = call.options
+        student_hidden, student_weight, _, teacher_hidden, *_ = call.tensors
+        self.shards, self.target, self.mask, self.teacher = call.shards, call.target, call.mask, call.tensors[3:]
+        self.width = student_weight.shape[0]
+        self.real_columns = self.shards.real_columns(self.width, self.vocab_size)
+        self.local_target = self.shards.local_target(call.target, self.width)
+        n_tokens = student_hidden.shape[0]
+        counted = n_tokens if call.mask is None else int(call.mask.sum())
+        own_chunk = chunk_size or default_chunk_size(counted, self.width, student_weight.dtype, student_hidden.device)
+        self.chunk_size = int(parallel.check_replicated(self.shards, {
+            "the local vocabulary width": self.width, "vocab_size": self.vocab_size, "the number of tokens": n_tokens,
+            "target_ids": parallel.fingerprint(call.target, call.mask), "mask": parallel.fingerprint(call.mask),
+            "student_hidden": parallel.fingerprint(student_hidden), "teacher_hidden": parallel.fingerprint(teacher_hidden),
+        }, student_hidden.device, least=own_chunk))
+
+    def _options(self) -> tuple:
+        return self.temperature, self.real_columns, self.chunk_size, self.backend
+
+    def local_stats(self, hidden, weight, bias):
+        return linear_token_stats(hidden, weight, bias, *self.teacher, self.local_target, self.mask, *self._options())
+
+    def local_gradients(self, student, upstream, saved, needs):
+        grads = linear_token_stats_backward(*student, *self.teacher, self.local_target, self.mask, *upstream, *saved,
+                                            *self._options(), list(needs))
+        return self._own_gradients(grads, needs)
+
+    def reverse_kld_sum(self, hidden, weight, bias, mean: bool, needs: list[bool]) -> tuple[Tensor, tuple]:
+        """``(loss, gradients)`` of reduction "sum" (``mean``: "mean") over the whole vocabulary: each chunk's terms
+        combined over the ranks before its gradient."""
+        def combine(local):
+            return parallel.combine(local, self.shards, width=self.width, vocab_size=self.vocab_size,
+                                    temperature=self.temperature)
+
+        total, *grads = reverse_kld_sum_and_gradients(hidden, weight, bias, *self.teacher, self.mask, *self._options(),
+                                                      mean, needs, combine)
+        return total, self._own_gradients(grads, needs)
+
+    def _own_gradients(self, grads, needs) -> tuple[Optional[Tensor], ...]:
+        """None where not needed; grad h summed over the ranks (each has its shard's part, G_r W_r)."""
+        if needs[0]:
+            self.shards.sum(grads[0])
+        return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+class _ShardedReverseKldSum(torch.autograd.Function):
+    """Reduction "sum" / "mean" of a vocabulary-sharded lm_head: the loss, its gradients computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, shard: _LinearShard, mean: bool, needs: list[bool], hidden, weight, bias):
+        total, grads = shard.reverse_kld_sum(hidden, weight, bias, mean, needs)
+        # The inputs are saved for autograd's version check only (as ``_setup_sum`` does).
+        ctx.save_for_backward(hidden, weight, bias, *(g if need else None for g, need in zip(grads, needs)))
+        ctx.needs = needs
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        _, _, _, *grads = ctx.saved_tensors
+        return (None, None, None, *_scaled_gradients(grads, ctx.needs, grad_total))
+
+
+def _token_stats(call: "_LinearCall") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(kl, student_logprob, teacher_logprob, entropy)``, ``[N]`` each, of a validated call."""
+    if call.shards is not None:
+        return _sharded_token_stats(call)
+    return linear_token_stats(*call.tensors, call.target, call.mask, *call.options)[:4]
+
+
+@torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
+def _sharded_token_stats(call: "_LinearCall") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return parallel.sharded_token_stats(_LinearShard(call), *call.tensors[:3])
+
+
+@torch.compiler.disable  # (likewise)
+def _sharded_reverse_kld_sum(call: "_LinearCall", mean: bool, needs: list[bool]) -> Tensor:
+    return _ShardedReverseKldSum.apply(_LinearShard(call), mean, needs, *call.tensors[:3])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -424,13 +521,20 @@ class _LinearCall(NamedTuple):
     mask: Optional[Tensor]  # [N] bool
     options: tuple  # (temperature, vocab_size, chunk_size: 0 for the default, backend)
     lead_shape: torch.Size
+    shards: Optional[parallel.VocabShards]  # the weights' rows are this rank's shard of the vocabulary
 
 
 def _validate_linear(
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-    target_ids, mask, temperature, vocab_size, chunk_size, backend,
+    target_ids, mask, temperature, vocab_size, chunk_size, backend, process_group,
 ) -> _LinearCall:
-    """Check everything a fused-linear function takes."""
+    """Check everything a fused-linear function takes (DTensors as this rank's local tensors)."""
+    shards, (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias) = \
+        parallel.vocab_shards(process_group, {
+            "student_hidden": (student_hidden, None), "student_weight": (student_weight, 0),
+            "student_bias": (student_bias, 0), "teacher_hidden": (teacher_hidden, None),
+            "teacher_weight": (teacher_weight, 0), "teacher_bias": (teacher_bias, 0),
+        })
     _check_projection("student", student_hidden, student_weight, student_bias)
     _check_projection("teacher", teacher_hidden, teacher_weight, teacher_bias)
     if student_hidden.device != teacher_hidden.device:
@@ -445,14 +549,14 @@ def _validate_linear(
     args = _validate_token_args(
         lead_shape, student_hidden.device, torch.promote_types(student_weight.dtype, teacher_weight.dtype),
         {"student_weight": student_weight.shape[0], "teacher_weight": teacher_weight.shape[0]},
-        target_ids, mask, temperature, vocab_size, backend, inputs="hidden states",
+        target_ids, mask, temperature, vocab_size, backend, inputs="hidden states", shards=shards,
     )
     teacher = tuple(None if x is None else frozen_teacher(x, name) for x, name in (
         (teacher_hidden, "teacher_hidden"), (teacher_weight, "teacher_weight"), (teacher_bias, "teacher_bias")))
     flat = lambda hidden: hidden.reshape(-1, hidden.shape[-1])  # noqa: E731
     tensors = (flat(student_hidden), student_weight, student_bias, flat(teacher[0]), *teacher[1:])
     options = (float(temperature), args.vocab_size, chunk_size, args.backend)
-    return _LinearCall(tensors, args.target, args.mask, options, lead_shape)
+    return _LinearCall(tensors, args.target, args.mask, options, lead_shape, shards)
 
 
 def _needs_grad(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor]) -> list[bool]:
@@ -475,6 +579,7 @@ def fused_linear_reverse_kld(
     vocab_size: Optional[int] = None,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
 ) -> Tensor:
     """``fused_reverse_kld`` of the logits ``h_s W_s^T + b_s`` and ``h_t W_t^T + b_t``, without the [N, V] logits.
 
@@ -490,6 +595,12 @@ def fused_linear_reverse_kld(
         student_bias, teacher_bias: optional ``[V_s]`` / ``[V_t]`` lm_head biases.
         chunk_size: tokens per chunk (default: ``default_chunk_size``, from V, the dtype and free GPU memory).
         mask, temperature, reduction, vocab_size, backend: as in ``fused_reverse_kld``.
+        process_group: a vocabulary sharded over this group's P ranks (a column-parallel lm_head): both weights
+            (and biases) are this rank's rows [r W, (r + 1) W), W the same on every rank and for both models, the
+            hidden states replicated; ``vocab_size`` (default P W) is global. Every rank returns the same loss and
+            gets its slice of grad W and grad b and the full grad h (its part all-reduced over the group in the
+            backward, as a column-parallel layer's input is: do not all-reduce it again). DTensor weights placed
+            ``Shard(0)`` (after ``ColwiseParallel``) bring their mesh's group. See ``parallel.py``.
         Any float dtypes: each model's matmul runs in its weight's dtype (see the module docstring).
 
     Returns:
@@ -498,11 +609,13 @@ def fused_linear_reverse_kld(
     _check_reduction(reduction)
     call = _validate_linear(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-        None, mask, temperature, vocab_size, chunk_size, backend,
+        None, mask, temperature, vocab_size, chunk_size, backend, process_group,
     )
     if reduction == "none":
-        return linear_token_stats(*call.tensors, None, call.mask, *call.options)[0].reshape(call.lead_shape)
+        return _token_stats(call)[0].reshape(call.lead_shape)
     needs = _needs_grad(*call.tensors[:3])
+    if call.shards is not None:
+        return _sharded_reverse_kld_sum(call, reduction == "mean", needs)
     return linear_reverse_kld_sum(*call.tensors, call.mask, *call.options, reduction == "mean", needs)[0]
 
 
@@ -523,6 +636,7 @@ def fused_linear_token_stats(
     vocab_size: Optional[int] = None,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
 ) -> TokenStats:
     """``fused_token_stats`` of the logits ``h_s W_s^T + b_s`` and ``h_t W_t^T + b_t``, without the [N, V] logits.
 
@@ -537,11 +651,9 @@ def fused_linear_token_stats(
     mix_alpha, weight_clip = _check_sampling_args(target_ids, mix_alpha, weight_clip)
     call = _validate_linear(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-        target_ids, mask, temperature, vocab_size, chunk_size, backend,
+        target_ids, mask, temperature, vocab_size, chunk_size, backend, process_group,
     )
-    kl, student_logprob, teacher_logprob, entropy, _ = linear_token_stats(
-        *call.tensors, call.target, call.mask, *call.options
-    )
+    kl, student_logprob, teacher_logprob, entropy = _token_stats(call)
     return _assemble_token_stats(
         kl, student_logprob, teacher_logprob, entropy if with_entropy else None,
         call.mask, call.lead_shape, mix_alpha, weight_clip,

@@ -7,6 +7,8 @@ are ``[N]``; the first ``vocab_size`` columns are the real vocabulary.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -19,9 +21,14 @@ def compute_dtype(*logits_dtypes: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def _scaled(logits: torch.Tensor, vocab_size: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """logits[:, :vocab_size] / T, in ``dtype``."""
+    return logits[:, :vocab_size].to(dtype) / temperature
+
+
 def _log_softmax(logits: torch.Tensor, vocab_size: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:
     """log softmax(logits[:, :vocab_size] / T), computed in ``dtype``."""
-    return torch.log_softmax(logits[:, :vocab_size].to(dtype) / temperature, dim=-1)
+    return torch.log_softmax(_scaled(logits, vocab_size, temperature, dtype), dim=-1)
 
 
 def token_stats(
@@ -37,9 +44,10 @@ def token_stats(
     log q = log_softmax(s / T), log p = log_softmax(t / T) over the first ``vocab_size`` columns, both in
     ``compute_dtype(student.dtype, teacher.dtype)`` (the dtype of the results); KL = sum_v q_v (log q_v -
     log p_v), H = -sum_v q_v log q_v, terms with q_v = 0 count 0. Without ``target`` the two log-probabilities
-    are zeros. A target outside [0, vocab_size) in an unmasked row gives NaN log-probabilities for that row
-    (and, under autograd, no gradient through them: the row's upstream gradient of log q(y) counts as 0);
-    masked rows may hold any id (e.g. -100). The teacher gets no gradient.
+    are zeros. A target outside [0, vocab_size) in an unmasked row has no column: NaN log-probabilities for
+    that row, and under autograd the gradient of log q(y) = s'_y - lse(s') without its one-hot, i.e. through the
+    -lse(s') part alone (-q), which every id has; masked rows may hold any id (e.g. -100). The teacher gets no
+    gradient.
     """
     dtype = compute_dtype(student.dtype, teacher.dtype)
     student_logq = _log_softmax(student, vocab_size, temperature, dtype)
@@ -56,7 +64,9 @@ def token_stats(
         in_range = (target >= 0) & (target < vocab_size)
         index = torch.where(in_range, target, 0).unsqueeze(-1)  # a column of the row whatever the id
         nan = student_logq.new_full((), float("nan"))
-        student_logprob = torch.where(in_range, student_logq.gather(-1, index).squeeze(-1), nan)
+        # Out of range: s'_y is NaN, the -lse(s') part remains (and with it the gradient -q).
+        no_column = nan - torch.logsumexp(_scaled(student, vocab_size, temperature, dtype), -1)
+        student_logprob = torch.where(in_range, student_logq.gather(-1, index).squeeze(-1), no_column)
         teacher_logprob = torch.where(in_range, teacher_logp.gather(-1, index).squeeze(-1), nan)
     stats = (kl, student_logprob, teacher_logprob, entropy)
     if mask is not None:
@@ -64,36 +74,57 @@ def token_stats(
     return stats
 
 
+def row_stats(student: torch.Tensor, teacher: torch.Tensor, temperature: float, vocab_size: int) -> torch.Tensor:
+    """The kernels' row statistics, ``[N, 4]`` in ``compute_dtype``: ``(c_s, log Z_s, c_t, log Z_t)``, with c a row's
+    largest logit over the first ``vocab_size`` columns (0 where all of them are -inf) and
+    log Z = logsumexp((x - c) / T), so that log q_v = (s_v - c_s) / T - log Z_s and lse(s / T) = c_s / T + log Z_s
+    (likewise for the teacher). No gradient."""
+    dtype = compute_dtype(student.dtype, teacher.dtype)
+
+    def centred(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = logits.detach()[:, :vocab_size].to(dtype)
+        centre = x.max(-1, keepdim=True).values
+        centre = torch.where(centre == -math.inf, 0.0, centre)
+        return centre.squeeze(-1), torch.logsumexp((x - centre) / temperature, -1)
+
+    return torch.stack((*centred(student), *centred(teacher)), -1)
+
+
 def token_stats_gradient(
     student: torch.Tensor,
     teacher: torch.Tensor,
     target: torch.Tensor | None,
+    mask: torch.Tensor | None,
     upstream: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     temperature: float,
     vocab_size: int,
 ) -> torch.Tensor:
     """d/d(student) of sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i, ``upstream = (a, b, c)`` each ``[N]``, in closed
-    form (for where autograd cannot record, e.g. inside a custom op), in the student's dtype:
+    form (for where autograd cannot record, e.g. inside a custom op), as the kernels' backward computes it: from
+    ``saved = (KL, H, row_stats)`` (``row_stats`` as ``row_stats`` gives them), in the student's dtype,
 
+        log q_v = (s_v - c_s) / T - log Z_s,     log p_v = (t_v - c_t) / T - log Z_t,
         (1/T) (a q_v (log q_v - log p_v - KL) + b ([v = y] - q_v) - c q_v (log q_v + H)),   0 where q_v = 0,
 
-    over the first ``vocab_size`` columns (0 past them), b counting as 0 for an out-of-range target, as
-    ``token_stats`` under autograd gives. Unmasked rows only (no ``mask``).
+    over the first ``vocab_size`` columns (0 past them and in rows ``mask`` leaves out), without the one-hot [v = y]
+    for an out-of-range target (as ``token_stats`` under autograd gives) and without b when there is no target.
     """
-    grad_kl, grad_student_logprob, grad_entropy = (u.unsqueeze(-1) for u in upstream)
     dtype = compute_dtype(student.dtype, teacher.dtype)
-    student_logq = _log_softmax(student, vocab_size, temperature, dtype)
-    teacher_logp = _log_softmax(teacher.detach(), vocab_size, temperature, dtype)
+    grad_kl, grad_student_logprob, grad_entropy, kl, entropy = (x.to(dtype).unsqueeze(-1) for x in (*upstream, *saved[:2]))
+    centre_s, log_z_s, centre_t, log_z_t = saved[2].to(dtype).unsqueeze(-1).unbind(-2)
+    student_logq = (student[:, :vocab_size].to(dtype) - centre_s) / temperature - log_z_s
+    teacher_logp = (teacher.detach()[:, :vocab_size].to(dtype) - centre_t) / temperature - log_z_t
     q = student_logq.exp()
-    live = q > 0
-    live_logq = torch.where(live, student_logq, 0.0)
-    kl = (q * torch.where(live, student_logq - teacher_logp, 0.0)).sum(-1, keepdim=True)
-    entropy = -(q * live_logq).sum(-1, keepdim=True)
-    grad = grad_kl * q * torch.where(live, student_logq - teacher_logp - kl, 0.0)
-    grad = grad - grad_entropy * q * (live_logq + entropy)
+    terms = grad_kl * (student_logq - teacher_logp - kl) - grad_entropy * (student_logq + entropy)
     if target is not None:
         in_range = ((target >= 0) & (target < vocab_size)).unsqueeze(-1)
         one_hot = torch.nn.functional.one_hot(torch.where(in_range.squeeze(-1), target, 0), vocab_size)
-        grad = grad + torch.where(in_range, grad_student_logprob, 0.0) * (one_hot - q)
+        terms = terms - grad_student_logprob
+    grad = torch.where(q > 0, q * terms, 0.0)
+    if target is not None:
+        grad = grad + grad_student_logprob * torch.where(in_range, one_hot, 0)
+    if mask is not None:
+        grad = torch.where(mask.unsqueeze(-1), grad, 0.0)
     grad = torch.nn.functional.pad(grad / temperature, (0, student.shape[-1] - vocab_size))
     return grad.to(student.dtype)

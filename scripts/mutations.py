@@ -72,8 +72,15 @@ MUTATIONS = (
         "cpu-out-of-range-target-clamped", "csrc/cpu/reverse_kld.cpp",
         "        } else if (tgt[i] >= 0 && tgt[i] < vocab_size) {\n          const int64_t y = tgt[i];",
         "        } else if (true) {\n          const int64_t y = std::min(std::max<int64_t>(tgt[i], 0), vocab_size - 1);",
-        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_no_gradient_through_them[cpu]",),
+        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_a_gradient_without_the_one_hot[cpu]",),
         "an out-of-range target is clamped to the last column: a silently wrong log-probability",
+    ),
+    Mutation(
+        "cpu-out-of-range-target-drops-b", "csrc/cpu/reverse_kld.cpp",
+        "(b_p != nullptr && tgt != nullptr) ? b_p[i] : acc_t(0),",
+        "(b_p != nullptr && in_vocab) ? b_p[i] : acc_t(0),",
+        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_a_gradient_without_the_one_hot[cpu]",),
+        "an out-of-range target drops its whole b, the -b q_v term too (what a vocabulary shard without the target needs)",
     ),
     Mutation(
         "cpu-row-offset-ignores-the-outer-stride", "csrc/common/row_strides.h",
@@ -101,8 +108,15 @@ MUTATIONS = (
         "triton-out-of-range-target-clamped", "minillm_kernels/ops/reverse_kld_triton.py",
         "        column = tl.where(in_range, target, 0)",
         "        column = tl.minimum(tl.maximum(target, 0), vocab_size - 1)\n        in_range = valid",
-        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_no_gradient_through_them[triton]",),
+        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_a_gradient_without_the_one_hot[triton]",),
         "an out-of-range target is clamped: a silently wrong log-probability",
+    ),
+    Mutation(
+        "triton-out-of-range-target-drops-b", "minillm_kernels/ops/reverse_kld_triton.py",
+        "        b = tl.load(grad_student_logprob_ptr + row).to(ACC_DTYPE)",
+        "        b = tl.where(in_range, tl.load(grad_student_logprob_ptr + row).to(ACC_DTYPE), 0.0)",
+        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_a_gradient_without_the_one_hot[triton]",),
+        "an out-of-range target drops its whole b, the -b q_v term too",
     ),
     Mutation(
         "triton-float32-sums", "minillm_kernels/ops/reverse_kld_triton.py",
@@ -115,8 +129,15 @@ MUTATIONS = (
         "reference-out-of-range-target-zero", "minillm_kernels/reference.py",
         '        nan = student_logq.new_full((), float("nan"))',
         '        nan = student_logq.new_full((), 0.0)',
-        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_no_gradient_through_them[reference]",),
+        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_a_gradient_without_the_one_hot[reference]",),
         "the reference gives log-probability 0 (probability 1) for an out-of-range target instead of NaN",
+    ),
+    Mutation(
+        "reference-out-of-range-target-drops-b", "minillm_kernels/reference.py",
+        "        no_column = nan - torch.logsumexp(_scaled(student, vocab_size, temperature, dtype), -1)",
+        "        no_column = nan",
+        ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_a_gradient_without_the_one_hot[reference]",),
+        "the reference's out-of-range log q(y) has no gradient at all (its -lse part dropped)",
     ),
     # ---- the CUDA kernels: only compiled here (no GPU), so only a build break can be caught
     Mutation(
@@ -201,6 +222,77 @@ MUTATIONS = (
         "    ctx.save_for_backward(None, None, None, *output[1:])",
         ("tests/test_fused_linear.py::test_a_weight_changed_in_place_before_the_backward_is_an_error",),
         "a weight changed in place between forward and backward silently gets the old weight's gradient",
+    ),
+    # ---- vocabulary-parallel losses (2 and 4 gloo processes)
+    Mutation(
+        "parallel-kl-without-the-shares", "minillm_kernels/parallel.py",
+        "math.inf, w * (kl_r + log_w - log_v))",
+        "math.inf, w * kl_r)",
+        ("tests/test_parallel.py::test_logits_losses_match_the_unsharded_oracle", "-k", "2-logits-cpu-fp64"),
+        "KL = sum_r w_r KL_r: the shards' local KLs weighted, without the KL between the shares",
+    ),
+    Mutation(
+        "parallel-backward-local-normaliser", "minillm_kernels/parallel.py",
+        "torch.stack((own[:, 0], lse_s - own[:, 0] * k, own[:, 2], lse_t - own[:, 2] * k), -1)",
+        "own[:, :4]",
+        ("tests/test_parallel.py::test_logits_losses_match_the_unsharded_oracle", "-k", "2-logits-cpu-fp64"),
+        "the backward recomputes each shard's own softmax (its local log Z) instead of the global one",
+    ),
+    Mutation(
+        "parallel-dead-shards-counted", "minillm_kernels/parallel.py",
+        "    dead = w == 0  # (not \"w > 0\": NaN logits keep their NaN)",
+        "    dead = w < 0",
+        ("tests/test_parallel.py::test_logits_losses_match_the_unsharded_oracle", "-k", "infinities or padding"),
+        "a shard with no student mass (all -inf, or the padding shard) enters the sums as 0 * NaN",
+    ),
+    Mutation(
+        "parallel-teacher-gap-nan", "minillm_kernels/parallel.py",
+        "torch.where(log_norm_t == -math.inf, math.inf, w * (kl_r + log_w - log_v))",
+        "w * (kl_r + log_w - log_v)",
+        ("tests/test_parallel.py::test_shards_without_mass_and_nan_logits",),
+        "a shard where the teacher has no mass and the student has gives KL = NaN instead of +inf",
+    ),
+    Mutation(
+        "parallel-owner-rank-0", "minillm_kernels/parallel.py",
+        'owner = target.div(width, rounding_mode="floor").clamp(0, shards.world - 1).unsqueeze(0)',
+        "owner = torch.zeros_like(target).unsqueeze(0)",
+        ("tests/test_parallel.py::test_logits_losses_match_the_unsharded_oracle", "-k", "2-logits-cpu-fp64"),
+        "log q(y) read from rank 0 whatever shard owns y",
+    ),
+    Mutation(
+        "parallel-mask-forgotten", "minillm_kernels/parallel.py",
+        "        outputs = tuple(torch.where(mask, x, 0.0) for x in outputs)",
+        "        pass",
+        ("tests/test_parallel.py::test_logits_losses_match_the_unsharded_oracle", "-k", "2-logits-cpu-fp64"),
+        "masked tokens get the combine of zeros (entropy log P) instead of 0",
+    ),
+    Mutation(
+        "parallel-ids-unchecked", "minillm_kernels/parallel.py",
+        '"target_ids": fingerprint(target, mask),',
+        '"target_ids": 0.0,',
+        ("tests/test_parallel.py::test_a_mismatched_call_fails_on_every_rank_naming_the_argument",),
+        "ranks passing different target ids get a silently wrong log q(y) instead of an error",
+    ),
+    Mutation(
+        "padding-shard-has-mass", "minillm_kernels/ops/reverse_kld.py",
+        "        row_stats[:, 1::2] = -math.inf",
+        "",
+        ("tests/test_parallel.py::test_logits_losses_match_the_unsharded_oracle", "-k", "padding"),
+        "a shard with no real column has log Z = 0 (one unit of mass) instead of -inf",
+    ),
+    Mutation(
+        "parallel-linear-grad-hidden-not-summed", "minillm_kernels/fused_linear.py",
+        "        if needs[0]:\n            self.shards.sum(grads[0])",
+        "        if False:\n            self.shards.sum(grads[0])",
+        ("tests/test_parallel.py::test_fused_linear_losses_match_the_unsharded_oracle", "-k", "2-linear-cpu"),
+        "each rank gets only its shard's part of grad h (G_r W_r), not their sum",
+    ),
+    Mutation(
+        "parallel-linear-sum-chunks-not-combined", "minillm_kernels/fused_linear.py",
+        "kl, _, _, entropy, row_stats = stats if combine is None else combine(stats)",
+        "kl, _, _, entropy, row_stats = stats",
+        ("tests/test_parallel.py::test_fused_linear_losses_match_the_unsharded_oracle", "-k", "2-linear-cpu"),
+        "reduction sum/mean over a sharded lm_head sums each shard's local KL",
     ),
     # ---- the MiniLLM objective
     Mutation(
@@ -409,6 +501,13 @@ MUTATIONS = (
         "teacher_logp = student_logq.detach()",
         ("tests/test_benchmarks.py::test_minillm_step_variants_agree_with_naive",),
         "the minillm_step benchmark's naive variant computes KL(q || q) = 0, the reference the others are checked by",
+    ),
+    Mutation(
+        "benchmark-all-gather-kl-q-q", "benchmarks/vocab_parallel.py",
+        "    return mk.fused_reverse_kld(_GatherColumns.apply(student), _GatherColumns.apply(teacher.detach()),",
+        "    return mk.fused_reverse_kld(_GatherColumns.apply(student), _GatherColumns.apply(student.detach()),",
+        ("tests/test_benchmarks.py::test_vocab_parallel_variants_are_checked_and_their_bytes_counted",),
+        "the vocab_parallel benchmark's all-gather baseline computes KL(q || q) = 0 (and would be timed as if right)",
     ),
     # ---- the trainer under DDP and FSDP2 (2 gloo processes)
     Mutation(

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import pytest
@@ -202,7 +206,7 @@ def exact_token_stats(
         log q(y), log p(y) (NaN for y outside [0, V)),  r = log p(y) - log q(y),
         w = q(y) / (alpha p(y) + (1 - alpha) q(y))  (exactly 1 at alpha = 0),
         d/ds_v = (1/T) (a q_v (log q_v - log p_v - KL) + b ([v = y] - q_v) - c q_v (log q_v + H))
-    with upstream = (a, b, c) (each of the leading shape) and b counted as 0 where y is out of range; without
+    with upstream = (a, b, c) (each of the leading shape), and no one-hot [v = y] where y is out of range; without
     upstream, only the per-token terms (grad and grad_error None). Masked rows: every term and the gradient 0.
     Padding columns (past V) of the student: gradient 0.
     """
@@ -242,7 +246,8 @@ def exact_token_stats(
             per_token = tuple(torch.where(mask.detach().cpu().reshape(-1), x, 0.0) for x in per_token)
         return Exact(*(x.reshape(lead) for x in per_token), None, None)
     a, b, c = upstream.detach().cpu().double().reshape(3, n)
-    b = torch.where(in_range, b, 0.0)
+    if target is None:
+        b = torch.zeros_like(b)  # no log q(y): nothing for b to act on
     one_hot = torch.zeros_like(q)
     one_hot[torch.arange(n), column] = in_range.double()
     a_, b_, c_, kl_, h_ = (x[:, None] for x in (a, b, c, kl, entropy))
@@ -310,3 +315,28 @@ def random_mask(rows: int, device: torch.device) -> torch.Tensor:
     mask = torch.rand(rows) < 0.7
     mask[0], mask[-1] = True, False
     return mask.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes.
+# ---------------------------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun(script: Path, *args: str, timeout: float, what: str) -> str:
+    """``script`` on 2 gloo CPU processes under torchrun (one thread each, the repository importable): its stdout.
+    Fails with the processes' stderr if the run fails, and kills the whole process group (torchrun and its workers)
+    after ``timeout`` seconds: a collective that hangs fails. ``what`` names the run in the failure."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               *args]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group: torchrun and its 2 workers
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{what} did not finish in {timeout} s", pytrace=False)
+    assert process.returncode == 0, stderr[-6000:]
+    return stdout

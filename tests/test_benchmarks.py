@@ -188,3 +188,17 @@ def test_a_wrong_minillm_step_variant_is_reported_and_not_timed(monkeypatch):
     line = markdown_table([{**row, "op": "minillm_step", "variant": "ours", "dtype": "fp32"}]).splitlines()[2]
     assert line.startswith("| minillm_step (llama-4k) | 32 | 4096 | fp32 | ours | error")
     assert line.count("|") == markdown_table([]).splitlines()[0].count("|") + 1  # + the held column
+
+
+def test_vocab_parallel_variants_are_checked_and_their_bytes_counted():
+    """On 2 gloo processes, both variants agree with the float64 reference (status ok) and the bytes each process
+    receives are what each sends by design: ours 8 float32 numbers per token plus the call's check (6 float64);
+    all-gathering the logits, both models' other half (vocabulary 1001, padded to 1002 columns: 501 per process)."""
+    from benchmarks.vocab_parallel import measure_vocab_parallel
+
+    tokens = 64
+    ours, gathered = (measure_vocab_parallel(variant, tokens, 1001, "fp32", repeats=1) for variant in ("ours", "all_gather"))
+    assert ours["status"] == "ok" and gathered["status"] == "ok", (ours, gathered)
+    assert ours["received_bytes"] == tokens * 8 * 4 + 6 * 8
+    assert gathered["received_bytes"] == 2 * tokens * 501 * 4
+    assert ours["world"] == 2 and 0 < ours["fwd_bwd_ms"] < 60_000

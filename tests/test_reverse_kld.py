@@ -462,10 +462,10 @@ def out_of_range_case(device, vocab):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_out_of_range_targets_give_nan_log_probabilities_and_no_gradient_through_them(backend):
+def test_out_of_range_targets_give_nan_log_probabilities_and_a_gradient_without_the_one_hot(backend):
     """At the op level (no eager check): NaN log-probabilities where an unmasked target is out of range, every other
-    output as usual, and that row's b counted as 0 in the gradient; no read outside the row (the Triton interpreter
-    segfaulted on ids of 1e9, a GPU would fault)."""
+    output as usual, and that row's gradient through log q(y) = s'_y - lse(s') without the one-hot (its -b q_v
+    stays); no read outside the row (the Triton interpreter segfaulted on ids of 1e9, a GPU would fault)."""
     require_backend(backend)
     device = device_for(backend)
     vocab = 64

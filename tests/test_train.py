@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import conftest
 import minillm_kernels as mk
 from minillm_kernels.data import causal_lm_logits
 from minillm_kernels.distributed import ModelRunner
@@ -402,19 +403,8 @@ def test_bad_paths_and_data_are_named(tmp_path, capsys):
 def torchrun(out_dir: Path, heldout_file: Path, *extra: str, timeout: float = 240) -> list[dict]:
     """examples/train.py on 2 gloo CPU processes (``FAST``, ``extra``); its log. Fails with the processes' stderr if
     the run fails, and kills the whole process group after ``timeout`` seconds (a collective that hangs fails)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "examples" / "train.py"), *FAST, *lm_flags(heldout_file), "--eval-data", str(heldout_file),
-               "--out-dir", str(out_dir), *extra]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # its own process group: torchrun and its 2 workers
-    try:
-        _, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"torchrun {' '.join(extra)} did not finish in {timeout} s", pytrace=False)
-    assert process.returncode == 0, stderr[-6000:]
+    conftest.torchrun(ROOT / "examples" / "train.py", *FAST, *lm_flags(heldout_file), "--eval-data", str(heldout_file),
+                      "--out-dir", str(out_dir), *extra, timeout=timeout, what=f"torchrun {' '.join(extra)}")
     return read_log(out_dir)
 
 

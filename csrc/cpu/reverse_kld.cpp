@@ -31,8 +31,10 @@
 // gradient is written contiguous, [N, Vs].
 //
 // Targets: an unmasked row whose target y is outside [0, vocab_size) gets log q(y) = log p(y) = NaN (and the
-// rest of its outputs as usual); its b counts as 0 in the backward (no one-hot column, no -b q_v term). No
-// column outside [0, vocab_size) of a row is ever read. Masked rows are not read and may hold any target.
+// rest of its outputs as usual); in the backward it has no one-hot column, but its -b q_v term stays (log q(y) =
+// k s_y - lse(k s): the lse part, and its gradient, exist for any id; a vocabulary shard that does not hold a row's
+// target passes such an id). No column outside [0, vocab_size) of a row is ever read. Masked rows are not read
+// and may hold any target.
 //
 // The inner loops are written so that gcc vectorises them (OpenMP simd reductions, a branch-free exp,
 // branch-free bf16/fp16 conversions); rows are spread over threads with at::parallel_for.
@@ -551,17 +553,17 @@ at::Tensor reverse_kld_backward(
         }
         const student_t* s = s_base + s_rows.offset(i);
         const teacher_t* t = t_base + t_rows.offset(i);
-        // b counts only with a target in the vocabulary (an out-of-range one has NaN log-probabilities).
-        const bool has_target = tgt != nullptr && tgt[i] >= 0 && tgt[i] < vocab_size;
+        // b counts wherever there is a target (its -b q_v term); the one-hot only for an id in the vocabulary.
+        const bool in_vocab = tgt != nullptr && tgt[i] >= 0 && tgt[i] < vocab_size;
         RowGrad<acc_t> g{stats_p[4 * i], stats_p[4 * i + 1], stats_p[4 * i + 2], stats_p[4 * i + 3],
-                         a_p != nullptr ? a_p[i] : acc_t(0), (b_p != nullptr && has_target) ? b_p[i] : acc_t(0),
+                         a_p != nullptr ? a_p[i] : acc_t(0), (b_p != nullptr && tgt != nullptr) ? b_p[i] : acc_t(0),
                          c_p != nullptr ? c_p[i] : acc_t(0), kl_p[i], ent_p[i],
                          static_cast<acc_t>(inv_temperature)};
         backward_row<student_t, teacher_t, acc_t>(s, t, out, vocab_size, g);
         if (width > vocab_size) {
           std::memset(static_cast<void*>(out + vocab_size), 0, sizeof(student_t) * (width - vocab_size));
         }
-        if (has_target) {
+        if (in_vocab) {
           // The one-hot part b [v == y], added to the target column's term before rounding.
           const int64_t y = tgt[i];
           const acc_t term = grad_term(g, load_as<acc_t>(s, y), load_as<acc_t>(t, y));

@@ -17,7 +17,8 @@
 // and writes, in one pass,
 //   grad_v = k ([q_v > 0] q_v (a (log q_v - log p_v - KL) - b - c (log q_v + H)) + b [v == y]),
 // 0 in the padding columns [n_cols, width) and in masked rows. A target outside [0, n_cols) in an unmasked row gives
-// NaN log-probabilities (it is never read) and its b counts as 0.
+// NaN log-probabilities (it is never read) and a gradient without the one-hot b [v == y] (the -b q_v term stays: it
+// comes from log Z, which every id has).
 //
 // Dtypes: student and teacher may differ (float32, float64, bfloat16, float16: 16 pairs); each is read in its own
 // dtype. Per-element arithmetic is in acc_t, double if either is float64, float otherwise; the sums Z_s, Z_t, E, A are
@@ -462,10 +463,11 @@ reverse_kld_backward_kernel(
   if (n_live > 0) {
     const student_t* s = student + student_rows.offset(row);
     const teacher_t* t = teacher + teacher_rows.offset(row);
-    // b counts only with a target in the vocabulary (an out-of-range one has NaN log-probabilities).
-    const bool has_target = target != nullptr && target[row] >= 0 && target[row] < n_cols;
-    const int target_col = has_target ? static_cast<int>(target[row]) : -1;
-    const acc_t b = has_target ? load_or_zero(grad_student_logprob, row) : acc_t(0);
+    // b counts wherever there is a target: its -b q_v term (through log Z) whatever the id, its one-hot only for an
+    // id in the vocabulary (an out-of-range one has no column: NaN log-probabilities, and no one-hot).
+    const bool in_vocab = target != nullptr && target[row] >= 0 && target[row] < n_cols;
+    const int target_col = in_vocab ? static_cast<int>(target[row]) : -1;
+    const acc_t b = target != nullptr ? load_or_zero(grad_student_logprob, row) : acc_t(0);
     const RowGrad<acc_t> g =
         row_grad(row_stats + 4 * row, load_or_zero(grad_kl, row), b, load_or_zero(grad_entropy, row), kl[row],
                  entropy[row], static_cast<acc_t>(inv_temperature), target_col);

@@ -26,9 +26,11 @@ The contract every kernel keeps:
   student's dtype.
 - No kernel reads outside the first ``vocab_size`` columns of a row, whatever ``target`` holds. An unmasked
   row whose target is outside ``[0, vocab_size)`` gets NaN log-probabilities (its KL and entropy as usual), and
-  its b counts as 0 in the backward: exactly what ``reference.token_stats`` gives under autograd. The public
-  functions raise a ValueError for such ids in eager mode; this is what a ``torch.compile`` graph (where that
-  data-dependent check cannot run) gets. Masked rows are not read and may hold any id.
+  in the backward its log q(y) = s'_y - lse(s') has no one-hot [v = y] but keeps the -b q_v of its lse part:
+  exactly what ``reference.token_stats`` gives under autograd. The public functions raise a ValueError for such
+  ids in eager mode; this is what a ``torch.compile`` graph (where that data-dependent check cannot run) gets,
+  and what a vocabulary shard that does not hold a row's target is given (``parallel.py``). Masked rows are not
+  read and may hold any id.
 """
 from __future__ import annotations
 
@@ -184,3 +186,49 @@ def _backward(ctx, grad_kl, grad_student_logprob, grad_teacher_logprob, grad_ent
 
 
 token_stats.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Any backend, "reference" included, and shards of a vocabulary: what the fused-linear chunk loop and the
+# vocabulary-parallel losses (``parallel.py``) call inside their own custom ops and autograd functions.
+# --------------------------------------------------------------------------------------------------------------
+def backend_token_stats(
+    student: Tensor, teacher: Tensor, target: Optional[Tensor], mask: Optional[Tensor], temperature: float,
+    vocab_size: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``token_stats`` of ``[..., V]`` logits on ``backend``: for "reference" its formulas (``reference.token_stats``
+    and ``reference.row_stats``, on the rows reshaped to ``[N, V]``). ``vocab_size`` may be 0 (a vocabulary shard
+    holding no real column): KL = H = 0, log-probabilities NaN (0 where masked; zeros without a target) and row
+    statistics (0, -inf, 0, -inf), i.e. log-normalisers -inf, no share of either softmax; nothing is read."""
+    if vocab_size == 0:
+        kl, student_logprob, teacher_logprob, entropy, row_stats = (x.zero_() for x in _empty_stats(student, teacher))
+        if target is not None:
+            no_column = torch.full_like(kl, math.nan) if mask is None else torch.where(mask, math.nan, kl)
+            student_logprob, teacher_logprob = no_column, no_column.clone()
+        row_stats[:, 1::2] = -math.inf
+        return kl, student_logprob, teacher_logprob, entropy, row_stats
+    if backend == "reference":
+        student_rows, teacher_rows = (x.reshape(-1, x.shape[-1]) for x in (student, teacher))
+        stats = reference.token_stats(student_rows, teacher_rows, target, mask, temperature, vocab_size)
+        return (*stats, reference.row_stats(student_rows, teacher_rows, temperature, vocab_size))
+    return token_stats(student, teacher, target, mask, 1.0 / temperature, vocab_size, backend)
+
+
+def backend_logit_gradient(
+    student: Tensor, teacher: Tensor, target: Optional[Tensor], mask: Optional[Tensor],
+    upstream: tuple[Tensor, Tensor, Tensor], saved: tuple[Tensor, Tensor, Tensor], temperature: float,
+    vocab_size: int, backend: str,
+) -> Tensor:
+    """``token_stats_backward`` on ``backend``: the gradient of sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i with
+    respect to ``student``, contiguous, of its shape, from ``upstream = (a, b, c)`` and ``saved = (kl, entropy,
+    row_stats)`` (what ``backend_token_stats`` gave, or statistics that stand for them, e.g. a whole vocabulary's);
+    for "reference" in closed form (``reference.token_stats_gradient``); zeros for ``vocab_size`` 0."""
+    if vocab_size == 0:
+        return _fresh_gradient(student).zero_()
+    if backend == "reference":
+        student_rows, teacher_rows = (x.reshape(-1, x.shape[-1]) for x in (student, teacher))
+        grad = reference.token_stats_gradient(student_rows, teacher_rows, target, mask, upstream, saved, temperature,
+                                              vocab_size)
+        return grad.view(student.shape)
+    return token_stats_backward(student, teacher, target, mask, *upstream, *saved, 1.0 / temperature, vocab_size,
+                                backend)

@@ -26,8 +26,8 @@ strides: row r starts at (r // rows_per_outer) * outer_stride + (r % rows_per_ou
 once per program). The gradient is written contiguous, [N, V_s].
 
 Targets: an unmasked row whose target is outside [0, vocab_size) gets NaN log-probabilities (its KL and
-entropy as usual) and its b counts as 0 in the backward; no load ever leaves the row. Masked rows are not
-read and may hold any id.
+entropy as usual) and, in the backward, no one-hot b [v == y]; its -b q_v term stays (log q(y) = k s_y - lse(k s):
+the lse part exists for any id). No load ever leaves the row. Masked rows are not read and may hold any id.
 
 Memory traffic per row of V columns: forward reads s and t once (2V elements), backward reads s and t
 once and writes the gradient once (3V elements).
@@ -174,9 +174,9 @@ def _reverse_kld_backward_kernel(
     log_z_t = tl.load(row_stats_ptr + 4 * row + 3).to(ACC_DTYPE)
     if HAS_TARGET:
         target = tl.load(target_ptr + row)
-        # b counts only with a target in the vocabulary (an out-of-range one has NaN log-probabilities).
+        # b counts wherever there is a target (its -b q_v term); the one-hot only for an id in the vocabulary.
         in_range = valid & (target >= 0) & (target < vocab_size)
-        b = tl.where(in_range, tl.load(grad_student_logprob_ptr + row).to(ACC_DTYPE), 0.0)
+        b = tl.load(grad_student_logprob_ptr + row).to(ACC_DTYPE)
         target = tl.where(in_range, target, -1)
     else:
         b = 0.0

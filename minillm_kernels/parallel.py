@@ -1,0 +1,319 @@
+"""Vocabulary-parallel losses: the logits (or the lm_head) sharded over the vocabulary across processes.
+
+Layout. Given ``process_group`` (P processes; or DTensor inputs sharded on the vocabulary, which bring their mesh's
+group), rank r holds the global columns [r W, (r + 1) W) of both models' logits, W its local width, the same on
+every rank and for both models; for the fused-linear functions, the rows [r W, (r + 1) W) of each lm_head weight
+and bias, the hidden states being replicated. ``target_ids`` (global ids) and ``mask`` are replicated, and
+``vocab_size`` is the global real vocabulary: rank r's real columns are the first V_r = clamp(vocab_size - r W, 0, W)
+of its shard (V_r = 0: a padding shard, whose kernel is skipped).
+
+The combine. With k = 1/T, rank r's kernel gives, over its V_r columns, the terms of its shard's own softmaxes
+q^r = softmax(k s^r) and p^r = softmax(k t^r): KL_r, H_r, log q^r(y), log p^r(y) (meaningful on the owner of y only)
+and its row statistics (c_s, log Z_s, c_t, log Z_t), whence the shard's log-normalisers L_s^r = c_s k + log Z_s and
+L_t^r = c_t k + log Z_t (-inf for a padding shard, or one where that model's logits are all -inf). Over the whole
+vocabulary, with lse_s = logsumexp_r L_s^r, lse_t likewise, and the shards' shares of the two softmaxes
+w_r = exp(L_s^r - lse_s), v_r = exp(L_t^r - lse_t) (so log q_v = log q^r_v + log w_r, log p_v = log p^r_v + log v_r
+for v in shard r):
+    KL = sum_r w_r (KL_r + log w_r - log v_r),          H = sum_r w_r (H_r - log w_r),
+    log q(y) = log q^o(y) + log w_o,                    log p(y) = log p^o(y) + log v_o     (o = y // W owns y),
+a shard with w_r = 0 counting 0 (KL = +inf where the teacher has no mass on a shard where the student has some; log
+q(y) = -inf where the owner's student logits are all -inf). Communication: one all-gather of the 8 per-row numbers
+(KL_r, H_r, the two log-probabilities, the row statistics) in the per-row dtype (32 bytes a token and rank in
+float32), never the logits; every rank then evaluates the formulas above in float64 on the same numbers, so every
+rank returns the same values.
+
+The backward needs no communication: the kernels' backward, given the global KL and H and log Z'_s = lse_s - c_s k
+in place of the shard's log Z_s (so that its log q_v = (s_v - c_s) k - log Z'_s is the global log q_v; likewise the
+teacher), writes each rank's slice of the unsharded gradient
+    grad s_v = k (a q_v (log q_v - log p_v - KL) + b ([v = y] - q_v) - c q_v (log q_v + H))
+from the upstream gradients a, b, c, replicated as the loss is (every rank computes the same loss from the same
+outputs). The owner of y passes its local id y - r W; on every other rank that id is out of the shard's range, and
+the kernels' out-of-range contract (``ops/reverse_kld.py``) adds -b q_v there but no one-hot. The fused-linear
+functions turn each rank's logit gradient G_r into its slice of grad W and grad b and into the partial G_r W_r of
+grad h, all-reduced (summed) in the backward, as the input of a column-parallel linear layer is: the gradient of
+the hidden states that comes back is already the full one on every rank.
+
+Checks: an all-gather of a few numbers per call (the local width, vocab_size, the number of tokens and fingerprints
+of target_ids, mask and the hidden states) makes a rank whose shard, ids or replicated inputs differ from the others'
+an error that names the argument, instead of a wrong loss or a collective that hangs. The vocabulary-parallel path
+runs eagerly: ``torch.compile`` runs it as a graph break (``fullgraph=True`` refuses it).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from minillm_kernels.ops import reverse_kld as ops
+
+Tensor = torch.Tensor
+
+ROW_NUMBERS = 8  # the per-row numbers each rank contributes: its row statistics (4), KL_r, H_r, log q^r(y), log p^r(y)
+
+
+class VocabShards:
+    """The process group a vocabulary is sharded over, and this rank's place in it."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+
+    def real_columns(self, width: int, vocab_size: int) -> int:
+        """V_r: how many of this rank's ``width`` columns are real, given the global ``vocab_size``."""
+        return min(max(vocab_size - self.rank * width, 0), width)
+
+    def local_target(self, target: Optional[Tensor], width: int) -> Optional[Tensor]:
+        """Global ids as this shard's column indices (out of [0, V_r) where another rank owns the id)."""
+        return None if target is None else target - self.rank * width
+
+    def all_gather(self, rows: Tensor) -> Tensor:
+        """``[P, *rows.shape]``: every rank's ``rows``, in rank order."""
+        every = rows.new_empty((self.world * rows.shape[0], *rows.shape[1:]))
+        dist.all_gather_single(every, rows.contiguous(), group=self.group)
+        return every.view(self.world, *rows.shape)
+
+    def sum(self, partial: Tensor) -> Tensor:
+        """``partial`` summed over the ranks, in place."""
+        dist.all_reduce(partial, group=self.group)
+        return partial
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The inputs: a process group, or DTensors sharded on the vocabulary
+# ---------------------------------------------------------------------------------------------------------------
+def vocab_shards(process_group: Optional[dist.ProcessGroup],
+                 inputs: dict[str, tuple[Optional[Tensor], Optional[int]]]) -> tuple[Optional[VocabShards], list]:
+    """The shards of a call and its tensors as this rank's local ones.
+
+    ``inputs`` maps each argument's name to ``(tensor or None, vocab_dim)``: the dimension that runs over the
+    vocabulary (-1 for logits, 0 for an lm_head weight or bias), or None for a replicated tensor (hidden states). A
+    DTensor must be ``Shard(vocab_dim)`` on one dimension of its mesh, evenly, and ``Replicate()`` on the others (a
+    replicated one ``Replicate()`` everywhere); its local tensor is used, and gradients flow back to it through
+    ``to_local()``. The group is that mesh dimension's, or ``process_group``: both given, they must be the same.
+    ``(None, tensors)`` when neither is given: the call is not vocabulary-parallel.
+    """
+    groups, local = [], []
+    for name, (x, vocab_dim) in inputs.items():
+        if isinstance(x, DTensor):
+            group, x = _dtensor_shard(name, x, vocab_dim)
+            if group is not None:
+                groups.append((name, group))
+        local.append(x)
+    if process_group is not None:
+        if not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD or "
+                            f"device_mesh.get_group()), got {type(process_group).__name__}")
+        groups.insert(0, ("process_group", process_group))
+    if not groups:
+        return None, local
+    (first_name, group), *others = groups
+    for name, other in others:
+        if other is not group:
+            raise ValueError(f"{name} is sharded over another process group than {first_name}: pass tensors of one "
+                             "device mesh dimension, and process_group=None or that dimension's group")
+    return VocabShards(group), local
+
+
+def _dtensor_shard(name: str, x: DTensor, vocab_dim: Optional[int]) -> tuple[Optional[dist.ProcessGroup], Tensor]:
+    """``(the group of the mesh dimension that shards x's vocabulary, or None, x's local tensor)``."""
+    want = "Replicate() on every mesh dimension" if vocab_dim is None else \
+        f"Shard({vocab_dim}) on one mesh dimension, evenly, and Replicate() on the others"
+    dim = None if vocab_dim is None else vocab_dim % x.dim()
+    sharding = [i for i, p in enumerate(x.placements) if isinstance(p, Shard) and p.dim % x.dim() == dim]
+    others_replicated = all(isinstance(p, Replicate) for i, p in enumerate(x.placements) if i not in sharding)
+    if len(sharding) > 1 or not others_replicated or (vocab_dim is not None and not sharding):
+        raise ValueError(f"{name} is a DTensor placed {tuple(x.placements)}; the loss takes {want}")
+    if not sharding:
+        return None, x.to_local()
+    mesh_dim = sharding[0]
+    parts = x.device_mesh.size(mesh_dim)
+    if x.shape[dim] % parts != 0:
+        raise ValueError(f"{name} has {x.shape[dim]} vocabulary entries, which do not split evenly over {parts} "
+                         "ranks: pad the vocabulary to a multiple of the number of ranks (columns past vocab_size are "
+                         "ignored)")
+    return x.device_mesh.get_group(mesh_dim), x.to_local()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------------------------------------------
+REPLICATED_FIXES = {
+    "the local vocabulary width": "every rank must hold W columns (rows of the lm_head): rank r holds global columns "
+                                  "[r W, (r + 1) W); pad the vocabulary to a multiple of the number of ranks",
+    "vocab_size": "pass the global vocabulary size on every rank",
+    "the number of tokens": "every rank must pass the same tokens (the logits' or hidden states' leading shape)",
+    "target_ids": "pass the same global token ids on every rank (not ids local to a shard, not another rank's batch)",
+    "mask": "pass the same mask on every rank",
+    "student_hidden": "the hidden states must be replicated over the process group (gather sequence-parallel "
+                      "activations before the loss)",
+    "teacher_hidden": "the hidden states must be replicated over the process group (gather sequence-parallel "
+                      "activations before the loss)",
+}
+
+
+def fingerprint(x: Optional[Tensor], mask: Optional[Tensor] = None) -> float:
+    """A number that differs, in practice, between two ``[N, ...]`` tensors that differ (rows ``mask`` leaves out
+    excluded): the rows' sums in float64, weighted by position. 0 for None."""
+    if x is None:
+        return 0.0
+    rows = x.detach().double() if x.dim() == 1 else x.detach().flatten(1).sum(-1, dtype=torch.float64)  # (no copy)
+    if mask is not None:
+        rows = torch.where(mask, rows, 0.0)
+    weights = torch.arange(rows.numel(), device=rows.device, dtype=torch.float64).remainder_(1021).add_(1)
+    return float((rows * weights).sum())
+
+
+def check_replicated(shards: VocabShards, facts: dict[str, float], device: torch.device, *,
+                     least: float = 0.0) -> float:
+    """Every rank must have the same value of each fact (one of ``REPLICATED_FIXES``'s keys): one all-gather, and
+    a ValueError naming the first fact that differs, every rank's value and the fix. Returns the smallest of the
+    ranks' ``least`` (a number they must agree on, such as a chunk size)."""
+    mine = torch.tensor([*facts.values(), least], dtype=torch.float64, device=device)
+    every = shards.all_gather(mine.unsqueeze(0)).squeeze(1).cpu()
+    for column, name in enumerate(facts):
+        values = every[:, column]
+        if not bool((values == values[0]).all()):
+            shown = [int(v) if v == int(v) else v for v in values.tolist()]
+            raise ValueError(f"{name} differs across the {shards.world} ranks of the process group "
+                             f"(per rank: {shown}): {REPLICATED_FIXES[name]}")
+    return float(every[:, -1].min())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The combine
+# ---------------------------------------------------------------------------------------------------------------
+def combine(local: Sequence[Tensor], shards: VocabShards, *, width: int, vocab_size: int, temperature: float,
+            target: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> tuple[Tensor, ...]:
+    """``(kl, student_logprob, teacher_logprob, entropy, row_stats)`` over the whole vocabulary from this rank's
+    ``local`` ones (``ops.backend_token_stats`` of its shard; the module docstring has the formulas), each ``[N]``
+    in the local ones' dtype, and the ``[N, 4]`` row statistics that make the kernels' backward compute the global
+    log q_v and log p_v on this shard: (c_s, lse_s - c_s k, c_t, lse_t - c_t k). ``target`` holds global ids (NaN
+    log-probabilities outside [0, vocab_size)); rows ``mask`` leaves out are 0."""
+    kl, student_logprob, teacher_logprob, entropy, row_stats = local
+    mine = torch.cat((row_stats, torch.stack((kl, entropy, student_logprob, teacher_logprob), -1)), -1)
+    every = shards.all_gather(mine).double()  # [P, N, 8]
+    centre_s, log_z_s, centre_t, log_z_t, kl_r, entropy_r, student_logprob_r, teacher_logprob_r = every.unbind(-1)
+    k = 1.0 / temperature
+    log_norm_s, log_norm_t = centre_s * k + log_z_s, centre_t * k + log_z_t  # L^r, [P, N]
+    lse_s, lse_t = log_norm_s.logsumexp(0), log_norm_t.logsumexp(0)
+    log_w, log_v = log_norm_s - lse_s, log_norm_t - lse_t
+    w = log_w.exp()
+    dead = w == 0  # (not "w > 0": NaN logits keep their NaN)
+    kl_terms = torch.where(log_norm_t == -math.inf, math.inf, w * (kl_r + log_w - log_v))
+    kl = torch.where(dead, 0.0, kl_terms).sum(0)
+    entropy = torch.where(dead, 0.0, w * (entropy_r - log_w)).sum(0)
+    if target is None:
+        student_logprob = teacher_logprob = torch.zeros_like(kl)
+    else:
+        owner = target.div(width, rounding_mode="floor").clamp(0, shards.world - 1).unsqueeze(0)
+        of_owner = lambda x: x.gather(0, owner).squeeze(0)  # noqa: E731
+        in_range = (target >= 0) & (target < vocab_size)
+        student_logprob = torch.where(of_owner(dead), -math.inf, of_owner(student_logprob_r + log_w))
+        teacher_logprob = torch.where(of_owner(log_norm_t) == -math.inf, -math.inf,
+                                      of_owner(teacher_logprob_r + log_v))
+        student_logprob, teacher_logprob = (torch.where(in_range, x, math.nan)
+                                            for x in (student_logprob, teacher_logprob))
+    outputs = (kl, student_logprob, teacher_logprob, entropy)
+    if mask is not None:
+        outputs = tuple(torch.where(mask, x, 0.0) for x in outputs)
+    own = every[shards.rank]
+    global_row_stats = torch.stack((own[:, 0], lse_s - own[:, 0] * k, own[:, 2], lse_t - own[:, 2] * k), -1)
+    return (*(x.to(row_stats.dtype) for x in outputs), global_row_stats.to(row_stats.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One autograd function for every vocabulary-parallel term: the shard's own terms, the combine, the backward
+# ---------------------------------------------------------------------------------------------------------------
+class ShardTerms:
+    """How one rank computes its shard's terms and gradients; ``LogitsShard`` below, the chunked lm_head's in
+    ``fused_linear.py``. ``student`` is the tuple of the student's tensors that get gradients (the logits; or the
+    hidden states, weight and bias); the rest (teacher, ids, mask, options) are attributes."""
+
+    shards: VocabShards
+    width: int  # W, the local vocabulary width
+    vocab_size: int  # global
+    temperature: float
+    target: Optional[Tensor]  # [N] global ids
+    mask: Optional[Tensor]  # [N]
+
+    def local_stats(self, *student: Optional[Tensor]) -> tuple[Tensor, ...]:
+        """This shard's ``(kl, student_logprob, teacher_logprob, entropy, row_stats)`` (``ops.backend_token_stats``)."""
+        raise NotImplementedError
+
+    def local_gradients(self, student: Sequence[Optional[Tensor]], upstream: tuple[Tensor, Tensor, Tensor],
+                        saved: tuple[Tensor, Tensor, Tensor], needs: Sequence[bool]) -> tuple[Optional[Tensor], ...]:
+        """The gradients of ``student`` (None where ``needs`` says none) from ``upstream = (a, b, c)`` and the
+        global ``saved = (kl, entropy, row_stats)`` of ``combine``."""
+        raise NotImplementedError
+
+    def combine(self, local: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """``combine`` of the call's ``local`` stats, with its ids and mask."""
+        return combine(local, self.shards, width=self.width, vocab_size=self.vocab_size,
+                       temperature=self.temperature, target=self.target, mask=self.mask)
+
+
+class _ShardedTokenStats(torch.autograd.Function):
+    """``(kl, student_logprob, teacher_logprob, entropy)`` over the whole vocabulary, ``[N]`` each, from one rank's
+    ``ShardTerms``; the teacher's log-probability has no gradient."""
+
+    @staticmethod
+    def forward(ctx, terms: ShardTerms, *student: Optional[Tensor]):
+        kl, student_logprob, teacher_logprob, entropy, row_stats = terms.combine(terms.local_stats(*student))
+        ctx.terms = terms
+        ctx.save_for_backward(*student, kl, entropy, row_stats)
+        ctx.mark_non_differentiable(teacher_logprob)
+        return kl, student_logprob, teacher_logprob, entropy
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_student_logprob, grad_teacher_logprob, grad_entropy):
+        *student, kl, entropy, row_stats = ctx.saved_tensors
+        # Unused outputs have no gradient; expanded ones (from .sum()) must be made contiguous.
+        upstream = tuple(kl.new_zeros(kl.shape) if g is None else g.to(kl.dtype).contiguous()
+                         for g in (grad_kl, grad_student_logprob, grad_entropy))
+        grads = ctx.terms.local_gradients(student, upstream, (kl, entropy, row_stats), ctx.needs_input_grad[1:])
+        return None, *grads
+
+
+def sharded_token_stats(terms: ShardTerms, *student: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(kl, student_logprob, teacher_logprob, entropy)``, ``[N]`` each, over the vocabulary ``terms`` shards."""
+    return _ShardedTokenStats.apply(terms, *student)
+
+
+class LogitsShard(ShardTerms):
+    """A rank's shard of the logits, ``[..., W]`` each (last-dimension stride 1, any leading strides)."""
+
+    def __init__(self, shards: VocabShards, teacher: Tensor, target: Optional[Tensor], mask: Optional[Tensor],
+                 temperature: float, vocab_size: int, backend: str, *, width: int) -> None:
+        self.shards, self.teacher, self.target, self.mask = shards, teacher, target, mask
+        self.temperature, self.vocab_size, self.backend, self.width = temperature, vocab_size, backend, width
+        self.real_columns = shards.real_columns(width, vocab_size)
+        self.local_target = shards.local_target(target, width)
+
+    def local_stats(self, student: Tensor) -> tuple[Tensor, ...]:
+        return ops.backend_token_stats(student, self.teacher, self.local_target, self.mask, self.temperature,
+                                       self.real_columns, self.backend)
+
+    def local_gradients(self, student, upstream, saved, needs):
+        if not needs[0]:
+            return (None,)
+        return (ops.backend_logit_gradient(student[0], self.teacher, self.local_target, self.mask, upstream, saved,
+                                           self.temperature, self.real_columns, self.backend),)
+
+
+@torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
+def logits_token_stats(shards: VocabShards, student: Tensor, teacher: Tensor, target: Optional[Tensor],
+                       mask: Optional[Tensor], temperature: float, vocab_size: int,
+                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(kl, student_logprob, teacher_logprob, entropy)``, ``[N]`` each, of validated vocabulary-sharded logits
+    (``dispatch.fused_token_stats`` and ``fused_reverse_kld`` with a process group), after ``check_replicated``."""
+    width = student.shape[-1]
+    check_replicated(shards, {
+        "the local vocabulary width": width, "vocab_size": vocab_size, "the number of tokens": math.prod(student.shape[:-1]),
+        "target_ids": fingerprint(target, mask), "mask": fingerprint(mask),
+    }, student.device)
+    terms = LogitsShard(shards, teacher, target, mask, temperature, vocab_size, backend, width=width)
+    return sharded_token_stats(terms, student)
