@@ -75,8 +75,8 @@ def setup(model: str, device: str) -> Setup:
     if model == "tiny":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from minillm_kernels.data import prompt_batch
-        from minillm_kernels.tiny import checkpoint_dir, tiny_splits
+        from minillm_kernels.training.data import prompt_batch
+        from minillm_kernels.training.tiny import checkpoint_dir, tiny_splits
 
         teacher, student = (AutoModelForCausalLM.from_pretrained(checkpoint_dir(name), dtype=torch.float32)
                             for name in ("teacher", "student-sft"))

@@ -38,7 +38,7 @@ student by nothing in a few hundred steps); every method of --compare uses it.
 Evaluation: held-out greedy scores every --eval-every steps; at the end the whole protocol: greedy, sampled at T = 1
 with each of --eval-samples seeds, and (tiny default) the exposure-bias measure ExAccErr on the long tasks. Gold tasks
 are scored by Rouge-L, exact match and calibration (ECE), open tasks (many right answers) by their validity rule
-and distinct-n (minillm_kernels/evaluation.py).
+and distinct-n (minillm_kernels/training/evaluation.py).
 
 Outputs in --out-dir (per method and seed with --compare: <method>/seed-<s>/): log.jsonl (one JSON record per step and
 per eval, flushed as written), checkpoint.pt (written to a temp file and renamed; loadable with
@@ -77,14 +77,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import minillm_kernels as mk
-from minillm_kernels.data import (
+from minillm_kernels.training.data import (
     IGNORE_INDEX, Example, causal_lm_logits, load_jsonl, load_texts, prompt_batch, teacher_answers,
     teacher_forced_batch,
 )
 from minillm_kernels.distributed import (
     full_state_dict, full_tensor, load_sharded, local_tensor, parallelize, save_sharded,
 )
-from minillm_kernels.evaluation import eval_mode, evaluate, exposure_bias, markdown_table, score_responses
+from minillm_kernels.training.evaluation import eval_mode, evaluate, exposure_bias, markdown_table, score_responses
 
 METHODS = ("sft", "kd", "seqkd", "minillm")
 # --compare: (name, --method, --teacher-answers), every one for each of --seeds
@@ -216,7 +216,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.chat_template = args.chat_template or args.teacher == "smollm2"
     args.cache_dir = args.cache_dir or str(default_cache_dir())
     if args.max_new_tokens is None:
-        from minillm_kernels.tiny import MAX_NEW_TOKENS
+        from minillm_kernels.training.tiny import MAX_NEW_TOKENS
 
         args.max_new_tokens = MAX_NEW_TOKENS if args.data == "tiny" else 128
     return args
@@ -240,12 +240,12 @@ def load_teacher(args, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.teacher == "smollm2":
-        from minillm_kernels.smollm2 import load_smollm2
+        from minillm_kernels.training.smollm2 import load_smollm2
 
         teacher, tokenizer = load_smollm2()
     else:
         if args.teacher == "tiny":
-            from minillm_kernels.tiny import checkpoint_dir
+            from minillm_kernels.training.tiny import checkpoint_dir
 
             path = checkpoint_dir("teacher")
         else:
@@ -262,11 +262,11 @@ def load_student(args, device):
     from transformers import AutoModelForCausalLM
 
     if args.student == "smollm2":
-        from minillm_kernels.smollm2 import cut_layers, load_smollm2
+        from minillm_kernels.training.smollm2 import cut_layers, load_smollm2
 
         student = cut_layers(load_smollm2()[0], args.student_layers)  # from a fresh copy: the teacher may be sharded
     elif args.student == "tiny":
-        from minillm_kernels.tiny import checkpoint_dir
+        from minillm_kernels.training.tiny import checkpoint_dir
 
         student = AutoModelForCausalLM.from_pretrained(checkpoint_dir("student-sft"), dtype=torch.float32)
     else:
@@ -282,7 +282,7 @@ def load_data(args, tokenizer) -> dict:
     heldout = load_jsonl(args.eval_data, require_response=True) if args.eval_data else None
     checkers, long_tasks = {}, ()
     if args.data == "tiny":
-        from minillm_kernels.tiny import LONG_TASKS, tiny_checkers, tiny_splits
+        from minillm_kernels.training.tiny import LONG_TASKS, tiny_checkers, tiny_splits
 
         splits = tiny_splits()
         pool, heldout = splits["prompts"], heldout or splits["heldout"]

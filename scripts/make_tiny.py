@@ -3,7 +3,7 @@
     python scripts/make_tiny.py teacher       # tokenizer, then the teacher until it masters the tasks
     python scripts/make_tiny.py student-sft   # the student fine-tuned on the prompt pool's gold answers
 
-Writes ``minillm_kernels/tiny/checkpoints/<name>/`` (float16 safetensors, config, tokenizer) and a log
+Writes ``minillm_kernels/training/tiny/checkpoints/<name>/`` (float16 safetensors, config, tokenizer) and a log
 ``<name>.log.jsonl`` beside it (held-out scores, greedy and sampled at T=1, at every evaluation). The teacher
 trains on a seeded stream of fresh examples (never a held-out prompt): it stands for a large model, far better
 than the student. It stops when every task reaches ``--target`` on the held-out split (greedy exact match for a
@@ -21,11 +21,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from minillm_kernels.data import causal_lm_logits, teacher_forced_batch
-from minillm_kernels.evaluation import evaluate, markdown_table
-from minillm_kernels.tiny import CHECKPOINTS, MAX_NEW_TOKENS, TASKS, tiny_checkers, tiny_config, tiny_splits
-from minillm_kernels.tiny.tasks import sample_examples
-from minillm_kernels.tiny.tokenizer import train_bpe_tokenizer
+from minillm_kernels.training.data import causal_lm_logits, teacher_forced_batch
+from minillm_kernels.training.evaluation import evaluate, markdown_table
+from minillm_kernels.training.tiny import CHECKPOINTS, MAX_NEW_TOKENS, TASKS, tiny_checkers, tiny_config, tiny_splits
+from minillm_kernels.training.tiny.tasks import sample_examples
+from minillm_kernels.training.tiny.tokenizer import train_bpe_tokenizer
 
 MAX_LENGTH = 64
 

@@ -403,7 +403,7 @@ MUTATIONS = (
         "a full disk gives a raw iostream error and leaves checkpoint.tmp",
     ),
     Mutation(
-        "data-eval-row-without-response", "minillm_kernels/data.py",
+        "data-eval-row-without-response", "minillm_kernels/training/data.py",
         "if require_response and not example.response:",
         "if False:",
         ("tests/test_train.py::test_bad_paths_and_data_are_named",),
@@ -411,14 +411,14 @@ MUTATIONS = (
     ),
     # ---- the fair comparison: the tiny tasks' validity rules, the teacher's answers, the evaluation protocol
     Mutation(
-        "checker-accepts-a-range-bound", "minillm_kernels/tiny/tasks.py",
+        "checker-accepts-a-range-bound", "minillm_kernels/training/tiny/tasks.py",
         "return int(low) < n < int(high) and n % 2 == (parity == \"Odd\")",
         "return int(low) <= n <= int(high) and n % 2 == (parity == \"Odd\")",
         ("tests/test_data.py::test_open_task_checkers_accept_exactly_the_right_answers",),
         "the number checker accepts the range's bounds, which the prompt excludes",
     ),
     Mutation(
-        "checker-accepts-an-unasked-sentence", "minillm_kernels/tiny/tasks.py",
+        "checker-accepts-an-unasked-sentence", "minillm_kernels/training/tiny/tasks.py",
         "and _is_grammatical(words) and set(asked) <= set(words)",
         "and _is_grammatical(words)",
         ("tests/test_data.py::test_open_task_checkers_reject_wrong_answers",),
@@ -439,7 +439,7 @@ MUTATIONS = (
         "kd --teacher-answers trains on the gold answers",
     ),
     Mutation(
-        "cache-key-ignores-the-teacher", "minillm_kernels/data.py",
+        "cache-key-ignores-the-teacher", "minillm_kernels/training/data.py",
         "    for name, tensor in sorted(model.state_dict().items()):",
         "    for name, tensor in []:",
         ("tests/test_data.py::test_teacher_answers_are_cached_under_a_key_of_the_teacher_the_prompts_and_the_seed",),
@@ -467,21 +467,21 @@ MUTATIONS = (
         "the warm-up default is 0, not the reference scripts' 100 steps",
     ),
     Mutation(
-        "exposure-bias-reverse-kl", "minillm_kernels/evaluation.py",
+        "exposure-bias-reverse-kl", "minillm_kernels/training/evaluation.py",
         "kl = (log_p.exp() * (log_p - log_q)).sum(-1)",
         "kl = (log_q.exp() * (log_q - log_p)).sum(-1)",
         ("tests/test_evaluation.py::test_exposure_bias_matches_its_definition_by_enumeration",),
         "ExAccErr accumulates KL(q || p) instead of the paper's E_p log p / q",
     ),
     Mutation(
-        "exposure-bias-oracle-on-student-prefixes", "minillm_kernels/evaluation.py",
+        "exposure-bias-oracle-on-student-prefixes", "minillm_kernels/training/evaluation.py",
         '(("regret", student), ("oracle_error", teacher))',
         '(("regret", student), ("oracle_error", student))',
         ("tests/test_evaluation.py::test_exposure_bias_matches_its_definition_by_enumeration",),
         "eps(l) is measured on the student's prefixes instead of the teacher's",
     ),
     Mutation(
-        "sampled-evaluation-unseeded", "minillm_kernels/evaluation.py",
+        "sampled-evaluation-unseeded", "minillm_kernels/training/evaluation.py",
         "    with seeded(sample_seed, next(model.parameters()).device):",
         "    with seeded(None, next(model.parameters()).device):",
         ("tests/test_evaluation.py::test_generation_is_seeded_and_leaves_the_global_random_state_alone",),
@@ -518,7 +518,7 @@ MUTATIONS = (
         "the fused-linear terms run on the student inside DDP, not through it: no gradient is all-reduced",
     ),
     Mutation(
-        "eval-mode-restores-the-wrapper-flag", "minillm_kernels/evaluation.py",
+        "eval-mode-restores-the-wrapper-flag", "minillm_kernels/training/evaluation.py",
         "        for module, training in modes:\n            module.training = training",
         "        model.train(modes[0][1])",
         ("tests/test_distributed.py::test_eval_mode_restores_each_module_through_a_wrapper",

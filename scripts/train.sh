@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job of the README's quick start: MiniLLM distillation of the embedded tiny default (teacher,
-# SFT student and data ship in minillm_kernels/tiny/), ending with the before/after held-out tables.
+# SFT student and data ship in minillm_kernels/training/tiny/), ending with the before/after held-out tables.
 # Extra arguments go to examples/train.py, e.g. `bash scripts/train.sh --compare` (sft, kd, seqkd, kd on the
 # teacher's answers and minillm, 3 seeds each: the README's fair table).
 source "$(dirname "$0")/env.sh"

@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from minillm_kernels.data import IGNORE_INDEX, Example, load_jsonl, load_texts, prompt_batch, teacher_forced_batch
+from minillm_kernels.training.data import IGNORE_INDEX, Example, load_jsonl, load_texts, prompt_batch, teacher_forced_batch
 from minillm_kernels.sampling import position_ids_from_attention_mask
-from minillm_kernels.tiny.tasks import (
+from minillm_kernels.training.tiny.tasks import (
     ADJECTIVES, ANSWER_CUE, CATEGORIES, NOUNS, OPEN_TASKS, PREPOSITIONS, TASKS, VERBS, is_valid, make_splits,
     sample_example,
 )
@@ -184,7 +184,7 @@ def test_unknown_task_is_rejected():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from minillm_kernels.tiny.tokenizer import train_bpe_tokenizer
+    from minillm_kernels.training.tiny.tokenizer import train_bpe_tokenizer
 
     corpus = make_splits(prompts_per_task=50, heldout_per_task=0, seed=1)["prompts"]
     return train_bpe_tokenizer([e.prompt + e.response for e in corpus], vocab_size=300)
@@ -265,7 +265,7 @@ def test_teacher_answers_are_cached_under_a_key_of_the_teacher_the_prompts_and_t
     is an error."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minillm_kernels.data import teacher_answers
+    from minillm_kernels.training.data import teacher_answers
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 
 import minillm_kernels as mk
 from minillm_kernels.distributed import ModelRunner, decoder_layers, parallelize
-from minillm_kernels.evaluation import eval_mode
-from minillm_kernels.tiny import checkpoint_dir
+from minillm_kernels.training.evaluation import eval_mode
+from minillm_kernels.training.tiny import checkpoint_dir
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from rouge_score import rouge_scorer
 
 import torch
 
-from minillm_kernels.evaluation import (
+from minillm_kernels.training.evaluation import (
     distinct_n, evaluate, exact_match, expected_calibration_error, exposure_bias, longest_common_subsequence,
     markdown_table, responses_and_confidences, rouge_l, rouge_tokens,
 )
@@ -94,8 +94,8 @@ def test_expected_calibration_error_known_values():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from minillm_kernels.tiny.tasks import make_splits
-    from minillm_kernels.tiny.tokenizer import train_bpe_tokenizer
+    from minillm_kernels.training.tiny.tasks import make_splits
+    from minillm_kernels.training.tiny.tokenizer import train_bpe_tokenizer
 
     corpus = make_splits(prompts_per_task=20, heldout_per_task=0, seed=1)["prompts"]
     return train_bpe_tokenizer([e.prompt + e.response for e in corpus], vocab_size=300)
@@ -127,7 +127,7 @@ def test_generation_is_seeded_and_leaves_the_global_random_state_alone(tokenizer
 
 
 def test_evaluate_scores_gold_tasks_against_the_gold_and_open_tasks_by_their_checker(tokenizer):
-    from minillm_kernels.data import Example
+    from minillm_kernels.training.data import Example
 
     model = random_llama(tokenizer, seed=0, scale=0.5)
     examples = [Example("copy", "Repeat: cat\nA:", " cat"), Example("pick", "Pick two food: egg rice\nA:", " egg rice"),
@@ -144,7 +144,7 @@ def test_exposure_bias_matches_its_definition_by_enumeration(tokenizer):
     parts of R(l) and l eps(l) against the exact expectations, enumerated over the first response token. t = 1: the
     prompt's KL(p || q), the same for both; t = 2: the mean of KL(p || q) after y_1 over y_1 ~ q (R), resp. y_1 ~ p
     (eps), given that y_1 is not EOS. (The samples are seeded: l = 1 and l = 2 see the same ones.)"""
-    from minillm_kernels.data import causal_lm_logits
+    from minillm_kernels.training.data import causal_lm_logits
 
     student, teacher = random_llama(tokenizer, seed=1, scale=0.05), random_llama(tokenizer, seed=2, scale=1.0)
     prompts = ["Max: 1 2\nA:", "Repeat: cat dog sun\nA:"]

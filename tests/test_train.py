@@ -20,9 +20,9 @@ from torch.utils._pytree import tree_flatten
 
 import conftest
 import minillm_kernels as mk
-from minillm_kernels.data import causal_lm_logits
+from minillm_kernels.training.data import causal_lm_logits
 from minillm_kernels.distributed import ModelRunner
-from minillm_kernels.tiny import checkpoint_dir, tiny_splits
+from minillm_kernels.training.tiny import checkpoint_dir, tiny_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))

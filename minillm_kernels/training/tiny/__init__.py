@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from minillm_kernels.tiny.tasks import LONG_TASKS, OPEN_TASKS, TASKS, is_valid, make_splits
+from minillm_kernels.training.tiny.tasks import LONG_TASKS, OPEN_TASKS, TASKS, is_valid, make_splits
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 PROMPTS_PER_TASK = 500

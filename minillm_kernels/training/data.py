@@ -174,7 +174,7 @@ def teacher_answers(
     the cache file if it was there: ``{"key", "seconds", "teacher_forward_tokens" (prompt and response tokens the
     teacher ran on), "generated_tokens" (response tokens, EOS included), "cached" (read from the cache)}``.
     """
-    from minillm_kernels.evaluation import generate_all  # (evaluation imports this module)
+    from minillm_kernels.training.evaluation import generate_all  # (evaluation imports this module)
 
     prompts = [e.prompt for e in examples]
     settings = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,

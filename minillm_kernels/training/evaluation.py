@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional, Protocol
 
 import torch
 
-from minillm_kernels.data import causal_lm_logits
+from minillm_kernels.training.data import causal_lm_logits
 
 _NON_ALPHANUMERIC = re.compile(r"[^a-z0-9]+")
 CALIBRATION_BINS = 10  # equal-width confidence bins of the expected calibration error

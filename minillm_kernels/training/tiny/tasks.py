@@ -47,7 +47,7 @@ import random
 import re
 from typing import Callable, NamedTuple, Optional
 
-from minillm_kernels.data import Example
+from minillm_kernels.training.data import Example
 
 WORDS = (
     "cat", "dog", "sun", "moon", "red", "blue", "tree", "fish",
