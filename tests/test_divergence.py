@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minillm_kernels as mk
-from conftest import FLOAT_DTYPES, accumulation_dtype, random_logits, random_mask, require_backend, ulp
+from conftest import accumulation_dtype, random_logits, random_mask, require_backend, ulp
 from minillm_kernels import reference
 
 DIVERGENCES = reference.DIVERGENCES

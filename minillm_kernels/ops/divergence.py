@@ -20,7 +20,8 @@ float64), per-row outputs in ``stats_dtype``, the gradient in the student's dtyp
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
