@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minillm_kernels as mk
-from conftest import accumulation_dtype, random_logits, random_mask, require_backend, ulp
+from conftest import accumulation_dtype, device_for, random_logits, random_mask, require_backend, ulp
 from minillm_kernels import reference
 
 DIVERGENCES = reference.DIVERGENCES
@@ -149,7 +149,8 @@ def test_the_reference_has_no_nan_where_probabilities_vanish(divergence):
 # ---------------------------------------------------------------------------------------------------------------
 # The kernels against the float64 reference.
 # ---------------------------------------------------------------------------------------------------------------
-BACKENDS = ("reference", "cpu")
+BACKENDS = ("reference", "cpu", "triton", "cuda")  # (triton: under the interpreter on CPU tensors without a GPU)
+KERNEL_BACKENDS = BACKENDS[1:]
 KAPPA = 16  # roundings a column's terms carry, in u of their magnitude (see error_scales)
 NAIVE_KAPPA = 335  # the reference backend's float32 formulas (conftest.NAIVE_FLOAT32_ROUNDINGS)
 BETA, SKEW = 0.3, 0.2  # away from 1/2 and from each other, so that a swapped coefficient shows
@@ -159,18 +160,18 @@ def run(backend, student, teacher, upstream=None, **kwargs):
     """Per-token divergence (reduction "none") and d/d(student) of sum(upstream * divergence)."""
     student = student.detach().clone().requires_grad_()
     value = mk.fused_divergence(student, teacher, reduction="none", backend=backend, **kwargs)
-    upstream = torch.ones_like(value) if upstream is None else upstream.to(value.dtype)
+    upstream = torch.ones_like(value) if upstream is None else upstream.to(value.device, value.dtype)
     (grad,) = torch.autograd.grad((upstream * value).sum(), student)
-    return value, grad
+    return value.cpu(), grad.cpu()
 
 
 def exact(student, teacher, upstream=None, *, divergence, beta=0.5, skew=0.1, mask=None, temperature=1.0,
           vocab_size=None):
     """The reference in float64 on the same (rounded) inputs: per-token values and their gradient."""
     width = student.shape[-1]
-    student64 = student.detach().double().reshape(-1, width).requires_grad_()
-    teacher64 = teacher.detach().double().reshape(-1, teacher.shape[-1])
-    flat_mask = None if mask is None else mask.reshape(-1)
+    student64 = student.detach().cpu().double().reshape(-1, width).requires_grad_()
+    teacher64 = teacher.detach().cpu().double().reshape(-1, teacher.shape[-1])
+    flat_mask = None if mask is None else mask.cpu().reshape(-1)
     value = reference.divergence(student64, teacher64, flat_mask, temperature, vocab_size or width, divergence,
                                  beta=beta, skew=skew)
     upstream = torch.ones_like(value) if upstream is None else upstream.double().reshape(-1)
@@ -189,8 +190,8 @@ def error_scales(student, teacher, upstream, *, temperature=1.0, vocab_size=None
     carries the per-token error)."""
     width = student.shape[-1]
     vocab = vocab_size or width
-    s = student.detach().double().reshape(-1, width)[:, :vocab] / temperature
-    t = teacher.detach().double().reshape(-1, teacher.shape[-1])[:, :vocab] / temperature
+    s = student.detach().cpu().double().reshape(-1, width)[:, :vocab] / temperature
+    t = teacher.detach().cpu().double().reshape(-1, teacher.shape[-1])[:, :vocab] / temperature
     log_q, log_p = s.log_softmax(-1), t.log_softmax(-1)
     weight = log_q.exp() + log_p.exp()
     magnitude = sum(torch.where(x.isinf(), 0.0, x.abs()) for x in (log_q, log_p))  # (a -inf is exact)
@@ -199,7 +200,7 @@ def error_scales(student, teacher, upstream, *, temperature=1.0, vocab_size=None
     g = torch.ones(s.shape[0], dtype=torch.float64) if upstream is None else upstream.double().reshape(-1)
     per_column = g.abs()[:, None] / temperature * (column + weight * per_token[:, None])
     if mask is not None:
-        keep = mask.reshape(-1)
+        keep = mask.cpu().reshape(-1)
         per_token, per_column = torch.where(keep, per_token, 0.0), torch.where(keep[:, None], per_column, 0.0)
     per_column = torch.nn.functional.pad(per_column, (0, width - vocab))
     return per_token.reshape(student.shape[:-1]), per_column.reshape(student.shape)
@@ -211,8 +212,8 @@ def tvd_sign_ambiguity(student, teacher, upstream, tolerance, *, temperature=1.0
     else 0."""
     width = student.shape[-1]
     vocab = vocab_size or width
-    log_q = (student.detach().double().reshape(-1, width)[:, :vocab] / temperature).log_softmax(-1)
-    log_p = (teacher.detach().double().reshape(-1, teacher.shape[-1])[:, :vocab] / temperature).log_softmax(-1)
+    log_q = (student.detach().cpu().double().reshape(-1, width)[:, :vocab] / temperature).log_softmax(-1)
+    log_p = (teacher.detach().cpu().double().reshape(-1, teacher.shape[-1])[:, :vocab] / temperature).log_softmax(-1)
     q, p = log_q.exp(), log_p.exp()
     magnitude = sum(torch.where(x.isinf(), 0.0, x.abs()) for x in (log_q, log_p))
     close = (q - p).abs() <= tolerance * (p + q) * (1 + magnitude)
@@ -266,7 +267,7 @@ def test_every_divergence_matches_the_float64_reference(backend, divergence, dty
     """Values and gradients for an upstream gradient other than 1, with a mask, an odd vocabulary, both models
     padded to different widths past vocab_size (NaN in the padding, never read), each input in its own dtype."""
     require_backend(backend)
-    rows, device = 7, torch.device("cpu")
+    rows, device = 7, device_for(backend)
     student = random_logits(rows, ODD_VOCAB + 3, dtypes[0], device)
     teacher = random_logits(rows, ODD_VOCAB + 5, dtypes[1], device)
     student[:, ODD_VOCAB:] = teacher[:, ODD_VOCAB:] = math.nan
@@ -283,7 +284,7 @@ def test_minus_infinity_and_extreme_logits(backend, divergence, dtype):
     other has none), and logits ~1e4 (one column takes nearly all the mass; exponents that overflow unless every
     column is centred on its row's maximum)."""
     require_backend(backend)
-    device = torch.device("cpu")
+    device = device_for(backend)
     student = random_logits(6, ODD_VOCAB, dtype, device)
     teacher = random_logits(6, ODD_VOCAB, dtype, device)
     student[0, :40] = -math.inf  # the student rules out what the teacher allows: KL(p || q) = inf
@@ -298,16 +299,18 @@ def test_minus_infinity_and_extreme_logits(backend, divergence, dtype):
         assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES[1:])
-def test_strided_views_read_in_place_give_what_contiguous_rows_give(divergence):
+def test_strided_views_read_in_place_give_what_contiguous_rows_give(backend, divergence):
     """A [:, -(N+1):-1] slice of [B, L, V] logits and a transposed teacher: the same bits as contiguous copies."""
-    require_backend("cpu")
-    student_full = torch.randn(3, 9, ODD_VOCAB) * 3
-    teacher_full = torch.randn(8, 3, ODD_VOCAB).to(torch.bfloat16)
+    require_backend(backend)
+    device = device_for(backend)
+    student_full = (torch.randn(3, 9, ODD_VOCAB) * 3).to(device)
+    teacher_full = torch.randn(8, 3, ODD_VOCAB).to(torch.bfloat16).to(device)
     student, teacher = student_full[:, -6:-1], teacher_full.transpose(0, 1)[:, 2:7]
     upstream = torch.randn(3, 5)
-    value, grad = run("cpu", student, teacher, upstream, divergence=divergence)
-    contiguous_value, contiguous_grad = run("cpu", student.contiguous(), teacher.contiguous(), upstream,
+    value, grad = run(backend, student, teacher, upstream, divergence=divergence)
+    contiguous_value, contiguous_grad = run(backend, student.contiguous(), teacher.contiguous(), upstream,
                                             divergence=divergence)
     assert torch.equal(value, contiguous_value) and torch.equal(grad, contiguous_grad)
     assert grad.is_contiguous()
@@ -319,8 +322,9 @@ def test_reductions_over_the_mask(backend, divergence):
     """"sum" and "mean" are the masked per-token values' sum and mean; a mask with no True gives 0 and a zero
     gradient."""
     require_backend(backend)
-    student, teacher = torch.randn(2, 4, 257) * 2, torch.randn(2, 4, 257) * 2
-    mask = torch.rand(2, 4) < 0.6
+    device = device_for(backend)
+    student, teacher = (torch.randn(2, 4, 257, device=device) * 2 for _ in range(2))
+    mask = torch.rand(2, 4, device=device) < 0.6
     mask[0, 0] = True
     per_token = mk.fused_divergence(student, teacher, divergence=divergence, mask=mask, reduction="none",
                                     backend=backend)
@@ -359,7 +363,9 @@ def test_beta_and_skew_near_their_ends(backend):
     chi2_pq, chi2_qp = (p * p / q).sum(-1) - 1, (q * q / p).sum(-1) - 1
 
     def loss(name, **kw):
-        return mk.fused_divergence(student, teacher, divergence=name, reduction="none", backend=backend, **kw)
+        device = device_for(backend)
+        return mk.fused_divergence(student.to(device), teacher.to(device), divergence=name, reduction="none",
+                                   backend=backend, **kw).cpu()
 
     forward, reverse = loss("forward_kl"), loss("reverse_kl")
     half = torch.full_like(forward, -0.5)
@@ -379,7 +385,8 @@ def test_beta_and_skew_near_their_ends(backend):
     # assert_close_to_exact; 1e-9 relative is what float64 leaves of them.
     for divergence in ("jsd", "skew_forward_kl", "skew_reverse_kl"):
         for kw in ({"beta": 1e-6, "skew": 1e-6}, {"beta": 1 - 1e-6, "skew": 1 - 1e-6}):
-            value, grad = run(backend, student, teacher, divergence=divergence, **kw)
+            value, grad = run(backend, student.to(device_for(backend)), teacher.to(device_for(backend)),
+                              divergence=divergence, **kw)
             want, want_grad = exact(student, teacher, divergence=divergence, **kw)
             torch.testing.assert_close(value, want, rtol=1e-9, atol=1e-14)
             torch.testing.assert_close(grad, want_grad, rtol=1e-9, atol=1e-14)
@@ -485,3 +492,18 @@ def test_float32_accuracy_at_a_realistic_size(divergence):
     teacher = random_logits(2048, 32000, torch.float32, torch.device("cpu"), scale=2.0)
     assert_close_to_exact("cpu", student, teacher, torch.randn(2048, dtype=torch.float64), divergence=divergence,
                           beta=BETA, skew=SKEW)
+
+
+@pytest.mark.parametrize("backend", ("triton", "cuda"))
+@pytest.mark.parametrize("divergence", ("forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"))
+def test_gpu_kernels_at_a_realistic_vocabulary(backend, divergence):
+    """32000 columns (several blocks per row: the online re-centring of pass 1 across blocks), float32 and a bfloat16
+    teacher, within the derived bound of the float64 reference: 3 rows under Triton's interpreter, 256 on a GPU."""
+    require_backend(backend)
+    device = device_for(backend)
+    rows = 3 if device.type == "cpu" else 256
+    student = random_logits(rows, 32000, torch.float32, device, scale=2.0)
+    teacher = random_logits(rows, 32000, torch.bfloat16, device, scale=2.0)
+    student[0] += torch.linspace(0, 40, 32000, device=device)  # a maximum that grows block after block
+    assert_close_to_exact(backend, student, teacher, torch.randn(rows, dtype=torch.float64), divergence=divergence,
+                          beta=BETA, skew=SKEW, temperature=0.7)

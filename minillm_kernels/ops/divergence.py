@@ -17,6 +17,7 @@ skew of 0 (where the skew KLs are the plain ones) goes to those of the plain KL:
 
 Dtypes as for the reverse KL: each input read in its own dtype, arithmetic in float32 (float64 if either is
 float64), per-row outputs in ``stats_dtype``, the gradient in the student's dtype; masked rows are not read (0).
+Kernels: "cpu" (``csrc/cpu/divergence.cpp``) and "triton" (``ops/divergence_triton.py``), with one signature.
 """
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ def _kernels(backend: str) -> tuple[Callable, Callable]:
 
         extension = load_extension()
         return extension.divergence_forward, extension.divergence_backward
+    if backend == "triton":
+        from minillm_kernels.ops import divergence_triton
+
+        return divergence_triton.forward, divergence_triton.backward
     raise ValueError(f"no divergence kernels for backend {backend!r}")
 
 
