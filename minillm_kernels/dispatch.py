@@ -483,8 +483,6 @@ def fused_divergence(
         raise NotImplementedError(f"divergence={divergence!r} with process_group (or DTensor logits) is not "
                                   "implemented yet: only 'reverse_kl' runs on a sharded vocabulary")
     rows = _validate(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend)
-    if rows.backend == "cuda":
-        raise NotImplementedError(f"divergence={divergence!r} has no 'cuda' kernel yet: pass backend='triton'")
     per_token = divergence_ops.divergence_rows(rows.student, rows.teacher, rows.mask, divergence, beta, skew,
                                                temperature, rows.vocab_size, rows.backend)
     return _reduce(per_token, rows.mask, rows.lead_shape, reduction)

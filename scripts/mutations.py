@@ -141,7 +141,7 @@ MUTATIONS = (
     ),
     # ---- the CUDA kernels: only compiled here (no GPU), so only a build break can be caught
     Mutation(
-        "cuda-does-not-compile", "csrc/cuda/reverse_kld.cu",
+        "cuda-does-not-compile", "csrc/cuda/device_math.cuh",
         "constexpr int kWarpSize = 32;",
         "constexpr int kWarpSize = 32",
         ("tests/test_cuda_compile.py",),

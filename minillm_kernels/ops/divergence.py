@@ -17,7 +17,8 @@ skew of 0 (where the skew KLs are the plain ones) goes to those of the plain KL:
 
 Dtypes as for the reverse KL: each input read in its own dtype, arithmetic in float32 (float64 if either is
 float64), per-row outputs in ``stats_dtype``, the gradient in the student's dtype; masked rows are not read (0).
-Kernels: "cpu" (``csrc/cpu/divergence.cpp``) and "triton" (``ops/divergence_triton.py``), with one signature.
+Kernels: "cpu" (``csrc/cpu/divergence.cpp``), "triton" (``ops/divergence_triton.py``) and "cuda"
+(``csrc/cuda/divergence.cu``), with one signature.
 """
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ def _kernels(backend: str) -> tuple[Callable, Callable]:
         from minillm_kernels.cpu import load_extension
 
         extension = load_extension()
+        return extension.divergence_forward, extension.divergence_backward
+    if backend == "cuda":
+        from minillm_kernels.cuda import load_extension as load_cuda_extension
+
+        extension = load_cuda_extension()
         return extension.divergence_forward, extension.divergence_backward
     if backend == "triton":
         from minillm_kernels.ops import divergence_triton
