@@ -16,7 +16,7 @@ from minillm_kernels.dispatch import (
     fused_reverse_kld,
     fused_token_stats,
 )
-from minillm_kernels.fused_linear import fused_linear_reverse_kld, fused_linear_token_stats
+from minillm_kernels.fused_linear import fused_linear_divergence, fused_linear_reverse_kld, fused_linear_token_stats
 from minillm_kernels.objective import (
     language_modeling_loss,
     length_normalized_returns,
@@ -43,6 +43,7 @@ __all__ = [
     # the same from hidden states and lm_head weights, chunked over tokens (fused_linear.py)
     "fused_linear_reverse_kld",
     "fused_linear_token_stats",
+    "fused_linear_divergence",
     # the MiniLLM objective (objective.py) and teacher-mixed sampling (sampling.py)
     "TeacherMixedSample",
     "language_modeling_loss",

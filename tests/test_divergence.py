@@ -119,6 +119,17 @@ def test_the_reference_gradient_is_the_closed_form(divergence):
     qa = partial_derivatives(divergence, q, p, beta, skew)
     want = upstream[:, None] * (qa - q * qa.sum(-1, keepdim=True)) / temperature
     torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-13)
+    # reference.divergence_gradient (the fused-linear reference backend's, inside a custom op) is that closed form,
+    # also with -inf columns (0 where the leading probability is 0), a mask and padding.
+    padded = torch.nn.functional.pad(student.detach(), (0, 2), value=float("nan"))
+    padded[0, :5] = -float("inf")
+    mask = torch.tensor([True, True, False, True, True])
+    value = reference.divergence(padded.requires_grad_(), teacher, mask, temperature, 97, divergence, beta=beta,
+                                 skew=skew)
+    (grad,) = torch.autograd.grad((upstream * value).sum(), padded)
+    closed = reference.divergence_gradient(padded, teacher, mask, upstream, temperature, 97, divergence, beta=beta,
+                                           skew=skew)
+    torch.testing.assert_close(closed, grad.nan_to_num(0.0), rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
