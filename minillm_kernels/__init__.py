@@ -2,14 +2,21 @@
 
     import minillm_kernels as mk
     loss = mk.fused_reverse_kld(student_logits, teacher_logits, mask=mask)       # KL(q || p)
+    loss = mk.fused_divergence(student_logits, teacher_logits, divergence="jsd", beta=0.5)  # or forward_kl, tvd...
     stats = mk.fused_token_stats(student_logits, teacher_logits, sampled_ids)    # per-token terms
     loss = mk.fused_linear_reverse_kld(student_hidden, student.lm_head.weight,   # from hidden states,
                                        teacher_hidden, teacher.lm_head.weight)   # without the logits
     rollout = mk.sample_teacher_mixed(student, teacher, prompt_ids, prompt_mask, max_new_tokens=64)
     loss, parts = mk.minillm_loss(stats, rollout.student_logprob, rewards, rollout.importance_weight, ...)
 """
-from minillm_kernels.dispatch import TokenStats, available_backends, fused_reverse_kld, fused_token_stats
-from minillm_kernels.fused_linear import fused_linear_reverse_kld, fused_linear_token_stats
+from minillm_kernels.dispatch import (
+    TokenStats,
+    available_backends,
+    fused_divergence,
+    fused_reverse_kld,
+    fused_token_stats,
+)
+from minillm_kernels.fused_linear import fused_linear_divergence, fused_linear_reverse_kld, fused_linear_token_stats
 from minillm_kernels.objective import (
     language_modeling_loss,
     length_normalized_returns,
@@ -32,9 +39,11 @@ __all__ = [
     "available_backends",
     "fused_reverse_kld",
     "fused_token_stats",
+    "fused_divergence",  # forward KL, JSD, skew KLs, TVD beside the reverse KL
     # the same from hidden states and lm_head weights, chunked over tokens (fused_linear.py)
     "fused_linear_reverse_kld",
     "fused_linear_token_stats",
+    "fused_linear_divergence",
     # the MiniLLM objective (objective.py) and teacher-mixed sampling (sampling.py)
     "TeacherMixedSample",
     "language_modeling_loss",

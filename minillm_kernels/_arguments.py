@@ -31,20 +31,22 @@ def as_int(name: str, value: object, low: int, high: float = math.inf) -> int:
 
 
 def as_real(name: str, value: object, low: float = -math.inf, high: float = math.inf, *,
-            open_low: bool = False) -> float:
-    """``value`` as a finite ``float`` in ``[low, high]`` (``(low, high]`` with ``open_low``); NaN is refused."""
+            open_low: bool = False, open_high: bool = False, hint: str = "") -> float:
+    """``value`` as a finite ``float`` in ``[low, high]`` (open at the ends ``open_low`` / ``open_high`` name); NaN is
+    refused. ``hint`` is added to the out-of-range message (what the value means, what to pass instead)."""
     value = _unwrap(value)
     if isinstance(value, bool) or not isinstance(value, (Real, torch.SymFloat)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     above_low = value > low if open_low else value >= low
+    below_high = value < high if open_high else value <= high
     # NaN fails every comparison; +-inf fails the finite bounds below.
-    if not (above_low and value <= high and -math.inf < value < math.inf):
-        raise ValueError(f"{name} must be {_range_words(low, high, open_low)}, got {value!r}")
+    if not (above_low and below_high and -math.inf < value < math.inf):
+        raise ValueError(f"{name} must be {_range_words(low, high, open_low, open_high)}, got {value!r}{hint}")
     return value if isinstance(value, (float, torch.SymFloat)) else float(value)
 
 
-def _range_words(low: float, high: float, open_low: bool) -> str:
-    """"a finite number > 0", "a number in [0, 1]", ..."""
+def _range_words(low: float, high: float, open_low: bool, open_high: bool = False) -> str:
+    """"a finite number > 0", "a number in [0, 1]", "a number in (0, 1)", ..."""
     if high == math.inf:
         return "a finite number" if low == -math.inf else f"a finite number {'>' if open_low else '>='} {low:g}"
-    return f"a number in {'(' if open_low else '['}{low:g}, {high:g}]"
+    return f"a number in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"

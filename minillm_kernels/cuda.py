@@ -3,7 +3,7 @@
 ``load_extension()`` returns None without a GPU (the backend is simply not available there). With one, it
 compiles the extension once per process for the current device's compute capability (``sm_90`` on an H100;
 torch caches the build across processes, one per capability) and returns the module, with ``forward``,
-``backward`` (the CPU extension's signatures) and ``forward_out`` / ``backward_out`` (into given outputs). It
+``backward``, ``divergence_forward``, ``divergence_backward`` (the CPU extension's signatures) and ``forward_out`` / ``backward_out`` (into given outputs). It
 needs ``nvcc`` (``CUDA_HOME``) and ninja; if the build fails it warns once and returns None, and Triton is used
 on CUDA tensors instead.
 """
@@ -31,7 +31,8 @@ def load_extension() -> ModuleType | None:
     cuda_dir = csrc_dir() / "cuda"
     return build_extension(
         f"minillm_kernels_cuda_sm{arch}",
-        [cuda_dir / "reverse_kld.cu", cuda_dir / "reverse_kld.cpp", cuda_dir / "bindings.cpp"],
+        [cuda_dir / "reverse_kld.cu", cuda_dir / "reverse_kld.cpp", cuda_dir / "divergence.cu",
+         cuda_dir / "divergence.cpp", cuda_dir / "bindings.cpp"],
         what="the CUDA kernel",
         instead="the 'cuda' backend is not available (CUDA tensors use Triton)",
         extra_cflags=["-O3"],

@@ -38,6 +38,7 @@ import torch
 
 from minillm_kernels import parallel, reference
 from minillm_kernels._arguments import as_int, as_real
+from minillm_kernels.ops import divergence as divergence_ops
 from minillm_kernels.ops import reverse_kld as ops
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -404,13 +405,87 @@ def fused_reverse_kld(
     shards, (student_logits, teacher_logits) = _logits_shards(process_group, student_logits, teacher_logits)
     rows = _validate(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend, shards)
     kl = _token_stats(rows, temperature, shards)[0]
+    return _reduce(kl, rows.mask, rows.lead_shape, reduction)
+
+
+def _reduce(per_token: torch.Tensor, mask: Optional[torch.Tensor], lead_shape: torch.Size,
+            reduction: str) -> torch.Tensor:
+    """The ``[N]`` per-token loss (0 where masked) reduced: "none" reshaped to ``lead_shape``, "sum", or "mean" over
+    the unmasked tokens (0, with zero gradient, when there are none)."""
     if reduction == "none":
-        return kl.reshape(rows.lead_shape)
-    total = kl.sum()
+        return per_token.reshape(lead_shape)
+    total = per_token.sum()
     if reduction == "sum":
         return total
-    count = kl.new_tensor(kl.numel()) if rows.mask is None else rows.mask.sum()
+    count = per_token.new_tensor(per_token.numel()) if mask is None else mask.sum()
     return total / count.clamp(min=1)
+
+
+def _check_divergence_args(divergence: str, beta: float, skew: float) -> tuple[float, float]:
+    """``(beta, skew)`` as floats, after checking them and the divergence's name."""
+    if divergence not in reference.DIVERGENCES:
+        raise ValueError(f"divergence must be one of {reference.DIVERGENCES}, got {divergence!r}")
+    beta = as_real("beta", beta, 0.0, 1.0, open_low=True, open_high=True,
+                   hint=" (the teacher's weight in the JSD's mixture m = beta p + (1 - beta) q; at 0 or 1 the JSD is "
+                        "0: for the limits use divergence='forward_kl' or 'reverse_kl', see docs/design.md)")
+    skew = as_real("skew", skew, 0.0, 1.0, open_high=True,
+                   hint=" (the leading model's weight in the skew KL's mixture; 0 is the plain KL, and at 1 the "
+                        "divergence is 0)")
+    return beta, skew
+
+
+def fused_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    mask: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    vocab_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
+) -> torch.Tensor:
+    """A divergence D(p, q) of the student q from the teacher p, per token, fused.
+
+    With q = softmax(s / T) and p = softmax(t / T) over the first ``vocab_size`` columns, ``divergence`` is one of
+        "reverse_kl"       KL(q || p) = sum_v q_v (log q_v - log p_v)                    (``fused_reverse_kld``)
+        "forward_kl"       KL(p || q) = sum_v p_v (log p_v - log q_v)
+        "jsd"              beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q   (TRL's convention)
+        "skew_forward_kl"  KL(p || m),  m = skew p + (1 - skew) q                         (DistiLLM's SKL)
+        "skew_reverse_kl"  KL(q || m),  m = skew q + (1 - skew) p                         (DistiLLM's SRKL)
+        "tvd"              1/2 sum_v |p_v - q_v|
+    terms whose leading probability is 0 counting 0. The gradient, with a_v = dD/dq_v (docs/design.md lists them):
+        dD/ds_v = (1/T) q_v (a_v - sum_u q_u a_u)   (no T^2 factor; 0 at p_v = q_v for the TVD's |.|).
+    Passes over each row: the reverse KL 1 forward (online), 1 backward; the others 2 forward (both log-normalisers,
+    then the terms), 1 backward. A skew of 0 is the plain KL and runs its kernel.
+
+    Args:
+        divergence: the name above.
+        beta: the JSD's teacher weight, in (0, 1) (0.5: the symmetric JSD). JSD / beta -> KL(p || q) as beta -> 0 and
+            JSD / (1 - beta) -> KL(q || p) as beta -> 1 (docs/design.md).
+        skew: the skew KLs' alpha, in [0, 1) (DistiLLM's default 0.1).
+        Other arguments as in ``fused_reverse_kld`` (``process_group`` and DTensor logits: the reverse KL only, so far).
+
+    Returns:
+        The loss, float32 (float64 if either logits tensor is float64). Logits holding NaN give NaN.
+    """
+    _check_reduction(reduction)
+    beta, skew = _check_divergence_args(divergence, beta, skew)
+    if divergence == "reverse_kl":
+        return fused_reverse_kld(student_logits, teacher_logits, mask=mask, temperature=temperature,
+                                 reduction=reduction, vocab_size=vocab_size, backend=backend,
+                                 process_group=process_group)
+    shards, (student_logits, teacher_logits) = _logits_shards(process_group, student_logits, teacher_logits)
+    if shards is not None:
+        raise NotImplementedError(f"divergence={divergence!r} with process_group (or DTensor logits) is not "
+                                  "implemented yet: only 'reverse_kl' runs on a sharded vocabulary")
+    rows = _validate(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend)
+    per_token = divergence_ops.divergence_rows(rows.student, rows.teacher, rows.mask, divergence, beta, skew,
+                                               temperature, rows.vocab_size, rows.backend)
+    return _reduce(per_token, rows.mask, rows.lead_shape, reduction)
 
 
 def fused_token_stats(

@@ -39,6 +39,11 @@ mask's contents, is made inside the op. Meta tensors get the outputs' shapes. Th
 backward, so an in-place change of a weight between forward and backward is autograd's usual error.
 Gradients flow to the student hidden states, weight and bias; the teacher is frozen.
 
+``fused_linear_divergence`` runs the same chunk loop for the divergence family (``ops/divergence.py``): its forward
+keeps per token the value, ``mean_partial = sum_v q_v a_v`` and the row statistics, and its backward recomputes each
+chunk's logits and writes G_c = g k q (a - mean_partial) (six matmuls per chunk, for every reduction; the reverse KL
+is ``fused_linear_reverse_kld``'s, with its four-matmul scalar path).
+
 Vocabulary-parallel (``process_group``, or DTensor weights; ``parallel.py``): each rank runs the chunk loop on its
 rows of both lm_heads, the per-token terms are combined over the ranks (for reduction "sum" / "mean", chunk by chunk,
 before each chunk's gradient), and grad h, each rank's G_r W_r, is summed over the ranks in the backward.
@@ -55,11 +60,14 @@ from minillm_kernels._arguments import as_int
 from minillm_kernels.dispatch import (
     TokenStats,
     _assemble_token_stats,
+    _check_divergence_args,
     _check_reduction,
     _check_sampling_args,
+    _reduce,
     _validate_token_args,
     frozen_teacher,
 )
+from minillm_kernels.ops import divergence as divergence_ops
 from minillm_kernels.ops import reverse_kld as ops
 
 Tensor = torch.Tensor
@@ -658,3 +666,179 @@ def fused_linear_token_stats(
         kl, student_logprob, teacher_logprob, entropy if with_entropy else None,
         call.mask, call.lead_shape, mix_alpha, weight_clip,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The divergence family (ops/divergence.py) from hidden states: the same chunk loop, per-token upstreams.
+# --------------------------------------------------------------------------------------------------------------
+def _chunk_divergence(student_logits: Tensor, teacher_logits: Tensor, plan: _Plan, divergence: str,
+                      coefficient: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(value, mean_partial, row_stats)`` of a chunk's logits on the plan's backend (for "reference": the reference
+    formula's value, and zeros for the other two, which its backward does not use)."""
+    if plan.backend == "reference":
+        value = reference.divergence(student_logits, teacher_logits, None, plan.temperature, plan.vocab_size,
+                                     divergence, beta=coefficient, skew=coefficient)
+        return value, torch.zeros_like(value), value.new_zeros(value.shape[0], 4)
+    return divergence_ops.divergence(student_logits, teacher_logits, None, divergence, coefficient,
+                                     1.0 / plan.temperature, plan.vocab_size, plan.backend)
+
+
+def _chunk_divergence_gradient(student_logits: Tensor, teacher_logits: Tensor, grad_value: Tensor,
+                               saved: tuple[Tensor, Tensor], plan: _Plan, divergence: str,
+                               coefficient: float) -> Tensor:
+    """d/ds of sum_i g_i D_i over a chunk, ``[C, vocab]`` in the logits' dtype, from the forward's ``saved =
+    (mean_partial, row_stats)`` (for "reference": ``reference.divergence_gradient``, in closed form)."""
+    if plan.backend == "reference":
+        return reference.divergence_gradient(student_logits, teacher_logits, None, grad_value, plan.temperature,
+                                             plan.vocab_size, divergence, beta=coefficient, skew=coefficient)
+    return divergence_ops.divergence_backward(student_logits, teacher_logits, None, grad_value, *saved, divergence,
+                                              coefficient, 1.0 / plan.temperature, plan.vocab_size, plan.backend)
+
+
+@torch.library.custom_op("minillm_kernels::linear_divergence", mutates_args=())
+def linear_divergence(
+    student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+    teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor], mask: Optional[Tensor],
+    divergence: str, coefficient: float, temperature: float, vocab_size: int, chunk_size: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token ``(value, mean_partial, row_stats)``, ``[N]``, ``[N]`` and ``[N, 4]``; 0 for tokens the mask leaves
+    out."""
+    student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
+    teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
+    outputs = _linear_divergence_outputs(student_hidden, student_weight, teacher_weight, zeros=True)
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        plan = _make_plan(student, mask, None, temperature, vocab_size, chunk_size, backend)
+        chunk_logits = _ChunkLogits(student, teacher, plan)
+        for rows in plan.chunks:
+            _, student_logits, teacher_logits = chunk_logits(rows)
+            for out, value in zip(outputs, _chunk_divergence(student_logits, teacher_logits, plan, divergence,
+                                                             coefficient)):
+                out[rows] = value
+    return outputs
+
+
+@linear_divergence.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask, divergence,
+      coefficient, temperature, vocab_size, chunk_size, backend):
+    return _linear_divergence_outputs(student_hidden, student_weight, teacher_weight, zeros=False)
+
+
+def _linear_divergence_outputs(student_hidden: Tensor, student_weight: Tensor, teacher_weight: Tensor, *,
+                               zeros: bool) -> tuple[Tensor, Tensor, Tensor]:
+    n_tokens, dtype = student_hidden.shape[0], reference.compute_dtype(student_weight.dtype, teacher_weight.dtype)
+    make = student_hidden.new_zeros if zeros else student_hidden.new_empty
+    return make(n_tokens, dtype=dtype), make(n_tokens, dtype=dtype), make(n_tokens, 4, dtype=dtype)
+
+
+@torch.library.custom_op("minillm_kernels::linear_divergence_backward", mutates_args=())
+def linear_divergence_backward(
+    student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+    teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor], mask: Optional[Tensor],
+    grad_value: Tensor, mean_partial: Tensor, row_stats: Tensor,
+    divergence: str, coefficient: float, temperature: float, vocab_size: int, chunk_size: int, backend: str,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_hidden, grad_weight, grad_bias)`` of sum_t g_t D_t, the chunks' logits recomputed; ``needs`` says which
+    of the three to compute (the others are empty)."""
+    student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
+    teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
+    grads = _InputGradients(student_hidden, student_weight, student_bias, tuple(needs), vocab_size)
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        plan = _make_plan(student, mask, None, temperature, vocab_size, chunk_size, backend)
+        chunk_logits = _ChunkLogits(student, teacher, plan)
+        for rows in plan.chunks:
+            hidden_rows, student_logits, teacher_logits = chunk_logits(rows)
+            grads.add_chunk(  # (the logit gradient, passed on directly, is freed before the next chunk's)
+                _chunk_divergence_gradient(student_logits, teacher_logits, grad_value[rows],
+                                           (mean_partial[rows], row_stats[rows]), plan, divergence, coefficient),
+                rows, hidden_rows, student,
+            )
+    return grads.result()
+
+
+@linear_divergence_backward.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask, grad_value,
+      mean_partial, row_stats, divergence, coefficient, temperature, vocab_size, chunk_size, backend, needs):
+    return _input_gradients_like(student_hidden, student_weight, student_bias, needs)
+
+
+def _setup_divergence(ctx, inputs, output) -> None:
+    *tensors, mask, divergence, coefficient, temperature, vocab_size, chunk_size, backend = inputs
+    _, mean_partial, row_stats = output
+    ctx.save_for_backward(*tensors, mask, mean_partial, row_stats)
+    ctx.arguments = (divergence, coefficient, temperature, vocab_size, chunk_size, backend)
+    ctx.mark_non_differentiable(mean_partial, row_stats)
+
+
+def _divergence_backward(ctx, grad_value, grad_mean_partial, grad_row_stats):
+    *tensors, mask, mean_partial, row_stats = ctx.saved_tensors
+    grad_value = grad_value.to(mean_partial.dtype).contiguous()  # (expanded, from .sum())
+    needs = list(ctx.needs_input_grad[:3])
+    grads = linear_divergence_backward(*tensors, mask, grad_value, mean_partial, row_stats, *ctx.arguments, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 10)
+
+
+linear_divergence.register_autograd(_divergence_backward, setup_context=_setup_divergence)
+
+
+def fused_linear_divergence(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    vocab_size: Optional[int] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
+) -> Tensor:
+    """``fused_divergence`` of the logits ``s = h_s W_s^T + b_s`` and ``t = h_t W_t^T + b_t``, without the [N, V] logits.
+
+    With q = softmax(s / T), p = softmax(t / T) over the first ``vocab_size`` columns, per token one of
+        "reverse_kl"       KL(q || p) = sum_v q_v (log q_v - log p_v)          (``fused_linear_reverse_kld``)
+        "forward_kl"       KL(p || q) = sum_v p_v (log p_v - log q_v)
+        "jsd"              beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+        "skew_forward_kl"  KL(p || m),  m = skew p + (1 - skew) q
+        "skew_reverse_kl"  KL(q || m),  m = skew q + (1 - skew) p
+        "tvd"              1/2 sum_v |p_v - q_v|
+    reduced as ``reduction`` says. The logit gradient dD/ds_v = (1/T) q_v (a_v - sum_u q_u a_u) (a_v = dD/dq_v) reaches
+    ``student_hidden`` (G W_s), ``student_weight`` (G^T h_s) and ``student_bias`` (sum of G over tokens) chunk by
+    chunk; the teacher's inputs get none. The forward keeps per token the value, sum_u q_u a_u and the row
+    statistics; the backward recomputes each chunk's logits (six matmuls per chunk; the reverse KL runs
+    ``fused_linear_reverse_kld``, four with a scalar reduction).
+
+    Args:
+        divergence, beta, skew: as in ``fused_divergence``.
+        Other arguments as in ``fused_linear_reverse_kld`` (``process_group`` and DTensor weights: the reverse KL
+        only, so far).
+
+    Returns:
+        The loss, float32 (float64 if a weight is float64): ``[...]`` for "none", else a scalar.
+    """
+    _check_reduction(reduction)
+    beta, skew = _check_divergence_args(divergence, beta, skew)
+    if skew == 0 and divergence in ("skew_forward_kl", "skew_reverse_kl"):
+        divergence = divergence.removeprefix("skew_")  # (the plain KL, and its kernel)
+    if divergence == "reverse_kl":
+        return fused_linear_reverse_kld(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
+            teacher_bias=teacher_bias, mask=mask, temperature=temperature, reduction=reduction,
+            vocab_size=vocab_size, chunk_size=chunk_size, backend=backend, process_group=process_group)
+    call = _validate_linear(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+        None, mask, temperature, vocab_size, chunk_size, backend, process_group,
+    )
+    if call.shards is not None:
+        raise NotImplementedError(f"divergence={divergence!r} with process_group (or DTensor weights) is not "
+                                  "implemented yet: only 'reverse_kl' runs on a sharded vocabulary")
+    coefficient = beta if divergence == "jsd" else skew
+    value = linear_divergence(*call.tensors, call.mask, divergence, coefficient, *call.options)[0]
+    return _reduce(value, call.mask, call.lead_shape, reduction)

@@ -128,3 +128,118 @@ def token_stats_gradient(
         grad = torch.where(mask.unsqueeze(-1), grad, 0.0)
     grad = torch.nn.functional.pad(grad / temperature, (0, student.shape[-1] - vocab_size))
     return grad.to(student.dtype)
+
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+
+
+def _weighted_log_ratio(prob: torch.Tensor, log_prob: torch.Tensor, log_other: torch.Tensor) -> torch.Tensor:
+    """prob (log_prob - log_other) elementwise, 0 where prob = 0 (with a zero gradient there, not 0 * inf = NaN)."""
+    live = prob > 0
+    return torch.where(live, prob * torch.where(live, log_prob - log_other, 0.0), 0.0)
+
+
+def _log_mixture(weight: float, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """log(weight a + (1 - weight) b) from log a and log b, as logaddexp(log weight + log a, log(1 - weight) + log b);
+    -inf (with a zero gradient) where a = b = 0."""
+    both_dead = (log_a == -math.inf) & (log_b == -math.inf)
+    log_a, log_b = (torch.where(both_dead, 0.0, x) for x in (log_a, log_b))  # (no NaN in logaddexp's backward)
+    log_weight = math.log(weight) if weight > 0 else -math.inf
+    log_mix = torch.logaddexp(log_a + log_weight, log_b + math.log1p(-weight))
+    return torch.where(both_dead, -math.inf, log_mix)
+
+
+def divergence(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None,
+    temperature: float,
+    vocab_size: int,
+    divergence: str,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> torch.Tensor:
+    """Per-token divergence D(p, q), ``[N]`` in ``compute_dtype(student.dtype, teacher.dtype)``, 0 where ``mask`` is
+    False; q = softmax(s / T), p = softmax(t / T) over the first ``vocab_size`` columns; the teacher gets no gradient:
+
+        "reverse_kl"       KL(q || p) = sum_v q_v (log q_v - log p_v)
+        "forward_kl"       KL(p || q) = sum_v p_v (log p_v - log q_v)
+        "jsd"              beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q,  0 < beta < 1
+        "skew_forward_kl"  KL(p || m),  m = skew p + (1 - skew) q,  0 <= skew < 1
+        "skew_reverse_kl"  KL(q || m),  m = skew q + (1 - skew) p
+        "tvd"              1/2 sum_v |p_v - q_v|
+
+    A term whose leading probability (the first argument of its KL) is 0 counts 0, with a zero gradient; log m is
+    taken as a logaddexp of the two log-probabilities. The gradient of |p_v - q_v| at p_v = q_v is 0.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    dtype = compute_dtype(student.dtype, teacher.dtype)
+    log_q = _log_softmax(student, vocab_size, temperature, dtype)
+    log_p = _log_softmax(teacher.detach(), vocab_size, temperature, dtype)
+    q, p = log_q.exp(), log_p.exp()
+    if divergence == "reverse_kl":
+        terms = _weighted_log_ratio(q, log_q, log_p)
+    elif divergence == "forward_kl":
+        terms = _weighted_log_ratio(p, log_p, log_q)
+    elif divergence == "jsd":
+        log_m = _log_mixture(beta, log_p, log_q)
+        terms = beta * _weighted_log_ratio(p, log_p, log_m) + (1 - beta) * _weighted_log_ratio(q, log_q, log_m)
+    elif divergence == "skew_forward_kl":
+        terms = _weighted_log_ratio(p, log_p, _log_mixture(skew, log_p, log_q))
+    elif divergence == "skew_reverse_kl":
+        terms = _weighted_log_ratio(q, log_q, _log_mixture(skew, log_q, log_p))
+    else:
+        terms = 0.5 * (p - q).abs()
+    value = terms.sum(-1)
+    return value if mask is None else torch.where(mask, value, 0.0)
+
+
+def divergence_gradient(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None,
+    upstream: torch.Tensor,
+    temperature: float,
+    vocab_size: int,
+    divergence: str,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> torch.Tensor:
+    """d/d(student) of sum_i g_i D_i (``upstream = g``, ``[N]``) for ``divergence`` as ``divergence`` computes it, in
+    closed form (for where autograd cannot record, e.g. inside a custom op), in the student's dtype:
+
+        (1/T) (q_v a_v - q_v sum_u q_u a_u),   a_v = dD/dq_v,
+
+    with q_v a_v: reverse_kl q (log q - log p + 1); forward_kl -p; jsd (1 - beta) q log(q / m); skew_forward_kl
+    -p (1 - skew p / m); skew_reverse_kl q (log(q / m) + 1 - skew q / m); tvd 1/2 q sign(q - p); 0 where the leading
+    probability is 0. 0 past ``vocab_size`` and in rows ``mask`` leaves out.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    dtype = compute_dtype(student.dtype, teacher.dtype)
+    log_q = _log_softmax(student.detach(), vocab_size, temperature, dtype)
+    log_p = _log_softmax(teacher.detach(), vocab_size, temperature, dtype)
+    q, p = log_q.exp(), log_p.exp()
+
+    def ratio(prob, log_prob, log_other):  # log_prob - log_other where prob > 0, else 0
+        return torch.where(prob > 0, log_prob - log_other, 0.0)
+
+    if divergence == "reverse_kl":
+        qa = torch.where(q > 0, q * (ratio(q, log_q, log_p) + 1), 0.0)
+    elif divergence == "forward_kl":
+        qa = -p
+    elif divergence == "jsd":
+        qa = (1 - beta) * _weighted_log_ratio(q, log_q, _log_mixture(beta, log_p, log_q))
+    elif divergence == "skew_forward_kl":
+        log_p_over_m = ratio(p, log_p, _log_mixture(skew, log_p, log_q))
+        qa = torch.where(p > 0, -p * (1 - skew * log_p_over_m.exp()), 0.0)
+    elif divergence == "skew_reverse_kl":
+        log_q_over_m = ratio(q, log_q, _log_mixture(skew, log_q, log_p))
+        qa = torch.where(q > 0, q * (log_q_over_m + 1 - skew * log_q_over_m.exp()), 0.0)
+    else:
+        qa = 0.5 * q * torch.sign(q - p)
+    grad = upstream.to(dtype).unsqueeze(-1) / temperature * (qa - q * qa.sum(-1, keepdim=True))
+    if mask is not None:
+        grad = torch.where(mask.unsqueeze(-1), grad, 0.0)
+    return torch.nn.functional.pad(grad, (0, student.shape[-1] - vocab_size)).to(student.dtype)

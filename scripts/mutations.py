@@ -139,9 +139,35 @@ MUTATIONS = (
         ("tests/test_reverse_kld.py::test_out_of_range_targets_give_nan_log_probabilities_and_a_gradient_without_the_one_hot[reference]",),
         "the reference's out-of-range log q(y) has no gradient at all (its -lse part dropped)",
     ),
+    # ---- the divergence family's Triton kernels and fused-linear form
+    Mutation(
+        "triton-divergence-skew-reverse-weight", "minillm_kernels/ops/divergence_triton.py",
+        "return code, float(coefficient), 1.0 - coefficient if code == SKEW_REVERSE_KL else float(coefficient)",
+        "return code, float(coefficient), float(coefficient)",
+        ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k",
+         "triton and skew_reverse_kl and float32-float32"),
+        "the skew reverse KL's mixture gives the teacher the skew's weight (m = alpha p + (1 - alpha) q)",
+    ),
+    Mutation(
+        "triton-divergence-backward-drops-the-mean", "minillm_kernels/ops/divergence_triton.py",
+        "grad = tl.where(in_row, scale * (partials - q * mean), 0.0)",
+        "grad = tl.where(in_row, scale * partials, 0.0)",
+        ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k",
+         "triton and jsd and float32-float32"),
+        "the Triton backward forgets the softmax's -q_v sum_u q_u a_u",
+    ),
+    Mutation(
+        "linear-divergence-saved-rows-misaligned", "minillm_kernels/fused_linear.py",
+        "(mean_partial[rows], row_stats[rows]), plan, divergence, coefficient),",
+        "(mean_partial[: _rows_count(rows)], row_stats[: _rows_count(rows)]), plan, divergence,\n"
+        "                                           coefficient),",
+        ("tests/test_fused_linear_divergence.py::test_every_divergence_matches_the_unfused_composition", "-k",
+         "cpu and forward_kl and none"),
+        "the fused-linear divergence's backward reads the saved statistics of the first rows, not the chunk's tokens",
+    ),
     # ---- the CUDA kernels: only compiled here (no GPU), so only a build break can be caught
     Mutation(
-        "cuda-does-not-compile", "csrc/cuda/reverse_kld.cu",
+        "cuda-does-not-compile", "csrc/cuda/device_math.cuh",
         "constexpr int kWarpSize = 32;",
         "constexpr int kWarpSize = 32",
         ("tests/test_cuda_compile.py",),

@@ -42,6 +42,28 @@ CASES = [
     for teacher in DTYPES
     for flags in ((True, False) if student == teacher else (True,))
 ]
+# The divergence family (ops/divergence_triton.py): every divergence, with a mask, on the dtype pairs that take each
+# path (float32, a bfloat16 student and its rounded store, a float16 teacher, float64 accumulation); fp32 unmasked.
+DIVERGENCE_SIGNATURES = {
+    "forward": dict(
+        student_ptr="*{student}", teacher_ptr="*{teacher}", mask_ptr="*i1", value_ptr="*{stats}",
+        mean_partial_ptr="*{stats}", row_stats_ptr="*{stats}", **ROW_STRIDES, vocab_size="i32",
+        coefficient="fp64", teacher_weight="fp64", inv_temperature="fp64",
+    ),
+    "backward": dict(
+        student_ptr="*{student}", teacher_ptr="*{teacher}", mask_ptr="*i1", grad_divergence_ptr="*{stats}",
+        mean_partial_ptr="*{stats}", row_stats_ptr="*{stats}", grad_student_ptr="*{student}", **ROW_STRIDES,
+        student_width="i32", vocab_size="i32", coefficient="fp64", teacher_weight="fp64", inv_temperature="fp64",
+    ),
+}
+DIVERGENCE_DTYPE_PAIRS = (("fp32", "fp32"), ("bf16", "fp32"), ("fp32", "fp16"), ("fp64", "bf16"))
+DIVERGENCE_CASES = [
+    ("divergence_" + kernel, divergence, student, teacher, has_mask)
+    for kernel in DIVERGENCE_SIGNATURES
+    for divergence in range(5)
+    for student, teacher in DIVERGENCE_DTYPE_PAIRS
+    for has_mask in ((True, False) if student == teacher else (True,))
+]
 
 
 def compile_all() -> dict[str, str]:
@@ -50,26 +72,31 @@ def compile_all() -> dict[str, str]:
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
-    from minillm_kernels.ops import reverse_kld_triton
+    from minillm_kernels.ops import divergence_triton, reverse_kld_triton
 
-    results = {}
-    for kernel_name, student, teacher, flags in CASES:
-        kernel = getattr(reverse_kld_triton, f"_reverse_kld_{kernel_name}_kernel")
+    def compile_case(case, kernel, signature_kinds, student, teacher, constexprs):
         acc = "fp64" if "fp64" in (student, teacher) else "fp32"
-        constexprs = {"HAS_TARGET": flags, "HAS_MASK": flags, "BLOCK_V": 4096,
-                      "ACC_DTYPE": tl.float64 if acc == "fp64" else tl.float32}
-        signature = {
-            name: kind.format(student=student, teacher=teacher, stats=acc)
-            for name, kind in SIGNATURES[kernel_name].items()
-        }
+        constexprs = {**constexprs, "ACC_DTYPE": tl.float64 if acc == "fp64" else tl.float32}
+        signature = {name: kind.format(student=student, teacher=teacher, stats=acc)
+                     for name, kind in signature_kinds.items()}
         signature.update(dict.fromkeys(constexprs, "constexpr"))
-        case = str((kernel_name, student, teacher, flags))
         try:
             source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-            results[case] = "ok" if compiled.asm["cubin"] else "no cubin"
+            results[str(case)] = "ok" if compiled.asm["cubin"] else "no cubin"
         except Exception as error:  # reported per case by the test
-            results[case] = f"{type(error).__name__}: {error}"
+            results[str(case)] = f"{type(error).__name__}: {error}"
+
+    results = {}
+    for case in DIVERGENCE_CASES:
+        name, divergence, student, teacher, has_mask = case
+        compile_case(case, getattr(divergence_triton, f"_{name}_kernel"),
+                     DIVERGENCE_SIGNATURES[name.removeprefix("divergence_")], student, teacher,
+                     {"DIVERGENCE": divergence, "HAS_MASK": has_mask, "BLOCK_V": 4096})
+    for case in CASES:
+        kernel_name, student, teacher, flags = case
+        compile_case(case, getattr(reverse_kld_triton, f"_reverse_kld_{kernel_name}_kernel"), SIGNATURES[kernel_name],
+                     student, teacher, {"HAS_TARGET": flags, "HAS_MASK": flags, "BLOCK_V": 4096})
     return results
 
 
@@ -87,7 +114,7 @@ def compile_results() -> dict[str, str]:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(map(str, case)))
+@pytest.mark.parametrize("case", CASES + DIVERGENCE_CASES, ids=lambda case: "-".join(map(str, case)))
 def test_kernel_compiles_for_sm90(compile_results, case):
     result = compile_results[str(case)]
     if result.startswith(("ImportError", "TypeError")) and "ASTSource" in result:

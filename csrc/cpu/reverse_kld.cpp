@@ -42,218 +42,23 @@
 #include "reverse_kld.h"
 
 #include "../common/reverse_kld_args.h"
+#include "streaming.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
-
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <c10/macros/Macros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 namespace {
 
-// Columns per chunk. A chunk is read twice (maxima, then accumulation): a chunk already in acc_t straight
-// from the logits (the second read hits L1), others from a buffer of acc_t (8 or 16 KiB) that the first pass
-// fills.
-constexpr int64_t kChunk = 2048;
-
-// The per-element arithmetic type of a (student, teacher) dtype pair: double if either is double.
-template <typename student_t, typename teacher_t>
-using AccOf = std::conditional_t<std::is_same<student_t, double>::value || std::is_same<teacher_t, double>::value,
-                                 double, float>;
-
-template <typename To, typename From>
-C10_ALWAYS_INLINE To bit_as(From x) {
-  static_assert(sizeof(To) == sizeof(From), "bit_as needs equal sizes");
-  To y;
-  std::memcpy(&y, &x, sizeof(To));
-  return y;
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Branch-free exp for the arguments the kernels pass (x <= ~0: logits minus their maximum, log-probabilities).
-// exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 in [-ln2/2, ln2/2] (two-constant range reduction),
-// exp(r) by a polynomial (float: degree 6 minimax; double: degree-13 Taylor, truncation < 1e-17), 2^k built
-// in the exponent bits. k is rounded with the 1.5 * 2^p "shifter" trick, whose low mantissa bits then hold
-// k + bias. Results: 0 for x below log of the smallest normal (-inf included; no subnormals are produced),
-// NaN for NaN; x is clamped to kHi above (never reached here). No branch nor select: multiplying by the
-// comparison lets gcc vectorise the loops that add these terms into double sums. Max error measured: 0.91 ulp (float, all
-// inputs up to kHi), 1.0 ulp (double, sampled).
-// ---------------------------------------------------------------------------------------------------------
-C10_ALWAYS_INLINE float fast_exp(float x) {
-  constexpr float kLo = -87.33654f;  // just above log(FLT_MIN)
-  constexpr float kHi = 88.3f;       // keeps k <= 127
-  constexpr float kShift = 12582912.0f + 127.0f;  // 1.5 * 2^23 + exponent bias
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;            // 355 / 512: k * kLn2Hi is exact
-  constexpr float kLn2Lo = -2.12194440054690583e-4f;  // ln 2 - kLn2Hi
-  const float xc = std::min(std::max(x, kLo), kHi);  // NaN passes through
-  const float kf = xc * kLog2e + kShift;
-  const float k = kf - kShift;
-  float r = xc - k * kLn2Hi;
-  r = r - k * kLn2Lo;
-  // Degree-6 polynomial 1 + r + c2 r^2 + ... + c6 r^6, coefficients fitted for minimax relative error on
-  // [-ln2/2, ln2/2] (3e-9 relative before rounding).
-  float p = 1.38146128e-3f;
-  p = p * r + 8.36871006e-3f;
-  p = p * r + 4.16683890e-2f;
-  p = p * r + 1.66665211e-1f;
-  p = p * r + 4.99999940e-1f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float scale = bit_as<float>(bit_as<uint32_t>(kf) << 23);  // 2^k
-  const float y = p * scale;
-  return y * static_cast<float>(x >= kLo);  // 0 below kLo (-inf included), NaN for NaN
-}
-
-C10_ALWAYS_INLINE double fast_exp(double x) {
-  constexpr double kLo = -708.39;  // just above log(DBL_MIN)
-  constexpr double kHi = 709.0;    // keeps k <= 1023
-  constexpr double kShift = 6755399441055744.0 + 1023.0;  // 1.5 * 2^52 + exponent bias
-  constexpr double kLog2e = 1.4426950408889634074;
-  constexpr double kLn2Hi = 6.93147180369123816490e-01;  // ln 2 rounded to 32 significant bits
-  constexpr double kLn2Lo = 1.90821492927058770002e-10;  // ln 2 - kLn2Hi
-  const double xc = std::min(std::max(x, kLo), kHi);
-  const double kf = xc * kLog2e + kShift;
-  const double k = kf - kShift;
-  double r = xc - k * kLn2Hi;
-  r = r - k * kLn2Lo;
-  double p = 1.0 / 6227020800.0;  // 1/13!
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  const double scale = bit_as<double>(bit_as<uint64_t>(kf) << 52);  // 2^k
-  const double y = p * scale;
-  return y * static_cast<double>(x >= kLo);
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Loads (exact widenings to float, or to double) and stores (rounding to nearest even), branch-free so that
-// they vectorise inside the loops.
-// ---------------------------------------------------------------------------------------------------------
-C10_ALWAYS_INLINE float widen(const float* p, int64_t j) {
-  return p[j];
-}
-C10_ALWAYS_INLINE double widen(const double* p, int64_t j) {
-  return p[j];
-}
-C10_ALWAYS_INLINE float widen(const c10::BFloat16* p, int64_t j) {
-  return bit_as<float>(static_cast<uint32_t>(p[j].x) << 16);
-}
-C10_ALWAYS_INLINE float widen(const c10::Half* p, int64_t j) {
-  const uint32_t h = p[j].x;
-  const uint32_t sign = (h & 0x8000u) << 16;
-  const uint32_t em = h & 0x7fffu;  // exponent and mantissa
-  // Normal: rebias the exponent (15 -> 127); inf / NaN: exponent all ones.
-  uint32_t bits = (em << 13) + 0x38000000u;
-  bits = em >= 0x7c00u ? bits + 0x38000000u : bits;
-  // Subnormal (and zero): m * 2^-24 = (1 + m / 1024) 2^-14 - 2^-14, exact in float.
-  const float sub = bit_as<float>((em << 13) | 0x38800000u) - 6.103515625e-05f;
-  const float mag = em < 0x0400u ? sub : bit_as<float>(bits);
-  return bit_as<float>(bit_as<uint32_t>(mag) | sign);
-}
-
-// The value of p[j] in acc_t (float values widen exactly to double).
-template <typename acc_t, typename scalar_t>
-C10_ALWAYS_INLINE acc_t load_as(const scalar_t* p, int64_t j) {
-  return static_cast<acc_t>(widen(p, j));
-}
-
-C10_ALWAYS_INLINE void store_rounded(float* p, int64_t j, float v) {
-  p[j] = v;
-}
-C10_ALWAYS_INLINE void store_rounded(double* p, int64_t j, double v) {
-  p[j] = v;
-}
-C10_ALWAYS_INLINE void store_rounded(c10::BFloat16* p, int64_t j, float v) {
-  // Round to nearest even; NaN -> 0x7fc0 (as c10::BFloat16 does).
-  const uint32_t u = bit_as<uint32_t>(v);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t h = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded;
-  p[j].x = static_cast<uint16_t>(h);
-}
-C10_ALWAYS_INLINE void store_rounded(c10::Half* p, int64_t j, float v) {
-  // Round to nearest even, overflow -> inf, NaN -> 0x7e00, subnormals rounded through a float addition.
-  const uint32_t u = bit_as<uint32_t>(v);
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  const uint32_t a = u & 0x7fffffffu;
-  const uint32_t normal = (a - 0x38000000u + 0xfffu + ((a >> 13) & 1u)) >> 13;
-  const uint32_t sub = bit_as<uint32_t>(bit_as<float>(a) + 0.5f) - 0x3f000000u;
-  uint32_t h = a < 0x38800000u ? sub : normal;
-  h = a >= 0x477ff000u ? 0x7c00u : h;  // |v| >= 65520 rounds to inf
-  h = a > 0x7f800000u ? 0x7e00u : h;
-  p[j].x = static_cast<uint16_t>(h | sign);
-}
-// A double result into a narrower dtype: rounded to float, then to the dtype (the second rounding can differ
-// from a direct one only when the float lands on the dtype's midpoint: by at most 2^-24 relative).
-template <typename scalar_t>
-C10_ALWAYS_INLINE void store_rounded(scalar_t* p, int64_t j, double v) {
-  store_rounded(p, j, static_cast<float>(v));
-}
+using namespace minillm_cpu;  // NOLINT(build/namespaces): the shared per-element helpers
 
 // ---------------------------------------------------------------------------------------------------------
 // Forward, one row.
 // ---------------------------------------------------------------------------------------------------------
-// Centre of the running sums: the running maximum, or 0 while it is -inf (so that -inf - centre is -inf).
-template <typename acc_t>
-C10_ALWAYS_INLINE acc_t centre_of(acc_t running_max) {
-  return running_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : running_max;
-}
-
-// v where live, else +0: a bit mask rather than a select (which kept gcc from vectorising the loop that adds
-// float terms into double sums); v may be NaN or inf where not live.
-template <typename acc_t>
-C10_ALWAYS_INLINE acc_t where_live(bool live, acc_t v) {
-  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
-  return bit_as<acc_t>(bit_as<bits_t>(v) & (bits_t(0) - static_cast<bits_t>(live)));
-}
-
-// The values of n logits in acc_t (the logits themselves when they are acc_t, else converted into buf), and
-// their maximum (NaN ignored: a NaN reaches the sums through exp instead).
-template <typename acc_t, typename scalar_t>
-const acc_t* chunk_values(const scalar_t* __restrict p, int64_t n, acc_t* __restrict buf, acc_t& chunk_max) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  if constexpr (std::is_same<scalar_t, acc_t>::value) {
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t v = p[j];  // a local, not std::max(m, p[j]): gcc vectorises only this form
-      m = std::max(m, v);
-    }
-    chunk_max = m;
-    return p;
-  } else {
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t v = load_as<acc_t>(p, j);
-      buf[j] = v;
-      m = std::max(m, v);
-    }
-    chunk_max = m;
-    return buf;
-  }
-}
-
 // The row sums, centred on (c_s, c_t): Z_s, Z_t, E, A of the header (raw differences, double).
 struct RowSums {
   double z_s = 0, z_t = 0, e = 0, a = 0;
@@ -410,44 +215,6 @@ using reverse_kld_args::backward_rows;
 using reverse_kld_args::row_strides;
 using reverse_kld_args::row_vector;
 
-// A fresh [N, V] gradient is a new mmap whose first touch page-faults once per 4 KiB page: at 2048 x 32000
-// float32 that took 70 of the backward's 95 ms. Asking the kernel for transparent huge pages on it (Linux,
-// where THP is in "madvise" mode, the common default) cuts the faults 512-fold: the backward ran in 30 ms.
-// Best effort: a refusal leaves ordinary pages.
-void advise_huge_pages(const at::Tensor& fresh) {
-#ifdef __linux__
-  constexpr size_t kMinBytes = size_t(8) << 20;
-  const size_t bytes = fresh.nbytes();
-  if (bytes < kMinBytes) return;
-  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
-  const uintptr_t first = (begin + page - 1) / page * page;  // madvise needs a page-aligned start
-  const uintptr_t last = (begin + bytes) / page * page;
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)fresh;
-#endif
-}
-
-int64_t grain_rows(int64_t n_cols) {
-  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, n_cols));
-}
-
-// Calls f(student data, teacher data) with the typed data pointers of the logits, for the 16 dtype pairs of
-// float32, float64, bfloat16 and float16.
-template <typename F>
-void dispatch_logits_pair(const at::Tensor& student, const at::Tensor& teacher, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "reverse_kld (cpu)", [&] {
-    using student_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, teacher.scalar_type(), "reverse_kld (cpu)", [&] {
-      f(student.data_ptr<student_t>(), teacher.data_ptr<scalar_t>());
-    });
-  });
-}
-
-// The element type of a data pointer.
-template <typename P>
-using ElementOf = std::remove_cv_t<std::remove_pointer_t<P>>;
 
 }  // namespace
 

@@ -1,8 +1,9 @@
-// Python bindings of the fused reverse-KL CUDA kernels (built just-in-time by minillm_kernels/cuda.py). forward and
+// Python bindings of the fused CUDA kernels (reverse KL and the divergence family) (built just-in-time by minillm_kernels/cuda.py). forward and
 // backward have the CPU extension's signatures; the *_out variants write into caller-given outputs (the tests
 // pre-fill them with NaN to prove that every element is written).
 #include <torch/extension.h>
 
+#include "divergence.h"
 #include "reverse_kld.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -25,4 +26,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("student"), py::arg("teacher"), py::arg("target"), py::arg("mask"), py::arg("grad_kl"),
         py::arg("grad_student_logprob"), py::arg("grad_entropy"), py::arg("kl"), py::arg("entropy"),
         py::arg("row_stats"), py::arg("inv_temperature"), py::arg("vocab_size"), py::arg("grad_student"));
+  m.def("divergence_forward", &divergence_forward,
+        "Divergence-family forward over row views: returns (divergence, mean_partial, row_stats [N, 4]).",
+        py::arg("student"), py::arg("teacher"), py::arg("mask"), py::arg("divergence"), py::arg("coefficient"),
+        py::arg("inv_temperature"), py::arg("vocab_size"));
+  m.def("divergence_backward", &divergence_backward,
+        "Divergence-family backward: gradient [N, Vs] w.r.t. the student logits from the upstream grad of the "
+        "divergence and the forward outputs.",
+        py::arg("student"), py::arg("teacher"), py::arg("mask"), py::arg("grad_divergence"), py::arg("mean_partial"),
+        py::arg("row_stats"), py::arg("divergence"), py::arg("coefficient"), py::arg("inv_temperature"),
+        py::arg("vocab_size"));
 }

@@ -3,12 +3,12 @@
 #include "reverse_kld.h"
 
 #include <cstdint>
-#include <limits>
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "../common/reverse_kld_args.h"
+#include "host_checks.h"
 #include "reverse_kld_launch.h"
 
 namespace {
@@ -24,26 +24,12 @@ using reverse_kld_args::backward_rows;
 using reverse_kld_args::row_strides;
 using reverse_kld_args::row_vector;
 
-// The launch interface's element type of a logits tensor (check_logits has checked it is one of the four).
 minillm_cuda::LogitsDtype logits_dtype(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return minillm_cuda::LogitsDtype::kFloat32;
-    case at::kDouble:
-      return minillm_cuda::LogitsDtype::kFloat64;
-    case at::kBFloat16:
-      return minillm_cuda::LogitsDtype::kBFloat16;
-    case at::kHalf:
-      return minillm_cuda::LogitsDtype::kFloat16;
-    default:
-      TORCH_CHECK(false, kWhere, ": unsupported logits dtype ", dtype);
-  }
+  return minillm_cuda_host::logits_dtype(dtype, kWhere);
 }
 
-// The kernels index columns with int.
 void check_width(int64_t width) {
-  TORCH_CHECK(width <= std::numeric_limits<int>::max(), kWhere, ": at most ", std::numeric_limits<int>::max(),
-              " columns, got ", width);
+  minillm_cuda_host::check_width(width, kWhere);
 }
 
 // A caller-given output: contiguous, `dtype`, `sizes`, on `device`.
@@ -60,8 +46,7 @@ const void* data_or_null(const at::Tensor& x) {
 }
 
 void check_launch(cudaError_t error, const char* kernel) {
-  TORCH_CHECK(error == cudaSuccess, kWhere, ": the ", kernel, " kernel failed to launch: ",
-              cudaGetErrorName(error), ": ", cudaGetErrorString(error));
+  minillm_cuda_host::check_launch(error, kernel, kWhere);
 }
 
 }  // namespace

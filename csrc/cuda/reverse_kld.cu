@@ -48,6 +48,7 @@
 // writes the gradient once (W elements).
 
 #include "reverse_kld_launch.h"
+#include "device_math.cuh"
 
 #include <cstdint>
 #include <type_traits>
@@ -62,66 +63,10 @@ namespace {
 
 using minillm::RowStrides;
 
-constexpr int kWarpSize = 32;
 constexpr int kVectorBytes = 16;
 constexpr int kUnroll = 2;  // vectors per tensor loaded before the first is used
-constexpr unsigned kFullMask = 0xffffffffu;
 // Threads an SM must hold at once (__launch_bounds__' minimum blocks): caps registers at 64 per thread.
 constexpr int kMinResidentThreads = 1024;
-
-// The per-element arithmetic type of a (student, teacher) dtype pair: double if either is double.
-template <typename student_t, typename teacher_t>
-using AccOf = std::conditional_t<std::is_same<student_t, double>::value || std::is_same<teacher_t, double>::value,
-                                 double, float>;
-
-// ---------------------------------------------------------------------------------------------------------------
-// Conversions and math in the accumulation type.
-// ---------------------------------------------------------------------------------------------------------------
-// Exact widenings: to float (double stays double), then to acc_t.
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ double widen(double x) { return x; }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
-
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t to_acc(scalar_t x) {
-  return static_cast<acc_t>(widen(x));
-}
-
-// Round to the gradient's dtype (nearest even; a double goes through float for bf16 / fp16).
-__device__ __forceinline__ void convert_into(float v, float& out) { out = v; }
-__device__ __forceinline__ void convert_into(double v, double& out) { out = v; }
-__device__ __forceinline__ void convert_into(double v, float& out) { out = static_cast<float>(v); }
-__device__ __forceinline__ void convert_into(float v, __nv_bfloat16& out) { out = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void convert_into(float v, __half& out) { out = __float2half_rn(v); }
-__device__ __forceinline__ void convert_into(double v, __nv_bfloat16& out) { convert_into(static_cast<float>(v), out); }
-__device__ __forceinline__ void convert_into(double v, __half& out) { convert_into(static_cast<float>(v), out); }
-
-// exp for the arguments the kernels pass (x <= 0: scaled differences to the running maximum, log-probabilities).
-// float: 2^(x log2 e) with the SFU's ex2.approx.ftz (one multiply and one MUFU.EX2; Triton's tl.exp is the same):
-// relative error about 2^-22 plus |x| 2^-24 from rounding x log2 e, so ~1e-6 at x = -20 where the term is already
-// below 1e-8 of the largest. Results under 2^-126 flush to 0 (such columns count as q = 0). exp(-inf) = 0 and
-// NaN stays NaN. double: the full-accuracy exp.
-__device__ __forceinline__ float exp_acc(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
-  return y;
-}
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-// fmax ignores a NaN operand: a NaN logit reaches the sums through exp instead, and the row's KL is NaN.
-__device__ __forceinline__ float max_acc(float x, float y) { return fmaxf(x, y); }
-__device__ __forceinline__ double max_acc(double x, double y) { return fmax(x, y); }
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t negative_infinity() {
-  return static_cast<acc_t>(-CUDART_INF);
-}
-
-// The centre of the sums: the running maximum, or 0 while it is -inf (so that -inf - centre is -inf, never NaN).
-template <typename acc_t>
-__device__ __forceinline__ acc_t centre_of(acc_t running_max) {
-  return running_max == negative_infinity<acc_t>() ? acc_t(0) : running_max;
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward state of a part of a row, and the online-softmax updates.

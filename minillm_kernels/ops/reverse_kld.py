@@ -66,7 +66,7 @@ def _kernels(backend: str) -> ModuleType:
 stats_dtype = reference.compute_dtype
 
 
-def _n_rows(logits: Tensor) -> int:
+def n_rows(logits: Tensor) -> int:
     """N: the product of the leading dimensions of ``[..., V]`` logits."""
     return math.prod(logits.shape[:-1])
 
@@ -111,7 +111,7 @@ def token_stats(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(kl, student_logprob, teacher_logprob, entropy, row_stats)`` of ``[..., V]`` logits, each ``[N]`` (row_stats
     ``[N, 4]``); ``target`` and ``mask`` are ``[N]``."""
-    if _n_rows(student) == 0:
+    if n_rows(student) == 0:
         return _empty_stats(student, teacher)
     return tuple(_kernels(backend).forward(
         row_view(student), row_view(teacher), target, mask, inv_temperature, vocab_size
@@ -124,9 +124,9 @@ def _(student, teacher, target, mask, inv_temperature, vocab_size, backend):
 
 
 def _empty_stats(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    n_rows, dtype = _n_rows(student), stats_dtype(student.dtype, teacher.dtype)
-    per_row = tuple(student.new_empty(n_rows, dtype=dtype) for _ in range(4))
-    return (*per_row, student.new_empty(n_rows, 4, dtype=dtype))
+    rows, dtype = n_rows(student), stats_dtype(student.dtype, teacher.dtype)
+    per_row = tuple(student.new_empty(rows, dtype=dtype) for _ in range(4))
+    return (*per_row, student.new_empty(rows, 4, dtype=dtype))
 
 
 @torch.library.custom_op("minillm_kernels::token_stats_backward", mutates_args=())
@@ -147,8 +147,8 @@ def token_stats_backward(
 ) -> Tensor:
     """The gradient of ``sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i`` with respect to ``student``: a fresh
     contiguous tensor of its shape, whatever the student's strides (autograd takes it for the strided input)."""
-    if _n_rows(student) == 0:
-        return _fresh_gradient(student)
+    if n_rows(student) == 0:
+        return fresh_gradient(student)
     grad = _kernels(backend).backward(
         row_view(student), row_view(teacher), target, mask, grad_kl, grad_student_logprob, grad_entropy,
         kl, entropy, row_stats, inv_temperature, vocab_size,
@@ -159,10 +159,10 @@ def token_stats_backward(
 @token_stats_backward.register_fake
 def _(student, teacher, target, mask, grad_kl, grad_student_logprob, grad_entropy,
       kl, entropy, row_stats, inv_temperature, vocab_size, backend):
-    return _fresh_gradient(student)
+    return fresh_gradient(student)
 
 
-def _fresh_gradient(student: Tensor) -> Tensor:
+def fresh_gradient(student: Tensor) -> Tensor:
     return student.new_empty(student.shape)  # (new_empty is contiguous, unlike empty_like of a strided tensor)
 
 
@@ -224,7 +224,7 @@ def backend_logit_gradient(
     row_stats)`` (what ``backend_token_stats`` gave, or statistics that stand for them, e.g. a whole vocabulary's);
     for "reference" in closed form (``reference.token_stats_gradient``); zeros for ``vocab_size`` 0."""
     if vocab_size == 0:
-        return _fresh_gradient(student).zero_()
+        return fresh_gradient(student).zero_()
     if backend == "reference":
         student_rows, teacher_rows = (x.reshape(-1, x.shape[-1]) for x in (student, teacher))
         grad = reference.token_stats_gradient(student_rows, teacher_rows, target, mask, upstream, saved, temperature,

@@ -1,0 +1,155 @@
+"""The divergence family beside the reverse KL as ``torch.library`` custom ops: one op, several kernels.
+
+``minillm_kernels::divergence`` computes, per row of ``[..., V]`` logits (N rows, laid out as for
+``ops/reverse_kld.py``: the leading dimensions with any strides, read through ``row_view`` with no copy), one of
+``KERNEL_DIVERGENCES`` of the teacher p = softmax(t / T) and the student q = softmax(s / T) over the first
+``vocab_size`` columns, and saves for the backward the row statistics ``(c_s, log Z_s, c_t, log Z_t)`` and
+``mean_partial = sum_v q_v dD/dq_v``. ``minillm_kernels::divergence_backward`` turns the per-row upstream gradient g
+into the student's logit gradient, in one pass:
+
+    dD/ds_v = (1/T) q_v (a_v - sum_u q_u a_u),   a_v = dD/dq_v,
+
+with q_v a_v (finite wherever the value is): forward KL -p_v; JSD (1 - beta) q_v log(q_v / m_v); skew forward KL
+-p_v (1 - alpha p_v / m_v); skew reverse KL q_v (log(q_v / m_v) + 1 - alpha q_v / m_v); TVD 1/2 q_v sign(q_v - p_v).
+Passes over a row: 2 forward (both log-normalisers, then the terms: the mixtures and TVD need log q_v and log p_v
+of every column before any term), 1 backward. The reverse KL keeps its single-pass kernels (``token_stats``), and a
+skew of 0 (where the skew KLs are the plain ones) goes to those of the plain KL: see ``divergence_rows``.
+
+Dtypes as for the reverse KL: each input read in its own dtype, arithmetic in float32 (float64 if either is
+float64), per-row outputs in ``stats_dtype``, the gradient in the student's dtype; masked rows are not read (0).
+Kernels: "cpu" (``csrc/cpu/divergence.cpp``), "triton" (``ops/divergence_triton.py``) and "cuda"
+(``csrc/cuda/divergence.cu``), with one signature.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+
+from minillm_kernels import reference
+from minillm_kernels.ops import reverse_kld
+from minillm_kernels.ops.reverse_kld import fresh_gradient, n_rows, row_view, stats_dtype
+
+Tensor = torch.Tensor
+
+# The divergences these kernels compute (the reverse KL is reverse_kld's), and which coefficient each one takes.
+KERNEL_DIVERGENCES = ("forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+MIXTURE_COEFFICIENT = {"jsd": "beta", "skew_forward_kl": "skew", "skew_reverse_kl": "skew"}
+
+
+def _kernels(backend: str) -> tuple[Callable, Callable]:
+    """``(forward, backward)`` of the divergence kernels of ``backend``."""
+    if backend == "cpu":
+        from minillm_kernels.cpu import load_extension
+
+        extension = load_extension()
+        return extension.divergence_forward, extension.divergence_backward
+    if backend == "cuda":
+        from minillm_kernels.cuda import load_extension as load_cuda_extension
+
+        extension = load_cuda_extension()
+        return extension.divergence_forward, extension.divergence_backward
+    if backend == "triton":
+        from minillm_kernels.ops import divergence_triton
+
+        return divergence_triton.forward, divergence_triton.backward
+    raise ValueError(f"no divergence kernels for backend {backend!r}")
+
+
+@torch.library.custom_op("minillm_kernels::divergence", mutates_args=())
+def divergence(
+    student: Tensor,
+    teacher: Tensor,
+    mask: Optional[Tensor],
+    divergence: str,
+    coefficient: float,
+    inv_temperature: float,
+    vocab_size: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(divergence, mean_partial, row_stats)`` of ``[..., V]`` logits, ``[N]``, ``[N]`` and ``[N, 4]``; ``mask`` is
+    ``[N]``; ``coefficient`` is beta for "jsd", the skew for the skew KLs (in (0, 1)), unused otherwise."""
+    if n_rows(student) == 0:
+        return _empty_outputs(student, teacher)
+    forward, _ = _kernels(backend)
+    return tuple(forward(row_view(student), row_view(teacher), mask, divergence, coefficient, inv_temperature,
+                         vocab_size))
+
+
+@divergence.register_fake
+def _(student, teacher, mask, divergence, coefficient, inv_temperature, vocab_size, backend):
+    return _empty_outputs(student, teacher)
+
+
+def _empty_outputs(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    rows, dtype = n_rows(student), stats_dtype(student.dtype, teacher.dtype)
+    return student.new_empty(rows, dtype=dtype), student.new_empty(rows, dtype=dtype), \
+        student.new_empty(rows, 4, dtype=dtype)
+
+
+@torch.library.custom_op("minillm_kernels::divergence_backward", mutates_args=())
+def divergence_backward(
+    student: Tensor,
+    teacher: Tensor,
+    mask: Optional[Tensor],
+    grad_divergence: Tensor,
+    mean_partial: Tensor,
+    row_stats: Tensor,
+    divergence: str,
+    coefficient: float,
+    inv_temperature: float,
+    vocab_size: int,
+    backend: str,
+) -> Tensor:
+    """The gradient of ``sum_i g_i D_i`` with respect to ``student``, ``g = grad_divergence`` ``[N]``: a fresh
+    contiguous tensor of the student's shape."""
+    if n_rows(student) == 0:
+        return fresh_gradient(student)
+    _, backward = _kernels(backend)
+    grad = backward(row_view(student), row_view(teacher), mask, grad_divergence, mean_partial, row_stats, divergence,
+                    coefficient, inv_temperature, vocab_size)
+    return grad.view(student.shape)
+
+
+@divergence_backward.register_fake
+def _(student, teacher, mask, grad_divergence, mean_partial, row_stats, divergence, coefficient, inv_temperature,
+      vocab_size, backend):
+    return fresh_gradient(student)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    student, teacher, mask, divergence, coefficient, inv_temperature, vocab_size, backend = inputs
+    _, mean_partial, row_stats = output
+    ctx.save_for_backward(student, teacher, mask, mean_partial, row_stats)
+    ctx.arguments = (divergence, coefficient, inv_temperature, vocab_size, backend)
+
+
+def _backward(ctx, grad_divergence, grad_mean_partial, grad_row_stats):
+    student, teacher, mask, mean_partial, row_stats = ctx.saved_tensors
+    grad = grad_divergence.to(mean_partial.dtype).contiguous()  # (expanded, from .sum())
+    grad_student = divergence_backward(student, teacher, mask, grad, mean_partial, row_stats, *ctx.arguments)
+    return grad_student, None, None, None, None, None, None, None
+
+
+divergence.register_autograd(_backward, setup_context=_setup_context)
+
+
+def divergence_rows(
+    student: Tensor, teacher: Tensor, mask: Optional[Tensor], divergence_name: str, beta: float, skew: float,
+    temperature: float, vocab_size: int, backend: str,
+) -> Tensor:
+    """The per-row divergence ``[N]`` of ``[..., V]`` logits on ``backend`` (differentiable in the student), 0 where
+    masked: for "reference" ``reference.divergence`` on the rows reshaped to ``[N, V]``; the reverse KL from
+    ``token_stats``; a skew KL with skew 0 (the plain KL) from its plain KL's kernel; the rest from ``divergence``."""
+    if backend == "reference":
+        student_rows, teacher_rows = (x.reshape(-1, x.shape[-1]) for x in (student, teacher))
+        return reference.divergence(student_rows, teacher_rows, mask, temperature, vocab_size, divergence_name,
+                                    beta=beta, skew=skew)
+    if skew == 0 and divergence_name in ("skew_forward_kl", "skew_reverse_kl"):
+        divergence_name = divergence_name.removeprefix("skew_")
+    if divergence_name == "reverse_kl":
+        return reverse_kld.token_stats(student, teacher, None, mask, 1.0 / temperature, vocab_size, backend)[0]
+    coefficient = beta if divergence_name == "jsd" else skew
+    return divergence(student, teacher, mask, divergence_name, coefficient, 1.0 / temperature, vocab_size,
+                      backend)[0]

@@ -1,0 +1,269 @@
+"""Triton kernels of the divergence family beside the reverse KL: two streaming passes per row forward, one backward.
+
+Per row (token), over the first ``vocab_size`` columns, with k = 1/T, q = softmax(k s), p = softmax(k t):
+    forward_kl        KL(p || q) = sum_v p_v (log p_v - log q_v)
+    jsd               beta KL(p || m) + (1 - beta) KL(q || m),   m = beta p + (1 - beta) q
+    skew_forward_kl   KL(p || m),   m = alpha p + (1 - alpha) q
+    skew_reverse_kl   KL(q || m),   m = alpha q + (1 - alpha) p
+    tvd               1/2 sum_v |p_v - q_v|
+terms whose leading probability is 0 counting 0 (the reverse KL has its own one-pass kernels, ``reverse_kld_triton``).
+The same algorithm as the CPU kernel (``csrc/cpu/divergence.cpp``), column for column:
+
+Pass 1 streams the row for both log-normalisers (online softmax: running maxima c_s, c_t of the raw logits and
+Z_s = sum_v exp(k (s_v - c_s)), Z_t likewise, re-centred when a block raises a maximum; float64 sums). Pass 2 evaluates
+each column from them,
+    log q_v = k (s_v - c_s) - log Z_s,   log p_v = k (t_v - c_t) - log Z_t,
+    delta_v = log p_v - log q_v = k ((t_v - c_t) - (s_v - c_s)) - (log Z_t - log Z_s)   (raw differences first),
+and for a mixture m = w p + (1 - w) q (w the teacher's weight: beta, alpha, or 1 - alpha for the skew reverse KL)
+    tail_v = log1p(w' expm1(-|delta_v|)),   w' = w where delta_v <= 0, 1 - w above,
+    log m_v - log q_v = max(delta_v, 0) + tail_v,   log p_v - log m_v = min(delta_v, 0) - tail_v,
+then adds up the value's terms and ``mean_partial = sum_v q_v a_v`` (a_v = dD/dq_v; q_v a_v is finite):
+    forward_kl -p;  jsd (1 - beta) q log(q / m);  skew_forward_kl -p (1 - alpha p / m);
+    skew_reverse_kl q (log(q / m) + 1 - alpha q / m);  tvd 1/2 q sign(q - p) (0 at q = p).
+The backward writes in one pass grad_v = g k (q_v a_v - q_v mean_partial), from the saved row statistics
+(c_s, log Z_s, c_t, log Z_t) and mean_partial.
+
+log1p and expm1 are written out (``_log1p``, ``_expm1``: Kahan's corrections of log and exp, a few ulps), as Triton 3.6
+has them only in libdevice, which the interpreter does not run.
+
+Dtypes and rows as in ``reverse_kld_triton``: each input loaded in its own dtype, per-element arithmetic in
+``ACC_DTYPE`` (float64 if either input is float64, else float32), row sums in float64, the gradient in the student's
+dtype (bfloat16 rounded to nearest even); ``[n_outer, rows_per_outer, V]`` row views with any strides; masked rows are
+not read and get 0. Memory traffic per row of V columns: forward reads s and t twice (4V elements), backward reads
+them once and writes the gradient once (3V).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from minillm_kernels.ops.reverse_kld_triton import (
+    _acc_dtype, _block_size, _centre, _num_warps, _round_to_bfloat16, _row_offset, _row_strides,
+)
+from minillm_kernels.reference import compute_dtype
+
+# The kernels' DIVERGENCE flag, by name (the order of ops/divergence.py's KERNEL_DIVERGENCES).
+FORWARD_KL, JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL, TVD = range(5)
+DIVERGENCE_CODES = {"forward_kl": FORWARD_KL, "jsd": JSD, "skew_forward_kl": SKEW_FORWARD_KL,
+                    "skew_reverse_kl": SKEW_REVERSE_KL, "tvd": TVD}
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 for x <= 0, to a few ulps also near 0 (Kahan: (e - 1) x / log e, e = exp(x)); -1 at -inf."""
+    e = tl.exp(x)
+    corrected = (e - 1.0) * x / tl.log(e)
+    return tl.where(e == 1.0, x, tl.where(e == 0.0, -1.0, corrected))
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) for -1 < x <= 0, to a few ulps also near 0 (Kahan: log(u) x / (u - 1), u = 1 + x)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
+
+
+@triton.jit
+def _columns(s, t, c_s, log_z_s, c_t, log_z_t, k, coefficient, teacher_weight, DIVERGENCE: tl.constexpr):
+    """``(q_v, D's term, q_v a_v)`` of a block of columns, from the raw logits s, t (in the accumulation dtype) and
+    the row's statistics; every lane finite or 0 where its leading probability is 0."""
+    u = s - c_s
+    w = t - c_t
+    log_q = u * k - log_z_s
+    log_p = w * k - log_z_t
+    q = tl.exp(log_q)
+    p = tl.exp(log_p)
+    q_live = q > 0
+    p_live = p > 0
+    # log p - log q from the raw differences where both logits are finite (+-inf where one is -inf).
+    finite = (s > float("-inf")) & (t > float("-inf"))
+    delta = tl.where(finite, (w - u) * k - (log_z_t - log_z_s), log_p - log_q)
+    if DIVERGENCE == 0:  # FORWARD_KL
+        value = tl.where(p_live, p * delta, 0.0)
+        partial = -p
+    elif DIVERGENCE == 4:  # TVD
+        sign = (q > p).to(q.dtype) - (q < p).to(q.dtype)
+        value = 0.5 * tl.abs(p - q)
+        partial = 0.5 * q * sign
+    else:
+        # The mixture m = w p + (1 - w) q: log m - log q = max(delta, 0) + tail, log p - log m = min(delta, 0) - tail.
+        weight = tl.where(delta > 0, 1.0 - teacher_weight, teacher_weight)
+        tail = _log1p(weight * _expm1(-tl.abs(delta)))
+        log_q_over_m = -(tl.maximum(delta, 0.0) + tail)
+        log_p_over_m = tl.minimum(delta, 0.0) - tail
+        if DIVERGENCE == 1:  # JSD
+            q_term = tl.where(q_live, q * log_q_over_m, 0.0)
+            value = coefficient * tl.where(p_live, p * log_p_over_m, 0.0) + (1.0 - coefficient) * q_term
+            partial = (1.0 - coefficient) * q_term
+        elif DIVERGENCE == 2:  # SKEW_FORWARD_KL
+            value = tl.where(p_live, p * log_p_over_m, 0.0)
+            partial = tl.where(p_live, -p * (1.0 - coefficient * tl.exp(log_p_over_m)), 0.0)
+        else:  # SKEW_REVERSE_KL
+            value = tl.where(q_live, q * log_q_over_m, 0.0)
+            partial = tl.where(q_live, q * (log_q_over_m + 1.0 - coefficient * tl.exp(log_q_over_m)), 0.0)
+    return q, value, partial
+
+
+@triton.jit
+def _divergence_forward_kernel(
+    student_ptr, teacher_ptr, mask_ptr, value_ptr, mean_partial_ptr, row_stats_ptr,
+    student_rows_per_outer, student_outer_stride, student_inner_stride,
+    teacher_rows_per_outer, teacher_outer_stride, teacher_inner_stride, vocab_size,
+    coefficient: tl.float64, teacher_weight: tl.float64, inv_temperature: tl.float64,
+    DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    # int64 row index: the row offsets pass 2^31 once N * V does (16k tokens x 152k vocab).
+    row = tl.program_id(0).to(tl.int64)
+    student_ptr += _row_offset(row, student_rows_per_outer, student_outer_stride, student_inner_stride)
+    teacher_ptr += _row_offset(row, teacher_rows_per_outer, teacher_outer_stride, teacher_inner_stride)
+    valid = tl.load(mask_ptr + row) != 0 if HAS_MASK else True
+    n_cols = tl.where(valid, vocab_size, 0)  # a masked row reads nothing
+    k64 = tl.zeros((), tl.float64) + inv_temperature
+    k = k64.to(ACC_DTYPE)
+    coefficient_acc = (tl.zeros((), tl.float64) + coefficient).to(ACC_DTYPE)
+    weight_acc = (tl.zeros((), tl.float64) + teacher_weight).to(ACC_DTYPE)
+
+    # Pass 1: the log-normalisers (online softmax, re-centred on the running maxima; float64 sums).
+    m_s = tl.full((), float("-inf"), ACC_DTYPE)
+    m_t = tl.full((), float("-inf"), ACC_DTYPE)
+    z_s = tl.zeros((), tl.float64)
+    z_t = tl.zeros((), tl.float64)
+    offsets = tl.arange(0, BLOCK_V)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + offsets
+        in_row = cols < n_cols
+        s = tl.load(student_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
+        t = tl.load(teacher_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
+        old_c_s = _centre(m_s).to(tl.float64)
+        old_c_t = _centre(m_t).to(tl.float64)
+        m_s = tl.maximum(m_s, tl.max(s, axis=0))
+        m_t = tl.maximum(m_t, tl.max(t, axis=0))
+        c_s = _centre(m_s)
+        c_t = _centre(m_t)
+        # (min: an empty sum's old centre, 0, may lie above the new one; it stays 0.)
+        z_s = z_s * tl.exp(tl.minimum(old_c_s - c_s.to(tl.float64), 0.0) * k64)
+        z_t = z_t * tl.exp(tl.minimum(old_c_t - c_t.to(tl.float64), 0.0) * k64)
+        z_s += tl.sum(tl.exp((s - c_s) * k).to(tl.float64), axis=0)
+        z_t += tl.sum(tl.exp((t - c_t) * k).to(tl.float64), axis=0)
+    c_s64 = _centre(m_s).to(tl.float64)
+    c_t64 = _centre(m_t).to(tl.float64)
+    log_z_s64 = tl.log(z_s)
+    log_z_t64 = tl.log(z_t)
+
+    # Pass 2: the value's terms and sum_v q_v a_v, column by column from the statistics.
+    c_s = c_s64.to(ACC_DTYPE)
+    c_t = c_t64.to(ACC_DTYPE)
+    log_z_s = log_z_s64.to(ACC_DTYPE)
+    log_z_t = log_z_t64.to(ACC_DTYPE)
+    total = tl.zeros((), tl.float64)
+    partial = tl.zeros((), tl.float64)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + offsets
+        in_row = cols < n_cols
+        s = tl.load(student_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
+        t = tl.load(teacher_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
+        _, terms, partials = _columns(s, t, c_s, log_z_s, c_t, log_z_t, k, coefficient_acc, weight_acc,
+                                      DIVERGENCE)
+        total += tl.sum(tl.where(in_row, terms, 0.0).to(tl.float64), axis=0)
+        partial += tl.sum(tl.where(in_row, partials, 0.0).to(tl.float64), axis=0)
+    # NaN logits make a log-normaliser NaN, and every q_v, p_v with it: the terms alone would drop them.
+    nan_of_logits = (log_z_s64 - log_z_s64) + (log_z_t64 - log_z_t64)
+    tl.store(value_ptr + row, tl.where(valid, total + nan_of_logits, 0.0))
+    tl.store(mean_partial_ptr + row, tl.where(valid, partial + nan_of_logits, 0.0))
+    tl.store(row_stats_ptr + 4 * row + 0, tl.where(valid, c_s64, 0.0))
+    tl.store(row_stats_ptr + 4 * row + 1, tl.where(valid, log_z_s64, 0.0))
+    tl.store(row_stats_ptr + 4 * row + 2, tl.where(valid, c_t64, 0.0))
+    tl.store(row_stats_ptr + 4 * row + 3, tl.where(valid, log_z_t64, 0.0))
+
+
+@triton.jit
+def _divergence_backward_kernel(
+    student_ptr, teacher_ptr, mask_ptr, grad_divergence_ptr, mean_partial_ptr, row_stats_ptr, grad_student_ptr,
+    student_rows_per_outer, student_outer_stride, student_inner_stride,
+    teacher_rows_per_outer, teacher_outer_stride, teacher_inner_stride, student_width, vocab_size,
+    coefficient: tl.float64, teacher_weight: tl.float64, inv_temperature: tl.float64,
+    DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: see the forward kernel
+    student_ptr += _row_offset(row, student_rows_per_outer, student_outer_stride, student_inner_stride)
+    teacher_ptr += _row_offset(row, teacher_rows_per_outer, teacher_outer_stride, teacher_inner_stride)
+    grad_student_ptr += row * student_width
+    valid = tl.load(mask_ptr + row) != 0 if HAS_MASK else True
+    n_cols = tl.where(valid, vocab_size, 0)  # a masked row reads nothing and gets a zero gradient
+    k = (tl.zeros((), tl.float64) + inv_temperature).to(ACC_DTYPE)
+    coefficient_acc = (tl.zeros((), tl.float64) + coefficient).to(ACC_DTYPE)
+    weight_acc = (tl.zeros((), tl.float64) + teacher_weight).to(ACC_DTYPE)
+    scale = tl.load(grad_divergence_ptr + row).to(ACC_DTYPE) * k
+    mean = tl.load(mean_partial_ptr + row).to(ACC_DTYPE)
+    c_s = tl.load(row_stats_ptr + 4 * row + 0).to(ACC_DTYPE)
+    log_z_s = tl.load(row_stats_ptr + 4 * row + 1).to(ACC_DTYPE)
+    c_t = tl.load(row_stats_ptr + 4 * row + 2).to(ACC_DTYPE)
+    log_z_t = tl.load(row_stats_ptr + 4 * row + 3).to(ACC_DTYPE)
+    offsets = tl.arange(0, BLOCK_V)
+    for start in range(0, student_width, BLOCK_V):
+        cols = start + offsets
+        in_row = cols < n_cols
+        s = tl.load(student_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
+        t = tl.load(teacher_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
+        q, _, partials = _columns(s, t, c_s, log_z_s, c_t, log_z_t, k, coefficient_acc, weight_acc,
+                                  DIVERGENCE)
+        grad = tl.where(in_row, scale * (partials - q * mean), 0.0)
+        if grad_student_ptr.dtype.element_ty == tl.bfloat16:
+            grad = _round_to_bfloat16(grad)
+        tl.store(grad_student_ptr + cols, grad, mask=cols < student_width)
+
+
+def _coefficients(divergence: str, coefficient: float) -> tuple[int, float, float]:
+    """``(DIVERGENCE flag, coefficient, teacher weight w of the mixture m = w p + (1 - w) q)``."""
+    if divergence not in DIVERGENCE_CODES:
+        raise ValueError(f"divergence (triton): must be one of {tuple(DIVERGENCE_CODES)} (the reverse KL has its own "
+                         f"kernel), got {divergence!r}")
+    code = DIVERGENCE_CODES[divergence]
+    if code in (JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL) and not 0 < coefficient < 1:
+        raise ValueError(f"divergence (triton): {divergence} needs a coefficient (beta or skew) in (0, 1), got "
+                         f"{coefficient}")
+    return code, float(coefficient), 1.0 - coefficient if code == SKEW_REVERSE_KL else float(coefficient)
+
+
+def forward(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, divergence: str, coefficient: float,
+    inv_temperature: float, vocab_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on ``[n_outer, rows_per_outer, V]`` logits (each its own split and strides):
+    ``(divergence [N], mean_partial [N], row_stats [N, 4])`` in the accumulation dtype (the CPU kernel's outputs)."""
+    code, coefficient, teacher_weight = _coefficients(divergence, coefficient)
+    n_rows = student.shape[0] * student.shape[1]
+    stats_dtype = compute_dtype(student.dtype, teacher.dtype)
+    value = student.new_empty(n_rows, dtype=stats_dtype)
+    mean_partial = student.new_empty(n_rows, dtype=stats_dtype)
+    row_stats = student.new_empty(n_rows, 4, dtype=stats_dtype)
+    block_v = _block_size(vocab_size)
+    _divergence_forward_kernel[(n_rows,)](
+        student, teacher, mask if mask is not None else value, value, mean_partial, row_stats,
+        *_row_strides(student), *_row_strides(teacher), vocab_size, coefficient, teacher_weight, inv_temperature,
+        DIVERGENCE=code, HAS_MASK=mask is not None, BLOCK_V=block_v, ACC_DTYPE=_acc_dtype(student, teacher),
+        num_warps=_num_warps(block_v),
+    )
+    return value, mean_partial, row_stats
+
+
+def backward(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, grad_divergence: torch.Tensor,
+    mean_partial: torch.Tensor, row_stats: torch.Tensor, divergence: str, coefficient: float,
+    inv_temperature: float, vocab_size: int,
+) -> torch.Tensor:
+    """Launch the backward kernel: the gradient of ``sum_i g_i D_i`` with respect to ``student``, ``[N, V_s]``
+    contiguous in the student's dtype (0 past ``vocab_size`` and in masked rows)."""
+    code, coefficient, teacher_weight = _coefficients(divergence, coefficient)
+    n_rows, student_width = student.shape[0] * student.shape[1], student.shape[2]
+    grad_student = torch.empty((n_rows, student_width), dtype=student.dtype, device=student.device)
+    block_v = _block_size(vocab_size)
+    _divergence_backward_kernel[(n_rows,)](
+        student, teacher, mask if mask is not None else mean_partial, grad_divergence, mean_partial, row_stats,
+        grad_student, *_row_strides(student), *_row_strides(teacher), student_width, vocab_size, coefficient,
+        teacher_weight, inv_temperature,
+        DIVERGENCE=code, HAS_MASK=mask is not None, BLOCK_V=block_v, ACC_DTYPE=_acc_dtype(student, teacher),
+        num_warps=_num_warps(block_v),
+    )
+    return grad_student

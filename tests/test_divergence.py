@@ -1,0 +1,520 @@
+"""The divergence family (``mk.fused_divergence``): the reference formulas against hand computations, then every
+kernel against the float64 reference (values, gradients, dtypes, masks, padding, -inf and extreme logits,
+temperature, strided views, the ends of beta and skew), and the conventions of TRL, Liger-Kernel and DistiLLM."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import minillm_kernels as mk
+from conftest import accumulation_dtype, device_for, random_logits, random_mask, require_backend, ulp
+from minillm_kernels import reference
+
+DIVERGENCES = reference.DIVERGENCES
+ODD_VOCAB = 1031
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference against hand computations.
+# ---------------------------------------------------------------------------------------------------------------
+def by_hand(student: list[float], teacher: list[float], divergence: str, beta: float, skew: float) -> float:
+    """One row's divergence, term by term with Python floats (no torch): the table of docs/design.md."""
+    def softmax(x):
+        top = max(v for v in x)
+        e = [math.exp(v - top) if v > -math.inf else 0.0 for v in x]
+        return [v / sum(e) for v in e]
+
+    q, p = softmax(student), softmax(teacher)
+
+    def kl(a, b):  # sum a log(a / b), terms with a = 0 count 0, +inf where b = 0 < a
+        return sum(x * math.log(x / y) if y > 0 else math.inf for x, y in zip(a, b) if x > 0)
+
+    def mix(w, a, b):
+        return [w * x + (1 - w) * y for x, y in zip(a, b)]
+
+    if divergence == "reverse_kl":
+        return kl(q, p)
+    if divergence == "forward_kl":
+        return kl(p, q)
+    if divergence == "jsd":
+        m = mix(beta, p, q)
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if divergence == "skew_forward_kl":
+        return kl(p, mix(skew, p, q))
+    if divergence == "skew_reverse_kl":
+        return kl(q, mix(skew, q, p))
+    return 0.5 * sum(abs(x - y) for x, y in zip(p, q))
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", (0.5, 1.0, 3.0))
+def test_the_reference_matches_the_formulas_term_by_term(divergence, temperature):
+    """Rows of 5 columns, one with -inf columns in each model (not the same ones), in float64, against a Python
+    loop over the terms of the formula; beta and skew away from 1/2 so that a swapped weight shows."""
+    student = torch.randn(4, 5, dtype=torch.float64) * 2
+    teacher = torch.randn(4, 5, dtype=torch.float64) * 2
+    student[1, 0] = teacher[1, 3] = student[2, 4] = -math.inf
+    teacher[2, 4] = -math.inf  # a column dead in both
+    beta, skew = 0.3, 0.2
+    got = reference.divergence(student, teacher, None, temperature, 5, divergence, beta=beta, skew=skew)
+    for row in range(4):
+        want = by_hand((student[row] / temperature).tolist(), (teacher[row] / temperature).tolist(), divergence,
+                       beta, skew)
+        assert got[row].item() == pytest.approx(want, rel=1e-12, abs=1e-14), row
+
+
+def test_the_reference_satisfies_the_identities_between_divergences():
+    """JSD = H(m) - beta H(p) - (1 - beta) H(q); TVD = 1 - sum min(p, q); skew 0 gives the plain KLs; every one is 0
+    for q = p; JSD with beta = 1/2 is symmetric."""
+    student, teacher = (torch.randn(6, 257, dtype=torch.float64) * 3 for _ in range(2))
+    q, p = student.softmax(-1), teacher.softmax(-1)
+
+    def run(name, s=student, t=teacher, **kw):
+        return reference.divergence(s, t, None, 1.0, 257, name, **kw)
+
+    def entropy(x):
+        return -(x * x.log()).sum(-1)
+
+    beta = 0.3
+    m = beta * p + (1 - beta) * q
+    torch.testing.assert_close(run("jsd", beta=beta), entropy(m) - beta * entropy(p) - (1 - beta) * entropy(q))
+    torch.testing.assert_close(run("tvd"), 1 - torch.minimum(p, q).sum(-1))
+    torch.testing.assert_close(run("skew_forward_kl", skew=0.0), run("forward_kl"))
+    torch.testing.assert_close(run("skew_reverse_kl", skew=0.0), run("reverse_kl"))
+    torch.testing.assert_close(run("jsd", beta=0.5), run("jsd", s=teacher, t=student, beta=0.5))
+    for name in DIVERGENCES:
+        torch.testing.assert_close(run(name, t=student), torch.zeros(6, dtype=torch.float64), atol=1e-15, rtol=0)
+
+
+def partial_derivatives(divergence: str, q: torch.Tensor, p: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+    """q_v a_v with a_v = dD/dq_v (docs/design.md), written from the derivation, for the closed-form gradient
+    dD/ds_v = (1/T) (q_v a_v - q_v sum_k q_k a_k)."""
+    if divergence == "reverse_kl":
+        return q * (q.log() - p.log() + 1)
+    if divergence == "forward_kl":
+        return -p
+    if divergence == "jsd":
+        return (1 - beta) * q * (q / (beta * p + (1 - beta) * q)).log()
+    if divergence == "skew_forward_kl":
+        return -(1 - skew) * q * p / (skew * p + (1 - skew) * q)
+    if divergence == "skew_reverse_kl":
+        m = skew * q + (1 - skew) * p
+        return q * ((q / m).log() + 1 - skew * q / m)
+    return 0.5 * q * torch.sign(q - p)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_the_reference_gradient_is_the_closed_form(divergence):
+    """Autograd through the reference equals (1/T) q_v (a_v - sum_k q_k a_k), the formula every kernel's backward
+    evaluates, for an upstream gradient other than 1."""
+    temperature, beta, skew = 2.0, 0.3, 0.2
+    student = (torch.randn(5, 97, dtype=torch.float64) * 3).requires_grad_()
+    teacher = torch.randn(5, 97, dtype=torch.float64) * 3
+    upstream = torch.randn(5, dtype=torch.float64)
+    value = reference.divergence(student, teacher, None, temperature, 97, divergence, beta=beta, skew=skew)
+    (grad,) = torch.autograd.grad((upstream * value).sum(), student)
+    q, p = (student.detach() / temperature).softmax(-1), (teacher / temperature).softmax(-1)
+    qa = partial_derivatives(divergence, q, p, beta, skew)
+    want = upstream[:, None] * (qa - q * qa.sum(-1, keepdim=True)) / temperature
+    torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-13)
+    # reference.divergence_gradient (the fused-linear reference backend's, inside a custom op) is that closed form,
+    # also with -inf columns (0 where the leading probability is 0), a mask and padding.
+    padded = torch.nn.functional.pad(student.detach(), (0, 2), value=float("nan"))
+    padded[0, :5] = -float("inf")
+    mask = torch.tensor([True, True, False, True, True])
+    value = reference.divergence(padded.requires_grad_(), teacher, mask, temperature, 97, divergence, beta=beta,
+                                 skew=skew)
+    (grad,) = torch.autograd.grad((upstream * value).sum(), padded)
+    closed = reference.divergence_gradient(padded, teacher, mask, upstream, temperature, 97, divergence, beta=beta,
+                                           skew=skew)
+    torch.testing.assert_close(closed, grad.nan_to_num(0.0), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_the_reference_has_no_nan_where_probabilities_vanish(divergence):
+    """-inf columns in either model, in both at once, and a padding column past vocab_size holding NaN: finite
+    values and gradients (the KLs whose leading model has mass where the other has none are +inf, their
+    gradient stays finite)."""
+    student = random_logits(3, 9, torch.float64, torch.device("cpu")).requires_grad_()
+    teacher = random_logits(3, 9, torch.float64, torch.device("cpu"))
+    with torch.no_grad():
+        student[0, :3] = -math.inf
+        student[:, 8] = math.nan
+    teacher[1, :3] = -math.inf
+    teacher[2, 4] = -math.inf
+    student.detach()[2, 4] = -math.inf
+    teacher[:, 8] = math.nan
+    value = reference.divergence(student, teacher, None, 1.0, 8, divergence)
+    (grad,) = torch.autograd.grad(value.sum(), student)
+    infinite = {"reverse_kl": [1], "forward_kl": [0]}.get(divergence, [])
+    assert torch.isinf(value[infinite]).all() and value[infinite].gt(0).all()
+    finite = [row for row in range(3) if row not in infinite]
+    assert torch.isfinite(value[finite]).all()
+    if divergence != "reverse_kl":  # (the reverse KL's gradient is undefined where it is infinite, as today's)
+        assert torch.isfinite(grad[:, :8]).all()
+    assert (grad[:, 8] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernels against the float64 reference.
+# ---------------------------------------------------------------------------------------------------------------
+BACKENDS = ("reference", "cpu", "triton", "cuda")  # (triton: under the interpreter on CPU tensors without a GPU)
+KERNEL_BACKENDS = BACKENDS[1:]
+KAPPA = 16  # roundings a column's terms carry, in u of their magnitude (see error_scales)
+NAIVE_KAPPA = 335  # the reference backend's float32 formulas (conftest.NAIVE_FLOAT32_ROUNDINGS)
+BETA, SKEW = 0.3, 0.2  # away from 1/2 and from each other, so that a swapped coefficient shows
+
+
+def run(backend, student, teacher, upstream=None, **kwargs):
+    """Per-token divergence (reduction "none") and d/d(student) of sum(upstream * divergence)."""
+    student = student.detach().clone().requires_grad_()
+    value = mk.fused_divergence(student, teacher, reduction="none", backend=backend, **kwargs)
+    upstream = torch.ones_like(value) if upstream is None else upstream.to(value.device, value.dtype)
+    (grad,) = torch.autograd.grad((upstream * value).sum(), student)
+    return value.cpu(), grad.cpu()
+
+
+def exact(student, teacher, upstream=None, *, divergence, beta=0.5, skew=0.1, mask=None, temperature=1.0,
+          vocab_size=None):
+    """The reference in float64 on the same (rounded) inputs: per-token values and their gradient."""
+    width = student.shape[-1]
+    student64 = student.detach().cpu().double().reshape(-1, width).requires_grad_()
+    teacher64 = teacher.detach().cpu().double().reshape(-1, teacher.shape[-1])
+    flat_mask = None if mask is None else mask.cpu().reshape(-1)
+    value = reference.divergence(student64, teacher64, flat_mask, temperature, vocab_size or width, divergence,
+                                 beta=beta, skew=skew)
+    upstream = torch.ones_like(value) if upstream is None else upstream.double().reshape(-1)
+    (grad,) = torch.autograd.grad((upstream * value).sum(), student64)
+    return value.reshape(student.shape[:-1]), grad.reshape(student.shape)
+
+
+def error_scales(student, teacher, upstream, *, temperature=1.0, vocab_size=None, mask=None, **_):
+    """(per-token S, per-column S_v) of the bounds below, float64.
+
+    Each column's term is a few products of q_v, p_v, log q_v, log p_v and the mixture's log1p: computed from exact
+    inputs in the accumulation dtype, it errs by about KAPPA u (1 + |log q_v| + |log p_v|) (p_v + q_v) (log q_v =
+    k (s_v - c_s) - log Z_s errs by u |log q_v| a rounding; the exp carries it into q_v; the row sums are float64).
+    Per token S = 1 + sum_v (p_v + q_v)(1 + |log q_v| + |log p_v|) (the 1: the log-normalisers' absolute error);
+    per gradient column S_v = k |g| (p_v + q_v)(1 + |log q_v| + |log p_v| + S) (the second term, q_v sum_u q_u a_u,
+    carries the per-token error)."""
+    width = student.shape[-1]
+    vocab = vocab_size or width
+    s = student.detach().cpu().double().reshape(-1, width)[:, :vocab] / temperature
+    t = teacher.detach().cpu().double().reshape(-1, teacher.shape[-1])[:, :vocab] / temperature
+    log_q, log_p = s.log_softmax(-1), t.log_softmax(-1)
+    weight = log_q.exp() + log_p.exp()
+    magnitude = sum(torch.where(x.isinf(), 0.0, x.abs()) for x in (log_q, log_p))  # (a -inf is exact)
+    column = torch.where(weight > 0, weight * (1 + magnitude), 0.0)
+    per_token = 1 + column.sum(-1)
+    g = torch.ones(s.shape[0], dtype=torch.float64) if upstream is None else upstream.double().reshape(-1)
+    per_column = g.abs()[:, None] / temperature * (column + weight * per_token[:, None])
+    if mask is not None:
+        keep = mask.cpu().reshape(-1)
+        per_token, per_column = torch.where(keep, per_token, 0.0), torch.where(keep[:, None], per_column, 0.0)
+    per_column = torch.nn.functional.pad(per_column, (0, width - vocab))
+    return per_token.reshape(student.shape[:-1]), per_column.reshape(student.shape)
+
+
+def tvd_sign_ambiguity(student, teacher, upstream, tolerance, *, temperature=1.0, vocab_size=None, **_):
+    """k |g| q_v where |q_v - p_v| <= tolerance (p_v + q_v)(1 + |log q_v| + |log p_v|) (the two computed
+    probabilities may be ordered either way there, and the TVD's gradient term 1/2 q_v sign(q_v - p_v) with them),
+    else 0."""
+    width = student.shape[-1]
+    vocab = vocab_size or width
+    log_q = (student.detach().cpu().double().reshape(-1, width)[:, :vocab] / temperature).log_softmax(-1)
+    log_p = (teacher.detach().cpu().double().reshape(-1, teacher.shape[-1])[:, :vocab] / temperature).log_softmax(-1)
+    q, p = log_q.exp(), log_p.exp()
+    magnitude = sum(torch.where(x.isinf(), 0.0, x.abs()) for x in (log_q, log_p))
+    close = (q - p).abs() <= tolerance * (p + q) * (1 + magnitude)
+    g = torch.ones(q.shape[0], dtype=torch.float64) if upstream is None else upstream.double().reshape(-1)
+    ambiguity = torch.where(close, g.abs()[:, None] * q / temperature, 0.0)
+    return torch.nn.functional.pad(ambiguity, (0, width - vocab)).reshape(student.shape)
+
+
+def assert_close_to_exact(backend, student, teacher, upstream=None, **kwargs):
+    """The backend's values and gradient within KAPPA u of the float64 reference's error scales (plus half an ulp of
+    the gradient's dtype, its one rounding); infinities where the reference has them."""
+    value, grad = run(backend, student, teacher, upstream, **kwargs)
+    want, want_grad = exact(student, teacher, upstream, **kwargs)
+    acc = accumulation_dtype(student.dtype, teacher.dtype)
+    assert value.dtype == acc and grad.dtype == student.dtype and grad.shape == student.shape
+    u = torch.finfo(acc).eps / 2
+    kappa = NAIVE_KAPPA if backend == "reference" and acc == torch.float32 else KAPPA
+    kappa *= 2 if acc == torch.float64 else 1  # (the float64 reference errs as much)
+    token_scale, column_scale = error_scales(student, teacher, upstream, **kwargs)
+    got = value.detach().double()
+    infinite = want.isinf()
+    assert torch.equal(got.isinf(), infinite) and torch.equal(got[infinite], want[infinite]), (got, want)
+    error = torch.where(infinite, 0.0, got - want).abs()
+    assert (error <= kappa * u * token_scale).all(), f"value error {error.max().item():.3g} (scale " \
+        f"{token_scale.reshape(-1)[error.reshape(-1).argmax()].item():.3g})"
+    grad64 = grad.double()
+    if kwargs["divergence"] == "reverse_kl":  # (undefined in rows where the reverse KL is infinite, as today)
+        grad64, want_grad = (torch.where(infinite[..., None], 0.0, x) for x in (grad64, want_grad))
+    bound = 0.5 * ulp(grad64, grad.dtype) + kappa * u * column_scale + torch.finfo(acc).tiny
+    if acc == torch.float64 and torch.finfo(grad.dtype).bits < 32:  # float64 results rounded through float32
+        bound = bound + 2**-24 * grad64.abs()
+    if kwargs["divergence"] == "tvd":  # sign(q_v - p_v) is undetermined where q_v - p_v is within rounding of 0
+        bound = bound + tvd_sign_ambiguity(student, teacher, upstream, kappa * u, **kwargs)
+    grad_error = (grad64 - want_grad).abs()
+    worst = int((grad_error - bound).argmax())
+    assert (grad_error <= bound).all(), f"gradient error {grad_error.reshape(-1)[worst].item():.3g} > " \
+        f"{bound.reshape(-1)[worst].item():.3g} (got {grad64.reshape(-1)[worst].item():.6g}, " \
+        f"exact {want_grad.reshape(-1)[worst].item():.6g})"
+    return value, grad
+
+
+DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+               (torch.float64, torch.float32), (torch.float32, torch.float64), (torch.bfloat16, torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
+@pytest.mark.parametrize("temperature", (0.5, 2.0))
+def test_every_divergence_matches_the_float64_reference(backend, divergence, dtypes, temperature):
+    """Values and gradients for an upstream gradient other than 1, with a mask, an odd vocabulary, both models
+    padded to different widths past vocab_size (NaN in the padding, never read), each input in its own dtype."""
+    require_backend(backend)
+    rows, device = 7, device_for(backend)
+    student = random_logits(rows, ODD_VOCAB + 3, dtypes[0], device)
+    teacher = random_logits(rows, ODD_VOCAB + 5, dtypes[1], device)
+    student[:, ODD_VOCAB:] = teacher[:, ODD_VOCAB:] = math.nan
+    upstream = torch.randn(rows, dtype=torch.float64)
+    assert_close_to_exact(backend, student, teacher, upstream, divergence=divergence, beta=BETA, skew=SKEW,
+                          mask=random_mask(rows, device), temperature=temperature, vocab_size=ODD_VOCAB)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_minus_infinity_and_extreme_logits(backend, divergence, dtype):
+    """-inf columns in either model and in both (no NaN; +inf for the KLs whose leading model has mass where the
+    other has none), and logits ~1e4 (one column takes nearly all the mass; exponents that overflow unless every
+    column is centred on its row's maximum)."""
+    require_backend(backend)
+    device = device_for(backend)
+    student = random_logits(6, ODD_VOCAB, dtype, device)
+    teacher = random_logits(6, ODD_VOCAB, dtype, device)
+    student[0, :40] = -math.inf  # the student rules out what the teacher allows: KL(p || q) = inf
+    teacher[1, 100:140] = -math.inf  # and the other way round
+    student[2, 7:20] = teacher[2, 7:20] = -math.inf
+    student[3:5] *= 3e3  # |x| ~ 1e4
+    teacher[4:6] *= 3e3
+    value, grad = assert_close_to_exact(backend, student, teacher, torch.randn(6, dtype=torch.float64),
+                                        divergence=divergence, beta=BETA, skew=SKEW)
+    assert not value.isnan().any()
+    if divergence != "reverse_kl":  # (the reverse KL's gradient is undefined where the KL is infinite)
+        assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES[1:])
+def test_strided_views_read_in_place_give_what_contiguous_rows_give(backend, divergence):
+    """A [:, -(N+1):-1] slice of [B, L, V] logits and a transposed teacher: the same bits as contiguous copies."""
+    require_backend(backend)
+    device = device_for(backend)
+    student_full = (torch.randn(3, 9, ODD_VOCAB) * 3).to(device)
+    teacher_full = torch.randn(8, 3, ODD_VOCAB).to(torch.bfloat16).to(device)
+    student, teacher = student_full[:, -6:-1], teacher_full.transpose(0, 1)[:, 2:7]
+    upstream = torch.randn(3, 5)
+    value, grad = run(backend, student, teacher, upstream, divergence=divergence)
+    contiguous_value, contiguous_grad = run(backend, student.contiguous(), teacher.contiguous(), upstream,
+                                            divergence=divergence)
+    assert torch.equal(value, contiguous_value) and torch.equal(grad, contiguous_grad)
+    assert grad.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES[1:])
+def test_reductions_over_the_mask(backend, divergence):
+    """"sum" and "mean" are the masked per-token values' sum and mean; a mask with no True gives 0 and a zero
+    gradient."""
+    require_backend(backend)
+    device = device_for(backend)
+    student, teacher = (torch.randn(2, 4, 257, device=device) * 2 for _ in range(2))
+    mask = torch.rand(2, 4, device=device) < 0.6
+    mask[0, 0] = True
+    per_token = mk.fused_divergence(student, teacher, divergence=divergence, mask=mask, reduction="none",
+                                    backend=backend)
+    total = mk.fused_divergence(student, teacher, divergence=divergence, mask=mask, reduction="sum", backend=backend)
+    mean = mk.fused_divergence(student, teacher, divergence=divergence, mask=mask, backend=backend)
+    torch.testing.assert_close(total, per_token.sum())
+    torch.testing.assert_close(mean, per_token.sum() / mask.sum())
+    assert (per_token[~mask] == 0).all()
+    none = torch.zeros_like(mask)
+    leaf = student.clone().requires_grad_()
+    empty = mk.fused_divergence(leaf, teacher, divergence=divergence, mask=none, backend=backend)
+    empty.backward()
+    assert empty.item() == 0 and (leaf.grad == 0).all()
+
+
+def test_the_reverse_kl_is_fused_reverse_kld():
+    """divergence="reverse_kl" is today's function, bit for bit."""
+    require_backend("cpu")
+    student, teacher = torch.randn(4, 300) * 3, torch.randn(4, 300) * 3
+    mask = torch.tensor([True, False, True, True])
+    for reduction in ("none", "sum", "mean"):
+        assert torch.equal(mk.fused_divergence(student, teacher, mask=mask, reduction=reduction, temperature=1.5),
+                           mk.fused_reverse_kld(student, teacher, mask=mask, reduction=reduction, temperature=1.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_beta_and_skew_near_their_ends(backend):
+    """Continuity at the ends, float64. JSD(beta) / beta = KL(p || q) - (beta / 2) chi2(p || q) + O(beta^2) as
+    beta -> 0, and JSD / (1 - beta) = KL(q || p) - ((1 - beta) / 2) chi2(q || p) + O((1 - beta)^2) as beta -> 1
+    (chi2(p || q) = sum p^2 / q - 1; measured: the ratio of the remainder to its first-order term is -0.48 at 1e-4,
+    -0.4998 at 1e-6 on one draw, within 10% of -1/2 on others, hence rtol 0.2); a skew of 1e-9 is within 1e-7 relative of the plain KL (skew 0, which runs the plain KL's
+    kernel); a skew near 1 drives both skew KLs to 0, below (1 - skew) times the plain KL."""
+    require_backend(backend)
+    student, teacher = torch.randn(5, 211, dtype=torch.float64) * 2, torch.randn(5, 211, dtype=torch.float64) * 2
+    q, p = student.softmax(-1), teacher.softmax(-1)
+    chi2_pq, chi2_qp = (p * p / q).sum(-1) - 1, (q * q / p).sum(-1) - 1
+
+    def loss(name, **kw):
+        device = device_for(backend)
+        return mk.fused_divergence(student.to(device), teacher.to(device), divergence=name, reduction="none",
+                                   backend=backend, **kw).cpu()
+
+    forward, reverse = loss("forward_kl"), loss("reverse_kl")
+    half = torch.full_like(forward, -0.5)
+    eps = 1e-6
+    torch.testing.assert_close((loss("jsd", beta=eps) / eps - forward) / (eps * chi2_pq), half, rtol=0.2, atol=0)
+    torch.testing.assert_close((loss("jsd", beta=1 - eps) / eps - reverse) / (eps * chi2_qp), half, rtol=0.2, atol=0)
+    # SKL(alpha) = KL(p || q) - alpha chi2(p || q) + O(alpha^2), SRKL likewise with chi2(q || p).
+    assert ((loss("skew_forward_kl", skew=1e-9) - loss("skew_forward_kl", skew=0.0)).abs() <= 2e-9 * chi2_pq).all()
+    assert ((loss("skew_reverse_kl", skew=1e-9) - loss("skew_reverse_kl", skew=0.0)).abs() <= 2e-9 * chi2_qp).all()
+    torch.testing.assert_close(loss("skew_forward_kl", skew=0.0), forward, rtol=1e-12, atol=0)
+    for skew in (0.5, 1 - 1e-3, 1 - 1e-6):  # KL's convexity in its second argument: 0 <= SKL <= (1 - skew) KL(p || q)
+        for name, plain in (("skew_forward_kl", forward), ("skew_reverse_kl", reverse)):
+            value = loss(name, skew=skew)
+            assert ((value >= 0) & (value <= (1 - skew) * plain)).all(), (name, skew)
+    # The backend at the ends against the float64 reference: there the mixture's terms cancel to a few 1e-6 of their
+    # size (1 - alpha q / m -> 0, log(q / m) -> 0), which takes the rounding of both past the bounds of
+    # assert_close_to_exact; 1e-9 relative is what float64 leaves of them.
+    for divergence in ("jsd", "skew_forward_kl", "skew_reverse_kl"):
+        for kw in ({"beta": 1e-6, "skew": 1e-6}, {"beta": 1 - 1e-6, "skew": 1 - 1e-6}):
+            value, grad = run(backend, student.to(device_for(backend)), teacher.to(device_for(backend)),
+                              divergence=divergence, **kw)
+            want, want_grad = exact(student, teacher, divergence=divergence, **kw)
+            torch.testing.assert_close(value, want, rtol=1e-9, atol=1e-14)
+            torch.testing.assert_close(grad, want_grad, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"divergence": "kl"}, "divergence must be one of"),
+        ({"divergence": "jsd", "beta": 0.0}, r"beta must be a number in \(0, 1\), got 0.0 \(the teacher's weight"),
+        ({"beta": 1.0}, r"beta must be a number in \(0, 1\)"),
+        ({"beta": math.nan}, "beta must be"),
+        ({"skew": 1.0}, r"skew must be a number in \[0, 1\), got 1.0 \(the leading model's weight"),
+        ({"skew": -0.1}, r"skew must be a number in \[0, 1\)"),
+    ],
+)
+def test_bad_divergence_arguments_name_the_argument_and_the_fix(kwargs, message):
+    student = torch.randn(2, 5)
+    with pytest.raises(ValueError, match=message):
+        mk.fused_divergence(student, student, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Other libraries' conventions, reimplemented here from their documented formulas (docs/design.md has the mapping).
+# ---------------------------------------------------------------------------------------------------------------
+def trl_generalized_jsd(student_logits, teacher_logits, beta, temperature):
+    """TRL's GKD generalized_jsd_loss, per token: the mixture's log-probabilities as a logsumexp of
+    log(1 - beta) + log q and log beta + log p, then beta KL(p || m) + (1 - beta) KL(q || m) with F.kl_div."""
+    log_q = torch.log_softmax(student_logits / temperature, -1)
+    log_p = torch.log_softmax(teacher_logits / temperature, -1)
+    log_m = torch.logsumexp(torch.stack((log_q + math.log(1 - beta), log_p + math.log(beta))), 0)
+    kl_teacher = torch.nn.functional.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1)
+    kl_student = torch.nn.functional.kl_div(log_m, log_q, reduction="none", log_target=True).sum(-1)
+    return beta * kl_teacher + (1 - beta) * kl_student
+
+
+def liger_jsd(log_q, log_p, beta):
+    """Liger-Kernel's LigerJSD(beta)(log_q = student, log_p = teacher), per token: with Q = e^log_q, P = e^log_p and
+    M = beta P + (1 - beta) Q, the terms beta P log P + (1 - beta) Q log Q - M log M."""
+    q, p = log_q.exp(), log_p.exp()
+    m = beta * p + (1 - beta) * q
+    return (beta * p * log_p + (1 - beta) * q * log_q - m * m.log()).sum(-1)
+
+
+def distillm_skewed_forward_kl(student_logits, teacher_logits, lam):
+    """DistiLLM's skewed_forward_kl, per token: -sum p log(lam p + (1 - lam) q) (a cross-entropy: no teacher
+    entropy term)."""
+    p, q = teacher_logits.softmax(-1), student_logits.softmax(-1)
+    return -(p * (lam * p + (1 - lam) * q).log()).sum(-1)
+
+
+def distillm_skewed_reverse_kl(student_logits, teacher_logits, lam):
+    """DistiLLM's skewed_reverse_kl, per token: sum q (log q - log((1 - lam) p + lam q))."""
+    p, q = teacher_logits.softmax(-1), student_logits.softmax(-1)
+    return (q * (student_logits.log_softmax(-1) - ((1 - lam) * p + lam * q).log())).sum(-1)
+
+
+def value_and_gradient(loss, student):
+    student = student.detach().clone().requires_grad_()
+    value = loss(student)
+    (grad,) = torch.autograd.grad(value.sum(), student)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("beta", (0.1, 0.5, 0.9))
+def test_jsd_is_trl_generalized_jsd_and_liger_jsd_with_the_same_beta(beta):
+    """Our beta is TRL's and Liger's beta (the teacher's weight in the mixture), and the direction is theirs: values
+    and gradients agree (float64)."""
+    require_backend("cpu")
+    student, teacher = torch.randn(6, 257, dtype=torch.float64) * 3, torch.randn(6, 257, dtype=torch.float64) * 3
+    ours = value_and_gradient(lambda s: mk.fused_divergence(s, teacher, divergence="jsd", beta=beta, temperature=2.0,
+                                                            reduction="none", backend="cpu"), student)
+    trl = value_and_gradient(lambda s: trl_generalized_jsd(s, teacher, beta, 2.0), student)
+    liger = value_and_gradient(lambda s: liger_jsd((s / 2).log_softmax(-1), (teacher / 2).log_softmax(-1), beta),
+                               student)
+    for theirs in (trl, liger):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("lam", (0.1, 0.4))
+def test_skew_kls_are_distillms_with_skew_as_lambda(lam):
+    """skew = DistiLLM's lam. SRKL equals skewed_reverse_kl; SKL equals skewed_forward_kl minus the teacher's
+    entropy H(p) (DistiLLM leaves that constant out), hence the same gradient (float64)."""
+    require_backend("cpu")
+    student, teacher = torch.randn(6, 257, dtype=torch.float64) * 3, torch.randn(6, 257, dtype=torch.float64) * 3
+    p = teacher.softmax(-1)
+    teacher_entropy = -(p * p.log()).sum(-1)
+    for name, theirs, offset in (("skew_forward_kl", distillm_skewed_forward_kl, teacher_entropy),
+                                 ("skew_reverse_kl", distillm_skewed_reverse_kl, 0.0)):
+        value, grad = value_and_gradient(lambda s, name=name: mk.fused_divergence(
+            s, teacher, divergence=name, skew=lam, reduction="none", backend="cpu"), student)
+        their_value, their_grad = value_and_gradient(lambda s, theirs=theirs: theirs(s, teacher, lam), student)
+        torch.testing.assert_close(value, their_value - offset, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(grad, their_grad, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("divergence", ("forward_kl", "jsd", "skew_reverse_kl"))  # (~40 s each, the float64 oracle)
+def test_float32_accuracy_at_a_realistic_size(divergence):
+    """2048 tokens x 32000 columns, float32 logits on the CPU kernel: every token within the derived bound of the
+    float64 reference, and the gradient too (of a random-upstream sum)."""
+    require_backend("cpu")
+    student = random_logits(2048, 32000, torch.float32, torch.device("cpu"), scale=2.0)
+    teacher = random_logits(2048, 32000, torch.float32, torch.device("cpu"), scale=2.0)
+    assert_close_to_exact("cpu", student, teacher, torch.randn(2048, dtype=torch.float64), divergence=divergence,
+                          beta=BETA, skew=SKEW)
+
+
+@pytest.mark.parametrize("backend", ("triton", "cuda"))
+@pytest.mark.parametrize("divergence", ("forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"))
+def test_gpu_kernels_at_a_realistic_vocabulary(backend, divergence):
+    """32000 columns (several blocks per row: the online re-centring of pass 1 across blocks), float32 and a bfloat16
+    teacher, within the derived bound of the float64 reference: 3 rows under Triton's interpreter, 256 on a GPU."""
+    require_backend(backend)
+    device = device_for(backend)
+    rows = 3 if device.type == "cpu" else 256
+    student = random_logits(rows, 32000, torch.float32, device, scale=2.0)
+    teacher = random_logits(rows, 32000, torch.bfloat16, device, scale=2.0)
+    student[0] += torch.linspace(0, 40, 32000, device=device)  # a maximum that grows block after block
+    assert_close_to_exact(backend, student, teacher, torch.randn(rows, dtype=torch.float64), divergence=divergence,
+                          beta=BETA, skew=SKEW, temperature=0.7)
