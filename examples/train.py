@@ -9,14 +9,18 @@
 Methods (the same prompt pool, start, number of optimizer steps of --batch-size sequences, learning rate and
 schedule, and the same L_PT for every one):
     sft      cross-entropy on the pool's gold responses
-    kd       token-level forward KL(p || q) to the teacher, teacher-forced on the gold responses (--teacher-answers:
-             on the teacher's answers, as seqkd's)
+    kd       token-level forward KL(p || q) to the teacher (fused_divergence; --divergence another of the family:
+             jsd, skew_forward_kl, ...), teacher-forced on the gold responses (--teacher-answers: on the teacher's
+             answers, as seqkd's)
     seqkd    cross-entropy on the teacher's answers: one per pool prompt, sampled at T = 1 (top-k 0, top-p 1),
              generated once and cached on disk (--cache-dir), keyed by the teacher's weights, the prompts, the
              seed and the generation settings (a changed teacher never reuses a stale cache)
     minillm  on the pool's prompts: responses sampled from p~ = alpha p + (1 - alpha) q (sample_teacher_mixed),
              rewards r_t = log p(y_t) - log q(y_t), then --ppo-epochs optimizer steps of
              L = L_pg + L_single (minillm_loss, per-token terms from fused_token_stats)
+    gkd      on-policy GKD (lambda = 1): a fresh batch of the student's own samples (T = --temperature) every step,
+             then D(p, q) of --divergence (default JSD(beta = 0.5)) teacher-forced on them (response_divergence);
+             not in --compare
 A method that needs gold answers trains on the pool's prompts that have one (every prompt of the tiny default).
 L_PT (--lm-data, pre-training text): lm_coef x cross-entropy added to every method's loss (none without --lm-data).
 
@@ -86,7 +90,9 @@ from minillm_kernels.distributed import (
 )
 from minillm_kernels.training.evaluation import eval_mode, evaluate, exposure_bias, markdown_table, score_responses
 
-METHODS = ("sft", "kd", "seqkd", "minillm")
+METHODS = ("sft", "kd", "seqkd", "minillm", "gkd")
+ROLLOUT_METHODS = ("minillm", "gkd")  # trained on their own samples
+DEFAULT_DIVERGENCE = {"kd": "forward_kl", "gkd": "jsd"}  # --divergence unset
 # --compare: (name, --method, --teacher-answers), every one for each of --seeds
 COMPARED = (("sft", "sft", False), ("kd", "kd", False), ("seqkd", "seqkd", True),
             ("kd (teacher answers)", "kd", True), ("minillm", "minillm", False))
@@ -97,7 +103,8 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # what from_pr
 NOT_HYPERPARAMETERS = frozenset({"out_dir", "resume", "steps", "threads", "eval_every", "save_every", "compare",
                                  "method", "seeds", "eval_samples", "cache_dir"})
 SHARDED_CHECKPOINT = re.compile(r"\d{6}")  # checkpoint/<save number>/ under --fsdp (see save_sharded_checkpoint)
-LOSS_SHOWN = {"sft": "sft_loss", "seqkd": "sft_loss", "kd": "kd_loss", "minillm": "reward"}  # on the progress bar
+# on the progress bar
+LOSS_SHOWN = {"sft": "sft_loss", "seqkd": "sft_loss", "kd": "kd_loss", "minillm": "reward", "gkd": "gkd_loss"}
 
 
 def default_cache_dir() -> Path:
@@ -144,6 +151,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
     p.add_argument("--grad-clip", type=float, default=1.0)
     # MiniLLM (reference-code defaults; their sources are in minillm_kernels/objective.py)
+    p.add_argument("--divergence", choices=mk.reference.DIVERGENCES, default=None,
+                   help="kd's and gkd's per-token D(p, q) (fused_divergence; default: forward_kl for kd, jsd for gkd)")
+    p.add_argument("--beta", type=float, default=0.5, help="--divergence jsd: beta (0.5: the symmetric JSD)")
+    p.add_argument("--skew", type=float, default=0.1, help="--divergence skew_forward_kl / skew_reverse_kl: alpha")
     p.add_argument("--alpha", type=float, default=0.2, help="teacher share of the sampling mixture")
     p.add_argument("--ppo-epochs", type=int, default=4, help="optimizer steps per rollout batch")
     p.add_argument("--ppo-clip", type=float, default=mk.objective.PPO_CLIP)
@@ -195,6 +206,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "whole teacher: drop --fsdp (DDP or one process)")
     if args.teacher_answers and args.method != "kd":
         p.error(f"--teacher-answers is kd's (seqkd always trains on the teacher's answers), not --method {args.method}")
+    if args.divergence is not None and args.method not in DEFAULT_DIVERGENCE:
+        p.error(f"--divergence is kd's and gkd's, not --method {args.method}")
+    args.divergence = args.divergence or DEFAULT_DIVERGENCE.get(args.method)
     if args.grad_accum < 1 or args.batch_size % args.grad_accum:
         p.error(f"--batch-size ({args.batch_size}) must be a multiple of --grad-accum ({args.grad_accum})")
     if args.student == "smollm2" and args.teacher != "smollm2":
@@ -358,22 +372,33 @@ def teacher_logits(run: Run, batch) -> torch.Tensor:
     return logits[..., : run.vocab_size]
 
 
-def kd_loss(run: Run, batch, temperature: float) -> tuple[torch.Tensor, dict]:
-    """Token-level forward KL(p || q) = sum_v p_v (log p_v - log q_v), mean over the response tokens.
+def divergence_options(args, vocab_size: int) -> dict:
+    """--divergence and its parameters, as ``fused_divergence`` takes them."""
+    return {"divergence": args.divergence, "beta": args.beta, "skew": args.skew, "temperature": args.temperature,
+            "vocab_size": vocab_size}
 
-    The package's kernels compute the reverse KL (gradient to their first argument); the forward KL of
-    this baseline is plain PyTorch (a [tokens x V] tensor, like any KD code). The fused reverse KL of
-    the same positions is logged for comparison.
-    """
-    logits = causal_lm_logits(run.model, batch.input_ids, batch.attention_mask)[..., : run.vocab_size]
+
+def kd_loss(args, run: Run, batch) -> tuple[torch.Tensor, dict]:
+    """Token-level D(p, q) of --divergence, teacher-forced, mean over the response tokens (``fused_divergence``: by
+    default the forward KL(p || q) = sum_v p_v (log p_v - log q_v)). The reverse KL of the same positions is logged
+    for comparison."""
+    logits = causal_lm_logits(run.model, batch.input_ids, batch.attention_mask)
     teacher = teacher_logits(run, batch)
     mask = batch.labels != IGNORE_INDEX
-    student_logq = (logits[mask].float() / temperature).log_softmax(-1)
-    teacher_logp = (teacher[mask].float() / temperature).log_softmax(-1)
-    loss = F.kl_div(student_logq, teacher_logp, log_target=True, reduction="batchmean")
+    loss = mk.fused_divergence(logits, teacher, mask=mask, **divergence_options(args, run.vocab_size))
     with torch.no_grad():
-        reverse = mk.fused_reverse_kld(logits, teacher, mask=mask, temperature=temperature)
+        reverse = mk.fused_reverse_kld(logits, teacher, mask=mask, temperature=args.temperature,
+                                       vocab_size=run.vocab_size)
     return loss, {"kd_loss": loss.detach(), "reverse_kld": reverse}
+
+
+def gkd_loss(args, model, sample, teacher_outputs, teacher_head, vocab_size: int) -> tuple[torch.Tensor, dict]:
+    """On-policy GKD (Agarwal et al., 2024, with lambda = 1): D(p, q) of --divergence (default the JSD(beta)) on the
+    student's own samples, teacher-forced, mean over the response tokens; the gradient through q only (no policy
+    gradient). ``mk.response_divergence`` inside the student's ModelRunner forward, from the logits or with
+    --fused-linear from the hidden states."""
+    loss = model(mk.response_divergence, sample, teacher_outputs, teacher_head, **divergence_options(args, vocab_size))
+    return loss, {"gkd_loss": loss.detach()}
 
 
 def pretrain_loss(args, run: Run, batch) -> torch.Tensor:
@@ -426,14 +451,16 @@ class Rollout:
             ), self.rewards[part], self.teacher_outputs[part], self.teacher_head
 
 
-def make_rollout(args, student, teacher, tokenizer, prompts: list[str], generator, vocab_size: int) -> Rollout:
-    """Sample responses from p~ = alpha p + (1 - alpha) q_old (the student in eval() mode) and score them:
-    r_t = log p(y_t) - log q(y_t). Under --fsdp every process takes the same number of sampling steps."""
+def make_rollout(args, student, teacher, tokenizer, prompts: list[str], generator, vocab_size: int,
+                 alpha: float) -> Rollout:
+    """Sample responses from p~ = alpha p + (1 - alpha) q_old (the student in eval() mode; alpha: --alpha for minillm,
+    0 for gkd) and score them: r_t = log p(y_t) - log q(y_t). Under --fsdp every process takes the same number of
+    sampling steps."""
     input_ids, attention_mask = prompt_batch(tokenizer, prompts, max_length=args.max_length)
     device = next(student.parameters()).device
     with eval_mode(student):
         sample = mk.sample_teacher_mixed(
-            student, teacher, input_ids.to(device), attention_mask.to(device), alpha=args.alpha,
+            student, teacher, input_ids.to(device), attention_mask.to(device), alpha=alpha,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size,
             generator=generator, synced_processes=args.fsdp,
@@ -808,18 +835,19 @@ def next_batch(args, run: Run) -> list:
     texts = [run.samplers["lm"].next(micro) if args.lm_coef else None for _ in range(args.grad_accum)]
     lm_batches = [None if t is None else _to(teacher_forced_batch(run.tokenizer, t, None, max_length=args.max_length),
                                              device) for t in texts]
-    if run.method != "minillm":
+    if run.method not in ROLLOUT_METHODS:
         pairs = [run.samplers["pairs"].next(micro) for _ in range(args.grad_accum)]
         return [(_to(teacher_forced_batch(run.tokenizer, [e.prompt for e in examples], [e.response for e in examples],
                                           max_length=args.max_length), device), lm)
                 for examples, lm in zip(pairs, lm_batches)]
-    if run.step % args.ppo_epochs == 0:
+    if run.method == "gkd" or run.step % args.ppo_epochs == 0:  # gkd: fresh samples every step
         # non-finite weights (a diverged update, a bad checkpoint) would fail inside the sampler's multinomial
         stop_if_not_finite(largest_parameter(run), "student parameter (largest |value|) before the rollout", {}, run)
         generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + run.step * 1009 + run.rank)
         with autocast(args, device):
             run.rollout = make_rollout(args, run.model, run.teacher, run.tokenizer,
-                                       run.samplers["prompts"].next(args.batch_size), generator, run.vocab_size)
+                                       run.samplers["prompts"].next(args.batch_size), generator, run.vocab_size,
+                                       alpha=args.alpha if run.method == "minillm" else 0.0)
         # the teacher ran on every token while sampling, then once more on the sequences (response_logits)
         run.compute["teacher_forward_tokens"] += 2 * int(run.rollout.sample.attention_mask.sum())
         run.compute["generated_tokens"] += int(run.rollout.sample.response_mask.sum())
@@ -841,8 +869,11 @@ def backward(args, run: Run, micro_batch, sync: bool) -> dict[str, torch.Tensor]
             parts["lm_loss"] = pretrain.detach()
         if run.method == "minillm":
             loss, method_parts = rollout_loss(args, run.model, *part, run.vocab_size)
+        elif run.method == "gkd":
+            sample, _, teacher_outputs, teacher_head = part
+            loss, method_parts = gkd_loss(args, run.model, sample, teacher_outputs, teacher_head, run.vocab_size)
         elif run.method == "kd":
-            loss, method_parts = kd_loss(run, part, args.temperature)
+            loss, method_parts = kd_loss(args, run, part)
         else:
             loss, method_parts = sft_loss(run, part)
     parts.update(method_parts)

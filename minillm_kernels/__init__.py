@@ -28,6 +28,7 @@ from minillm_kernels.objective import (
 )
 from minillm_kernels.sampling import (
     TeacherMixedSample,
+    response_divergence,
     response_hidden_states,
     response_logits,
     response_token_stats,
@@ -51,6 +52,7 @@ __all__ = [
     "log_ratio_rewards",
     "minillm_loss",
     "ppo_policy_loss",
+    "response_divergence",
     "response_hidden_states",
     "response_logits",
     "response_token_stats",

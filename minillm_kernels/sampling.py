@@ -37,8 +37,8 @@ import torch.distributed as dist
 
 from minillm_kernels import reference
 from minillm_kernels._arguments import as_int, as_real
-from minillm_kernels.dispatch import TokenStats, fused_token_stats, importance_weight
-from minillm_kernels.fused_linear import fused_linear_token_stats
+from minillm_kernels.dispatch import TokenStats, fused_divergence, fused_token_stats, importance_weight
+from minillm_kernels.fused_linear import fused_linear_divergence, fused_linear_token_stats
 
 
 def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -414,5 +414,31 @@ def response_token_stats(
     student_head, (teacher_weight, teacher_bias) = model.get_output_embeddings(), teacher_head
     return fused_linear_token_stats(
         hidden, student_head.weight, teacher_outputs, teacher_weight, response_ids,
+        student_bias=student_head.bias, teacher_bias=teacher_bias, mask=mask, **options,
+    )
+
+
+def response_divergence(
+    model: torch.nn.Module,
+    sample: TeacherMixedSample,
+    teacher_outputs: torch.Tensor,
+    teacher_head: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+    **options,
+) -> torch.Tensor:
+    """A divergence D(p, q) of the student ``model`` from the teacher on ``sample``'s responses (a fresh forward pass),
+    reduced over ``sample.response_mask``: what GKD's on-policy loss is (the student's own samples, teacher-forced).
+
+    As ``response_token_stats``: without ``teacher_head``, ``fused_divergence(response_logits(model, sample),
+    teacher_outputs, ...)``; with ``teacher_head = (weight, bias)``, ``fused_linear_divergence`` of both models' last
+    hidden states and output layers, neither model's ``[B, N, V]`` logits built. ``options`` are the other keyword
+    arguments of ``fused_divergence`` (divergence, beta, skew, temperature, reduction, vocab_size, ...); call it inside
+    the wrapper's forward under DDP or FSDP2.
+    """
+    mask = sample.response_mask
+    if teacher_head is None:
+        return fused_divergence(response_logits(model, sample), teacher_outputs, mask=mask, **options)
+    student_head, (teacher_weight, teacher_bias) = model.get_output_embeddings(), teacher_head
+    return fused_linear_divergence(
+        response_hidden_states(model, sample), student_head.weight, teacher_outputs, teacher_weight,
         student_bias=student_head.bias, teacher_bias=teacher_bias, mask=mask, **options,
     )

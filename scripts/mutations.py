@@ -465,6 +465,27 @@ MUTATIONS = (
         "kd --teacher-answers trains on the gold answers",
     ),
     Mutation(
+        "kd-ignores-the-divergence", "examples/train.py",
+        '"divergence": args.divergence, "beta": args.beta',
+        '"divergence": "forward_kl", "beta": args.beta',
+        ("tests/test_train.py::test_kd_and_gkd_train_on_the_fused_divergence_they_are_given",),
+        "kd and gkd train on the forward KL whatever --divergence says",
+    ),
+    Mutation(
+        "gkd-samples-the-teacher-mixture", "examples/train.py",
+        'alpha=args.alpha if run.method == "minillm" else 0.0)',
+        "alpha=args.alpha)",
+        ("tests/test_train.py::test_kd_and_gkd_train_on_the_fused_divergence_they_are_given",),
+        "gkd samples from MiniLLM's teacher mixture instead of the student alone",
+    ),
+    Mutation(
+        "gkd-reuses-its-samples", "examples/train.py",
+        'if run.method == "gkd" or run.step % args.ppo_epochs == 0:',
+        "if run.step % args.ppo_epochs == 0:",
+        ("tests/test_train.py::test_kd_and_gkd_train_on_the_fused_divergence_they_are_given",),
+        "gkd trains --ppo-epochs steps on the same samples instead of fresh ones every step",
+    ),
+    Mutation(
         "cache-key-ignores-the-teacher", "minillm_kernels/training/data.py",
         "    for name, tensor in sorted(model.state_dict().items()):",
         "    for name, tensor in []:",

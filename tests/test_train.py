@@ -3,6 +3,7 @@ one), the rewards' sign, the reference-code switches, checkpoint + resume (also 
 errors, eval() mode in MiniLLM's updates, NaN stops, --compare's tables, DDP and FSDP2 on 2 CPU processes."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -70,7 +71,7 @@ def losses(log: list[dict], key: str) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("method, loss_key", [("sft", "sft_loss"), ("kd", "kd_loss"), ("seqkd", "sft_loss"),
-                                             ("minillm", "pg_loss")])
+                                             ("minillm", "pg_loss"), ("gkd", "gkd_loss")])
 def test_each_method_trains(tmp_path, heldout_file, method, loss_key):
     """3 steps, L_PT (the same for every method) added to the method's loss; the student changed; what each method
     cost: the teacher's forward tokens and the generated ones (and for seqkd what its teacher answers cost)."""
@@ -88,8 +89,8 @@ def test_each_method_trains(tmp_path, heldout_file, method, loss_key):
             assert all(torch.isfinite(torch.tensor(r[key])) for r in parts), key
         assert all(r["reverse_kld"] > 0 for r in parts)
     compute = next(r["compute"] for r in log if "compute" in r)
-    assert (compute["teacher_forward_tokens"] > 0) == (method in ("kd", "minillm"))
-    assert (compute["generated_tokens"] > 0) == (method == "minillm")
+    assert (compute["teacher_forward_tokens"] > 0) == (method in ("kd", "minillm", "gkd"))
+    assert (compute["generated_tokens"] > 0) == (method in ("minillm", "gkd"))
     assert (compute["answers"] is not None) == (method == "seqkd") and compute["seconds"] > 0
     start = load_file(checkpoint_dir("student-sft") / "model.safetensors")
     after = load_file(tmp_path / "student" / "model.safetensors")
@@ -99,6 +100,46 @@ def test_each_method_trains(tmp_path, heldout_file, method, loss_key):
     evals = [r for r in log if "eval" in r]
     assert [r["step"] for r in evals] == [0, 3]
     assert "| student after " + method in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("method, flags, expected", [
+    ("kd", [], {"divergence": "forward_kl"}), ("kd", ["--divergence", "jsd", "--beta", "0.3"], {"divergence": "jsd", "beta": 0.3}),
+    ("gkd", [], {"divergence": "jsd", "beta": 0.5}), ("gkd", ["--divergence", "skew_reverse_kl", "--skew", "0.2"],
+                                                     {"divergence": "skew_reverse_kl", "skew": 0.2}), ("gkd", ["--fused-linear"], {"divergence": "jsd"})])
+def test_kd_and_gkd_train_on_the_fused_divergence_they_are_given(tmp_path, heldout_file, monkeypatch, method, flags,
+                                                                  expected):
+    """kd (teacher-forced on the gold answers) and gkd (on the student's own samples: alpha 0, every step) call the
+    fused divergence with --divergence (kd: forward KL, gkd: JSD(0.5) by default) and its parameters; its value is the
+    float64 reference's on the same logits; the logged loss is the one computed."""
+    calls, samplers = [], []
+
+    def check(fused, *arguments, **options):
+        loss = fused(*arguments, **options)
+        if fused.__name__ == "fused_divergence":  # from the logits (the fused-linear form: hidden states and weights)
+            student, teacher = arguments
+            mask = options["mask"].flatten()
+            oracle = mk.reference.divergence(
+                student.detach().double().flatten(0, 1), teacher.double().flatten(0, 1), mask, options["temperature"],
+                options["vocab_size"], options["divergence"], options["beta"], options["skew"])
+            torch.testing.assert_close(loss.double(), oracle[mask].mean(), rtol=1e-5, atol=1e-6)
+        calls.append({**options, "loss": float(loss.detach())})
+        return loss
+
+    for module, name in ((train.mk, "fused_divergence"), (mk.sampling, "fused_divergence"),
+                         (mk.sampling, "fused_linear_divergence")):
+        monkeypatch.setattr(module, name, functools.partial(check, getattr(module, name)))
+    sample = mk.sampling.sample_teacher_mixed
+    monkeypatch.setattr(train.mk, "sample_teacher_mixed",
+                        lambda *a, **k: samplers.append(k["alpha"]) or sample(*a, **k))
+    log = run(tmp_path, heldout_file, "--method", method, "--steps", "2", *flags)
+    assert len(calls) == 2 and all(options.items() >= expected.items() for options in calls), calls
+    assert [r[f"{method}_loss"] for r in log if "total_loss" in r] == pytest.approx([c["loss"] for c in calls])
+    assert samplers == ([0.0, 0.0] if method == "gkd" else [])
+
+
+def test_divergence_is_kd_and_gkd_s_only():
+    with pytest.raises(SystemExit):
+        train.parse_args(["--method", "sft", "--divergence", "jsd"])
 
 
 def trained_pairs(tokenizer, batch) -> list[tuple[str, str]]:
@@ -119,9 +160,10 @@ def test_seqkd_and_kd_with_teacher_answers_train_on_the_cached_teacher_answers(t
     the first run, read by the second), not the gold one (the open tasks' answers differ)."""
     seen = []
     for name in ("sft_loss", "kd_loss"):
-        def spy(run, batch, *rest, loss=getattr(train, name)):
-            seen.extend(trained_pairs(run.tokenizer, batch))
-            return loss(run, batch, *rest)
+        def spy(*arguments, loss=getattr(train, name)):  # sft_loss(run, batch), kd_loss(args, run, batch)
+            run_, batch = arguments[-2:]
+            seen.extend(trained_pairs(run_.tokenizer, batch))
+            return loss(*arguments)
         monkeypatch.setattr(train, name, spy)
     cache = ["--cache-dir", str(tmp_path / "cache")]
     run(tmp_path / "first", heldout_file, *method, "--steps", "1", *cache)
