@@ -1,8 +1,9 @@
 """Vocabulary-parallel losses (process_group=, DTensor inputs) on 2 and 4 gloo processes against the unsharded float64
 oracle: values and gradients of every public loss function, masks, temperature, targets on every shard, -inf columns
 (a whole shard's included), a padding shard whose columns all lie past vocab_size, every reduction, fused-linear (its
-per-chunk combine included), DTensors from ColwiseParallel, and the errors a mismatched rank gets; the divergence family (fused_divergence and
-fused_linear_divergence: every divergence and reduction, on the CPU kernel) in processes of its own.
+per-chunk combine included), DTensors from ColwiseParallel, and the errors a mismatched rank gets; the divergence
+family (fused_divergence and fused_linear_divergence: every divergence and reduction, on the CPU kernel) in processes
+of its own.
 
 The processes of one world size are started once per test session (``ranks``), each running every case of that size
 (``CASES``); a case's inputs are made here, whole, and each rank takes its shard of them. Results come back through
