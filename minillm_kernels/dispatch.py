@@ -467,7 +467,10 @@ def fused_divergence(
         beta: the JSD's teacher weight, in (0, 1) (0.5: the symmetric JSD). JSD / beta -> KL(p || q) as beta -> 0 and
             JSD / (1 - beta) -> KL(q || p) as beta -> 1 (docs/design.md).
         skew: the skew KLs' alpha, in [0, 1) (DistiLLM's default 0.1).
-        Other arguments as in ``fused_reverse_kld`` (``process_group`` and DTensor logits: the reverse KL only, so far).
+        Other arguments as in ``fused_reverse_kld``. With ``process_group`` (or DTensor logits placed ``Shard(-1)``)
+            every rank returns the unsharded loss and gets its slice of the unsharded gradient; per call the ranks
+            all-gather per-token numbers, never logits: once for the KLs (6 a token), twice for the mixtures and
+            the TVD (the 4 row statistics, then 2 partial sums), see ``parallel.py``; backends "cpu" and "triton".
 
     Returns:
         The loss, float32 (float64 if either logits tensor is float64). Logits holding NaN give NaN.
@@ -479,11 +482,17 @@ def fused_divergence(
                                  reduction=reduction, vocab_size=vocab_size, backend=backend,
                                  process_group=process_group)
     shards, (student_logits, teacher_logits) = _logits_shards(process_group, student_logits, teacher_logits)
-    if shards is not None:
-        raise NotImplementedError(f"divergence={divergence!r} with process_group (or DTensor logits) is not "
-                                  "implemented yet: only 'reverse_kl' runs on a sharded vocabulary")
-    rows = _validate(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend)
-    per_token = divergence_ops.divergence_rows(rows.student, rows.teacher, rows.mask, divergence, beta, skew,
+    rows = _validate(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend, shards)
+    if shards is None:
+        per_token = divergence_ops.divergence_rows(rows.student, rows.teacher, rows.mask, divergence, beta, skew,
+                                                   temperature, rows.vocab_size, rows.backend)
+    elif skew == 0 and divergence in ("skew_forward_kl", "skew_reverse_kl"):  # (the plain KL)
+        return fused_divergence(student_logits, teacher_logits, divergence=divergence.removeprefix("skew_"),
+                                mask=mask, temperature=temperature, reduction=reduction, vocab_size=vocab_size,
+                                backend=backend, process_group=shards.group)
+    else:
+        coefficient = beta if divergence == "jsd" else skew
+        per_token = parallel.logits_divergence(shards, rows.student, rows.teacher, rows.mask, divergence, coefficient,
                                                temperature, rows.vocab_size, rows.backend)
     return _reduce(per_token, rows.mask, rows.lead_shape, reduction)
 

@@ -494,6 +494,37 @@ def _sharded_reverse_kld_sum(call: "_LinearCall", mean: bool, needs: list[bool])
     return _ShardedReverseKldSum.apply(_LinearShard(call), mean, needs, *call.tensors[:3])
 
 
+class _LinearDivergenceShard(_LinearShard, parallel.DivergenceShard):
+    """A rank's rows of both lm_heads, for a divergence of the family (``parallel.combine_divergence``): the row
+    statistics from ``linear_token_stats``'s chunk loop, the terms from ``linear_divergence``'s, the gradients from
+    ``linear_divergence_backward``'s, grad h summed over the ranks."""
+
+    def __init__(self, call: "_LinearCall", divergence: str, coefficient: float) -> None:
+        super().__init__(call)
+        self.divergence, self.coefficient = divergence, coefficient
+
+    def local_row_stats(self, hidden, weight, bias):
+        return linear_token_stats(hidden, weight, bias, *self.teacher, None, self.mask, *self._options())[4]
+
+    def local_divergence(self, hidden, weight, bias, given_row_stats=None):
+        return linear_divergence(hidden, weight, bias, *self.teacher, self.mask, self.divergence, self.coefficient,
+                                 *self._options(), given_row_stats)
+
+    def local_divergence_gradients(self, student, grad_value, saved, needs):
+        if self.real_columns == 0:  # a padding shard: no part of grad h, but its share of the all-reduce
+            grads = _InputGradients(*student, tuple(needs), 0).result()
+        else:
+            grads = linear_divergence_backward(*student, *self.teacher, self.mask, grad_value, *saved,
+                                               self.divergence, self.coefficient, *self._options(), list(needs))
+        return self._own_gradients(grads, needs)
+
+
+@torch.compiler.disable  # (likewise)
+def _sharded_divergence(call: "_LinearCall", divergence: str, coefficient: float) -> Tensor:
+    parallel.check_divergence_backend(divergence, call.options[3])
+    return parallel.sharded_divergence(_LinearDivergenceShard(call, divergence, coefficient), *call.tensors[:3])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Validation and the public functions
 # --------------------------------------------------------------------------------------------------------------
@@ -672,15 +703,16 @@ def fused_linear_token_stats(
 # The divergence family (ops/divergence.py) from hidden states: the same chunk loop, per-token upstreams.
 # --------------------------------------------------------------------------------------------------------------
 def _chunk_divergence(student_logits: Tensor, teacher_logits: Tensor, plan: _Plan, divergence: str,
-                      coefficient: float) -> tuple[Tensor, Tensor, Tensor]:
+                      coefficient: float, given_row_stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(value, mean_partial, row_stats)`` of a chunk's logits on the plan's backend (for "reference": the reference
-    formula's value, and zeros for the other two, which its backward does not use)."""
+    formula's value, and zeros for the other two, which its backward does not use); with ``given_row_stats``, the
+    terms from those log-normalisers (``ops.divergence.divergence``)."""
     if plan.backend == "reference":
         value = reference.divergence(student_logits, teacher_logits, None, plan.temperature, plan.vocab_size,
                                      divergence, beta=coefficient, skew=coefficient)
         return value, torch.zeros_like(value), value.new_zeros(value.shape[0], 4)
     return divergence_ops.divergence(student_logits, teacher_logits, None, divergence, coefficient,
-                                     1.0 / plan.temperature, plan.vocab_size, plan.backend)
+                                     1.0 / plan.temperature, plan.vocab_size, plan.backend, given_row_stats)
 
 
 def _chunk_divergence_gradient(student_logits: Tensor, teacher_logits: Tensor, grad_value: Tensor,
@@ -700,9 +732,11 @@ def linear_divergence(
     student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
     teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor], mask: Optional[Tensor],
     divergence: str, coefficient: float, temperature: float, vocab_size: int, chunk_size: int, backend: str,
+    given_row_stats: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token ``(value, mean_partial, row_stats)``, ``[N]``, ``[N]`` and ``[N, 4]``; 0 for tokens the mask leaves
-    out."""
+    out. ``given_row_stats`` ``[N, 4]``: the terms from those log-normalisers (a vocabulary shard's share of the
+    global terms, ``parallel.combine_divergence``)."""
     student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
     teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
     outputs = _linear_divergence_outputs(student_hidden, student_weight, teacher_weight, zeros=True)
@@ -711,15 +745,16 @@ def linear_divergence(
         chunk_logits = _ChunkLogits(student, teacher, plan)
         for rows in plan.chunks:
             _, student_logits, teacher_logits = chunk_logits(rows)
+            given = None if given_row_stats is None else given_row_stats[rows]
             for out, value in zip(outputs, _chunk_divergence(student_logits, teacher_logits, plan, divergence,
-                                                             coefficient)):
+                                                             coefficient, given)):
                 out[rows] = value
     return outputs
 
 
 @linear_divergence.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask, divergence,
-      coefficient, temperature, vocab_size, chunk_size, backend):
+      coefficient, temperature, vocab_size, chunk_size, backend, given_row_stats=None):
     return _linear_divergence_outputs(student_hidden, student_weight, teacher_weight, zeros=False)
 
 
@@ -763,7 +798,7 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
 
 
 def _setup_divergence(ctx, inputs, output) -> None:
-    *tensors, mask, divergence, coefficient, temperature, vocab_size, chunk_size, backend = inputs
+    *tensors, mask, divergence, coefficient, temperature, vocab_size, chunk_size, backend, _ = inputs
     _, mean_partial, row_stats = output
     ctx.save_for_backward(*tensors, mask, mean_partial, row_stats)
     ctx.arguments = (divergence, coefficient, temperature, vocab_size, chunk_size, backend)
@@ -775,7 +810,7 @@ def _divergence_backward(ctx, grad_value, grad_mean_partial, grad_row_stats):
     grad_value = grad_value.to(mean_partial.dtype).contiguous()  # (expanded, from .sum())
     needs = list(ctx.needs_input_grad[:3])
     grads = linear_divergence_backward(*tensors, mask, grad_value, mean_partial, row_stats, *ctx.arguments, needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 10)
+    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 11)
 
 
 linear_divergence.register_autograd(_divergence_backward, setup_context=_setup_divergence)
@@ -817,8 +852,11 @@ def fused_linear_divergence(
 
     Args:
         divergence, beta, skew: as in ``fused_divergence``.
-        Other arguments as in ``fused_linear_reverse_kld`` (``process_group`` and DTensor weights: the reverse KL
-        only, so far).
+        Other arguments as in ``fused_linear_reverse_kld``. With ``process_group`` (or DTensor weights placed
+        ``Shard(0)``) every rank returns the unsharded loss and gets its slice of grad W and grad b and the full grad h
+        (all-reduced in the backward); the per-token statistics are combined as ``fused_divergence``'s (one all-gather
+        for the KLs, two for the mixtures and the TVD, whose forward runs the chunk loop twice: first for the
+        log-normalisers, then for the terms, 4 matmuls a chunk instead of 2); backends "cpu" and "triton".
 
     Returns:
         The loss, float32 (float64 if a weight is float64): ``[...]`` for "none", else a scalar.
@@ -836,9 +874,9 @@ def fused_linear_divergence(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         None, mask, temperature, vocab_size, chunk_size, backend, process_group,
     )
-    if call.shards is not None:
-        raise NotImplementedError(f"divergence={divergence!r} with process_group (or DTensor weights) is not "
-                                  "implemented yet: only 'reverse_kl' runs on a sharded vocabulary")
     coefficient = beta if divergence == "jsd" else skew
-    value = linear_divergence(*call.tensors, call.mask, divergence, coefficient, *call.options)[0]
+    if call.shards is not None:
+        value = _sharded_divergence(call, divergence, coefficient)
+    else:
+        value = linear_divergence(*call.tensors, call.mask, divergence, coefficient, *call.options)[0]
     return _reduce(value, call.mask, call.lead_shape, reduction)

@@ -37,16 +37,22 @@ Checks: an all-gather of a few numbers per call (the local width, vocab_size, th
 of target_ids, mask and the hidden states) makes a rank whose shard, ids or replicated inputs differ from the others'
 an error that names the argument, instead of a wrong loss or a collective that hangs. The vocabulary-parallel path
 runs eagerly: ``torch.compile`` runs it as a graph break (``fullgraph=True`` refuses it).
+
+The divergence family (``combine_divergence``): the forward KL combines from the shards' own values in one all-gather;
+the mixtures and the TVD all-gather the row statistics, evaluate each shard's terms with the global log-normalisers
+(``given_row_stats``), then all-gather the partial sums. Their backward, too, is the kernel's given the global row
+statistics and sum_v q_v a_v, with no communication.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from minillm_kernels.ops import divergence as divergence_ops
 from minillm_kernels.ops import reverse_kld as ops
 
 Tensor = torch.Tensor
@@ -196,11 +202,9 @@ def combine(local: Sequence[Tensor], shards: VocabShards, *, width: int, vocab_s
     kl, student_logprob, teacher_logprob, entropy, row_stats = local
     mine = torch.cat((row_stats, torch.stack((kl, entropy, student_logprob, teacher_logprob), -1)), -1)
     every = shards.all_gather(mine).double()  # [P, N, 8]
-    centre_s, log_z_s, centre_t, log_z_t, kl_r, entropy_r, student_logprob_r, teacher_logprob_r = every.unbind(-1)
-    k = 1.0 / temperature
-    log_norm_s, log_norm_t = centre_s * k + log_z_s, centre_t * k + log_z_t  # L^r, [P, N]
-    lse_s, lse_t = log_norm_s.logsumexp(0), log_norm_t.logsumexp(0)
-    log_w, log_v = log_norm_s - lse_s, log_norm_t - lse_t
+    kl_r, entropy_r, student_logprob_r, teacher_logprob_r = every[..., 4:].unbind(-1)
+    norms = LogNormalisers.of(every[..., :4], shards.rank, temperature)
+    log_norm_t, log_w, log_v = norms.log_norm_t, norms.log_w, norms.log_v
     w = log_w.exp()
     dead = w == 0  # (not "w > 0": NaN logits keep their NaN)
     kl_terms = torch.where(log_norm_t == -math.inf, math.inf, w * (kl_r + log_w - log_v))
@@ -220,9 +224,31 @@ def combine(local: Sequence[Tensor], shards: VocabShards, *, width: int, vocab_s
     outputs = (kl, student_logprob, teacher_logprob, entropy)
     if mask is not None:
         outputs = tuple(torch.where(mask, x, 0.0) for x in outputs)
-    own = every[shards.rank]
-    global_row_stats = torch.stack((own[:, 0], lse_s - own[:, 0] * k, own[:, 2], lse_t - own[:, 2] * k), -1)
-    return (*(x.to(row_stats.dtype) for x in outputs), global_row_stats.to(row_stats.dtype))
+    return (*(x.to(row_stats.dtype) for x in outputs), norms.global_row_stats.to(row_stats.dtype))
+
+
+class LogNormalisers(NamedTuple):
+    """The whole vocabulary's log-normalisers from every rank's row statistics, float64: the shards' L^r
+    (``[P, N]``), their log shares log w_r = L_s^r - lse_s and log v_r = L_t^r - lse_t of the two softmaxes, and the
+    ``[N, 4]`` row statistics (c_s, lse_s - c_s k, c_t, lse_t - c_t k) with this rank's centres, which make its
+    kernels compute the global log q_v = k (s_v - c_s) - (lse_s - c_s k) and log p_v on its shard."""
+
+    log_norm_s: Tensor
+    log_norm_t: Tensor
+    log_w: Tensor
+    log_v: Tensor
+    global_row_stats: Tensor
+
+    @classmethod
+    def of(cls, every_row_stats: Tensor, rank: int, temperature: float) -> "LogNormalisers":
+        """From ``every_row_stats`` ``[P, N, 4]`` (every rank's (c_s, log Z_s, c_t, log Z_t), float64)."""
+        centre_s, log_z_s, centre_t, log_z_t = every_row_stats.unbind(-1)
+        k = 1.0 / temperature
+        log_norm_s, log_norm_t = centre_s * k + log_z_s, centre_t * k + log_z_t  # L^r, [P, N]
+        lse_s, lse_t = log_norm_s.logsumexp(0), log_norm_t.logsumexp(0)
+        own_s, own_t = centre_s[rank], centre_t[rank]
+        global_row_stats = torch.stack((own_s, lse_s - own_s * k, own_t, lse_t - own_t * k), -1)
+        return cls(log_norm_s, log_norm_t, log_norm_s - lse_s, log_norm_t - lse_t, global_row_stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,10 +336,166 @@ def logits_token_stats(shards: VocabShards, student: Tensor, teacher: Tensor, ta
                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(kl, student_logprob, teacher_logprob, entropy)``, ``[N]`` each, of validated vocabulary-sharded logits
     (``dispatch.fused_token_stats`` and ``fused_reverse_kld`` with a process group), after ``check_replicated``."""
-    width = student.shape[-1]
-    check_replicated(shards, {
-        "the local vocabulary width": width, "vocab_size": vocab_size, "the number of tokens": math.prod(student.shape[:-1]),
-        "target_ids": fingerprint(target, mask), "mask": fingerprint(mask),
-    }, student.device)
-    terms = LogitsShard(shards, teacher, target, mask, temperature, vocab_size, backend, width=width)
+    check_logits_shard(shards, student, target, mask, vocab_size)
+    terms = LogitsShard(shards, teacher, target, mask, temperature, vocab_size, backend, width=student.shape[-1])
     return sharded_token_stats(terms, student)
+
+
+def check_logits_shard(shards: VocabShards, student: Tensor, target: Optional[Tensor], mask: Optional[Tensor],
+                       vocab_size: int) -> None:
+    """``check_replicated`` of a logits-level call: the local width, vocab_size, the tokens, ids and mask."""
+    check_replicated(shards, {
+        "the local vocabulary width": student.shape[-1], "vocab_size": vocab_size,
+        "the number of tokens": math.prod(student.shape[:-1]), "target_ids": fingerprint(target, mask),
+        "mask": fingerprint(mask),
+    }, student.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The divergence family (ops/divergence.py) on a sharded vocabulary
+# ---------------------------------------------------------------------------------------------------------------
+# How a divergence's shards combine. The forward KL combines from each shard's own one, as the reverse KL does:
+#     KL(p || q) = sum_r v_r (KL(p^r || q^r) + log v_r - log w_r),     sum_v q_v a_v = -sum_v p_v = -1,
+# one all-gather of 6 numbers a token. The mixtures (log m_v = log(w p_v + (1 - w) q_v) needs the global p_v and
+# q_v: no function of a shard's own softmaxes) and the TVD (|p_v - q_v| likewise) need the global log-normalisers
+# first: an all-gather of the 4 row statistics, then each shard's kernel evaluates its columns' terms with them
+# (one pass: ``given_row_stats``), then an all-gather of its 2 partial sums (the value and sum_v q_v a_v), added in
+# float64 in rank order on every rank.
+SHARD_COMBINED_DIVERGENCES = ("forward_kl",)
+DIVERGENCE_SHARD_BACKENDS = ("cpu", "triton")
+
+
+class DivergenceShard:
+    """How one rank computes the divergence family's terms on its shard: ``LogitsDivergenceShard`` below, the chunked
+    lm_head's in ``fused_linear.py``. Besides the attributes of ``ShardTerms``: ``divergence`` (a kernel divergence,
+    not the reverse KL), ``coefficient`` (beta or the skew) and ``real_columns`` (V_r)."""
+
+    shards: VocabShards
+    temperature: float
+    mask: Optional[Tensor]
+    divergence: str
+    coefficient: float
+    real_columns: int
+
+    def local_row_stats(self, *student: Optional[Tensor]) -> Tensor:
+        """This shard's ``[N, 4]`` row statistics (its own log-normalisers; (0, -inf, 0, -inf) where V_r = 0)."""
+        raise NotImplementedError
+
+    def local_divergence(self, *student: Optional[Tensor],
+                         given_row_stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(value, mean_partial, row_stats)`` of this shard's V_r > 0 columns (``ops.divergence.divergence``):
+        of its own softmaxes, or with ``given_row_stats`` the shard's partial sums of the global terms."""
+        raise NotImplementedError
+
+    def local_divergence_gradients(self, student: Sequence[Optional[Tensor]], grad_value: Tensor,
+                                   saved: tuple[Tensor, Tensor], needs: Sequence[bool]) -> tuple[Optional[Tensor], ...]:
+        """The gradients of ``student`` from the upstream ``grad_value`` and the global ``saved = (mean_partial,
+        row_stats)`` of ``combine_divergence`` (None where ``needs`` says none)."""
+        raise NotImplementedError
+
+
+def check_divergence_backend(divergence: str, backend: str) -> None:
+    if backend not in DIVERGENCE_SHARD_BACKENDS:
+        raise NotImplementedError(f"divergence={divergence!r} on a sharded vocabulary runs on the backends "
+                                  f"{DIVERGENCE_SHARD_BACKENDS}, not {backend!r} yet")
+
+
+def combine_divergence(terms: DivergenceShard, student: Sequence[Optional[Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(value, mean_partial, row_stats)``, ``[N]``, ``[N]``, ``[N, 4]``, over the whole vocabulary: the value and
+    sum_v q_v a_v of the unsharded rows (the same on every rank, 0 where masked) and this rank's global row statistics
+    (``LogNormalisers``), by one all-gather (``SHARD_COMBINED_DIVERGENCES``) or two (the others)."""
+    shards, temperature = terms.shards, terms.temperature
+    if terms.divergence in SHARD_COMBINED_DIVERGENCES:
+        value_r, partial_r, row_stats = _local_divergence(terms, student)
+        every = shards.all_gather(torch.cat((row_stats, torch.stack((value_r, partial_r), -1)), -1)).double()
+        norms = LogNormalisers.of(every[..., :4], shards.rank, temperature)
+        v = norms.log_v.exp()
+        teacher_dead = v == 0  # (a shard without teacher mass counts 0, a padding shard included)
+        shard_terms = torch.where(norms.log_norm_s == -math.inf, math.inf,  # student without mass where p has some
+                                  v * (every[..., 4] + norms.log_v - norms.log_w))
+        value = torch.where(teacher_dead, 0.0, shard_terms).sum(0)
+        lse_s, lse_t = (x.logsumexp(0) for x in (norms.log_norm_s, norms.log_norm_t))
+        mean_partial = torch.where((lse_s + lse_t).isnan(), math.nan, -v.sum(0))  # -sum_v p_v (NaN logits: NaN)
+    else:
+        row_stats = terms.local_row_stats(*student)
+        norms = LogNormalisers.of(shards.all_gather(row_stats).double(), shards.rank, temperature)
+        given = norms.global_row_stats.to(row_stats.dtype)
+        value_r, partial_r, _ = _local_divergence(terms, student, given)
+        value, mean_partial = shards.all_gather(torch.stack((value_r, partial_r), -1)).double().sum(0).unbind(-1)
+    if terms.mask is not None:
+        value, mean_partial = (torch.where(terms.mask, x, 0.0) for x in (value, mean_partial))
+    dtype = row_stats.dtype
+    return value.to(dtype), mean_partial.to(dtype), norms.global_row_stats.to(dtype)
+
+
+def _local_divergence(terms: DivergenceShard, student: Sequence[Optional[Tensor]],
+                      given_row_stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``terms.local_divergence``, or for a padding shard (V_r = 0, nothing read) zeros and row statistics
+    (0, -inf, 0, -inf): no share of either softmax."""
+    if terms.real_columns > 0:
+        return terms.local_divergence(*student, given_row_stats=given_row_stats)
+    row_stats = terms.local_row_stats(*student)
+    zeros = row_stats.new_zeros(row_stats.shape[0])
+    return zeros, zeros.clone(), row_stats
+
+
+class _ShardedDivergence(torch.autograd.Function):
+    """The per-token divergence ``[N]`` over the whole vocabulary from one rank's ``DivergenceShard``."""
+
+    @staticmethod
+    def forward(ctx, terms: DivergenceShard, *student: Optional[Tensor]):
+        value, mean_partial, row_stats = combine_divergence(terms, student)
+        ctx.terms = terms
+        ctx.save_for_backward(*student, mean_partial, row_stats)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        *student, mean_partial, row_stats = ctx.saved_tensors
+        upstream = grad_value.to(mean_partial.dtype).contiguous()  # (expanded, from .sum())
+        grads = ctx.terms.local_divergence_gradients(student, upstream, (mean_partial, row_stats),
+                                                     ctx.needs_input_grad[1:])
+        return None, *grads
+
+
+def sharded_divergence(terms: DivergenceShard, *student: Optional[Tensor]) -> Tensor:
+    """The per-token divergence ``[N]`` over the vocabulary ``terms`` shards (its backward: no communication)."""
+    return _ShardedDivergence.apply(terms, *student)
+
+
+class LogitsDivergenceShard(LogitsShard, DivergenceShard):
+    """A rank's shard of the logits, for a divergence of the family."""
+
+    def __init__(self, shards: VocabShards, teacher: Tensor, mask: Optional[Tensor], divergence: str,
+                 coefficient: float, temperature: float, vocab_size: int, backend: str, *, width: int) -> None:
+        super().__init__(shards, teacher, None, mask, temperature, vocab_size, backend, width=width)
+        self.divergence, self.coefficient = divergence, coefficient
+
+    def local_row_stats(self, student: Tensor) -> Tensor:
+        return ops.backend_token_stats(student, self.teacher, None, self.mask, self.temperature, self.real_columns,
+                                       self.backend)[4]
+
+    def local_divergence(self, student: Tensor, given_row_stats: Optional[Tensor] = None):
+        return divergence_ops.divergence(student, self.teacher, self.mask, self.divergence, self.coefficient,
+                                         1.0 / self.temperature, self.real_columns, self.backend, given_row_stats)
+
+    def local_divergence_gradients(self, student, grad_value, saved, needs):
+        if not needs[0]:
+            return (None,)
+        if self.real_columns == 0:
+            return (ops.fresh_gradient(student[0]).zero_(),)
+        return (divergence_ops.divergence_backward(student[0], self.teacher, self.mask, grad_value, *saved,
+                                                   self.divergence, self.coefficient, 1.0 / self.temperature,
+                                                   self.real_columns, self.backend),)
+
+
+@torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
+def logits_divergence(shards: VocabShards, student: Tensor, teacher: Tensor, mask: Optional[Tensor],
+                      divergence: str, coefficient: float, temperature: float, vocab_size: int, backend: str) -> Tensor:
+    """The per-token ``divergence`` ``[N]`` (0 where masked) of validated vocabulary-sharded logits
+    (``dispatch.fused_divergence`` with a process group), after ``check_replicated``."""
+    check_divergence_backend(divergence, backend)
+    check_logits_shard(shards, student, None, mask, vocab_size)
+    terms = LogitsDivergenceShard(shards, teacher, mask, divergence, coefficient, temperature, vocab_size, backend,
+                                  width=student.shape[-1])
+    return sharded_divergence(terms, student)

@@ -556,6 +556,29 @@ MUTATIONS = (
         ("tests/test_benchmarks.py::test_vocab_parallel_variants_are_checked_and_their_bytes_counted",),
         "the vocab_parallel benchmark's all-gather baseline computes KL(q || q) = 0 (and would be timed as if right)",
     ),
+    # ---- the divergence family on a sharded vocabulary (parallel.combine_divergence)
+    Mutation(
+        "parallel-forward-kl-drops-log-share", "minillm_kernels/parallel.py",
+        "v * (every[..., 4] + norms.log_v - norms.log_w))",
+        "v * (every[..., 4] + norms.log_v))",
+        ("tests/test_parallel.py::test_divergences_of_sharded_logits_match_the_unsharded_oracle",),
+        "the sharded forward KL leaves out -log w_r, the student's share of each shard: sum_r v_r (FKL_r + log v_r)",
+    ),
+    Mutation(
+        "parallel-mixture-terms-use-the-shard-softmax", "minillm_kernels/parallel.py",
+        "        given = norms.global_row_stats.to(row_stats.dtype)\n",
+        "        given = row_stats\n",
+        ("tests/test_parallel.py::test_divergences_of_a_sharded_lm_head_match_the_unsharded_oracle",),
+        "the mixtures' and TVD's terms are evaluated with each shard's own log-normalisers, not the whole vocabulary's",
+    ),
+    Mutation(
+        "parallel-divergence-backward-gets-shard-stats", "minillm_kernels/parallel.py",
+        "    return value.to(dtype), mean_partial.to(dtype), norms.global_row_stats.to(dtype)",
+        "    return value.to(dtype), mean_partial.to(dtype), row_stats",
+        ("tests/test_parallel.py::test_divergences_of_sharded_logits_match_the_unsharded_oracle",),
+        "the divergences' backward gets the shard's own row statistics: right values, each slice's gradient of its "
+        "own softmax",
+    ),
     # ---- the trainer under DDP and FSDP2 (2 gloo processes)
     Mutation(
         "fused-linear-outside-ddp", "examples/train.py",

@@ -518,3 +518,39 @@ def test_gpu_kernels_at_a_realistic_vocabulary(backend, divergence):
     student[0] += torch.linspace(0, 40, 32000, device=device)  # a maximum that grows block after block
     assert_close_to_exact(backend, student, teacher, torch.randn(rows, dtype=torch.float64), divergence=divergence,
                           beta=BETA, skew=SKEW, temperature=0.7)
+
+
+@pytest.mark.parametrize("backend", ("cpu", "triton"))
+@pytest.mark.parametrize("divergence", ("forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"))
+def test_given_row_statistics_replace_the_first_pass(backend, divergence):
+    """The op's ``given_row_stats`` (what a vocabulary shard gets: the whole vocabulary's log-normalisers) are the
+    statistics the terms use: given shifted log Z's, the value and sum_v q_v a_v are those of the reference with
+    log q_v = k (s_v - c_s) - log Z_s as given (a float64 sum of the column terms), and come back as row_stats."""
+    require_backend(backend)
+    from minillm_kernels.ops import divergence as divergence_ops
+
+    device = device_for(backend)
+    student, teacher = (torch.randn(6, 40, dtype=torch.float64, device=device) * 3 for _ in range(2))
+    k, vocab_size, coefficient = 1 / 0.8, 37, 0.3
+    _, _, own = divergence_ops.divergence(student, teacher, None, divergence, coefficient, k, vocab_size, backend)
+    given = own.clone()
+    given[:, 1] += 0.5  # the student's log-normaliser raised: q sums to e^-0.5 over these columns, as on a shard
+    given[:, 3] -= 0.25
+    value, mean_partial, row_stats = divergence_ops.divergence(student, teacher, None, divergence, coefficient, k,
+                                                               vocab_size, backend, given)
+    assert torch.equal(row_stats, given)
+    log_q = (student[:, :vocab_size] - given[:, :1]) * k - given[:, 1:2]
+    log_p = (teacher[:, :vocab_size] - given[:, 2:3]) * k - given[:, 3:4]
+    q, p = log_q.exp(), log_p.exp()
+    weight = coefficient if divergence != "skew_reverse_kl" else 1 - coefficient
+    log_m = torch.log(weight * p + (1 - weight) * q)
+    terms, partials = {
+        "forward_kl": (p * (log_p - log_q), -p),
+        "jsd": (coefficient * p * (log_p - log_m) + (1 - coefficient) * q * (log_q - log_m),
+                (1 - coefficient) * q * (log_q - log_m)),
+        "skew_forward_kl": (p * (log_p - log_m), -p * (1 - coefficient * p / log_m.exp())),
+        "skew_reverse_kl": (q * (log_q - log_m), q * (log_q - log_m + 1 - coefficient * q / log_m.exp())),
+        "tvd": (0.5 * (p - q).abs(), 0.5 * q * torch.sign(q - p)),
+    }[divergence]
+    torch.testing.assert_close(value, terms.sum(-1), rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(mean_partial, partials.sum(-1), rtol=1e-11, atol=1e-12)

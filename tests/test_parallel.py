@@ -1,7 +1,9 @@
 """Vocabulary-parallel losses (process_group=, DTensor inputs) on 2 and 4 gloo processes against the unsharded float64
 oracle: values and gradients of every public loss function, masks, temperature, targets on every shard, -inf columns
 (a whole shard's included), a padding shard whose columns all lie past vocab_size, every reduction, fused-linear (its
-per-chunk combine included), DTensors from ColwiseParallel, and the errors a mismatched rank gets.
+per-chunk combine included), DTensors from ColwiseParallel, and the errors a mismatched rank gets; the divergence
+family (fused_divergence and fused_linear_divergence: every divergence and reduction, on the CPU kernel) in processes
+of its own.
 
 The processes of one world size are started once per test session (``ranks``), each running every case of that size
 (``CASES``); a case's inputs are made here, whole, and each rank takes its shard of them. Results come back through
@@ -576,3 +578,205 @@ def test_the_readme_torchrun_example_matches_the_unsharded_loss():
     logits and from the sharded lm_heads (DTensors) and their gradients against the unsharded ones, on each process."""
     stdout = torchrun(ROOT / "examples" / "vocab_parallel.py", timeout=RANKS_TIMEOUT_S, what="the example")
     assert re.search(r"2 processes: loss \d+\.\d+ from the sharded logits and from the sharded lm_heads", stdout), stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The divergence family (fused_divergence, fused_linear_divergence) on a sharded vocabulary: its own processes
+# (``divergence_ranks``), so that ``-k divergence`` runs these cases alone
+# ---------------------------------------------------------------------------------------------------------------
+# (name, beta, skew): every kernel divergence, a skew of 0 (the plain KL's path) and the reverse KL.
+DIVERGENCE_CALLS = (("forward_kl", 0.5, 0.1), ("jsd", 0.3, 0.1), ("skew_forward_kl", 0.5, 0.25),
+                    ("skew_reverse_kl", 0.5, 0.1), ("tvd", 0.5, 0.1), ("skew_forward_kl", 0.5, 0.0),
+                    ("reverse_kl", 0.5, 0.1))
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def _divergence_upstream(reduction, a):
+    return a if reduction == "none" else a.sum()
+
+
+def rank_divergence_logits(rank, world, *, student, teacher, target, mask, upstream, options):
+    """fused_divergence of this rank's slice of the logits, every divergence and reduction: (loss, gradient)."""
+    options = {k: v for k, v in options.items() if k != "mix_alpha"}
+    out = {}
+    for name, beta, skew in DIVERGENCE_CALLS:
+        for reduction in REDUCTIONS:
+            s = leaf(shard(student, rank, world))
+            loss = mk.fused_divergence(s, shard(teacher, rank, world), divergence=name, beta=beta, skew=skew,
+                                       mask=mask, reduction=reduction, process_group=dist.group.WORLD, **options)
+            (loss * _divergence_upstream(reduction, upstream[0]).to(loss.dtype)).sum().backward()
+            out[name, skew, reduction] = (loss.detach(), s.grad)
+    return out
+
+
+def rank_divergence_linear(rank, world, *, student, teacher, target, mask, upstream, options):
+    """fused_linear_divergence of this rank's rows of both lm_heads: (loss, (grad h, grad W_r, grad b_r))."""
+    (student_hidden, student_weight, student_bias), (teacher_hidden, teacher_weight, teacher_bias) = student, teacher
+    options = {k: v for k, v in options.items() if k != "mix_alpha"}
+    out = {}
+    for name, beta, skew in DIVERGENCE_CALLS:
+        for reduction in REDUCTIONS:
+            h, w, b_ = leaf(student_hidden), leaf(shard(student_weight, rank, world, 0)), \
+                leaf(shard(student_bias, rank, world, 0))
+            loss = mk.fused_linear_divergence(
+                h, w, teacher_hidden, shard(teacher_weight, rank, world, 0), divergence=name, beta=beta, skew=skew,
+                student_bias=b_, teacher_bias=shard(teacher_bias, rank, world, 0), mask=mask, reduction=reduction,
+                process_group=dist.group.WORLD, **options)
+            (loss * _divergence_upstream(reduction, upstream[0]).to(loss.dtype)).sum().backward()
+            out[name, skew, reduction] = (loss.detach(), tuple(map(grad_of, (h, w, b_))))
+    return out
+
+
+def rank_divergence_dtensor(rank, world, *, student, teacher, target, mask, upstream, options):
+    """The JSD on the DTensor logits of a ColwiseParallel lm_head, and the TVD on its DTensor weight and bias (no
+    process_group passed): (loss, (grad h, grad W_r, grad b_r)) of reduction "none"."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    heads = []
+    for hidden, weight, bias in (student, teacher):
+        head = torch.nn.Linear(weight.shape[1], weight.shape[0], dtype=weight.dtype)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
+        heads.append(parallelize_module(head, mesh, ColwiseParallel(use_local_output=False)))
+    student_head, teacher_head = heads
+    options = {k: v for k, v in options.items() if k != "mix_alpha"}
+    out = {}
+    for kind, name in (("logits", "jsd"), ("linear", "tvd")):
+        student_head.zero_grad()
+        h = leaf(student[0])
+        if kind == "logits":
+            with torch.no_grad():
+                teacher_logits = teacher_head(teacher[0])
+            loss = mk.fused_divergence(student_head(h), teacher_logits, divergence=name, mask=mask, reduction="none",
+                                       **{k: v for k, v in options.items() if k != "chunk_size"})
+        else:
+            loss = mk.fused_linear_divergence(h, student_head.weight, teacher[0], teacher_head.weight, divergence=name,
+                                              student_bias=student_head.bias, teacher_bias=teacher_head.bias,
+                                              mask=mask, reduction="none", **options)
+        (loss * upstream[0].to(loss.dtype)).sum().backward()
+        out[kind] = (loss.detach(), (h.grad, student_head.weight.grad.to_local(), student_head.bias.grad.to_local()))
+    return out
+
+
+RANK_JOBS.update(divergence_logits=rank_divergence_logits, divergence_linear=rank_divergence_linear,
+                 divergence_dtensor=rank_divergence_dtensor)
+
+DIVERGENCE_CASES = {  # name: (world, kind, make inputs)
+    "2-logits-cpu-fp64-infinities": (2, "divergence_logits",
+                                     lambda g: logits_inputs(g, 2, 8, 13, F64, infinities=True)),
+    "2-logits-cpu-fp32": (2, "divergence_logits", lambda g: logits_inputs(g, 2, 64, 120, torch.float32)),
+    "4-logits-cpu-fp64-padding-shard": (4, "divergence_logits",
+                                        lambda g: logits_inputs(g, 4, 4, 11, F64, temperature=1.3, infinities=True)),
+    "2-linear-cpu-fp64": (2, "divergence_linear", lambda g: linear_inputs(g, 2, 8, 13, F64)),
+    "4-linear-cpu-fp64-padding-shard": (4, "divergence_linear", lambda g: linear_inputs(g, 4, 4, 11, F64)),
+    "2-dtensor-cpu-fp64": (2, "divergence_dtensor", lambda g: linear_inputs(g, 2, 8, 16, F64)),
+}
+
+
+@pytest.fixture(scope="session")
+def divergence_ranks():
+    """``results(world) -> (inputs per case, per-rank results)`` of ``DIVERGENCE_CASES``, as ``ranks``."""
+    seed = random.randrange(2**31)
+    cache = {}
+
+    def results(world):
+        if world not in cache:
+            print(f"inputs seed {seed}")
+            generator = torch.Generator().manual_seed(seed + world)
+            inputs = {name: make(generator) for name, (w, _, make) in DIVERGENCE_CASES.items() if w == world}
+            jobs = {name: (DIVERGENCE_CASES[name][1], x) for name, x in inputs.items()}
+            try:
+                cache[world] = (inputs, run_on_ranks(world, jobs))
+            except Exception as error:
+                cache[world] = error
+        if isinstance(cache[world], Exception):
+            raise cache[world]
+        return cache[world]
+
+    return results
+
+
+def exact_divergence(student, teacher, mask, options, name, beta, skew, reduction, upstream):
+    """The unsharded float64 loss of ``reference.divergence`` and the gradients of loss * upstream (autograd) with
+    respect to ``student`` (a tuple of leaves: the logits, or the hidden states, weight and bias)."""
+    from minillm_kernels import reference
+
+    if skew == 0 and name.startswith("skew_"):  # the plain KL (the mixture's autograd is NaN where q = 0 < p)
+        name = name.removeprefix("skew_")
+    leaves = tuple(x.detach().double().requires_grad_() for x in student)
+    if len(leaves) == 1:
+        logits, teacher_logits = leaves[0], teacher.double()
+    else:
+        (h, w, b), (th, tw, tb) = leaves, (x.double() for x in teacher)
+        logits, teacher_logits = h @ w.t() + b, th @ tw.t() + tb
+    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    per_token = reference.divergence(flat(logits), flat(teacher_logits), mask.reshape(-1), options["temperature"],
+                                     options["vocab_size"], name, beta=beta, skew=skew)
+    if reduction == "none":
+        loss = per_token.view(mask.shape)
+    elif reduction == "sum":
+        loss = per_token.sum()
+    else:
+        loss = per_token.sum() / mask.sum().clamp(min=1)
+    (loss * _divergence_upstream(reduction, upstream[0])).sum().backward()
+    return loss.detach(), tuple(x.grad for x in leaves)
+
+
+def check_divergence_case(divergence_ranks, case):
+    world = DIVERGENCE_CASES[case][0]
+    require_backend("cpu")
+    inputs, per_rank = divergence_ranks(world)
+    results = [r[case] for r in per_rank]
+    assert_same_on_every_rank([{k: v[0] for k, v in r.items()} for r in results])
+    return inputs[case], results
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kind, _) in DIVERGENCE_CASES.items() if kind == "divergence_logits"])
+def test_divergences_of_sharded_logits_match_the_unsharded_oracle(divergence_ranks, case):
+    inputs, results = check_divergence_case(divergence_ranks, case)
+    tol = tolerance(inputs["student"].dtype)
+    world = len(results)
+    for (name, skew, reduction), _ in results[0].items():
+        beta = next(b for n, b, s in DIVERGENCE_CALLS if n == name and s == skew)
+        loss, (grad,) = exact_divergence((inputs["student"],), inputs["teacher"], inputs["mask"], inputs["options"],
+                                         name, beta, skew, reduction, inputs["upstream"])
+        what = f"{name} skew={skew} {reduction}"
+        torch.testing.assert_close(results[0][name, skew, reduction][0].double(), loss, **tol, msg=what)
+        got = torch.cat([r[name, skew, reduction][1] for r in results], -1).double()
+        torch.testing.assert_close(got, grad, **tol, msg=f"{what}: gradient ({world} slices)")
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kind, _) in DIVERGENCE_CASES.items() if kind == "divergence_linear"])
+def test_divergences_of_a_sharded_lm_head_match_the_unsharded_oracle(divergence_ranks, case):
+    inputs, results = check_divergence_case(divergence_ranks, case)
+    tol = tolerance(inputs["student"][1].dtype)
+    for (name, skew, reduction), _ in results[0].items():
+        beta = next(b for n, b, s in DIVERGENCE_CALLS if n == name and s == skew)
+        loss, (grad_h, grad_w, grad_b) = exact_divergence(inputs["student"], inputs["teacher"], inputs["mask"],
+                                                          inputs["options"], name, beta, skew, reduction,
+                                                          inputs["upstream"])
+        what = f"{name} skew={skew} {reduction}"
+        torch.testing.assert_close(results[0][name, skew, reduction][0].double(), loss, **tol, msg=what)
+        for rank, result in enumerate(results):  # grad h is the full one on every rank (all-reduced)
+            torch.testing.assert_close(result[name, skew, reduction][1][0].double(), grad_h, **tol,
+                                       msg=f"{what}: grad h on rank {rank}")
+        for index, exact in ((1, grad_w), (2, grad_b)):
+            got = torch.cat([r[name, skew, reduction][1][index] for r in results], 0).double()
+            torch.testing.assert_close(got, exact, **tol, msg=f"{what}: grad {'Wb'[index - 1]} (the ranks' slices)")
+
+
+def test_divergences_of_dtensor_logits_and_weights_match_the_unsharded_oracle(divergence_ranks):
+    inputs, results = check_divergence_case(divergence_ranks, "2-dtensor-cpu-fp64")
+    tol = tolerance(F64)
+    for kind, name in (("logits", "jsd"), ("linear", "tvd")):
+        loss, (grad_h, grad_w, grad_b) = exact_divergence(inputs["student"], inputs["teacher"], inputs["mask"],
+                                                          inputs["options"], name, 0.5, 0.1, "none",
+                                                          inputs["upstream"])
+        torch.testing.assert_close(results[0][kind][0].double(), loss, **tol, msg=kind)
+        torch.testing.assert_close(results[0][kind][1][0].double(), grad_h, **tol, msg=f"{kind}: grad h")
+        for index, exact in ((1, grad_w), (2, grad_b)):
+            got = torch.cat([r[kind][1][index] for r in results], 0).double()
+            torch.testing.assert_close(got, exact, **tol, msg=f"{kind}: grad {'Wb'[index - 1]}")

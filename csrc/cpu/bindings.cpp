@@ -19,7 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("divergence_forward", &divergence_forward,
         "Divergence-family forward over row views: returns (divergence, mean_partial, row_stats [N, 4]).",
         py::arg("student"), py::arg("teacher"), py::arg("mask"), py::arg("divergence"), py::arg("coefficient"),
-        py::arg("inv_temperature"), py::arg("vocab_size"));
+        py::arg("inv_temperature"), py::arg("vocab_size"), py::arg("given_row_stats") = py::none());
   m.def("divergence_backward", &divergence_backward,
         "Divergence-family backward: gradient [N, Vs] w.r.t. the student logits from the upstream grad of the "
         "divergence and the forward outputs.",

@@ -21,6 +21,7 @@
 // a_v = dD/dq_v:
 //   forward_kl: q a = -p;  jsd: (1 - beta) q log(q / m);  skew_forward_kl: -p (1 - alpha p / m);
 //   skew_reverse_kl: q (log(q / m) + 1 - alpha q / m);  tvd: 1/2 q sign(q - p)  (0 at q = p).
+// Given row statistics (a vocabulary shard's, standing for the whole vocabulary's: parallel.py) replace pass 1.
 // The backward writes, in one pass, grad_v = g k (q_v a_v - q_v sum_u q_u a_u) (the softmax's chain rule).
 //
 // Dtypes and rows as in reverse_kld.cpp: each input read in its own dtype, per-element arithmetic in acc_t (double
@@ -166,12 +167,16 @@ using reverse_kld_args::row_vector;
 
 std::vector<at::Tensor> divergence_forward(
     const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& mask,
-    const std::string& divergence, double coefficient, double inv_temperature, int64_t vocab_size) {
+    const std::string& divergence, double coefficient, double inv_temperature, int64_t vocab_size,
+    const c10::optional<at::Tensor>& given_row_stats) {
   check_logits(student, teacher, vocab_size, c10::DeviceType::CPU, kWhere);
   const Divergence kind = divergence_of(divergence, coefficient);
   const int64_t n = n_rows(student);
   const at::Tensor mask_c = row_vector(mask, n, at::kBool, student.device(), "mask", kWhere);
   const auto opts = student.options().dtype(accumulation_dtype(student, teacher));
+  const at::Tensor given_c = given_row_stats.has_value() && given_row_stats->defined()
+      ? row_stats_of(*given_row_stats, n, accumulation_dtype(student, teacher), student.device(), kWhere)
+      : at::Tensor();
   at::Tensor value = at::empty({n}, opts);
   at::Tensor mean_partial = at::empty({n}, opts);
   at::Tensor row_stats = at::empty({n, 4}, opts);
@@ -185,6 +190,7 @@ std::vector<at::Tensor> divergence_forward(
     acc_t* value_p = value.data_ptr<acc_t>();
     acc_t* partial_p = mean_partial.data_ptr<acc_t>();
     acc_t* stats_p = row_stats.data_ptr<acc_t>();
+    const acc_t* given_p = ptr_or_null<acc_t>(given_c);
 
     at::parallel_for(0, n, grain_rows(vocab_size), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf_s[kChunk];
@@ -198,8 +204,11 @@ std::vector<at::Tensor> divergence_forward(
         }
         const student_t* s = s_base + s_rows.offset(i);
         const teacher_t* t = t_base + t_rows.offset(i);
-        const LogNormalisers z = log_normalisers<student_t, teacher_t, acc_t>(s, t, vocab_size, inv_temperature,
-                                                                             buf_s, buf_t);
+        // Pass 1, unless the caller gives the statistics (a sharded vocabulary's global log-normalisers).
+        const LogNormalisers z = given_p != nullptr
+            ? LogNormalisers{double(given_p[4 * i]), double(given_p[4 * i + 1]), double(given_p[4 * i + 2]),
+                             double(given_p[4 * i + 3])}
+            : log_normalisers<student_t, teacher_t, acc_t>(s, t, vocab_size, inv_temperature, buf_s, buf_t);
         const Row<acc_t> r = row_of<acc_t>(kind, coefficient, inv_temperature, z.c_s, z.logz_s, z.c_t, z.logz_t);
         double total = 0, partial = 0;
 #pragma omp simd reduction(+ : total, partial)

@@ -67,18 +67,29 @@ def divergence(
     inv_temperature: float,
     vocab_size: int,
     backend: str,
+    given_row_stats: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(divergence, mean_partial, row_stats)`` of ``[..., V]`` logits, ``[N]``, ``[N]`` and ``[N, 4]``; ``mask`` is
-    ``[N]``; ``coefficient`` is beta for "jsd", the skew for the skew KLs (in (0, 1)), unused otherwise."""
+    ``[N]``; ``coefficient`` is beta for "jsd", the skew for the skew KLs (in (0, 1)), unused otherwise.
+
+    ``given_row_stats`` ``[N, 4]`` (in the accumulation dtype): the kernel skips its first pass and evaluates the
+    terms with these log-normalisers (one pass), returning them as ``row_stats``. A vocabulary shard given the whole
+    vocabulary's (``parallel.py``) gets its share of the global value and of sum_v q_v a_v ("cpu" and "triton")."""
     if n_rows(student) == 0:
         return _empty_outputs(student, teacher)
     forward, _ = _kernels(backend)
+    if given_row_stats is None:
+        return tuple(forward(row_view(student), row_view(teacher), mask, divergence, coefficient, inv_temperature,
+                             vocab_size))
+    if backend not in ("cpu", "triton"):
+        raise NotImplementedError(f"given row statistics (a sharded vocabulary's divergence={divergence!r}) run on "
+                                  f"the 'cpu' and 'triton' kernels, not {backend!r} yet")
     return tuple(forward(row_view(student), row_view(teacher), mask, divergence, coefficient, inv_temperature,
-                         vocab_size))
+                         vocab_size, given_row_stats))
 
 
 @divergence.register_fake
-def _(student, teacher, mask, divergence, coefficient, inv_temperature, vocab_size, backend):
+def _(student, teacher, mask, divergence, coefficient, inv_temperature, vocab_size, backend, given_row_stats=None):
     return _empty_outputs(student, teacher)
 
 
@@ -119,7 +130,7 @@ def _(student, teacher, mask, grad_divergence, mean_partial, row_stats, divergen
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    student, teacher, mask, divergence, coefficient, inv_temperature, vocab_size, backend = inputs
+    student, teacher, mask, divergence, coefficient, inv_temperature, vocab_size, backend, _ = inputs
     _, mean_partial, row_stats = output
     ctx.save_for_backward(student, teacher, mask, mean_partial, row_stats)
     ctx.arguments = (divergence, coefficient, inv_temperature, vocab_size, backend)
@@ -129,7 +140,7 @@ def _backward(ctx, grad_divergence, grad_mean_partial, grad_row_stats):
     student, teacher, mask, mean_partial, row_stats = ctx.saved_tensors
     grad = grad_divergence.to(mean_partial.dtype).contiguous()  # (expanded, from .sum())
     grad_student = divergence_backward(student, teacher, mask, grad, mean_partial, row_stats, *ctx.arguments)
-    return grad_student, None, None, None, None, None, None, None
+    return grad_student, None, None, None, None, None, None, None, None
 
 
 divergence.register_autograd(_backward, setup_context=_setup_context)

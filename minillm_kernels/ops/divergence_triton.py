@@ -112,6 +112,7 @@ def _divergence_forward_kernel(
     teacher_rows_per_outer, teacher_outer_stride, teacher_inner_stride, vocab_size,
     coefficient: tl.float64, teacher_weight: tl.float64, inv_temperature: tl.float64,
     DIVERGENCE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    GIVEN_STATS: tl.constexpr,
 ):
     # int64 row index: the row offsets pass 2^31 once N * V does (16k tokens x 152k vocab).
     row = tl.program_id(0).to(tl.int64)
@@ -124,13 +125,15 @@ def _divergence_forward_kernel(
     coefficient_acc = (tl.zeros((), tl.float64) + coefficient).to(ACC_DTYPE)
     weight_acc = (tl.zeros((), tl.float64) + teacher_weight).to(ACC_DTYPE)
 
-    # Pass 1: the log-normalisers (online softmax, re-centred on the running maxima; float64 sums).
+    # Pass 1: the log-normalisers (online softmax, re-centred on the running maxima; float64 sums), unless given
+    # (GIVEN_STATS: row_stats holds them on entry, e.g. a sharded vocabulary's global ones; pass 1 reads nothing).
+    pass_1_cols = 0 if GIVEN_STATS else n_cols
     m_s = tl.full((), float("-inf"), ACC_DTYPE)
     m_t = tl.full((), float("-inf"), ACC_DTYPE)
     z_s = tl.zeros((), tl.float64)
     z_t = tl.zeros((), tl.float64)
     offsets = tl.arange(0, BLOCK_V)
-    for start in range(0, n_cols, BLOCK_V):
+    for start in range(0, pass_1_cols, BLOCK_V):
         cols = start + offsets
         in_row = cols < n_cols
         s = tl.load(student_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
@@ -150,6 +153,11 @@ def _divergence_forward_kernel(
     c_t64 = _centre(m_t).to(tl.float64)
     log_z_s64 = tl.log(z_s)
     log_z_t64 = tl.log(z_t)
+    if GIVEN_STATS:
+        c_s64 = tl.load(row_stats_ptr + 4 * row + 0).to(tl.float64)
+        log_z_s64 = tl.load(row_stats_ptr + 4 * row + 1).to(tl.float64)
+        c_t64 = tl.load(row_stats_ptr + 4 * row + 2).to(tl.float64)
+        log_z_t64 = tl.load(row_stats_ptr + 4 * row + 3).to(tl.float64)
 
     # Pass 2: the value's terms and sum_v q_v a_v, column by column from the statistics.
     c_s = c_s64.to(ACC_DTYPE)
@@ -228,22 +236,24 @@ def _coefficients(divergence: str, coefficient: float) -> tuple[int, float, floa
 
 def forward(
     student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, divergence: str, coefficient: float,
-    inv_temperature: float, vocab_size: int,
+    inv_temperature: float, vocab_size: int, given_row_stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on ``[n_outer, rows_per_outer, V]`` logits (each its own split and strides):
-    ``(divergence [N], mean_partial [N], row_stats [N, 4])`` in the accumulation dtype (the CPU kernel's outputs)."""
+    ``(divergence [N], mean_partial [N], row_stats [N, 4])`` in the accumulation dtype (the CPU kernel's outputs).
+    ``given_row_stats`` ``[N, 4]``: pass 1 skipped, the terms from those statistics (returned as row_stats)."""
     code, coefficient, teacher_weight = _coefficients(divergence, coefficient)
     n_rows = student.shape[0] * student.shape[1]
     stats_dtype = compute_dtype(student.dtype, teacher.dtype)
     value = student.new_empty(n_rows, dtype=stats_dtype)
     mean_partial = student.new_empty(n_rows, dtype=stats_dtype)
-    row_stats = student.new_empty(n_rows, 4, dtype=stats_dtype)
+    row_stats = student.new_empty(n_rows, 4, dtype=stats_dtype) if given_row_stats is None else \
+        given_row_stats.to(stats_dtype, copy=True).contiguous()
     block_v = _block_size(vocab_size)
     _divergence_forward_kernel[(n_rows,)](
         student, teacher, mask if mask is not None else value, value, mean_partial, row_stats,
         *_row_strides(student), *_row_strides(teacher), vocab_size, coefficient, teacher_weight, inv_temperature,
         DIVERGENCE=code, HAS_MASK=mask is not None, BLOCK_V=block_v, ACC_DTYPE=_acc_dtype(student, teacher),
-        num_warps=_num_warps(block_v),
+        GIVEN_STATS=given_row_stats is not None, num_warps=_num_warps(block_v),
     )
     return value, mean_partial, row_stats
 
