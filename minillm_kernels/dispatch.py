@@ -1,18 +1,16 @@
-"""Validation and backend choice, in one place, behind the two public functions.
+"""Validation and backend choice, in one place, for every public function (``losses.py``, ``fused_linear.py``).
 
-``fused_reverse_kld`` and ``fused_token_stats`` check their arguments, hand the ``[..., V]`` logits to one
-backend as they are (any strides in the leading dimensions: the kernels index rows through them, see
-``ops/reverse_kld.py``; only a last dimension of stride other than 1 is copied) and reshape the per-token
-``[N]`` results back (with ``process_group``, or DTensor logits, through ``parallel.py``: a vocabulary sharded over
-processes). Backends:
+The argument checks (``validate_logits``, ``validate_token_args``, ``check_*``: each error names the argument and
+the fix), the reductions (``reduce_per_token``), the ``TokenStats`` the token-level functions return, and the
+backend each call runs on:
 
 =============  ===================================================  ==========================
 backend        what runs                                            tensors
 =============  ===================================================  ==========================
 "reference"    the naive PyTorch formulas (``reference.py``)        any device, any float dtype
-"cpu"          the fused C++ kernel (``csrc/cpu``), built on first  CPU
+"cpu"          the fused C++ kernels (``csrc/cpu``), built on first CPU
                use with ninja
-"triton"       the Triton kernels (``ops/reverse_kld_triton.py``)   CUDA; CPU under
+"triton"       the Triton kernels (``ops/*_triton.py``)             CUDA; CPU under
                                                                     ``TRITON_INTERPRET=1``
 "cuda"         the CUDA C++ kernels (``csrc/cuda``), built on first  CUDA
                use with ninja and nvcc for the device's capability
@@ -38,8 +36,6 @@ import torch
 
 from minillm_kernels import parallel, reference
 from minillm_kernels._arguments import as_int, as_real
-from minillm_kernels.ops import divergence as divergence_ops
-from minillm_kernels.ops import reverse_kld as ops
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 REDUCTIONS = ("none", "sum", "mean")
@@ -173,7 +169,7 @@ def _choose_backend(
     return backend
 
 
-class _Rows(NamedTuple):
+class LogitsCall(NamedTuple):
     """Validated inputs: the logits as given (N rows: their leading dimensions), the per-token tensors flattened."""
 
     student: torch.Tensor  # [..., V_s], last-dim stride 1, leading dims of any strides
@@ -200,7 +196,7 @@ def _check_companion(name: str, x: object, lead_shape: torch.Size, device: torch
         raise ValueError(f"{name} is on {x.device} but the {inputs} are on {device}")
 
 
-def _validate(
+def validate_logits(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     target_ids: Optional[torch.Tensor],
@@ -209,7 +205,7 @@ def _validate(
     vocab_size: Optional[int],
     backend: str,
     shards: Optional[parallel.VocabShards] = None,
-) -> _Rows:
+) -> LogitsCall:
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
@@ -227,13 +223,13 @@ def _validate(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} "
             "must agree on every dimension but the last"
         )
-    args = _validate_token_args(
+    args = validate_token_args(
         lead_shape, student_logits.device, torch.promote_types(student_logits.dtype, teacher_logits.dtype),
         {"student_logits": student_logits.shape[-1], "teacher_logits": teacher_logits.shape[-1]},
         target_ids, mask, temperature, vocab_size, backend, inputs="logits", shards=shards,
     )
     teacher_logits = frozen_teacher(teacher_logits, "teacher_logits")
-    return _Rows(_unit_column_stride(student_logits), _unit_column_stride(teacher_logits), *args)
+    return LogitsCall(_unit_column_stride(student_logits), _unit_column_stride(teacher_logits), *args)
 
 
 _warned_about_teacher_grad = False
@@ -253,8 +249,8 @@ def frozen_teacher(teacher: torch.Tensor, name: str) -> torch.Tensor:
     return teacher.detach()
 
 
-class _TokenArgs(NamedTuple):
-    """The validated per-token arguments (the tail of ``_Rows``), for any producer of the logits."""
+class TokenArgs(NamedTuple):
+    """The validated per-token arguments (the tail of ``LogitsCall``), for any producer of the logits."""
 
     target: Optional[torch.Tensor]  # [N] int64
     mask: Optional[torch.Tensor]  # [N] bool
@@ -263,7 +259,7 @@ class _TokenArgs(NamedTuple):
     backend: str
 
 
-def _validate_token_args(
+def validate_token_args(
     lead_shape: torch.Size,
     device: torch.device,
     dtype: torch.dtype,
@@ -276,7 +272,7 @@ def _validate_token_args(
     *,
     inputs: str,
     shards: Optional[parallel.VocabShards] = None,
-) -> _TokenArgs:
+) -> TokenArgs:
     """Checks what the logits-level and fused-linear functions share, once the logits' leading shape, device,
     dtype and vocabulary widths are known. ``vocab_widths`` maps the student's then the teacher's argument name
     to its vocabulary width (logits columns, or weight rows); ``inputs`` names the tensors that fix the leading
@@ -322,23 +318,7 @@ def _validate_token_args(
                     f"target_ids must lie in [0, vocab_size={vocab_size}) where the mask is True; "
                     f"got values in [{int(counted.min())}, {int(counted.max())}]"
                 )
-    return _TokenArgs(target_ids, mask, lead_shape, vocab_size, _choose_backend(backend, device, dtype, vocab_size))
-
-
-def _token_stats(rows: _Rows, temperature: float, shards: Optional[parallel.VocabShards] = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(kl, student_logprob, teacher_logprob, entropy)`` per row, ``[N]``, from the chosen backend (over the
-    vocabulary the ranks of ``shards`` hold together, if given)."""
-    if shards is not None:
-        return parallel.logits_token_stats(shards, rows.student, rows.teacher, rows.target, rows.mask, temperature,
-                                           rows.vocab_size, rows.backend)
-    if rows.backend == "reference":  # the naive formulas, on [N, V] rows (a copy where the layout needs one)
-        student, teacher = (x.reshape(-1, x.shape[-1]) for x in (rows.student, rows.teacher))
-        return reference.token_stats(student, teacher, rows.target, rows.mask, temperature, rows.vocab_size)
-    kl, student_logprob, teacher_logprob, entropy, _ = ops.token_stats(
-        rows.student, rows.teacher, rows.target, rows.mask, 1.0 / temperature, rows.vocab_size, rows.backend
-    )
-    return kl, student_logprob, teacher_logprob, entropy
+    return TokenArgs(target_ids, mask, lead_shape, vocab_size, _choose_backend(backend, device, dtype, vocab_size))
 
 
 def importance_weight(student_logprob: torch.Tensor, teacher_logprob: torch.Tensor, mix_alpha: float) -> torch.Tensor:
@@ -354,61 +334,12 @@ def importance_weight(student_logprob: torch.Tensor, teacher_logprob: torch.Tens
     return torch.where(student_logprob == -math.inf, 0.0, weight)  # q(y) = 0: 0, even where p(y) = 0 too
 
 
-def _check_reduction(reduction: str) -> None:
+def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def fused_reverse_kld(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    mask: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    vocab_size: Optional[int] = None,
-    backend: str = "auto",
-    process_group: Optional[torch.distributed.ProcessGroup] = None,
-) -> torch.Tensor:
-    """Reverse KL divergence KL(q || p) of the student q from the teacher p, per token, fused.
-
-    With q = softmax(s / T) and p = softmax(t / T) over the first ``vocab_size`` columns:
-        KL_t = sum_v q_v (log q_v - log p_v),
-        dKL_t / ds_v = (1/T) q_v (log q_v - log p_v - KL_t)   (no T^2 factor is applied).
-
-    Args:
-        student_logits: ``[..., V_s]`` float logits of the student (gets the gradient). The leading dimensions may
-            have any strides (e.g. ``logits[:, -(N+1):-1]`` of a ``[B, L, V]`` output): the kernels read them in
-            place, with no copy, where they coalesce into two levels of rows, as every slice, transpose or
-            ``expand`` of a ``[B, L, V]`` tensor does (three or more leading dimensions that do not merge are
-            copied). The gradient is a fresh contiguous tensor of this shape.
-        teacher_logits: ``[..., V_t]`` float logits of the teacher, same leading shape, any float dtype (frozen),
-            strides as for the student (its own).
-        mask: optional bool ``[...]``, True where the token counts.
-        temperature: T > 0, applied to both models.
-        reduction: "none" (``[...]``, 0 where masked), "sum", or "mean" over unmasked tokens
-            (0, with zero gradient, when there are none).
-        vocab_size: the real vocabulary size when the logits are padded to different widths; columns
-            at or past it are ignored in both, without a copy.
-        backend: "auto", "reference", "cpu", "triton" or "cuda" (see ``available_backends()``).
-        process_group: a vocabulary sharded over this group's P ranks (tensor parallelism): the logits are this
-            rank's columns [r W, (r + 1) W) of the vocabulary, W the same on every rank and for both models;
-            ``vocab_size`` (default P W) and target ids are global, the mask replicated. Every rank returns the
-            same loss, the unsharded one, and gets its slice of the unsharded gradient; the ranks exchange a few
-            numbers per token, never the logits (``parallel.py``). DTensor logits placed ``Shard(-1)`` bring
-            their mesh's group and need none (e.g. the output of ``ColwiseParallel(use_local_output=False)``).
-
-    Returns:
-        The loss, float32 (float64 if either logits tensor is float64). Logits holding NaN give NaN.
-    """
-    _check_reduction(reduction)
-    shards, (student_logits, teacher_logits) = _logits_shards(process_group, student_logits, teacher_logits)
-    rows = _validate(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend, shards)
-    kl = _token_stats(rows, temperature, shards)[0]
-    return _reduce(kl, rows.mask, rows.lead_shape, reduction)
-
-
-def _reduce(per_token: torch.Tensor, mask: Optional[torch.Tensor], lead_shape: torch.Size,
+def reduce_per_token(per_token: torch.Tensor, mask: Optional[torch.Tensor], lead_shape: torch.Size,
             reduction: str) -> torch.Tensor:
     """The ``[N]`` per-token loss (0 where masked) reduced: "none" reshaped to ``lead_shape``, "sum", or "mean" over
     the unmasked tokens (0, with zero gradient, when there are none)."""
@@ -421,7 +352,7 @@ def _reduce(per_token: torch.Tensor, mask: Optional[torch.Tensor], lead_shape: t
     return total / count.clamp(min=1)
 
 
-def _check_divergence_args(divergence: str, beta: float, skew: float) -> tuple[float, float]:
+def check_divergence_args(divergence: str, beta: float, skew: float) -> tuple[float, float]:
     """``(beta, skew)`` as floats, after checking them and the divergence's name."""
     if divergence not in reference.DIVERGENCES:
         raise ValueError(f"divergence must be one of {reference.DIVERGENCES}, got {divergence!r}")
@@ -434,118 +365,7 @@ def _check_divergence_args(divergence: str, beta: float, skew: float) -> tuple[f
     return beta, skew
 
 
-def fused_divergence(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    divergence: str = "reverse_kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    mask: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    vocab_size: Optional[int] = None,
-    backend: str = "auto",
-    process_group: Optional[torch.distributed.ProcessGroup] = None,
-) -> torch.Tensor:
-    """A divergence D(p, q) of the student q from the teacher p, per token, fused.
-
-    With q = softmax(s / T) and p = softmax(t / T) over the first ``vocab_size`` columns, ``divergence`` is one of
-        "reverse_kl"       KL(q || p) = sum_v q_v (log q_v - log p_v)                    (``fused_reverse_kld``)
-        "forward_kl"       KL(p || q) = sum_v p_v (log p_v - log q_v)
-        "jsd"              beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q   (TRL's convention)
-        "skew_forward_kl"  KL(p || m),  m = skew p + (1 - skew) q                         (DistiLLM's SKL)
-        "skew_reverse_kl"  KL(q || m),  m = skew q + (1 - skew) p                         (DistiLLM's SRKL)
-        "tvd"              1/2 sum_v |p_v - q_v|
-    terms whose leading probability is 0 counting 0. The gradient, with a_v = dD/dq_v (docs/design.md lists them):
-        dD/ds_v = (1/T) q_v (a_v - sum_u q_u a_u)   (no T^2 factor; 0 at p_v = q_v for the TVD's |.|).
-    Passes over each row: the reverse KL 1 forward (online), 1 backward; the others 2 forward (both log-normalisers,
-    then the terms), 1 backward. A skew of 0 is the plain KL and runs its kernel.
-
-    Args:
-        divergence: the name above.
-        beta: the JSD's teacher weight, in (0, 1) (0.5: the symmetric JSD). JSD / beta -> KL(p || q) as beta -> 0 and
-            JSD / (1 - beta) -> KL(q || p) as beta -> 1 (docs/design.md).
-        skew: the skew KLs' alpha, in [0, 1) (DistiLLM's default 0.1).
-        Other arguments as in ``fused_reverse_kld``. With ``process_group`` (or DTensor logits placed ``Shard(-1)``)
-            every rank returns the unsharded loss and gets its slice of the unsharded gradient; per call the ranks
-            all-gather per-token numbers, never logits: once for the KLs (6 a token), twice for the mixtures and
-            the TVD (the 4 row statistics, then 2 partial sums), see ``parallel.py``; backends "cpu" and "triton".
-
-    Returns:
-        The loss, float32 (float64 if either logits tensor is float64). Logits holding NaN give NaN.
-    """
-    _check_reduction(reduction)
-    beta, skew = _check_divergence_args(divergence, beta, skew)
-    if divergence == "reverse_kl":
-        return fused_reverse_kld(student_logits, teacher_logits, mask=mask, temperature=temperature,
-                                 reduction=reduction, vocab_size=vocab_size, backend=backend,
-                                 process_group=process_group)
-    shards, (student_logits, teacher_logits) = _logits_shards(process_group, student_logits, teacher_logits)
-    rows = _validate(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend, shards)
-    if shards is None:
-        per_token = divergence_ops.divergence_rows(rows.student, rows.teacher, rows.mask, divergence, beta, skew,
-                                                   temperature, rows.vocab_size, rows.backend)
-    elif skew == 0 and divergence in ("skew_forward_kl", "skew_reverse_kl"):  # (the plain KL)
-        return fused_divergence(student_logits, teacher_logits, divergence=divergence.removeprefix("skew_"),
-                                mask=mask, temperature=temperature, reduction=reduction, vocab_size=vocab_size,
-                                backend=backend, process_group=shards.group)
-    else:
-        coefficient = beta if divergence == "jsd" else skew
-        per_token = parallel.logits_divergence(shards, rows.student, rows.teacher, rows.mask, divergence, coefficient,
-                                               temperature, rows.vocab_size, rows.backend)
-    return _reduce(per_token, rows.mask, rows.lead_shape, reduction)
-
-
-def fused_token_stats(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    target_ids: torch.Tensor,
-    *,
-    mask: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    mix_alpha: float = 0.0,
-    weight_clip: Optional[tuple[float, float]] = None,
-    with_entropy: bool = False,
-    vocab_size: Optional[int] = None,
-    backend: str = "auto",
-    process_group: Optional[torch.distributed.ProcessGroup] = None,
-) -> TokenStats:
-    """Every per-token MiniLLM term for sampled tokens ``target_ids``, from one pass over the logits.
-
-    With q = softmax(s / T), p = softmax(t / T) over the first ``vocab_size`` columns and y_t the target:
-        reverse_kld       KL_t = sum_v q_v (log q_v - log p_v)
-        student_logprob   log q(y_t)          teacher_logprob   log p(y_t)
-        log_ratio         r_t = log p(y_t) - log q(y_t)                      (detached)
-        importance_weight w_t = q(y_t) / (alpha p(y_t) + (1 - alpha) q(y_t)),
-                          clipped to ``weight_clip = (lo, hi)`` if given     (detached)
-        entropy           H_t = -sum_v q_v log q_v   (if ``with_entropy``)
-    Gradients flow to the student logits through reverse_kld, student_logprob and entropy:
-        d/ds_v = (1/T)(a q_v (log q_v - log p_v - KL_t) + b ([v = y_t] - q_v) - c q_v (log q_v + H_t))
-    with a, b, c the upstream gradients of the three, in one backward pass.
-
-    Args:
-        target_ids: integer ``[...]`` token ids in ``[0, vocab_size)`` where the mask is True
-            (masked positions may hold anything, e.g. -100).
-        mix_alpha: alpha in [0, 1] of the teacher-mixed sampling distribution (0: w = 1).
-        weight_clip: optional ``(lo, hi)`` with 0 <= lo <= hi.
-        Other arguments as in ``fused_reverse_kld`` (with ``process_group``, ``target_ids`` are global ids and
-        every rank gets the same ``TokenStats``).
-
-    Returns:
-        ``TokenStats`` of ``[...]`` tensors (float32; float64 if either logits tensor is float64), 0 where masked.
-    """
-    mix_alpha, weight_clip = _check_sampling_args(target_ids, mix_alpha, weight_clip)
-    shards, (student_logits, teacher_logits) = _logits_shards(process_group, student_logits, teacher_logits)
-    rows = _validate(student_logits, teacher_logits, target_ids, mask, temperature, vocab_size, backend, shards)
-    kl, student_logprob, teacher_logprob, entropy = _token_stats(rows, temperature, shards)
-    return _assemble_token_stats(
-        kl, student_logprob, teacher_logprob, entropy if with_entropy else None,
-        rows.mask, rows.lead_shape, mix_alpha, weight_clip,
-    )
-
-
-def _logits_shards(process_group, student_logits, teacher_logits):
+def logits_shards(process_group, student_logits, teacher_logits):
     """``(shards or None, (student_logits, teacher_logits) as this rank's local tensors)``: ``parallel.vocab_shards``
     of a logits-level call."""
     shards, logits = parallel.vocab_shards(
@@ -553,7 +373,7 @@ def _logits_shards(process_group, student_logits, teacher_logits):
     return shards, logits
 
 
-def _check_sampling_args(
+def check_sampling_args(
     target_ids: Optional[torch.Tensor], mix_alpha: float, weight_clip: Optional[tuple[float, float]]
 ) -> tuple[float, Optional[tuple[float, float]]]:
     """``(mix_alpha, weight_clip)`` as floats, after checking them and that ``target_ids`` is given."""
@@ -569,7 +389,7 @@ def _check_sampling_args(
     return mix_alpha, weight_clip
 
 
-def _assemble_token_stats(
+def assemble_token_stats(
     kl: torch.Tensor,
     student_logprob: torch.Tensor,
     teacher_logprob: torch.Tensor,

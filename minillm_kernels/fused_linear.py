@@ -59,13 +59,13 @@ from minillm_kernels import parallel, reference
 from minillm_kernels._arguments import as_int
 from minillm_kernels.dispatch import (
     TokenStats,
-    _assemble_token_stats,
-    _check_divergence_args,
-    _check_reduction,
-    _check_sampling_args,
-    _reduce,
-    _validate_token_args,
+    assemble_token_stats,
+    check_divergence_args,
+    check_reduction,
+    check_sampling_args,
     frozen_teacher,
+    reduce_per_token,
+    validate_token_args,
 )
 from minillm_kernels.ops import divergence as divergence_ops
 from minillm_kernels.ops import reverse_kld as ops
@@ -585,7 +585,7 @@ def _validate_linear(
             "agree on every dimension but the last (the hidden sizes may differ)"
         )
     chunk_size = 0 if chunk_size is None else as_int("chunk_size (tokens per chunk, or None)", chunk_size, 1)
-    args = _validate_token_args(
+    args = validate_token_args(
         lead_shape, student_hidden.device, torch.promote_types(student_weight.dtype, teacher_weight.dtype),
         {"student_weight": student_weight.shape[0], "teacher_weight": teacher_weight.shape[0]},
         target_ids, mask, temperature, vocab_size, backend, inputs="hidden states", shards=shards,
@@ -645,7 +645,7 @@ def fused_linear_reverse_kld(
     Returns:
         The loss, float32 (float64 if a weight is float64): ``[...]`` for "none", else a scalar.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     call = _validate_linear(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         None, mask, temperature, vocab_size, chunk_size, backend, process_group,
@@ -687,13 +687,13 @@ def fused_linear_token_stats(
     Returns:
         ``TokenStats`` of ``[...]`` tensors (float32, float64 if a weight is float64), 0 where masked.
     """
-    mix_alpha, weight_clip = _check_sampling_args(target_ids, mix_alpha, weight_clip)
+    mix_alpha, weight_clip = check_sampling_args(target_ids, mix_alpha, weight_clip)
     call = _validate_linear(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         target_ids, mask, temperature, vocab_size, chunk_size, backend, process_group,
     )
     kl, student_logprob, teacher_logprob, entropy = _token_stats(call)
-    return _assemble_token_stats(
+    return assemble_token_stats(
         kl, student_logprob, teacher_logprob, entropy if with_entropy else None,
         call.mask, call.lead_shape, mix_alpha, weight_clip,
     )
@@ -861,8 +861,8 @@ def fused_linear_divergence(
     Returns:
         The loss, float32 (float64 if a weight is float64): ``[...]`` for "none", else a scalar.
     """
-    _check_reduction(reduction)
-    beta, skew = _check_divergence_args(divergence, beta, skew)
+    check_reduction(reduction)
+    beta, skew = check_divergence_args(divergence, beta, skew)
     if skew == 0 and divergence in ("skew_forward_kl", "skew_reverse_kl"):
         divergence = divergence.removeprefix("skew_")  # (the plain KL, and its kernel)
     if divergence == "reverse_kl":
@@ -879,4 +879,4 @@ def fused_linear_divergence(
         value = _sharded_divergence(call, divergence, coefficient)
     else:
         value = linear_divergence(*call.tensors, call.mask, divergence, coefficient, *call.options)[0]
-    return _reduce(value, call.mask, call.lead_shape, reduction)
+    return reduce_per_token(value, call.mask, call.lead_shape, reduction)

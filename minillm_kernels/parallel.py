@@ -335,7 +335,7 @@ def logits_token_stats(shards: VocabShards, student: Tensor, teacher: Tensor, ta
                        mask: Optional[Tensor], temperature: float, vocab_size: int,
                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(kl, student_logprob, teacher_logprob, entropy)``, ``[N]`` each, of validated vocabulary-sharded logits
-    (``dispatch.fused_token_stats`` and ``fused_reverse_kld`` with a process group), after ``check_replicated``."""
+    (``losses.fused_token_stats`` and ``fused_reverse_kld`` with a process group), after ``check_replicated``."""
     check_logits_shard(shards, student, target, mask, vocab_size)
     terms = LogitsShard(shards, teacher, target, mask, temperature, vocab_size, backend, width=student.shape[-1])
     return sharded_token_stats(terms, student)
@@ -493,7 +493,7 @@ class LogitsDivergenceShard(LogitsShard, DivergenceShard):
 def logits_divergence(shards: VocabShards, student: Tensor, teacher: Tensor, mask: Optional[Tensor],
                       divergence: str, coefficient: float, temperature: float, vocab_size: int, backend: str) -> Tensor:
     """The per-token ``divergence`` ``[N]`` (0 where masked) of validated vocabulary-sharded logits
-    (``dispatch.fused_divergence`` with a process group), after ``check_replicated``."""
+    (``losses.fused_divergence`` with a process group), after ``check_replicated``."""
     check_divergence_backend(divergence, backend)
     check_logits_shard(shards, student, None, mask, vocab_size)
     terms = LogitsDivergenceShard(shards, teacher, mask, divergence, coefficient, temperature, vocab_size, backend,

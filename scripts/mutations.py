@@ -41,7 +41,7 @@ class Mutation(NamedTuple):
 MUTATIONS = (
     # ---- the C++ CPU kernel (each gets a fresh build)
     Mutation(
-        "cpu-bf16-truncates", "csrc/cpu/reverse_kld.cpp",
+        "cpu-bf16-truncates", "csrc/cpu/streaming.h",
         "const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;",
         "const uint32_t rounded = u >> 16;",
         ("tests/test_reverse_kld.py::test_token_stats_and_gradient_match_the_oracle", "-k", "cpu and bf16"),
@@ -184,8 +184,8 @@ MUTATIONS = (
     # ---- validation and the logits-level functions
     Mutation(
         "mean-over-all-tokens", "minillm_kernels/dispatch.py",
-        "count = kl.new_tensor(kl.numel()) if rows.mask is None else rows.mask.sum()",
-        "count = kl.new_tensor(kl.numel())",
+        "count = per_token.new_tensor(per_token.numel()) if mask is None else mask.sum()",
+        "count = per_token.new_tensor(per_token.numel())",
         ("tests/test_validation.py::test_reductions_follow_their_definitions",),
         "reduction='mean' divides by every token instead of the unmasked ones",
     ),
@@ -222,8 +222,8 @@ MUTATIONS = (
     ),
     Mutation(
         "temperature-isfinite", "minillm_kernels/_arguments.py",
-        "if not (above_low and value <= high and -math.inf < value < math.inf):",
-        "if not (above_low and value <= high and math.isfinite(value)):",
+        "if not (above_low and below_high and -math.inf < value < math.inf):",
+        "if not (above_low and below_high and math.isfinite(value)):",
         ("tests/test_compile.py::test_fullgraph_matches_eager[dynamic-reference-logits]",),
         "math.isfinite in the checks: torch.compile(dynamic=True) cannot trace a symbolic float",
     ),
@@ -259,8 +259,8 @@ MUTATIONS = (
     ),
     Mutation(
         "parallel-backward-local-normaliser", "minillm_kernels/parallel.py",
-        "torch.stack((own[:, 0], lse_s - own[:, 0] * k, own[:, 2], lse_t - own[:, 2] * k), -1)",
-        "own[:, :4]",
+        "global_row_stats = torch.stack((own_s, lse_s - own_s * k, own_t, lse_t - own_t * k), -1)",
+        "global_row_stats = torch.stack((own_s, log_z_s[rank], own_t, log_z_t[rank]), -1)",
         ("tests/test_parallel.py::test_logits_losses_match_the_unsharded_oracle", "-k", "2-logits-cpu-fp64"),
         "the backward recomputes each shard's own softmax (its local log Z) instead of the global one",
     ),

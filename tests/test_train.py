@@ -330,7 +330,7 @@ def test_rollout_rewards_are_the_teacher_student_log_ratio():
     vocab_size = min(len(tokenizer), student.config.vocab_size, teacher.config.vocab_size)
     prompts = [e.prompt for e in tiny_splits()["prompts"][:8]]
     rollout = train.make_rollout(args, student, ModelRunner(teacher), tokenizer, prompts,
-                                 torch.Generator().manual_seed(0), vocab_size)
+                                 torch.Generator().manual_seed(0), vocab_size, alpha=args.alpha)
     sample, mask = rollout.sample, rollout.sample.response_mask
     assert student.training  # make_rollout sampled in eval() mode and gave the student back as it was
 
