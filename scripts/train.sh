@@ -4,7 +4,7 @@
 # Extra arguments go to examples/train.py, e.g. `bash scripts/train.sh --compare` (sft, kd, seqkd, kd on the
 # teacher's answers and minillm, 3 seeds each: the README's fair table).
 source "$(dirname "$0")/env.sh"
-if ! "$PYTHON" -c "import transformers, tokenizers, safetensors, tqdm, matplotlib" 2>/dev/null; then
+if ! "$PYTHON" -c "import transformers, tokenizers, safetensors, tqdm" 2>/dev/null; then
   "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[train]"
 fi
 # One CPU thread: the tiny models gain little from a second one, and two threads sharing 2 cores with
