@@ -9,6 +9,6 @@ setup(
     package_dir={"minillm_kernels.csrc": "csrc"},
     package_data={
         "minillm_kernels": ["gpu_backend_choice.json"],
-        "minillm_kernels.csrc": ["common/*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h"],
+        "minillm_kernels.csrc": ["common/*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.cpp", "cuda/*.h"],
     },
 )

@@ -208,7 +208,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--teacher-answers is kd's (seqkd always trains on the teacher's answers), not --method {args.method}")
     if args.divergence is not None and args.method not in DEFAULT_DIVERGENCE:
         p.error(f"--divergence is kd's and gkd's, not --method {args.method}")
-    args.divergence = args.divergence or DEFAULT_DIVERGENCE.get(args.method)
     if args.grad_accum < 1 or args.batch_size % args.grad_accum:
         p.error(f"--batch-size ({args.batch_size}) must be a multiple of --grad-accum ({args.grad_accum})")
     if args.student == "smollm2" and args.teacher != "smollm2":
@@ -372,9 +371,9 @@ def teacher_logits(run: Run, batch) -> torch.Tensor:
     return logits[..., : run.vocab_size]
 
 
-def divergence_options(args, vocab_size: int) -> dict:
-    """--divergence and its parameters, as ``fused_divergence`` takes them."""
-    return {"divergence": args.divergence, "beta": args.beta, "skew": args.skew, "temperature": args.temperature,
+def divergence_options(args, method: str, vocab_size: int) -> dict:
+    """--divergence (unset: ``method``'s default) and its parameters, as ``fused_divergence`` takes them."""
+    return {"divergence": args.divergence or DEFAULT_DIVERGENCE[method], "beta": args.beta, "skew": args.skew, "temperature": args.temperature,
             "vocab_size": vocab_size}
 
 
@@ -385,7 +384,7 @@ def kd_loss(args, run: Run, batch) -> tuple[torch.Tensor, dict]:
     logits = causal_lm_logits(run.model, batch.input_ids, batch.attention_mask)
     teacher = teacher_logits(run, batch)
     mask = batch.labels != IGNORE_INDEX
-    loss = mk.fused_divergence(logits, teacher, mask=mask, **divergence_options(args, run.vocab_size))
+    loss = mk.fused_divergence(logits, teacher, mask=mask, **divergence_options(args, run.method, run.vocab_size))
     with torch.no_grad():
         reverse = mk.fused_reverse_kld(logits, teacher, mask=mask, temperature=args.temperature,
                                        vocab_size=run.vocab_size)
@@ -397,7 +396,7 @@ def gkd_loss(args, model, sample, teacher_outputs, teacher_head, vocab_size: int
     student's own samples, teacher-forced, mean over the response tokens; the gradient through q only (no policy
     gradient). ``mk.response_divergence`` inside the student's ModelRunner forward, from the logits or with
     --fused-linear from the hidden states."""
-    loss = model(mk.response_divergence, sample, teacher_outputs, teacher_head, **divergence_options(args, vocab_size))
+    loss = model(mk.response_divergence, sample, teacher_outputs, teacher_head, **divergence_options(args, "gkd", vocab_size))
     return loss, {"gkd_loss": loss.detach()}
 
 

@@ -466,8 +466,8 @@ MUTATIONS = (
     ),
     Mutation(
         "kd-ignores-the-divergence", "examples/train.py",
-        '"divergence": args.divergence, "beta": args.beta',
-        '"divergence": "forward_kl", "beta": args.beta',
+        '"divergence": args.divergence or DEFAULT_DIVERGENCE[method], "beta": args.beta',
+        '"divergence": DEFAULT_DIVERGENCE["kd"], "beta": args.beta',
         ("tests/test_train.py::test_kd_and_gkd_train_on_the_fused_divergence_they_are_given",),
         "kd and gkd train on the forward KL whatever --divergence says",
     ),

@@ -30,7 +30,7 @@
 
 #include "divergence.h"
 
-#include "../common/reverse_kld_args.h"
+#include "../common/logits_args.h"
 #include "streaming.h"
 
 #include <algorithm>
@@ -155,13 +155,13 @@ LogNormalisers log_normalisers(const student_t* __restrict s, const teacher_t* _
   return {double(c_s), std::log(z_s), double(c_t), std::log(z_t)};
 }
 
-using reverse_kld_args::accumulation_dtype;
-using reverse_kld_args::check_logits;
-using reverse_kld_args::n_rows;
-using reverse_kld_args::ptr_or_null;
-using reverse_kld_args::row_stats_of;
-using reverse_kld_args::row_strides;
-using reverse_kld_args::row_vector;
+using logits_args::accumulation_dtype;
+using logits_args::check_logits;
+using logits_args::n_rows;
+using logits_args::ptr_or_null;
+using logits_args::row_stats_of;
+using logits_args::row_strides;
+using logits_args::row_vector;
 
 }  // namespace
 

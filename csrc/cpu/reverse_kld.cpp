@@ -41,7 +41,7 @@
 
 #include "reverse_kld.h"
 
-#include "../common/reverse_kld_args.h"
+#include "../common/logits_args.h"
 #include "streaming.h"
 
 #include <algorithm>
@@ -206,14 +206,14 @@ void backward_row(const student_t* __restrict s, const teacher_t* __restrict t, 
 // ---------------------------------------------------------------------------------------------------------
 constexpr const char* kWhere = "reverse_kld (cpu)";
 
-using reverse_kld_args::accumulation_dtype;
-using reverse_kld_args::check_logits;
-using reverse_kld_args::n_rows;
-using reverse_kld_args::ptr_or_null;
-using reverse_kld_args::BackwardRows;
-using reverse_kld_args::backward_rows;
-using reverse_kld_args::row_strides;
-using reverse_kld_args::row_vector;
+using logits_args::accumulation_dtype;
+using logits_args::check_logits;
+using logits_args::n_rows;
+using logits_args::ptr_or_null;
+using logits_args::BackwardRows;
+using logits_args::backward_rows;
+using logits_args::row_strides;
+using logits_args::row_vector;
 
 
 }  // namespace

@@ -5,7 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "../common/reverse_kld_args.h"
+#include "../common/logits_args.h"
 #include "divergence_launch.h"
 #include "host_checks.h"
 
@@ -14,13 +14,13 @@ namespace {
 constexpr const char* kWhere = "divergence (cuda)";
 
 using minillm_cuda::DivergenceKind;
-using reverse_kld_args::accumulation_dtype;
-using reverse_kld_args::check_logits;
-using reverse_kld_args::n_rows;
-using reverse_kld_args::ptr_or_null;
-using reverse_kld_args::row_stats_of;
-using reverse_kld_args::row_strides;
-using reverse_kld_args::row_vector;
+using logits_args::accumulation_dtype;
+using logits_args::check_logits;
+using logits_args::n_rows;
+using logits_args::ptr_or_null;
+using logits_args::row_stats_of;
+using logits_args::row_strides;
+using logits_args::row_vector;
 
 // The kernel's divergence of a name (the names of minillm_kernels/ops/divergence.py's KERNEL_DIVERGENCES), after
 // checking the coefficient the mixtures need.

@@ -7,7 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "../common/reverse_kld_args.h"
+#include "../common/logits_args.h"
 #include "host_checks.h"
 #include "reverse_kld_launch.h"
 
@@ -15,14 +15,14 @@ namespace {
 
 constexpr const char* kWhere = "reverse_kld (cuda)";
 
-using reverse_kld_args::accumulation_dtype;
-using reverse_kld_args::check_logits;
-using reverse_kld_args::n_rows;
-using reverse_kld_args::ptr_or_null;
-using reverse_kld_args::BackwardRows;
-using reverse_kld_args::backward_rows;
-using reverse_kld_args::row_strides;
-using reverse_kld_args::row_vector;
+using logits_args::accumulation_dtype;
+using logits_args::check_logits;
+using logits_args::n_rows;
+using logits_args::ptr_or_null;
+using logits_args::BackwardRows;
+using logits_args::backward_rows;
+using logits_args::row_strides;
+using logits_args::row_vector;
 
 minillm_cuda::LogitsDtype logits_dtype(at::ScalarType dtype) {
   return minillm_cuda_host::logits_dtype(dtype, kWhere);

@@ -1,6 +1,6 @@
-// Argument checks and helpers shared by the reverse-KL kernels' tensor-level entry points (csrc/cpu, csrc/cuda):
-// one place for the contract of forward(student, teacher, target, mask, inv_temperature, vocab_size) and
-// backward(...).
+// Argument checks and helpers shared by the kernels' tensor-level entry points (csrc/cpu, csrc/cuda), both
+// families (reverse_kld, divergence): one place for the contract of forward(student, teacher, target, mask,
+// inv_temperature, vocab_size) and backward(...).
 #pragma once
 
 #include <algorithm>
@@ -11,7 +11,7 @@
 
 #include "row_strides.h"
 
-namespace reverse_kld_args {
+namespace logits_args {
 
 // The accumulation (and per-row output) dtype: double if either logits tensor is float64, float otherwise.
 inline at::ScalarType accumulation_dtype(const at::Tensor& student, const at::Tensor& teacher) {
@@ -116,4 +116,4 @@ const T* ptr_or_null(const at::Tensor& x) {
   return x.defined() ? x.data_ptr<T>() : nullptr;
 }
 
-}  // namespace reverse_kld_args
+}  // namespace logits_args
