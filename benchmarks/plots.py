@@ -49,12 +49,18 @@ def _plain_log_axes(ax, x_values: list[float]) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
+def _plotted_op(row: dict) -> str:
+    """What a plot is of: the op, and for the divergence op its divergence ("divergence-jsd")."""
+    return row["op"] + (f"-{row['divergence']}" if row.get("divergence") else "")
+
+
 def plot_results(rows: list[dict], title: str, out: Path) -> list[Path]:
-    """Write ``plot-<op>-<dtype>.png`` files under ``out``; return their paths."""
+    """Write ``plot-<op>-<dtype>.png`` files under ``out`` (``plot-divergence-<divergence>-<dtype>.png`` for the
+    divergence op); return their paths."""
     ok = [r for r in rows if r["status"] == "ok"]
     paths = []
-    for op, dtype in sorted({(r["op"], r["dtype"]) for r in ok}):
-        group = [r for r in ok if r["op"] == op and r["dtype"] == dtype]
+    for op, dtype in sorted({(_plotted_op(r), r["dtype"]) for r in ok}):
+        group = [r for r in ok if _plotted_op(r) == op and r["dtype"] == dtype]
         variants = list(dict.fromkeys(r["variant"] for r in group))
         varied = [(x, fixed) for x, fixed in AXES if len({r[x] for r in group}) > 1] or list(AXES[:1])
         fig, axes = plt.subplots(len(varied), len(METRICS), figsize=(11, 4 * len(varied)), squeeze=False)

@@ -20,7 +20,9 @@ fraction). The op ``minillm_step`` is one MiniLLM step's loss, forward and backw
 of ``--models`` (``benchmarks/minillm_step.py``): its variants are checked against its naive variant, and it gets
 no plot (one shape per model). The op ``vocab_parallel`` is the reverse KL of logits sharded over the vocabulary
 across 2 gloo processes, ours against all-gathering the logits (``benchmarks/vocab_parallel.py``), with the bytes
-each process receives per step (``received_bytes``).
+each process receives per step (``received_bytes``). The op ``divergence`` is ``fused_divergence`` against the naive
+loss of each ``--divergences`` of the family (one row per divergence, named in the ``divergence`` column; beta and skew
+from ``variants.DIVERGENCE_PARAMS``), one plot per (divergence, dtype).
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ from typing import Callable
 
 import torch
 
+from minillm_kernels.reference import DIVERGENCES
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VOCABS = [32000, 128256, 151936, 262144]  # Llama 2, Llama 3, Qwen 2.5, Gemma
 DEFAULTS = {  # tokens, vocabs, dtypes, repeats, hidden size (linear_reverse_kld)
@@ -55,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "benchmarks"  # the default --out's parent, git-ignored; committed runs live in benchmarks/results
 WRONG = "error: disagrees with the float64 reference"  # the status of a variant that computes something else
 FIELDS = (
-    "op", "variant", "tokens", "vocab", "hidden", "dtype", "status", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb",
+    "op", "divergence", "variant", "tokens", "vocab", "hidden", "dtype", "status", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb",
     "peak_extra_nv", "fwd_bandwidth_frac", "fwd_bwd_bandwidth_frac", "model", "held_nv", "world", "received_bytes",
 )
 BASELINES = {"vocab_parallel": "all_gather"}  # the variant each op's speed-ups refer to (default: "naive")
@@ -113,13 +117,13 @@ def copy_bandwidth_gbps(n_bytes: int = 2**31) -> float:
 
 
 def measure(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: str, repeats: int,
-            hidden: int = 0) -> dict:
+            hidden: int = 0, divergence: str | None = None) -> dict:
     """One case, in this process: its status, times in ms, peak extra memory in MB and in [N, V] float32 tensors.
     The variant is checked against the float64 reference first; one that disagrees is not timed."""
     from benchmarks.variants import disagreement, inputs, variants
 
-    loss_fn = variants(op, device)[variant]
-    wrong = disagreement(op, loss_fn, vocab, hidden, DTYPES[dtype], device)
+    loss_fn = variants(op, device, divergence)[variant]
+    wrong = disagreement(op, loss_fn, vocab, hidden, DTYPES[dtype], device, divergence)
     if wrong:
         return dict(status=f"{WRONG}: {wrong}")
     args, leaves = inputs(op, tokens, vocab, hidden, DTYPES[dtype], device)
@@ -159,17 +163,19 @@ def measure_case(case: dict, device: str, repeats: int) -> dict:
 
         return measure_vocab_parallel(case["variant"], case["tokens"], case["vocab"], case["dtype"], repeats)
     keys = ("op", "variant", "tokens", "vocab", "dtype")
-    return measure(*(case[k] for k in keys), device, repeats, case.get("hidden", 0))
+    return measure(*(case[k] for k in keys), device, repeats, case.get("hidden", 0), case.get("divergence"))
 
 
 def run_case(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: str, repeats: int,
-             hidden: int = 0, model: str | None = None) -> dict:
+             hidden: int = 0, model: str | None = None, divergence: str | None = None) -> dict:
     """Measure one case: on the CPU in a fresh process, so that no case's allocations hide another's.
     Running out of memory is a result (status "OOM"), not a crash. A ``minillm_step`` case is its ``model``'s (its
-    tokens and vocabulary come from the measurement)."""
+    tokens and vocabulary come from the measurement); a ``divergence`` case is its ``divergence``'s."""
     case = dict(op=op, variant=variant, tokens=tokens, vocab=vocab, dtype=dtype)
     if op == "linear_reverse_kld":
         case["hidden"] = hidden
+    if op == "divergence":
+        case["divergence"] = divergence
     if op == "minillm_step":
         case = dict(op=op, variant=variant, model=model, dtype=dtype)
     if device == "cuda":
@@ -204,7 +210,7 @@ def read_results(path: Path) -> tuple[str, list[dict]]:
         for key, value in row.items():
             if key in ("tokens", "vocab", "hidden", "world", "received_bytes"):
                 row[key] = int(value)
-            elif key not in ("op", "variant", "dtype", "status", "model"):
+            elif key not in ("op", "divergence", "variant", "dtype", "status", "model"):
                 row[key] = float(value)
     return header, rows
 
@@ -282,7 +288,7 @@ def markdown_table(rows: list[dict]) -> str:
     loss; for ``vocab_parallel``, all-gathering the logits: ``BASELINES``); for ``minillm_step`` rows (named by their
     model) also what the rollout holds (``held_nv``), for ``vocab_parallel`` rows what each process receives."""
     baseline = {
-        (r["op"], r.get("tokens"), r.get("vocab"), r["dtype"]): r
+        (r["op"], r.get("divergence"), r.get("tokens"), r.get("vocab"), r["dtype"]): r
         for r in rows if r["variant"] == BASELINES.get(r["op"], "naive") and r["status"] == "ok"
     }
     against = " / ".join(dict.fromkeys(BASELINES.get(r["op"], "naive") for r in rows)) or "naive"
@@ -304,12 +310,13 @@ def markdown_table(rows: list[dict]) -> str:
     lines = [header, rule]
     for r in rows:
         op = r["op"] + (f" ({r['model']})" if r.get("model") else f" (H={r['hidden']})" if r.get("hidden") else
-                        f" ({r['world']} processes)" if r.get("world") else "")
+                        f" ({r['world']} processes)" if r.get("world") else
+                        f" ({r['divergence']})" if r.get("divergence") else "")
         head = f"| {op} | {r.get('tokens', '-')} | {r.get('vocab', '-')} | {r['dtype']} | {r['variant']} |"
         if r["status"] != "ok":
             lines.append(f"{head} {r['status']} |" + " |" * (4 + 2 * gpu + held + 2 * received))
             continue
-        base = baseline.get((r["op"], r["tokens"], r["vocab"], r["dtype"]))
+        base = baseline.get((r["op"], r.get("divergence"), r["tokens"], r["vocab"], r["dtype"]))
         speedup = f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if base else "-"
         line = (
             f"{head} {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {speedup} | {r['peak_extra_mb']:.0f} | "
@@ -350,9 +357,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (the test suite runs it)")
-    parser.add_argument("--op", nargs="+", choices=("reverse_kld", "token_stats", "linear_reverse_kld", "minillm_step",
-                                                    "vocab_parallel"),
+    parser.add_argument("--op", nargs="+", choices=("reverse_kld", "token_stats", "linear_reverse_kld", "divergence",
+                                                    "minillm_step", "vocab_parallel"),
                         default=["reverse_kld"])
+    parser.add_argument("--divergences", nargs="+", choices=DIVERGENCES, default=list(DIVERGENCES),
+                        help="the divergence op's divergences, one row each (default: all)")
     parser.add_argument("--hidden", type=int, help="hidden size H of linear_reverse_kld's inputs (default: per device)")
     parser.add_argument("--models", nargs="+", choices=("tiny", "llama-128k", "llama-4k"),
                         help="minillm_step's models (default: tiny and llama-128k; --quick: llama-4k)")
@@ -395,19 +404,19 @@ def main(argv: list[str] | None = None) -> None:
 
     if "vocab_parallel" in args.op and args.device != "cpu":
         raise SystemExit("--op vocab_parallel runs on the CPU (gloo processes)")
-    cases = []  # (op, variant, tokens, vocab, dtype, model)
-    for op in args.op:
+    cases = []  # (op, variant, tokens, vocab, dtype, model, divergence)
+    for op, divergence in [(op, d) for op in args.op for d in (args.divergences if op == "divergence" else [None])]:
         special = {"minillm_step": STEP_VARIANTS, "vocab_parallel": PARALLEL_VARIANTS}
-        available = list(special[op] if op in special else variants(op, args.device))
+        available = list(special[op] if op in special else variants(op, args.device, divergence))
         unknown = set(args.variants or ()) - set(available)
         if unknown:
             raise SystemExit(f"variants {sorted(unknown)} do not run here; available: {available}")
         names = [v for v in available if not args.variants or v in args.variants]
         if op == "minillm_step":  # float32, at each model's own rollout size
-            cases += [(op, v, None, None, "fp32", model) for model in args.models for v in names]
+            cases += [(op, v, None, None, "fp32", model, None) for model in args.models for v in names]
         else:
             shapes = [(n, V, d) for d in args.dtype for V in args.vocab for n in args.tokens]
-            cases += [(op, v, n, V, d, None) for n, V, d in shapes for v in names]
+            cases += [(op, v, n, V, d, None, divergence) for n, V, d in shapes for v in names]
     bandwidth = copy_bandwidth_gbps() if args.device == "cuda" else None
     today = datetime.date.today().isoformat()
     header = f"Device: {device_name(args.device)}; {versions()}; {today}"
@@ -420,10 +429,10 @@ def main(argv: list[str] | None = None) -> None:
         f.write(f"# {header}\n")
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for op, variant, tokens, vocab, dtype, model in (bar := _progress(cases, args.device)):
+        for op, variant, tokens, vocab, dtype, model, divergence in (bar := _progress(cases, args.device)):
             if hasattr(bar, "set_postfix_str"):
-                bar.set_postfix_str(f"{op} {variant} {model or f'N={tokens} V={vocab}'} {dtype}")
-            row = run_case(op, variant, tokens, vocab, dtype, args.device, args.repeats, args.hidden, model)
+                bar.set_postfix_str(f"{op} {divergence + ' ' if divergence else ''}{variant} {model or f'N={tokens} V={vocab}'} {dtype}")
+            row = run_case(op, variant, tokens, vocab, dtype, args.device, args.repeats, args.hidden, model, divergence)
             with_floor = bandwidth and row["status"] == "ok" and op in ("reverse_kld", "token_stats")
             rows.append(add_bandwidth_fractions(row, bandwidth) if with_floor else row)
             writer.writerow(rows[-1])
@@ -440,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
         for path in plot_results([r for r in rows if r["op"] != "minillm_step"], header, out):
             print(f"plot: {path}", file=sys.stderr)
     print(f"\nwritten to {out}", file=sys.stderr)
-    wrong = [f"{r['op']} {r['variant']} N={r.get('tokens')} V={r.get('vocab')} {r['dtype']}" for r in rows
+    wrong = [f"{r['op']} {r['divergence'] + ' ' if r.get('divergence') else ''}{r['variant']} N={r.get('tokens')} V={r.get('vocab')} {r['dtype']}" for r in rows
              if r["status"].startswith(WRONG)]
     if wrong:
         raise SystemExit(f"{len(wrong)} variant(s) disagree with their reference (the float64 one; minillm_step's "

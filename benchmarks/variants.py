@@ -1,4 +1,4 @@
-"""The losses the benchmark compares, for each of the two operations it measures.
+"""The losses the benchmark compares, for each of the operations it measures.
 
 - ``reverse_kld``: the mean reverse KL over tokens, KL(q || p) = sum_v q_v (log q_v - log p_v): the naive
   PyTorch loss a user writes by hand (eager and under ``torch.compile``), ``fused_reverse_kld`` on each backend
@@ -13,15 +13,21 @@
   which recomputes each chunk's logits in the backward, the path ``fused_linear_token_stats`` takes), and
   Liger-Kernel's ``LigerFusedLinearJSD`` (GPU) and chunked ``LigerFusedLinearJSDLoss`` where installed, each with
   the beta at which it computes the reverse KL (checked numerically).
+- ``divergence``: for one ``divergence`` of the family (``reference.DIVERGENCES``; beta and skew from
+  ``DIVERGENCE_PARAMS``) the mean over tokens: the naive PyTorch loss (``NAIVE_DIVERGENCE``, eager and compiled),
+  ``fused_divergence`` on each backend, and on a GPU where installed Liger-Kernel's ``LigerJSD(beta)`` for the JSD
+  and its ``LigerTVDLoss`` for the TVD (each used only where ``disagreement`` finds it computes ours).
 
 Each variant is ``loss(*inputs(op, ...)[0]) -> scalar``: ``(student, teacher, target)`` logits for the first two
-ops, ``(student_hidden, student_weight, teacher_hidden, teacher_weight)`` for ``linear_reverse_kld``. Before a
+ops, ``(student_hidden, student_weight, teacher_hidden, teacher_weight)`` for ``linear_reverse_kld`` (``divergence``
+ignores the target). Before a
 variant is timed, ``disagreement`` checks its value and gradient against the float64 reference
 (``reference_loss``): a variant that computes something else is reported, not timed.
 """
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Callable, Optional
 
@@ -31,7 +37,8 @@ import minillm_kernels as mk
 from minillm_kernels import reference
 
 Loss = Callable[..., torch.Tensor]  # (student, teacher, target) or, for linear_reverse_kld, (hidden, weight) x 2
-OPS = ("reverse_kld", "token_stats", "linear_reverse_kld")
+OPS = ("reverse_kld", "token_stats", "linear_reverse_kld", "divergence")
+DIVERGENCE_PARAMS = dict(beta=0.5, skew=0.1)  # the divergence op's beta (JSD) and skew (skew KLs): the API's defaults
 
 
 def inputs(op: str, tokens: int, vocab: int, hidden: int, dtype: torch.dtype,
@@ -75,18 +82,77 @@ def naive_linear_reverse_kld(student_hidden: torch.Tensor, student_weight: torch
     return naive_reverse_kld(student_hidden @ student_weight.t(), teacher_hidden @ teacher_weight.t(), None)
 
 
+def _naive_log_probs(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log q and log p, float32 log_softmax over [N, V]."""
+    return torch.log_softmax(student.float(), dim=-1), torch.log_softmax(teacher.float(), dim=-1)
+
+
+def _naive_kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) per token: sum_v a_v (log a_v - log b_v)."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def _naive_log_mixture(weight: float, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """log(w a + (1 - w) b) as logaddexp(log a + log w, log b + log(1 - w))."""
+    return torch.logaddexp(log_a + math.log(weight), log_b + math.log1p(-weight))
+
+
+# The naive mean over tokens of each divergence as a user writes it (beta and skew: DIVERGENCE_PARAMS), one function
+# each (torch.compile caches per function: one shared function would recompile per divergence and hit its limit).
+def naive_forward_kl(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    log_q, log_p = _naive_log_probs(student, teacher)
+    return _naive_kl(log_p, log_q).mean()
+
+
+def naive_jsd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    beta = DIVERGENCE_PARAMS["beta"]
+    log_q, log_p = _naive_log_probs(student, teacher)
+    log_m = _naive_log_mixture(beta, log_p, log_q)
+    return (beta * _naive_kl(log_p, log_m) + (1 - beta) * _naive_kl(log_q, log_m)).mean()
+
+
+def naive_skew_forward_kl(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    log_q, log_p = _naive_log_probs(student, teacher)
+    return _naive_kl(log_p, _naive_log_mixture(DIVERGENCE_PARAMS["skew"], log_p, log_q)).mean()
+
+
+def naive_skew_reverse_kl(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    log_q, log_p = _naive_log_probs(student, teacher)
+    return _naive_kl(log_q, _naive_log_mixture(DIVERGENCE_PARAMS["skew"], log_q, log_p)).mean()
+
+
+def naive_tvd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    log_q, log_p = _naive_log_probs(student, teacher)
+    return (0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)).mean()
+
+
+NAIVE_DIVERGENCE: dict[str, Loss] = {
+    "reverse_kl": naive_reverse_kld, "forward_kl": naive_forward_kl, "jsd": naive_jsd,
+    "skew_forward_kl": naive_skew_forward_kl, "skew_reverse_kl": naive_skew_reverse_kl, "tvd": naive_tvd,
+}
+assert tuple(NAIVE_DIVERGENCE) == reference.DIVERGENCES
+
+
 NAIVE: dict[str, Loss] = {
     "reverse_kld": naive_reverse_kld, "token_stats": naive_token_stats, "linear_reverse_kld": naive_linear_reverse_kld,
 }
 
 
-def ours(op: str, backend: str, recompute: bool = False) -> Loss:
+def naive(op: str, divergence: Optional[str] = None) -> Loss:
+    """``op``'s naive loss (``NAIVE``; for ``divergence``, ``NAIVE_DIVERGENCE[divergence]``)."""
+    return NAIVE_DIVERGENCE[divergence] if op == "divergence" else NAIVE[op]
+
+
+def ours(op: str, backend: str, recompute: bool = False, divergence: Optional[str] = None) -> Loss:
     if op == "linear_reverse_kld":
         if recompute:
             return lambda *args: mk.fused_linear_reverse_kld(*args, reduction="none", backend=backend).mean()
         return lambda *args: mk.fused_linear_reverse_kld(*args, backend=backend)
     if op == "reverse_kld":
         return lambda student, teacher, target: mk.fused_reverse_kld(student, teacher, backend=backend)
+    if op == "divergence":
+        return lambda student, teacher, target: mk.fused_divergence(
+            student, teacher, divergence=divergence, **DIVERGENCE_PARAMS, backend=backend)
 
     def loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         stats = mk.fused_token_stats(student, teacher, target, with_entropy=True, backend=backend)
@@ -95,10 +161,13 @@ def ours(op: str, backend: str, recompute: bool = False) -> Loss:
     return loss
 
 
-def reference_loss(op: str, *args: torch.Tensor) -> torch.Tensor:
+def reference_loss(op: str, *args: torch.Tensor, divergence: Optional[str] = None) -> torch.Tensor:
     """``op``'s loss on ``args`` computed by ``minillm_kernels.reference`` in float64 (the lm_head matmuls too):
-    the oracle every variant is checked against."""
+    the oracle every variant is checked against (for ``divergence``, the mean of ``reference.divergence``)."""
     args = tuple(x.double() if x.is_floating_point() else x for x in args)
+    if op == "divergence":
+        student, teacher, _ = args
+        return reference.divergence(student, teacher, None, 1.0, student.shape[-1], divergence, **DIVERGENCE_PARAMS).mean()
     if op == "linear_reverse_kld":
         student_hidden, student_weight, teacher_hidden, teacher_weight = args
         student, teacher, target = student_hidden @ student_weight.t(), teacher_hidden @ teacher_weight.t(), None
@@ -118,7 +187,8 @@ CHECK_HIDDEN = 64  # and at most this hidden size (a float64 [V, H] weight stays
 CHECK_RTOL = {dtype: max(4 * torch.finfo(dtype).eps, 1e-3) for dtype in (torch.float32, torch.bfloat16, torch.float16)}
 
 
-def disagreement(op: str, loss: Loss, vocab: int, hidden: int, dtype: torch.dtype, device: str) -> Optional[str]:
+def disagreement(op: str, loss: Loss, vocab: int, hidden: int, dtype: torch.dtype, device: str,
+                 divergence: Optional[str] = None) -> Optional[str]:
     """None if ``loss`` gives ``reference_loss``'s value and gradients on a fresh random input of this case
     (``CHECK_TOKENS`` tokens), else what differs. The reference is float64 on the same (rounded) inputs. The
     tolerance, relative on the value and on each gradient as a whole (norm of the difference over the norm), is
@@ -127,7 +197,7 @@ def disagreement(op: str, loss: Loss, vocab: int, hidden: int, dtype: torch.dtyp
     args, leaves = inputs(op, CHECK_TOKENS, vocab, min(hidden, CHECK_HIDDEN), dtype, device)
     reference_args = tuple(x.detach().double().requires_grad_() if any(x is y for y in leaves) else x for x in args)
     rtol = CHECK_RTOL[dtype]
-    got, want = loss(*args), reference_loss(op, *reference_args)
+    got, want = loss(*args), reference_loss(op, *reference_args, divergence=divergence)
     got_value, want_value = float(got.detach()), float(want.detach())
     if not abs(got_value - want_value) <= rtol * abs(want_value):
         return f"loss {got_value:.6g}, float64 reference {want_value:.6g}"
@@ -143,9 +213,9 @@ def disagreement(op: str, loss: Loss, vocab: int, hidden: int, dtype: torch.dtyp
 
 
 @functools.cache
-def compiled(op: str) -> Loss:
+def compiled(op: str, divergence: Optional[str] = None) -> Loss:
     """The naive loss under ``torch.compile``, with dynamic shapes: one compilation serves every size."""
-    return torch.compile(NAIVE[op], dynamic=True)
+    return torch.compile(naive(op, divergence), dynamic=True)
 
 
 @functools.cache
@@ -167,6 +237,39 @@ def liger() -> Optional[Loss]:
     if wrong:
         warnings.warn(f"LigerJSD(beta=1) is not the mean reverse KL ({wrong}): not benchmarked", RuntimeWarning,
                       stacklevel=2)
+        return None
+    return loss
+
+
+@functools.cache
+def liger_divergence(divergence: str) -> Optional[Loss]:
+    """Liger's own kernel for ``divergence`` on the GPU, if installed and if it computes ours (``disagreement`` on a
+    small float32 input): ``LigerJSD(beta)(log_q, log_p)`` for "jsd", ``LigerTVDLoss()(q, p)`` (mean over rows) for
+    "tvd"; else None (Liger has no kernel for the others)."""
+    try:
+        if divergence == "jsd":
+            from liger_kernel.transformers import LigerJSD
+
+            jsd = LigerJSD(beta=DIVERGENCE_PARAMS["beta"])
+
+            def loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                return jsd(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1))
+        elif divergence == "tvd":
+            from liger_kernel.transformers.tvd import LigerTVDLoss
+
+            tvd = LigerTVDLoss(reduction="batchmean")
+
+            def loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                return tvd(torch.softmax(student, -1), torch.softmax(teacher, -1))
+        else:
+            return None
+        wrong = disagreement("divergence", loss, 1000, 0, torch.float32, "cuda", divergence)
+    except Exception as error:  # noqa: BLE001 (not installed, or a version with another signature)
+        if not isinstance(error, ImportError):
+            warnings.warn(f"Liger's {divergence} failed ({error}): not benchmarked", RuntimeWarning, stacklevel=2)
+        return None
+    if wrong:
+        warnings.warn(f"Liger's {divergence} is not ours ({wrong}): not benchmarked", RuntimeWarning, stacklevel=2)
         return None
     return loss
 
@@ -213,19 +316,26 @@ def liger_linear(device: str) -> dict[str, Loss]:
     return table
 
 
-def variants(op: str, device: str) -> dict[str, Loss]:
-    """Every variant of ``op`` that can run on ``device`` here, by name (``naive`` first: ratios refer to it)."""
+def variants(op: str, device: str, divergence: Optional[str] = None) -> dict[str, Loss]:
+    """Every variant of ``op`` (for "divergence", of its ``divergence``) that can run on ``device`` here, by name
+    (``naive`` first: ratios refer to it)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    table: dict[str, Loss] = {"naive": NAIVE[op], "naive_compile": compiled(op)}
+    if (op == "divergence") != (divergence is not None):
+        raise ValueError(f"op 'divergence', and only it, takes a divergence (one of {reference.DIVERGENCES})")
+    if op == "divergence" and divergence not in reference.DIVERGENCES:
+        raise ValueError(f"divergence must be one of {reference.DIVERGENCES}, got {divergence!r}")
+    table: dict[str, Loss] = {"naive": naive(op, divergence), "naive_compile": compiled(op, divergence)}
     for backend in mk.available_backends():
         # The CPU kernel on CPU tensors; Triton and CUDA on the GPU (Triton's interpreter is no benchmark).
         if backend != "reference" and (backend == "cpu") == (device == "cpu"):
-            table[backend] = ours(op, backend)
+            table[backend] = ours(op, backend, divergence=divergence)
             if op == "linear_reverse_kld":
                 table[f"{backend}+recompute"] = ours(op, backend, recompute=True)
     if op == "reverse_kld" and device == "cuda" and liger() is not None:
         table["liger"] = liger()
+    if op == "divergence" and device == "cuda" and liger_divergence(divergence) is not None:
+        table["liger"] = liger_divergence(divergence)
     if op == "linear_reverse_kld":
         table.update(liger_linear(device))
     return table

@@ -543,6 +543,13 @@ MUTATIONS = (
         "the benchmark's naive variant computes KL(q || q) = 0 (and would be timed as if right)",
     ),
     Mutation(
+        "benchmark-naive-tvd-q-q", "benchmarks/variants.py",
+        "return (0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)).mean()",
+        "return (0.5 * (log_q.exp() - log_q.exp()).abs().sum(-1)).mean()",
+        ("tests/test_benchmarks.py::test_every_variant_agrees_with_the_reference",),
+        "the divergence benchmark's naive TVD is the student's from itself, 0 (and would be timed as if right)",
+    ),
+    Mutation(
         "benchmark-step-naive-kl-q-q", "benchmarks/minillm_step.py",
         "teacher_logp = s.teacher_logits[..., : s.vocab_size].float().log_softmax(-1)",
         "teacher_logp = student_logq.detach()",

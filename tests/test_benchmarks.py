@@ -18,7 +18,8 @@ import torch
 from benchmarks import plots, run
 from benchmarks import variants as variants_module
 from benchmarks.run import WRONG, add_bandwidth_fractions, markdown_table, measure, read_results
-from benchmarks.variants import OPS, disagreement, naive_reverse_kld, variants
+from benchmarks.variants import OPS, disagreement, variants
+from minillm_kernels.reference import DIVERGENCES
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "benchmarks" / "results" / "cpu-amd-epyc-2026-11-26"
@@ -49,6 +50,34 @@ def test_quick_run_measures_every_variant(tmp_path):
     assert "| naive |" in done.stdout and "| cpu |" in done.stdout
     assert (tmp_path / "table.md").read_text().startswith("Device: ")
     assert (tmp_path / "plot-reverse_kld-fp32.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_divergence_run_gives_each_divergence_its_rows_and_baseline(tmp_path):
+    """--op divergence: one row per (divergence, variant), each checked and timed, speed-ups against the naive loss
+    of the same divergence, a plot per divergence; two divergences here (a mixture, the TVD) to keep it quick:
+    test_every_variant_agrees_with_the_reference checks every divergence's variants."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--device", "cpu", "--quick", "--op", "divergence",
+         "--divergences", "jsd", "tvd", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, rows = read_results(tmp_path / "results.csv")
+    expected = {(d, v) for d in ("jsd", "tvd") for v in variants("divergence", "cpu", d)}
+    assert {"naive", "naive_compile", "cpu"} <= {v for _, v in expected}
+    assert {(r["divergence"], r["variant"]) for r in rows} == expected
+    for row in rows:
+        assert row["op"] == "divergence" and row["status"] == "ok", row
+        assert 0 < row["fwd_bwd_ms"] < 60_000, row
+    by_case = {(r["divergence"], r["variant"]): r for r in rows}
+    for divergence in ("jsd", "tvd"):  # the naive loss keeps several [N, V] tensors, ours at most the gradient
+        assert by_case[(divergence, "naive")]["peak_extra_nv"] > 2.5  # (a 4 MB gradient reads 0.5-1.0 here: pages)
+        assert by_case[(divergence, "cpu")]["peak_extra_nv"] < 1.5
+    table = (tmp_path / "table.md").read_text()
+    assert "| divergence (jsd) | 256 | 4099 | fp32 | naive |" in table and "| divergence (tvd) | 256 | 4099 | fp32 | cpu |" in table
+    assert table.count("| 1.00x |") == 2  # each divergence's naive row is its own baseline
+    assert (tmp_path / "plot-divergence-jsd-fp32.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bandwidth_fraction_and_table():
@@ -91,27 +120,32 @@ def test_gpu_backend_choice_is_read_back_by_the_dispatcher(tmp_path):
 
 
 # Planted bugs: a benchmark variant that computes another loss must not get a timing.
-def kl_of_the_student_from_itself(student, teacher, target):
-    """KL(q || q) = 0, with a zero gradient."""
-    return naive_reverse_kld(student, student, target)
+def divergence_of_the_student_from_itself(naive):
+    """D(q, q) = 0, with a zero gradient."""
+    return lambda student, teacher, target: naive(student, student, target)
 
 
-def doubled_gradient(student, teacher, target):
+def doubled_gradient(naive):
     """The right value, twice the gradient."""
-    loss = naive_reverse_kld(student, teacher, target)
-    return loss + (loss - loss.detach())
+    def loss(student, teacher, target):
+        value = naive(student, teacher, target)
+        return value + (value - value.detach())
+
+    return loss
 
 
-@pytest.mark.parametrize("bug", [kl_of_the_student_from_itself, doubled_gradient])
-def test_a_wrong_variant_is_reported_and_not_timed(monkeypatch, bug):
-    monkeypatch.setitem(variants_module.NAIVE, "reverse_kld", bug)
-    row = measure("reverse_kld", "naive", 64, 1000, "fp32", "cpu", repeats=1)
+@pytest.mark.parametrize("op, divergence", [("reverse_kld", None), ("divergence", "jsd"), ("divergence", "tvd")])
+@pytest.mark.parametrize("bug", [divergence_of_the_student_from_itself, doubled_gradient])
+def test_a_wrong_variant_is_reported_and_not_timed(monkeypatch, bug, op, divergence):
+    table, key = (variants_module.NAIVE_DIVERGENCE, divergence) if divergence else (variants_module.NAIVE, op)
+    monkeypatch.setitem(table, key, bug(table[key]))
+    row = measure(op, "naive", 64, 1000, "fp32", "cpu", repeats=1, divergence=divergence)
     assert row["status"].startswith(WRONG), row
     assert "fwd_ms" not in row and "peak_extra_mb" not in row
 
 
 def test_a_wrong_variant_fails_the_run_and_shows_in_the_table(monkeypatch, tmp_path, capsys):
-    def run_case(op, variant, tokens, vocab, dtype, device, repeats, hidden=0, model=None):
+    def run_case(op, variant, tokens, vocab, dtype, device, repeats, hidden=0, model=None, divergence=None):
         case = dict(op=op, variant=variant, tokens=tokens, vocab=vocab, dtype=dtype)
         if variant == "naive":
             return {**case, "status": f"{WRONG}: loss 0, float64 reference 8.1"}
@@ -124,10 +158,11 @@ def test_a_wrong_variant_fails_the_run_and_shows_in_the_table(monkeypatch, tmp_p
     assert read_results(tmp_path / "results.csv")[1][0]["status"].startswith(WRONG)
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_every_variant_agrees_with_the_reference(op):
-    for name, loss in variants(op, "cpu").items():
-        assert disagreement(op, loss, 4099, 64, torch.float32, "cpu") is None, name
+@pytest.mark.parametrize("op, divergence", [(op, None) for op in OPS if op != "divergence"] +
+                         [("divergence", d) for d in DIVERGENCES])
+def test_every_variant_agrees_with_the_reference(op, divergence):
+    for name, loss in variants(op, "cpu", divergence).items():
+        assert disagreement(op, loss, 4099, 64, torch.float32, "cpu", divergence) is None, name
 
 
 def test_results_go_to_a_git_ignored_folder_by_default():
