@@ -41,6 +41,20 @@ class Mutation(NamedTuple):
 MUTATIONS = (
     # ---- the C++ CPU kernel (each gets a fresh build)
     Mutation(
+        "cpu-divergence-backward-drops-the-mean", "csrc/cpu/divergence.cpp",
+        "store_rounded(out, v, scale * (c.partial - c.q * mean));",
+        "store_rounded(out, v, scale * c.partial);",
+        ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu"),
+        "the CPU divergence backward drops -q_v sum_u q_u a_u (the softmax's chain rule)",
+    ),
+    Mutation(
+        "cpu-divergence-mixture-weight-one-sided", "csrc/cpu/divergence.cpp",
+        "const acc_t weight = delta > 0 ? 1 - r.teacher_weight : r.teacher_weight;",
+        "const acc_t weight = r.teacher_weight;",
+        ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu"),
+        "the CPU mixture log uses the teacher's weight on both sides of delta = 0 (log m wrong where p > q)",
+    ),
+    Mutation(
         "cpu-bf16-truncates", "csrc/cpu/streaming.h",
         "const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;",
         "const uint32_t rounded = u >> 16;",

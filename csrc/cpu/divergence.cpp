@@ -39,6 +39,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include <ATen/Parallel.h>
 
@@ -63,10 +64,22 @@ Divergence divergence_of(const std::string& name, double coefficient) {
               "(the reverse KL has its own kernel), got ", name);
 }
 
+// Calls f(std::integral_constant<Divergence, kind>{}): one instance of the row loops per divergence, so that the
+// per-column code has no branch on the divergence (the loops vectorise where the divergence's functions allow).
+template <typename F>
+void with_divergence(Divergence kind, F&& f) {
+  switch (kind) {
+    case Divergence::kForwardKl: return f(std::integral_constant<Divergence, Divergence::kForwardKl>{});
+    case Divergence::kJsd: return f(std::integral_constant<Divergence, Divergence::kJsd>{});
+    case Divergence::kSkewForwardKl: return f(std::integral_constant<Divergence, Divergence::kSkewForwardKl>{});
+    case Divergence::kSkewReverseKl: return f(std::integral_constant<Divergence, Divergence::kSkewReverseKl>{});
+    case Divergence::kTvd: return f(std::integral_constant<Divergence, Divergence::kTvd>{});
+  }
+}
+
 // A row's constants: the row statistics, log Z_t - log Z_s, k, and the divergence's coefficient and teacher weight.
 template <typename acc_t>
 struct Row {
-  Divergence divergence;
   acc_t c_s, logz_s, c_t, logz_t, logz_gap, k, coefficient, teacher_weight;
 };
 
@@ -75,7 +88,7 @@ Row<acc_t> row_of(Divergence divergence, double coefficient, double inv_t, doubl
                   double logz_t) {
   // The teacher's weight w in the mixture m = w p + (1 - w) q.
   const double weight = divergence == Divergence::kSkewReverseKl ? 1 - coefficient : coefficient;
-  return {divergence, acc_t(c_s), acc_t(logz_s), acc_t(c_t), acc_t(logz_t), acc_t(logz_t - logz_s), acc_t(inv_t),
+  return {acc_t(c_s), acc_t(logz_s), acc_t(c_t), acc_t(logz_t), acc_t(logz_t - logz_s), acc_t(inv_t),
           acc_t(coefficient), acc_t(weight)};
 }
 
@@ -85,7 +98,31 @@ struct Column {
   acc_t q, value, partial;
 };
 
-template <typename acc_t>
+// The mixture divergences' part of column (below): from q, p and delta = log p - log q.
+template <Divergence D, typename acc_t>
+C10_ALWAYS_INLINE Column<acc_t> mixture_column(const Row<acc_t>& r, acc_t q, acc_t p, bool q_live, bool p_live,
+                                               acc_t delta) {
+  // The mixture m = w p + (1 - w) q: log m - log q = max(delta, 0) + tail and log p - log m = min(delta, 0) - tail,
+  // each finite where its leading probability is positive (delta = +-inf included).
+  const acc_t weight = delta > 0 ? 1 - r.teacher_weight : r.teacher_weight;
+  const acc_t tail = std::log1p(weight * std::expm1(-std::abs(delta)));
+  const acc_t log_q_over_m = -(std::max(delta, acc_t(0)) + tail);
+  const acc_t log_p_over_m = std::min(delta, acc_t(0)) - tail;
+  if constexpr (D == Divergence::kJsd) {
+    const acc_t beta = r.coefficient;
+    const acc_t q_term = where_live(q_live, q * log_q_over_m);
+    return {q, beta * where_live(p_live, p * log_p_over_m) + (1 - beta) * q_term, (1 - beta) * q_term};
+  } else if constexpr (D == Divergence::kSkewForwardKl) {
+    const acc_t p_over_m = fast_exp(log_p_over_m);
+    return {q, where_live(p_live, p * log_p_over_m), where_live(p_live, -p * (1 - r.coefficient * p_over_m))};
+  } else {
+    const acc_t q_over_m = fast_exp(log_q_over_m);  // the skew reverse KL
+    return {q, where_live(q_live, q * log_q_over_m),
+            where_live(q_live, q * (log_q_over_m + 1 - r.coefficient * q_over_m))};
+  }
+}
+
+template <Divergence D, typename acc_t>
 C10_ALWAYS_INLINE Column<acc_t> column(const Row<acc_t>& r, acc_t x, acc_t y) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const acc_t u = x - r.c_s, w = y - r.c_t;
@@ -94,29 +131,14 @@ C10_ALWAYS_INLINE Column<acc_t> column(const Row<acc_t>& r, acc_t x, acc_t y) {
   const bool q_live = q > 0, p_live = p > 0;
   // log p - log q, from the raw differences where both are finite (+-inf where one model's logit is -inf).
   const acc_t delta = (x > kNegInf && y > kNegInf) ? (w - u) * r.k - r.logz_gap : log_p - log_q;
-  if (r.divergence == Divergence::kForwardKl) return {q, where_live(p_live, p * delta), -p};
-  if (r.divergence == Divergence::kTvd) {
+  if constexpr (D == Divergence::kForwardKl) {
+    return {q, where_live(p_live, p * delta), -p};
+  } else if constexpr (D == Divergence::kTvd) {
     const acc_t sign = acc_t(q > p) - acc_t(q < p);
     return {q, acc_t(0.5) * std::abs(p - q), acc_t(0.5) * q * sign};
+  } else {
+    return mixture_column<D>(r, q, p, q_live, p_live, delta);
   }
-  // The mixture m = w p + (1 - w) q: log m - log q = max(delta, 0) + tail and log p - log m = min(delta, 0) - tail,
-  // each finite where its leading probability is positive (delta = +-inf included).
-  const acc_t weight = delta > 0 ? 1 - r.teacher_weight : r.teacher_weight;
-  const acc_t tail = std::log1p(weight * std::expm1(-std::abs(delta)));
-  const acc_t log_q_over_m = -(std::max(delta, acc_t(0)) + tail);
-  const acc_t log_p_over_m = std::min(delta, acc_t(0)) - tail;
-  if (r.divergence == Divergence::kJsd) {
-    const acc_t beta = r.coefficient;
-    const acc_t q_term = where_live(q_live, q * log_q_over_m);
-    return {q, beta * where_live(p_live, p * log_p_over_m) + (1 - beta) * q_term, (1 - beta) * q_term};
-  }
-  if (r.divergence == Divergence::kSkewForwardKl) {
-    const acc_t p_over_m = fast_exp(log_p_over_m);
-    return {q, where_live(p_live, p * log_p_over_m), where_live(p_live, -p * (1 - r.coefficient * p_over_m))};
-  }
-  const acc_t q_over_m = fast_exp(log_q_over_m);  // the skew reverse KL
-  return {q, where_live(q_live, q * log_q_over_m),
-          where_live(q_live, q * (log_q_over_m + 1 - r.coefficient * q_over_m))};
 }
 
 // The row statistics (c_s, log Z_s, c_t, log Z_t) of one row: pass 1.
@@ -192,40 +214,43 @@ std::vector<at::Tensor> divergence_forward(
     acc_t* stats_p = row_stats.data_ptr<acc_t>();
     const acc_t* given_p = ptr_or_null<acc_t>(given_c);
 
-    at::parallel_for(0, n, grain_rows(vocab_size), [&](int64_t begin, int64_t end) {
-      alignas(64) acc_t buf_s[kChunk];
-      alignas(64) acc_t buf_t[kChunk];
-      for (int64_t i = begin; i < end; ++i) {
-        acc_t* st = stats_p + 4 * i;
-        if (msk != nullptr && !msk[i]) {
-          value_p[i] = partial_p[i] = 0;
-          st[0] = st[1] = st[2] = st[3] = 0;
-          continue;
+    with_divergence(kind, [&](auto tag) {
+      constexpr Divergence D = decltype(tag)::value;
+      at::parallel_for(0, n, grain_rows(vocab_size), [&](int64_t begin, int64_t end) {
+        alignas(64) acc_t buf_s[kChunk];
+        alignas(64) acc_t buf_t[kChunk];
+        for (int64_t i = begin; i < end; ++i) {
+          acc_t* st = stats_p + 4 * i;
+          if (msk != nullptr && !msk[i]) {
+            value_p[i] = partial_p[i] = 0;
+            st[0] = st[1] = st[2] = st[3] = 0;
+            continue;
+          }
+          const student_t* s = s_base + s_rows.offset(i);
+          const teacher_t* t = t_base + t_rows.offset(i);
+          // Pass 1, unless the caller gives the statistics (a sharded vocabulary's global log-normalisers).
+          const LogNormalisers z = given_p != nullptr
+              ? LogNormalisers{double(given_p[4 * i]), double(given_p[4 * i + 1]), double(given_p[4 * i + 2]),
+                               double(given_p[4 * i + 3])}
+              : log_normalisers<student_t, teacher_t, acc_t>(s, t, vocab_size, inv_temperature, buf_s, buf_t);
+          const Row<acc_t> r = row_of<acc_t>(kind, coefficient, inv_temperature, z.c_s, z.logz_s, z.c_t, z.logz_t);
+          double total = 0, partial = 0;
+  #pragma omp simd reduction(+ : total, partial)
+          for (int64_t v = 0; v < vocab_size; ++v) {
+            const Column<acc_t> c = column<D>(r, load_as<acc_t>(s, v), load_as<acc_t>(t, v));
+            total += c.value;
+            partial += c.partial;
+          }
+          // NaN logits make a log-normaliser NaN, and every q_v, p_v with it: the terms alone would drop them.
+          const double nan_of_logits = (z.logz_s - z.logz_s) + (z.logz_t - z.logz_t);
+          value_p[i] = static_cast<acc_t>(total + nan_of_logits);
+          partial_p[i] = static_cast<acc_t>(partial + nan_of_logits);
+          st[0] = r.c_s;
+          st[1] = r.logz_s;
+          st[2] = r.c_t;
+          st[3] = r.logz_t;
         }
-        const student_t* s = s_base + s_rows.offset(i);
-        const teacher_t* t = t_base + t_rows.offset(i);
-        // Pass 1, unless the caller gives the statistics (a sharded vocabulary's global log-normalisers).
-        const LogNormalisers z = given_p != nullptr
-            ? LogNormalisers{double(given_p[4 * i]), double(given_p[4 * i + 1]), double(given_p[4 * i + 2]),
-                             double(given_p[4 * i + 3])}
-            : log_normalisers<student_t, teacher_t, acc_t>(s, t, vocab_size, inv_temperature, buf_s, buf_t);
-        const Row<acc_t> r = row_of<acc_t>(kind, coefficient, inv_temperature, z.c_s, z.logz_s, z.c_t, z.logz_t);
-        double total = 0, partial = 0;
-#pragma omp simd reduction(+ : total, partial)
-        for (int64_t v = 0; v < vocab_size; ++v) {
-          const Column<acc_t> c = column(r, load_as<acc_t>(s, v), load_as<acc_t>(t, v));
-          total += c.value;
-          partial += c.partial;
-        }
-        // NaN logits make a log-normaliser NaN, and every q_v, p_v with it: the terms alone would drop them.
-        const double nan_of_logits = (z.logz_s - z.logz_s) + (z.logz_t - z.logz_t);
-        value_p[i] = static_cast<acc_t>(total + nan_of_logits);
-        partial_p[i] = static_cast<acc_t>(partial + nan_of_logits);
-        st[0] = r.c_s;
-        st[1] = r.logz_s;
-        st[2] = r.c_t;
-        st[3] = r.logz_t;
-      }
+      });
     });
   });
   return {value, mean_partial, row_stats};
@@ -260,27 +285,30 @@ at::Tensor divergence_backward(
     const acc_t* partial_p = partial_c.data_ptr<acc_t>();
     const acc_t* stats_p = stats_c.data_ptr<acc_t>();
 
-    at::parallel_for(0, n, grain_rows(width), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        student_t* out = g_base + i * width;
-        if (msk != nullptr && !msk[i]) {
-          std::memset(static_cast<void*>(out), 0, sizeof(student_t) * width);
-          continue;
+    with_divergence(kind, [&](auto tag) {
+      constexpr Divergence D = decltype(tag)::value;
+      at::parallel_for(0, n, grain_rows(width), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          student_t* out = g_base + i * width;
+          if (msk != nullptr && !msk[i]) {
+            std::memset(static_cast<void*>(out), 0, sizeof(student_t) * width);
+            continue;
+          }
+          const student_t* s = s_base + s_rows.offset(i);
+          const teacher_t* t = t_base + t_rows.offset(i);
+          const acc_t* st = stats_p + 4 * i;
+          const Row<acc_t> r = row_of<acc_t>(kind, coefficient, inv_temperature, st[0], st[1], st[2], st[3]);
+          const acc_t scale = grad_p[i] * r.k, mean = partial_p[i];
+  #pragma omp simd
+          for (int64_t v = 0; v < vocab_size; ++v) {
+            const Column<acc_t> c = column<D>(r, load_as<acc_t>(s, v), load_as<acc_t>(t, v));
+            store_rounded(out, v, scale * (c.partial - c.q * mean));
+          }
+          if (width > vocab_size) {
+            std::memset(static_cast<void*>(out + vocab_size), 0, sizeof(student_t) * (width - vocab_size));
+          }
         }
-        const student_t* s = s_base + s_rows.offset(i);
-        const teacher_t* t = t_base + t_rows.offset(i);
-        const acc_t* st = stats_p + 4 * i;
-        const Row<acc_t> r = row_of<acc_t>(kind, coefficient, inv_temperature, st[0], st[1], st[2], st[3]);
-        const acc_t scale = grad_p[i] * r.k, mean = partial_p[i];
-#pragma omp simd
-        for (int64_t v = 0; v < vocab_size; ++v) {
-          const Column<acc_t> c = column(r, load_as<acc_t>(s, v), load_as<acc_t>(t, v));
-          store_rounded(out, v, scale * (c.partial - c.q * mean));
-        }
-        if (width > vocab_size) {
-          std::memset(static_cast<void*>(out + vocab_size), 0, sizeof(student_t) * (width - vocab_size));
-        }
-      }
+      });
     });
   });
   return grad;
