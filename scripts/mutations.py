@@ -55,6 +55,20 @@ MUTATIONS = (
         "the CPU mixture log uses the teacher's weight on both sides of delta = 0 (log m wrong where p > q)",
     ),
     Mutation(
+        "cpu-fast-log-float-series-dropped", "csrc/cpu/streaming.h",
+        "const float log_m = 2.0f * f + 2.0f * f * s * series;",
+        "const float log_m = 2.0f * f;",
+        ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu and jsd"),
+        "the float fast_log keeps only the first term of its atanh series (log m off by up to 3e-3)",
+    ),
+    Mutation(
+        "cpu-fast-log-double-coarse", "csrc/cpu/streaming.h",
+        "  series = series * s + 1.0 / 3.0;\n",
+        "  series = series * s + 0.3333334;\n",
+        ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu and jsd"),
+        "the double fast_log's series off by 1e-7 in its first coefficient (float64 accuracy lost)",
+    ),
+    Mutation(
         "cpu-bf16-truncates", "csrc/cpu/streaming.h",
         "const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;",
         "const uint32_t rounded = u >> 16;",
