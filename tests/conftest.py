@@ -298,8 +298,8 @@ def assert_gradient_within(got: torch.Tensor, exact: Exact, acc_dtype: torch.dty
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
 def fresh_seed() -> int:
-    """A new seed per test, printed so that a failure can be replayed."""
-    seed = random.randrange(2**31)
+    """A new seed per test, printed so that a failure can be replayed (``MINILLM_TEST_SEED=<seed> pytest ...``)."""
+    seed = int(os.environ["MINILLM_TEST_SEED"]) if "MINILLM_TEST_SEED" in os.environ else random.randrange(2**31)
     torch.manual_seed(seed)
     print(f"torch seed {seed}")
     return seed

@@ -92,7 +92,9 @@ def compile_all() -> dict[str, str]:
         name, divergence, student, teacher, has_mask = case
         compile_case(case, getattr(divergence_triton, f"_{name}_kernel"),
                      DIVERGENCE_SIGNATURES[name.removeprefix("divergence_")], student, teacher,
-                     {"DIVERGENCE": divergence, "HAS_MASK": has_mask, "BLOCK_V": 4096})
+                     {"DIVERGENCE": divergence, "HAS_MASK": has_mask, "BLOCK_V": 4096,
+                      # the forward with given row statistics (a sharded vocabulary's) where masked
+                      **({"GIVEN_STATS": has_mask} if name == "divergence_forward" else {})})
     for case in CASES:
         kernel_name, student, teacher, flags = case
         compile_case(case, getattr(reverse_kld_triton, f"_reverse_kld_{kernel_name}_kernel"), SIGNATURES[kernel_name],
