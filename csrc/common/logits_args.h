@@ -5,10 +5,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include "divergence_kind.h"
 #include "row_strides.h"
 
 namespace logits_args {
@@ -114,6 +116,22 @@ inline BackwardRows backward_rows(
 template <typename T>
 const T* ptr_or_null(const at::Tensor& x) {
   return x.defined() ? x.data_ptr<T>() : nullptr;
+}
+
+// The kernels' divergence of a name (the names of minillm_kernels/ops/divergence.py's KERNEL_DIVERGENCES), after
+// checking the coefficient (beta or skew) the mixtures need; ``where`` names the backend in the errors.
+inline minillm::DivergenceKind divergence_of(const std::string& name, double coefficient, const char* where) {
+  using minillm::DivergenceKind;
+  const bool mixture = name == "jsd" || name == "skew_forward_kl" || name == "skew_reverse_kl";
+  TORCH_CHECK(!mixture || (coefficient > 0 && coefficient < 1), where, ": ", name,
+              " needs a coefficient (beta or skew) in (0, 1), got ", coefficient);
+  if (name == "forward_kl") return DivergenceKind::kForwardKl;
+  if (name == "jsd") return DivergenceKind::kJsd;
+  if (name == "skew_forward_kl") return DivergenceKind::kSkewForwardKl;
+  if (name == "skew_reverse_kl") return DivergenceKind::kSkewReverseKl;
+  if (name == "tvd") return DivergenceKind::kTvd;
+  TORCH_CHECK(false, where, ": divergence must be one of forward_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd "
+              "(the reverse KL has its own kernel), got ", name);
 }
 
 }  // namespace logits_args

@@ -47,22 +47,9 @@ namespace {
 
 using namespace minillm_cpu;  // NOLINT(build/namespaces): the shared per-element helpers
 
-enum class Divergence { kForwardKl, kJsd, kSkewForwardKl, kSkewReverseKl, kTvd };
+using Divergence = minillm::DivergenceKind;
 
 constexpr const char* kWhere = "divergence (cpu)";
-
-Divergence divergence_of(const std::string& name, double coefficient) {
-  const bool mixture = name == "jsd" || name == "skew_forward_kl" || name == "skew_reverse_kl";
-  TORCH_CHECK(!mixture || (coefficient > 0 && coefficient < 1), kWhere, ": ", name,
-              " needs a coefficient (beta or skew) in (0, 1), got ", coefficient);
-  if (name == "forward_kl") return Divergence::kForwardKl;
-  if (name == "jsd") return Divergence::kJsd;
-  if (name == "skew_forward_kl") return Divergence::kSkewForwardKl;
-  if (name == "skew_reverse_kl") return Divergence::kSkewReverseKl;
-  if (name == "tvd") return Divergence::kTvd;
-  TORCH_CHECK(false, kWhere, ": divergence must be one of forward_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd "
-              "(the reverse KL has its own kernel), got ", name);
-}
 
 // Calls f(std::integral_constant<Divergence, kind>{}): one instance of the row loops per divergence, so that the
 // per-column code has no branch on the divergence (the loops vectorise where the divergence's functions allow).
@@ -179,6 +166,7 @@ LogNormalisers log_normalisers(const student_t* __restrict s, const teacher_t* _
 
 using logits_args::accumulation_dtype;
 using logits_args::check_logits;
+using logits_args::divergence_of;
 using logits_args::n_rows;
 using logits_args::ptr_or_null;
 using logits_args::row_stats_of;
@@ -192,7 +180,7 @@ std::vector<at::Tensor> divergence_forward(
     const std::string& divergence, double coefficient, double inv_temperature, int64_t vocab_size,
     const c10::optional<at::Tensor>& given_row_stats) {
   check_logits(student, teacher, vocab_size, c10::DeviceType::CPU, kWhere);
-  const Divergence kind = divergence_of(divergence, coefficient);
+  const Divergence kind = divergence_of(divergence, coefficient, kWhere);
   const int64_t n = n_rows(student);
   const at::Tensor mask_c = row_vector(mask, n, at::kBool, student.device(), "mask", kWhere);
   const auto opts = student.options().dtype(accumulation_dtype(student, teacher));
@@ -261,7 +249,7 @@ at::Tensor divergence_backward(
     const at::Tensor& grad_divergence, const at::Tensor& mean_partial, const at::Tensor& row_stats,
     const std::string& divergence, double coefficient, double inv_temperature, int64_t vocab_size) {
   check_logits(student, teacher, vocab_size, c10::DeviceType::CPU, kWhere);
-  const Divergence kind = divergence_of(divergence, coefficient);
+  const Divergence kind = divergence_of(divergence, coefficient, kWhere);
   const int64_t n = n_rows(student);
   const int64_t width = student.size(2);
   const at::Device device = student.device();

@@ -16,26 +16,12 @@ constexpr const char* kWhere = "divergence (cuda)";
 using minillm_cuda::DivergenceKind;
 using logits_args::accumulation_dtype;
 using logits_args::check_logits;
+using logits_args::divergence_of;
 using logits_args::n_rows;
 using logits_args::ptr_or_null;
 using logits_args::row_stats_of;
 using logits_args::row_strides;
 using logits_args::row_vector;
-
-// The kernel's divergence of a name (the names of minillm_kernels/ops/divergence.py's KERNEL_DIVERGENCES), after
-// checking the coefficient the mixtures need.
-DivergenceKind divergence_of(const std::string& name, double coefficient) {
-  const bool mixture = name == "jsd" || name == "skew_forward_kl" || name == "skew_reverse_kl";
-  TORCH_CHECK(!mixture || (coefficient > 0 && coefficient < 1), kWhere, ": ", name,
-              " needs a coefficient (beta or skew) in (0, 1), got ", coefficient);
-  if (name == "forward_kl") return DivergenceKind::kForwardKl;
-  if (name == "jsd") return DivergenceKind::kJsd;
-  if (name == "skew_forward_kl") return DivergenceKind::kSkewForwardKl;
-  if (name == "skew_reverse_kl") return DivergenceKind::kSkewReverseKl;
-  if (name == "tvd") return DivergenceKind::kTvd;
-  TORCH_CHECK(false, kWhere, ": divergence must be one of forward_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd "
-              "(the reverse KL has its own kernel), got ", name);
-}
 
 // The teacher's weight w in the mixture m = w p + (1 - w) q.
 double teacher_weight_of(DivergenceKind kind, double coefficient) {
@@ -49,7 +35,7 @@ std::vector<at::Tensor> divergence_forward(
     const std::string& divergence, double coefficient, double inv_temperature, int64_t vocab_size) {
   check_logits(student, teacher, vocab_size, c10::DeviceType::CUDA, kWhere);
   minillm_cuda_host::check_width(vocab_size, kWhere);
-  const DivergenceKind kind = divergence_of(divergence, coefficient);
+  const DivergenceKind kind = divergence_of(divergence, coefficient, kWhere);
   const int64_t n = n_rows(student);
   const at::Device device = student.device();
   const at::Tensor mask_c = row_vector(mask, n, at::kBool, device, "mask", kWhere);
@@ -88,7 +74,7 @@ at::Tensor divergence_backward(
     const at::Tensor& grad_divergence, const at::Tensor& mean_partial, const at::Tensor& row_stats,
     const std::string& divergence, double coefficient, double inv_temperature, int64_t vocab_size) {
   check_logits(student, teacher, vocab_size, c10::DeviceType::CUDA, kWhere);
-  const DivergenceKind kind = divergence_of(divergence, coefficient);
+  const DivergenceKind kind = divergence_of(divergence, coefficient, kWhere);
   const int64_t n = n_rows(student);
   const int64_t width = student.size(2);
   minillm_cuda_host::check_width(width, kWhere);

@@ -6,13 +6,13 @@
 
 #include <cuda_runtime.h>
 
+#include "../common/divergence_kind.h"
 #include "../common/row_strides.h"
 #include "reverse_kld_launch.h"  // LogitsDtype
 
 namespace minillm_cuda {
 
-// The divergences of the family (the reverse KL has its own kernels, reverse_kld.cu).
-enum class DivergenceKind : int { kForwardKl, kJsd, kSkewForwardKl, kSkewReverseKl, kTvd };
+using minillm::DivergenceKind;  // (../common/divergence_kind.h)
 
 // Forward over n_rows rows: reads columns [0, n_cols) of each row twice (the log-normalisers, then the terms) and
 // writes per row the divergence, mean_partial = sum_v q_v dD/dq_v and row_stats[4] = (c_s, log Z_s, c_t, log Z_t),
