@@ -392,6 +392,27 @@ MUTATIONS = (
         ("tests/test_sampling.py::test_draws_follow_the_mixture_and_record_its_weights",),
         "the sampler draws from (1 - alpha) p + alpha q",
     ),
+    Mutation(
+        "sampler-pad-id-outside-the-embedding", "minillm_kernels/sampling.py",
+        "        if rows is not None and pad_token_id >= rows:\n",
+        "        if False:\n",
+        ("tests/test_sampling.py::test_a_pad_token_id_outside_either_embedding_is_named",),
+        "a pad_token_id past a model's embedding is fed to it after a row's EOS: a raw index error mid-sampling",
+    ),
+    Mutation(
+        "sampler-empty-batch-unchecked", "minillm_kernels/sampling.py",
+        "    if input_ids.shape[0] == 0:\n",
+        "    if False:\n",
+        ("tests/test_sampling.py::test_an_empty_batch_is_named",),
+        "a batch of 0 prompts reaches the prompt-id check: a raw 'min(): Expected reduction dim' error",
+    ),
+    Mutation(
+        "sampler-temperature-overflow-unchecked", "minillm_kernels/sampling.py",
+        "    _check_temperature(temperature, compute_dtype)\n",
+        "",
+        ("tests/test_sampling.py::test_a_temperature_whose_reciprocal_overflows_the_compute_dtype_is_named",),
+        "temperature=1e-39 with float32 logits: 1/T overflows, the mixture is NaN, a raw multinomial error",
+    ),
     # ---- the trainer
     Mutation(
         "trainer-reward-sign", "examples/train.py",
