@@ -484,6 +484,13 @@ MUTATIONS = (
         ("tests/test_train.py::test_bad_paths_and_data_are_named",),
         "an --eval-data row without a response is silently counted",
     ),
+    Mutation(
+        "jsonl-null-response-read-as-text", "minillm_kernels/training/data.py",
+        'example = Example("all" if task is None else task, record["prompt"], "" if response is None else response)',
+        'example = Example(str(record.get("task", "all")), record["prompt"], str(record.get("response", "")))',
+        ("tests/test_data.py::test_null_response_and_task_are_missing_and_other_types_are_named",),
+        '"response": null becomes the gold answer "None" (and is accepted where a response is required)',
+    ),
     # ---- the fair comparison: the tiny tasks' validity rules, the teacher's answers, the evaluation protocol
     Mutation(
         "checker-accepts-a-range-bound", "minillm_kernels/training/tiny/tasks.py",

@@ -52,15 +52,20 @@ def jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
 def load_jsonl(path: str | Path, *, require_response: bool = False) -> list[Example]:
     """Examples from a JSONL file of objects with "prompt", optional "response" and optional "task" fields.
 
-    A missing "response" (or "") marks a prompt without a gold answer; with ``require_response`` (held-out
-    data, which is scored against it) it is a ValueError naming ``path:line``. A missing "task" groups the
-    example under "all".
+    A missing "response" (or null, or "") marks a prompt without a gold answer; with ``require_response``
+    (held-out data, which is scored against it) it is a ValueError naming ``path:line``. A missing (or null)
+    "task" groups the example under "all". A field of another type is a ValueError naming ``path:line``.
     """
     examples = []
     for number, record in jsonl_objects(path):
         if not isinstance(record.get("prompt"), str):
             raise ValueError(f"{path}:{number}: each line must be a JSON object with a string 'prompt' field")
-        example = Example(str(record.get("task", "all")), record["prompt"], str(record.get("response", "")))
+        for name in ("response", "task"):
+            if record.get(name) is not None and not isinstance(record[name], str):
+                raise ValueError(f"{path}:{number}: '{name}' must be a string, or null or left out, got "
+                                 f"{type(record[name]).__name__} {record[name]!r:.40}")
+        task, response = record.get("task"), record.get("response")
+        example = Example("all" if task is None else task, record["prompt"], "" if response is None else response)
         if require_response and not example.response:
             raise ValueError(f"{path}:{number}: no 'response': every held-out example needs the answer it is "
                              "scored against")
