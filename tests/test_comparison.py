@@ -1,6 +1,6 @@
 """examples/compare.py and minillm_kernels/training/comparison.py: the tuning on validation (the same grid for every
 row, MiniLLM's buffer too), the settings chosen from validation scores only and written before any test run, the
-test phase at those settings for each seed (the tuning run of a seed reused), the tables, read-back and shards, the
+test phase at those settings for each seed (the tuning run of a seed reused), the tables, read-back and workers, the
 planned rows, the flags the comparison owns."""
 from __future__ import annotations
 
@@ -50,12 +50,13 @@ def logs(out_dir: Path) -> dict[Path, str]:
 
 
 def test_the_comparison_tunes_on_validation_then_tests_the_chosen_settings(compare, tmp_path, monkeypatch, capsys):
-    """Two tuning shards train disjoint halves of the grid (2 lrs for sft and kd on the teacher's answers, 2 lrs x 2
-    buffers for minillm: 8 runs), evaluating validation prompts only; the unsharded tuning reads them back and writes
-    tuning.json, each row's chosen settings the grid point with the best validation score. Only then is the test split
-    evaluated: each row at its chosen settings for seeds 0 (the tuning run, not trained again) and 1, chosen and last
-    checkpoints. The tables give every row, ExAccErr's parts and the cost; the planned row is listed, not run. Run
-    again, everything is read back and the tables are the same."""
+    """The grid: 2 lrs for sft and kd on the teacher's answers, 2 lrs x 2 buffers for minillm (8 runs). A tuning worker
+    trains the runs that no other worker has claimed (3 are, here), evaluating validation prompts only; the tuning
+    without --worker trains the 3 left, reads the 5 back and writes tuning.json, each row's chosen settings the grid
+    point with the best validation score. Only then is the test split evaluated: each row at its chosen settings for
+    seeds 0 (the tuning run, not trained again) and 1, chosen and last checkpoints. The tables give every row,
+    ExAccErr's parts and the cost; the planned row is listed, not run. Run again, everything is read back and the
+    tables are the same."""
     train = sys.modules["train"]
     splits = load_training_data(parse_args([*SMALL, "--eval-data", str(compare.test_file)]).data, seed=0)
     validation, test = ({e.prompt for e in split} for split in (splits.validation, splits.heldout))
@@ -68,12 +69,16 @@ def test_the_comparison_tunes_on_validation_then_tests_the_chosen_settings(compa
         return evaluate(model, tokenizer, examples, **options)
 
     monkeypatch.setattr(train, "evaluate", spy)
-    shards = []
-    for shard in ("0/2", "1/2"):
-        before = logs(tmp_path)
-        compare.main(argv(compare, tmp_path, "--phase", "tune", "--shard", shard))
-        shards.append(set(logs(tmp_path)) - set(before))
-    assert not (tmp_path / "tuning.json").exists() and len(shards[0]) == len(shards[1]) == 4
+    taken = [tmp_path / "claims" / "tune" / folder / "seed-0" for folder in
+             ("sft/lr-0.0003", "minillm/lr-0.0001-num-rollouts-16", "minillm/lr-0.0003-num-rollouts-8")]
+    for claim in taken:  # by another worker
+        claim.mkdir(parents=True)
+    compare.main(argv(compare, tmp_path, "--phase", "tune", "--worker"))
+    by_worker = {log.parent.relative_to(tmp_path / "runs") for log in logs(tmp_path)}
+    assert len(by_worker) == 5 and not by_worker & {claim.relative_to(tmp_path / "claims" / "tune") for claim in taken}
+    assert not (tmp_path / "tuning.json").exists()
+    compare.main(argv(compare, tmp_path, "--phase", "tune"))
+    assert len(logs(tmp_path)) == 8 and (tmp_path / "tuning.json").exists()
     assert {split for split, _ in evaluated} == {"validation"}
     tuned = logs(tmp_path)
     compare.main(argv(compare, tmp_path))
@@ -121,6 +126,7 @@ def test_the_choice_reads_validation_scores_only():
     validation scores keep the first grid point; a row without any validation score is an error."""
     def record(validation: float, test: float) -> dict:
         return {"args": {"select_by": "gold.rouge_l"}, "selected": {"step": 2, "score": validation},
+                "compute": {"seconds": 1.0},
                 "history": [{"step": 2, "validation": {"gold": {"rouge_l": validation}}}],
                 "test": {"chosen": {"greedy": {"gold": {"rouge_l": test}}}}}
 

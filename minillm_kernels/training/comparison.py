@@ -75,7 +75,8 @@ def run_folder(out_dir: Path, row: Row, settings: tuple[str, ...], seed: int) ->
 def choose(plan_grid: dict[str, list[tuple[str, ...]]], records: dict[tuple[str, tuple[str, ...]], dict],
            context: dict) -> dict:
     """The tuning's outcome, from the tuning runs' records only (``records[(row name, settings)]``: each one's
-    "selected" checkpoint, its validation "history" and its args; no test score is read): per row the settings whose
+    "selected" checkpoint, its validation "history", its args and compute; no test score is read): per row the
+    settings whose
     chosen checkpoint scored best on validation (``selection.best_of``: the first of equals, in grid order), with
     every grid point's validation figures. ``context`` (the grid, the steps, the split, the tuning seed) is stored
     with it, for the test phase to check it runs what was tuned."""
@@ -87,10 +88,17 @@ def choose(plan_grid: dict[str, list[tuple[str, ...]]], records: dict[tuple[str,
             select_by = record["args"]["select_by"]
             history = [(entry["step"], score_of(entry["validation"], select_by)) for entry in record["history"]]
             candidates.append({"settings": list(settings), "selected": record["selected"],
-                               "last_score": history[-1][1] if history else None, "history": history})
+                               "last_score": history[-1][1] if history else None, "history": history,
+                               "seconds": record["compute"]["seconds"]})
         chosen = best_of([(tuple(c["settings"]), c["selected"] and c["selected"]["score"]) for c in candidates])
         rows[name] = {"chosen": list(chosen), "candidates": candidates}
     return {**context, "rows": rows}
+
+
+def training_seconds(tuning: dict, name: str) -> float:
+    """The training seconds of row ``name``'s tuning run at its chosen settings."""
+    row = tuning["rows"][name]
+    return next(c["seconds"] for c in row["candidates"] if c["settings"] == row["chosen"])
 
 
 def score_of(scores: dict, select_by: str) -> Optional[float]:
