@@ -310,6 +310,34 @@ def test_minus_infinity_and_extreme_logits(backend, divergence, dtype):
         assert torch.isfinite(grad).all()
 
 
+# Log-probability gaps |log p_v - log q_v| where exp(-gap) is subnormal in the accumulation dtype: float32's normals
+# end at 2^-126 = e^-87.3 and its subnormals at 2^-149 = e^-103.3; float64's at e^-708.4 and e^-744.4.
+SUBNORMAL_GAPS = {torch.float32: (80.0, 110.0), torch.float64: (700.0, 750.0)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ("jsd", "skew_forward_kl", "skew_reverse_kl"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_mixtures_where_the_models_are_a_subnormal_factor_apart(backend, divergence, dtype):
+    """The mixtures' log m_v = log q_v + log(1 + w (p_v / q_v - 1)) where p_v / q_v = exp(-gap) (or q_v / p_v) is
+    subnormal or 0: in each row a few columns carrying much of the student's mass sit a gap below in the teacher, and
+    a few of the teacher's a gap below in the student, the gaps spanning the range around the dtype's subnormals
+    (SUBNORMAL_GAPS; rows evenly spread over it, each column's gap off by the random logits), at T = 0.5."""
+    require_backend(backend)
+    rows, vocab, temperature = 16, 257, 0.5
+    low, high = SUBNORMAL_GAPS[dtype]
+    gaps = torch.linspace(low, high, rows, dtype=torch.float64)[:, None]
+    student, teacher = torch.randn(rows, vocab, dtype=torch.float64), torch.randn(rows, vocab, dtype=torch.float64)
+    student[:, :4] += 4.0  # mass of the student...
+    teacher[:, :4] -= gaps  # ...that the teacher puts a gap below
+    teacher[:, 4:8] += 4.0
+    student[:, 4:8] -= gaps
+    device = device_for(backend)
+    student, teacher = ((x * temperature).to(dtype).to(device) for x in (student, teacher))
+    assert_close_to_exact(backend, student, teacher, torch.randn(rows, dtype=torch.float64), divergence=divergence,
+                          beta=BETA, skew=SKEW, temperature=temperature)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES[1:])
 def test_strided_views_read_in_place_give_what_contiguous_rows_give(backend, divergence):
