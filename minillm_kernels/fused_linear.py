@@ -17,7 +17,8 @@ tokens. Peak extra memory: three [C, V] buffers in the weights' dtypes, plus the
 When is step 3 done? The loss's upstream gradient must be known to form G_c:
 - ``fused_linear_reverse_kld`` with reduction "sum" or "mean": the upstream of each KL_t is the same scalar
   (times 1/count for "mean"), so step 3 runs in the forward pass with a_t = 1 (or 1/count), and the backward
-  only scales the stored gradients by the scalar (free when it is 1). Four matmuls per chunk in all.
+  only scales the stored gradients by the scalar, into new tensors (the stored ones stay for a retained graph's
+  next backward, whatever the caller does to those it got). Four matmuls per chunk in all.
 - reduction "none" and ``fused_linear_token_stats``: the upstreams (a_t, b_t, c_t) of KL_t, log q(y_t), H_t are
   per token and only known in the backward. The forward keeps per-token scalars (KL, H and the row statistics
   (m_s, log Z_s, m_t, log Z_t)); the backward recomputes each chunk's two logits and runs step 3 with them.
@@ -398,10 +399,10 @@ def _sum_backward(ctx, grad_total, *unused):
 
 
 def _scaled_gradients(grads: tuple[Tensor, ...], needs: list[bool], grad_total: Tensor) -> tuple[Optional[Tensor], ...]:
-    """The gradients stored for an upstream gradient of 1, scaled by ``grad_total`` (in eager mode without a copy
-    when it is 1, the common case: a copy of grad W is [V, H]); None where not needed."""
-    unit = not torch.compiler.is_compiling() and not grad_total.is_meta and bool(grad_total == 1)
-    return tuple((g if unit else g * grad_total.to(g.dtype)) if need else None for g, need in zip(grads, needs))
+    """The gradients stored for an upstream gradient of 1, scaled by ``grad_total`` into new tensors (also when it is
+    1: the caller owns what it gets, e.g. zeroes it in place, while a retained graph keeps the stored ones for its
+    next backward); None where not needed."""
+    return tuple(g * grad_total.to(g.dtype) if need else None for g, need in zip(grads, needs))
 
 
 linear_reverse_kld_sum.register_autograd(_sum_backward, setup_context=_setup_sum)

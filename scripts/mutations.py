@@ -281,6 +281,15 @@ MUTATIONS = (
         "the fused-linear mean divides by every token, masked ones included",
     ),
     Mutation(
+        "linear-sum-returns-the-saved-gradients", "minillm_kernels/fused_linear.py",
+        "    return tuple(g * grad_total.to(g.dtype) if need else None for g, need in zip(grads, needs))",
+        "    unit = bool(grad_total == 1)\n"
+        "    return tuple((g if unit else g * grad_total.to(g.dtype)) if need else None for g, need in zip(grads, needs))",
+        ("tests/test_fused_linear.py::test_the_gradients_returned_are_not_the_ones_saved_for_the_next_backward",),
+        "reduction sum / mean hands the caller the gradients saved for the next backward when the upstream is 1: "
+        "zeroing them (zero_grad, .data.zero_()) zeroes or breaks a retained graph's next gradient",
+    ),
+    Mutation(
         "linear-no-version-check", "minillm_kernels/fused_linear.py",
         "    ctx.save_for_backward(*inputs[:3], *output[1:])",
         "    ctx.save_for_backward(None, None, None, *output[1:])",
