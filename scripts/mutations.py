@@ -213,6 +213,23 @@ MUTATIONS = (
     ),
     # ---- the reference (the oracle): its bugs must be caught by independent checks, not by itself
     Mutation(
+        "reference-reads-masked-rows", "minillm_kernels/reference.py",
+        "    return logits if mask is None else torch.where(mask.unsqueeze(-1), logits, 0.0)",
+        "    return logits",
+        ("tests/test_reverse_kld.py::test_masked_rows_are_not_read_whatever_they_hold[reference]",
+         "tests/test_divergence.py::test_undefined_rows_give_nan_and_masked_rows_give_zero_whatever_they_hold",
+         "-k", "reference"),
+        "the reference computes masked rows and zeroes their values after: NaN logits there give a NaN gradient",
+    ),
+    Mutation(
+        "reference-undefined-rows-finite", "minillm_kernels/reference.py",
+        "    value = terms.sum(-1) + torch.where(undefined, math.nan, 0.0) * q.sum(-1)",
+        "    value = terms.sum(-1)",
+        ("tests/test_divergence.py::test_undefined_rows_give_nan_and_masked_rows_give_zero_whatever_they_hold",
+         "-k", "reference"),
+        "the reference's terms skip NaN probabilities: a NaN teacher row gives a forward KL of 0.0",
+    ),
+    Mutation(
         "reference-dead-terms", "minillm_kernels/reference.py",
         "kl = (q * torch.where(live, student_logq - teacher_logp, zero)).sum(-1)",
         "kl = (q * (student_logq - teacher_logp)).sum(-1)",
