@@ -7,6 +7,7 @@ out of range a ``ValueError`` that gives the range. The checks are written with 
 """
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Integral, Real
 
@@ -43,6 +44,30 @@ def as_real(name: str, value: object, low: float = -math.inf, high: float = math
     if not (above_low and below_high and -math.inf < value < math.inf):
         raise ValueError(f"{name} must be {_range_words(low, high, open_low, open_high)}, got {value!r}{hint}")
     return value if isinstance(value, (float, torch.SymFloat)) else float(value)
+
+
+def as_temperature(value: object, compute_dtype: torch.dtype) -> float:
+    """``value`` as the temperature T of logits computed in ``compute_dtype`` (float32, or float64): a finite T > 0
+    whose reciprocal is finite there too (``smallest_temperature``), as every backend scales the logits by k = 1/T."""
+    temperature = as_real("temperature", value, 0.0, open_low=True)
+    smallest = smallest_temperature(compute_dtype)
+    if not temperature >= smallest:
+        dtype = str(compute_dtype).removeprefix("torch.")
+        wider = "; float64 logits allow smaller temperatures" if compute_dtype != torch.float64 else ""
+        raise ValueError(f"temperature must be >= {smallest!r} for logits computed in {dtype} (the logits are scaled "
+                         f"by 1/temperature, which must be finite in {dtype}), got {temperature!r}{wider}")
+    return temperature
+
+
+@functools.cache
+def smallest_temperature(dtype: torch.dtype) -> float:
+    """The smallest T > 0 whose reciprocal, computed in float64 (as the kernels receive it), is at most ``dtype``'s
+    largest number: 1 / max, or a few float64 steps above it where 1 / (1 / max) rounds past max (float64's own)."""
+    largest = torch.finfo(dtype).max
+    temperature = 1.0 / largest
+    while not 1.0 / temperature <= largest:
+        temperature = math.nextafter(temperature, math.inf)
+    return temperature
 
 
 def _range_words(low: float, high: float, open_low: bool, open_high: bool = False) -> str:

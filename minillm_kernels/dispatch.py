@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from minillm_kernels import parallel, reference
-from minillm_kernels._arguments import as_int, as_real
+from minillm_kernels._arguments import as_int, as_real, as_temperature
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 REDUCTIONS = ("none", "sum", "mean")
@@ -179,6 +179,7 @@ class LogitsCall(NamedTuple):
     lead_shape: torch.Size
     vocab_size: int
     backend: str
+    temperature: float
 
 
 def _unit_column_stride(logits: torch.Tensor) -> torch.Tensor:
@@ -257,6 +258,7 @@ class TokenArgs(NamedTuple):
     lead_shape: torch.Size
     vocab_size: int
     backend: str
+    temperature: float  # a Python float, whatever number type was given
 
 
 def validate_token_args(
@@ -298,7 +300,7 @@ def validate_token_args(
         vocab_size = student_width
     else:  # (at most the narrower width: the real vocabulary fits in both)
         vocab_size = as_int(vocab_name, vocab_size, 1, min(student_width, teacher_width))
-    as_real("temperature", temperature, 0.0, open_low=True)
+    temperature = as_temperature(temperature, reference.compute_dtype(dtype))
     if mask is not None:
         _check_companion("mask", mask, lead_shape, device, inputs)
         if mask.dtype != torch.bool:
@@ -318,7 +320,8 @@ def validate_token_args(
                     f"target_ids must lie in [0, vocab_size={vocab_size}) where the mask is True; "
                     f"got values in [{int(counted.min())}, {int(counted.max())}]"
                 )
-    return TokenArgs(target_ids, mask, lead_shape, vocab_size, _choose_backend(backend, device, dtype, vocab_size))
+    return TokenArgs(target_ids, mask, lead_shape, vocab_size, _choose_backend(backend, device, dtype, vocab_size),
+                     temperature)
 
 
 def importance_weight(student_logprob: torch.Tensor, teacher_logprob: torch.Tensor, mix_alpha: float) -> torch.Tensor:

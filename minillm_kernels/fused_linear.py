@@ -595,7 +595,7 @@ def _validate_linear(
         (teacher_hidden, "teacher_hidden"), (teacher_weight, "teacher_weight"), (teacher_bias, "teacher_bias")))
     flat = lambda hidden: hidden.reshape(-1, hidden.shape[-1])  # noqa: E731
     tensors = (flat(student_hidden), student_weight, student_bias, flat(teacher[0]), *teacher[1:])
-    options = (float(temperature), args.vocab_size, chunk_size, args.backend)
+    options = (args.temperature, args.vocab_size, chunk_size, args.backend)
     return _LinearCall(tensors, args.target, args.mask, options, lead_shape, shards)
 
 

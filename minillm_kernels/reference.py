@@ -22,8 +22,12 @@ def compute_dtype(*logits_dtypes: torch.dtype) -> torch.dtype:
 
 
 def _scaled(logits: torch.Tensor, vocab_size: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """logits[:, :vocab_size] / T, in ``dtype``."""
-    return logits[:, :vocab_size].to(dtype) / temperature
+    """(logits[:, :vocab_size] - c) k in ``dtype``, k = 1/T: logits / T up to a shift per row, which no softmax sees.
+    As in the kernels, c is the row's largest logit (0 where all are -inf; detached) and k is computed in float64,
+    so that a tiny T (k up to the dtype's largest number) overflows no difference that float64 holds."""
+    x = logits[:, :vocab_size].to(dtype)
+    centre = x.detach().amax(-1, keepdim=True)
+    return (x - torch.where(centre == -math.inf, 0.0, centre)) * (1.0 / temperature)
 
 
 def _log_softmax(logits: torch.Tensor, vocab_size: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:

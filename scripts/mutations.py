@@ -284,6 +284,20 @@ MUTATIONS = (
     ),
     # ---- fused lm_head + loss
     Mutation(
+        "temperature-reciprocal-unchecked", "minillm_kernels/_arguments.py",
+        "    if not temperature >= smallest:\n",
+        "    if False:\n",
+        ("tests/test_validation.py::test_a_temperature_whose_reciprocal_overflows_is_refused_by_name",),
+        "a temperature whose 1/T overflows float32 passes: every backend then returns NaN or 0.0",
+    ),
+    Mutation(
+        "reference-logits-not-centred", "minillm_kernels/reference.py",
+        "    return (x - torch.where(centre == -math.inf, 0.0, centre)) * (1.0 / temperature)",
+        "    return x / temperature",
+        ("tests/test_validation.py::test_the_smallest_temperature_gives_the_float64_answer_on_every_backend",),
+        "the reference scales the raw logits by 1/T: at the smallest temperature allowed they overflow (NaN, 0.0)",
+    ),
+    Mutation(
         "linear-bias-gradient-overwritten", "minillm_kernels/fused_linear.py",
         "self.bias[: self.vocab_size] += grad_logits.sum(0, dtype=self.bias.dtype)",
         "self.bias[: self.vocab_size] = grad_logits.sum(0, dtype=self.bias.dtype)",
