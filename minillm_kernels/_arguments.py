@@ -14,16 +14,21 @@ from numbers import Integral, Real
 import torch
 
 
-def _unwrap(value: object) -> object:
-    """A 0-dim tensor's Python number (eager only: ``.item()`` is a graph break under torch.compile)."""
+def _unwrap(name: str, value: object) -> object:
+    """A 0-dim tensor's Python number (eager only: ``.item()`` is a graph break under torch.compile). One that requires
+    grad is refused: no gradient flows to these arguments (only to the student's logits or hidden states), which a
+    Python number would silently drop."""
     if isinstance(value, torch.Tensor) and value.dim() == 0:
+        if value.requires_grad:
+            raise TypeError(f"{name} is a tensor that requires grad, but no gradient flows to {name} (only to the "
+                            f"student's logits or hidden states): pass {name}.detach() or a Python number")
         return value.item()
     return value
 
 
 def as_int(name: str, value: object, low: int, high: float = math.inf) -> int:
     """``value`` as an ``int`` in ``[low, high]``."""
-    value = _unwrap(value)
+    value = _unwrap(name, value)
     if isinstance(value, bool) or not isinstance(value, (Integral, torch.SymInt)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if not low <= value <= high:
@@ -35,7 +40,7 @@ def as_real(name: str, value: object, low: float = -math.inf, high: float = math
             open_low: bool = False, open_high: bool = False, hint: str = "") -> float:
     """``value`` as a finite ``float`` in ``[low, high]`` (open at the ends ``open_low`` / ``open_high`` name); NaN is
     refused. ``hint`` is added to the out-of-range message (what the value means, what to pass instead)."""
-    value = _unwrap(value)
+    value = _unwrap(name, value)
     if isinstance(value, bool) or not isinstance(value, (Real, torch.SymFloat)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     above_low = value > low if open_low else value >= low

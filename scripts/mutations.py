@@ -298,6 +298,14 @@ MUTATIONS = (
         "the reference scales the raw logits by 1/T: at the smallest temperature allowed they overflow (NaN, 0.0)",
     ),
     Mutation(
+        "scalar-tensor-gradient-dropped", "minillm_kernels/_arguments.py",
+        "        if value.requires_grad:\n",
+        "        if False:\n",
+        ("tests/test_validation.py::test_a_scalar_tensor_that_requires_grad_is_refused_on_every_backend",),
+        "a 0-dim temperature (beta, skew) that requires grad is taken as its number: the gradient it asked for is "
+        "silently dropped",
+    ),
+    Mutation(
         "linear-bias-gradient-overwritten", "minillm_kernels/fused_linear.py",
         "self.bias[: self.vocab_size] += grad_logits.sum(0, dtype=self.bias.dtype)",
         "self.bias[: self.vocab_size] = grad_logits.sum(0, dtype=self.bias.dtype)",

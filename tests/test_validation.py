@@ -201,3 +201,24 @@ def test_the_smallest_temperature_gives_the_float64_answer_on_every_backend(dtyp
                                       reduction="none", backend=backend)
             torch.testing.assert_close(got, exact.to(dtype), rtol=1e-6, atol=1e-6,
                                        msg=lambda m: f"{backend} {divergence}: {m}")
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu", "triton"))
+@pytest.mark.parametrize("argument", ("temperature", "beta", "skew"))
+def test_a_scalar_tensor_that_requires_grad_is_refused_on_every_backend(backend, argument):
+    """No backend differentiates with respect to the temperature, beta or skew (the gradient flows to the student's
+    logits only): a 0-dim tensor that requires grad is a TypeError naming it on every backend, never a gradient that
+    one backend computes and the others silently drop (issue 20's r17)."""
+    if backend not in mk.available_backends():
+        pytest.skip(f"backend {backend!r} is not available here")
+    value = torch.tensor(0.7 if argument == "temperature" else 0.3, requires_grad=True)
+    divergence = "skew_forward_kl" if argument == "skew" else "jsd"
+    student = logits(2, 3, V).requires_grad_()
+    with pytest.raises(TypeError, match=rf"{argument} is a tensor that requires grad.*{argument}.detach\(\)"):
+        mk.fused_divergence(student, logits(2, 3, V), divergence=divergence, backend=backend, **{argument: value})
+    if argument == "temperature":
+        with pytest.raises(TypeError, match="temperature is a tensor that requires grad"):
+            call(student=student, temperature=value, backend=backend)
+    detached = mk.fused_divergence(student, logits(2, 3, V), divergence=divergence, backend=backend,
+                                   **{argument: value.detach()})
+    assert detached.requires_grad
