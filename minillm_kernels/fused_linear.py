@@ -70,6 +70,7 @@ from minillm_kernels.dispatch import (
 )
 from minillm_kernels.ops import divergence as divergence_ops
 from minillm_kernels.ops import reverse_kld as ops
+from minillm_kernels.ops.autograd import differentiable, first_order
 
 Tensor = torch.Tensor
 Rows = Union[slice, Tensor]  # a chunk's tokens: a slice of [0, N), or the indices of its counted tokens
@@ -328,7 +329,7 @@ def _token_stats_backward(ctx, grad_kl, grad_student_logprob, grad_teacher_logpr
     return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 9)
 
 
-linear_token_stats.register_autograd(_token_stats_backward, setup_context=_setup_token_stats)
+differentiable_linear_token_stats = differentiable(linear_token_stats, _token_stats_backward, _setup_token_stats)
 
 
 @torch.library.custom_op("minillm_kernels::linear_reverse_kld_sum", mutates_args=())
@@ -405,7 +406,7 @@ def _scaled_gradients(grads: tuple[Tensor, ...], needs: list[bool], grad_total: 
     return tuple(g * grad_total.to(g.dtype) if need else None for g, need in zip(grads, needs))
 
 
-linear_reverse_kld_sum.register_autograd(_sum_backward, setup_context=_setup_sum)
+differentiable_linear_reverse_kld_sum = differentiable(linear_reverse_kld_sum, _sum_backward, _setup_sum)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -473,6 +474,7 @@ class _ShardedReverseKldSum(torch.autograd.Function):
         return total
 
     @staticmethod
+    @first_order("the vocabulary-parallel fused-linear reverse KL")
     def backward(ctx, grad_total):
         _, _, _, *grads = ctx.saved_tensors
         return (None, None, None, *_scaled_gradients(grads, ctx.needs, grad_total))
@@ -482,7 +484,7 @@ def _token_stats(call: "_LinearCall") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(kl, student_logprob, teacher_logprob, entropy)``, ``[N]`` each, of a validated call."""
     if call.shards is not None:
         return _sharded_token_stats(call)
-    return linear_token_stats(*call.tensors, call.target, call.mask, *call.options)[:4]
+    return differentiable_linear_token_stats(*call.tensors, call.target, call.mask, *call.options)[:4]
 
 
 @torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
@@ -656,7 +658,8 @@ def fused_linear_reverse_kld(
     needs = _needs_grad(*call.tensors[:3])
     if call.shards is not None:
         return _sharded_reverse_kld_sum(call, reduction == "mean", needs)
-    return linear_reverse_kld_sum(*call.tensors, call.mask, *call.options, reduction == "mean", needs)[0]
+    return differentiable_linear_reverse_kld_sum(*call.tensors, call.mask, *call.options, reduction == "mean",
+                                                 needs)[0]
 
 
 def fused_linear_token_stats(
@@ -814,7 +817,7 @@ def _divergence_backward(ctx, grad_value, grad_mean_partial, grad_row_stats):
     return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 11)
 
 
-linear_divergence.register_autograd(_divergence_backward, setup_context=_setup_divergence)
+differentiable_linear_divergence = differentiable(linear_divergence, _divergence_backward, _setup_divergence)
 
 
 def fused_linear_divergence(
@@ -879,5 +882,5 @@ def fused_linear_divergence(
     if call.shards is not None:
         value = _sharded_divergence(call, divergence, coefficient)
     else:
-        value = linear_divergence(*call.tensors, call.mask, divergence, coefficient, *call.options)[0]
+        value = differentiable_linear_divergence(*call.tensors, call.mask, divergence, coefficient, *call.options)[0]
     return reduce_per_token(value, call.mask, call.lead_shape, reduction)

@@ -204,7 +204,7 @@ def _token_stats(rows: LogitsCall, shards: Optional[parallel.VocabShards] = None
     if rows.backend == "reference":  # the naive formulas, on [N, V] rows (a copy where the layout needs one)
         student, teacher = (x.reshape(-1, x.shape[-1]) for x in (rows.student, rows.teacher))
         return reference.token_stats(student, teacher, rows.target, rows.mask, rows.temperature, rows.vocab_size)
-    kl, student_logprob, teacher_logprob, entropy, _ = ops.token_stats(
+    kl, student_logprob, teacher_logprob, entropy, _ = ops.differentiable_token_stats(
         rows.student, rows.teacher, rows.target, rows.mask, 1.0 / rows.temperature, rows.vocab_size, rows.backend
     )
     return kl, student_logprob, teacher_logprob, entropy

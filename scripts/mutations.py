@@ -230,6 +230,23 @@ MUTATIONS = (
         "the reference's terms skip NaN probabilities: a NaN teacher row gives a forward KL of 0.0",
     ),
     Mutation(
+        "custom-ops-without-their-function", "minillm_kernels/ops/autograd.py",
+        "    return apply\n",
+        "    return op\n",
+        ("tests/test_autograd.py::test_torch_func_grad_vjp_and_jacrev_give_the_autograd_gradient", "-k",
+         "cpu and fused_reverse_kld"),
+        "the package calls the custom ops themselves: torch.func.grad / jacrev fail ('must override setup_context')",
+    ),
+    Mutation(
+        "kernel-gradients-silently-without-a-graph", "minillm_kernels/ops/autograd.py",
+        "            if not torch.is_grad_enabled():\n",
+        "            if True:\n",
+        ("tests/test_autograd.py::test_differentiating_a_kernels_gradient_again_is_a_clear_error", "-k",
+         "cpu and (fused_divergence or fused_linear_reverse_kld)"),
+        "create_graph=True: a gradient with no graph (fused-linear mean) or torch's 'no autograd formula' error, not "
+        "the first-order error that names what is supported",
+    ),
+    Mutation(
         "reference-dead-terms", "minillm_kernels/reference.py",
         "kl = (q * torch.where(live, student_logq - teacher_logp, zero)).sum(-1)",
         "kl = (q * (student_logq - teacher_logp)).sum(-1)",

@@ -29,6 +29,7 @@ import torch
 
 from minillm_kernels import reference
 from minillm_kernels.ops import reverse_kld
+from minillm_kernels.ops.autograd import differentiable
 from minillm_kernels.ops.reverse_kld import fresh_gradient, n_rows, row_view, stats_dtype
 
 Tensor = torch.Tensor
@@ -143,7 +144,8 @@ def _backward(ctx, grad_divergence, grad_mean_partial, grad_row_stats):
     return grad_student, None, None, None, None, None, None, None, None
 
 
-divergence.register_autograd(_backward, setup_context=_setup_context)
+# The op with its gradient, for torch.autograd and torch.func (ops/autograd.py): what callers that differentiate call.
+differentiable_divergence = differentiable(divergence, _backward, _setup_context)
 
 
 def divergence_rows(
@@ -160,7 +162,8 @@ def divergence_rows(
     if skew == 0 and divergence_name in ("skew_forward_kl", "skew_reverse_kl"):
         divergence_name = divergence_name.removeprefix("skew_")
     if divergence_name == "reverse_kl":
-        return reverse_kld.token_stats(student, teacher, None, mask, 1.0 / temperature, vocab_size, backend)[0]
+        return reverse_kld.differentiable_token_stats(student, teacher, None, mask, 1.0 / temperature, vocab_size,
+                                                      backend)[0]
     coefficient = beta if divergence_name == "jsd" else skew
-    return divergence(student, teacher, mask, divergence_name, coefficient, 1.0 / temperature, vocab_size,
-                      backend)[0]
+    return differentiable_divergence(student, teacher, mask, divergence_name, coefficient, 1.0 / temperature,
+                                     vocab_size, backend)[0]

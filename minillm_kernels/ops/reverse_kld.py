@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from minillm_kernels import reference
+from minillm_kernels.ops.autograd import differentiable
 
 Tensor = torch.Tensor
 
@@ -185,7 +186,8 @@ def _backward(ctx, grad_kl, grad_student_logprob, grad_teacher_logprob, grad_ent
     return grad_student, None, None, None, None, None, None
 
 
-token_stats.register_autograd(_backward, setup_context=_setup_context)
+# The op with its gradient, for torch.autograd and torch.func (ops/autograd.py): what callers that differentiate call.
+differentiable_token_stats = differentiable(token_stats, _backward, _setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------------
