@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from minillm_kernels import parallel, reference
-from minillm_kernels._arguments import as_int, as_real, as_temperature
+from minillm_kernels._arguments import as_beta, as_int, as_number, as_real, as_skew, as_temperature
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 REDUCTIONS = ("none", "sum", "mean")
@@ -356,16 +356,14 @@ def reduce_per_token(per_token: torch.Tensor, mask: Optional[torch.Tensor], lead
 
 
 def check_divergence_args(divergence: str, beta: float, skew: float) -> tuple[float, float]:
-    """``(beta, skew)`` as floats, after checking them and the divergence's name."""
+    """``(beta, skew)`` as floats, after checking them and the divergence's name. While torch.compile traces, only
+    their types: a failing range check cannot raise then (the graph would break), so the ops check the coefficient
+    their divergence uses when the graph runs, with the same ValueError (``ops.divergence.check_coefficient``)."""
     if divergence not in reference.DIVERGENCES:
         raise ValueError(f"divergence must be one of {reference.DIVERGENCES}, got {divergence!r}")
-    beta = as_real("beta", beta, 0.0, 1.0, open_low=True, open_high=True,
-                   hint=" (the teacher's weight in the JSD's mixture m = beta p + (1 - beta) q; at 0 or 1 the JSD is "
-                        "0: for the limits use divergence='forward_kl' or 'reverse_kl', see docs/design.md)")
-    skew = as_real("skew", skew, 0.0, 1.0, open_high=True,
-                   hint=" (the leading model's weight in the skew KL's mixture; 0 is the plain KL, and at 1 the "
-                        "divergence is 0)")
-    return beta, skew
+    if torch.compiler.is_compiling():
+        return as_number("beta", beta), as_number("skew", skew)
+    return as_beta(beta), as_skew(skew)
 
 
 def logits_shards(process_group, student_logits, teacher_logits):

@@ -741,6 +741,7 @@ def linear_divergence(
     """Per-token ``(value, mean_partial, row_stats)``, ``[N]``, ``[N]`` and ``[N, 4]``; 0 for tokens the mask leaves
     out. ``given_row_stats`` ``[N, 4]``: the terms from those log-normalisers (a vocabulary shard's share of the
     global terms, ``parallel.combine_divergence``)."""
+    divergence_ops.check_coefficient(divergence, coefficient)  # (first: under torch.compile its only check)
     student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
     teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
     outputs = _linear_divergence_outputs(student_hidden, student_weight, teacher_weight, zeros=True)

@@ -156,7 +156,8 @@ def _log_mixture(weight: float, log_a: torch.Tensor, log_b: torch.Tensor) -> tor
     both_dead = (log_a == -math.inf) & (log_b == -math.inf)
     log_a, log_b = (torch.where(both_dead, 0.0, x) for x in (log_a, log_b))  # (no NaN in logaddexp's backward)
     log_weight = math.log(weight) if weight > 0 else -math.inf
-    log_mix = torch.logaddexp(log_a + log_weight, log_b + math.log1p(-weight))
+    log_other_weight = math.log1p(-weight) if weight < 1 else -math.inf  # (weight in [0, 1]; or no error here)
+    log_mix = torch.logaddexp(log_a + log_weight, log_b + log_other_weight)
     return torch.where(both_dead, -math.inf, log_mix)
 
 

@@ -82,10 +82,15 @@ def differentiable(op: Any, backward: Callable[..., tuple], setup_context: Calla
     backward = first_order(op._qualname)(backward)
     op.register_autograd(backward, setup_context=setup_context)
 
+    overload = op._opoverload  # (torch.compile traces a function calling it; one calling the op object it cannot)
+
+    def forward(*args):
+        return overload(*args)
+
     function = type(f"{op._name}_function", (torch.autograd.Function,), {
         "__doc__": f"{op._qualname} with its gradient, for torch.autograd and torch.func.",
         "generate_vmap_rule": True,
-        "forward": staticmethod(op._opoverload),  # (torch.compile traces the OpOverload; the op object it cannot wrap)
+        "forward": staticmethod(forward),
         "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward),  # (no jvp: torch.compile cannot trace a Function that has one)
     })
@@ -93,6 +98,10 @@ def differentiable(op: Any, backward: Callable[..., tuple], setup_context: Calla
     defaults = tuple(parameter.default for parameter in inspect.signature(op._init_fn).parameters.values())
 
     def apply(*args):
-        return function.apply(*args, *defaults[len(args):])
+        args = (*args, *defaults[len(args):])
+        differentiated = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in args)
+        if torch.compiler.is_compiling() and not differentiated:
+            return overload(*args)  # (torch.compile cannot trace this Function where no input requires grad)
+        return function.apply(*args)  # (also without a gradient: forward-mode AD must meet the Function, not the op)
 
     return apply
