@@ -8,8 +8,8 @@ turns per-row upstream gradients ``a = dL/dKL, b = dL/dlog q(y), c = dL/dH`` int
 student logits, a fresh contiguous tensor of the student's shape.
 The ``backend`` argument picks the kernel ("cpu": the C++ kernel, "triton", "cuda": the CUDA C++
 kernels); both ops have fake implementations, so ``torch.compile(fullgraph=True)`` traces through
-them, and the forward op has a registered autograd formula, so only per-row scalars are saved between
-forward and backward.
+them, and the forward op has an autograd formula (registered, and as an ``autograd.Function`` for ``torch.func``:
+``ops/autograd.py``), so only per-row scalars are saved between forward and backward.
 
 Row layout: the logits' last dimension has stride 1, the leading ones any strides (a ``[:, -(N+1):-1]`` slice of
 a model's ``[B, L, V]`` output, a transposed ``[T, B, V]``, a column slice of wider rows, a stride-0 ``expand``);
