@@ -124,8 +124,8 @@ def divergence_call(kind, backend, argument):
     device = device_for(backend)
     if kind == "logits":
         inputs = [random_logits(6, VOCAB, torch.float32, device) for _ in range(2)]
-        return (lambda x, value: mk.fused_divergence(*x, divergence=divergence, backend=backend, **{argument: value})), \
-            inputs
+        return (lambda x, value: mk.fused_divergence(*x, divergence=divergence, backend=backend,
+                                                     **{argument: value})), inputs
     inputs = [torch.randn(6, HIDDEN, device=device), torch.randn(VOCAB, HIDDEN, device=device)] * 2
     return (lambda x, value: mk.fused_linear_divergence(*x, divergence=divergence, chunk_size=4, backend=backend,
                                                        **{argument: value})), inputs

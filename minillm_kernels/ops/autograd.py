@@ -1,10 +1,11 @@
 """The custom ops' gradients: one formula per op, registered on the op and as an ``autograd.Function``; first order.
 
 ``op.register_autograd`` makes a ``torch.library`` custom op differentiable under ``torch.autograd`` and
-``torch.compile``, but not under the ``torch.func`` transforms (grad, vjp, jacrev, vmap): the ``autograd.Function`` torch
-generates for the op has no ``setup_context`` (pytorch/pytorch#168393). ``differentiable(op, backward, setup_context)``
-registers the formula on the op and returns the op as the ``apply`` of an ``autograd.Function`` with the same
-``setup_context`` and ``backward``, which every transform takes: the package's functions call that. Under ``vmap``
+``torch.compile``, but not under the ``torch.func`` transforms (grad, vjp, jacrev, vmap): the ``autograd.Function``
+torch generates for the op has no ``setup_context`` (pytorch/pytorch#168393). ``differentiable(op, backward,
+setup_context)`` registers the formula on the op and returns a function that calls the op through an
+``autograd.Function`` with the same ``setup_context`` and ``backward``, which every transform takes (while
+torch.compile traces, and no input requires grad, the op itself): the package's functions call that. Under ``vmap``
 the ops run once per batch element (torch's fallback, which warns that it is slow).
 
 The gradients are computed by the kernels (or, for the fused-linear reductions, in the forward pass): they have no

@@ -161,8 +161,8 @@ differentiable_divergence = differentiable(divergence, _backward, _setup_context
 
 @torch.library.custom_op("minillm_kernels::checked_coefficient", mutates_args=())
 def checked_coefficient(values: Tensor, divergence: str, coefficient: float) -> Tensor:
-    """A copy of ``values`` once ``check_coefficient(divergence, coefficient)`` passes: under torch.compile, the run-time
-    check of the reference backend's coefficient (which no kernel op receives), on its ``[N]`` values."""
+    """A copy of ``values`` once ``check_coefficient(divergence, coefficient)`` passes: under torch.compile, the
+    run-time check of the reference backend's coefficient (which no kernel op receives), on its ``[N]`` values."""
     check_coefficient(divergence, coefficient)
     return values.clone()
 
