@@ -22,13 +22,23 @@ def compute_dtype(*logits_dtypes: torch.dtype) -> torch.dtype:
 
 
 def _scaled(logits: torch.Tensor, vocab_size: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """logits[:, :vocab_size] / T, in ``dtype``."""
-    return logits[:, :vocab_size].to(dtype) / temperature
+    """(logits[:, :vocab_size] - c) k in ``dtype``, k = 1/T: logits / T up to a shift per row, which no softmax sees.
+    As in the kernels, c is the row's largest logit (0 where all are -inf; detached) and k is computed in float64,
+    so that a tiny T (k up to the dtype's largest number) overflows no difference that float64 holds."""
+    x = logits[:, :vocab_size].to(dtype)
+    centre = x.detach().amax(-1, keepdim=True)
+    return (x - torch.where(centre == -math.inf, 0.0, centre)) * (1.0 / temperature)
 
 
 def _log_softmax(logits: torch.Tensor, vocab_size: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:
     """log softmax(logits[:, :vocab_size] / T), computed in ``dtype``."""
     return torch.log_softmax(_scaled(logits, vocab_size, temperature, dtype), dim=-1)
+
+
+def _unmasked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` with the rows ``mask`` leaves out replaced by zeros: a masked row is not read, as in the kernels (its
+    outputs are 0 and its gradient exactly 0, also where it holds NaN or infinities)."""
+    return logits if mask is None else torch.where(mask.unsqueeze(-1), logits, 0.0)
 
 
 def token_stats(
@@ -46,10 +56,11 @@ def token_stats(
     log p_v), H = -sum_v q_v log q_v, terms with q_v = 0 count 0. Without ``target`` the two log-probabilities
     are zeros. A target outside [0, vocab_size) in an unmasked row has no column: NaN log-probabilities for
     that row, and under autograd the gradient of log q(y) = s'_y - lse(s') without its one-hot, i.e. through the
-    -lse(s') part alone (-q), which every id has; masked rows may hold any id (e.g. -100). The teacher gets no
-    gradient.
+    -lse(s') part alone (-q), which every id has; masked rows are not read and may hold any id (e.g. -100). The
+    teacher gets no gradient.
     """
     dtype = compute_dtype(student.dtype, teacher.dtype)
+    student, teacher = _unmasked(student, mask), _unmasked(teacher.detach(), mask)
     student_logq = _log_softmax(student, vocab_size, temperature, dtype)
     teacher_logp = _log_softmax(teacher.detach(), vocab_size, temperature, dtype)
     q = student_logq.exp()
@@ -145,7 +156,8 @@ def _log_mixture(weight: float, log_a: torch.Tensor, log_b: torch.Tensor) -> tor
     both_dead = (log_a == -math.inf) & (log_b == -math.inf)
     log_a, log_b = (torch.where(both_dead, 0.0, x) for x in (log_a, log_b))  # (no NaN in logaddexp's backward)
     log_weight = math.log(weight) if weight > 0 else -math.inf
-    log_mix = torch.logaddexp(log_a + log_weight, log_b + math.log1p(-weight))
+    log_other_weight = math.log1p(-weight) if weight < 1 else -math.inf  # (weight in [0, 1]; or no error here)
+    log_mix = torch.logaddexp(log_a + log_weight, log_b + log_other_weight)
     return torch.where(both_dead, -math.inf, log_mix)
 
 
@@ -170,13 +182,16 @@ def divergence(
         "tvd"              1/2 sum_v |p_v - q_v|
 
     A term whose leading probability (the first argument of its KL) is 0 counts 0, with a zero gradient; log m is
-    taken as a logaddexp of the two log-probabilities. The gradient of |p_v - q_v| at p_v = q_v is 0.
+    taken as a logaddexp of the two log-probabilities. The gradient of |p_v - q_v| at p_v = q_v is 0. As in the
+    kernels, a row whose softmax is undefined in either model (a NaN or +inf logit, or every logit -inf) gives NaN,
+    and masked rows are not read.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     dtype = compute_dtype(student.dtype, teacher.dtype)
+    student, teacher = _unmasked(student, mask), _unmasked(teacher.detach(), mask)
     log_q = _log_softmax(student, vocab_size, temperature, dtype)
-    log_p = _log_softmax(teacher.detach(), vocab_size, temperature, dtype)
+    log_p = _log_softmax(teacher, vocab_size, temperature, dtype)
     q, p = log_q.exp(), log_p.exp()
     if divergence == "reverse_kl":
         terms = _weighted_log_ratio(q, log_q, log_p)
@@ -191,7 +206,10 @@ def divergence(
         terms = _weighted_log_ratio(q, log_q, _log_mixture(skew, log_q, log_p))
     else:
         terms = 0.5 * (p - q).abs()
-    value = terms.sum(-1)
+    # An undefined softmax has a NaN log-probability somewhere (a -inf log-probability is not NaN). The terms alone,
+    # which skip zero probabilities, would drop it: NaN in the value and, through sum_v q_v (= 1), in the gradient.
+    undefined = log_q.isnan().any(-1) | log_p.isnan().any(-1)
+    value = terms.sum(-1) + torch.where(undefined, math.nan, 0.0) * q.sum(-1)
     return value if mask is None else torch.where(mask, value, 0.0)
 
 

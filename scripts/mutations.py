@@ -185,6 +185,16 @@ MUTATIONS = (
         "the Triton backward forgets the softmax's -q_v sum_u q_u a_u",
     ),
     Mutation(
+        "triton-expm1-kahan-on-subnormals", "minillm_kernels/ops/divergence_triton.py",
+        "    corrected = (e - 1.0) * x / tl.log(tl.maximum(e, 0.5))  # (the maximum: no log of 0 in lanes not taken)\n"
+        "    return tl.where(e < 0.5, e - 1.0, tl.where(e == 1.0, x, corrected))",
+        "    corrected = (e - 1.0) * x / tl.log(e)\n"
+        "    return tl.where(e == 1.0, x, tl.where(e == 0.0, -1.0, corrected))",
+        ("tests/test_divergence.py::test_mixtures_where_the_models_are_a_subnormal_factor_apart", "-k", "triton"),
+        "expm1 takes Kahan's (e - 1) x / log e also where e = exp(x) is subnormal: the mixtures' log m is off by up to "
+        "1e-2 where the models are 88-103 nats apart (float32)",
+    ),
+    Mutation(
         "linear-divergence-saved-rows-misaligned", "minillm_kernels/fused_linear.py",
         "(mean_partial[rows], row_stats[rows]), plan, divergence, coefficient),",
         "(mean_partial[: _rows_count(rows)], row_stats[: _rows_count(rows)]), plan, divergence,\n"
@@ -202,6 +212,63 @@ MUTATIONS = (
         "a CUDA source that nvcc cannot compile",
     ),
     # ---- the reference (the oracle): its bugs must be caught by independent checks, not by itself
+    Mutation(
+        "reference-reads-masked-rows", "minillm_kernels/reference.py",
+        "    return logits if mask is None else torch.where(mask.unsqueeze(-1), logits, 0.0)",
+        "    return logits",
+        ("tests/test_reverse_kld.py::test_masked_rows_are_not_read_whatever_they_hold[reference]",
+         "tests/test_divergence.py::test_undefined_rows_give_nan_and_masked_rows_give_zero_whatever_they_hold",
+         "-k", "reference"),
+        "the reference computes masked rows and zeroes their values after: NaN logits there give a NaN gradient",
+    ),
+    Mutation(
+        "reference-undefined-rows-finite", "minillm_kernels/reference.py",
+        "    value = terms.sum(-1) + torch.where(undefined, math.nan, 0.0) * q.sum(-1)",
+        "    value = terms.sum(-1)",
+        ("tests/test_divergence.py::test_undefined_rows_give_nan_and_masked_rows_give_zero_whatever_they_hold",
+         "-k", "reference"),
+        "the reference's terms skip NaN probabilities: a NaN teacher row gives a forward KL of 0.0",
+    ),
+    Mutation(
+        "custom-ops-without-their-function", "minillm_kernels/ops/autograd.py",
+        "    return apply\n",
+        "    return op\n",
+        ("tests/test_autograd.py::test_torch_func_grad_vjp_and_jacrev_give_the_autograd_gradient", "-k",
+         "cpu and fused_reverse_kld"),
+        "the package calls the custom ops themselves: torch.func.grad / jacrev fail ('must override setup_context')",
+    ),
+    Mutation(
+        "kernel-gradients-silently-without-a-graph", "minillm_kernels/ops/autograd.py",
+        "            if not torch.is_grad_enabled():\n",
+        "            if True:\n",
+        ("tests/test_autograd.py::test_differentiating_a_kernels_gradient_again_is_a_clear_error", "-k",
+         "cpu and (fused_divergence or fused_linear_reverse_kld)"),
+        "create_graph=True: a gradient with no graph (fused-linear mean) or torch's 'no autograd formula' error, not "
+        "the first-order error that names what is supported",
+    ),
+    Mutation(
+        "divergence-op-trusts-its-coefficient", "minillm_kernels/ops/divergence.py",
+        "    check_coefficient(divergence, coefficient)\n    if n_rows(student) == 0:",
+        "    if n_rows(student) == 0:",
+        ("tests/test_compile.py::test_a_bad_symbolic_beta_or_skew_is_the_eager_value_error", "-k", "cpu and logits"),
+        "under torch.compile a bad beta reaches the kernel unchecked: the kernel's RuntimeError, not eager's ValueError",
+    ),
+    Mutation(
+        "compiled-reference-coefficient-unchecked", "minillm_kernels/ops/divergence.py",
+        "        return checked_coefficient(value, divergence_name, coefficient) if torch.compiler.is_compiling() else value",
+        "        return value",
+        ("tests/test_compile.py::test_a_bad_symbolic_beta_or_skew_is_the_eager_value_error", "-k",
+         "reference and logits"),
+        "under torch.compile the reference backend computes with beta = 1.5 (NaN) instead of raising",
+    ),
+    Mutation(
+        "compiled-scalar-tensor-item", "minillm_kernels/_arguments.py",
+        "        if torch.compiler.is_compiling():\n            raise TypeError(",
+        "        if False:\n            raise TypeError(",
+        ("tests/test_compile.py::test_a_bad_symbolic_beta_or_skew_is_the_eager_value_error", "-k",
+         "reference and logits and beta"),
+        "a 0-dim tensor beta under torch.compile is .item()'d: a data-dependent guard error instead of the fix",
+    ),
     Mutation(
         "reference-dead-terms", "minillm_kernels/reference.py",
         "kl = (q * torch.where(live, student_logq - teacher_logp, zero)).sum(-1)",
@@ -257,6 +324,28 @@ MUTATIONS = (
     ),
     # ---- fused lm_head + loss
     Mutation(
+        "temperature-reciprocal-unchecked", "minillm_kernels/_arguments.py",
+        "    if not temperature >= smallest:\n",
+        "    if False:\n",
+        ("tests/test_validation.py::test_a_temperature_whose_reciprocal_overflows_is_refused_by_name",),
+        "a temperature whose 1/T overflows float32 passes: every backend then returns NaN or 0.0",
+    ),
+    Mutation(
+        "reference-logits-not-centred", "minillm_kernels/reference.py",
+        "    return (x - torch.where(centre == -math.inf, 0.0, centre)) * (1.0 / temperature)",
+        "    return x / temperature",
+        ("tests/test_validation.py::test_the_smallest_temperature_gives_the_float64_answer_on_every_backend",),
+        "the reference scales the raw logits by 1/T: at the smallest temperature allowed they overflow (NaN, 0.0)",
+    ),
+    Mutation(
+        "scalar-tensor-gradient-dropped", "minillm_kernels/_arguments.py",
+        "        if value.requires_grad:\n",
+        "        if False:\n",
+        ("tests/test_validation.py::test_a_scalar_tensor_that_requires_grad_is_refused_on_every_backend",),
+        "a 0-dim temperature (beta, skew) that requires grad is taken as its number: the gradient it asked for is "
+        "silently dropped",
+    ),
+    Mutation(
         "linear-bias-gradient-overwritten", "minillm_kernels/fused_linear.py",
         "self.bias[: self.vocab_size] += grad_logits.sum(0, dtype=self.bias.dtype)",
         "self.bias[: self.vocab_size] = grad_logits.sum(0, dtype=self.bias.dtype)",
@@ -269,6 +358,15 @@ MUTATIONS = (
         "scale = 1.0 / max(student_hidden.shape[0], 1) if mean else 1.0",
         ("tests/test_fused_linear.py::test_reverse_kld_matches_unfused_composition",),
         "the fused-linear mean divides by every token, masked ones included",
+    ),
+    Mutation(
+        "linear-sum-returns-the-saved-gradients", "minillm_kernels/fused_linear.py",
+        "    return tuple(g * grad_total.to(g.dtype) if need else None for g, need in zip(grads, needs))",
+        "    unit = bool(grad_total == 1)\n"
+        "    return tuple((g if unit else g * grad_total.to(g.dtype)) if need else None for g, need in zip(grads, needs))",
+        ("tests/test_fused_linear.py::test_the_gradients_returned_are_not_the_ones_saved_for_the_next_backward",),
+        "reduction sum / mean hands the caller the gradients saved for the next backward when the upstream is 1: "
+        "zeroing them (zero_grad, .data.zero_()) zeroes or breaks a retained graph's next gradient",
     ),
     Mutation(
         "linear-no-version-check", "minillm_kernels/fused_linear.py",

@@ -310,6 +310,74 @@ def test_minus_infinity_and_extreme_logits(backend, divergence, dtype):
         assert torch.isfinite(grad).all()
 
 
+# Rows whose softmax is undefined: a NaN or +inf logit, or every logit -inf (over the first vocab_size columns).
+UNDEFINED_ROWS = {"NaN student": ("student", 5, math.nan), "NaN teacher": ("teacher", 5, math.nan),
+                  "+inf student": ("student", 7, math.inf), "+inf teacher": ("teacher", 7, math.inf),
+                  "-inf student row": ("student", slice(None), -math.inf),
+                  "-inf teacher row": ("teacher", slice(None), -math.inf)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_undefined_rows_give_nan_and_masked_rows_give_zero_whatever_they_hold(backend, divergence):
+    """The contract every backend keeps, the reference (the oracle, and the fallback where no kernel builds) as the
+    kernels: a row whose softmax is undefined in either model (UNDEFINED_ROWS) gives NaN, never a finite loss, and a
+    NaN gradient (the reverse KL's kernels leave their gradient in such a row unspecified); the same rows masked
+    out give 0 and a gradient of exactly 0, whatever they hold; the other rows are untouched."""
+    require_backend(backend)
+    device = device_for(backend)
+    n_undefined = len(UNDEFINED_ROWS)
+    rows = 2 * n_undefined + 1  # each undefined row unmasked, then masked, and a plain row last
+    student, teacher = random_logits(rows, 40, torch.float32, device), random_logits(rows, 40, torch.float32, device)
+    for i, (model, column, value) in enumerate(UNDEFINED_ROWS.values()):
+        for row in (i, n_undefined + i):
+            (student if model == "student" else teacher)[row, column] = value
+    mask = torch.arange(rows, device=device) < n_undefined
+    mask[-1] = True
+    leaf = student.clone().requires_grad_()
+    value = mk.fused_divergence(leaf, teacher, divergence=divergence, mask=mask, reduction="none", backend=backend,
+                                beta=BETA, skew=SKEW)
+    (value * torch.linspace(0.5, 1.5, rows, device=device)).sum().backward()
+    value, grad = value.detach().cpu(), leaf.grad.cpu()
+    for i, name in enumerate(UNDEFINED_ROWS):
+        assert value[i].isnan(), f"{name}: {value[i].item()} instead of NaN"
+        if divergence != "reverse_kl":
+            assert grad[i].isnan().all(), f"{name}: gradient {grad[i].tolist()}"
+    assert (value[n_undefined:-1] == 0).all() and (grad[n_undefined:-1] == 0).all()
+    assert value[-1].isfinite() and grad[-1].isfinite().all()
+    want, want_grad = run("reference", student[-1:].double().cpu(), teacher[-1:].double().cpu(), torch.tensor([1.5]),
+                          divergence=divergence, beta=BETA, skew=SKEW)
+    torch.testing.assert_close(value[-1:].double(), want, rtol=1e-5, atol=1e-6)
+
+
+# Log-probability gaps |log p_v - log q_v| where exp(-gap) is subnormal in the accumulation dtype: float32's normals
+# end at 2^-126 = e^-87.3 and its subnormals at 2^-149 = e^-103.3; float64's at e^-708.4 and e^-744.4.
+SUBNORMAL_GAPS = {torch.float32: (80.0, 110.0), torch.float64: (700.0, 750.0)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ("jsd", "skew_forward_kl", "skew_reverse_kl"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_mixtures_where_the_models_are_a_subnormal_factor_apart(backend, divergence, dtype):
+    """The mixtures' log m_v = log q_v + log(1 + w (p_v / q_v - 1)) where p_v / q_v = exp(-gap) (or q_v / p_v) is
+    subnormal or 0: in each row a few columns carrying much of the student's mass sit a gap below in the teacher, and
+    a few of the teacher's a gap below in the student, the gaps spanning the range around the dtype's subnormals
+    (SUBNORMAL_GAPS; rows evenly spread over it, each column's gap off by the random logits), at T = 0.5."""
+    require_backend(backend)
+    rows, vocab, temperature = 16, 257, 0.5
+    low, high = SUBNORMAL_GAPS[dtype]
+    gaps = torch.linspace(low, high, rows, dtype=torch.float64)[:, None]
+    student, teacher = torch.randn(rows, vocab, dtype=torch.float64), torch.randn(rows, vocab, dtype=torch.float64)
+    student[:, :4] += 4.0  # mass of the student...
+    teacher[:, :4] -= gaps  # ...that the teacher puts a gap below
+    teacher[:, 4:8] += 4.0
+    student[:, 4:8] -= gaps
+    device = device_for(backend)
+    student, teacher = ((x * temperature).to(dtype).to(device) for x in (student, teacher))
+    assert_close_to_exact(backend, student, teacher, torch.randn(rows, dtype=torch.float64), divergence=divergence,
+                          beta=BETA, skew=SKEW, temperature=temperature)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES[1:])
 def test_strided_views_read_in_place_give_what_contiguous_rows_give(backend, divergence):

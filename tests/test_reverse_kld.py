@@ -585,6 +585,25 @@ def test_nan_logits_give_nan_in_their_row_only(backend):
     assert torch.isfinite(kl[[0, 3]]).all()
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_masked_rows_are_not_read_whatever_they_hold(backend):
+    """Masked rows holding NaN, +inf or only -inf (a padded position whose logits overflowed) give 0 in every output
+    and a gradient of exactly 0, on every backend: nothing of them reaches the weights through the backward."""
+    require_backend(backend)
+    device = device_for(backend)
+    student = random_logits(5, ODD_VOCAB, torch.float32, device)
+    teacher = random_logits(5, ODD_VOCAB, torch.float32, device)
+    student[1, 3], teacher[2, 8], student[3], teacher[3, 9] = math.nan, math.inf, -math.inf, math.nan
+    mask = torch.tensor([True, False, False, False, True], device=device)
+    leaf = student.clone().requires_grad_()
+    stats = mk.fused_token_stats(leaf, teacher, torch.tensor([0, -100, 7, 2, 5], device=device), mask=mask,
+                                 with_entropy=True, backend=backend)
+    (stats.reverse_kld + stats.student_logprob + stats.entropy).sum().backward()
+    for name, x in stats._asdict().items():
+        assert (x[1:4] == 0).all() and x[[0, 4]].isfinite().all(), (name, x)
+    assert (leaf.grad[1:4] == 0).all() and leaf.grad[[0, 4]].isfinite().all()
+
+
 def test_torch_compile_as_the_first_call_in_a_process():
     """The backend's availability (which builds the C++ kernel) is settled while tracing, not a graph break."""
     script = (
