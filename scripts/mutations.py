@@ -506,7 +506,7 @@ MUTATIONS = (
     ),
     Mutation(
         "sampler-temperature-overflow-unchecked", "minillm_kernels/sampling.py",
-        "    _check_temperature(temperature, compute_dtype)\n",
+        "    temperature = as_temperature(temperature, compute_dtype)\n",
         "",
         ("tests/test_sampling.py::test_a_temperature_whose_reciprocal_overflows_the_compute_dtype_is_named",),
         "temperature=1e-39 with float32 logits: 1/T overflows, the mixture is NaN, a raw multinomial error",
