@@ -306,7 +306,8 @@ def sparse_teacher_completion(
     """The teacher completed over the vocabulary, log p~ ``[N, V]`` in ``compute_dtype(student, logprobs)``: the given
     log p_k at the ids of I and, on the other columns R,
 
-        "bin"      log p~_v = log P_R + (x_v - lse_R(x)),  x = s / T   (the student's shape, scaled to the tail mass P_R)
+        "bin"      log p~_v = log P_R + (x_v - lse_R(x)),  x = s / T   (the student's shape, scaled to the tail mass P_R;
+                   evenly where the student has no mass on R: then every completion gives the same divergence)
         "uniform"  log p~_v = log P_R - log(V - K')
 
     ("bin" depends on the student and is differentiable in it; its divergence's gradient is the same with the
@@ -319,10 +320,13 @@ def sparse_teacher_completion(
     if tail == "bin":
         scaled = _scaled(student, vocab_size, temperature, dtype)
         tail_logits = torch.where(entries.in_entries, -math.inf, scaled)
-        no_tail = (tail_logits == -math.inf).all(-1, keepdim=True)  # R empty, or the student has no mass on it
-        # (the logsumexp of zeros there: an all -inf logsumexp has a NaN gradient even where it is not used)
+        # Where the student has no mass on R (Q_R = 0), every completion gives the same value: P_R spread evenly.
+        # (The logsumexp of zeros there: an all -inf logsumexp has a NaN gradient even where it is not used.)
+        no_tail = (tail_logits == -math.inf).all(-1, keepdim=True)
         lse_tail = torch.logsumexp(torch.where(no_tail, 0.0, tail_logits), -1, keepdim=True)
-        log_completion = log_tail + torch.where(no_tail | entries.in_entries, -math.inf, tail_logits - lse_tail)
+        n_tail = (vocab_size - entries.n_live).clamp(min=1).to(dtype)[:, None]
+        shares = torch.where(no_tail, -n_tail.log(), tail_logits - lse_tail)
+        log_completion = log_tail + torch.where(entries.in_entries, -math.inf, shares)
     else:
         n_tail = (vocab_size - entries.n_live).clamp(min=1).to(dtype)[:, None]
         log_completion = (log_tail - n_tail.log()).expand(-1, vocab_size)
@@ -377,8 +381,10 @@ def sparse_divergence(
         log_q = _log_softmax(student, vocab_size, temperature, dtype)
         log_p = sparse_teacher_completion(student, teacher_ids, teacher_logprobs, tail, temperature, vocab_size)
     value = divergence_terms(log_q, log_p, divergence, beta, skew).sum(-1)
-    # A live id out of range: NaN, in the value and (through the product) in the row's gradient, as in the kernels.
-    value = value * torch.where(entries.no_column | log_p.isnan().any(-1), math.nan, 1.0)
+    # NaN (which the terms' "probability 0 counts 0" would drop) and a live id out of range: NaN, in the value and
+    # (through the product) in the row's gradient, as in the kernels.
+    nan = entries.no_column | log_p.isnan().any(-1) | log_q.isnan().any(-1)
+    value = value * torch.where(nan, math.nan, 1.0)
     return value if mask is None else torch.where(mask, value, 0.0)
 
 

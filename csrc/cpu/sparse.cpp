@@ -539,13 +539,13 @@ at::Tensor sparse_divergence_backward(
                 const acc_t log_q = (x - c_s) * ka - log_z;
                 const acc_t q = fast_exp(log_q);
                 const acc_t token = ba * (acc_t(v == y) - q) - ca * where_live(q > 0, q * (log_q + h));
-                acc_t qa = 0;
+                acc_t divergence_part = 0;  // (renormalized: the tail columns are not in the divergence)
                 if constexpr (kTail == SparseTail::kBin) {
-                  qa = fast_exp((x - c_r) * ka - log_z_r) * tail_qa;
+                  divergence_part = fast_exp((x - c_r) * ka - log_z_r) * tail_qa - q * mean_a;
                 } else if constexpr (kTail == SparseTail::kUniform) {
-                  qa = outcome<kDivergence>(log_pi, log_q, coefficient_a, weight_a).qa;
+                  divergence_part = outcome<kDivergence>(log_pi, log_q, coefficient_a, weight_a).qa - q * mean_a;
                 }
-                store_rounded(out, v, ka * (ga * (qa - q * mean_a) + token));
+                store_rounded(out, v, ka * (ga * divergence_part + token));
               }
             } else {
               std::memset(static_cast<void*>(out), 0, sizeof(student_t) * vocab_size);

@@ -386,13 +386,11 @@ __global__ void __launch_bounds__(kThreads) sparse_backward_kernel(SparseBackwar
         if (in.streamed) {
           const acc_t x = to_acc<acc_t>(s[col]);
           const acc_t log_q = (x - c) * k - log_z, q = exp_acc(log_q);
-          acc_t qa = 0;
           if (in.tail == SparseTail::kBin) {
-            qa = exp_acc((x - c_r) * k - log_z_r) * tail_qa;
+            grad = g * (exp_acc((x - c_r) * k - log_z_r) * tail_qa - q * mean);
           } else if (in.tail == SparseTail::kUniform) {
-            qa = outcome(in.divergence, log_pi, log_q, coefficient, weight).qa;
-          }
-          grad = g * (qa - q * mean);
+            grad = g * (outcome(in.divergence, log_pi, log_q, coefficient, weight).qa - q * mean);
+          }  // (renormalized: the tail columns are not in the divergence)
           if (token) grad += b * (acc_t(col == y) - q) - grad_h * (q > 0 ? q * (log_q + entropy) : acc_t(0));
           grad *= k;
         }

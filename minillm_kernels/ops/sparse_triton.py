@@ -364,12 +364,11 @@ def _sparse_backward_kernel(
         log_q = (s - c) * k - log_z
         q = tl.exp(log_q)
         if TAIL == 0:
-            qa = tl.exp((s - c_r) * k - log_z_r) * tail_qa
+            grad = g * (tl.exp((s - c_r) * k - log_z_r) * tail_qa - q * mean)
         elif TAIL == 1:
-            qa = _outcome(log_pi, log_q, coefficient_acc, weight_acc, DIVERGENCE)[1]
-        else:
-            qa = tl.zeros_like(q)
-        grad = g * (qa - q * mean)
+            grad = g * (_outcome(log_pi, log_q, coefficient_acc, weight_acc, DIVERGENCE)[1] - q * mean)
+        else:  # renormalized: the tail columns are not in the divergence
+            grad = tl.zeros_like(q)
         if HAS_TARGET:
             grad += b * ((cols == target).to(ACC_DTYPE) - q) - grad_h * tl.where(q > 0, q * (log_q + entropy), 0.0)
         grad = tl.where(tail & STREAMED, grad * k, 0.0)
