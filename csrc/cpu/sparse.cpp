@@ -181,18 +181,18 @@ void read_entries(const student_t* s, const id_t* ids, const double* log_p, int6
 }
 
 // Columns [start, start + n) of the row in acc_t, into buf, with -inf at the columns of I (the sorted columns from
-// next on; next is advanced past them) and keep[j] = false there, true elsewhere.
+// next on; next is advanced past them) and keep[j] = 0 there, 1 elsewhere.
 template <typename acc_t, typename student_t>
 void chunk_without_entries(const student_t* __restrict s, int64_t start, int64_t n, const std::vector<int64_t>& sorted,
-                           size_t& next, acc_t* __restrict buf, bool* __restrict keep) {
+                           size_t& next, acc_t* __restrict buf, uint8_t* __restrict keep) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     buf[j] = load_as<acc_t>(s + start, j);
-    keep[j] = true;
+    keep[j] = 1;
   }
   for (; next < sorted.size() && sorted[next] < start + n; ++next) {
     buf[sorted[next] - start] = -std::numeric_limits<acc_t>::infinity();
-    keep[sorted[next] - start] = false;
+    keep[sorted[next] - start] = 0;
   }
 }
 
@@ -203,7 +203,7 @@ struct TailSums {
 
 template <typename acc_t, typename student_t>
 TailSums tail_sums(const student_t* __restrict s, int64_t vocab_size, double inv_t, const Entries& e,
-                   acc_t* __restrict buf, bool* __restrict keep) {
+                   acc_t* __restrict buf, uint8_t* __restrict keep) {
   const acc_t k = static_cast<acc_t>(inv_t);
   acc_t m = -std::numeric_limits<acc_t>::infinity(), c = 0;
   double z = 0, sum_e = 0;
@@ -307,7 +307,7 @@ double log_uniform_tail(const Entries& e, int64_t vocab_size) {
 template <SparseDivergence D, typename acc_t, typename student_t>
 std::pair<double, double> uniform_tail_terms(const student_t* __restrict s, int64_t vocab_size, double inv_t,
                                              const StudentStats& st, const Entries& e, double log_pi,
-                                             const Divergence& div, acc_t* __restrict buf, bool* __restrict keep) {
+                                             const Divergence& div, acc_t* __restrict buf, uint8_t* __restrict keep) {
   const acc_t k = static_cast<acc_t>(inv_t), c = static_cast<acc_t>(st.c), log_z = static_cast<acc_t>(st.log_z);
   const acc_t log_p = static_cast<acc_t>(log_pi), coefficient = static_cast<acc_t>(div.coefficient),
               weight = static_cast<acc_t>(div.teacher_weight);
@@ -319,8 +319,8 @@ std::pair<double, double> uniform_tail_terms(const student_t* __restrict s, int6
 #pragma omp simd reduction(+ : total, partial)
     for (int64_t j = 0; j < n; ++j) {
       const Outcome<acc_t> o = outcome<D>(log_p, (buf[j] - c) * k - log_z, coefficient, weight);
-      total += where_live(keep[j], o.term);
-      partial += where_live(keep[j], o.qa);
+      total += where_live(keep[j] != 0, o.term);
+      partial += where_live(keep[j] != 0, o.qa);
     }
   }
   return {total, partial};
@@ -388,7 +388,7 @@ std::vector<at::Tensor> sparse_divergence_forward(
 
       at::parallel_for(0, n, grain_rows(vocab_size), [&](int64_t begin, int64_t end) {
         alignas(64) acc_t buf[kChunk];
-        alignas(64) bool keep[kChunk];
+        alignas(64) uint8_t keep[kChunk];  // (bytes: a bool array keeps gcc from vectorising)
         Entries e;
         for (int64_t i = begin; i < end; ++i) {
           acc_t* st = out[4] + 4 * i;
