@@ -464,7 +464,8 @@ def main(argv: list[str] | None = None) -> None:
         writer.writeheader()
         for op, variant, tokens, vocab, dtype, model, divergence, k in (bar := _progress(cases, args.device)):
             if hasattr(bar, "set_postfix_str"):
-                bar.set_postfix_str(f"{op} {divergence + ' ' if divergence else ''}{variant} {model or f'N={tokens} V={vocab}'} {dtype}{f' K={k}' if k else ''}")
+                shape = model or f"N={tokens} V={vocab}" + (f" K={k}" if k else "")
+                bar.set_postfix_str(f"{op} {divergence + ' ' if divergence else ''}{variant} {shape} {dtype}")
             row = run_case(op, variant, tokens, vocab, dtype, args.device, args.repeats, args.hidden, model, divergence,
                            k)
             with_floor = bandwidth and row["status"] == "ok" and op in ("reverse_kld", "token_stats")

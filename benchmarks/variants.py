@@ -393,7 +393,8 @@ def variants(op: str, device: str, divergence: Optional[str] = None) -> dict[str
     if op == "divergence" and divergence not in reference.DIVERGENCES:
         raise ValueError(f"divergence must be one of {reference.DIVERGENCES}, got {divergence!r}")
     if op == "sparse_divergence" and divergence not in SPARSE_DIVERGENCES:
-        raise ValueError(f"the sparse_divergence op's divergence must be one of {SPARSE_DIVERGENCES}, got {divergence!r}")
+        raise ValueError(f"the sparse_divergence op's divergence must be one of {SPARSE_DIVERGENCES}, got "
+                         f"{divergence!r}")
     naive_name = "naive_topk" if op == "sparse_divergence" else "naive"
     table: dict[str, Loss] = {naive_name: naive(op, divergence), f"{naive_name}_compile": compiled(op, divergence)}
     for backend in mk.available_backends():

@@ -306,8 +306,8 @@ def sparse_teacher_completion(
     """The teacher completed over the vocabulary, log p~ ``[N, V]`` in ``compute_dtype(student, logprobs)``: the given
     log p_k at the ids of I and, on the other columns R,
 
-        "bin"      log p~_v = log P_R + (x_v - lse_R(x)),  x = s / T   (the student's shape, scaled to the tail mass P_R;
-                   evenly where the student has no mass on R: then every completion gives the same divergence)
+        "bin"      log p~_v = log P_R + (x_v - lse_R(x)),  x = s / T   (the student's shape, scaled to the tail
+                   mass P_R; evenly where the student has no mass on R: every completion gives the same divergence)
         "uniform"  log p~_v = log P_R - log(V - K')
 
     ("bin" depends on the student and is differentiable in it; its divergence's gradient is the same with the

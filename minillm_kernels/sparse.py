@@ -225,8 +225,8 @@ def validate_sparse_teacher(
         raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
                          f"{tuple(teacher_logprobs.shape)} must have the same shape [..., K]")
     if teacher_ids.dim() == 0 or teacher_ids.shape[:-1] != lead_shape or teacher_ids.shape[-1] == 0:
-        raise ValueError(f"teacher_ids and teacher_logprobs must have shape [..., K] (K >= 1) with the student's leading "
-                         f"shape {tuple(lead_shape)}, got {tuple(teacher_ids.shape)}")
+        raise ValueError(f"teacher_ids and teacher_logprobs must have shape [..., K] (K >= 1) with the student's "
+                         f"leading shape {tuple(lead_shape)}, got {tuple(teacher_ids.shape)}")
     width = student_logits.shape[-1]
     # (The teacher has no width of its own: its ids are checked against vocab_size, which the student's width bounds.)
     args = validate_token_args(
@@ -254,7 +254,8 @@ def logprob_mass_tolerance(logprobs: torch.Tensor, vocab_size: int) -> torch.Ten
         tol = sum_k p_k ((1 + |log p_k|) eps_d + 8 eps_32 (1 + log V)),
 
     eps_d the machine epsilon of their dtype: rounding log p_k to it moves p_k by up to p_k |log p_k| eps_d / 2, and a
-    float32 log-softmax over V columns errs by a few eps_32 (1 + log V) in every log-probability (its log-normaliser)."""
+    float32 log-softmax over V columns errs by a few eps_32 (1 + log V) in every log-probability (its
+    log-normaliser)."""
     eps = torch.finfo(logprobs.dtype).eps
     eps_32 = torch.finfo(torch.float32).eps
     log_p = logprobs.double()
@@ -293,7 +294,7 @@ def _check_entries(ids: torch.Tensor, logprobs: torch.Tensor, mask: Optional[tor
     over = excess > tolerance
     if bool(over.any()):
         row = int(over.nonzero()[0])
-        raise ValueError(f"teacher_logprobs of a row sum, as probabilities, to 1 + {float(excess[row]):.3g}, above 1 by "
-                         f"more than rounding ({float(tolerance[row]):.3g}): they must be normalised over the "
+        raise ValueError(f"teacher_logprobs of a row sum, as probabilities, to 1 + {float(excess[row]):.3g}, above 1 "
+                         f"by more than rounding ({float(tolerance[row]):.3g}): they must be normalised over the "
                          "teacher's full vocabulary (log_softmax of all its logits, then the top-k; not a "
                          "log_softmax of the top-k)")

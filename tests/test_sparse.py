@@ -78,7 +78,7 @@ def outcomes(student, ids, logprobs, tail, temperature, vocab_size):
 
 
 class Oracle(NamedTuple):
-    """The float64 oracle's per-token values and gradient, and the error scales of the bounds (``assert_matches``).
+    """The float64 oracle's per-token values and gradient, and the error scales of the bounds (``assert_matches_oracle``).
 
     Each outcome's term is a few products of p, q, log p, log q (and the mixture's log1p): computed from exact inputs
     in the accumulation dtype it errs by about KAPPA u (p + q)(1 + |log q| + |log p|) (log q = k (s - c) - log Z errs
@@ -86,14 +86,15 @@ class Oracle(NamedTuple):
     oracle's (the entries and the columns of R against the completion) or coarser (bin's tail outcome, whose
     |log Q_R| <= |log q_v| and |log P_R| <= |log p~_v| on R), so the scale over the oracle's outcomes bounds them.
     Per token S = 1 + sum_o (p_o + q_o)(1 + |log q_o| + |log p_o|) (the 1: the log-normalisers' absolute error); per
-    gradient column S_v = k |g| (p_v + q_v)(1 + |log q_v| + |log p_v| + S). ``close`` marks where q_v and p_v are
-    within kappa u (p + q)(1 + ...) of each other (the TVD's sign may go either way there), with k |g| q_v."""
+    gradient column S_v = k |g| (p_v + q_v)(1 + |log q_v| + |log p_v| + S). ``sign_ambiguity`` is k |g| q_v where q_v
+    and p_v are within kappa u (p + q)(1 + |log q| + |log p|) of each other (the TVD's sign may go either way there),
+    else 0. Values ``[...]``, the others of the student's shape (an entry's outcome on its column)."""
 
     value: torch.Tensor
     grad: torch.Tensor
     token_scale: torch.Tensor
     column_scale: torch.Tensor
-    sign_ambiguity: torch.Tensor  # k |g| q_v where the TVD's sign is undetermined at the tolerance below
+    sign_ambiguity: torch.Tensor
 
 
 def oracle_chunks(student, ids, logprobs, upstream=None, *, divergence="reverse_kl", tail="bin", beta=0.5, skew=0.1,
@@ -125,7 +126,8 @@ def oracle_chunks(student, ids, logprobs, upstream=None, *, divergence="reverse_
             ambiguity = torch.where(close, scale * q, 0.0)
             per_column, ambiguity = (torch.where(keep[rows][:, None], x, 0.0) for x in (per_column, ambiguity))
             if columns is None:
-                per_column, ambiguity = (torch.nn.functional.pad(x, (0, width - vocab)) for x in (per_column, ambiguity))
+                per_column, ambiguity = (torch.nn.functional.pad(x, (0, width - vocab))
+                                         for x in (per_column, ambiguity))
             else:  # the entries' outcomes, scattered onto their columns (dead entries onto a dropped extra column)
                 index = torch.where(columns >= 0, columns, width)
                 per_column, ambiguity = (torch.zeros(len(rows), width + 1, dtype=torch.float64).scatter_add_(
@@ -361,8 +363,8 @@ def test_k_equal_to_the_vocabulary_is_the_dense_divergence_on_every_tail(backend
 @pytest.mark.parametrize("tail", TAILS)
 def test_tail_masses_near_zero_and_one_and_a_student_sure_of_the_entries(backend, tail):
     """Rows 0-1: a peaked teacher whose top-8 hold all but ~1e-15 of its mass (P_R ~ 0; in row 1 its log-probabilities
-    raised to a sum a little above 1, within the tolerance: P_R = 0); rows 2-3: a flat teacher (P_R ~ 1 - 8/V); row 4: a student that
-    puts all but ~1e-15 of its mass on the entries (log Q_R from the excluded pass: 1 - Q_I would keep no digit of it)
+    raised to a sum a little above 1, within the tolerance: P_R = 0); rows 2-3: a flat teacher (P_R ~ 1 - 8/V); row 4:
+    a student that puts all but ~1e-15 of its mass on the entries (log Q_R from the excluded pass: 1 - Q_I would keep no digit of it)
     against a teacher with P_R ~ 0.5; row 5: both sure. Every divergence, float32 student."""
     require_backend(backend)
     device, rows = device_for(backend), 6

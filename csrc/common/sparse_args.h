@@ -33,12 +33,13 @@ inline void check_inputs(const at::Tensor& student, const at::Tensor& teacher_id
               student.sizes());
   TORCH_CHECK(logits_args::is_logits_dtype(student.scalar_type()) &&
                   logits_args::is_logits_dtype(teacher_logprobs.scalar_type()),
-              where, ": student logits and teacher log-probabilities must be float32, float64, bfloat16 or float16, got ",
+              where, ": student logits and teacher log-probabilities must be float32, float64, bfloat16 or float16, "
+              "got ",
               student.scalar_type(), " and ", teacher_logprobs.scalar_type());
   TORCH_CHECK(vocab_size >= 1 && vocab_size <= student.size(2), where, ": vocab_size must be in [1, ", student.size(2),
               "], got ", vocab_size);
-  TORCH_CHECK(student.stride(2) == 1 || student.size(2) == 1, where, ": student logits must have last-dim stride 1, got ",
-              student.strides());
+  TORCH_CHECK(student.stride(2) == 1 || student.size(2) == 1, where,
+              ": student logits must have last-dim stride 1, got ", student.strides());
   const int64_t n = logits_args::n_rows(student);
   TORCH_CHECK(teacher_ids.device() == student.device() && teacher_logprobs.device() == student.device(), where,
               ": teacher_ids and teacher_logprobs must be on ", student.device(), ", got ", teacher_ids.device(),
@@ -66,8 +67,8 @@ inline minillm::SparseDivergence divergence_of(const std::string& name, double c
   if (name == "skew_forward_kl") return SparseDivergence::kSkewForwardKl;
   if (name == "skew_reverse_kl") return SparseDivergence::kSkewReverseKl;
   if (name == "tvd") return SparseDivergence::kTvd;
-  TORCH_CHECK(false, where, ": divergence must be one of reverse_kl, forward_kl, jsd, skew_forward_kl, skew_reverse_kl, "
-              "tvd, got ", name);
+  TORCH_CHECK(false, where, ": divergence must be one of reverse_kl, forward_kl, jsd, skew_forward_kl, "
+              "skew_reverse_kl, tvd, got ", name);
 }
 
 // The kernels' tail mode of a name (minillm_kernels.reference.SPARSE_TAILS).

@@ -503,7 +503,7 @@ at::Tensor sparse_divergence_backward(
 
       with_column_mode(mode, kind, [&](auto tail_tag, auto divergence_tag) {
         constexpr SparseTail kTail = decltype(tail_tag)::value;
-        constexpr SparseDivergence kDivergence = decltype(divergence_tag)::value;
+        [[maybe_unused]] constexpr SparseDivergence kDivergence = decltype(divergence_tag)::value;  // (uniform only)
         at::parallel_for(0, n, grain_rows(width), [&](int64_t begin, int64_t end) {
           Entries e;
           for (int64_t i = begin; i < end; ++i) {
@@ -526,7 +526,8 @@ at::Tensor sparse_divergence_backward(
               const acc_t ka = acc_t(k), ga = acc_t(g), ba = acc_t(b), ca = acc_t(c), mean_a = acc_t(mean),
                           h = acc_t(stats.entropy), c_s = acc_t(stats.c), log_z = acc_t(stats.log_z),
                           c_r = acc_t(stats.c_r);
-              // bin: q_v a_R = (q_v / Q_R) qa_R, the share q_v / Q_R = exp(k (s_v - c_R) - log Z_R) (0 without tail mass)
+              // bin: q_v a_R = (q_v / Q_R) qa_R, the share q_v / Q_R = exp(k (s_v - c_R) - log Z_R) (0 without tail
+              // mass)
               const bool has_tail = stats.log_z_r != kNegInf;
               const acc_t log_z_r = has_tail ? acc_t(stats.log_z_r) : acc_t(0);
               const acc_t tail_qa = has_tail && kTail == SparseTail::kBin
