@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from minillm_kernels import reference
-from minillm_kernels._arguments import as_int, as_real
+from minillm_kernels._arguments import as_int, as_real, as_temperature
 from minillm_kernels.dispatch import importance_weight
 from minillm_kernels.losses import TokenStats, fused_divergence, fused_token_stats
 from minillm_kernels.fused_linear import fused_linear_divergence, fused_linear_token_stats
@@ -210,14 +210,6 @@ def _check_token_ids(input_ids: torch.Tensor, pad_token_id: int, models: dict[st
             )
 
 
-def _check_temperature(temperature: float, compute_dtype: torch.dtype) -> None:
-    """1 / ``temperature`` must be finite in the dtype the logits are scaled in."""
-    largest = torch.finfo(compute_dtype).max
-    if temperature * largest < 1:
-        raise ValueError(f"temperature={temperature!r} is too small for {compute_dtype} logits: 1 / temperature "
-                         f"overflows; it must be at least 1 / {largest:.4g} = {1 / largest:.4g}")
-
-
 def _real_vocab_size(student_width: int, teacher_width: int, vocab_size: Optional[int]) -> int:
     if vocab_size is None:
         if student_width != teacher_width:
@@ -310,7 +302,7 @@ def sample_teacher_mixed(
     student_logits, teacher_logits = (m.next_token_logits(input_ids, full_mask, position) for m in models)
     vocab_size = _real_vocab_size(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
     compute_dtype = reference.compute_dtype(student_logits.dtype, teacher_logits.dtype)
-    _check_temperature(temperature, compute_dtype)
+    temperature = as_temperature(temperature, compute_dtype)
     next_position = position[:, -1:] + 1
 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)

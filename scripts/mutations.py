@@ -48,11 +48,27 @@ MUTATIONS = (
         "the CPU divergence backward drops -q_v sum_u q_u a_u (the softmax's chain rule)",
     ),
     Mutation(
-        "cpu-divergence-mixture-weight-one-sided", "csrc/cpu/divergence.cpp",
-        "const acc_t weight = delta > 0 ? 1 - r.teacher_weight : r.teacher_weight;",
-        "const acc_t weight = r.teacher_weight;",
+        "cpu-divergence-mixture-weights-swapped", "csrc/cpu/divergence.cpp",
+        "const acc_t m = r.teacher_weight.times(p) + r.student_weight.times(q);",
+        "const acc_t m = r.student_weight.times(p) + r.teacher_weight.times(q);",
         ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu"),
-        "the CPU mixture log uses the teacher's weight on both sides of delta = 0 (log m wrong where p > q)",
+        "the CPU mixture m = w p + (1 - w) q takes each model's weight for the other's",
+    ),
+    Mutation(
+        "cpu-divergence-mixture-weights-one-float", "csrc/cpu/divergence.cpp",
+        "const acc_t m = r.teacher_weight.times(p) + r.student_weight.times(q);",
+        "const acc_t m = r.teacher_weight.hi * p + r.student_weight.hi * q;",
+        ("tests/test_divergence.py::test_cpu_float32_per_token_contract_for_a_student_near_its_teacher",
+         "-k", "skew_forward_kl"),
+        "the CPU mixture's weights rounded to one float each: every log(p / m) of a row shifted alike (7e-7 of a skew "
+        "KL near 0)",
+    ),
+    Mutation(
+        "cpu-divergence-normaliser-one-float", "csrc/cpu/divergence.cpp",
+        "const acc_t q = r.inv_z_s.times(fast_exp(u * r.k)), p = r.inv_z_t.times(fast_exp(w * r.k));",
+        "const acc_t q = fast_exp(u * r.k) * r.inv_z_s.hi, p = fast_exp(w * r.k) * r.inv_z_t.hi;",
+        ("tests/test_divergence.py::test_cpu_float32_per_token_contract_for_a_student_near_its_teacher",),
+        "the CPU divergences' 1 / Z rounded to one float: every probability of a row scaled by the same rounding",
     ),
     Mutation(
         "cpu-fast-log-float-series-dropped", "csrc/cpu/streaming.h",
@@ -83,11 +99,32 @@ MUTATIONS = (
         "the CPU kernel does not compile (the suite must fail, not skip every cpu row)",
     ),
     Mutation(
-        "cpu-rescale-forgets-the-shift", "csrc/cpu/reverse_kld.cpp",
-        "          sums.a = r * (sums.a + d * sums.z_s);",
-        "          sums.a = r * sums.a;",
+        "cpu-rescale-forgets-the-shift", "csrc/cpu/kl_row.h",
+        "    a_sum = move_a.factor * a_sum + move_a.shift * norm_a.z;",
+        "    a_sum = move_a.factor * a_sum;",
         ("tests/test_reverse_kld.py::test_cpu_float32_per_token_accuracy_at_4096_by_32000[1.0]",),
         "when a later chunk raises the student's maximum, A is rescaled but not shifted to the new centre",
+    ),
+    Mutation(
+        "cpu-row-sums-in-float", "csrc/cpu/streaming.h",
+        "  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;",
+        "  float s0 = 0, s1 = 0, s2 = 0, s3 = 0;",
+        ("tests/test_reverse_kld.py::test_cpu_float32_per_token_accuracy_at_4096_by_32000[1.0]",),
+        "the CPU row sums accumulate in float lanes (each rounded at its running total) instead of double",
+    ),
+    Mutation(
+        "cpu-row-sums-drop-the-tail", "csrc/cpu/streaming.h",
+        "  for (int64_t j = 4 * quarter; j < n; ++j) {",
+        "  for (int64_t j = 4 * quarter; j < 4 * quarter; ++j) {",
+        ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu and float32-float32"),
+        "the CPU row sums skip the last n mod 4 columns of a chunk (the scalar tail after the groups of four)",
+    ),
+    Mutation(
+        "cpu-fast-exp-unmasked", "csrc/cpu/streaming.h",
+        "  return where_live(!(x < kLo), p * scale);  // 0 below kLo (-inf included), NaN for NaN",
+        "  return p * scale;",
+        ("tests/test_divergence.py::test_minus_infinity_and_extreme_logits", "-k", "cpu and float32"),
+        "the float exp keeps the garbage 2^k below log(FLT_MIN) (-inf logits) instead of masking it to 0",
     ),
     Mutation(
         "cpu-padding-gradient-unwritten", "csrc/cpu/reverse_kld.cpp",
@@ -185,6 +222,16 @@ MUTATIONS = (
         "the Triton backward forgets the softmax's -q_v sum_u q_u a_u",
     ),
     Mutation(
+        "triton-expm1-kahan-on-subnormals", "minillm_kernels/ops/divergence_triton.py",
+        "    corrected = (e - 1.0) * x / tl.log(tl.maximum(e, 0.5))  # (the maximum: no log of 0 in lanes not taken)\n"
+        "    return tl.where(e < 0.5, e - 1.0, tl.where(e == 1.0, x, corrected))",
+        "    corrected = (e - 1.0) * x / tl.log(e)\n"
+        "    return tl.where(e == 1.0, x, tl.where(e == 0.0, -1.0, corrected))",
+        ("tests/test_divergence.py::test_mixtures_where_the_models_are_a_subnormal_factor_apart", "-k", "triton"),
+        "expm1 takes Kahan's (e - 1) x / log e also where e = exp(x) is subnormal: the mixtures' log m is off by up to "
+        "1e-2 where the models are 88-103 nats apart (float32)",
+    ),
+    Mutation(
         "linear-divergence-saved-rows-misaligned", "minillm_kernels/fused_linear.py",
         "(mean_partial[rows], row_stats[rows]), plan, divergence, coefficient),",
         "(mean_partial[: _rows_count(rows)], row_stats[: _rows_count(rows)]), plan, divergence,\n"
@@ -202,6 +249,63 @@ MUTATIONS = (
         "a CUDA source that nvcc cannot compile",
     ),
     # ---- the reference (the oracle): its bugs must be caught by independent checks, not by itself
+    Mutation(
+        "reference-reads-masked-rows", "minillm_kernels/reference.py",
+        "    return logits if mask is None else torch.where(mask.unsqueeze(-1), logits, 0.0)",
+        "    return logits",
+        ("tests/test_reverse_kld.py::test_masked_rows_are_not_read_whatever_they_hold[reference]",
+         "tests/test_divergence.py::test_undefined_rows_give_nan_and_masked_rows_give_zero_whatever_they_hold",
+         "-k", "reference"),
+        "the reference computes masked rows and zeroes their values after: NaN logits there give a NaN gradient",
+    ),
+    Mutation(
+        "reference-undefined-rows-finite", "minillm_kernels/reference.py",
+        "    value = terms.sum(-1) + torch.where(undefined, math.nan, 0.0) * log_q.exp().sum(-1)",
+        "    value = terms.sum(-1)",
+        ("tests/test_divergence.py::test_undefined_rows_give_nan_and_masked_rows_give_zero_whatever_they_hold",
+         "-k", "reference"),
+        "the reference's terms skip NaN probabilities: a NaN teacher row gives a forward KL of 0.0",
+    ),
+    Mutation(
+        "custom-ops-without-their-function", "minillm_kernels/ops/autograd.py",
+        "    return apply\n",
+        "    return op\n",
+        ("tests/test_autograd.py::test_torch_func_grad_vjp_and_jacrev_give_the_autograd_gradient", "-k",
+         "cpu and fused_reverse_kld"),
+        "the package calls the custom ops themselves: torch.func.grad / jacrev fail ('must override setup_context')",
+    ),
+    Mutation(
+        "kernel-gradients-silently-without-a-graph", "minillm_kernels/ops/autograd.py",
+        "            if not torch.is_grad_enabled():\n",
+        "            if True:\n",
+        ("tests/test_autograd.py::test_differentiating_a_kernels_gradient_again_is_a_clear_error", "-k",
+         "cpu and (fused_divergence or fused_linear_reverse_kld)"),
+        "create_graph=True: a gradient with no graph (fused-linear mean) or torch's 'no autograd formula' error, not "
+        "the first-order error that names what is supported",
+    ),
+    Mutation(
+        "divergence-op-trusts-its-coefficient", "minillm_kernels/ops/divergence.py",
+        "    check_coefficient(divergence, coefficient)\n    if n_rows(student) == 0:",
+        "    if n_rows(student) == 0:",
+        ("tests/test_compile.py::test_a_bad_symbolic_beta_or_skew_is_the_eager_value_error", "-k", "cpu and logits"),
+        "under torch.compile a bad beta reaches the kernel unchecked: the kernel's RuntimeError, not eager's ValueError",
+    ),
+    Mutation(
+        "compiled-reference-coefficient-unchecked", "minillm_kernels/ops/divergence.py",
+        "        return checked_coefficient(value, divergence_name, coefficient) if torch.compiler.is_compiling() else value",
+        "        return value",
+        ("tests/test_compile.py::test_a_bad_symbolic_beta_or_skew_is_the_eager_value_error", "-k",
+         "reference and logits"),
+        "under torch.compile the reference backend computes with beta = 1.5 (NaN) instead of raising",
+    ),
+    Mutation(
+        "compiled-scalar-tensor-item", "minillm_kernels/_arguments.py",
+        "        if torch.compiler.is_compiling():\n            raise TypeError(",
+        "        if False:\n            raise TypeError(",
+        ("tests/test_compile.py::test_a_bad_symbolic_beta_or_skew_is_the_eager_value_error", "-k",
+         "reference and logits and beta"),
+        "a 0-dim tensor beta under torch.compile is .item()'d: a data-dependent guard error instead of the fix",
+    ),
     Mutation(
         "reference-dead-terms", "minillm_kernels/reference.py",
         "kl = (q * torch.where(live, student_logq - teacher_logp, zero)).sum(-1)",
@@ -257,6 +361,28 @@ MUTATIONS = (
     ),
     # ---- fused lm_head + loss
     Mutation(
+        "temperature-reciprocal-unchecked", "minillm_kernels/_arguments.py",
+        "    if not temperature >= smallest:\n",
+        "    if False:\n",
+        ("tests/test_validation.py::test_a_temperature_whose_reciprocal_overflows_is_refused_by_name",),
+        "a temperature whose 1/T overflows float32 passes: every backend then returns NaN or 0.0",
+    ),
+    Mutation(
+        "reference-logits-not-centred", "minillm_kernels/reference.py",
+        "    return (x - torch.where(centre == -math.inf, 0.0, centre)) * (1.0 / temperature)",
+        "    return x / temperature",
+        ("tests/test_validation.py::test_the_smallest_temperature_gives_the_float64_answer_on_every_backend",),
+        "the reference scales the raw logits by 1/T: at the smallest temperature allowed they overflow (NaN, 0.0)",
+    ),
+    Mutation(
+        "scalar-tensor-gradient-dropped", "minillm_kernels/_arguments.py",
+        "        if value.requires_grad:\n",
+        "        if False:\n",
+        ("tests/test_validation.py::test_a_scalar_tensor_that_requires_grad_is_refused_on_every_backend",),
+        "a 0-dim temperature (beta, skew) that requires grad is taken as its number: the gradient it asked for is "
+        "silently dropped",
+    ),
+    Mutation(
         "linear-bias-gradient-overwritten", "minillm_kernels/fused_linear.py",
         "self.bias[: self.vocab_size] += grad_logits.sum(0, dtype=self.bias.dtype)",
         "self.bias[: self.vocab_size] = grad_logits.sum(0, dtype=self.bias.dtype)",
@@ -269,6 +395,15 @@ MUTATIONS = (
         "scale = 1.0 / max(student_hidden.shape[0], 1) if mean else 1.0",
         ("tests/test_fused_linear.py::test_reverse_kld_matches_unfused_composition",),
         "the fused-linear mean divides by every token, masked ones included",
+    ),
+    Mutation(
+        "linear-sum-returns-the-saved-gradients", "minillm_kernels/fused_linear.py",
+        "    return tuple(g * grad_total.to(g.dtype) if need else None for g, need in zip(grads, needs))",
+        "    unit = bool(grad_total == 1)\n"
+        "    return tuple((g if unit else g * grad_total.to(g.dtype)) if need else None for g, need in zip(grads, needs))",
+        ("tests/test_fused_linear.py::test_the_gradients_returned_are_not_the_ones_saved_for_the_next_backward",),
+        "reduction sum / mean hands the caller the gradients saved for the next backward when the upstream is 1: "
+        "zeroing them (zero_grad, .data.zero_()) zeroes or breaks a retained graph's next gradient",
     ),
     Mutation(
         "linear-no-version-check", "minillm_kernels/fused_linear.py",
@@ -408,7 +543,7 @@ MUTATIONS = (
     ),
     Mutation(
         "sampler-temperature-overflow-unchecked", "minillm_kernels/sampling.py",
-        "    _check_temperature(temperature, compute_dtype)\n",
+        "    temperature = as_temperature(temperature, compute_dtype)\n",
         "",
         ("tests/test_sampling.py::test_a_temperature_whose_reciprocal_overflows_the_compute_dtype_is_named",),
         "temperature=1e-39 with float32 logits: 1/T overflows, the mixture is NaN, a raw multinomial error",
@@ -703,6 +838,111 @@ MUTATIONS = (
         ("tests/test_parallel.py::test_divergences_of_sharded_logits_match_the_unsharded_oracle",),
         "the divergences' backward gets the shard's own row statistics: right values, each slice's gradient of its "
         "own softmax",
+    ),
+    # ---- the sparse teacher (issue 23): kernels, reference, validation, benchmark
+    Mutation(
+        "cpu-sparse-entries-not-excluded", "csrc/cpu/sparse.cpp",
+        "    buf[sorted[next] - start] = -std::numeric_limits<acc_t>::infinity();\n",
+        "",
+        ("tests/test_sparse.py::test_every_divergence_and_tail_matches_the_float64_oracle", "-k",
+         "cpu and float32-float32"),
+        "the streaming pass over R does not skip the entries' columns: Z counts them twice (log q and log Q_R wrong)",
+    ),
+    Mutation(
+        "cpu-sparse-bin-tail-gradient-dropped", "csrc/cpu/sparse.cpp",
+        "divergence_part = fast_exp((x - c_r) * ka - log_z_r) * tail_qa - q * mean_a;",
+        "divergence_part = -q * mean_a;",
+        ("tests/test_sparse.py::test_every_divergence_and_tail_matches_the_float64_oracle", "-k",
+         "cpu and bin and float32-float32"),
+        "the bin tail's q_v a_R dropped: the tail logits get no gradient through Q_R (what a clamp on 1 - Q_I does)",
+    ),
+    Mutation(
+        "cpu-sparse-uniform-tail-counts-the-entries", "csrc/cpu/sparse.cpp",
+        "return n_tail > 0 ? e.log_tail_mass(vocab_size) - std::log(double(n_tail)) : kNegInf;",
+        "return n_tail > 0 ? e.log_tail_mass(vocab_size) - std::log(double(vocab_size)) : kNegInf;",
+        ("tests/test_sparse.py::test_every_divergence_and_tail_matches_the_float64_oracle", "-k",
+         "cpu and uniform and float32-float32"),
+        "the uniform completion spreads P_R over V columns instead of V - K' (its tail mass is not P_R)",
+    ),
+    Mutation(
+        "cpu-sparse-renormalized-teacher-not-renormalized", "csrc/cpu/sparse.cpp",
+        "const Outcome<double> o = div(e.log_p[j] - log_mass,",
+        "const Outcome<double> o = div(e.log_p[j],",
+        ("tests/test_sparse.py::test_every_divergence_and_tail_matches_the_float64_oracle", "-k",
+         "cpu and renormalized and float32-float32"),
+        "the renormalized mode renormalises the student on I but not the teacher",
+    ),
+    Mutation(
+        "cpu-sparse-entry-gradient-drops-the-mean", "csrc/cpu/sparse.cpp",
+        "qa_minus_mean = div(e.log_p[j], log_q).qa - q * mean;",
+        "qa_minus_mean = div(e.log_p[j], log_q).qa;",
+        ("tests/test_sparse.py::test_every_divergence_and_tail_matches_the_float64_oracle", "-k",
+         "cpu and bin and float32-float32"),
+        "the entries' columns of the backward forget the softmax's -q_v M",
+    ),
+    Mutation(
+        "triton-sparse-tail-mass-by-subtraction", "minillm_kernels/ops/sparse_triton.py",
+        'log_student_tail = tl.where(z_r == 0, float("-inf"), (c_r64 - c64) * k64 + log_z_r64 - log_z64)',
+        'log_student_tail = tl.where(z_r == 0, float("-inf"), tl.log(1.0 - z_i / z))',
+        ("tests/test_sparse.py::test_tail_masses_near_zero_and_one_and_a_student_sure_of_the_entries[bin-triton]",),
+        "log Q_R as log(1 - Q_I) (float64): right where Q_R is large, no digit left of Q_R ~ 1e-15",
+    ),
+    Mutation(
+        "triton-sparse-exclusion-checks-one-chunk", "minillm_kernels/ops/sparse_triton.py",
+        "    for start in range(first, last, ID_CHUNK):",
+        "    for start in range(first, tl.minimum(last, first + ID_CHUNK), ID_CHUNK):",
+        ("tests/test_sparse.py::test_k_equal_to_the_vocabulary_is_the_dense_divergence_on_every_tail", "-k",
+         "triton and forward_kl"),
+        "a block's columns are compared with its first 16 entry columns only: more entries in a block count in R too",
+    ),
+    Mutation(
+        "triton-sparse-token-one-hot-dropped", "minillm_kernels/ops/sparse_triton.py",
+        "            grad += b * ((cols == target).to(ACC_DTYPE) - q) - grad_h * tl.where(q > 0, q * (log_q + entropy), 0.0)",
+        "            grad += b * (-q) - grad_h * tl.where(q > 0, q * (log_q + entropy), 0.0)",
+        ("tests/test_sparse.py::test_token_stats_match_the_float64_oracle", "-k", "triton and bin"),
+        "the token statistics' backward forgets b [v = y] on the tail columns",
+    ),
+    Mutation(
+        "reference-sparse-completion-not-normalised-on-the-tail", "minillm_kernels/reference.py",
+        "shares = torch.where(no_tail, -n_tail.log(), tail_logits - lse_tail)",
+        "shares = torch.where(no_tail, -n_tail.log(), scaled - torch.logsumexp(scaled, -1, keepdim=True))",
+        ("tests/test_sparse.py::test_the_reference_matches_the_definitions_term_by_term",),
+        "the bin completion as P_R q_v (the student's share of the whole vocabulary, not of R): it sums to P_R Q_R",
+    ),
+    Mutation(
+        "reference-sparse-tail-mass-unclamped", "minillm_kernels/reference.py",
+        "tail = torch.where(entries.n_live < vocab_size, (1 - p_entries).clamp(min=0), 0.0)",
+        "tail = torch.where(entries.n_live < vocab_size, 1 - p_entries, 0.0)",
+        ("tests/test_sparse.py::test_tail_masses_near_zero_and_one_and_a_student_sure_of_the_entries[bin-cpu]",),
+        "P_R = 1 - P_I unclamped: a sum a little above 1 (rounding) gives log of a negative, NaN",
+    ),
+    Mutation(
+        "sparse-validation-misses-repeated-ids", "minillm_kernels/sparse.py",
+        "    if bool(repeated.any()):",
+        "    if False:",
+        ("tests/test_sparse.py::test_bad_teachers_are_refused_with_errors_that_name_the_fix",),
+        "repeated ids in a row are accepted (the entry's column would count twice)",
+    ),
+    Mutation(
+        "sparse-mass-tolerance-ignores-the-dtype", "minillm_kernels/sparse.py",
+        "    per_entry = (1 + log_p.abs()) * eps + 8 * eps_32 * (1 + math.log(vocab_size))",
+        "    per_entry = 8 * eps_32 * (1 + math.log(vocab_size))",
+        ("tests/test_sparse.py::test_rounding_of_the_log_probabilities_is_within_the_tolerance",),
+        "the mass tolerance ignores the log-probabilities' dtype: a bf16 top-k that rounds above 1 is refused",
+    ),
+    Mutation(
+        "cuda-sparse-does-not-compile", "csrc/cuda/sparse.cu",
+        "constexpr int kTileWords = kTile / 32;",
+        "constexpr int kTileWords = kTile / 32",
+        ("tests/test_cuda_compile.py::test_cuda_source_compiles_for_sm90[csrc/cuda/sparse.cu]",),
+        "the sparse CUDA kernels do not compile for sm_90",
+    ),
+    Mutation(
+        "benchmark-naive-topk-tail-dropped", "benchmarks/variants.py",
+        "    return torch.cat((log_entries, tail), -1)",
+        "    return log_entries",
+        ("tests/test_benchmarks.py::test_every_variant_agrees_with_the_reference[sparse_divergence-reverse_kl]",),
+        "the benchmark's naive top-k loss drops the tail outcome (another quantity, timed as if it were ours)",
     ),
     # ---- the trainer under DDP and FSDP2 (2 gloo processes)
     Mutation(
