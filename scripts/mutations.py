@@ -693,8 +693,8 @@ MUTATIONS = (
     ),
     Mutation(
         "gkd-reuses-its-samples", "minillm_kernels/training/methods.py",
-        '"""Optimizer steps on one rollout: 1, fresh samples every step."""\n        return 1\n',
-        '"""Optimizer steps on one rollout: 1, fresh samples every step."""\n'
+        '"""Passes over one buffer: 1, fresh samples for every minibatch."""\n        return 1\n',
+        '"""Passes over one buffer: 1, fresh samples for every minibatch."""\n'
         "        return self.config.options(MiniLLMOptions).ppo_epochs\n",
         ("tests/test_train.py::test_kd_and_gkd_train_on_the_fused_divergence_they_are_given",),
         "gkd trains --ppo-epochs steps on the same samples instead of fresh ones every step",
@@ -747,6 +747,45 @@ MUTATIONS = (
         "    with seeded(None, next(model.parameters()).device):",
         ("tests/test_evaluation.py::test_generation_is_seeded_and_leaves_the_global_random_state_alone",),
         "sampled evaluation ignores its seed: another run samples other answers",
+    ),
+    # ---- the tuned comparison: validation, checkpoint choice, the rollout buffer
+    Mutation(
+        "validation-is-the-test-split", "examples/train.py",
+        "    scores = scores_on(data.validation, run.config, run.model, run.tokenizer, data, run.rank, run.world)",
+        "    scores = scores_on(data.heldout, run.config, run.model, run.tokenizer, data, run.rank, run.world)",
+        ("tests/test_comparison.py::test_the_comparison_tunes_on_validation_then_tests_the_chosen_settings",
+         "tests/test_train.py::test_the_chosen_checkpoint_is_the_best_validation_step_and_the_test_split_scores_it_and_the_last"),
+        "test-set leakage: the evaluations during training, which choose the checkpoint and the tuned settings, run on "
+        "the test split",
+    ),
+    Mutation(
+        "validation-left-in-the-training-pool", "minillm_kernels/training/data.py",
+        "    return validation, [e for e in pool if e.prompt not in prompts]",
+        "    return validation, pool",
+        ("tests/test_data.py::test_the_validation_split_is_drawn_from_the_pool_fixed_by_its_seed_and_disjoint_from_training_and_test",),
+        "the validation prompts stay in the training pool: the methods train on what chooses them",
+    ),
+    Mutation(
+        "chosen-checkpoint-picked-on-test", "examples/train.py",
+        '"chosen": last if chosen_step == steps else scores_of(run_dir / "best"),',
+        '"chosen": max((scores_of(run_dir / "best"), last), key=lambda s: s["greedy"]["gold"]["rouge_l"]),',
+        ("tests/test_train.py::test_the_chosen_checkpoint_is_the_best_validation_step_and_the_test_split_scores_it_and_the_last",),
+        "the checkpoint reported as chosen is the better of the chosen and the last one on the test split",
+    ),
+    Mutation(
+        "chosen-checkpoint-is-the-last", "examples/train.py",
+        '    if run.step > 0 and improves(score, None if run.best is None else run.best["score"]):',
+        "    if run.step > 0:",
+        ("tests/test_train.py::test_the_chosen_checkpoint_is_the_best_validation_step_and_the_test_split_scores_it_and_the_last",),
+        "every validation evaluation replaces the chosen checkpoint: the last one is reported as the best",
+    ),
+    Mutation(
+        "rollout-buffer-not-shuffled", "minillm_kernels/training/rollout.py",
+        "    order = torch.tensor(random.Random(seed).sample(range(size), size))",
+        "    order = torch.arange(size)",
+        ("tests/test_train.py::test_the_rollout_buffer_is_taken_in_shuffled_minibatches_that_cover_it_every_epoch",
+         "tests/test_train.py::test_epoch_minibatches_partition_the_buffer_in_a_seeded_order"),
+        "the buffer's minibatches are the same consecutive rows every PPO epoch (the reference code shuffles them)",
     ),
     # ---- the benchmarks
     Mutation(
