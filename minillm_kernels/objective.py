@@ -337,6 +337,7 @@ def minillm_loss(
             raise TypeError(f"{name} must be True or False, got {type(flag).__name__} {flag!r}")
     single_step_coef = as_real("single_step_coef", single_step_coef, 0.0)
     lm_coef = as_real("lm_coef", lm_coef, 0.0)
+    clip = as_real("clip", clip, 0.0)  # (MiniLLM's PPO always clips: not ppo_policy_loss's clip=None)
     returns = length_normalized_returns(rewards.detach(), mask, gamma)
     advantages = whiten_advantages(returns, mask, over=whiten_over) if whiten else returns
     pg_loss = ppo_policy_loss(

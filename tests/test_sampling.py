@@ -261,7 +261,7 @@ def test_without_a_teacher_the_student_samples_alone_the_same_draws_as_at_alpha_
     same generator (the mixture is then q_f exactly), w_t = 1 on every response token, no log p; alpha > 0 refused."""
     student, teacher = tiny_hf_pair()
     prompt_ids, prompt_mask = prompts(3)
-    options = dict(alpha=0.0, max_new_tokens=6, vocab_size=37, eos_token_id=3, temperature=0.9, top_p=0.9)
+    options = dict(alpha=0.0, max_new_tokens=6, vocab_size=37, eos_token_id=3, temperature=0.9, top_k=3, top_p=0.9)
     with_teacher, alone = (mk.sample_teacher_mixed(student, model, prompt_ids, prompt_mask,
                                                    generator=torch.Generator().manual_seed(5), **options)
                            for model in (teacher, None))
