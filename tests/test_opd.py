@@ -204,12 +204,14 @@ def steps(log: list[dict], *keys: str) -> list[tuple]:
     (["--method", "opd", "--opd-estimator", "sampled"], ("opd_loss", "reverse_kld", "grad_norm"), 3),
     (["--method", "opd", "--opd-estimator", "exact"], ("opd_loss", "grad_norm"), 3),
     (["--method", "minillm", "--alpha", "0"], ("pg_loss", "single_step_loss", "reward", "grad_norm"), 1),
-], ids=["opd-sampled", "opd-exact", "minillm-alpha-0"])
+    (["--method", "kd"], ("kd_loss", "reverse_kld", "grad_norm"), 3),
+], ids=["opd-sampled", "opd-exact", "minillm-alpha-0", "kd"])
 def test_training_through_the_served_teacher_equals_training_with_it_in_memory(tiny_teacher, tmp_path, monkeypatch,
                                                                                 flags, keys, rollouts):
     """The same samples (the student samples alone: the draws of a teacher at alpha 0), the teacher's top-V and log p
     of the sampled tokens from the fake vLLM server (one request per rollout: opd's every step, minillm's every 4
-    PPO epochs) instead of its dense logits: every logged figure of 3 steps equals
+    PPO epochs; kd's: its teacher-forced batch every step) instead of its dense logits: every logged figure of 3
+    steps equals
     the in-memory run's up to the float32 log-softmax's error, 8 eps_32 (1 + log V) relative (the server's log p come
     from one forward pass over the whole sequence, the sampler's step by step with a KV cache); no teacher loaded,
     and the log line says where the teacher is."""
