@@ -350,27 +350,33 @@ def run_planned(config: TrainConfig, data: TrainingData, planned: list[PlannedRu
     them), the others None."""
     started, fsdp, out_dir = time.time(), config.run.fsdp, Path(config.run.out_dir)
     torch.manual_seed(config.run.seed)
-    form = config.teacher
-    if form.loaded:
+    if config.teacher.loaded or any(run_config.teacher.loaded for _, run_config, _ in planned):
         teacher, tokenizer = load_teacher(config.model, device)
         teacher = parallelize(teacher, fsdp=fsdp, trainable=False)
-    else:
+    else:  # (every run's teacher is cached or served)
         teacher, tokenizer = None, load_tokenizer(config.model)
-    cache = open_cache(form.teacher_cache) if form.teacher_cache else None
+    caches: dict[str, TeacherCache] = {}  # --teacher-cache -> the cache, opened (and verified) once
+    for cached in dict.fromkeys(c.teacher.teacher_cache for c in (config, *(c for _, c, _ in planned))):
+        if cached:
+            caches[cached] = open_cache(cached)
     data = with_chat_template(data, tokenizer) if config.data.chat_template else data
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"teacher {config.model.teacher} ({teacher_form(config, cache)}), student {config.model.student}, data "
+        form = teacher_form(config, caches.get(config.teacher.teacher_cache))
+        print(f"teacher {config.model.teacher} ({form}), student {config.model.student}, data "
               f"{config.data.data}: {len(data.pool)} prompts ({len(data.pairs)} with a gold answer), "
               f"{len(data.validation)} validation, {len(data.heldout)} test; {world} process(es) on {device}; "
               f"kernels: {mk.available_backends()}", file=sys.stderr)
-    directory = teacher_directory(config.model) if cache is not None else None
+    directory = teacher_directory(config.model) if caches else None
     teacher_sha256 = weights_sha256(directory) if directory is not None else None
     results = {"setup": setup(config, device, world, data), "runs": []}
     for name, run_config, run_dir in planned:
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
         record = finished_run(run_dir, run_config) if read_finished else None
+        cache = caches.get(run_config.teacher.teacher_cache)
+        if record is None and rank == 0 and run_config.teacher != config.teacher:
+            print(f"{name}: teacher {config.model.teacher} ({teacher_form(run_config, cache)})", file=sys.stderr)
         if record is None:
             answers = run_config.method.trains_on == methods.TEACHER_ANSWERS
             if cache is not None:

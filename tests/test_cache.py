@@ -233,3 +233,19 @@ def test_a_killed_build_resumes_after_its_last_whole_shard(top8, tmp_path, monke
     TeacherCache(out)
     with pytest.raises(SystemExit, match="holds a cache of other settings \\(top_k: the cache's 8, this run's 4\\)"):
         build(out, 4)
+
+
+def test_runs_of_one_plan_each_take_their_own_teacher_form(top8, tmp_path):
+    """A plan (examples/compare.py's) whose runs differ in form: the teacher loaded once for the run that needs it, the
+    cache opened for the run that names it; each run's record says which it had."""
+    from minillm_kernels.training.config import parse_args
+    from minillm_kernels.training.data import load_training_data
+
+    base = parse_args([*FAST, "--method", "kd", "--out-dir", str(tmp_path)])
+    cached = parse_args([*FAST, "--method", "kd", "--teacher-cache", str(top8), "--out-dir", str(tmp_path / "c")])
+    data = load_training_data(base.data, seed=0)
+    results = TRAIN.distill(base, data, [("kd", base, tmp_path / "live"), ("kd (cache)", cached, tmp_path / "c")],
+                            references=False, test=False)
+    live, from_cache = (run["compute"] for run in results["runs"])
+    assert live["teacher_cache"] is None and live["teacher_forward_tokens"] > 0
+    assert from_cache["teacher_cache"]["top_k"] == 8 and from_cache["teacher_forward_tokens"] == 0
