@@ -11,7 +11,7 @@
     rollout = mk.sample_teacher_mixed(student, teacher, prompt_ids, prompt_mask, max_new_tokens=64)
     loss, parts = mk.minillm_loss(stats, rollout.student_logprob, rewards, rollout.importance_weight, ...)
 """
-from minillm_kernels.dispatch import available_backends
+from minillm_kernels.backends import available_backends
 from minillm_kernels.losses import TokenStats, fused_divergence, fused_reverse_kld, fused_token_stats
 from minillm_kernels.fused_linear import fused_linear_divergence, fused_linear_reverse_kld, fused_linear_token_stats
 from minillm_kernels.sparse import fused_sparse_divergence, fused_sparse_token_stats, topk_teacher

@@ -1,43 +1,22 @@
-"""Validation and backend choice, in one place, for every public function (``losses.py``, ``fused_linear.py``).
+"""Validation, in one place, for every public function (``losses.py``, ``fused_linear.py``).
 
 The argument checks (``validate_logits``, ``validate_token_args``, ``check_*``: each error names the argument and
-the fix), the reductions (``reduce_per_token``), the ``TokenStats`` the token-level functions return, and the
-backend each call runs on:
+the fix), the reductions (``reduce_per_token``), the ``TokenStats`` the token-level functions return; the backend
+each call runs on is ``backends.choose_backend``'s.
 
-=============  ===================================================  ==========================
-backend        what runs                                            tensors
-=============  ===================================================  ==========================
-"reference"    the naive PyTorch formulas (``reference.py``)        any device, any float dtype
-"cpu"          the fused C++ kernels (``csrc/cpu``), built on first CPU
-               use with ninja
-"triton"       the Triton kernels (``ops/*_triton.py``)             CUDA; CPU under
-                                                                    ``TRITON_INTERPRET=1``
-"cuda"         the CUDA C++ kernels (``csrc/cuda``), built on first  CUDA
-               use with ninja and nvcc for the device's capability
-=============  ===================================================  ==========================
-
-``backend="auto"`` picks "cpu" for CPU tensors. For CUDA tensors it picks, per logits dtype and
-vocabulary size, the faster of "triton" and "cuda" as measured on a GPU and recorded in
-``gpu_backend_choice.json`` beside this file (see ``load_gpu_backend_choice``), and "triton" where that
-file is absent or has no rule for the case. Where the chosen backend is not available it falls back to
-the other GPU kernel, then to "reference".
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
-import os
 import warnings
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 
 from minillm_kernels import parallel, reference
 from minillm_kernels._arguments import as_beta, as_int, as_number, as_real, as_skew, as_temperature
+from minillm_kernels.backends import choose_backend
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
 REDUCTIONS = ("none", "sum", "mean")
 
 
@@ -58,115 +37,6 @@ class TokenStats(NamedTuple):
     log_ratio: torch.Tensor
     importance_weight: torch.Tensor
     entropy: Optional[torch.Tensor]
-
-
-def _triton_usable() -> bool:
-    return importlib.util.find_spec("triton") is not None and (
-        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-    )
-
-
-def _cpu_usable() -> bool:
-    from minillm_kernels.cpu import load_extension
-
-    return load_extension() is not None
-
-
-def _cuda_usable() -> bool:
-    from minillm_kernels.cuda import load_extension
-
-    return torch.cuda.is_available() and load_extension() is not None
-
-
-GPU_BACKEND_CHOICE_FILE = Path(__file__).with_name("gpu_backend_choice.json")
-GPU_KERNEL_BACKENDS = ("triton", "cuda")
-
-
-def load_gpu_backend_choice(path: Path) -> dict[torch.dtype, tuple[tuple[int, str], ...]]:
-    """The measured choice between the GPU kernels: ``{dtype: ((min_vocab, backend), ...)}``, ascending.
-
-    The file (written by the GPU benchmark) is JSON: ``{"device": ..., "rules": [{"dtype": "bfloat16",
-    "min_vocab": 0, "backend": "cuda", ...}, ...]}``. For logits of a dtype and vocabulary size V, the rule
-    of that dtype with the largest ``min_vocab <= V`` names the faster backend; other keys (the device, the
-    timings behind each rule) are the record and are not read. No file: no rules.
-    """
-    if not path.is_file():
-        return {}
-    rules: dict[torch.dtype, list[tuple[int, str]]] = {}
-    for rule in json.loads(path.read_text())["rules"]:
-        dtype = getattr(torch, str(rule.get("dtype")), None)
-        min_vocab, backend = rule.get("min_vocab"), rule.get("backend")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"{path}: rule {rule} has no floating-point 'dtype' (e.g. \"bfloat16\")")
-        if isinstance(min_vocab, bool) or not isinstance(min_vocab, int) or min_vocab < 0:
-            raise ValueError(f"{path}: rule {rule} needs an int 'min_vocab' >= 0")
-        if backend not in GPU_KERNEL_BACKENDS:
-            raise ValueError(f"{path}: rule {rule} needs 'backend' in {GPU_KERNEL_BACKENDS}")
-        rules.setdefault(dtype, []).append((min_vocab, backend))
-    return {dtype: tuple(sorted(pairs)) for dtype, pairs in rules.items()}
-
-
-# Read once at import (a plain global, which dynamo reads while tracing).
-_gpu_backend_choice = load_gpu_backend_choice(GPU_BACKEND_CHOICE_FILE)
-
-
-def _faster_gpu_backend(dtype: Optional[torch.dtype], vocab_size: Optional[int]) -> str:
-    """The GPU kernel measured faster for this dtype and vocabulary size; "triton" without a rule."""
-    choice = "triton"
-    for min_vocab, backend in _gpu_backend_choice.get(dtype, ()):
-        if vocab_size is not None and vocab_size >= min_vocab:
-            choice = backend
-    return choice
-
-
-_USABILITY_CHECKS = {"reference": lambda: True, "cpu": _cpu_usable, "triton": _triton_usable, "cuda": _cuda_usable}
-_usable: dict[str, bool] = {}  # filled one backend at a time, on first use
-
-
-@torch.compiler.assume_constant_result  # while tracing, run eagerly and take the answer as a constant
-def backend_usable(name: str) -> bool:
-    """Whether backend ``name`` runs here. The first call for "cpu" or "cuda" builds that kernel (then cached),
-    and only that backend's: asking for "reference" builds nothing."""
-    if name not in _usable:
-        _usable[name] = _USABILITY_CHECKS[name]()
-    return _usable[name]
-
-
-def available_backends() -> tuple[str, ...]:
-    """The backends usable on this machine, of ("reference", "cpu", "triton", "cuda").
-
-    "cpu" is listed once its C++ kernel has built (the first call builds it, ~20 s, then it is
-    cached); "triton" where Triton is installed and a GPU is present, or ``TRITON_INTERPRET=1`` is
-    set (then it runs on CPU tensors); "cuda" where a GPU is present and its kernels have built (the
-    first call builds them with nvcc, then they are cached).
-    """
-    return tuple(name for name in BACKENDS if backend_usable(name))
-
-
-def _interpreting_triton() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _choose_backend(
-    backend: str, device: torch.device, dtype: Optional[torch.dtype] = None, vocab_size: Optional[int] = None
-) -> str:
-    if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if device.type != "cuda":
-            return "cpu" if backend_usable("cpu") else "reference"
-        faster = _faster_gpu_backend(dtype, vocab_size)
-        other = "cuda" if faster == "triton" else "triton"
-        return next((name for name in (faster, other) if backend_usable(name)), "reference")
-    if not backend_usable(backend):
-        raise ValueError(f"backend {backend!r} is not available here; available: {available_backends()}")
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend 'cpu' runs on CPU tensors, but the logits are on {device}")
-    if backend == "triton" and device.type != "cuda" and not _interpreting_triton():
-        raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), the logits are on {device}")
-    if backend == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend 'cuda' needs CUDA tensors, the logits are on {device}")
-    return backend
 
 
 class LogitsCall(NamedTuple):
@@ -320,7 +190,7 @@ def validate_token_args(
                     f"target_ids must lie in [0, vocab_size={vocab_size}) where the mask is True; "
                     f"got values in [{int(counted.min())}, {int(counted.max())}]"
                 )
-    return TokenArgs(target_ids, mask, lead_shape, vocab_size, _choose_backend(backend, device, dtype, vocab_size),
+    return TokenArgs(target_ids, mask, lead_shape, vocab_size, choose_backend(backend, device, dtype, vocab_size),
                      temperature)
 
 

@@ -12,14 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-
-def compute_dtype(*logits_dtypes: torch.dtype) -> torch.dtype:
-    """promote(*logits_dtypes, float32): float64 if any is float64, else float32. Both log-softmaxes are computed
-    in it (and the kernels' per-token outputs have it)."""
-    dtype = torch.float32
-    for logits_dtype in logits_dtypes:
-        dtype = torch.promote_types(dtype, logits_dtype)
-    return dtype
+from minillm_kernels.backends import compute_dtype
 
 
 def _scaled(logits: torch.Tensor, vocab_size: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:

@@ -22,16 +22,15 @@ Kernels: "cpu" (``csrc/cpu/divergence.cpp``), "triton" (``ops/divergence_triton.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Optional
 
 import torch
 
-from minillm_kernels import reference
+from minillm_kernels import backends, reference
 from minillm_kernels._arguments import as_beta, as_skew
 from minillm_kernels.ops import reverse_kld
 from minillm_kernels.ops.autograd import differentiable
-from minillm_kernels.ops.reverse_kld import fresh_gradient, n_rows, row_view, stats_dtype
+from minillm_kernels.backends import compute_dtype, fresh_gradient, n_rows, row_view
 
 Tensor = torch.Tensor
 
@@ -47,25 +46,6 @@ def check_coefficient(divergence: str, coefficient: float) -> None:
     checks = {"beta": as_beta, "skew": as_skew}
     if divergence in MIXTURE_COEFFICIENT:
         checks[MIXTURE_COEFFICIENT[divergence]](coefficient)
-
-
-def _kernels(backend: str) -> tuple[Callable, Callable]:
-    """``(forward, backward)`` of the divergence kernels of ``backend``."""
-    if backend == "cpu":
-        from minillm_kernels.cpu import load_extension
-
-        extension = load_extension()
-        return extension.divergence_forward, extension.divergence_backward
-    if backend == "cuda":
-        from minillm_kernels.cuda import load_extension as load_cuda_extension
-
-        extension = load_cuda_extension()
-        return extension.divergence_forward, extension.divergence_backward
-    if backend == "triton":
-        from minillm_kernels.ops import divergence_triton
-
-        return divergence_triton.forward, divergence_triton.backward
-    raise ValueError(f"no divergence kernels for backend {backend!r}")
 
 
 @torch.library.custom_op("minillm_kernels::divergence", mutates_args=())
@@ -89,7 +69,7 @@ def divergence(
     check_coefficient(divergence, coefficient)
     if n_rows(student) == 0:
         return _empty_outputs(student, teacher)
-    forward, _ = _kernels(backend)
+    forward = backends.kernels(backend).divergence
     if given_row_stats is None:
         return tuple(forward(row_view(student), row_view(teacher), mask, divergence, coefficient, inv_temperature,
                              vocab_size))
@@ -106,7 +86,7 @@ def _(student, teacher, mask, divergence, coefficient, inv_temperature, vocab_si
 
 
 def _empty_outputs(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    rows, dtype = n_rows(student), stats_dtype(student.dtype, teacher.dtype)
+    rows, dtype = n_rows(student), compute_dtype(student.dtype, teacher.dtype)
     return student.new_empty(rows, dtype=dtype), student.new_empty(rows, dtype=dtype), \
         student.new_empty(rows, 4, dtype=dtype)
 
@@ -129,7 +109,7 @@ def divergence_backward(
     contiguous tensor of the student's shape."""
     if n_rows(student) == 0:
         return fresh_gradient(student)
-    _, backward = _kernels(backend)
+    backward = backends.kernels(backend).divergence_backward
     grad = backward(row_view(student), row_view(teacher), mask, grad_divergence, mean_partial, row_stats, divergence,
                     coefficient, inv_temperature, vocab_size)
     return grad.view(student.shape)

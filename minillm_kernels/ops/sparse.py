@@ -23,34 +23,14 @@ signature; "reference" is ``reference.sparse_divergence`` under autograd (``spar
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Optional
 
 import torch
 
-from minillm_kernels import reference
-from minillm_kernels.ops.reverse_kld import fresh_gradient, n_rows, row_view, stats_dtype
+from minillm_kernels import backends, reference
+from minillm_kernels.backends import compute_dtype, fresh_gradient, n_rows, row_view
 
 Tensor = torch.Tensor
-
-
-def _kernels(backend: str) -> tuple[Callable, Callable]:
-    """``(forward, backward)`` of the sparse-teacher kernels of ``backend``."""
-    if backend == "cpu":
-        from minillm_kernels.cpu import load_extension
-
-        extension = load_extension()
-        return extension.sparse_divergence_forward, extension.sparse_divergence_backward
-    if backend == "cuda":
-        from minillm_kernels.cuda import load_extension as load_cuda_extension
-
-        extension = load_cuda_extension()
-        return extension.sparse_divergence_forward, extension.sparse_divergence_backward
-    if backend == "triton":
-        from minillm_kernels.ops import sparse_triton
-
-        return sparse_triton.forward, sparse_triton.backward
-    raise ValueError(f"no sparse-teacher kernels for backend {backend!r}")
 
 
 @torch.library.custom_op("minillm_kernels::sparse_divergence", mutates_args=())
@@ -73,7 +53,7 @@ def sparse_divergence(
     target, student_logprob is 0; entropy is 0 where the row is not streamed ("renormalized" without a target)."""
     if n_rows(student) == 0:
         return _empty_outputs(student, teacher_logprobs)
-    forward, _ = _kernels(backend)
+    forward = backends.kernels(backend).sparse_divergence
     return tuple(forward(row_view(student), teacher_ids, teacher_logprobs, target, mask, divergence, tail,
                          coefficient, inv_temperature, vocab_size))
 
@@ -85,7 +65,7 @@ def _(student, teacher_ids, teacher_logprobs, target, mask, divergence, tail, co
 
 
 def _empty_outputs(student: Tensor, teacher_logprobs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    rows, dtype = n_rows(student), stats_dtype(student.dtype, teacher_logprobs.dtype)
+    rows, dtype = n_rows(student), compute_dtype(student.dtype, teacher_logprobs.dtype)
     per_row = tuple(student.new_empty(rows, dtype=dtype) for _ in range(4))
     return (*per_row, student.new_empty(rows, 4, dtype=dtype))
 
@@ -114,7 +94,7 @@ def sparse_divergence_backward(
     upstream gradients, ``[N]``): a fresh contiguous tensor of the student's shape."""
     if n_rows(student) == 0:
         return fresh_gradient(student)
-    _, backward = _kernels(backend)
+    backward = backends.kernels(backend).sparse_divergence_backward
     grad = backward(row_view(student), teacher_ids, teacher_logprobs, target, mask, grad_value, grad_student_logprob,
                     grad_entropy, entropy, mean_partial, row_stats, divergence, tail, coefficient, inv_temperature,
                     vocab_size)
