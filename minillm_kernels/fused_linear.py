@@ -708,13 +708,8 @@ def fused_linear_token_stats(
 # --------------------------------------------------------------------------------------------------------------
 def _chunk_divergence(student_logits: Tensor, teacher_logits: Tensor, plan: _Plan, divergence: str,
                       coefficient: float, given_row_stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(value, mean_partial, row_stats)`` of a chunk's logits on the plan's backend (for "reference": the reference
-    formula's value, and zeros for the other two, which its backward does not use); with ``given_row_stats``, the
+    """``(value, mean_partial, row_stats)`` of a chunk's logits on the plan's backend; with ``given_row_stats``, the
     terms from those log-normalisers (``ops.divergence.divergence``)."""
-    if plan.backend == "reference":
-        value = reference.divergence(student_logits, teacher_logits, None, plan.temperature, plan.vocab_size,
-                                     divergence, beta=coefficient, skew=coefficient)
-        return value, torch.zeros_like(value), value.new_zeros(value.shape[0], 4)
     return divergence_ops.divergence(student_logits, teacher_logits, None, divergence, coefficient,
                                      1.0 / plan.temperature, plan.vocab_size, plan.backend, given_row_stats)
 
@@ -723,10 +718,7 @@ def _chunk_divergence_gradient(student_logits: Tensor, teacher_logits: Tensor, g
                                saved: tuple[Tensor, Tensor], plan: _Plan, divergence: str,
                                coefficient: float) -> Tensor:
     """d/ds of sum_i g_i D_i over a chunk, ``[C, vocab]`` in the logits' dtype, from the forward's ``saved =
-    (mean_partial, row_stats)`` (for "reference": ``reference.divergence_gradient``, in closed form)."""
-    if plan.backend == "reference":
-        return reference.divergence_gradient(student_logits, teacher_logits, None, grad_value, plan.temperature,
-                                             plan.vocab_size, divergence, beta=coefficient, skew=coefficient)
+    (mean_partial, row_stats)``."""
     return divergence_ops.divergence_backward(student_logits, teacher_logits, None, grad_value, *saved, divergence,
                                               coefficient, 1.0 / plan.temperature, plan.vocab_size, plan.backend)
 

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from minillm_kernels import parallel, reference
+from minillm_kernels import parallel
 from minillm_kernels.dispatch import (
     LogitsCall,
     TokenStats,
@@ -201,9 +201,6 @@ def _token_stats(rows: LogitsCall, shards: Optional[parallel.VocabShards] = None
     if shards is not None:
         return parallel.logits_token_stats(shards, rows.student, rows.teacher, rows.target, rows.mask, rows.temperature,
                                            rows.vocab_size, rows.backend)
-    if rows.backend == "reference":  # the naive formulas, on [N, V] rows (a copy where the layout needs one)
-        student, teacher = (x.reshape(-1, x.shape[-1]) for x in (rows.student, rows.teacher))
-        return reference.token_stats(student, teacher, rows.target, rows.mask, rows.temperature, rows.vocab_size)
     kl, student_logprob, teacher_logprob, entropy, _ = ops.differentiable_token_stats(
         rows.student, rows.teacher, rows.target, rows.mask, 1.0 / rows.temperature, rows.vocab_size, rows.backend
     )

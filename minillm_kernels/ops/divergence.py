@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from minillm_kernels import backends, reference
+from minillm_kernels import backends
 from minillm_kernels._arguments import as_beta, as_skew
 from minillm_kernels.ops import reverse_kld
 from minillm_kernels.ops.autograd import differentiable
@@ -139,35 +139,13 @@ def _backward(ctx, grad_divergence, grad_mean_partial, grad_row_stats):
 differentiable_divergence = differentiable(divergence, _backward, _setup_context)
 
 
-@torch.library.custom_op("minillm_kernels::checked_coefficient", mutates_args=())
-def checked_coefficient(values: Tensor, divergence: str, coefficient: float) -> Tensor:
-    """A copy of ``values`` once ``check_coefficient(divergence, coefficient)`` passes: under torch.compile, the
-    run-time check of the reference backend's coefficient (which no kernel op receives), on its ``[N]`` values."""
-    check_coefficient(divergence, coefficient)
-    return values.clone()
-
-
-@checked_coefficient.register_fake
-def _(values, divergence, coefficient):
-    return torch.empty_like(values)
-
-
-checked_coefficient.register_autograd(lambda ctx, grad: (grad, None, None))
-
-
 def divergence_rows(
     student: Tensor, teacher: Tensor, mask: Optional[Tensor], divergence_name: str, beta: float, skew: float,
     temperature: float, vocab_size: int, backend: str,
 ) -> Tensor:
     """The per-row divergence ``[N]`` of ``[..., V]`` logits on ``backend`` (differentiable in the student), 0 where
-    masked: for "reference" ``reference.divergence`` on the rows reshaped to ``[N, V]``; the reverse KL from
-    ``token_stats``; a skew KL with skew 0 (the plain KL) from its plain KL's kernel; the rest from ``divergence``."""
-    if backend == "reference":
-        student_rows, teacher_rows = (x.reshape(-1, x.shape[-1]) for x in (student, teacher))
-        value = reference.divergence(student_rows, teacher_rows, mask, temperature, vocab_size, divergence_name,
-                                     beta=beta, skew=skew)
-        coefficient = beta if divergence_name == "jsd" else skew
-        return checked_coefficient(value, divergence_name, coefficient) if torch.compiler.is_compiling() else value
+    masked: the reverse KL from ``token_stats``; a skew KL with skew 0 (the plain KL) from its plain KL's kernel; the
+    rest from ``divergence``."""
     if skew == 0 and divergence_name in ("skew_forward_kl", "skew_reverse_kl"):
         divergence_name = divergence_name.removeprefix("skew_")
     if divergence_name == "reverse_kl":

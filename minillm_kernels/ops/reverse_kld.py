@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from minillm_kernels import backends, reference
+from minillm_kernels import backends
 from minillm_kernels.backends import compute_dtype, fresh_gradient, n_rows, row_view
 from minillm_kernels.ops.autograd import differentiable
 
@@ -133,15 +133,14 @@ differentiable_token_stats = differentiable(token_stats, _backward, _setup_conte
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Any backend, "reference" included, and shards of a vocabulary: what the fused-linear chunk loop and the
+# Any backend, and shards of a vocabulary: what the fused-linear chunk loop and the
 # vocabulary-parallel losses (``parallel.py``) call inside their own custom ops and autograd functions.
 # --------------------------------------------------------------------------------------------------------------
 def backend_token_stats(
     student: Tensor, teacher: Tensor, target: Optional[Tensor], mask: Optional[Tensor], temperature: float,
     vocab_size: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``token_stats`` of ``[..., V]`` logits on ``backend``: for "reference" its formulas (``reference.token_stats``
-    and ``reference.row_stats``, on the rows reshaped to ``[N, V]``). ``vocab_size`` may be 0 (a vocabulary shard
+    """``token_stats`` of ``[..., V]`` logits on ``backend``. ``vocab_size`` may be 0 (a vocabulary shard
     holding no real column): KL = H = 0, log-probabilities NaN (0 where masked; zeros without a target) and row
     statistics (0, -inf, 0, -inf), i.e. log-normalisers -inf, no share of either softmax; nothing is read."""
     if vocab_size == 0:
@@ -151,10 +150,6 @@ def backend_token_stats(
             student_logprob, teacher_logprob = no_column, no_column.clone()
         row_stats[:, 1::2] = -math.inf
         return kl, student_logprob, teacher_logprob, entropy, row_stats
-    if backend == "reference":
-        student_rows, teacher_rows = (x.reshape(-1, x.shape[-1]) for x in (student, teacher))
-        stats = reference.token_stats(student_rows, teacher_rows, target, mask, temperature, vocab_size)
-        return (*stats, reference.row_stats(student_rows, teacher_rows, temperature, vocab_size))
     return token_stats(student, teacher, target, mask, 1.0 / temperature, vocab_size, backend)
 
 
@@ -166,13 +161,8 @@ def backend_logit_gradient(
     """``token_stats_backward`` on ``backend``: the gradient of sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i with
     respect to ``student``, contiguous, of its shape, from ``upstream = (a, b, c)`` and ``saved = (kl, entropy,
     row_stats)`` (what ``backend_token_stats`` gave, or statistics that stand for them, e.g. a whole vocabulary's);
-    for "reference" in closed form (``reference.token_stats_gradient``); zeros for ``vocab_size`` 0."""
+    zeros for ``vocab_size`` 0."""
     if vocab_size == 0:
         return fresh_gradient(student).zero_()
-    if backend == "reference":
-        student_rows, teacher_rows = (x.reshape(-1, x.shape[-1]) for x in (student, teacher))
-        grad = reference.token_stats_gradient(student_rows, teacher_rows, target, mask, upstream, saved, temperature,
-                                              vocab_size)
-        return grad.view(student.shape)
     return token_stats_backward(student, teacher, target, mask, *upstream, *saved, 1.0 / temperature, vocab_size,
                                 backend)
