@@ -1,50 +1,155 @@
-"""The fair comparison: each method of ``COMPARED`` (sft, kd, seqkd, kd on the teacher's answers, minillm) for each of
---seeds, trained by examples/train.py's loop on the same budget, then one table over the seeds.
+"""The tuned comparison: every row of the plan (``comparison.PLAN``: sft, kd, seqkd, kd on the teacher's answers,
+minillm, gkd with the reverse KL, and the planned rows once their methods exist) tuned on the validation split, then
+trained with --seeds at the settings chosen, and evaluated on the test split; one table over the seeds.
 
-    python examples/compare.py                            # 5 methods x 3 seeds on the tiny default
-    python examples/compare.py --seeds 0 --steps 100      # any flag of examples/train.py goes to every run
+    python examples/compare.py                                   # tune, then test: the whole comparison, one process
+    python examples/compare.py --lrs 1e-4 3e-4 --seeds 0 1 --steps 100 --rows sft minillm   # a smaller grid
+    bash scripts/compare.sh                                      # the same in parallel processes (--worker)
 
-Every run starts from the same student and trains on the same prompt pool, for the same number of steps, batch,
-learning rate and schedule (--method and --teacher-answers are set per run); the pairs and the rollout prompts of
-a seed come in the same order for every method. The teacher's answers (seqkd's and kd's on them) are generated once
-per seed and cached. Each run writes its log.jsonl, checkpoint.pt and student/ in --out-dir/<name>/seed-<s>/; then
---out-dir gets results.json (every run's scores and compute) and compare.md, the tables (mean ± sd over the seeds).
-With --resume each run goes on from its checkpoint, and the runs already finished are read back from their
-log.jsonl: several processes (different --seeds, one --out-dir) end with one --resume over every seed that writes
-the whole table (scripts/compare.sh does this).
+1. Tuning (--phase tune): each row at every point of its grid, with the training seed --tuning-seed: the same
+   learning rates (--lrs) and number of steps for every row; MiniLLM also its rollout buffer (--buffers: its
+   --num-rollouts, taken in minibatches of --batch-size, within the same steps). Each run is evaluated on the
+   validation split (gold pairs drawn from the training pool, which no run trains on) every --eval-every steps and
+   keeps its best checkpoint; no run looks at the test split. Each row's settings are the grid point whose chosen
+   checkpoint scored best: --out-dir/tuning.json (every validation figure) and tuning.md, written before any test run.
+2. Test (--phase test): each row at its chosen settings (read from tuning.json only) for each of --seeds (the tuning
+   run is the run of its seed: not trained twice), then the test split's whole protocol for each run's chosen
+   checkpoint and its last one; --out-dir/results.json and compare.md (mean ± sd over the seeds, each method's cost
+   beside its scores).
+--phase all (the default) does both. Any flag of examples/train.py goes to every run, except those the comparison
+sets per run (--method, --lr, --seed, --num-rollouts, --teacher-answers). L_PT: for every run with --lm-data, for
+none without (the tiny default has no pre-training text: none).
+
+Runs write in --out-dir/runs/<row>/<settings>/seed-<s>/ (log.jsonl, checkpoint.pt, best/, student/). A run that
+already finished there with the same settings is read back instead of trained again, and its test scores too once
+measured: an interrupted comparison goes on with the same command (--resume: interrupted runs go on from their
+checkpoints). Several processes at once (scripts/compare.sh) share a phase's runs with --worker: each takes the next
+run that no other has claimed (a folder under --out-dir/claims/<phase>/, made atomically; clear it before starting
+them) and writes no table; then one process without --worker reads every run back (and trains any that is left) and
+writes the tables.
 """
 from __future__ import annotations
 
-import re
+import argparse
+import os
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import train  # examples/train.py: the loop
-from minillm_kernels.training.config import argument_parser, config_from
+from minillm_kernels.training import comparison
+from minillm_kernels.training.comparison import PLAN, Row
+from minillm_kernels.training.config import TrainConfig, argument_parser, config_from
 from minillm_kernels.training.data import load_training_data
-from minillm_kernels.training.methods import GOLD_ANSWERS
+from minillm_kernels.training.methods import GOLD_ANSWERS, METHODS
+from minillm_kernels.training.report import WHERE_AND_HOW_FAST, write_results
 
-# (name in the tables, --method, --teacher-answers), each run for each of --seeds
-COMPARED = (("sft", "sft", False), ("kd", "kd", False), ("seqkd", "seqkd", True),
-            ("kd (teacher answers)", "kd", True), ("minillm", "minillm", False))
+SET_PER_RUN = ("--method", "--lr", "--seed", "--num-rollouts", "--teacher-answers")
+
+
+def comparison_parser() -> argparse.ArgumentParser:
+    """examples/train.py's flags and the comparison's own."""
+    parser = argument_parser(__doc__)
+    parser.allow_abbrev = False  # (a prefix of a flag the comparison sets per run must not slip through)
+    own = parser.add_argument_group("the comparison")
+    own.add_argument("--phase", choices=("tune", "test", "all"), default="all", help="tune on validation, test the "
+                     "chosen settings, or both")
+    own.add_argument("--rows", nargs="+", metavar="NAME", help=f"these rows of the plan only (default: every row: "
+                     f"{', '.join(row.name for row in PLAN)})")
+    own.add_argument("--lrs", type=float, nargs="+", default=comparison.DEFAULT_LRS, help="the learning-rate grid, "
+                     "the same for every row")
+    own.add_argument("--buffers", type=int, nargs="+", default=comparison.DEFAULT_BUFFERS, help="minillm's "
+                     "rollout-buffer grid (--num-rollouts, multiples of --batch-size), with each learning rate")
+    own.add_argument("--seeds", type=int, nargs="+", default=(0, 1, 2, 3, 4), help="the test phase's training seeds")
+    own.add_argument("--tuning-seed", type=int, default=0, help="the tuning runs' training seed")
+    own.add_argument("--worker", action="store_true", help="one of several processes at once: take the runs of the "
+                     "phase that no other worker has claimed (--out-dir/claims/<phase>/), write no table")
+    return parser
+
+
+def run_config(parser: argparse.ArgumentParser, argv: list[str], row: Row, settings: tuple[str, ...], seed: int,
+               out_dir: Path) -> TrainConfig:
+    """The config of one run: the command line, then the row's flags, the grid point's and the run's own."""
+    args = parser.parse_args([*argv, *row.flags, *settings, "--method", row.method, "--seed", str(seed),
+                              "--out-dir", str(comparison.run_folder(out_dir, row, settings, seed))])
+    return config_from(parser, args)
+
+
+def claimed(runs: list[train.PlannedRun], claims: Path, out_dir: Path) -> Iterator[train.PlannedRun]:
+    """The runs this worker claims, each when the loop comes to it: a run is the worker's that made its folder under
+    ``claims`` (mkdir is atomic: one worker makes it, the others find it made and go on to the next run)."""
+    for run in runs:
+        claim = claims / run[2].relative_to(out_dir / "runs")
+        claim.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            claim.mkdir()
+        except FileExistsError:
+            continue
+        yield run
+
+
+def available(parser: argparse.ArgumentParser, row: Row) -> bool:
+    """Whether this version has the row's method and knows its flags."""
+    return row.method in METHODS and not parser.parse_known_args(list(row.flags))[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argument_parser(__doc__)
-    parser.add_argument("--seeds", type=int, nargs="+", default=(0, 1, 2), help="the training seeds")
+    parser = comparison_parser()
     args = parser.parse_args(argv)
-    config = config_from(parser, args)
-    if config.run.fsdp:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = {arg.split("=")[0] for arg in argv}
+    if given & set(SET_PER_RUN):
+        parser.error(f"{', '.join(sorted(given & set(SET_PER_RUN)))}: the comparison sets these per run (the grid: "
+                     "--lrs and --buffers; the seeds: --seeds and --tuning-seed)")
+    base = config_from(parser, args)
+    if args.worker and "RANK" in os.environ:
+        parser.error("--worker: one process per worker (the claims are per process): drop torchrun or --worker")
+    if base.run.fsdp:
         parser.error("the teacher's answers (seqkd, kd on them) are generated by one process with the whole teacher: "
                      "drop --fsdp (DDP or one process)")
-    out_dir = Path(config.run.out_dir)
-    planned = [(name, config.replace_run(method=method, teacher_answers=answers, seed=seed),
-                out_dir / re.sub(r"\W+", "-", name).strip("-") / f"seed-{seed}")
-               for seed in args.seeds for name, method, answers in COMPARED]
-    data = load_training_data(config.data, seed=config.run.seed,  # read (and checked) before any model loads
-                              gold_answers_for=[name for name, run_config, _ in planned[: len(COMPARED)]
-                                                if run_config.method.trains_on == GOLD_ANSWERS])
-    train.distill(config, data, planned, "compare.md", read_finished=config.run.resume)
+    unknown = set(args.rows or ()) - {row.name for row in PLAN}
+    if unknown:
+        parser.error(f"--rows {', '.join(sorted(unknown))}: not in the plan ({', '.join(r.name for r in PLAN)})")
+    asked = [row for row in PLAN if not args.rows or row.name in args.rows]
+    rows = [row for row in asked if available(parser, row)]
+    not_yet = [row.name for row in asked if row not in rows]  # planned rows whose method or flags do not exist yet
+    out_dir = Path(base.run.out_dir)
+    gold = [row.name for row in rows if run_config(parser, argv, row, (), 0, out_dir).method.trains_on == GOLD_ANSWERS]
+    data = load_training_data(base.data, seed=base.run.seed, gold_answers_for=gold)  # checked before a model loads
+    if not data.validation:
+        parser.error("the comparison tunes and chooses on a validation split: give --validation-size > 0 (and data "
+                     "with gold answers to draw it from)")
+    plan_grid = {row.name: comparison.grid(row, args.lrs, args.buffers) for row in rows}
+    context = {"args": {name: value for name, value in base.flags().items()
+                        if name not in WHERE_AND_HOW_FAST | {"eval_samples"}},
+               "lrs": list(args.lrs), "buffers": list(args.buffers), "tuning_seed": args.tuning_seed,
+               "validation": len(data.validation), "validation_seed": base.data.validation_seed,
+               "select_by": base.run.select_by, "steps": base.optim.steps, "plan": list(plan_grid),
+               "planned": not_yet}
 
+    def share(runs: list[train.PlannedRun], phase: str) -> Iterable[train.PlannedRun]:
+        return claimed(runs, out_dir / "claims" / phase, out_dir) if args.worker else runs
+
+    if args.phase in ("tune", "all"):
+        tuning_runs = [(row, settings) for row in rows for settings in plan_grid[row.name]]
+        planned = [(row.name, run_config(parser, argv, row, settings, args.tuning_seed, out_dir),
+                    comparison.run_folder(out_dir, row, settings, args.tuning_seed)) for row, settings in tuning_runs]
+        results = train.distill(base, data, share(planned, "tune"), read_finished=True, references=False, test=False)
+        if results is not None and not args.worker:  # rank 0, every tuning run done: choose on validation
+            records = {(row.name, settings): record for (row, settings), record in zip(tuning_runs, results["runs"])}
+            comparison.write_tuning(out_dir, comparison.choose(plan_grid, records, context))
+    if args.phase in ("test", "all"):
+        tuning = comparison.read_tuning(out_dir, context)
+        chosen = {row.name: tuple(tuning["rows"][row.name]["chosen"]) for row in rows}
+        planned = [(row.name, run_config(parser, argv, row, chosen[row.name], seed, out_dir),
+                    comparison.run_folder(out_dir, row, chosen[row.name], seed)) for row in rows for seed in args.seeds]
+        if args.worker:  # the costliest rows first (their tuning run's training time): the workers end together
+            planned.sort(key=lambda run: -comparison.training_seconds(tuning, run[0]))
+        results = train.distill(base, data, share(planned, "test"), read_finished=True, references=not args.worker,
+                                test=True)
+        if results is not None and not args.worker:  # the tables, and the settings chosen beside them
+            write_results(out_dir, results, "compare.md",
+                          appendix=(out_dir / comparison.TUNING_TABLE).read_text(encoding="utf-8"))
 
 if __name__ == "__main__":
     main()

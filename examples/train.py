@@ -6,23 +6,27 @@ on-policy GKD.
     python examples/train.py --teacher smollm2 --student smollm2 --student-layers 6   # SmolLM2-135M-Instruct
     torchrun --nproc_per_node 2 examples/train.py ...          # DDP (gloo on CPU, NCCL on GPU)
     torchrun --nproc_per_node 2 examples/train.py --fsdp ...   # FSDP2: student and teacher sharded
-    python examples/compare.py                                 # every method x 3 seeds on the same budget, one table
+    python examples/compare.py                                 # every method tuned on validation, then 5 seeds
 
 Every method gets the same prompt pool, start, number of optimizer steps of --batch-size sequences, learning rate
 and schedule, and the same L_PT (--lm-data: lm_coef x cross-entropy on pre-training text added to every method's
-loss; none without it). A step: the method's micro-batches (teacher-forced pairs, or the rows of a rollout of the
+loss; none without it). A step: the method's micro-batches (teacher-forced pairs, or a minibatch of a buffer of the
 student's own samples), each one's L_PT and loss and their backward, gradient clipping, AdamW; then the log, the
-held-out evaluation every --eval-every steps and the checkpoint every --save-every steps. The methods, their losses
+validation evaluation every --eval-every steps and the checkpoint every --save-every steps. The methods, their losses
 and their defaults are in minillm_kernels/training/methods.py; the flags in minillm_kernels/training/config.py
 (MiniLLM's are the reference code's, microsoft/LMOps minillm/, with one departure for the tiny default: lr 1e-4).
 
-Evaluation: held-out greedy scores every --eval-every steps; at the end the whole protocol: greedy, sampled at T = 1
-with each of --eval-samples seeds, and (tiny default) the exposure-bias measure ExAccErr on the long tasks
+Evaluation: greedy scores on the validation split (--validation-size gold pairs drawn from the pool, which no method
+trains on) every --eval-every steps; the evaluation with the best --select-by score is the chosen checkpoint (its
+weights kept in best/), as the MiniLLM paper chooses. Then, and only then, the test split (the held-out prompts):
+the whole protocol for the chosen checkpoint and for the last one: greedy, sampled at T = 1 with each of
+--eval-samples seeds, and (tiny default) the exposure-bias measure ExAccErr on the long tasks
 (minillm_kernels/training/evaluation.py).
 
 Outputs in --out-dir: log.jsonl (one JSON record per step and per eval, flushed as written), checkpoint.pt (written
-to a temp file and renamed; loadable with torch.load(weights_only=True)), student/ (the final model), results.json
-(the scores and compute: teacher forward tokens, generated tokens, wall time) and results.md, the tables. --resume
+to a temp file and renamed; loadable with torch.load(weights_only=True)), best/ (the chosen checkpoint's model),
+student/ (the last model), results.json (the scores and compute: teacher forward tokens, generated tokens, wall
+time) and results.md, the tables. --resume
 continues from checkpoint.pt: weights, optimizer, data order, RNG, step and the current rollout; it refuses another
 --method, lists the arguments that changed (they apply from the checkpoint's step on), and drops the log records
 past the checkpoint's step (minillm_kernels/training/checkpoint.py). A fresh run starts a new log.jsonl.
@@ -35,11 +39,12 @@ checkpoints in step with the others, and checkpoint/ (sharded) replaces checkpoi
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -48,15 +53,16 @@ from tqdm.auto import tqdm
 import minillm_kernels as mk
 from minillm_kernels.distributed import full_state_dict, full_tensor, parallelize
 from minillm_kernels.training import methods
-from minillm_kernels.training.checkpoint import JsonlLog, resume, save, save_model
+from minillm_kernels.training.checkpoint import JsonlLog, append_record, resume, save, save_model
 from minillm_kernels.training.config import TrainConfig, parse_args
 from minillm_kernels.training.data import (
     TrainingData, load_training_data, teacher_answers, teacher_forced_batch, with_chat_template,
 )
 from minillm_kernels.training.evaluation import evaluate, exposure_bias, score_responses
 from minillm_kernels.training.models import load_student, load_teacher
-from minillm_kernels.training.report import finished_run, results_markdown, setup
+from minillm_kernels.training.report import finished_run, setup, write_results
 from minillm_kernels.training.run import Run, new_run
+from minillm_kernels.training.selection import improves, selection_score
 
 PlannedRun = tuple[str, TrainConfig, Path]  # (name in the results, its config, its folder)
 
@@ -64,17 +70,23 @@ PlannedRun = tuple[str, TrainConfig, Path]  # (name in the results, its config, 
 # ----------------------------------------------------------------------------------------------- the loop
 
 def train(config: TrainConfig, out_dir: Path, teacher, tokenizer, data: TrainingData, rank: int, world: int) -> dict:
-    """Train a fresh copy of the start student with --method (or resume it), then evaluate it (``final_scores``).
+    """Train a fresh copy of the start student with --method (or resume it), evaluating it on the validation split
+    every --eval-every steps and keeping the weights of its best evaluation (``evaluate_run``); the test split is not
+    looked at (``test_scores`` does that once the run is done).
 
-    Returns ``{"history": [{"step", "heldout"}, ...], "final": final_scores, "compute": {"teacher_forward_tokens",
-    "generated_tokens", "seconds" (training: the steps and their batches, not the evaluations), "answers" (what the
-    teacher's answers cost to generate, or None)}}``, the counts summed over the processes.
+    Returns the run's record: ``{"args": the flags, "history": [{"step", "validation"}, ...], "selected": {"step",
+    "score"} of the chosen checkpoint (its weights in out_dir/best/; None without a validation split: the last one),
+    "compute": {"teacher_forward_tokens", "generated_tokens", "seconds" (training: the steps and their batches, not
+    the evaluations), "answers" (what the teacher's answers cost to generate, or None)}}``, the counts summed over
+    the processes; the last weights are in out_dir/student/.
     """
     run = new_run(config, out_dir, teacher, tokenizer, data, rank, world)
     resume(run)  # with --resume, from its checkpoint
     steps, method = config.optim.steps, run.method
     log = JsonlLog(out_dir / "log.jsonl", run.step if run.resumed else None, enabled=rank == 0)
     if run.step == 0:
+        if rank == 0:
+            shutil.rmtree(run.out_dir / "best", ignore_errors=True)  # an earlier run's
         evaluate_run(run, data, log)
     bar = tqdm(range(run.step, steps), desc=method.name, disable=rank != 0, initial=run.step, total=steps)
     for _ in bar:
@@ -87,10 +99,9 @@ def train(config: TrainConfig, out_dir: Path, teacher, tokenizer, data: Training
             evaluate_run(run, data, log)
         if run.step % config.run.save_every == 0 or run.step == steps:
             save(run)
-    if run.history[-1]["step"] != run.step:  # the final greedy eval, unless --eval-every just ran it
+    if data.validation and run.history[-1]["step"] != run.step:  # the last validation eval, unless one just ran
         evaluate_run(run, data, log)
         save(run)
-    final = final_scores(config, run.model, teacher, tokenizer, data, rank, world, greedy=run.history[-1]["heldout"])
     compute = dict(run.compute)
     if world > 1:
         log.write({"method": method.name, "step": run.step, "replica_max_difference": replica_difference(run.student)})
@@ -98,12 +109,15 @@ def train(config: TrainConfig, out_dir: Path, teacher, tokenizer, data: Training
         dist.all_reduce(counts)
         compute.update(teacher_forward_tokens=int(counts[0]), generated_tokens=int(counts[1]))
     compute["answers"] = data.answers
-    log.write({"method": method.name, "step": run.step, "final": final, "compute": compute})
     state = full_state_dict(run.student)  # (gathered from every process under --fsdp)
     if rank == 0:
         save_model(run.student, state, tokenizer, out_dir / "student")
+    if world > 1:  # (every process reads it, and best/, for the test split's scores)
+        dist.barrier()
+    record = {"args": config.flags(), "history": run.history, "selected": run.best, "compute": compute}
+    log.write({"method": method.name, "step": run.step, "trained": record})
     log.close()
-    return {"history": run.history, "final": final, "compute": compute}
+    return record
 
 
 def optimizer_step(run: Run, pretrain: list, micro_batches: list) -> dict[str, float]:
@@ -157,15 +171,15 @@ def pretrain_batches(run: Run) -> list:
 
 # ----------------------------------------------------------------------------------------------- its wiring
 
-def held_out_scores(config: TrainConfig, model, tokenizer, data: TrainingData, rank: int, world: int,
-                    sample_seed: int | None = None) -> dict:
-    """``evaluate`` of a ModelRunner's model on the held-out split, greedy (or sampled with ``sample_seed``), on rank
-    0, or under --fsdp on every rank (each generation step is a collective there: every rank generates the same
-    answers, with generate's synced_gpus); rank 0's scores, on every rank. Under no_grad from the wrapper's forward
-    on, so that DDP expects no backward after it."""
+def scores_on(examples: list, config: TrainConfig, model, tokenizer, data: TrainingData, rank: int, world: int,
+              sample_seed: int | None = None) -> dict:
+    """``evaluate`` of a ModelRunner's model on ``examples`` (the validation or the test split), greedy (or sampled
+    with ``sample_seed``), on rank 0, or under --fsdp on every rank (each generation step is a collective there: every
+    rank generates the same answers, with generate's synced_gpus); rank 0's scores, on every rank. Under no_grad from
+    the wrapper's forward on, so that DDP expects no backward after it."""
     fsdp = config.run.fsdp
     with torch.no_grad():
-        scores = [model(evaluate, tokenizer, data.heldout, max_new_tokens=config.data.max_new_tokens,
+        scores = [model(evaluate, tokenizer, examples, max_new_tokens=config.data.max_new_tokens,
                         checkers=data.checkers, sample_seed=sample_seed, progress=rank == 0, synced_gpus=fsdp)
                   if rank == 0 or fsdp else None]
     if world > 1:
@@ -173,15 +187,14 @@ def held_out_scores(config: TrainConfig, model, tokenizer, data: TrainingData, r
     return scores[0]
 
 
-def final_scores(config: TrainConfig, model, teacher, tokenizer, data: TrainingData, rank: int, world: int,
-                 greedy: dict | None = None) -> dict:
-    """The whole evaluation protocol of ``model`` (a ModelRunner): ``{"greedy": scores (``greedy`` if given),
-    "sampled": [the scores of each of the --eval-samples seeds 0, 1, ...], "exposure_bias": ExAccErr or None}``.
-    ExAccErr (the tiny default's long tasks) is measured against ``teacher`` (None: the teacher itself, for which it
-    is 0 / 0), on rank 0 with the unwrapped models, not under --fsdp."""
-    samples = config.run.eval_samples
-    scores = {"greedy": greedy or held_out_scores(config, model, tokenizer, data, rank, world),
-              "sampled": [held_out_scores(config, model, tokenizer, data, rank, world, seed)
+def final_scores(config: TrainConfig, model, teacher, tokenizer, data: TrainingData, rank: int, world: int) -> dict:
+    """The whole evaluation protocol of ``model`` (a ModelRunner) on the test split: ``{"greedy": scores, "sampled":
+    [the scores of each of the --eval-samples seeds 0, 1, ...], "exposure_bias": ExAccErr or None}``. ExAccErr (the
+    tiny default's long tasks) is measured against ``teacher`` (None: the teacher itself, for which it is 0 / 0), on
+    rank 0 with the unwrapped models, not under --fsdp."""
+    samples, test = config.run.eval_samples, data.heldout
+    scores = {"greedy": scores_on(test, config, model, tokenizer, data, rank, world),
+              "sampled": [scores_on(test, config, model, tokenizer, data, rank, world, seed)
                           for seed in range(samples)], "exposure_bias": [None]}
     if teacher is not None and data.long_prompts and samples and not config.run.fsdp:
         if rank == 0:
@@ -193,10 +206,37 @@ def final_scores(config: TrainConfig, model, teacher, tokenizer, data: TrainingD
 
 
 def evaluate_run(run: Run, data: TrainingData, log: JsonlLog) -> None:
-    """Held-out greedy scores of the student at ``run.step``, recorded by every rank."""
-    scores = held_out_scores(run.config, run.model, run.tokenizer, data, run.rank, run.world)
-    run.history.append({"step": run.step, "heldout": scores})
-    log.write({"method": run.method.name, "step": run.step, "eval": scores})
+    """Greedy validation scores of the student at ``run.step``, recorded by every rank (nothing without a validation
+    split). At a step past 0 whose --select-by score improves on the best so far, the student's weights become the
+    chosen checkpoint: ``run.best`` and --out-dir/best/ (its weights, gathered under --fsdp)."""
+    if not data.validation:
+        return
+    scores = scores_on(data.validation, run.config, run.model, run.tokenizer, data, run.rank, run.world)
+    run.history.append({"step": run.step, "validation": scores})
+    log.write({"method": run.method.name, "step": run.step, "validation": scores})
+    score = selection_score(scores, run.config.run.select_by)
+    if run.step > 0 and improves(score, None if run.best is None else run.best["score"]):
+        run.best = {"step": run.step, "score": score}
+        state = full_state_dict(run.student)
+        if run.rank == 0:
+            save_model(run.student, state, run.tokenizer, run.out_dir / "best")
+
+
+def test_scores(config: TrainConfig, run_dir: Path, record: dict, teacher, tokenizer, data: TrainingData, rank: int,
+                world: int, device: torch.device) -> dict:
+    """The test split's scores (``final_scores``) of a finished run's chosen checkpoint (``record["selected"]``, its
+    weights in run_dir/best/) and of its last one (run_dir/student/): ``{"chosen_step", "chosen", "last"}``, the
+    chosen one evaluated once when it is the last (or when the run had no validation split)."""
+    def scores_of(folder: Path) -> dict:
+        model = load_student(dataclasses.replace(config.model, student=str(folder)), device)
+        return final_scores(config, parallelize(model, fsdp=config.run.fsdp, trainable=False), teacher, tokenizer,
+                            data, rank, world)
+
+    steps, selected = config.optim.steps, record["selected"]
+    chosen_step = steps if selected is None else selected["step"]
+    last = scores_of(run_dir / "student")
+    return {"chosen_step": chosen_step, "chosen": last if chosen_step == steps else scores_of(run_dir / "best"),
+            "last": last}
 
 
 def replica_difference(student: torch.nn.Module) -> float:
@@ -238,26 +278,30 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
 
 
-def distill(config: TrainConfig, data: TrainingData, planned: list[PlannedRun], summary: str, *,
-            read_finished: bool = False) -> None:
-    """The teacher's and the start student's scores, then each planned run (``train``; with ``read_finished`` a run
-    already finished is read back from its log.jsonl instead), then the results: rank 0 writes results.json and
-    the tables (``summary``: their file name) in --out-dir. In the processes of torchrun, if launched by it."""
+def distill(config: TrainConfig, data: TrainingData, planned: list[PlannedRun], *, read_finished: bool = False,
+            references: bool = True, test: bool = True) -> Optional[dict]:
+    """``run_planned`` in the processes of torchrun, if launched by it (else in this one): rank 0's results."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     rank, world, device = init_distributed()
     try:
-        run_planned(config, data, planned, summary, rank, world, device, read_finished)
+        results = run_planned(config, data, planned, rank, world, device, read_finished=read_finished,
+                              references=references, test=test)
         if world > 1:  # every process done (rank 0 writes the results last): gloo aborts one whose peer is still busy
             dist.barrier()
+        return results
     finally:  # after an error too: the other processes' collectives fail instead of waiting
         if world > 1:
             dist.destroy_process_group()
 
 
-def run_planned(config: TrainConfig, data: TrainingData, planned: list[PlannedRun], summary: str, rank: int,
-                world: int, device: torch.device, read_finished: bool) -> None:
-    """What ``distill`` does in each process."""
+def run_planned(config: TrainConfig, data: TrainingData, planned: list[PlannedRun], rank: int, world: int,
+                device: torch.device, *, read_finished: bool, references: bool, test: bool) -> Optional[dict]:
+    """Each planned run (``train``; with ``read_finished`` a run already finished with the same settings is read
+    back from its log.jsonl instead), and with ``test`` its chosen and last checkpoints' test scores
+    (``test_scores``, appended to its log, or read back); then with ``references`` the teacher's and the start
+    student's test scores. Rank 0 returns the results (what results.json holds; ``report.write_results`` writes
+    them), the others None."""
     started, fsdp, out_dir = time.time(), config.run.fsdp, Path(config.run.out_dir)
     torch.manual_seed(config.run.seed)
     teacher, tokenizer = load_teacher(config.model, device)
@@ -266,35 +310,39 @@ def run_planned(config: TrainConfig, data: TrainingData, planned: list[PlannedRu
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         print(f"teacher {config.model.teacher}, student {config.model.student}, data {config.data.data}: "
-              f"{len(data.pool)} prompts ({len(data.pairs)} with a gold answer), {len(data.heldout)} held-out; "
-              f"{world} process(es) on {device}; kernels: {mk.available_backends()}", file=sys.stderr)
-    start = parallelize(load_student(config.model, device), fsdp=fsdp, trainable=False)
-    results = {"setup": setup(config, device, world, data),
-               "teacher": final_scores(config, teacher, None, tokenizer, data, rank, world),
-               "student (start)": final_scores(config, start, teacher, tokenizer, data, rank, world),
-               "gold answers": score_responses(data.heldout, [e.response for e in data.heldout],
-                                               checkers=data.checkers), "runs": []}
-    del start
+              f"{len(data.pool)} prompts ({len(data.pairs)} with a gold answer), {len(data.validation)} validation, "
+              f"{len(data.heldout)} test; {world} process(es) on {device}; kernels: {mk.available_backends()}",
+              file=sys.stderr)
+    results = {"setup": setup(config, device, world, data), "runs": []}
     for name, run_config, run_dir in planned:
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-        record = finished_run(run_dir, run_config.run.method, run_config.optim.steps) if read_finished else None
+        record = finished_run(run_dir, run_config) if read_finished else None
         if record is None:
             answers = run_config.method.trains_on == methods.TEACHER_ANSWERS
             run_data = with_teacher_answers(run_config, data, teacher, tokenizer, rank, world) if answers else data
-            record = train(run_config, run_dir, teacher, tokenizer, run_data, rank, world)
+            record = {**train(run_config, run_dir, teacher, tokenizer, run_data, rank, world), "test": None}
         elif rank == 0:
-            print(f"{name}, seed {run_config.run.seed}: finished in {run_dir}, its results read from log.jsonl",
-                  file=sys.stderr)
+            print(f"{name}, seed {run_config.run.seed}: finished in {run_dir}, read from log.jsonl", file=sys.stderr)
+        if test and record["test"] is None:
+            record["test"] = test_scores(run_config, run_dir, record, teacher, tokenizer, data, rank, world, device)
+            if rank == 0:
+                append_record(run_dir / "log.jsonl", {"method": run_config.run.method, "step": run_config.optim.steps,
+                                                      "test": record["test"]})
         results["runs"].append({"name": name, "method": run_config.run.method,
                                 "teacher_answers": run_config.run.teacher_answers, "seed": run_config.run.seed,
                                 **record})
-    if rank == 0:
-        results["setup"]["seconds"] = time.time() - started
-        (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-        text = results_markdown(results)
-        (out_dir / summary).write_text(text)
-        print("\n" + text)
+    if references:  # after every run: the test split is looked at once the runs are done
+        start = parallelize(load_student(config.model, device), fsdp=fsdp, trainable=False)
+        results.update({"teacher": final_scores(config, teacher, None, tokenizer, data, rank, world),
+                        "student (start)": final_scores(config, start, teacher, tokenizer, data, rank, world),
+                        "gold answers": score_responses(data.heldout, [e.response for e in data.heldout],
+                                                        checkers=data.checkers)})
+        del start
+    if rank != 0:
+        return None
+    results["setup"]["seconds"] = time.time() - started
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,7 +350,9 @@ def main(argv: list[str] | None = None) -> None:
     method = config.method
     data = load_training_data(config.data, seed=config.run.seed,  # read (and checked) before any model loads
                               gold_answers_for=[method.label] if method.trains_on == methods.GOLD_ANSWERS else [])
-    distill(config, data, [(method.label, config, Path(config.run.out_dir))], "results.md")
+    results = distill(config, data, [(method.label, config, Path(config.run.out_dir))])
+    if results is not None:
+        write_results(Path(config.run.out_dir), results, "results.md")
 
 
 if __name__ == "__main__":

@@ -48,11 +48,27 @@ MUTATIONS = (
         "the CPU divergence backward drops -q_v sum_u q_u a_u (the softmax's chain rule)",
     ),
     Mutation(
-        "cpu-divergence-mixture-weight-one-sided", "csrc/cpu/divergence.cpp",
-        "const acc_t weight = delta > 0 ? 1 - r.teacher_weight : r.teacher_weight;",
-        "const acc_t weight = r.teacher_weight;",
+        "cpu-divergence-mixture-weights-swapped", "csrc/cpu/divergence.cpp",
+        "const acc_t m = r.teacher_weight.times(p) + r.student_weight.times(q);",
+        "const acc_t m = r.student_weight.times(p) + r.teacher_weight.times(q);",
         ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu"),
-        "the CPU mixture log uses the teacher's weight on both sides of delta = 0 (log m wrong where p > q)",
+        "the CPU mixture m = w p + (1 - w) q takes each model's weight for the other's",
+    ),
+    Mutation(
+        "cpu-divergence-mixture-weights-one-float", "csrc/cpu/divergence.cpp",
+        "const acc_t m = r.teacher_weight.times(p) + r.student_weight.times(q);",
+        "const acc_t m = r.teacher_weight.hi * p + r.student_weight.hi * q;",
+        ("tests/test_divergence.py::test_cpu_float32_per_token_contract_for_a_student_near_its_teacher",
+         "-k", "skew_forward_kl"),
+        "the CPU mixture's weights rounded to one float each: every log(p / m) of a row shifted alike (7e-7 of a skew "
+        "KL near 0)",
+    ),
+    Mutation(
+        "cpu-divergence-normaliser-one-float", "csrc/cpu/divergence.cpp",
+        "const acc_t q = r.inv_z_s.times(fast_exp(u * r.k)), p = r.inv_z_t.times(fast_exp(w * r.k));",
+        "const acc_t q = fast_exp(u * r.k) * r.inv_z_s.hi, p = fast_exp(w * r.k) * r.inv_z_t.hi;",
+        ("tests/test_divergence.py::test_cpu_float32_per_token_contract_for_a_student_near_its_teacher",),
+        "the CPU divergences' 1 / Z rounded to one float: every probability of a row scaled by the same rounding",
     ),
     Mutation(
         "cpu-fast-log-float-series-dropped", "csrc/cpu/streaming.h",
@@ -83,11 +99,32 @@ MUTATIONS = (
         "the CPU kernel does not compile (the suite must fail, not skip every cpu row)",
     ),
     Mutation(
-        "cpu-rescale-forgets-the-shift", "csrc/cpu/reverse_kld.cpp",
-        "          sums.a = r * (sums.a + d * sums.z_s);",
-        "          sums.a = r * sums.a;",
+        "cpu-rescale-forgets-the-shift", "csrc/cpu/kl_row.h",
+        "    a_sum = move_a.factor * a_sum + move_a.shift * norm_a.z;",
+        "    a_sum = move_a.factor * a_sum;",
         ("tests/test_reverse_kld.py::test_cpu_float32_per_token_accuracy_at_4096_by_32000[1.0]",),
         "when a later chunk raises the student's maximum, A is rescaled but not shifted to the new centre",
+    ),
+    Mutation(
+        "cpu-row-sums-in-float", "csrc/cpu/streaming.h",
+        "  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;",
+        "  float s0 = 0, s1 = 0, s2 = 0, s3 = 0;",
+        ("tests/test_reverse_kld.py::test_cpu_float32_per_token_accuracy_at_4096_by_32000[1.0]",),
+        "the CPU row sums accumulate in float lanes (each rounded at its running total) instead of double",
+    ),
+    Mutation(
+        "cpu-row-sums-drop-the-tail", "csrc/cpu/streaming.h",
+        "  for (int64_t j = 4 * quarter; j < n; ++j) {",
+        "  for (int64_t j = 4 * quarter; j < 4 * quarter; ++j) {",
+        ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu and float32-float32"),
+        "the CPU row sums skip the last n mod 4 columns of a chunk (the scalar tail after the groups of four)",
+    ),
+    Mutation(
+        "cpu-fast-exp-unmasked", "csrc/cpu/streaming.h",
+        "  return where_live(!(x < kLo), p * scale);  // 0 below kLo (-inf included), NaN for NaN",
+        "  return p * scale;",
+        ("tests/test_divergence.py::test_minus_infinity_and_extreme_logits", "-k", "cpu and float32"),
+        "the float exp keeps the garbage 2^k below log(FLT_MIN) (-inf logits) instead of masking it to 0",
     ),
     Mutation(
         "cpu-padding-gradient-unwritten", "csrc/cpu/reverse_kld.cpp",
@@ -650,8 +687,8 @@ MUTATIONS = (
     ),
     Mutation(
         "gkd-reuses-its-samples", "minillm_kernels/training/methods.py",
-        '"""Optimizer steps on one rollout: 1, fresh samples every step."""\n        return 1\n',
-        '"""Optimizer steps on one rollout: 1, fresh samples every step."""\n'
+        '"""Passes over one buffer: 1, fresh samples for every minibatch."""\n        return 1\n',
+        '"""Passes over one buffer: 1, fresh samples for every minibatch."""\n'
         "        return self.config.options(MiniLLMOptions).ppo_epochs\n",
         ("tests/test_train.py::test_kd_and_gkd_train_on_the_fused_divergence_they_are_given",),
         "gkd trains --ppo-epochs steps on the same samples instead of fresh ones every step",
@@ -704,6 +741,45 @@ MUTATIONS = (
         "    with seeded(None, next(model.parameters()).device):",
         ("tests/test_evaluation.py::test_generation_is_seeded_and_leaves_the_global_random_state_alone",),
         "sampled evaluation ignores its seed: another run samples other answers",
+    ),
+    # ---- the tuned comparison: validation, checkpoint choice, the rollout buffer
+    Mutation(
+        "validation-is-the-test-split", "examples/train.py",
+        "    scores = scores_on(data.validation, run.config, run.model, run.tokenizer, data, run.rank, run.world)",
+        "    scores = scores_on(data.heldout, run.config, run.model, run.tokenizer, data, run.rank, run.world)",
+        ("tests/test_comparison.py::test_the_comparison_tunes_on_validation_then_tests_the_chosen_settings",
+         "tests/test_train.py::test_the_chosen_checkpoint_is_the_best_validation_step_and_the_test_split_scores_it_and_the_last"),
+        "test-set leakage: the evaluations during training, which choose the checkpoint and the tuned settings, run on "
+        "the test split",
+    ),
+    Mutation(
+        "validation-left-in-the-training-pool", "minillm_kernels/training/data.py",
+        "    return validation, [e for e in pool if e.prompt not in prompts]",
+        "    return validation, pool",
+        ("tests/test_data.py::test_the_validation_split_is_drawn_from_the_pool_fixed_by_its_seed_and_disjoint_from_training_and_test",),
+        "the validation prompts stay in the training pool: the methods train on what chooses them",
+    ),
+    Mutation(
+        "chosen-checkpoint-picked-on-test", "examples/train.py",
+        '"chosen": last if chosen_step == steps else scores_of(run_dir / "best"),',
+        '"chosen": max((scores_of(run_dir / "best"), last), key=lambda s: s["greedy"]["gold"]["rouge_l"]),',
+        ("tests/test_train.py::test_the_chosen_checkpoint_is_the_best_validation_step_and_the_test_split_scores_it_and_the_last",),
+        "the checkpoint reported as chosen is the better of the chosen and the last one on the test split",
+    ),
+    Mutation(
+        "chosen-checkpoint-is-the-last", "examples/train.py",
+        '    if run.step > 0 and improves(score, None if run.best is None else run.best["score"]):',
+        "    if run.step > 0:",
+        ("tests/test_train.py::test_the_chosen_checkpoint_is_the_best_validation_step_and_the_test_split_scores_it_and_the_last",),
+        "every validation evaluation replaces the chosen checkpoint: the last one is reported as the best",
+    ),
+    Mutation(
+        "rollout-buffer-not-shuffled", "minillm_kernels/training/rollout.py",
+        "    order = torch.tensor(random.Random(seed).sample(range(size), size))",
+        "    order = torch.arange(size)",
+        ("tests/test_train.py::test_the_rollout_buffer_is_taken_in_shuffled_minibatches_that_cover_it_every_epoch",
+         "tests/test_train.py::test_epoch_minibatches_partition_the_buffer_in_a_seeded_order"),
+        "the buffer's minibatches are the same consecutive rows every PPO epoch (the reference code shuffles them)",
     ),
     # ---- the benchmarks
     Mutation(

@@ -3,13 +3,17 @@ independent parser and hand-picked wrong answers), their splits, the teacher-ans
 batches."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
 import pytest
 import torch
 
-from minillm_kernels.training.data import IGNORE_INDEX, Example, load_jsonl, load_texts, prompt_batch, teacher_forced_batch
+from minillm_kernels.training.config import parse_args
+from minillm_kernels.training.data import (
+    IGNORE_INDEX, Example, load_jsonl, load_texts, load_training_data, prompt_batch, teacher_forced_batch,
+)
 from minillm_kernels.sampling import position_ids_from_attention_mask
 from minillm_kernels.training.tiny.tasks import (
     ADJECTIVES, ANSWER_CUE, CATEGORIES, NOUNS, OPEN_TASKS, PREPOSITIONS, TASKS, VERBS, is_valid, make_splits,
@@ -175,6 +179,41 @@ def test_splits_are_seeded_disjoint_and_sized():
             assert is_valid(example.task, example.prompt, example.response)
         else:
             assert example.response == solve(example.prompt)
+
+
+def tiny_data(*flags: str, seed: int = 0):
+    """The tiny default's ``TrainingData`` under ``flags`` (the trainer's data flags), read as the trainer reads it."""
+    return load_training_data(parse_args(list(flags)).data, seed=seed)
+
+
+def test_the_validation_split_is_drawn_from_the_pool_fixed_by_its_seed_and_disjoint_from_training_and_test():
+    """500 gold pairs of the tiny pool (a tenth), none a test prompt, all out of the training pool (4,500 left); the
+    same split for every training seed and --pool-size, another with another --validation-seed; --validation-size 0:
+    none."""
+    data = tiny_data()
+    pool, test = {e.prompt for e in data.pool}, {e.prompt for e in data.heldout}
+    validation = [e.prompt for e in data.validation]
+    assert len(validation) == len(set(validation)) == 500 and len(pool) == 4500
+    assert not set(validation) & pool and not set(validation) & test
+    assert all(e.response for e in data.validation) and {e.task for e in data.validation} == set(TASKS)
+    assert set(validation) | pool == {e.prompt for e in make_splits()["prompts"]}  # drawn from the pool
+    for same in (tiny_data(seed=1), tiny_data("--pool-size", "40")):
+        assert same.validation == data.validation
+    assert tiny_data("--pool-size", "40").pool == data.pool[:40]
+    other = tiny_data("--validation-seed", "1")
+    assert other.validation != data.validation and len(other.validation) == 500
+    none = tiny_data("--validation-size", "0")
+    assert none.validation == [] and len(none.pool) == 5000
+
+
+@pytest.mark.parametrize("split", ["heldout", "pool"])
+def test_a_validation_split_that_shares_a_prompt_with_the_test_split_or_the_training_pool_is_refused(split):
+    """A planted leak: one test (or training) prompt in the validation split is a ValueError naming the split."""
+    data = tiny_data("--validation-size", "20")
+    leaked = [*data.validation[:-1], getattr(data, split)[0]]
+    name = "test" if split == "heldout" else "training"
+    with pytest.raises(ValueError, match=f"1 validation prompt\\(s\\) are also {name} prompts"):
+        dataclasses.replace(data, validation=leaked)
 
 
 def test_unknown_task_is_rejected():

@@ -32,7 +32,7 @@ from minillm_kernels.training.config import TINY_LR, ModelConfig, parse_args
 from minillm_kernels.training.data import causal_lm_logits, load_training_data, teacher_forced_batch
 from minillm_kernels.training.methods import KD, SFT, MiniLLM, MiniLLMOptions, pretrain_loss
 from minillm_kernels.training.models import load_student, load_teacher
-from minillm_kernels.training.rollout import make_rollout
+from minillm_kernels.training.rollout import Rollout, epoch_minibatches, make_rollout
 from minillm_kernels.training.run import make_samplers, new_run
 from minillm_kernels.training.tiny import checkpoint_dir, tiny_splits
 
@@ -56,9 +56,9 @@ except FileNotFoundError as missing:  # the checkpoints ship with the repository
     pytest.fail(str(missing), pytrace=False)
 
 # small and quick: constant lr (no warm-up), greedy evaluation only, a 40-prompt pool (the teacher's answers to it
-# take a second), teacher answers cached per test
+# take a second), 10 validation prompts, teacher answers cached per test
 FAST = ["--batch-size", "8", "--max-new-tokens", "8", "--eval-every", "0", "--threads", "1", "--warmup-steps", "0",
-        "--eval-samples", "0", "--pool-size", "40"]
+        "--eval-samples", "0", "--pool-size", "40", "--validation-size", "10"]
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,11 @@ def losses(log: list[dict], key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in log if key in r}
 
 
+def trained(log: list[dict]) -> dict:
+    """The record of the finished run: its args, validation history, chosen checkpoint and compute."""
+    return next(r["trained"] for r in log if "trained" in r)
+
+
 @pytest.mark.parametrize("method, loss_key", [("sft", "sft_loss"), ("kd", "kd_loss"), ("seqkd", "sft_loss"),
                                              ("minillm", "pg_loss"), ("gkd", "gkd_loss")])
 def test_each_method_trains(tmp_path, heldout_file, method, loss_key):
@@ -109,7 +114,7 @@ def test_each_method_trains(tmp_path, heldout_file, method, loss_key):
         for key in ("pg_loss", "single_step_loss", "lm_loss", "reward", "reverse_kld", "importance_weight"):
             assert all(torch.isfinite(torch.tensor(r[key])) for r in parts), key
         assert all(r["reverse_kld"] > 0 for r in parts)
-    compute = next(r["compute"] for r in log if "compute" in r)
+    compute = trained(log)["compute"]
     assert (compute["teacher_forward_tokens"] > 0) == (method in ("kd", "minillm", "gkd"))
     assert (compute["generated_tokens"] > 0) == (method in ("minillm", "gkd"))
     assert (compute["answers"] is not None) == (method == "seqkd") and compute["seconds"] > 0
@@ -118,8 +123,7 @@ def test_each_method_trains(tmp_path, heldout_file, method, loss_key):
     assert set(after) <= set(start) and "model.embed_tokens.weight" in after
     changed = [name for name in after if not torch.equal(start[name].float(), after[name].float())]
     assert len(changed) > len(after) // 2, f"only {changed} changed"
-    evals = [r for r in log if "eval" in r]
-    assert [r["step"] for r in evals] == [0, 3]
+    assert [r["step"] for r in log if "validation" in r] == [0, 3]
     assert "| student after " + method in (tmp_path / "results.md").read_text()
 
 
@@ -189,7 +193,7 @@ def test_seqkd_and_kd_with_teacher_answers_train_on_the_cached_teacher_answers(t
     run(tmp_path / "first", heldout_file, *method, "--steps", "1", *cache)
     seen.clear()
     log = run(tmp_path / "second", heldout_file, *method, "--steps", "3", *cache)
-    assert next(r["compute"] for r in log if "compute" in r)["answers"]["cached"]
+    assert trained(log)["compute"]["answers"]["cached"]
     cached = json.loads(next((tmp_path / "cache").iterdir()).read_text())["responses"]
     pool = tiny_splits()["prompts"][:40]
     answers = {(e.prompt, response) for e, response in zip(pool, cached)}
@@ -253,10 +257,12 @@ def test_the_reference_code_switches_reach_the_objective(tmp_path, heldout_file,
         parse_args(["--lm-coef", "1"])
 
 
-def test_resume_continues_as_if_uninterrupted(tmp_path, heldout_file):
-    """8 steps straight vs 3 steps, stop (mid-rollout: PPO epoch 3 of 4), --resume to 8: steps 4-8 agree, so the
-    optimizer's moments, the warm-up's position, the rollout and the data order were all restored."""
-    schedule = ["--method", "minillm", "--warmup-steps", "8"]
+@pytest.mark.parametrize("buffer", [[], ["--num-rollouts", "16"]], ids=["one-minibatch", "buffer-of-two"])
+def test_resume_continues_as_if_uninterrupted(tmp_path, heldout_file, buffer):
+    """8 steps straight vs 3 steps, stop (mid-rollout: PPO epoch 3 of 4; with a buffer of two minibatches, epoch 2 of
+    its first buffer), --resume to 8: steps 4-8 agree, so the optimizer's moments, the warm-up's position, the rollout
+    buffer, its minibatches and the data order were all restored."""
+    schedule = ["--method", "minillm", "--warmup-steps", "8", *buffer]
     straight = run(tmp_path / "straight", heldout_file, *schedule, "--steps", "8")
     run(tmp_path / "resumed", heldout_file, *schedule, "--steps", "3", "--save-every", "3")
     state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)  # plain types only
@@ -331,7 +337,7 @@ def test_a_killed_run_resumes_with_every_step_logged_once(tmp_path, heldout_file
     assert before == list(range(1, len(before) + 1)) and len(before) >= checkpoint, (before, checkpoint)
     log = run(tmp_path, heldout_file, *steps, "--resume")
     assert [r["step"] for r in log if "total_loss" in r] == list(range(1, 21)), (before, checkpoint)
-    assert [r["step"] for r in log if "eval" in r] == [0, 20]
+    assert [r["step"] for r in log if "validation" in r] == [0, 20]
 
 
 def logged_steps(out_dir: Path) -> list[int]:
@@ -339,6 +345,124 @@ def logged_steps(out_dir: Path) -> list[int]:
     path = out_dir / "log.jsonl"
     lines = path.read_text().split("\n")[:-1] if path.exists() else []  # the text after the last newline may be cut
     return [record["step"] for record in map(json.loads, lines) if "total_loss" in record]
+
+
+def old_minillm_micro_batches(method: MiniLLM, run_) -> list:
+    """The trainer's on-policy batches before the rollout buffer (the executable record of that behaviour): a fresh
+    rollout of --batch-size prompts every --ppo-epochs steps, every step on all its rows, in --grad-accum consecutive
+    micro-batches."""
+    config, options = method.config, method.options
+    if run_.step % options.ppo_epochs == 0:
+        generator = torch.Generator(run_.device).manual_seed(config.run.seed * 1_000_003 + run_.step * 1009 + run_.rank)
+        run_.rollout = make_rollout(run_.model, run_.teacher, run_.tokenizer,
+                                    run_.samplers["prompts"].next(config.optim.batch_size), generator, run_.vocab_size,
+                                    config, alpha=options.alpha, reward_scaling=options.reward_scaling,
+                                    reward_clip=options.reward_clip)
+    rollout, count = run_.rollout, config.optim.grad_accum
+    rows = rollout.sample.sequences.shape[0]
+    parts = [slice(index * rows // count, (index + 1) * rows // count) for index in range(count)]
+    return [(rollout.sample.rows(part), rollout.rewards[part], rollout.teacher_outputs[part], rollout.teacher_head)
+            for part in parts]
+
+
+@pytest.mark.parametrize("grad_accum", ["1", "2"])
+def test_the_default_rollout_buffer_trains_exactly_as_before(tmp_path, heldout_file, monkeypatch, grad_accum):
+    """Without --num-rollouts (a buffer of one minibatch) every logged figure of 6 MiniLLM steps (4 PPO epochs on one
+    rollout, then 2 on the next) equals, bit for bit, that of the trainer before the buffer
+    (``old_minillm_micro_batches`` in its place), with one micro-batch and with two."""
+    flags = ["--method", "minillm", "--steps", "6", "--grad-accum", grad_accum]
+    new = run(tmp_path / "buffer", heldout_file, *flags)
+    monkeypatch.setattr(MiniLLM, "micro_batches", old_minillm_micro_batches)
+    old = run(tmp_path / "before", heldout_file, *flags)
+    def steps(log: list[dict]) -> list[dict]:
+        return [{key: value for key, value in r.items() if key != "seconds"} for r in log if "total_loss" in r]
+
+    assert len(steps(new)) == 6 and steps(new) == steps(old)
+
+
+def test_the_rollout_buffer_is_taken_in_shuffled_minibatches_that_cover_it_every_epoch(tmp_path, heldout_file,
+                                                                                       monkeypatch):
+    """--num-rollouts 16 --batch-size 8 --ppo-epochs 2: a buffer of 16 sampled sequences every 4 steps; each epoch
+    (2 steps) takes each row exactly once, its minibatches drawn anew each epoch (not the same split twice, nor the
+    buffer's order); the generated tokens and the teacher's forward tokens are counted once per buffer."""
+    taken, buffers = [], []
+    chunks, sample = Rollout.chunks, mk.sample_teacher_mixed
+
+    def spy_chunks(rollout, count, rows=None):
+        taken.append((id(rollout), rows.tolist()))
+        return chunks(rollout, count, rows)
+
+    def spy_sample(*args, **kwargs):
+        drawn = sample(*args, **kwargs)
+        buffers.append(drawn)
+        return drawn
+
+    monkeypatch.setattr(Rollout, "chunks", spy_chunks)
+    monkeypatch.setattr(mk, "sample_teacher_mixed", spy_sample)
+    log = run(tmp_path, heldout_file, "--method", "minillm", "--steps", "8", "--num-rollouts", "16", "--ppo-epochs",
+              "2")
+    assert len(taken) == 8 and len(buffers) == 2 and [s.sequences.shape[0] for s in buffers] == [16, 16]
+    assert len({rollout for rollout, _ in taken[:4]}) == len({rollout for rollout, _ in taken[4:]}) == 1
+    splits = []
+    for epoch in range(4):
+        first, second = taken[2 * epoch][1], taken[2 * epoch + 1][1]
+        assert sorted(first + second) == list(range(16)) and first == sorted(first) and second == sorted(second)
+        splits.append(frozenset([frozenset(first), frozenset(second)]))
+    assert len(set(splits)) == 4 and list(range(8)) not in [rows for _, rows in taken]
+    compute = trained(log)["compute"]
+    assert compute["generated_tokens"] == sum(int(s.response_mask.sum()) for s in buffers)
+    assert compute["teacher_forward_tokens"] == 2 * sum(int(s.attention_mask.sum()) for s in buffers)
+
+
+def test_epoch_minibatches_partition_the_buffer_in_a_seeded_order():
+    """Each epoch's minibatches partition the buffer (rows sorted inside each); the same seed draws the same ones,
+    another seed others; a buffer of one minibatch is every row in order; a size that does not split is refused."""
+    epoch = epoch_minibatches(12, 4, seed="a")
+    assert [len(rows) for rows in epoch] == [4, 4, 4] and sorted(torch.cat(epoch).tolist()) == list(range(12))
+    assert all(rows.tolist() == sorted(rows.tolist()) for rows in epoch)
+    assert [r.tolist() for r in epoch] == [r.tolist() for r in epoch_minibatches(12, 4, seed="a")]
+    assert [r.tolist() for r in epoch] != [r.tolist() for r in epoch_minibatches(12, 4, seed="b")]
+    assert [r.tolist() for r in epoch_minibatches(8, 8, seed="a")] == [list(range(8))]
+    with pytest.raises(ValueError, match="give a --num-rollouts that is a multiple of --batch-size"):
+        epoch_minibatches(12, 5, seed="a")
+    with pytest.raises(SystemExit):
+        parse_args(["--num-rollouts", "12", "--batch-size", "8"])
+
+
+def test_the_chosen_checkpoint_is_the_best_validation_step_and_the_test_split_scores_it_and_the_last(
+        tmp_path, heldout_file, monkeypatch):
+    """Planted validation scores 90 (step 0: the start, never a candidate), 40, 70, 60, 50 at steps 0, 2, ..., 8: the
+    chosen checkpoint is step 4, its weights in best/ (those of a run that stopped at step 4); and planted test scores
+    that favour the last checkpoint (99) over the chosen one (1): the test split scores each, and the one reported as
+    chosen is step 4's, whatever the test says. The test split is evaluated only once the run is trained."""
+    from safetensors.torch import load_file
+
+    straight = tmp_path / "straight"
+    run(straight, heldout_file, "--method", "sft", "--steps", "4")
+    out = tmp_path / "planted"
+    validation = {e.prompt for e in load_training_data(parse_args(FAST).data, seed=0).validation}
+    planted_validation, calls = iter([90.0, 40.0, 70.0, 60.0, 50.0]), []
+
+    def planted(model, tokenizer, examples, **options):
+        embedding = mk.sampling.unwrapped(model).get_input_embeddings().weight
+        if {e.prompt for e in examples} <= validation:
+            calls.append("validation")
+            score = next(planted_validation)
+        else:
+            calls.append("test")
+            last = load_file(out / "student" / "model.safetensors")["model.embed_tokens.weight"]
+            score = 99.0 if torch.equal(embedding.detach(), last) else 1.0
+        return {"gold": {"rouge_l": score, "exact_match": score}}
+
+    monkeypatch.setattr(TRAIN, "evaluate", planted)
+    log = run(out, heldout_file, "--method", "sft", "--steps", "8", "--eval-every", "2")
+    assert calls == ["validation"] * 5 + ["test"] * 4  # the chosen, the last, then the teacher and the start student
+    assert trained(log)["selected"] == {"step": 4, "score": 70.0}
+    test = next(r["test"] for r in log if "test" in r)
+    assert test["chosen_step"] == 4
+    assert test["chosen"]["greedy"]["gold"]["rouge_l"] == 1.0 and test["last"]["greedy"]["gold"]["rouge_l"] == 99.0
+    best, at_step_4 = (load_file(folder / "model.safetensors") for folder in (out / "best", straight / "student"))
+    assert best.keys() == at_step_4.keys() and all(torch.equal(best[name], at_step_4[name]) for name in best)
 
 
 def test_rollout_rewards_are_the_teacher_student_log_ratio():
@@ -581,54 +705,9 @@ def test_fsdp_fused_linear_on_a_random_llama_gives_one_process_losses(tmp_path, 
     assert_same_run(one, two, tmp_path / "one", tmp_path / "two", lr=1e-3)
 
 
-COMPARED_RUNS = ("sft", "kd", "seqkd", "kd (teacher answers)", "minillm")  # examples/compare.py's, per seed
-
-
-def run_script(script: str, *args: str, timeout: float = 600) -> str:
-    """``python examples/<script> *args`` in a process of its own (one thread); its stderr. Fails with the end of it
-    if the script fails."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], env=environment, timeout=timeout,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert done.returncode == 0, done.stderr[-6000:]
-    return done.stderr
-
-
-def test_compare_runs_every_method_for_each_seed_and_writes_the_tables(tmp_path, heldout_file):
-    """examples/compare.py with 2 seeds: 5 runs per seed, each in its own folder; the teacher's answers generated once
-    per seed (seqkd's run) and read from the cache by kd's; the tables give mean ± sd over the seeds, greedy and
-    sampled, the open tasks, ExAccErr and the compute; results.json holds every run."""
-    flags = [*FAST, *lm_flags(heldout_file), "--eval-data", str(heldout_file), "--out-dir", str(tmp_path),
-             "--seeds", "0", "1", "--steps", "2", "--eval-samples", "1", "--cache-dir", str(tmp_path / "cache")]
-    run_script("compare.py", *flags)
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert [(r["name"], r["seed"]) for r in results["runs"]] == [(name, seed) for seed in (0, 1)
-                                                                 for name in COMPARED_RUNS]
-    answers = [r["compute"]["answers"] for r in results["runs"] if r["compute"]["answers"]]
-    assert [a["cached"] for a in answers] == [False, True, False, True]
-    assert len(list((tmp_path / "cache").iterdir())) == 2
-    logs = {}
-    for record in results["runs"]:
-        assert len(record["final"]["sampled"]) == 1 and record["final"]["exposure_bias"]["oracle_error"] > 0
-        folder = tmp_path / re.sub(r"\W+", "-", record["name"]).strip("-") / f"seed-{record['seed']}"
-        logs[folder] = (folder / "log.jsonl").read_text()
-        assert [json.loads(line)["step"] for line in logs[folder].splitlines() if '"eval"' in line] == [0, 2]
-    text = (tmp_path / "compare.md").read_text()
-    rows = [line.split(" |")[0] for line in text.split("Open tasks")[0].splitlines() if line.startswith("| ")]
-    assert rows == ["| model", "| teacher", "| student (start)"] + [f"| student after {name}" for name in COMPARED_RUNS]
-    assert "| R-L | EM | R-L T=1 | EM T=1 | ECE | ECE T=1 |" in text and "ExAccErr(20) %" in text and " ± " in text
-    assert "| valid | valid T=1 | distinct-2 | distinct-2 T=1 |" in text and "| seqkd | 0 | 0 |" in text
-    assert "| gold answers | 100.0 | - |" in text
-    # --resume reads the finished runs back instead of training them again, and writes the same tables
-    said = run_script("compare.py", *flags, "--resume")
-    assert said.count("its results read from log.jsonl") == len(results["runs"]), said[-3000:]
-    assert {folder: (folder / "log.jsonl").read_text() for folder in logs} == logs  # no run trained again
-    again = (tmp_path / "compare.md").read_text()
-    assert again.split("\n", 1)[1] == text.split("\n", 1)[1]  # (the first line gives the time it was written)
-
-
 def test_own_jsonl_data_with_prompt_only_rows(tmp_path):
-    """A user's JSONL: gold pairs and prompt-only rows; 5% of the pairs are held out when no --eval-data."""
+    """A user's JSONL: gold pairs and prompt-only rows; 5% of the pairs are held out for the test split when no
+    --eval-data, then the validation split is drawn from the other gold pairs (10 of 38: 28 left in the pool)."""
     splits = tiny_splits()
     rows = [e._asdict() for e in splits["prompts"][:40]] + [{"prompt": e.prompt} for e in splits["prompts"][40:60]]
     data = tmp_path / "mine.jsonl"
@@ -636,8 +715,9 @@ def test_own_jsonl_data_with_prompt_only_rows(tmp_path):
     for method in ("sft", "minillm"):
         TRAIN.main([*FAST, "--data", str(data), "--out-dir", str(tmp_path / method), "--method", method,
                     "--steps", "2"])
-        assert "Held-out scores (%) on 2 prompts; every method trained on the same 40 prompts (38 with a gold answer)" \
-            in (tmp_path / method / "results.md").read_text()
+        text = (tmp_path / method / "results.md").read_text()
+        assert "Test scores (%) on 2 held-out prompts, of each run's checkpoint chosen on 10 validation prompts" in text
+        assert "every method trained on the same 40 prompts (28 with a gold answer)" in text
 
 
 def prompts_only_file(directory: Path, count: int = 20) -> Path:
@@ -647,16 +727,19 @@ def prompts_only_file(directory: Path, count: int = 20) -> Path:
 
 
 def test_prompts_only_data_trains_the_methods_that_need_no_gold_answer(tmp_path, heldout_file):
-    """Prompt-only lines are MiniLLM's (the README): with --eval-data for the held-out split, minillm trains on them."""
+    """Prompt-only lines are MiniLLM's (the README): with --eval-data for the held-out split, minillm trains on them;
+    without gold pairs there is no validation split (--validation-size 0): the last checkpoint is the chosen one."""
     TRAIN.main([*FAST, "--data", str(prompts_only_file(tmp_path)), "--eval-data", str(heldout_file), "--method",
-                "minillm", "--steps", "1", "--out-dir", str(tmp_path / "out")])
-    assert "every method trained on the same 20 prompts (0 with a gold answer)" in \
-        (tmp_path / "out" / "results.md").read_text()
+                "minillm", "--steps", "1", "--validation-size", "0", "--out-dir", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "every method trained on the same 20 prompts (0 with a gold answer)" in text
+    assert "| minillm | 0.0001 | 1 | - |" in text  # chosen: the last step, without a validation score
 
 
 def test_arguments_and_data_are_checked_before_any_model_loads(tmp_path, monkeypatch, capsys):
     """--eval-size 0 and --pool-size 0 are refused by the parser; prompt-only data for a method that trains on gold
-    pairs, or without --eval-data to hold some out, is refused once read: all before a model loads."""
+    pairs, or without --eval-data to hold some out, or to draw the validation split from, is refused once read: all
+    before a model loads."""
     import transformers
 
     def no_model(*args, **kwargs):
@@ -670,7 +753,10 @@ def test_arguments_and_data_are_checked_before_any_model_loads(tmp_path, monkeyp
                            f"{data}:1: no 'response'"),
                           (["--method", "minillm", "--data", str(data)],
                            f"{data}: no example has a response, and the held-out split is drawn from the gold pairs"),
-                          (["--method", "kd", "--data", str(data), "--eval-data", str(tmp_path / "heldout.jsonl")],
+                          (["--method", "minillm", "--data", str(data), "--eval-data", str(tmp_path / "heldout.jsonl")],
+                           f"{data}: --validation-size 10: the pool has only 0 gold pairs to draw it from"),
+                          (["--method", "kd", "--data", str(data), "--eval-data", str(tmp_path / "heldout.jsonl"),
+                            "--validation-size", "0"],
                            f"{data}: no example of the pool has a response, and these runs train on gold pairs "
                            "(prompt and response): kd.")):
         (tmp_path / "heldout.jsonl").write_text(json.dumps({"prompt": "Max: 1 2\nA:", "response": " 2"}) + "\n")

@@ -35,7 +35,7 @@ def checkpoint_state(run: Run) -> dict:
     weights = {} if fsdp else {"student": run.student.state_dict(), "optimizer": run.optimizer.state_dict()}
     return {
         "method": run.method.name, "step": run.step, "args": run.config.flags(), "history": run.history,
-        "compute": run.compute, **weights,
+        "best": run.best, "compute": run.compute, **weights,
         "rollout": None if run.rollout is None else run.rollout.state(),
         "data_rng": {name: sampler.rng.getstate() for name, sampler in run.samplers.items()},
         "torch_rng": torch.get_rng_state(),
@@ -192,7 +192,8 @@ def restore(run: Run, state: dict) -> None:
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and run.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng"], run.device)
-    run.step, run.history, run.compute, run.resumed = state["step"], state["history"], state["compute"], True
+    run.step, run.history, run.best, run.compute = state["step"], state["history"], state["best"], state["compute"]
+    run.resumed = True
     if state["rollout"] is not None:
         run.rollout = Rollout.from_state(state["rollout"], run.teacher, config.run.fused_linear)
     run.say(f"resumed {method} at step {run.step} from {path}"
@@ -235,6 +236,12 @@ def records_through(path: Path, step: int) -> list[str]:
             if json.loads(line)["step"] <= step:
                 kept.append(line)
     return kept
+
+
+def append_record(path: Path, record: dict) -> None:
+    """One more record at the end of the log at ``path`` (a finished run's test scores)."""
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(record) + "\n")
 
 
 def read_records(path: Path) -> list[dict]:

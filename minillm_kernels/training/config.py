@@ -27,6 +27,7 @@ from minillm_kernels.training.tiny import MAX_NEW_TOKENS
 TINY_LR = 1e-4  # the one departure from the reference defaults: the tiny student (see the README)
 REFERENCE_LR = 5e-6  # the MiniLLM reference scripts' learning rate, tuned for 0.1-13B models
 NAMED_MODELS = ("tiny", "smollm2")
+SCORE_NAME = re.compile(r"\w+\.\w+")  # --select-by: <group or task>.<metric>
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # what from_pretrained may fetch from the Hub
 Options = TypeVar("Options")
 
@@ -52,10 +53,14 @@ class RunConfig:
     out_dir: str = flag("out/train", "log.jsonl, checkpoint.pt, student/ and the results")
     resume: bool = flag(False, "continue from --out-dir's checkpoint.pt (checkpoint/ with --fsdp; none there: a "
                                "warning, then a fresh start)")
-    eval_every: int = flag(100, "held-out eval every N steps (0: before/after only)", type=at_least(0))
+    eval_every: int = flag(100, "validation eval every N steps, each one a candidate for the chosen checkpoint (0: "
+                                "before/after only)", type=at_least(0))
+    select_by: str = flag("gold.rouge_l", "the greedy validation score, <group or task>.<metric> of the evaluation "
+                                          "(gold.rouge_l: the paper's Rouge-L), that chooses the checkpoint (and the "
+                                          "tuned settings of examples/compare.py)")
     save_every: int = flag(100, "checkpoint every N steps (and at the end)", type=at_least(1))
-    eval_samples: int = flag(3, "the final evaluation samples at T=1 with this many seeds (0, 1, ...) besides "
-                                "greedy", type=at_least(0))
+    eval_samples: int = flag(3, "the final (test) evaluation samples at T=1 with this many seeds (0, 1, ...) "
+                                "besides greedy", type=at_least(0))
     fused_linear: bool = flag(False, "minillm and gkd: per-token terms from the models' last hidden states and "
                                      "output layers (fused_linear_token_stats), so the rollout's [tokens x V] "
                                      "logits are never built")
@@ -75,6 +80,12 @@ class DataConfig:
     eval_data: Optional[str] = flag(None, "JSONL of held-out {prompt, response, task?} (tiny: its split); a row "
                                           "without a response is an error naming its line", type=str)
     eval_size: Optional[int] = flag(None, "evaluate on the first N held-out examples only", type=at_least(1))
+    validation_size: Optional[int] = flag(None, "gold pairs drawn from the pool (and taken out of it) for the "
+                                                "validation evaluations that choose the checkpoint (default: a tenth "
+                                                "of the pool's gold pairs, at most 500; 0: none, the last checkpoint)",
+                                          type=at_least(0))
+    validation_seed: int = flag(0, "the seed that draws the validation split (not the training seed: one split for "
+                                   "every run)")
     pool_size: Optional[int] = flag(None, "train on the first N prompts of the pool only", type=at_least(1))
     chat_template: bool = flag(False, "wrap every prompt in the tokenizer's chat template (always on for --teacher "
                                       "smollm2)")
@@ -220,6 +231,9 @@ def config_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Tr
                         ("lm-data", data.lm_data)):
         if value is not None and not Path(value).is_file():
             parser.error(f"--{name} {value}: no such file")
+    if not SCORE_NAME.fullmatch(run.select_by):
+        parser.error(f"--select-by {run.select_by}: give <group or task>.<metric> of the evaluation's scores, e.g. "
+                     "gold.rouge_l, gold.exact_match or open.valid")
     if config.lm.lm_coef is not None and config.lm.lm_coef != 0 and not data.lm_data:
         parser.error(f"--lm-coef {config.lm.lm_coef}: L_PT needs pre-training text, --lm-data")
     return config.resolved()

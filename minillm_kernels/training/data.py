@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from minillm_kernels.training.config import DataConfig
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding), as in torch's cross_entropy
+VALIDATION_LIMIT = 500  # the default validation split: a tenth of the pool's gold pairs, at most this many
 
 
 class Example(NamedTuple):
@@ -95,11 +96,23 @@ class TrainingData:
 
     pool: list[Example]  # the training prompts (the tiny default's all have a gold answer, a user's may lack one)
     pairs: list[Example]  # what teacher-forced methods train on: the pool's gold pairs, or the teacher's answers
-    heldout: list[Example]
+    heldout: list[Example]  # the test split: scored only at the end, for the chosen checkpoint and the last one
+    validation: list[Example]  # gold pairs drawn from the training pool (and no longer in it): what chooses
     lm: list[str]  # L_PT's pre-training text
     checkers: dict  # the open tasks' validity rules (tiny only)
     long_tasks: tuple[str, ...] = ()  # the tasks where ExAccErr is measured (tiny only)
     answers: Optional[dict] = None  # what the teacher's answers in ``pairs`` cost (``teacher_answers``' meta)
+
+    def __post_init__(self) -> None:
+        """ValueError if a validation prompt is also a test or a training prompt: a choice made on it would be made
+        on the test set, or on what the methods trained on."""
+        validation = {e.prompt for e in self.validation}
+        for split, prompts in (("test", {e.prompt for e in self.heldout}), ("training", set(self.prompts))):
+            shared = validation & prompts
+            if shared:
+                raise ValueError(f"{len(shared)} validation prompt(s) are also {split} prompts (e.g. "
+                                 f"{min(shared)!r:.60}): the validation split must be disjoint from the test split "
+                                 "and from the training pool")
 
     @property
     def prompts(self) -> list[str]:
@@ -112,10 +125,27 @@ class TrainingData:
         return [e.prompt for e in self.heldout if e.task in self.long_tasks]
 
 
+def validation_split(pool: list[Example], size: Optional[int], seed: int) -> tuple[list[Example], list[Example]]:
+    """``(validation, training pool)``: ``size`` gold pairs of ``pool`` drawn with ``seed`` (default, None: a tenth of
+    its gold pairs, at most ``VALIDATION_LIMIT``), and the pool without every example that has one of their prompts.
+    The pool keeps its order, so that a seed's draws from it stay the same for every method. ValueError if the pool
+    has fewer than ``size`` gold pairs."""
+    labelled = [e for e in pool if e.response]
+    size = min(VALIDATION_LIMIT, len(labelled) // 10) if size is None else size
+    if size > len(labelled):
+        raise ValueError(f"--validation-size {size}: the pool has only {len(labelled)} gold pairs to draw it from")
+    validation = random.Random(seed).sample(labelled, size)
+    prompts = {e.prompt for e in validation}
+    return validation, [e for e in pool if e.prompt not in prompts]
+
+
 def load_training_data(config: DataConfig, *, seed: int, gold_answers_for: Sequence[str] = ()) -> TrainingData:
-    """The prompt pool, its gold pairs, the held-out split and the L_PT text of --data, --eval-data and --lm-data
-    (the tiny default's splits, tasks' validity rules and long tasks for --data tiny), cut to --pool-size and
-    --eval-size. Without --eval-data a user's data holds out 5% of its gold pairs (at least one), drawn with ``seed``.
+    """The prompt pool, its gold pairs, the validation and test (held-out) splits and the L_PT text of --data,
+    --eval-data and --lm-data (the tiny default's splits, tasks' validity rules and long tasks for --data tiny), cut
+    to --pool-size and --eval-size. Without --eval-data a user's data holds out 5% of its gold pairs (at least one)
+    for the test split, drawn with ``seed``. The validation split is then drawn from the rest of the pool
+    (``validation_split``, --validation-size and --validation-seed: the same for every training seed), before the
+    pool is cut to --pool-size.
 
     Read before any model loads: SystemExit if the pool or the held-out split is empty, or if the pool has no gold
     pair and ``gold_answers_for`` (the names of the methods that train on them) is not empty; ValueError naming
@@ -137,6 +167,10 @@ def load_training_data(config: DataConfig, *, seed: int, gold_answers_for: Seque
                                  "gold pairs: pass --eval-data (held-out prompts with their responses)")
             heldout = random.Random(seed).sample(labelled, len(labelled))[: max(1, len(labelled) // 20)]
             pool = [e for e in pool if e not in set(heldout)]
+    try:
+        validation, pool = validation_split(pool, config.validation_size, config.validation_seed)
+    except ValueError as error:
+        raise SystemExit(f"{config.data}: {error}") from None
     pool, heldout = pool[: config.pool_size], heldout[: config.eval_size]
     if not pool:
         raise SystemExit(f"{config.data}: no training prompt (the pool is empty)")
@@ -147,11 +181,12 @@ def load_training_data(config: DataConfig, *, seed: int, gold_answers_for: Seque
                          f"(prompt and response): {', '.join(gold_answers_for)}. Give some responses, or train with a "
                          "method that trains on prompts only (on its own samples or on the teacher's answers)")
     lm = load_texts(config.lm_data) if config.lm_data else []
-    return TrainingData(pool, [e for e in pool if e.response], heldout, lm, checkers, long_tasks)
+    return TrainingData(pool, [e for e in pool if e.response], heldout, validation, lm, checkers, long_tasks)
 
 
 def with_chat_template(data: TrainingData, tokenizer) -> TrainingData:
-    """``data`` whose pool and held-out prompts are wrapped in the tokenizer's chat template (an instruct model's)."""
+    """``data`` whose pool, validation and test prompts are wrapped in the tokenizer's chat template (an instruct
+    model's)."""
     def chat(example: Example) -> Example:
         message = [{"role": "user", "content": example.prompt}]
         return example._replace(prompt=tokenizer.apply_chat_template(message, tokenize=False,
@@ -159,7 +194,7 @@ def with_chat_template(data: TrainingData, tokenizer) -> TrainingData:
 
     pool = [chat(e) for e in data.pool]
     return dataclasses.replace(data, pool=pool, pairs=[e for e in pool if e.response],
-                               heldout=[chat(e) for e in data.heldout])
+                               heldout=[chat(e) for e in data.heldout], validation=[chat(e) for e in data.validation])
 
 
 def causal_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

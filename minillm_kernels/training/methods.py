@@ -6,8 +6,9 @@ in it depends on the method.
     kd       token-level D(p, q) to the teacher (``fused_divergence``: the forward KL by default), teacher-forced on
              the gold responses (--teacher-answers: on the teacher's answers, as seqkd's)
     seqkd    cross-entropy on the teacher's answers (sampled once per pool prompt at T = 1, cached on disk)
-    minillm  responses sampled from p~ = alpha p + (1 - alpha) q, rewards r_t = log p(y_t) - log q(y_t), then
-             --ppo-epochs steps of L = L_pg + L_single on them (``minillm_loss``)
+    minillm  a buffer of --num-rollouts responses sampled from p~ = alpha p + (1 - alpha) q, rewards
+             r_t = log p(y_t) - log q(y_t), then --ppo-epochs passes over it in shuffled minibatches of --batch-size,
+             one optimizer step of L = L_pg + L_single each (``minillm_loss``)
     gkd      on-policy GKD (lambda = 1): fresh samples of the student each step, D(p, q) of --divergence (JSD(0.5)
              by default) teacher-forced on them (``response_divergence``)
 
@@ -29,7 +30,7 @@ from minillm_kernels import objective
 from minillm_kernels.reference import DIVERGENCES
 from minillm_kernels.training.flags import at_least, flag
 from minillm_kernels.training.data import IGNORE_INDEX, TeacherForcedBatch, causal_lm_logits, teacher_forced_batch
-from minillm_kernels.training.rollout import make_rollout
+from minillm_kernels.training.rollout import epoch_minibatches, make_rollout
 
 if TYPE_CHECKING:
     from minillm_kernels.training.config import TrainConfig
@@ -54,7 +55,11 @@ class MiniLLMOptions:
     """minillm (reference-code defaults; their sources are in minillm_kernels/objective.py)"""
 
     alpha: float = flag(0.2, "teacher share of the sampling mixture")
-    ppo_epochs: int = flag(4, "optimizer steps per rollout batch", type=at_least(1))
+    num_rollouts: Optional[int] = flag(None, "the rollout buffer: sequences sampled at once (per process), a multiple "
+                                             "of --batch-size (default: --batch-size, each epoch one full-batch "
+                                             "step; the reference code's --num-rollouts)", type=at_least(1))
+    ppo_epochs: int = flag(4, "passes over each rollout buffer, each in shuffled minibatches of --batch-size, one "
+                              "optimizer step per minibatch", type=at_least(1))
     ppo_clip: float = flag(objective.PPO_CLIP, "PPO clip range on the ratio")
     gamma: float = flag(objective.GAMMA, "discount of the future rewards")
     reward_scaling: float = flag(objective.REWARD_SCALING, "rewards are divided by it")
@@ -139,8 +144,10 @@ class TeacherForced(Method):
 
 
 class OnPolicy(Method):
-    """Trained on rollouts of the student's own samples (``Rollout``), a fresh one every ``steps_per_rollout``
-    steps, drawn from alpha p + (1 - alpha) q with alpha = ``sampling_alpha``."""
+    """Trained on rollouts of the student's own samples, drawn from alpha p + (1 - alpha) q with alpha =
+    ``sampling_alpha``: a buffer (``Rollout``) of ``rollout_size`` sequences, then ``epochs_per_rollout`` passes over
+    it, each in shuffled minibatches of --batch-size (``epoch_minibatches``), one optimizer step per minibatch; then a
+    fresh buffer."""
 
     targets = OWN_SAMPLES
 
@@ -150,16 +157,35 @@ class OnPolicy(Method):
         return 0.0
 
     @property
-    def steps_per_rollout(self) -> int:
-        """Optimizer steps on one rollout: 1, fresh samples every step."""
+    def rollout_size(self) -> int:
+        """Sequences sampled into one buffer: --batch-size, one step's."""
+        return self.config.optim.batch_size
+
+    @property
+    def epochs_per_rollout(self) -> int:
+        """Passes over one buffer: 1, fresh samples for every minibatch."""
         return 1
 
+    @property
+    def steps_per_rollout(self) -> int:
+        """Optimizer steps on one buffer: its epochs times its minibatches of --batch-size."""
+        return self.epochs_per_rollout * self.rollout_size // self.config.optim.batch_size
+
+    def argument_error(self) -> Optional[str]:
+        batch_size = self.config.optim.batch_size
+        if self.rollout_size % batch_size:
+            return (f"--num-rollouts {self.rollout_size} must be a multiple of --batch-size {batch_size} (the buffer "
+                    "is taken in minibatches of --batch-size)")
+        return super().argument_error()
+
     def micro_batches(self, run: Run) -> list:
-        """The rollout's rows in --grad-accum micro-batches ``(sample, rewards, teacher_outputs, teacher_head)``,
-        after a fresh rollout every ``steps_per_rollout`` steps (which stops first if a weight is not finite: a
-        diverged update or a bad checkpoint would fail inside the sampler's multinomial)."""
+        """This step's minibatch of the buffer in --grad-accum micro-batches ``(sample, rewards, teacher_outputs,
+        teacher_head)``, after a fresh buffer every ``steps_per_rollout`` steps (which stops first if a weight is not
+        finite: a diverged update or a bad checkpoint would fail inside the sampler's multinomial)."""
         config = self.config
-        if run.step % self.steps_per_rollout == 0:
+        position = run.step % self.steps_per_rollout  # steps taken on the current buffer
+        first_step = run.step - position
+        if position == 0:
             run.stop_if_not_finite(run.largest_parameter(), "student parameter (largest |value|) before the rollout",
                                    {})
             generator = torch.Generator(run.device).manual_seed(
@@ -167,13 +193,17 @@ class OnPolicy(Method):
             minillm = config.options(MiniLLMOptions)
             with run.autocast():
                 run.rollout = make_rollout(run.model, run.teacher, run.tokenizer,
-                                           run.samplers["prompts"].next(config.optim.batch_size), generator,
+                                           run.samplers["prompts"].next(self.rollout_size), generator,
                                            run.vocab_size, config, alpha=self.sampling_alpha,
                                            reward_scaling=minillm.reward_scaling, reward_clip=minillm.reward_clip)
             # the teacher ran on every token while sampling, then once more on the sequences (response_logits)
             run.compute["teacher_forward_tokens"] += 2 * int(run.rollout.sample.attention_mask.sum())
             run.compute["generated_tokens"] += int(run.rollout.sample.response_mask.sum())
-        return list(run.rollout.chunks(config.optim.grad_accum))
+        per_epoch = run.rollout.size // config.optim.batch_size
+        epoch, minibatch = divmod(position, per_epoch)
+        rows = epoch_minibatches(run.rollout.size, config.optim.batch_size,
+                                 seed=f"seed {config.run.seed} step {first_step} rank {run.rank} epoch {epoch}")
+        return list(run.rollout.chunks(config.optim.grad_accum, rows[minibatch]))
 
 
 def token_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -246,8 +276,10 @@ def owned_token_stats(student, *args, **options) -> mk.TokenStats:
 
 
 class MiniLLM(OnPolicy):
-    """minillm: L_pg + L_single (``mk.minillm_loss``) on rollouts from the teacher mixture, --ppo-epochs steps per
-    rollout, the student in eval() mode (no dropout, as the reference code: the first epoch's ratio is 1)."""
+    """minillm: L_pg + L_single (``mk.minillm_loss``) on a buffer of --num-rollouts samples of the teacher mixture,
+    --ppo-epochs passes over it in shuffled minibatches of --batch-size (one optimizer step each; the advantages
+    whitened per micro-batch), the student in eval() mode (no dropout, as the reference code: the first epoch's
+    ratio is 1)."""
 
     name, shown_loss, Options = "minillm", "reward", MiniLLMOptions
 
@@ -256,7 +288,11 @@ class MiniLLM(OnPolicy):
         return self.options.alpha
 
     @property
-    def steps_per_rollout(self) -> int:
+    def rollout_size(self) -> int:
+        return self.options.num_rollouts or self.config.optim.batch_size
+
+    @property
+    def epochs_per_rollout(self) -> int:
         return self.options.ppo_epochs
 
     @property

@@ -1,8 +1,9 @@
-"""A batch of the on-policy methods' samples with what their losses reuse over several steps: the rewards and the
-teacher's outputs at the response positions."""
+"""A rollout buffer of the on-policy methods' samples with what their losses reuse over several steps (the rewards
+and the teacher's outputs at the response positions), and the shuffled minibatches that a PPO epoch takes of it."""
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
@@ -19,10 +20,10 @@ TeacherHead = Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]  # the teach
 
 
 class Rollout:
-    """One batch of teacher-mixed samples with its rewards and the teacher's outputs at the response
-    positions: its logits, or with --fused-linear its last hidden states and its output layer (``teacher_head``:
-    (weight, bias), gathered whole under --fsdp). Computed once through the teacher's ModelRunner, reused by every
-    step on these samples; not stored in checkpoints: recomputed."""
+    """A buffer of teacher-mixed samples with its rewards and the teacher's outputs at the response positions: its
+    logits, or with --fused-linear its last hidden states and its output layer (``teacher_head``: (weight, bias),
+    gathered whole under --fsdp). Computed once through the teacher's ModelRunner, reused by every step on these
+    samples (the teacher's outputs are not stored in checkpoints: recomputed)."""
 
     def __init__(self, sample: mk.TeacherMixedSample, rewards: torch.Tensor, teacher, fused_linear: bool) -> None:
         self.sample, self.rewards, self.teacher_head = sample, rewards, None
@@ -41,13 +42,42 @@ class Rollout:
     def from_state(cls, state: dict, teacher, fused_linear: bool) -> Rollout:
         return cls(mk.TeacherMixedSample(**state["sample"]), state["rewards"], teacher, fused_linear)
 
-    def chunks(self, count: int) -> Iterator[tuple[mk.TeacherMixedSample, torch.Tensor, torch.Tensor, TeacherHead]]:
-        """``(sample, rewards, teacher_outputs, teacher_head)`` for each of ``count`` micro-batches of rows (sizes
-        differ by at most one row, e.g. after a resume with another --batch-size or --grad-accum)."""
-        rows = self.sample.sequences.shape[0]
+    @property
+    def size(self) -> int:
+        """The number of sampled sequences in the buffer."""
+        return self.sample.sequences.shape[0]
+
+    def chunks(self, count: int, rows: Optional[torch.Tensor] = None
+               ) -> Iterator[tuple[mk.TeacherMixedSample, torch.Tensor, torch.Tensor, TeacherHead]]:
+        """``(sample, rewards, teacher_outputs, teacher_head)`` for each of ``count`` micro-batches of the rows that
+        ``rows`` selects (a minibatch of the buffer; default every row, in order), in consecutive parts whose sizes
+        differ by at most one row (e.g. after a resume with another --batch-size or --grad-accum)."""
+        rows = torch.arange(self.size) if rows is None else rows
         for index in range(count):
-            part = slice(index * rows // count, (index + 1) * rows // count)
+            part = as_slice(rows[index * len(rows) // count : (index + 1) * len(rows) // count])
             yield self.sample.rows(part), self.rewards[part], self.teacher_outputs[part], self.teacher_head
+
+
+def as_slice(rows: torch.Tensor) -> slice | torch.Tensor:
+    """Row indices as a slice where they are consecutive and ascending (a view of the buffer's rows: its teacher
+    outputs, [rows, N, V] logits, are not copied), else as they are (a gather)."""
+    if len(rows) and torch.equal(rows, torch.arange(int(rows[0]), int(rows[0]) + len(rows))):
+        return slice(int(rows[0]), int(rows[0]) + len(rows))
+    return rows
+
+
+def epoch_minibatches(size: int, minibatch: int, seed: str) -> list[torch.Tensor]:
+    """One PPO epoch over a buffer of ``size`` rows (the reference code's shuffled loader over its rollout storage):
+    a random permutation of the rows, drawn with ``seed`` (a string naming the draw: the run's seed, the buffer's
+    first step, the rank and the epoch, so that a resumed run draws it again), cut into ``size // minibatch``
+    minibatches of ``minibatch`` rows; each minibatch's rows in buffer order (the shuffle decides which rows share a
+    minibatch, the order inside one changes nothing). A buffer of one minibatch is every row in order: one full-batch
+    step per epoch. ValueError if ``minibatch`` does not divide ``size``."""
+    if minibatch < 1 or size % minibatch:
+        raise ValueError(f"a buffer of {size} rollouts does not split into minibatches of {minibatch}: give a "
+                         "--num-rollouts that is a multiple of --batch-size")
+    order = torch.tensor(random.Random(seed).sample(range(size), size))
+    return [part.sort().values for part in order.split(minibatch)]
 
 
 def make_rollout(student, teacher, tokenizer, prompts: list[str], generator: torch.Generator, vocab_size: int,

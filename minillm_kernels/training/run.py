@@ -64,8 +64,9 @@ class Run:
     world: int
     step: int = 0
     resumed: bool = False
-    rollout: Optional[Rollout] = None  # an on-policy method's current samples
-    history: list[dict] = dataclasses.field(default_factory=list)  # [{"step", "heldout"}], the same on every rank
+    rollout: Optional[Rollout] = None  # an on-policy method's current buffer of samples
+    history: list[dict] = dataclasses.field(default_factory=list)  # [{"step", "validation"}], the same on every rank
+    best: Optional[dict] = None  # the chosen checkpoint so far, {"step", "score"} (--select-by on validation)
     # this process's teacher forward tokens (non-padding), generated (rollout) tokens and training seconds so far
     compute: dict = dataclasses.field(
         default_factory=lambda: {"teacher_forward_tokens": 0, "generated_tokens": 0, "seconds": 0.0})
@@ -73,6 +74,11 @@ class Run:
     @property
     def device(self) -> torch.device:
         return next(self.student.parameters()).device
+
+    @property
+    def out_dir(self) -> Path:
+        """--out-dir: the checkpoint, the log, best/ (the chosen checkpoint's weights) and student/ (the last)."""
+        return self.checkpoint_path.parent
 
     @property
     def checkpoint(self) -> Optional[Path]:
