@@ -257,7 +257,7 @@ class LogNormalisers(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------------
 class ShardTerms:
     """How one rank computes its shard's terms and gradients; ``LogitsShard`` below, the chunked lm_head's in
-    ``fused_linear.py``. ``student`` is the tuple of the student's tensors that get gradients (the logits; or the
+    ``linear.py``. ``student`` is the tuple of the student's tensors that get gradients (the logits; or the
     hidden states, weight and bias); the rest (teacher, ids, mask, options) are attributes."""
 
     shards: VocabShards
@@ -369,7 +369,7 @@ DIVERGENCE_SHARD_BACKENDS = ("cpu", "triton")
 
 class DivergenceShard:
     """How one rank computes the divergence family's terms on its shard: ``LogitsDivergenceShard`` below, the chunked
-    lm_head's in ``fused_linear.py``. Besides the attributes of ``ShardTerms``: ``divergence`` (a kernel divergence,
+    lm_head's in ``linear.py``. Besides the attributes of ``ShardTerms``: ``divergence`` (a kernel divergence,
     not the reverse KL), ``coefficient`` (beta or the skew) and ``real_columns`` (V_r)."""
 
     shards: VocabShards

@@ -131,13 +131,10 @@ differentiable_sparse_divergence = differentiable(sparse_divergence, _backward, 
 
 def sparse_rows(
     student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, target: Optional[Tensor], mask: Optional[Tensor],
-    divergence: str, tail: str, beta: float, skew: float, temperature: float, vocab_size: int, backend: str,
+    divergence: str, tail: str, coefficient: float, temperature: float, vocab_size: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(value, student_logprob, entropy)`` per row, ``[N]`` each (differentiable in the student), on ``backend``.
-    A skew KL with skew 0 is its plain KL (the mixture's formula is ill-conditioned there, as in the dense family)."""
-    if skew == 0 and divergence in ("skew_forward_kl", "skew_reverse_kl"):
-        divergence = divergence.removeprefix("skew_")
-    coefficient = beta if divergence == "jsd" else skew
+    """``(value, student_logprob, entropy)`` per row, ``[N]`` each (differentiable in the student), on ``backend``;
+    ``divergence`` and ``coefficient`` as ``validation.divergence_coefficient`` gives them."""
     value, student_logprob, entropy, _, _ = differentiable_sparse_divergence(
         student, teacher_ids, teacher_logprobs, target, mask, divergence, tail, coefficient, 1.0 / temperature,
         vocab_size, backend)

@@ -56,17 +56,16 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-from minillm_kernels import parallel, reference
-from minillm_kernels._arguments import as_int
-from minillm_kernels.dispatch import (
-    TokenStats,
-    assemble_token_stats,
-    check_divergence_args,
+from minillm_kernels import parallel
+from minillm_kernels.backends import compute_dtype
+from minillm_kernels.losses import TokenStats, assemble_token_stats, reduce_per_token
+from minillm_kernels.validation import (
+    LinearCall,
+    check_coefficient,
     check_reduction,
     check_sampling_args,
-    frozen_teacher,
-    reduce_per_token,
-    validate_token_args,
+    divergence_coefficient,
+    validate_linear,
 )
 from minillm_kernels.ops import divergence as divergence_ops
 from minillm_kernels.ops import reverse_kld as ops
@@ -202,7 +201,7 @@ class _InputGradients:
         self.weight = torch.zeros_like(student_weight) if needs[1] else None
         self.bias = None
         if student_bias is not None and needs[2]:
-            self.bias = student_bias.new_zeros(student_bias.shape, dtype=reference.compute_dtype(student_bias.dtype))
+            self.bias = student_bias.new_zeros(student_bias.shape, dtype=compute_dtype(student_bias.dtype))
         self.bias_dtype = None if student_bias is None else student_bias.dtype
         self.vocab_size = vocab_size
         self.like = student_hidden  # (the device and dtype of the empty tensors that stand for no gradient)
@@ -261,7 +260,7 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
 
 def _linear_token_stats_outputs(student_hidden: Tensor, student_weight: Tensor, teacher_weight: Tensor, *,
                                 zeros: bool) -> tuple[Tensor, ...]:
-    n_tokens, dtype = student_hidden.shape[0], reference.compute_dtype(student_weight.dtype, teacher_weight.dtype)
+    n_tokens, dtype = student_hidden.shape[0], compute_dtype(student_weight.dtype, teacher_weight.dtype)
     make = student_hidden.new_zeros if zeros else student_hidden.new_empty
     return (*(make(n_tokens, dtype=dtype) for _ in range(4)), make(n_tokens, 4, dtype=dtype))
 
@@ -359,7 +358,7 @@ def reverse_kld_sum_and_gradients(
     student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
     teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
     grads = _InputGradients(student_hidden, student_weight, student_bias, tuple(needs), vocab_size)
-    total = student_hidden.new_zeros((), dtype=reference.compute_dtype(student_weight.dtype, teacher_weight.dtype))
+    total = student_hidden.new_zeros((), dtype=compute_dtype(student_weight.dtype, teacher_weight.dtype))
     with torch.autocast(student_hidden.device.type, enabled=False):
         plan = _make_plan(student, mask, None, temperature, vocab_size, chunk_size, backend)
         scale = 1.0 / max(plan.n_counted, 1) if mean else 1.0
@@ -382,7 +381,7 @@ def reverse_kld_sum_and_gradients(
 @linear_reverse_kld_sum.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask, temperature,
       vocab_size, chunk_size, backend, mean, needs):
-    total = student_hidden.new_empty((), dtype=reference.compute_dtype(student_weight.dtype, teacher_weight.dtype))
+    total = student_hidden.new_empty((), dtype=compute_dtype(student_weight.dtype, teacher_weight.dtype))
     return (total, *_input_gradients_like(student_hidden, student_weight, student_bias, needs))
 
 
@@ -417,7 +416,7 @@ class _LinearShard(parallel.ShardTerms):
     on its V_r real rows (none on a padding shard), with the chunk size the ranks agree on (the smallest default,
     which depends on a GPU's free memory: the reduction "sum" / "mean" loop runs a collective per chunk)."""
 
-    def __init__(self, call: "_LinearCall") -> None:
+    def __init__(self, call: LinearCall) -> None:
         self.temperature, self.vocab_size, chunk_size, self.backend = call.options
         student_hidden, student_weight, _, teacher_hidden, *_ = call.tensors
         self.shards, self.target, self.mask, self.teacher = call.shards, call.target, call.mask, call.tensors[3:]
@@ -480,7 +479,7 @@ class _ShardedReverseKldSum(torch.autograd.Function):
         return (None, None, None, *_scaled_gradients(grads, ctx.needs, grad_total))
 
 
-def _token_stats(call: "_LinearCall") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _token_stats(call: LinearCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(kl, student_logprob, teacher_logprob, entropy)``, ``[N]`` each, of a validated call."""
     if call.shards is not None:
         return _sharded_token_stats(call)
@@ -488,12 +487,12 @@ def _token_stats(call: "_LinearCall") -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 @torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
-def _sharded_token_stats(call: "_LinearCall") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _sharded_token_stats(call: LinearCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return parallel.sharded_token_stats(_LinearShard(call), *call.tensors[:3])
 
 
 @torch.compiler.disable  # (likewise)
-def _sharded_reverse_kld_sum(call: "_LinearCall", mean: bool, needs: list[bool]) -> Tensor:
+def _sharded_reverse_kld_sum(call: LinearCall, mean: bool, needs: list[bool]) -> Tensor:
     return _ShardedReverseKldSum.apply(_LinearShard(call), mean, needs, *call.tensors[:3])
 
 
@@ -502,7 +501,7 @@ class _LinearDivergenceShard(_LinearShard, parallel.DivergenceShard):
     statistics from ``linear_token_stats``'s chunk loop, the terms from ``linear_divergence``'s, the gradients from
     ``linear_divergence_backward``'s, grad h summed over the ranks."""
 
-    def __init__(self, call: "_LinearCall", divergence: str, coefficient: float) -> None:
+    def __init__(self, call: LinearCall, divergence: str, coefficient: float) -> None:
         super().__init__(call)
         self.divergence, self.coefficient = divergence, coefficient
 
@@ -523,7 +522,7 @@ class _LinearDivergenceShard(_LinearShard, parallel.DivergenceShard):
 
 
 @torch.compiler.disable  # (likewise)
-def _sharded_divergence(call: "_LinearCall", divergence: str, coefficient: float) -> Tensor:
+def _sharded_divergence(call: LinearCall, divergence: str, coefficient: float) -> Tensor:
     parallel.check_divergence_backend(divergence, call.options[3])
     return parallel.sharded_divergence(_LinearDivergenceShard(call, divergence, coefficient), *call.tensors[:3])
 
@@ -531,74 +530,20 @@ def _sharded_divergence(call: "_LinearCall", divergence: str, coefficient: float
 # --------------------------------------------------------------------------------------------------------------
 # Validation and the public functions
 # --------------------------------------------------------------------------------------------------------------
-def _check_projection(model: str, hidden: object, weight: object, bias: object) -> None:
-    """One model's hidden states [..., H], weight [V, H] and optional bias [V]: float tensors on one device (their
-    dtypes may differ: the matmul runs in the weight's)."""
-    named = {f"{model}_hidden": hidden, f"{model}_weight": weight, f"{model}_bias": bias}
-    for name, x in named.items():
-        if x is None and name.endswith("_bias"):
-            continue
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        if x.device != hidden.device:
-            raise ValueError(f"{name} is on {x.device} but {model}_hidden is on {hidden.device}")
-    if hidden.dim() == 0 or hidden.shape[-1] == 0:
-        raise ValueError(f"{model}_hidden must have shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"{model}_weight must have shape [V, H] with V >= 1 and H = {model}_hidden.shape[-1] = {hidden.shape[-1]} "
-            f"(the lm_head weight, as nn.Linear stores it), got {tuple(weight.shape)}"
-        )
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"{model}_bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
-
-
-class _LinearCall(NamedTuple):
-    """The validated inputs of a fused-linear call, in the custom ops' argument order."""
-
-    tensors: tuple  # flattened student (hidden, weight, bias) and teacher (hidden, weight, bias), the teacher's detached
-    target: Optional[Tensor]  # [N] int64
-    mask: Optional[Tensor]  # [N] bool
-    options: tuple  # (temperature, vocab_size, chunk_size: 0 for the default, backend)
-    lead_shape: torch.Size
-    shards: Optional[parallel.VocabShards]  # the weights' rows are this rank's shard of the vocabulary
-
-
-def _validate_linear(
+def _linear_call(
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
     target_ids, mask, temperature, vocab_size, chunk_size, backend, process_group,
-) -> _LinearCall:
-    """Check everything a fused-linear function takes (DTensors as this rank's local tensors)."""
+) -> LinearCall:
+    """The validated call (``validation.validate_linear``) of this rank's local tensors (``parallel.vocab_shards``:
+    DTensor weights placed ``Shard(0)``, or a ``process_group``)."""
     shards, (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias) = \
         parallel.vocab_shards(process_group, {
             "student_hidden": (student_hidden, None), "student_weight": (student_weight, 0),
             "student_bias": (student_bias, 0), "teacher_hidden": (teacher_hidden, None),
             "teacher_weight": (teacher_weight, 0), "teacher_bias": (teacher_bias, 0),
         })
-    _check_projection("student", student_hidden, student_weight, student_bias)
-    _check_projection("teacher", teacher_hidden, teacher_weight, teacher_bias)
-    if student_hidden.device != teacher_hidden.device:
-        raise ValueError(f"student_hidden is on {student_hidden.device} but teacher_hidden is on {teacher_hidden.device}")
-    lead_shape = student_hidden.shape[:-1]
-    if teacher_hidden.shape[:-1] != lead_shape:
-        raise ValueError(
-            f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} must "
-            "agree on every dimension but the last (the hidden sizes may differ)"
-        )
-    chunk_size = 0 if chunk_size is None else as_int("chunk_size (tokens per chunk, or None)", chunk_size, 1)
-    args = validate_token_args(
-        lead_shape, student_hidden.device, torch.promote_types(student_weight.dtype, teacher_weight.dtype),
-        {"student_weight": student_weight.shape[0], "teacher_weight": teacher_weight.shape[0]},
-        target_ids, mask, temperature, vocab_size, backend, inputs="hidden states", shards=shards,
-    )
-    teacher = tuple(None if x is None else frozen_teacher(x, name) for x, name in (
-        (teacher_hidden, "teacher_hidden"), (teacher_weight, "teacher_weight"), (teacher_bias, "teacher_bias")))
-    flat = lambda hidden: hidden.reshape(-1, hidden.shape[-1])  # noqa: E731
-    tensors = (flat(student_hidden), student_weight, student_bias, flat(teacher[0]), *teacher[1:])
-    options = (args.temperature, args.vocab_size, chunk_size, args.backend)
-    return _LinearCall(tensors, args.target, args.mask, options, lead_shape, shards)
+    return validate_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                           target_ids, mask, temperature, vocab_size, chunk_size, backend, shards)
 
 
 def _needs_grad(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor]) -> list[bool]:
@@ -649,7 +594,7 @@ def fused_linear_reverse_kld(
         The loss, float32 (float64 if a weight is float64): ``[...]`` for "none", else a scalar.
     """
     check_reduction(reduction)
-    call = _validate_linear(
+    call = _linear_call(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         None, mask, temperature, vocab_size, chunk_size, backend, process_group,
     )
@@ -692,7 +637,7 @@ def fused_linear_token_stats(
         ``TokenStats`` of ``[...]`` tensors (float32, float64 if a weight is float64), 0 where masked.
     """
     mix_alpha, weight_clip = check_sampling_args(target_ids, mix_alpha, weight_clip)
-    call = _validate_linear(
+    call = _linear_call(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         target_ids, mask, temperature, vocab_size, chunk_size, backend, process_group,
     )
@@ -733,7 +678,7 @@ def linear_divergence(
     """Per-token ``(value, mean_partial, row_stats)``, ``[N]``, ``[N]`` and ``[N, 4]``; 0 for tokens the mask leaves
     out. ``given_row_stats`` ``[N, 4]``: the terms from those log-normalisers (a vocabulary shard's share of the
     global terms, ``parallel.combine_divergence``)."""
-    divergence_ops.check_coefficient(divergence, coefficient)  # (first: under torch.compile its only check)
+    check_coefficient(divergence, coefficient)  # (first: under torch.compile its only check)
     student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
     teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
     outputs = _linear_divergence_outputs(student_hidden, student_weight, teacher_weight, zeros=True)
@@ -757,7 +702,7 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
 
 def _linear_divergence_outputs(student_hidden: Tensor, student_weight: Tensor, teacher_weight: Tensor, *,
                                zeros: bool) -> tuple[Tensor, Tensor, Tensor]:
-    n_tokens, dtype = student_hidden.shape[0], reference.compute_dtype(student_weight.dtype, teacher_weight.dtype)
+    n_tokens, dtype = student_hidden.shape[0], compute_dtype(student_weight.dtype, teacher_weight.dtype)
     make = student_hidden.new_zeros if zeros else student_hidden.new_empty
     return make(n_tokens, dtype=dtype), make(n_tokens, dtype=dtype), make(n_tokens, 4, dtype=dtype)
 
@@ -859,19 +804,16 @@ def fused_linear_divergence(
         The loss, float32 (float64 if a weight is float64): ``[...]`` for "none", else a scalar.
     """
     check_reduction(reduction)
-    beta, skew = check_divergence_args(divergence, beta, skew)
-    if skew == 0 and divergence in ("skew_forward_kl", "skew_reverse_kl"):
-        divergence = divergence.removeprefix("skew_")  # (the plain KL, and its kernel)
+    divergence, coefficient = divergence_coefficient(divergence, beta, skew)
     if divergence == "reverse_kl":
         return fused_linear_reverse_kld(
             student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
             teacher_bias=teacher_bias, mask=mask, temperature=temperature, reduction=reduction,
             vocab_size=vocab_size, chunk_size=chunk_size, backend=backend, process_group=process_group)
-    call = _validate_linear(
+    call = _linear_call(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         None, mask, temperature, vocab_size, chunk_size, backend, process_group,
     )
-    coefficient = beta if divergence == "jsd" else skew
     if call.shards is not None:
         value = _sharded_divergence(call, divergence, coefficient)
     else:
