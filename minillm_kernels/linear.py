@@ -52,7 +52,7 @@ before each chunk's gradient), and grad h, each rank's G_r W_r, is summed over t
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -149,42 +149,96 @@ def _rows_count(rows: Rows) -> int:
     return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
 
 
-class _ChunkLogits:
-    """Both models' logits chunk by chunk, into two [C, vocab] buffers (C: the largest chunk) allocated once, each
-    in its model's weight dtype."""
+class _Chunk(NamedTuple):
+    """One chunk of tokens, as the per-chunk functions of a kernel family take it."""
 
-    def __init__(self, student: _Projection, teacher: _Projection, plan: _Plan) -> None:
-        self.models = (student, teacher)
-        rows = max(map(_rows_count, plan.chunks), default=0)
-        self.buffers = tuple(m.weight.new_empty((rows, plan.vocab_size)) for m in self.models)
-
-    def __call__(self, rows: Rows) -> tuple[Tensor, Tensor, Tensor]:
-        """The chunk's student hidden states [C, H_s] and the two models' logits [C, vocab] (buffer views)."""
-        (student, teacher), n = self.models, _rows_count(rows)
-        student_hidden = student.hidden[rows]
-        student_logits = student.logits(student_hidden, self.buffers[0][:n])
-        teacher_logits = teacher.logits(teacher.hidden[rows], self.buffers[1][:n])
-        return student_hidden, student_logits, teacher_logits
+    rows: Rows  # its tokens
+    hidden: Tensor  # [C, H_s] the student's hidden states
+    student_logits: Tensor  # [C, vocab], in the student weight's dtype (a view of a buffer the next chunk reuses)
+    teacher_logits: Tensor  # [C, vocab], in the teacher weight's dtype (likewise)
+    target: Optional[Tensor]  # [C] int64, or None
 
 
-def _chunk_stats(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor], plan: _Plan):
-    """``(kl, student_logprob, teacher_logprob, entropy, row_stats)`` of a chunk's logits, from the chosen backend."""
-    return ops.backend_token_stats(student_logits, teacher_logits, target, None, plan.temperature, plan.vocab_size,
-                                   plan.backend)
+class _ChunkLoop:
+    """The loop every fused-linear op runs: the two models' projections on their first ``vocab_size`` rows, the plan
+    (``_make_plan``: chunks of the counted tokens) and, iterating, each ``_Chunk`` with both models' logits, computed
+    into two [C, vocab] buffers (C: the largest chunk) allocated once, with autocast off while the loop runs (each
+    matmul in its weight's dtype). What an op does with a chunk is its kernel family's per-chunk function (e.g.
+    ``_chunk_stats`` and ``_chunk_stats_gradient``: a transform of the logits, such as a soft cap, goes there):
+    ``per_token`` writes per-token outputs, ``input_gradients`` turns logit gradients into the student's input
+    gradients, and a plain ``for chunk in loop`` does anything else."""
+
+    def __init__(self, tensors: Sequence[Optional[Tensor]], target: Optional[Tensor], mask: Optional[Tensor],
+                 temperature: float, vocab_size: int, chunk_size: int, backend: str) -> None:
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = tensors
+        self.student_inputs = (student_hidden, student_weight, student_bias)
+        self.student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
+        self.teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
+        self.plan = _make_plan(self.student, mask, target, temperature, vocab_size, chunk_size, backend)
+
+    def __iter__(self) -> Iterator[_Chunk]:
+        student, teacher, plan = self.student, self.teacher, self.plan
+        largest = max(map(_rows_count, plan.chunks), default=0)
+        buffers = tuple(m.weight.new_empty((largest, plan.vocab_size)) for m in (student, teacher))
+        with torch.autocast(student.hidden.device.type, enabled=False):
+            for rows in plan.chunks:
+                n, hidden = _rows_count(rows), student.hidden[rows]
+                yield _Chunk(rows, hidden, student.logits(hidden, buffers[0][:n]),
+                             teacher.logits(teacher.hidden[rows], buffers[1][:n]),
+                             None if plan.target is None else plan.target[rows])
+
+    def per_token(self, outputs: tuple[Tensor, ...],
+                  terms: Callable[[_Chunk], Sequence[Tensor]]) -> tuple[Tensor, ...]:
+        """``outputs`` (per-token tensors, zeros for the tokens no chunk holds) with each chunk's ``terms``."""
+        for chunk in self:
+            for out, value in zip(outputs, terms(chunk)):
+                out[chunk.rows] = value
+        return outputs
+
+    def new_input_gradients(self, needs: Sequence[bool]) -> "_InputGradients":
+        return _InputGradients(*self.student_inputs, tuple(needs), self.plan.vocab_size)
+
+    def input_gradients(self, needs: Sequence[bool],
+                        logit_gradient: Callable[[_Chunk], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(grad_hidden, grad_weight, grad_bias)`` (empty where ``needs`` says none) from each chunk's
+        ``logit_gradient``, G = dL/ds ``[C, vocab]``."""
+        grads = self.new_input_gradients(needs)
+        for chunk in self:  # (the logit gradient, passed on directly, is freed before the next chunk's)
+            grads.add_chunk(logit_gradient(chunk), chunk, self.student)
+        return grads.result()
 
 
-def _chunk_logit_gradient(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    target: Optional[Tensor],
-    upstream: tuple[Tensor, Tensor, Tensor],
-    saved: tuple[Tensor, Tensor, Tensor],
-    plan: _Plan,
-) -> Tensor:
+# The token statistics' per-chunk functions (ops/reverse_kld.py).
+def _chunk_stats(chunk: _Chunk, plan: _Plan) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(kl, student_logprob, teacher_logprob, entropy, row_stats)`` of a chunk, from the plan's backend."""
+    return ops.backend_token_stats(chunk.student_logits, chunk.teacher_logits, chunk.target, None, plan.temperature,
+                                   plan.vocab_size, plan.backend)
+
+
+def _chunk_stats_gradient(chunk: _Chunk, plan: _Plan, upstream: tuple[Tensor, Tensor, Tensor],
+                          saved: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """d/ds of sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i over a chunk, ``[C, vocab]`` in the logits' dtype, from
-    ``upstream = (a, b, c)`` and the forward's ``saved = (kl, entropy, row_stats)``."""
-    return ops.backend_logit_gradient(student_logits, teacher_logits, target, None, upstream, saved, plan.temperature,
-                                      plan.vocab_size, plan.backend)
+    ``upstream = (a, b, c)`` and the forward's ``saved = (kl, entropy, row_stats)`` of its rows."""
+    return ops.backend_logit_gradient(chunk.student_logits, chunk.teacher_logits, chunk.target, None, upstream, saved,
+                                      plan.temperature, plan.vocab_size, plan.backend)
+
+
+# The divergence family's per-chunk functions (ops/divergence.py).
+def _chunk_divergence(chunk: _Chunk, plan: _Plan, divergence: str, coefficient: float,
+                      given_row_stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(value, mean_partial, row_stats)`` of a chunk, from the plan's backend; with ``given_row_stats`` (of its
+    rows), the terms from those log-normalisers (``ops.divergence.divergence``)."""
+    return divergence_ops.divergence(chunk.student_logits, chunk.teacher_logits, None, divergence, coefficient,
+                                     1.0 / plan.temperature, plan.vocab_size, plan.backend, given_row_stats)
+
+
+def _chunk_divergence_gradient(chunk: _Chunk, plan: _Plan, grad_value: Tensor, saved: tuple[Tensor, Tensor],
+                               divergence: str, coefficient: float) -> Tensor:
+    """d/ds of sum_i g_i D_i over a chunk, ``[C, vocab]`` in the logits' dtype, from ``grad_value = g`` and the
+    forward's ``saved = (mean_partial, row_stats)`` of its rows."""
+    return divergence_ops.divergence_backward(chunk.student_logits, chunk.teacher_logits, None, grad_value, *saved,
+                                              divergence, coefficient, 1.0 / plan.temperature, plan.vocab_size,
+                                              plan.backend)
 
 
 class _InputGradients:
@@ -210,12 +264,12 @@ class _InputGradients:
     def any(self) -> bool:
         return self.hidden is not None or self.weight is not None or self.bias is not None
 
-    def add_chunk(self, grad_logits: Tensor, rows: Rows, student_hidden: Tensor, student: _Projection) -> None:
+    def add_chunk(self, grad_logits: Tensor, chunk: _Chunk, student: _Projection) -> None:
         """Turn the chunk's logit gradient G [C, vocab] into grad h[rows] = G W, grad W += G^T h, grad b += sum G."""
         if self.hidden is not None:
-            self.hidden[rows] = (grad_logits @ student.weight).to(self.hidden.dtype)
+            self.hidden[chunk.rows] = (grad_logits @ student.weight).to(self.hidden.dtype)
         if self.weight is not None:
-            self.weight[: self.vocab_size].addmm_(grad_logits.t(), student_hidden.to(self.weight.dtype))
+            self.weight[: self.vocab_size].addmm_(grad_logits.t(), chunk.hidden.to(self.weight.dtype))
         if self.bias is not None:
             self.bias[: self.vocab_size] += grad_logits.sum(0, dtype=self.bias.dtype)
 
@@ -238,18 +292,10 @@ def linear_token_stats(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-token ``(kl, student_logprob, teacher_logprob, entropy, row_stats)``, ``[N]`` each and ``[N, 4]``; 0 for
     tokens the mask leaves out."""
-    student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
-    teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
+    loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
+                      target, mask, temperature, vocab_size, chunk_size, backend)
     outputs = _linear_token_stats_outputs(student_hidden, student_weight, teacher_weight, zeros=True)
-    with torch.autocast(student_hidden.device.type, enabled=False):
-        plan = _make_plan(student, mask, target, temperature, vocab_size, chunk_size, backend)
-        chunk_logits = _ChunkLogits(student, teacher, plan)
-        for rows in plan.chunks:
-            _, student_logits, teacher_logits = chunk_logits(rows)
-            target_rows = None if target is None else target[rows]
-            for out, value in zip(outputs, _chunk_stats(student_logits, teacher_logits, target_rows, plan)):
-                out[rows] = value
-    return outputs
+    return loop.per_token(outputs, lambda chunk: _chunk_stats(chunk, loop.plan))
 
 
 @linear_token_stats.register_fake
@@ -276,22 +322,11 @@ def linear_token_stats_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_hidden, grad_weight, grad_bias)`` of sum_t a_t KL_t + b_t log q(y_t) + c_t H_t, the chunks' logits
     recomputed; ``needs`` says which of the three to compute (the others are empty)."""
-    student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
-    teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
-    grads = _InputGradients(student_hidden, student_weight, student_bias, tuple(needs), vocab_size)
-    with torch.autocast(student_hidden.device.type, enabled=False):
-        plan = _make_plan(student, mask, target, temperature, vocab_size, chunk_size, backend)
-        chunk_logits = _ChunkLogits(student, teacher, plan)
-        upstream = (grad_kl, grad_student_logprob, grad_entropy)
-        for rows in plan.chunks:
-            hidden_rows, student_logits, teacher_logits = chunk_logits(rows)
-            target_rows = None if target is None else target[rows]
-            grads.add_chunk(  # (the logit gradient, passed on directly, is freed before the next chunk's)
-                _chunk_logit_gradient(student_logits, teacher_logits, target_rows, tuple(u[rows] for u in upstream),
-                                      (kl[rows], entropy[rows], row_stats[rows]), plan),
-                rows, hidden_rows, student,
-            )
-    return grads.result()
+    loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
+                      target, mask, temperature, vocab_size, chunk_size, backend)
+    upstream, saved = (grad_kl, grad_student_logprob, grad_entropy), (kl, entropy, row_stats)
+    return loop.input_gradients(needs, lambda chunk: _chunk_stats_gradient(
+        chunk, loop.plan, tuple(u[chunk.rows] for u in upstream), tuple(x[chunk.rows] for x in saved)))
 
 
 @linear_token_stats_backward.register_fake
@@ -355,26 +390,19 @@ def reverse_kld_sum_and_gradients(
     chunk's per-token terms into those of the whole vocabulary (a collective: every rank runs the same chunks),
     which the loss sums and the chunk's gradient is computed from; the gradient of the hidden states is then this
     shard's part of it."""
-    student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
-    teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
-    grads = _InputGradients(student_hidden, student_weight, student_bias, tuple(needs), vocab_size)
+    loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
+                      None, mask, temperature, vocab_size, chunk_size, backend)
+    grads = loop.new_input_gradients(needs)
     total = student_hidden.new_zeros((), dtype=compute_dtype(student_weight.dtype, teacher_weight.dtype))
-    with torch.autocast(student_hidden.device.type, enabled=False):
-        plan = _make_plan(student, mask, None, temperature, vocab_size, chunk_size, backend)
-        scale = 1.0 / max(plan.n_counted, 1) if mean else 1.0
-        chunk_logits = _ChunkLogits(student, teacher, plan)
-        for rows in plan.chunks:
-            hidden_rows, student_logits, teacher_logits = chunk_logits(rows)
-            stats = _chunk_stats(student_logits, teacher_logits, None, plan)
-            kl, _, _, entropy, row_stats = stats if combine is None else combine(stats)
-            total += kl.sum()
-            if grads.any:  # (the logit gradient, passed on directly, is freed before the next chunk's)
-                upstream = (torch.full_like(kl, scale), torch.zeros_like(kl), torch.zeros_like(kl))
-                grads.add_chunk(
-                    _chunk_logit_gradient(student_logits, teacher_logits, None, upstream, (kl, entropy, row_stats),
-                                          plan),
-                    rows, hidden_rows, student,
-                )
+    scale = 1.0 / max(loop.plan.n_counted, 1) if mean else 1.0
+    for chunk in loop:
+        stats = _chunk_stats(chunk, loop.plan)
+        kl, _, _, entropy, row_stats = stats if combine is None else combine(stats)
+        total += kl.sum()
+        if grads.any:  # (the logit gradient, passed on directly, is freed before the next chunk's)
+            upstream = (torch.full_like(kl, scale), torch.zeros_like(kl), torch.zeros_like(kl))
+            grads.add_chunk(_chunk_stats_gradient(chunk, loop.plan, upstream, (kl, entropy, row_stats)), chunk,
+                            loop.student)
     return (total * scale, *grads.result())
 
 
@@ -651,23 +679,6 @@ def fused_linear_token_stats(
 # --------------------------------------------------------------------------------------------------------------
 # The divergence family (ops/divergence.py) from hidden states: the same chunk loop, per-token upstreams.
 # --------------------------------------------------------------------------------------------------------------
-def _chunk_divergence(student_logits: Tensor, teacher_logits: Tensor, plan: _Plan, divergence: str,
-                      coefficient: float, given_row_stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(value, mean_partial, row_stats)`` of a chunk's logits on the plan's backend; with ``given_row_stats``, the
-    terms from those log-normalisers (``ops.divergence.divergence``)."""
-    return divergence_ops.divergence(student_logits, teacher_logits, None, divergence, coefficient,
-                                     1.0 / plan.temperature, plan.vocab_size, plan.backend, given_row_stats)
-
-
-def _chunk_divergence_gradient(student_logits: Tensor, teacher_logits: Tensor, grad_value: Tensor,
-                               saved: tuple[Tensor, Tensor], plan: _Plan, divergence: str,
-                               coefficient: float) -> Tensor:
-    """d/ds of sum_i g_i D_i over a chunk, ``[C, vocab]`` in the logits' dtype, from the forward's ``saved =
-    (mean_partial, row_stats)``."""
-    return divergence_ops.divergence_backward(student_logits, teacher_logits, None, grad_value, *saved, divergence,
-                                              coefficient, 1.0 / plan.temperature, plan.vocab_size, plan.backend)
-
-
 @torch.library.custom_op("minillm_kernels::linear_divergence", mutates_args=())
 def linear_divergence(
     student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
@@ -679,19 +690,11 @@ def linear_divergence(
     out. ``given_row_stats`` ``[N, 4]``: the terms from those log-normalisers (a vocabulary shard's share of the
     global terms, ``parallel.combine_divergence``)."""
     check_coefficient(divergence, coefficient)  # (first: under torch.compile its only check)
-    student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
-    teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
+    loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
+                      None, mask, temperature, vocab_size, chunk_size, backend)
     outputs = _linear_divergence_outputs(student_hidden, student_weight, teacher_weight, zeros=True)
-    with torch.autocast(student_hidden.device.type, enabled=False):
-        plan = _make_plan(student, mask, None, temperature, vocab_size, chunk_size, backend)
-        chunk_logits = _ChunkLogits(student, teacher, plan)
-        for rows in plan.chunks:
-            _, student_logits, teacher_logits = chunk_logits(rows)
-            given = None if given_row_stats is None else given_row_stats[rows]
-            for out, value in zip(outputs, _chunk_divergence(student_logits, teacher_logits, plan, divergence,
-                                                             coefficient, given)):
-                out[rows] = value
-    return outputs
+    return loop.per_token(outputs, lambda chunk: _chunk_divergence(
+        chunk, loop.plan, divergence, coefficient, None if given_row_stats is None else given_row_stats[chunk.rows]))
 
 
 @linear_divergence.register_fake
@@ -717,20 +720,11 @@ def linear_divergence_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_hidden, grad_weight, grad_bias)`` of sum_t g_t D_t, the chunks' logits recomputed; ``needs`` says which
     of the three to compute (the others are empty)."""
-    student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
-    teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
-    grads = _InputGradients(student_hidden, student_weight, student_bias, tuple(needs), vocab_size)
-    with torch.autocast(student_hidden.device.type, enabled=False):
-        plan = _make_plan(student, mask, None, temperature, vocab_size, chunk_size, backend)
-        chunk_logits = _ChunkLogits(student, teacher, plan)
-        for rows in plan.chunks:
-            hidden_rows, student_logits, teacher_logits = chunk_logits(rows)
-            grads.add_chunk(  # (the logit gradient, passed on directly, is freed before the next chunk's)
-                _chunk_divergence_gradient(student_logits, teacher_logits, grad_value[rows],
-                                           (mean_partial[rows], row_stats[rows]), plan, divergence, coefficient),
-                rows, hidden_rows, student,
-            )
-    return grads.result()
+    loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
+                      None, mask, temperature, vocab_size, chunk_size, backend)
+    return loop.input_gradients(needs, lambda chunk: _chunk_divergence_gradient(
+        chunk, loop.plan, grad_value[chunk.rows], (mean_partial[chunk.rows], row_stats[chunk.rows]), divergence,
+        coefficient))
 
 
 @linear_divergence_backward.register_fake

@@ -233,9 +233,8 @@ MUTATIONS = (
     ),
     Mutation(
         "linear-divergence-saved-rows-misaligned", "minillm_kernels/linear.py",
-        "(mean_partial[rows], row_stats[rows]), plan, divergence, coefficient),",
-        "(mean_partial[: _rows_count(rows)], row_stats[: _rows_count(rows)]), plan, divergence,\n"
-        "                                           coefficient),",
+        "(mean_partial[chunk.rows], row_stats[chunk.rows])",
+        "(mean_partial[: _rows_count(chunk.rows)], row_stats[: _rows_count(chunk.rows)])",
         ("tests/test_fused_linear_divergence.py::test_every_divergence_matches_the_unfused_composition", "-k",
          "cpu and forward_kl and none"),
         "the fused-linear divergence's backward reads the saved statistics of the first rows, not the chunk's tokens",
@@ -385,7 +384,7 @@ MUTATIONS = (
     ),
     Mutation(
         "linear-mean-counts-masked-tokens", "minillm_kernels/linear.py",
-        "scale = 1.0 / max(plan.n_counted, 1) if mean else 1.0",
+        "scale = 1.0 / max(loop.plan.n_counted, 1) if mean else 1.0",
         "scale = 1.0 / max(student_hidden.shape[0], 1) if mean else 1.0",
         ("tests/test_fused_linear.py::test_reverse_kld_matches_unfused_composition",),
         "the fused-linear mean divides by every token, masked ones included",
