@@ -23,9 +23,8 @@ When is step 3 done? The loss's upstream gradient must be known to form G_c:
   per token and only known in the backward. The forward keeps per-token scalars (KL, H and the row statistics
   (m_s, log Z_s, m_t, log Z_t)); the backward recomputes each chunk's two logits and runs step 3 with them.
   Six matmuls per chunk in all (the teacher's too: the gradient needs log p).
-Measured (``python -m benchmarks --op linear_reverse_kld``, 2 CPU cores, V = 32000, H = 256, float32, 4k-16k
-tokens): the same peak memory either way (~290 MB), the forward-time gradient 1.4-1.5x faster forward+backward;
-so the first is used wherever the upstream is a scalar.
+The same peak memory either way; the first saves the backward's two recomputed matmuls per chunk, so it is used
+wherever the upstream is a scalar.
 
 Dtypes: each model's matmul runs in its weight's dtype (the lm_head as stored): hidden states of another dtype
 are cast chunk by chunk ([C, H], no [N, H] copy), a bias of another dtype once ([V]). So a bf16 teacher beside a
@@ -33,10 +32,11 @@ float32 student costs no copy of either weight, and the kernels read each model'
 matmuls stay in those dtypes under autocast; grad W accumulates in the weight's dtype (one rounding per chunk),
 grad h is returned in the hidden states' dtype, grad b in the bias's.
 
-The chunk loop runs inside two ``torch.library`` custom ops (``minillm_kernels::linear_token_stats`` and
-``minillm_kernels::linear_reverse_kld_sum``, each with a fake implementation and an autograd formula), so that
-``torch.compile(fullgraph=True)`` traces a model and this loss together: the chunk plan, which depends on the
-mask's contents, is made inside the op. Meta tensors get the outputs' shapes. The inputs are saved for the
+One chunk loop (``_ChunkLoop``: the projections, the plan, the logits buffers, autocast off) runs inside every
+``torch.library`` custom op here (``minillm_kernels::linear_token_stats``, ``linear_reverse_kld_sum`` and
+``linear_divergence`` with their backwards, each with a fake implementation and an autograd formula), each op
+handing it its kernel family's per-chunk function; so ``torch.compile(fullgraph=True)`` traces a model and this loss
+together: the chunk plan, which depends on the mask's contents, is made inside the op. Meta tensors get the outputs' shapes. The inputs are saved for the
 backward, so an in-place change of a weight between forward and backward is autograd's usual error.
 Gradients flow to the student hidden states, weight and bias; the teacher is frozen.
 

@@ -58,8 +58,6 @@ from minillm_kernels.ops.autograd import first_order
 
 Tensor = torch.Tensor
 
-ROW_NUMBERS = 8  # the per-row numbers each rank contributes: its row statistics (4), KL_r, H_r, log q^r(y), log p^r(y)
-
 
 class VocabShards:
     """The process group a vocabulary is sharded over, and this rank's place in it."""
