@@ -20,6 +20,7 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from minillm_kernels import parallel
 from minillm_kernels.backends import compute_dtype
@@ -115,7 +116,9 @@ def assemble_token_stats(
 
 def logits_shards(process_group, student_logits, teacher_logits):
     """``(shards or None, (student_logits, teacher_logits) as this rank's local tensors)``: ``parallel.vocab_shards``
-    of a logits-level call."""
+    of a logits-level call (not entered without a process group or DTensor logits)."""
+    if process_group is None and not any(isinstance(x, DTensor) for x in (student_logits, teacher_logits)):
+        return None, (student_logits, teacher_logits)
     shards, logits = parallel.vocab_shards(
         process_group, {"student_logits": (student_logits, -1), "teacher_logits": (teacher_logits, -1)})
     return shards, logits
