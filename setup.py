@@ -1,5 +1,5 @@
 """Ships the kernel sources in ``csrc/`` inside the package (as ``minillm_kernels/csrc``), where the
-just-in-time builds (``minillm_kernels/cpu.py``) find them after a regular install; an editable
+just-in-time builds (``minillm_kernels/_build.py``) find them after a regular install; an editable
 install reads them from the checkout."""
 from setuptools import setup
 

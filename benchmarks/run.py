@@ -246,7 +246,7 @@ def add_bandwidth_fractions(row: dict, bandwidth_gbps: float) -> dict:
 
 def gpu_backend_choice(rows: list[dict], header: str) -> dict | None:
     """The measured choice between the GPU kernels, in the format of ``minillm_kernels/gpu_backend_choice.json``
-    (see ``dispatch.load_gpu_backend_choice``): per dtype and vocabulary size, the backend of "triton" and "cuda"
+    (see ``backends.load_gpu_backend_choice``): per dtype and vocabulary size, the backend of "triton" and "cuda"
     with the smaller forward+backward time of ``fused_reverse_kld`` summed over the token counts; a rule starts at
     each measured vocabulary where the choice changes. None unless both were measured."""
     times: dict[tuple[str, int], dict[str, float]] = {}

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from minillm_kernels.cuda import load_extension
-from minillm_kernels.ops.reverse_kld import row_view
+from minillm_kernels._build import load_cuda_extension as load_extension
+from minillm_kernels.backends import row_view
 
 BATCH, RESPONSE = 3, 3
 ROWS = BATCH * RESPONSE

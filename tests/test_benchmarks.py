@@ -96,7 +96,7 @@ def test_bandwidth_fraction_and_table():
 
 def test_gpu_backend_choice_is_read_back_by_the_dispatcher(tmp_path):
     from benchmarks.run import gpu_backend_choice
-    from minillm_kernels import dispatch
+    from minillm_kernels import backends
 
     def row(variant, vocab, ms, dtype="bf16", tokens=4096):
         return dict(op="reverse_kld", variant=variant, tokens=tokens, vocab=vocab, dtype=dtype, status="ok", fwd_bwd_ms=ms)
@@ -114,7 +114,7 @@ def test_gpu_backend_choice_is_read_back_by_the_dispatcher(tmp_path):
     path.write_text(json.dumps(choice))
     import torch
 
-    rules = dispatch.load_gpu_backend_choice(path)
+    rules = backends.load_gpu_backend_choice(path)
     assert rules == {torch.bfloat16: ((0, "triton"), (262144, "cuda")), torch.float32: ((0, "cuda"),)}
     assert gpu_backend_choice([row("triton", 32000, 1.0)], "Device: test") is None
 

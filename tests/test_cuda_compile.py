@@ -6,7 +6,7 @@ with torch's include directories, and compiles each ``.cu`` to an object file in
 all of them at once. The host-side ``.cpp`` files of ``csrc/cuda`` (tensor checks, launches on the
 current stream) go through nvcc too, which hands them to the host compiler with the CUDA headers; only
 the pybind bindings (``bindings.cpp``, a minute and 3 GB for ``torch/extension.h``) are left to the
-JIT build on a GPU machine (``minillm_kernels/cuda.py``). With the CPU build of torch ``CUDA_HOME`` is
+JIT build on a GPU machine (``minillm_kernels/_build.py``). With the CPU build of torch ``CUDA_HOME`` is
 None and ``torch.utils.cpp_extension`` refuses ``.cu`` sources, hence no cpp_extension here.
 Skipped where nvcc is not on the PATH.
 """

@@ -566,9 +566,9 @@ def test_reference_passes_gradcheck():
 
 def test_auto_picks_the_cpu_kernel_on_cpu_tensors():
     require_backend("cpu")
-    from minillm_kernels import dispatch
+    from minillm_kernels import backends
 
-    assert dispatch._choose_backend("auto", torch.device("cpu")) == "cpu"
+    assert backends.choose_backend("auto", torch.device("cpu")) == "cpu"
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -650,45 +650,45 @@ def macros_of(march: str) -> frozenset[str]:
 
 @pytest.mark.parametrize("level", ("x86-64", "x86-64-v2", "x86-64-v3", "x86-64-v4"))
 def test_cpu_build_is_named_and_flagged_by_its_instruction_set_level(level):
-    from minillm_kernels import cpu
+    from minillm_kernels import _build
 
-    name, flags = cpu.build_config(level)
+    name, flags = _build.build_config(level)
     assert name == "minillm_kernels_cpu_" + level.replace("-", "_")
     assert f"-march={level}" in flags and not any("native" in flag for flag in flags)
     if shutil.which(os.environ.get("CXX", "c++")) is None or not macros_of("native") >= {"__x86_64__"}:
         pytest.skip("no x86-64 C++ compiler here to say which macros each level defines")
-    assert cpu.isa_level(macros_of(level), "x86_64") == level  # the compiler's own view of each level
+    assert _build.isa_level(macros_of(level), "x86_64") == level  # the compiler's own view of each level
 
 
 def test_cpu_build_for_other_architectures_uses_the_compilers_baseline():
-    from minillm_kernels import cpu
+    from minillm_kernels import _build
 
-    assert cpu.isa_level({"__aarch64__", "__ARM_NEON"}, "aarch64") == "aarch64"
-    name, flags = cpu.build_config("aarch64")
+    assert _build.isa_level({"__aarch64__", "__ARM_NEON"}, "aarch64") == "aarch64"
+    name, flags = _build.build_config("aarch64")
     assert name == "minillm_kernels_cpu_aarch64" and not any(flag.startswith("-march") for flag in flags)
 
 
 def test_a_lower_isa_level_can_be_chosen_and_a_higher_one_is_refused():
     """$MINILLM_CPU_ISA_LEVEL builds a level at or below the machine's (the AVX2 build measured on an AVX-512 machine);
     a level the machine cannot run, or any x86-64 level on another architecture, is an error naming the variable."""
-    from minillm_kernels import cpu
+    from minillm_kernels import _build
 
-    assert cpu.chosen_isa_level("x86-64-v4", None) == "x86-64-v4"
-    assert cpu.chosen_isa_level("x86-64-v4", "x86-64-v3") == "x86-64-v3"
-    assert cpu.chosen_isa_level("x86-64-v3", "x86-64-v3") == "x86-64-v3"
+    assert _build.chosen_isa_level("x86-64-v4", None) == "x86-64-v4"
+    assert _build.chosen_isa_level("x86-64-v4", "x86-64-v3") == "x86-64-v3"
+    assert _build.chosen_isa_level("x86-64-v3", "x86-64-v3") == "x86-64-v3"
     for native, requested in (("x86-64-v3", "x86-64-v4"), ("aarch64", "x86-64-v3"), ("x86-64-v4", "avx2")):
-        with pytest.raises(ValueError, match=f"{cpu.ISA_LEVEL_ENV}={requested!r}"):
-            cpu.chosen_isa_level(native, requested)
+        with pytest.raises(ValueError, match=f"{_build.ISA_LEVEL_ENV}={requested!r}"):
+            _build.chosen_isa_level(native, requested)
 
 
 def test_the_loaded_cpu_kernel_is_the_build_for_this_machine():
     require_backend("cpu")
-    from minillm_kernels import cpu
+    from minillm_kernels import _build
 
-    level = cpu.host_isa_level()
-    assert cpu.load_extension().__name__ == cpu.build_config(level)[0]
+    level = _build.host_isa_level()
+    assert _build.load_cpu_extension().__name__ == _build.build_config(level)[0]
     cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file() and not os.environ.get(cpu.ISA_LEVEL_ENV):  # the level against the kernel's view of the CPU
+    if cpuinfo.is_file() and not os.environ.get(_build.ISA_LEVEL_ENV):  # the level against the kernel's view of the CPU
         flags = set(next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split())
         has_avx512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags
         assert (level == "x86-64-v4") == has_avx512, (level, has_avx512)
