@@ -320,6 +320,15 @@ def assert_gradient_within(got: torch.Tensor, exact: Exact, acc_dtype: torch.dty
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs.
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session", autouse=True)
+def kernels_built() -> tuple[str, ...]:
+    """The kernels built (or found built) once, in this process, before the first test: a test that starts a
+    process of its own (the benchmark, the README, torchrun) then finds them built instead of building them inside
+    its time limit, and a limit that kills such a process cannot leave the build's lock file behind, which would
+    make every later build in the cache wait forever."""
+    return mk.available_backends()
+
+
 @pytest.fixture(autouse=True)
 def fresh_seed() -> int:
     """A new seed per test, printed so that a failure can be replayed (``MINILLM_TEST_SEED=<seed> pytest ...``)."""
