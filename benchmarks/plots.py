@@ -50,8 +50,10 @@ def _plain_log_axes(ax, x_values: list[float]) -> None:
 
 
 def _plotted_op(row: dict) -> str:
-    """What a plot is of: the op, and for the divergence op its divergence ("divergence-jsd")."""
-    return row["op"] + (f"-{row['divergence']}" if row.get("divergence") else "")
+    """What a plot is of: the op, for the divergence ops its divergence ("divergence-jsd"), for the sparse op its K
+    ("sparse_divergence-forward_kl-k64")."""
+    return row["op"] + (f"-{row['divergence']}" if row.get("divergence") else "") + (f"-k{row['k']}" if row.get("k")
+                                                                                      else "")
 
 
 def plot_results(rows: list[dict], title: str, out: Path) -> list[Path]:

@@ -22,7 +22,11 @@ no plot (one shape per model). The op ``vocab_parallel`` is the reverse KL of lo
 across 2 gloo processes, ours against all-gathering the logits (``benchmarks/vocab_parallel.py``), with the bytes
 each process receives per step (``received_bytes``). The op ``divergence`` is ``fused_divergence`` against the naive
 loss of each ``--divergences`` of the family (one row per divergence, named in the ``divergence`` column; beta and skew
-from ``variants.DIVERGENCE_PARAMS``), one plot per (divergence, dtype).
+from ``variants.DIVERGENCE_PARAMS``), one plot per (divergence, dtype). The op ``sparse_divergence`` is
+``fused_sparse_divergence`` (``tail="bin"``) against a teacher given as its top-``--k`` log-probabilities, beside the
+naive PyTorch top-k loss (gather + log_softmax, the tail appended) and the dense ``fused_divergence`` against the
+whole teacher, one row per (``--divergences`` of ``variants.SPARSE_DIVERGENCES``, K), with the bytes per token the
+teacher side takes (``teacher_bytes_per_token``: K int32 ids and float32 log-probabilities, or V dense logits).
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ from typing import Callable
 
 import torch
 
+from benchmarks.variants import SPARSE_DIVERGENCES
 from minillm_kernels.reference import DIVERGENCES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,8 +57,9 @@ DEFAULTS = {  # tokens, vocabs, dtypes, repeats, hidden size (linear_reverse_kld
                 models=["tiny", "llama-128k"]),
     "cuda": dict(tokens=[4096, 16384], vocab=VOCABS, dtype=["bf16", "fp32"], hidden=4096,  # do_bench: repeats
                  models=["tiny", "llama-128k"]),
-    "quick": dict(tokens=[256], vocab=[4099], dtype=["fp32"], repeats=2, hidden=64, models=["llama-4k"]),
+    "quick": dict(tokens=[256], vocab=[4099], dtype=["fp32"], repeats=2, hidden=64, models=["llama-4k"], k=[16]),
 }
+SPARSE_K = [16, 64, 256]  # the sparse op's K (default --k)
 CPU_WARMUP_MS = 1000.0  # on the CPU, warm-up calls until at least this long (and two calls)
 CPU_TIMING_BUDGET_MS = 3000.0  # then timed calls: at least 3, up to --repeats, until this long
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,8 +68,10 @@ WRONG = "error: disagrees with the float64 reference"  # the status of a variant
 FIELDS = (
     "op", "divergence", "variant", "tokens", "vocab", "hidden", "dtype", "status", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb",
     "peak_extra_nv", "fwd_bandwidth_frac", "fwd_bwd_bandwidth_frac", "model", "held_nv", "world", "received_bytes",
+    "k", "teacher_bytes_per_token",
 )
-BASELINES = {"vocab_parallel": "all_gather"}  # the variant each op's speed-ups refer to (default: "naive")
+# the variant each op's speed-ups refer to (default: "naive")
+BASELINES = {"vocab_parallel": "all_gather", "sparse_divergence": "naive_topk"}
 
 
 def _proc_status_kb(key: str) -> int:
@@ -129,16 +137,18 @@ def copy_bandwidth_gbps(n_bytes: int = 2**31) -> float:
 
 
 def measure(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: str, repeats: int,
-            hidden: int = 0, divergence: str | None = None) -> dict:
-    """One case, in this process: its status, times in ms, peak extra memory in MB and in [N, V] float32 tensors.
-    The variant is checked against the float64 reference first; one that disagrees is not timed."""
+            hidden: int = 0, divergence: str | None = None, k: int | None = None) -> dict:
+    """One case, in this process: its status, times in ms, peak extra memory in MB and in [N, V] float32 tensors
+    (for ``sparse_divergence`` also the teacher side's bytes per token). The variant is checked against the float64
+    reference first; one that disagrees is not timed."""
     from benchmarks.variants import disagreement, inputs, variants
 
     loss_fn = variants(op, device, divergence)[variant]
-    wrong = disagreement(op, loss_fn, vocab, hidden, DTYPES[dtype], device, divergence)
+    dense = variant.startswith("dense_")
+    wrong = disagreement(op, loss_fn, vocab, hidden, DTYPES[dtype], device, divergence, k, dense)
     if wrong:
         return dict(status=f"{WRONG}: {wrong}")
-    args, leaves = inputs(op, tokens, vocab, hidden, DTYPES[dtype], device)
+    args, leaves = inputs(op, tokens, vocab, hidden, DTYPES[dtype], device, k)
 
     def forward() -> None:
         with torch.no_grad():
@@ -154,13 +164,19 @@ def measure(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: 
     for x in leaves:
         x.grad = None
     peak_extra = peak_extra_bytes(forward_backward, device)
-    return dict(
+    result = dict(
         status="ok",
         fwd_ms=median_ms(forward, device, repeats),
         fwd_bwd_ms=median_ms(forward_backward, device, repeats),
         peak_extra_mb=peak_extra / 2**20,
         peak_extra_nv=peak_extra / (tokens * vocab * 4),
     )
+    if op == "sparse_divergence":  # what the teacher side takes per token: its dense logits, or K ids and log-probs
+        teacher, ids, logprobs = args[1:]
+        per_row = teacher[0] if dense else (ids[0], logprobs[0])
+        result["teacher_bytes_per_token"] = sum(x.numel() * x.element_size() for x in
+                                                (per_row if isinstance(per_row, tuple) else (per_row,)))
+    return result
 
 
 def measure_case(case: dict, device: str, repeats: int) -> dict:
@@ -175,19 +191,22 @@ def measure_case(case: dict, device: str, repeats: int) -> dict:
 
         return measure_vocab_parallel(case["variant"], case["tokens"], case["vocab"], case["dtype"], repeats)
     keys = ("op", "variant", "tokens", "vocab", "dtype")
-    return measure(*(case[k] for k in keys), device, repeats, case.get("hidden", 0), case.get("divergence"))
+    return measure(*(case[key] for key in keys), device, repeats, case.get("hidden", 0), case.get("divergence"),
+                   case.get("k"))
 
 
 def run_case(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: str, repeats: int,
-             hidden: int = 0, model: str | None = None, divergence: str | None = None) -> dict:
+             hidden: int = 0, model: str | None = None, divergence: str | None = None, k: int | None = None) -> dict:
     """Measure one case: on the CPU in a fresh process, so that no case's allocations hide another's.
     Running out of memory is a result (status "OOM"), not a crash. A ``minillm_step`` case is its ``model``'s (its
     tokens and vocabulary come from the measurement); a ``divergence`` case is its ``divergence``'s."""
     case = dict(op=op, variant=variant, tokens=tokens, vocab=vocab, dtype=dtype)
     if op == "linear_reverse_kld":
         case["hidden"] = hidden
-    if op == "divergence":
+    if op in ("divergence", "sparse_divergence"):
         case["divergence"] = divergence
+    if op == "sparse_divergence":
+        case["k"] = k
     if op == "minillm_step":
         case = dict(op=op, variant=variant, model=model, dtype=dtype)
     if device == "cuda":
@@ -220,7 +239,7 @@ def read_results(path: Path) -> tuple[str, list[dict]]:
         rows = [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(f)]
     for row in rows:
         for key, value in row.items():
-            if key in ("tokens", "vocab", "hidden", "world", "received_bytes"):
+            if key in ("tokens", "vocab", "hidden", "world", "received_bytes", "k", "teacher_bytes_per_token"):
                 row[key] = int(value)
             elif key not in ("op", "divergence", "variant", "dtype", "status", "model"):
                 row[key] = float(value)
@@ -300,13 +319,14 @@ def markdown_table(rows: list[dict]) -> str:
     loss; for ``vocab_parallel``, all-gathering the logits: ``BASELINES``); for ``minillm_step`` rows (named by their
     model) also what the rollout holds (``held_nv``), for ``vocab_parallel`` rows what each process receives."""
     baseline = {
-        (r["op"], r.get("divergence"), r.get("tokens"), r.get("vocab"), r["dtype"]): r
+        (r["op"], r.get("divergence"), r.get("k"), r.get("tokens"), r.get("vocab"), r["dtype"]): r
         for r in rows if r["variant"] == BASELINES.get(r["op"], "naive") and r["status"] == "ok"
     }
     against = " / ".join(dict.fromkeys(BASELINES.get(r["op"], "naive") for r in rows)) or "naive"
     gpu = any("fwd_bwd_bandwidth_frac" in r for r in rows)
     held = any("held_nv" in r for r in rows)
     received = any("received_bytes" in r for r in rows)
+    teacher_bytes = any("teacher_bytes_per_token" in r for r in rows)
     header = (f"| op | tokens | vocab | dtype | variant | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs {against} | "
               "peak extra MB | extra [N,V] fp32 |")
     rule = "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"
@@ -316,6 +336,9 @@ def markdown_table(rows: list[dict]) -> str:
     if received:
         header += " received per process per step | bytes per token |"
         rule += "---:|---:|"
+    if teacher_bytes:
+        header += " teacher bytes per token |"
+        rule += "---:|"
     if gpu:
         header += " fwd % of bandwidth floor | fwd+bwd % of floor |"
         rule += "---:|---:|"
@@ -323,12 +346,13 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         op = r["op"] + (f" ({r['model']})" if r.get("model") else f" (H={r['hidden']})" if r.get("hidden") else
                         f" ({r['world']} processes)" if r.get("world") else
+                        f" ({r['divergence']}, K={r['k']})" if r.get("k") else
                         f" ({r['divergence']})" if r.get("divergence") else "")
         head = f"| {op} | {r.get('tokens', '-')} | {r.get('vocab', '-')} | {r['dtype']} | {r['variant']} |"
         if r["status"] != "ok":
-            lines.append(f"{head} {r['status']} |" + " |" * (4 + 2 * gpu + held + 2 * received))
+            lines.append(f"{head} {r['status']} |" + " |" * (4 + 2 * gpu + held + 2 * received + teacher_bytes))
             continue
-        base = baseline.get((r["op"], r.get("divergence"), r["tokens"], r["vocab"], r["dtype"]))
+        base = baseline.get((r["op"], r.get("divergence"), r.get("k"), r["tokens"], r["vocab"], r["dtype"]))
         speedup = f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if base else "-"
         line = (
             f"{head} {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {speedup} | {r['peak_extra_mb']:.0f} | "
@@ -339,6 +363,8 @@ def markdown_table(rows: list[dict]) -> str:
         if received:
             line += (f" {_bytes(r['received_bytes'])} | {r['received_bytes'] / r['tokens']:,.1f} |"
                      if "received_bytes" in r else " - | - |")
+        if teacher_bytes:
+            line += f" {r['teacher_bytes_per_token']:,} |" if "teacher_bytes_per_token" in r else " - |"
         if gpu and "fwd_bandwidth_frac" in r:
             line += f" {100 * r['fwd_bandwidth_frac']:.0f}% | {100 * r['fwd_bwd_bandwidth_frac']:.0f}% |"
         elif gpu:
@@ -370,10 +396,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (the test suite runs it)")
     parser.add_argument("--op", nargs="+", choices=("reverse_kld", "token_stats", "linear_reverse_kld", "divergence",
-                                                    "minillm_step", "vocab_parallel"),
+                                                    "sparse_divergence", "minillm_step", "vocab_parallel"),
                         default=["reverse_kld"])
-    parser.add_argument("--divergences", nargs="+", choices=DIVERGENCES, default=list(DIVERGENCES),
-                        help="the divergence op's divergences, one row each (default: all)")
+    parser.add_argument("--divergences", nargs="+", choices=DIVERGENCES,
+                        help="the divergence op's divergences, one row each (default: all), and the sparse_divergence "
+                             f"op's (of {SPARSE_DIVERGENCES}; default: both)")
+    parser.add_argument("--k", type=int, nargs="+", help=f"the sparse_divergence op's K (default: {SPARSE_K})")
     parser.add_argument("--hidden", type=int, help="hidden size H of linear_reverse_kld's inputs (default: per device)")
     parser.add_argument("--models", nargs="+", choices=("tiny", "llama-128k", "llama-4k"),
                         help="minillm_step's models (default: tiny and llama-128k; --quick: llama-4k)")
@@ -393,6 +421,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in DEFAULTS["quick" if args.quick else args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.k is None:
+        args.k = SPARSE_K
     return args
 
 
@@ -417,18 +447,21 @@ def main(argv: list[str] | None = None) -> None:
 
     if "vocab_parallel" in args.op and args.device != "cpu":
         raise SystemExit("--op vocab_parallel runs on the CPU (gloo processes)")
-    cases = []  # (op, variant, tokens, vocab, dtype, model, divergence)
+    cases = []  # (op, variant, tokens, vocab, dtype, model, divergence, k)
     runnable: set[str] = set()  # every variant of every selection: --variants may name one that runs for some only
-    for op, divergence in [(op, d) for op in args.op for d in (args.divergences if op == "divergence" else [None])]:
+    divergences = {"divergence": args.divergences or list(DIVERGENCES),
+                   "sparse_divergence": args.divergences or list(SPARSE_DIVERGENCES)}
+    for op, divergence in [(op, d) for op in args.op for d in divergences.get(op, [None])]:
         special = {"minillm_step": STEP_VARIANTS, "vocab_parallel": PARALLEL_VARIANTS}
         available = list(special[op] if op in special else variants(op, args.device, divergence))
         runnable.update(available)
         names = [v for v in available if not args.variants or v in args.variants]
         if op == "minillm_step":  # float32, at each model's own rollout size
-            cases += [(op, v, None, None, "fp32", model, None) for model in args.models for v in names]
+            cases += [(op, v, None, None, "fp32", model, None, None) for model in args.models for v in names]
         else:
             shapes = [(n, V, d) for d in args.dtype for V in args.vocab for n in args.tokens]
-            cases += [(op, v, n, V, d, None, divergence) for n, V, d in shapes for v in names]
+            ks = args.k if op == "sparse_divergence" else [None]
+            cases += [(op, v, n, V, d, None, divergence, k) for n, V, d in shapes for k in ks for v in names]
     unknown = set(args.variants or ()) - runnable
     if unknown:
         raise SystemExit(f"variants {sorted(unknown)} do not run here; available: {sorted(runnable)}")
@@ -444,10 +477,12 @@ def main(argv: list[str] | None = None) -> None:
         f.write(f"# {header}\n")
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for op, variant, tokens, vocab, dtype, model, divergence in (bar := _progress(cases, args.device)):
+        for op, variant, tokens, vocab, dtype, model, divergence, k in (bar := _progress(cases, args.device)):
             if hasattr(bar, "set_postfix_str"):
-                bar.set_postfix_str(f"{op} {divergence + ' ' if divergence else ''}{variant} {model or f'N={tokens} V={vocab}'} {dtype}")
-            row = run_case(op, variant, tokens, vocab, dtype, args.device, args.repeats, args.hidden, model, divergence)
+                shape = model or f"N={tokens} V={vocab}" + (f" K={k}" if k else "")
+                bar.set_postfix_str(f"{op} {divergence + ' ' if divergence else ''}{variant} {shape} {dtype}")
+            row = run_case(op, variant, tokens, vocab, dtype, args.device, args.repeats, args.hidden, model, divergence,
+                           k)
             with_floor = bandwidth and row["status"] == "ok" and op in ("reverse_kld", "token_stats")
             rows.append(add_bandwidth_fractions(row, bandwidth) if with_floor else row)
             writer.writerow(rows[-1])

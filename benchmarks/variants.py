@@ -19,9 +19,16 @@
   ``fused_divergence`` on each backend, and on a GPU where installed Liger-Kernel's ``LigerJSD(beta)`` for the JSD
   and its ``LigerTVDLoss`` for the TVD (each used only where ``disagreement`` finds it computes ours).
 
+- ``sparse_divergence``: for one ``divergence`` (``SPARSE_DIVERGENCES``) against a teacher given as its top-k
+  (``topk_teacher``: int32 ids and float32 log-probabilities, the cache's layout) with the tail as one outcome
+  (``tail="bin"``): the naive PyTorch top-k loss as DistillKit and TRL's experimental code write it (a float32
+  log_softmax over [N, V], a gather of the K columns, the tail appended as log(1 - sum exp); eager and compiled),
+  ``fused_sparse_divergence`` on each backend, and the dense ``fused_divergence`` against the whole teacher's logits
+  (``dense_<backend>``, checked against the dense reference: it computes the full-vocabulary divergence).
+
 Each variant is ``loss(*inputs(op, ...)[0]) -> scalar``: ``(student, teacher, target)`` logits for the first two
 ops, ``(student_hidden, student_weight, teacher_hidden, teacher_weight)`` for ``linear_reverse_kld`` (``divergence``
-ignores the target). Before a
+ignores the target), ``(student, teacher, teacher_ids, teacher_logprobs)`` for ``sparse_divergence``. Before a
 variant is timed, ``disagreement`` checks its value and gradient against the float64 reference
 (``reference_loss``): a variant that computes something else is reported, not timed.
 """
@@ -38,14 +45,21 @@ import minillm_kernels as mk
 from minillm_kernels import reference
 
 Loss = Callable[..., torch.Tensor]  # (student, teacher, target) or, for linear_reverse_kld, (hidden, weight) x 2
-OPS = ("reverse_kld", "token_stats", "linear_reverse_kld", "divergence")
+OPS = ("reverse_kld", "token_stats", "linear_reverse_kld", "divergence", "sparse_divergence")
 DIVERGENCE_PARAMS = dict(beta=0.5, skew=0.1)  # the divergence op's beta (JSD) and skew (skew KLs): the API's defaults
+SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl")  # those the naive top-k loss is written for (NAIVE_TOPK)
 
 
-def inputs(op: str, tokens: int, vocab: int, hidden: int, dtype: torch.dtype,
-           device: str) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+def inputs(op: str, tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device: str,
+           k: Optional[int] = None) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """The random inputs of one case and those of them that get a gradient. Logits ~ N(0, 9) either way: for
-    ``linear_reverse_kld`` hidden states ~ N(0, 1) and weights ~ N(0, 9 / hidden)."""
+    ``linear_reverse_kld`` hidden states ~ N(0, 1) and weights ~ N(0, 9 / hidden); for ``sparse_divergence`` also the
+    teacher's top-``k`` as a cache holds it (int32 ids, float32 log-probabilities)."""
+    if op == "sparse_divergence":
+        student = torch.randn(tokens, vocab, device=device, dtype=dtype).mul_(3).requires_grad_()
+        teacher = torch.randn(tokens, vocab, device=device, dtype=dtype).mul_(3)
+        ids, logprobs = mk.topk_teacher(teacher, k)
+        return (student, teacher, ids.to(torch.int32), logprobs.float()), (student,)
     if op == "linear_reverse_kld":
         def projection() -> tuple[torch.Tensor, torch.Tensor]:
             weight = torch.randn(vocab, hidden, device=device, dtype=dtype).mul_(3 / hidden**0.5)
@@ -134,13 +148,45 @@ NAIVE_DIVERGENCE: dict[str, Loss] = {
 assert tuple(NAIVE_DIVERGENCE) == reference.DIVERGENCES
 
 
+def _naive_log_tail(log_entries: torch.Tensor) -> torch.Tensor:
+    """The (K+1)-th outcome appended to [N, K] log-probabilities: log(1 - sum exp), as log(-expm1(logsumexp))."""
+    tail = torch.log(-torch.expm1(torch.logsumexp(log_entries, -1, keepdim=True)))
+    return torch.cat((log_entries, tail), -1)
+
+
+def _naive_topk_log_probs(student: torch.Tensor, ids: torch.Tensor,
+                          logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The naive top-k loss's K + 1 outcomes: (log q, log p), a float32 log_softmax over [N, V] gathered at the ids."""
+    log_q = torch.log_softmax(student.float(), dim=-1).gather(-1, ids.long())
+    return _naive_log_tail(log_q), _naive_log_tail(logprobs.float())
+
+
+def naive_topk_forward_kl(student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor,
+                          logprobs: torch.Tensor) -> torch.Tensor:
+    log_q, log_p = _naive_topk_log_probs(student, ids, logprobs)
+    return _naive_kl(log_p, log_q).mean()
+
+
+def naive_topk_reverse_kl(student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor,
+                          logprobs: torch.Tensor) -> torch.Tensor:
+    log_q, log_p = _naive_topk_log_probs(student, ids, logprobs)
+    return _naive_kl(log_q, log_p).mean()
+
+
+NAIVE_TOPK: dict[str, Loss] = {"forward_kl": naive_topk_forward_kl, "reverse_kl": naive_topk_reverse_kl}
+assert tuple(NAIVE_TOPK) == SPARSE_DIVERGENCES
+
+
 NAIVE: dict[str, Loss] = {
     "reverse_kld": naive_reverse_kld, "token_stats": naive_token_stats, "linear_reverse_kld": naive_linear_reverse_kld,
 }
 
 
 def naive(op: str, divergence: Optional[str] = None) -> Loss:
-    """``op``'s naive loss (``NAIVE``; for ``divergence``, ``NAIVE_DIVERGENCE[divergence]``)."""
+    """``op``'s naive loss (``NAIVE``; for ``divergence``, ``NAIVE_DIVERGENCE[divergence]``; for
+    ``sparse_divergence``, ``NAIVE_TOPK[divergence]``)."""
+    if op == "sparse_divergence":
+        return NAIVE_TOPK[divergence]
     return NAIVE_DIVERGENCE[divergence] if op == "divergence" else NAIVE[op]
 
 
@@ -154,6 +200,9 @@ def ours(op: str, backend: str, recompute: bool = False, divergence: Optional[st
     if op == "divergence":
         return lambda student, teacher, target: mk.fused_divergence(
             student, teacher, divergence=divergence, **DIVERGENCE_PARAMS, backend=backend)
+    if op == "sparse_divergence":
+        return lambda student, teacher, ids, logprobs: mk.fused_sparse_divergence(
+            student, ids, logprobs, divergence=divergence, tail="bin", backend=backend)
 
     def loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         stats = mk.fused_token_stats(student, teacher, target, with_entropy=True, backend=backend)
@@ -162,10 +211,26 @@ def ours(op: str, backend: str, recompute: bool = False, divergence: Optional[st
     return loss
 
 
-def reference_loss(op: str, *args: torch.Tensor, divergence: Optional[str] = None) -> torch.Tensor:
+def dense_sparse_variant(student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor,
+                         logprobs: torch.Tensor, *, divergence: str, backend: str) -> torch.Tensor:
+    """The sparse op's dense baseline: ``fused_divergence`` against the whole teacher (ids and log-probabilities
+    unused)."""
+    return mk.fused_divergence(student, teacher, divergence=divergence, backend=backend)
+
+
+def reference_loss(op: str, *args: torch.Tensor, divergence: Optional[str] = None,
+                   dense: bool = False) -> torch.Tensor:
     """``op``'s loss on ``args`` computed by ``minillm_kernels.reference`` in float64 (the lm_head matmuls too):
-    the oracle every variant is checked against (for ``divergence``, the mean of ``reference.divergence``)."""
+    the oracle every variant is checked against (for ``divergence``, the mean of ``reference.divergence``; for
+    ``sparse_divergence`` the mean of ``reference.sparse_divergence`` with the bin tail, or, ``dense``, of
+    ``reference.divergence`` against the whole teacher)."""
     args = tuple(x.double() if x.is_floating_point() else x for x in args)
+    if op == "sparse_divergence":
+        student, teacher, ids, logprobs = args
+        if dense:
+            return reference.divergence(student, teacher, None, 1.0, student.shape[-1], divergence).mean()
+        return reference.sparse_divergence(student, ids.long(), logprobs, None, 1.0, student.shape[-1], divergence,
+                                           "bin").mean()
     if op == "divergence":
         student, teacher, _ = args
         return reference.divergence(student, teacher, None, 1.0, student.shape[-1], divergence, **DIVERGENCE_PARAMS).mean()
@@ -189,16 +254,17 @@ CHECK_RTOL = {dtype: max(4 * torch.finfo(dtype).eps, 1e-3) for dtype in (torch.f
 
 
 def disagreement(op: str, loss: Loss, vocab: int, hidden: int, dtype: torch.dtype, device: str,
-                 divergence: Optional[str] = None) -> Optional[str]:
+                 divergence: Optional[str] = None, k: Optional[int] = None, dense: bool = False) -> Optional[str]:
     """None if ``loss`` gives ``reference_loss``'s value and gradients on a fresh random input of this case
     (``CHECK_TOKENS`` tokens), else what differs. The reference is float64 on the same (rounded) inputs. The
     tolerance, relative on the value and on each gradient as a whole (norm of the difference over the norm), is
     ``CHECK_RTOL``: it tells a variant that computes another quantity (e.g. KL(q || q) = 0: off by 100%) from
-    rounding; how close each backend comes is the test suite's business, with far tighter bounds."""
-    args, leaves = inputs(op, CHECK_TOKENS, vocab, min(hidden, CHECK_HIDDEN), dtype, device)
+    rounding; how close each backend comes is the test suite's business, with far tighter bounds. ``k``: the sparse
+    op's K; ``dense``: a sparse-op variant that computes the dense divergence (checked against that)."""
+    args, leaves = inputs(op, CHECK_TOKENS, vocab, min(hidden, CHECK_HIDDEN), dtype, device, k)
     reference_args = tuple(x.detach().double().requires_grad_() if any(x is y for y in leaves) else x for x in args)
     rtol = CHECK_RTOL[dtype]
-    got, want = loss(*args), reference_loss(op, *reference_args, divergence=divergence)
+    got, want = loss(*args), reference_loss(op, *reference_args, divergence=divergence, dense=dense)
     got_value, want_value = float(got.detach()), float(want.detach())
     if not abs(got_value - want_value) <= rtol * abs(want_value):
         return f"loss {got_value:.6g}, float64 reference {want_value:.6g}"
@@ -348,21 +414,29 @@ def trl_linear(device: str) -> dict[str, Loss]:
 
 
 def variants(op: str, device: str, divergence: Optional[str] = None) -> dict[str, Loss]:
-    """Every variant of ``op`` (for "divergence", of its ``divergence``) that can run on ``device`` here, by name
-    (``naive`` first: ratios refer to it)."""
+    """Every variant of ``op`` (for "divergence" and "sparse_divergence", of its ``divergence``) that can run on
+    ``device`` here, by name (``naive`` first, ``naive_topk`` for the sparse op: ratios refer to it)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    if (op == "divergence") != (divergence is not None):
-        raise ValueError(f"op 'divergence', and only it, takes a divergence (one of {reference.DIVERGENCES})")
+    if (op in ("divergence", "sparse_divergence")) != (divergence is not None):
+        raise ValueError(f"ops 'divergence' and 'sparse_divergence', and only they, take a divergence (one of "
+                         f"{reference.DIVERGENCES})")
     if op == "divergence" and divergence not in reference.DIVERGENCES:
         raise ValueError(f"divergence must be one of {reference.DIVERGENCES}, got {divergence!r}")
-    table: dict[str, Loss] = {"naive": naive(op, divergence), "naive_compile": compiled(op, divergence)}
+    if op == "sparse_divergence" and divergence not in SPARSE_DIVERGENCES:
+        raise ValueError(f"the sparse_divergence op's divergence must be one of {SPARSE_DIVERGENCES}, got "
+                         f"{divergence!r}")
+    naive_name = "naive_topk" if op == "sparse_divergence" else "naive"
+    table: dict[str, Loss] = {naive_name: naive(op, divergence), f"{naive_name}_compile": compiled(op, divergence)}
     for backend in mk.available_backends():
         # The CPU kernel on CPU tensors; Triton and CUDA on the GPU (Triton's interpreter is no benchmark).
         if backend != "reference" and (backend == "cpu") == (device == "cpu"):
             table[backend] = ours(op, backend, divergence=divergence)
             if op == "linear_reverse_kld":
                 table[f"{backend}+recompute"] = ours(op, backend, recompute=True)
+            if op == "sparse_divergence":
+                table[f"dense_{backend}"] = functools.partial(dense_sparse_variant, divergence=divergence,
+                                                              backend=backend)
     if op == "reverse_kld" and device == "cuda" and liger() is not None:
         table["liger"] = liger()
     if op == "divergence" and device == "cuda" and liger_divergence(divergence) is not None:

@@ -4,6 +4,8 @@
     loss = mk.fused_reverse_kld(student_logits, teacher_logits, mask=mask)       # KL(q || p)
     loss = mk.fused_divergence(student_logits, teacher_logits, divergence="jsd", beta=0.5)  # or forward_kl, tvd...
     stats = mk.fused_token_stats(student_logits, teacher_logits, sampled_ids)    # per-token terms
+    ids, logprobs = mk.topk_teacher(teacher_logits, k=64)                        # a sparse teacher,
+    loss = mk.fused_sparse_divergence(student_logits, ids, logprobs)             # its tail completed
     loss = mk.fused_linear_reverse_kld(student_hidden, student.lm_head.weight,   # from hidden states,
                                        teacher_hidden, teacher.lm_head.weight)   # without the logits
     rollout = mk.sample_teacher_mixed(student, teacher, prompt_ids, prompt_mask, max_new_tokens=64)
@@ -12,6 +14,7 @@
 from minillm_kernels.dispatch import available_backends
 from minillm_kernels.losses import TokenStats, fused_divergence, fused_reverse_kld, fused_token_stats
 from minillm_kernels.fused_linear import fused_linear_divergence, fused_linear_reverse_kld, fused_linear_token_stats
+from minillm_kernels.sparse import fused_sparse_divergence, fused_sparse_token_stats, topk_teacher
 from minillm_kernels.objective import (
     language_modeling_loss,
     length_normalized_returns,
@@ -40,6 +43,10 @@ __all__ = [
     "fused_linear_reverse_kld",
     "fused_linear_token_stats",
     "fused_linear_divergence",
+    # against a teacher given as its top-k log-probabilities, the tail completed (sparse.py)
+    "fused_sparse_divergence",
+    "fused_sparse_token_stats",
+    "topk_teacher",
     # the MiniLLM objective (objective.py) and teacher-mixed sampling (sampling.py)
     "TeacherMixedSample",
     "language_modeling_loss",

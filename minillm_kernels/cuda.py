@@ -3,7 +3,8 @@
 ``load_extension()`` returns None without a GPU (the backend is simply not available there). With one, it
 compiles the extension once per process for the current device's compute capability (``sm_90`` on an H100;
 torch caches the build across processes, one per capability) and returns the module, with ``forward``,
-``backward``, ``divergence_forward``, ``divergence_backward`` (the CPU extension's signatures) and ``forward_out`` / ``backward_out`` (into given outputs). It
+``backward``, ``divergence_forward``, ``divergence_backward``, ``sparse_divergence_forward``,
+``sparse_divergence_backward`` (the CPU extension's signatures) and ``forward_out`` / ``backward_out`` (into given outputs). It
 needs ``nvcc`` (``CUDA_HOME``) and ninja; if the build fails it warns once and returns None, and Triton is used
 on CUDA tensors instead.
 """
@@ -32,7 +33,7 @@ def load_extension() -> ModuleType | None:
     return build_extension(
         f"minillm_kernels_cuda_sm{arch}",
         [cuda_dir / "reverse_kld.cu", cuda_dir / "reverse_kld.cpp", cuda_dir / "divergence.cu",
-         cuda_dir / "divergence.cpp", cuda_dir / "bindings.cpp"],
+         cuda_dir / "divergence.cpp", cuda_dir / "sparse.cu", cuda_dir / "sparse.cpp", cuda_dir / "bindings.cpp"],
         what="the CUDA kernel",
         instead="the 'cuda' backend is not available (CUDA tensors use Triton)",
         extra_cflags=["-O3"],

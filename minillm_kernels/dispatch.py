@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from minillm_kernels import parallel, reference
-from minillm_kernels._arguments import as_int, as_real
+from minillm_kernels._arguments import as_beta, as_int, as_number, as_real, as_skew, as_temperature
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 REDUCTIONS = ("none", "sum", "mean")
@@ -179,6 +179,7 @@ class LogitsCall(NamedTuple):
     lead_shape: torch.Size
     vocab_size: int
     backend: str
+    temperature: float
 
 
 def _unit_column_stride(logits: torch.Tensor) -> torch.Tensor:
@@ -257,6 +258,7 @@ class TokenArgs(NamedTuple):
     lead_shape: torch.Size
     vocab_size: int
     backend: str
+    temperature: float  # a Python float, whatever number type was given
 
 
 def validate_token_args(
@@ -298,7 +300,7 @@ def validate_token_args(
         vocab_size = student_width
     else:  # (at most the narrower width: the real vocabulary fits in both)
         vocab_size = as_int(vocab_name, vocab_size, 1, min(student_width, teacher_width))
-    as_real("temperature", temperature, 0.0, open_low=True)
+    temperature = as_temperature(temperature, reference.compute_dtype(dtype))
     if mask is not None:
         _check_companion("mask", mask, lead_shape, device, inputs)
         if mask.dtype != torch.bool:
@@ -318,7 +320,8 @@ def validate_token_args(
                     f"target_ids must lie in [0, vocab_size={vocab_size}) where the mask is True; "
                     f"got values in [{int(counted.min())}, {int(counted.max())}]"
                 )
-    return TokenArgs(target_ids, mask, lead_shape, vocab_size, _choose_backend(backend, device, dtype, vocab_size))
+    return TokenArgs(target_ids, mask, lead_shape, vocab_size, _choose_backend(backend, device, dtype, vocab_size),
+                     temperature)
 
 
 def importance_weight(student_logprob: torch.Tensor, teacher_logprob: torch.Tensor, mix_alpha: float) -> torch.Tensor:
@@ -353,16 +356,14 @@ def reduce_per_token(per_token: torch.Tensor, mask: Optional[torch.Tensor], lead
 
 
 def check_divergence_args(divergence: str, beta: float, skew: float) -> tuple[float, float]:
-    """``(beta, skew)`` as floats, after checking them and the divergence's name."""
+    """``(beta, skew)`` as floats, after checking them and the divergence's name. While torch.compile traces, only
+    their types: a failing range check cannot raise then (the graph would break), so the ops check the coefficient
+    their divergence uses when the graph runs, with the same ValueError (``ops.divergence.check_coefficient``)."""
     if divergence not in reference.DIVERGENCES:
         raise ValueError(f"divergence must be one of {reference.DIVERGENCES}, got {divergence!r}")
-    beta = as_real("beta", beta, 0.0, 1.0, open_low=True, open_high=True,
-                   hint=" (the teacher's weight in the JSD's mixture m = beta p + (1 - beta) q; at 0 or 1 the JSD is "
-                        "0: for the limits use divergence='forward_kl' or 'reverse_kl', see docs/design.md)")
-    skew = as_real("skew", skew, 0.0, 1.0, open_high=True,
-                   hint=" (the leading model's weight in the skew KL's mixture; 0 is the plain KL, and at 1 the "
-                        "divergence is 0)")
-    return beta, skew
+    if torch.compiler.is_compiling():
+        return as_number("beta", beta), as_number("skew", skew)
+    return as_beta(beta), as_skew(skew)
 
 
 def logits_shards(process_group, student_logits, teacher_logits):

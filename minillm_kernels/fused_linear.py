@@ -17,7 +17,8 @@ tokens. Peak extra memory: three [C, V] buffers in the weights' dtypes, plus the
 When is step 3 done? The loss's upstream gradient must be known to form G_c:
 - ``fused_linear_reverse_kld`` with reduction "sum" or "mean": the upstream of each KL_t is the same scalar
   (times 1/count for "mean"), so step 3 runs in the forward pass with a_t = 1 (or 1/count), and the backward
-  only scales the stored gradients by the scalar (free when it is 1). Four matmuls per chunk in all.
+  only scales the stored gradients by the scalar, into new tensors (the stored ones stay for a retained graph's
+  next backward, whatever the caller does to those it got). Four matmuls per chunk in all.
 - reduction "none" and ``fused_linear_token_stats``: the upstreams (a_t, b_t, c_t) of KL_t, log q(y_t), H_t are
   per token and only known in the backward. The forward keeps per-token scalars (KL, H and the row statistics
   (m_s, log Z_s, m_t, log Z_t)); the backward recomputes each chunk's two logits and runs step 3 with them.
@@ -69,6 +70,7 @@ from minillm_kernels.dispatch import (
 )
 from minillm_kernels.ops import divergence as divergence_ops
 from minillm_kernels.ops import reverse_kld as ops
+from minillm_kernels.ops.autograd import differentiable, first_order
 
 Tensor = torch.Tensor
 Rows = Union[slice, Tensor]  # a chunk's tokens: a slice of [0, N), or the indices of its counted tokens
@@ -327,7 +329,7 @@ def _token_stats_backward(ctx, grad_kl, grad_student_logprob, grad_teacher_logpr
     return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 9)
 
 
-linear_token_stats.register_autograd(_token_stats_backward, setup_context=_setup_token_stats)
+differentiable_linear_token_stats = differentiable(linear_token_stats, _token_stats_backward, _setup_token_stats)
 
 
 @torch.library.custom_op("minillm_kernels::linear_reverse_kld_sum", mutates_args=())
@@ -398,13 +400,13 @@ def _sum_backward(ctx, grad_total, *unused):
 
 
 def _scaled_gradients(grads: tuple[Tensor, ...], needs: list[bool], grad_total: Tensor) -> tuple[Optional[Tensor], ...]:
-    """The gradients stored for an upstream gradient of 1, scaled by ``grad_total`` (in eager mode without a copy
-    when it is 1, the common case: a copy of grad W is [V, H]); None where not needed."""
-    unit = not torch.compiler.is_compiling() and not grad_total.is_meta and bool(grad_total == 1)
-    return tuple((g if unit else g * grad_total.to(g.dtype)) if need else None for g, need in zip(grads, needs))
+    """The gradients stored for an upstream gradient of 1, scaled by ``grad_total`` into new tensors (also when it is
+    1: the caller owns what it gets, e.g. zeroes it in place, while a retained graph keeps the stored ones for its
+    next backward); None where not needed."""
+    return tuple(g * grad_total.to(g.dtype) if need else None for g, need in zip(grads, needs))
 
 
-linear_reverse_kld_sum.register_autograd(_sum_backward, setup_context=_setup_sum)
+differentiable_linear_reverse_kld_sum = differentiable(linear_reverse_kld_sum, _sum_backward, _setup_sum)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -472,6 +474,7 @@ class _ShardedReverseKldSum(torch.autograd.Function):
         return total
 
     @staticmethod
+    @first_order("the vocabulary-parallel fused-linear reverse KL")
     def backward(ctx, grad_total):
         _, _, _, *grads = ctx.saved_tensors
         return (None, None, None, *_scaled_gradients(grads, ctx.needs, grad_total))
@@ -481,7 +484,7 @@ def _token_stats(call: "_LinearCall") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(kl, student_logprob, teacher_logprob, entropy)``, ``[N]`` each, of a validated call."""
     if call.shards is not None:
         return _sharded_token_stats(call)
-    return linear_token_stats(*call.tensors, call.target, call.mask, *call.options)[:4]
+    return differentiable_linear_token_stats(*call.tensors, call.target, call.mask, *call.options)[:4]
 
 
 @torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
@@ -594,7 +597,7 @@ def _validate_linear(
         (teacher_hidden, "teacher_hidden"), (teacher_weight, "teacher_weight"), (teacher_bias, "teacher_bias")))
     flat = lambda hidden: hidden.reshape(-1, hidden.shape[-1])  # noqa: E731
     tensors = (flat(student_hidden), student_weight, student_bias, flat(teacher[0]), *teacher[1:])
-    options = (float(temperature), args.vocab_size, chunk_size, args.backend)
+    options = (args.temperature, args.vocab_size, chunk_size, args.backend)
     return _LinearCall(tensors, args.target, args.mask, options, lead_shape, shards)
 
 
@@ -655,7 +658,8 @@ def fused_linear_reverse_kld(
     needs = _needs_grad(*call.tensors[:3])
     if call.shards is not None:
         return _sharded_reverse_kld_sum(call, reduction == "mean", needs)
-    return linear_reverse_kld_sum(*call.tensors, call.mask, *call.options, reduction == "mean", needs)[0]
+    return differentiable_linear_reverse_kld_sum(*call.tensors, call.mask, *call.options, reduction == "mean",
+                                                 needs)[0]
 
 
 def fused_linear_token_stats(
@@ -737,6 +741,7 @@ def linear_divergence(
     """Per-token ``(value, mean_partial, row_stats)``, ``[N]``, ``[N]`` and ``[N, 4]``; 0 for tokens the mask leaves
     out. ``given_row_stats`` ``[N, 4]``: the terms from those log-normalisers (a vocabulary shard's share of the
     global terms, ``parallel.combine_divergence``)."""
+    divergence_ops.check_coefficient(divergence, coefficient)  # (first: under torch.compile its only check)
     student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
     teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
     outputs = _linear_divergence_outputs(student_hidden, student_weight, teacher_weight, zeros=True)
@@ -813,7 +818,7 @@ def _divergence_backward(ctx, grad_value, grad_mean_partial, grad_row_stats):
     return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 11)
 
 
-linear_divergence.register_autograd(_divergence_backward, setup_context=_setup_divergence)
+differentiable_linear_divergence = differentiable(linear_divergence, _divergence_backward, _setup_divergence)
 
 
 def fused_linear_divergence(
@@ -878,5 +883,5 @@ def fused_linear_divergence(
     if call.shards is not None:
         value = _sharded_divergence(call, divergence, coefficient)
     else:
-        value = linear_divergence(*call.tensors, call.mask, divergence, coefficient, *call.options)[0]
+        value = differentiable_linear_divergence(*call.tensors, call.mask, divergence, coefficient, *call.options)[0]
     return reduce_per_token(value, call.mask, call.lead_shape, reduction)

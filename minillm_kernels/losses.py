@@ -79,7 +79,7 @@ def fused_reverse_kld(
     check_reduction(reduction)
     shards, (student_logits, teacher_logits) = logits_shards(process_group, student_logits, teacher_logits)
     rows = validate_logits(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend, shards)
-    kl = _token_stats(rows, temperature, shards)[0]
+    kl = _token_stats(rows, shards)[0]
     return reduce_per_token(kl, rows.mask, rows.lead_shape, reduction)
 
 
@@ -134,7 +134,7 @@ def fused_divergence(
     rows = validate_logits(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend, shards)
     if shards is None:
         per_token = divergence_ops.divergence_rows(rows.student, rows.teacher, rows.mask, divergence, beta, skew,
-                                                   temperature, rows.vocab_size, rows.backend)
+                                                   rows.temperature, rows.vocab_size, rows.backend)
     elif skew == 0 and divergence in ("skew_forward_kl", "skew_reverse_kl"):  # (the plain KL)
         return fused_divergence(student_logits, teacher_logits, divergence=divergence.removeprefix("skew_"),
                                 mask=mask, temperature=temperature, reduction=reduction, vocab_size=vocab_size,
@@ -142,7 +142,7 @@ def fused_divergence(
     else:
         coefficient = beta if divergence == "jsd" else skew
         per_token = parallel.logits_divergence(shards, rows.student, rows.teacher, rows.mask, divergence, coefficient,
-                                               temperature, rows.vocab_size, rows.backend)
+                                               rows.temperature, rows.vocab_size, rows.backend)
     return reduce_per_token(per_token, rows.mask, rows.lead_shape, reduction)
 
 
@@ -187,24 +187,24 @@ def fused_token_stats(
     mix_alpha, weight_clip = check_sampling_args(target_ids, mix_alpha, weight_clip)
     shards, (student_logits, teacher_logits) = logits_shards(process_group, student_logits, teacher_logits)
     rows = validate_logits(student_logits, teacher_logits, target_ids, mask, temperature, vocab_size, backend, shards)
-    kl, student_logprob, teacher_logprob, entropy = _token_stats(rows, temperature, shards)
+    kl, student_logprob, teacher_logprob, entropy = _token_stats(rows, shards)
     return assemble_token_stats(
         kl, student_logprob, teacher_logprob, entropy if with_entropy else None,
         rows.mask, rows.lead_shape, mix_alpha, weight_clip,
     )
 
 
-def _token_stats(rows: LogitsCall, temperature: float, shards: Optional[parallel.VocabShards] = None,
+def _token_stats(rows: LogitsCall, shards: Optional[parallel.VocabShards] = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(kl, student_logprob, teacher_logprob, entropy)`` per row, ``[N]``, from the chosen backend (over the
     vocabulary the ranks of ``shards`` hold together, if given)."""
     if shards is not None:
-        return parallel.logits_token_stats(shards, rows.student, rows.teacher, rows.target, rows.mask, temperature,
+        return parallel.logits_token_stats(shards, rows.student, rows.teacher, rows.target, rows.mask, rows.temperature,
                                            rows.vocab_size, rows.backend)
     if rows.backend == "reference":  # the naive formulas, on [N, V] rows (a copy where the layout needs one)
         student, teacher = (x.reshape(-1, x.shape[-1]) for x in (rows.student, rows.teacher))
-        return reference.token_stats(student, teacher, rows.target, rows.mask, temperature, rows.vocab_size)
-    kl, student_logprob, teacher_logprob, entropy, _ = ops.token_stats(
-        rows.student, rows.teacher, rows.target, rows.mask, 1.0 / temperature, rows.vocab_size, rows.backend
+        return reference.token_stats(student, teacher, rows.target, rows.mask, rows.temperature, rows.vocab_size)
+    kl, student_logprob, teacher_logprob, entropy, _ = ops.differentiable_token_stats(
+        rows.student, rows.teacher, rows.target, rows.mask, 1.0 / rows.temperature, rows.vocab_size, rows.backend
     )
     return kl, student_logprob, teacher_logprob, entropy

@@ -54,6 +54,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from minillm_kernels.ops import divergence as divergence_ops
 from minillm_kernels.ops import reverse_kld as ops
+from minillm_kernels.ops.autograd import first_order
 
 Tensor = torch.Tensor
 
@@ -295,6 +296,7 @@ class _ShardedTokenStats(torch.autograd.Function):
         return kl, student_logprob, teacher_logprob, entropy
 
     @staticmethod
+    @first_order("the vocabulary-parallel token_stats")
     def backward(ctx, grad_kl, grad_student_logprob, grad_teacher_logprob, grad_entropy):
         *student, kl, entropy, row_stats = ctx.saved_tensors
         # Unused outputs have no gradient; expanded ones (from .sum()) must be made contiguous.
@@ -450,6 +452,7 @@ class _ShardedDivergence(torch.autograd.Function):
         return value
 
     @staticmethod
+    @first_order("the vocabulary-parallel divergence")
     def backward(ctx, grad_value):
         *student, mean_partial, row_stats = ctx.saved_tensors
         upstream = grad_value.to(mean_partial.dtype).contiguous()  # (expanded, from .sum())

@@ -8,6 +8,7 @@ are ``[N]``; the first ``vocab_size`` columns are the real vocabulary.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -22,13 +23,23 @@ def compute_dtype(*logits_dtypes: torch.dtype) -> torch.dtype:
 
 
 def _scaled(logits: torch.Tensor, vocab_size: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """logits[:, :vocab_size] / T, in ``dtype``."""
-    return logits[:, :vocab_size].to(dtype) / temperature
+    """(logits[:, :vocab_size] - c) k in ``dtype``, k = 1/T: logits / T up to a shift per row, which no softmax sees.
+    As in the kernels, c is the row's largest logit (0 where all are -inf; detached) and k is computed in float64,
+    so that a tiny T (k up to the dtype's largest number) overflows no difference that float64 holds."""
+    x = logits[:, :vocab_size].to(dtype)
+    centre = x.detach().amax(-1, keepdim=True)
+    return (x - torch.where(centre == -math.inf, 0.0, centre)) * (1.0 / temperature)
 
 
 def _log_softmax(logits: torch.Tensor, vocab_size: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:
     """log softmax(logits[:, :vocab_size] / T), computed in ``dtype``."""
     return torch.log_softmax(_scaled(logits, vocab_size, temperature, dtype), dim=-1)
+
+
+def _unmasked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` with the rows ``mask`` leaves out replaced by zeros: a masked row is not read, as in the kernels (its
+    outputs are 0 and its gradient exactly 0, also where it holds NaN or infinities)."""
+    return logits if mask is None else torch.where(mask.unsqueeze(-1), logits, 0.0)
 
 
 def token_stats(
@@ -46,10 +57,11 @@ def token_stats(
     log p_v), H = -sum_v q_v log q_v, terms with q_v = 0 count 0. Without ``target`` the two log-probabilities
     are zeros. A target outside [0, vocab_size) in an unmasked row has no column: NaN log-probabilities for
     that row, and under autograd the gradient of log q(y) = s'_y - lse(s') without its one-hot, i.e. through the
-    -lse(s') part alone (-q), which every id has; masked rows may hold any id (e.g. -100). The teacher gets no
-    gradient.
+    -lse(s') part alone (-q), which every id has; masked rows are not read and may hold any id (e.g. -100). The
+    teacher gets no gradient.
     """
     dtype = compute_dtype(student.dtype, teacher.dtype)
+    student, teacher = _unmasked(student, mask), _unmasked(teacher.detach(), mask)
     student_logq = _log_softmax(student, vocab_size, temperature, dtype)
     teacher_logp = _log_softmax(teacher.detach(), vocab_size, temperature, dtype)
     q = student_logq.exp()
@@ -145,7 +157,8 @@ def _log_mixture(weight: float, log_a: torch.Tensor, log_b: torch.Tensor) -> tor
     both_dead = (log_a == -math.inf) & (log_b == -math.inf)
     log_a, log_b = (torch.where(both_dead, 0.0, x) for x in (log_a, log_b))  # (no NaN in logaddexp's backward)
     log_weight = math.log(weight) if weight > 0 else -math.inf
-    log_mix = torch.logaddexp(log_a + log_weight, log_b + math.log1p(-weight))
+    log_other_weight = math.log1p(-weight) if weight < 1 else -math.inf  # (weight in [0, 1]; or no error here)
+    log_mix = torch.logaddexp(log_a + log_weight, log_b + log_other_weight)
     return torch.where(both_dead, -math.inf, log_mix)
 
 
@@ -170,13 +183,28 @@ def divergence(
         "tvd"              1/2 sum_v |p_v - q_v|
 
     A term whose leading probability (the first argument of its KL) is 0 counts 0, with a zero gradient; log m is
-    taken as a logaddexp of the two log-probabilities. The gradient of |p_v - q_v| at p_v = q_v is 0.
+    taken as a logaddexp of the two log-probabilities. The gradient of |p_v - q_v| at p_v = q_v is 0. As in the
+    kernels, a row whose softmax is undefined in either model (a NaN or +inf logit, or every logit -inf) gives NaN,
+    and masked rows are not read.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     dtype = compute_dtype(student.dtype, teacher.dtype)
+    student, teacher = _unmasked(student, mask), _unmasked(teacher.detach(), mask)
     log_q = _log_softmax(student, vocab_size, temperature, dtype)
-    log_p = _log_softmax(teacher.detach(), vocab_size, temperature, dtype)
+    log_p = _log_softmax(teacher, vocab_size, temperature, dtype)
+    terms = divergence_terms(log_q, log_p, divergence, beta, skew)
+    # An undefined softmax has a NaN log-probability somewhere (a -inf log-probability is not NaN). The terms alone,
+    # which skip zero probabilities, would drop it: NaN in the value and, through sum_v q_v (= 1), in the gradient.
+    undefined = log_q.isnan().any(-1) | log_p.isnan().any(-1)
+    value = terms.sum(-1) + torch.where(undefined, math.nan, 0.0) * log_q.exp().sum(-1)
+    return value if mask is None else torch.where(mask, value, 0.0)
+
+
+def divergence_terms(log_q: torch.Tensor, log_p: torch.Tensor, divergence: str, beta: float = 0.5,
+                     skew: float = 0.1) -> torch.Tensor:
+    """The terms of ``divergence``'s sum over outcomes, elementwise, from the two log-probabilities (the table of
+    ``divergence``; a term whose leading probability is 0 counts 0, with a zero gradient)."""
     q, p = log_q.exp(), log_p.exp()
     if divergence == "reverse_kl":
         terms = _weighted_log_ratio(q, log_q, log_p)
@@ -191,8 +219,7 @@ def divergence(
         terms = _weighted_log_ratio(q, log_q, _log_mixture(skew, log_q, log_p))
     else:
         terms = 0.5 * (p - q).abs()
-    value = terms.sum(-1)
-    return value if mask is None else torch.where(mask, value, 0.0)
+    return terms
 
 
 def divergence_gradient(
@@ -243,3 +270,158 @@ def divergence_gradient(
     if mask is not None:
         grad = torch.where(mask.unsqueeze(-1), grad, 0.0)
     return torch.nn.functional.pad(grad, (0, student.shape[-1] - vocab_size)).to(student.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sparse teacher (docs/design.md, "The sparse teacher"): K (id, log p) pairs per row, the tail completed.
+# ---------------------------------------------------------------------------------------------------------------
+SPARSE_TAILS = ("bin", "uniform", "renormalized")
+
+
+class SparseEntries(NamedTuple):
+    """A sparse teacher's entries as the formulas use them, per row of ``[N, K]`` pairs: ``live`` where the entry
+    counts (log p > -inf; NaN counts, and makes its row NaN), ``column`` its id where live and in range (else 0, a
+    column of the row whatever the id), ``log_p`` its log-probability (-inf where not live), ``in_entries`` the
+    ``[N, V]`` columns of I, ``n_live`` K' and ``no_column`` the rows with a live id outside [0, V)."""
+
+    live: torch.Tensor
+    column: torch.Tensor
+    log_p: torch.Tensor
+    in_entries: torch.Tensor
+    n_live: torch.Tensor
+    no_column: torch.Tensor
+
+
+def sparse_entries(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, vocab_size: int,
+                   dtype: torch.dtype) -> SparseEntries:
+    """``SparseEntries`` of ``[N, K]`` ids and log-probabilities (the log-probabilities in ``dtype``, detached)."""
+    log_p = teacher_logprobs.detach().to(dtype)
+    live = log_p != -math.inf
+    in_range = (teacher_ids >= 0) & (teacher_ids < vocab_size)
+    column = torch.where(live & in_range, teacher_ids, 0).long()
+    counted = (live & in_range).to(dtype)
+    rows = log_p.shape[0]
+    in_entries = log_p.new_zeros(rows, vocab_size).scatter_add_(1, column, counted) > 0
+    return SparseEntries(live, column, torch.where(live, log_p, -math.inf), in_entries, counted.sum(-1).long(),
+                         (live & ~in_range).any(-1))
+
+
+def sparse_tail_mass(entries: SparseEntries, vocab_size: int) -> torch.Tensor:
+    """log P_R per row, float64: P_R = max(1 - sum_I p_k, 0) (a sum above 1 is rounding), and 0 where R is empty
+    (K' = V); NaN where a log-probability is NaN."""
+    p_entries = entries.log_p.double().exp().sum(-1)
+    tail = torch.where(entries.n_live < vocab_size, (1 - p_entries).clamp(min=0), 0.0)
+    return torch.where(p_entries.isnan(), math.nan, tail).log()
+
+
+def sparse_teacher_completion(
+    student: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    tail: str,
+    temperature: float,
+    vocab_size: int,
+) -> torch.Tensor:
+    """The teacher completed over the vocabulary, log p~ ``[N, V]`` in ``compute_dtype(student, logprobs)``: the given
+    log p_k at the ids of I and, on the other columns R,
+
+        "bin"      log p~_v = log P_R + (x_v - lse_R(x)),  x = s / T   (the student's shape, scaled to the tail
+                   mass P_R; evenly where the student has no mass on R: every completion gives the same divergence)
+        "uniform"  log p~_v = log P_R - log(V - K')
+
+    ("bin" depends on the student and is differentiable in it; its divergence's gradient is the same with the
+    completion detached, see docs/design.md). The shares x_v - lse_R(x) are a log-softmax over R: no 1 - Q_I."""
+    if tail not in ("bin", "uniform"):
+        raise ValueError(f"only the 'bin' and 'uniform' tails complete the teacher, got {tail!r}")
+    dtype = compute_dtype(student.dtype, teacher_logprobs.dtype)
+    entries = sparse_entries(teacher_ids, teacher_logprobs, vocab_size, dtype)
+    log_tail = sparse_tail_mass(entries, vocab_size).to(dtype)[:, None]
+    if tail == "bin":
+        scaled = _scaled(student, vocab_size, temperature, dtype)
+        tail_logits = torch.where(entries.in_entries, -math.inf, scaled)
+        # Where the student has no mass on R (Q_R = 0), every completion gives the same value: P_R spread evenly.
+        # (The logsumexp of zeros there: an all -inf logsumexp has a NaN gradient even where it is not used.)
+        no_tail = (tail_logits == -math.inf).all(-1, keepdim=True)
+        lse_tail = torch.logsumexp(torch.where(no_tail, 0.0, tail_logits), -1, keepdim=True)
+        n_tail = (vocab_size - entries.n_live).clamp(min=1).to(dtype)[:, None]
+        shares = torch.where(no_tail, -n_tail.log(), tail_logits - lse_tail)
+        log_completion = log_tail + torch.where(entries.in_entries, -math.inf, shares)
+    else:
+        n_tail = (vocab_size - entries.n_live).clamp(min=1).to(dtype)[:, None]
+        log_completion = (log_tail - n_tail.log()).expand(-1, vocab_size)
+    entry_log_p = torch.full_like(log_completion, -math.inf).scatter_reduce(
+        1, entries.column, torch.where(entries.live, entries.log_p, -math.inf), "amax")
+    return torch.where(entries.in_entries, entry_log_p, log_completion)
+
+
+def sparse_divergence(
+    student: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor | None,
+    temperature: float,
+    vocab_size: int,
+    divergence: str,
+    tail: str = "bin",
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> torch.Tensor:
+    """Per-token divergence D(p, q) of the student q = softmax(s / T) (first ``vocab_size`` columns of ``[N, V_s]``)
+    from a teacher given as ``[N, K]`` ids and log-probabilities (normalised over its full vocabulary, -inf = no
+    entry), ``[N]`` in ``compute_dtype(student.dtype, teacher_logprobs.dtype)``, 0 where ``mask`` is False:
+
+        "bin", "uniform"  ``divergence`` over the V columns against ``sparse_teacher_completion``
+                          (bin: equal to D over the K' + 1 outcomes (p_I, P_R) vs (q_I, Q_R))
+        "renormalized"    ``divergence`` over the K' entries, both models renormalised on them:
+                          log p^_k = log p_k - lse(log p_I), log q^_i = x_i - lse(x_I) (0 where K' = 0)
+
+    the terms of ``divergence_terms``. The float64 oracle of the sparse kernels, and the "reference" backend with
+    their contract: masked rows are not computed (0, gradient exactly 0); NaN in a row's log-probabilities, in its
+    student logits (those the mode reads: all V for "bin" and "uniform", the K' entries for "renormalized") or a
+    live id outside [0, V) gives NaN. Autograd gives the gradient.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if tail not in SPARSE_TAILS:
+        raise ValueError(f"tail must be one of {SPARSE_TAILS}, got {tail!r}")
+    dtype = compute_dtype(student.dtype, teacher_logprobs.dtype)
+    if mask is not None:  # masked rows as a row of zeros without entries (finite, so their zero gradient stays 0)
+        student = torch.where(mask[:, None], student, 0.0)
+        teacher_ids = torch.where(mask[:, None], teacher_ids, 0)
+        teacher_logprobs = torch.where(mask[:, None], teacher_logprobs, -math.inf)
+    entries = sparse_entries(teacher_ids, teacher_logprobs, vocab_size, dtype)
+    if tail == "renormalized":
+        # Only the entries' columns are read (centred on their largest): NaN elsewhere in the row does not reach them.
+        gathered = student[:, :vocab_size].gather(1, entries.column)
+        logits = _scaled(torch.where(entries.live, gathered, -math.inf), gathered.shape[1], temperature, dtype)
+        has_entries = (entries.n_live > 0)[:, None]
+        log_q = logits - torch.logsumexp(torch.where(has_entries, logits, 0.0), -1, keepdim=True)
+        log_p = entries.log_p - torch.logsumexp(torch.where(has_entries, entries.log_p, 0.0), -1, keepdim=True)
+    else:
+        log_q = _log_softmax(student, vocab_size, temperature, dtype)
+        log_p = sparse_teacher_completion(student, teacher_ids, teacher_logprobs, tail, temperature, vocab_size)
+    value = divergence_terms(log_q, log_p, divergence, beta, skew).sum(-1)
+    # NaN (which the terms' "probability 0 counts 0" would drop) and a live id out of range: NaN, in the value and
+    # (through the product) in the row's gradient, as in the kernels.
+    nan = entries.no_column | log_p.isnan().any(-1) | log_q.isnan().any(-1)
+    value = value * torch.where(nan, math.nan, 1.0)
+    return value if mask is None else torch.where(mask, value, 0.0)
+
+
+def sparse_token_stats(
+    student: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None,
+    temperature: float,
+    vocab_size: int,
+    tail: str = "bin",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(reverse KL under the tail mode, log q(y), H(q))`` per row, ``[N]``, 0 where ``mask`` is False: the first of
+    ``sparse_divergence``, the other two of ``token_stats`` (whose teacher is unused here: the student is passed)."""
+    kl = sparse_divergence(student, teacher_ids, teacher_logprobs, mask, temperature, vocab_size, "reverse_kl", tail)
+    dtype = compute_dtype(student.dtype, teacher_logprobs.dtype)
+    _, student_logprob, _, entropy = token_stats(student.to(dtype), student.detach().to(dtype), target, mask,
+                                                 temperature, vocab_size)
+    return kl, student_logprob, entropy

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
 from minillm_kernels import reference
-from minillm_kernels._arguments import as_int, as_real
+from minillm_kernels._arguments import as_int, as_real, as_temperature
 from minillm_kernels.dispatch import importance_weight
 from minillm_kernels.losses import TokenStats, fused_divergence, fused_token_stats
 from minillm_kernels.fused_linear import fused_linear_divergence, fused_linear_token_stats
@@ -49,16 +49,18 @@ def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tens
 
 @dataclass(frozen=True)
 class TeacherMixedSample:
-    """What ``sample_teacher_mixed`` returns. N = the number of steps taken (<= max_new_tokens).
+    """A batch of sampled responses: what ``sample_teacher_mixed`` returns, with the per-token numbers the MiniLLM
+    objective needs, or a plain generation (``training.evaluation.generate``), without them (None).
+    N = the number of steps taken (<= max_new_tokens).
 
     sequences:         ``[B, P + N]`` the prompts as given (left-padded), then the response tokens;
                        ``pad_token_id`` after a row's first EOS.
     attention_mask:    ``[B, P + N]`` long: the prompts' mask, then ``response_mask``.
     response_mask:     ``[B, N]`` bool: True for each sampled token up to and including the first EOS.
+    prompt_length:     P.
     student_logprob:   ``[B, N]`` log q_old(y_t) = log softmax(s / T)(y_t), 0 where masked.
     teacher_logprob:   ``[B, N]`` log p(y_t) = log softmax(t / T)(y_t), 0 where masked.
     importance_weight: ``[B, N]`` w_t = q_f(y_t) / (alpha p_f(y_t) + (1 - alpha) q_f(y_t)), 0 where masked.
-    prompt_length:     P.
     The per-token tensors are aligned with ``response_ids = sequences[:, P:]``, and are float32
     (float64 for float64 logits).
     """
@@ -66,10 +68,10 @@ class TeacherMixedSample:
     sequences: torch.Tensor
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
-    student_logprob: torch.Tensor
-    teacher_logprob: torch.Tensor
-    importance_weight: torch.Tensor
     prompt_length: int
+    student_logprob: Optional[torch.Tensor] = None
+    teacher_logprob: Optional[torch.Tensor] = None
+    importance_weight: Optional[torch.Tensor] = None
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -80,6 +82,11 @@ class TeacherMixedSample:
     def position_ids(self) -> torch.Tensor:
         """``[B, P + N]`` the positions the models saw while sampling, for a fresh forward pass."""
         return position_ids_from_attention_mask(self.attention_mask)
+
+    def rows(self, index: Union[slice, torch.Tensor]) -> TeacherMixedSample:
+        """The sample of the rows that ``index`` selects, in every ``[B, ...]`` field."""
+        return replace(self, **{field.name: getattr(self, field.name)[index] for field in fields(self)
+                                if isinstance(getattr(self, field.name), torch.Tensor)})
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -166,6 +173,8 @@ def _validate(
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must hold integer token ids with prompt_length >= 1, got {input_ids.dtype} "
                          f"{tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids holds no prompt (shape {tuple(input_ids.shape)}): give at least one")
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}")
     if attention_mask.device != input_ids.device:
@@ -181,9 +190,9 @@ def _validate(
     as_real("top_p (1: no top-p)", top_p, 0.0, 1.0, open_low=True)
 
 
-def _check_prompt_ids(input_ids: torch.Tensor, models: dict[str, torch.nn.Module]) -> None:
-    """Every prompt id (padding included: the embedding reads it too) must be a row of each model's input
-    embedding."""
+def _check_token_ids(input_ids: torch.Tensor, pad_token_id: int, models: dict[str, torch.nn.Module]) -> None:
+    """Every prompt id (padding included: the embedding reads it too) and ``pad_token_id`` (fed to both models after
+    a row's EOS) must be a row of each model's input embedding."""
     low, high = int(input_ids.min()), int(input_ids.max())
     for name, model in models.items():
         model = unwrapped(model)
@@ -193,6 +202,11 @@ def _check_prompt_ids(input_ids: torch.Tensor, models: dict[str, torch.nn.Module
             raise ValueError(
                 f"input_ids must lie in [0, {rows}) (the {name}'s input embedding rows), got values in [{low}, {high}]; "
                 "were the prompts tokenized with another tokenizer, or padded with an id outside the vocabulary?"
+            )
+        if rows is not None and pad_token_id >= rows:
+            raise ValueError(
+                f"pad_token_id must lie in [0, {rows}) (the {name}'s input embedding rows: it fills the rows after "
+                f"their EOS and is fed to both models), got {pad_token_id}; pass the tokenizer's pad_token_id"
             )
 
 
@@ -256,9 +270,11 @@ def sample_teacher_mixed(
         attention_mask: ``[B, P]`` 0/1 (or bool), 0 on the left padding.
         alpha: the teacher's share in [0, 1].
         max_new_tokens: at most this many response tokens (>= 1).
-        temperature: T > 0; top_k: >= 0 (0 = off); top_p: in (0, 1] (1 = off).
+        temperature: T > 0, 1 / T finite in the logits' compute dtype (float32, or float64 for float64 logits);
+            top_k: >= 0 (0 = off); top_p: in (0, 1] (1 = off).
         eos_token_id: an id, a list of ids, or None (never stop early).
-        pad_token_id: fills the rows after their EOS; default: the (first) EOS id, or 0.
+        pad_token_id: fills the rows after their EOS (a row of both models' input embeddings); default: the
+            (first) EOS id, or 0.
         vocab_size: the real vocabulary size when the two models' logits have different widths.
         generator: optional ``torch.Generator`` for reproducible draws.
         synced_processes: every process of the default ``torch.distributed`` group takes the same number of
@@ -273,23 +289,25 @@ def sample_teacher_mixed(
     if synced_processes and not (dist.is_available() and dist.is_initialized()):
         raise ValueError("synced_processes=True needs an initialised torch.distributed process group "
                          "(torch.distributed.init_process_group, e.g. under torchrun)")
-    _check_prompt_ids(input_ids, {"student": student, "teacher": teacher})
     device = input_ids.device
     eos_ids = _eos_ids(eos_token_id, device)
     if pad_token_id is None:
         pad_token_id = int(eos_ids[0]) if eos_ids is not None else 0
+    pad_token_id = as_int("pad_token_id (or None)", pad_token_id, 0)
+    _check_token_ids(input_ids, pad_token_id, {"student": student, "teacher": teacher})
     models = (_CachedModel(student), _CachedModel(teacher))
     batch, prompt_length = input_ids.shape
     full_mask = attention_mask.long()
     position = position_ids_from_attention_mask(full_mask)
     student_logits, teacher_logits = (m.next_token_logits(input_ids, full_mask, position) for m in models)
     vocab_size = _real_vocab_size(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+    compute_dtype = reference.compute_dtype(student_logits.dtype, teacher_logits.dtype)
+    temperature = as_temperature(temperature, compute_dtype)
     next_position = position[:, -1:] + 1
 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, valid, student_logprobs, teacher_logprobs, weights = [], [], [], [], []
     for step in range(max_new_tokens):
-        compute_dtype = reference.compute_dtype(student_logits.dtype, teacher_logits.dtype)
         student_scaled = student_logits[:, :vocab_size].to(compute_dtype) / temperature
         teacher_scaled = teacher_logits[:, :vocab_size].to(compute_dtype) / temperature
         student_filtered = _filter_logits(student_scaled, top_k, top_p).log_softmax(-1)

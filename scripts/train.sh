@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job of the README's quick start: MiniLLM distillation of the embedded tiny default (teacher,
 # SFT student and data ship in minillm_kernels/training/tiny/), ending with the before/after held-out tables.
-# Extra arguments go to examples/train.py, e.g. `bash scripts/train.sh --compare` (sft, kd, seqkd, kd on the
-# teacher's answers and minillm, 3 seeds each: the README's fair table).
+# Extra arguments go to examples/train.py, e.g. `bash scripts/train.sh --method kd`; the README's fair table (sft,
+# kd, seqkd, kd on the teacher's answers and minillm, 3 seeds each) is `bash scripts/compare.sh`.
 source "$(dirname "$0")/env.sh"
 if ! "$PYTHON" -c "import transformers, tokenizers, safetensors, tqdm" 2>/dev/null; then
   "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[train]"

@@ -18,7 +18,7 @@ import torch
 from benchmarks import plots, run
 from benchmarks import variants as variants_module
 from benchmarks.run import WRONG, add_bandwidth_fractions, markdown_table, measure, read_results
-from benchmarks.variants import OPS, disagreement, variants
+from benchmarks.variants import OPS, SPARSE_DIVERGENCES, disagreement, variants
 from minillm_kernels.reference import DIVERGENCES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,7 +145,7 @@ def test_a_wrong_variant_is_reported_and_not_timed(monkeypatch, bug, op, diverge
 
 
 def test_a_wrong_variant_fails_the_run_and_shows_in_the_table(monkeypatch, tmp_path, capsys):
-    def run_case(op, variant, tokens, vocab, dtype, device, repeats, hidden=0, model=None, divergence=None):
+    def run_case(op, variant, tokens, vocab, dtype, device, repeats, hidden=0, model=None, divergence=None, k=None):
         case = dict(op=op, variant=variant, tokens=tokens, vocab=vocab, dtype=dtype)
         if variant == "naive":
             return {**case, "status": f"{WRONG}: loss 0, float64 reference 8.1"}
@@ -158,11 +158,42 @@ def test_a_wrong_variant_fails_the_run_and_shows_in_the_table(monkeypatch, tmp_p
     assert read_results(tmp_path / "results.csv")[1][0]["status"].startswith(WRONG)
 
 
-@pytest.mark.parametrize("op, divergence", [(op, None) for op in OPS if op != "divergence"] +
-                         [("divergence", d) for d in DIVERGENCES])
+@pytest.mark.parametrize("op, divergence", [(op, None) for op in OPS if op not in ("divergence", "sparse_divergence")]
+                         + [("divergence", d) for d in DIVERGENCES]
+                         + [("sparse_divergence", d) for d in SPARSE_DIVERGENCES])
 def test_every_variant_agrees_with_the_reference(op, divergence):
     for name, loss in variants(op, "cpu", divergence).items():
-        assert disagreement(op, loss, 4099, 64, torch.float32, "cpu", divergence) is None, name
+        assert disagreement(op, loss, 4099, 64, torch.float32, "cpu", divergence, k=16,
+                            dense=name.startswith("dense_")) is None, name
+
+
+def test_quick_sparse_run_gives_each_divergence_and_k_its_rows_baseline_and_teacher_bytes(tmp_path):
+    """--op sparse_divergence: one row per (divergence, K, variant), each checked and timed, speed-ups against the naive
+    top-k loss of the same divergence and K, the teacher side's bytes per token (K int32 ids and float32
+    log-probabilities against the V float32 logits of the dense baseline), a plot per (divergence, K)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--device", "cpu", "--quick", "--op", "sparse_divergence",
+         "--divergences", "reverse_kl", "--k", "8", "32", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, rows = read_results(tmp_path / "results.csv")
+    names = variants("sparse_divergence", "cpu", "reverse_kl")
+    assert {"naive_topk", "naive_topk_compile", "cpu", "dense_cpu"} <= set(names)
+    assert {(r["k"], r["variant"]) for r in rows} == {(k, v) for k in (8, 32) for v in names}
+    for row in rows:
+        assert row["op"] == "sparse_divergence" and row["divergence"] == "reverse_kl" and row["status"] == "ok", row
+        assert 0 < row["fwd_bwd_ms"] < 60_000, row
+        dense = row["variant"].startswith("dense_")
+        assert row["teacher_bytes_per_token"] == (4 * 4099 if dense else 8 * row["k"]), row
+    by_case = {(r["k"], r["variant"]): r for r in rows}
+    assert by_case[(8, "naive_topk")]["peak_extra_nv"] > 1.5  # (a float32 log_softmax over [N, V] and its gradient)
+    assert by_case[(8, "cpu")]["peak_extra_nv"] < 1.5  # (the gradient alone)
+    table = (tmp_path / "table.md").read_text()
+    assert "| sparse_divergence (reverse_kl, K=32) | 256 | 4099 | fp32 | cpu |" in table
+    assert table.count("| 1.00x |") == 2  # each K's naive top-k row is its own baseline
+    assert (tmp_path / "plot-sparse_divergence-reverse_kl-k8-fp32.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_results_go_to_a_git_ignored_folder_by_default():

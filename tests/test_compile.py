@@ -1,6 +1,9 @@
 """Every public loss traced whole by torch.compile(fullgraph=True): static, dynamic=True and mark_dynamic shapes, on
-every backend here, the logits-level and the fused-linear functions, values and gradients equal to eager."""
+every backend here, the logits-level and the fused-linear functions (the divergence family's too), values and
+gradients equal to eager; and a bad beta or skew is eager's ValueError, also where it is symbolic."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -18,7 +21,11 @@ def logits_loss(backend):
         stats = mk.fused_token_stats(student, teacher, target, mask=mask, temperature=temperature, mix_alpha=0.2,
                                      with_entropy=True, backend=backend)
         kld = mk.fused_reverse_kld(student, teacher, mask=mask, temperature=temperature, backend=backend)
-        return kld + (stats.reverse_kld - stats.student_logprob + 0.5 * stats.entropy).sum()
+        jsd = mk.fused_divergence(student, teacher, divergence="jsd", beta=0.3, mask=mask, temperature=temperature,
+                                  backend=backend)
+        skew = mk.fused_divergence(student, teacher, divergence="skew_reverse_kl", skew=0.2, mask=mask,
+                                   temperature=temperature, reduction="none", backend=backend)
+        return kld + jsd + skew.sum() + (stats.reverse_kld - stats.student_logprob + 0.5 * stats.entropy).sum()
 
     return loss
 
@@ -31,7 +38,13 @@ def linear_loss(backend):
                                             backend=backend)
         kld = mk.fused_linear_reverse_kld(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=mask,
                                           temperature=temperature, backend=backend)
-        return kld + (stats.reverse_kld - stats.student_logprob + 0.5 * stats.entropy).sum()
+        tvd = mk.fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                         divergence="tvd", mask=mask, temperature=temperature, chunk_size=4,
+                                         backend=backend)
+        jsd = mk.fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                         divergence="jsd", beta=0.7, mask=mask, temperature=temperature,
+                                         reduction="none", backend=backend)
+        return kld + tvd + jsd.sum() + (stats.reverse_kld - stats.student_logprob + 0.5 * stats.entropy).sum()
 
     return loss
 
@@ -102,3 +115,54 @@ def test_a_model_and_the_fused_linear_loss_compile_together():
     torch.testing.assert_close(got, want)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w)
+
+
+def divergence_call(kind, backend, argument):
+    """A loss of (inputs, value of ``argument``): the JSD's beta or the skew reverse KL's skew, the logits-level or the
+    fused-linear function, with the inputs it takes."""
+    divergence = "jsd" if argument == "beta" else "skew_reverse_kl"
+    device = device_for(backend)
+    if kind == "logits":
+        inputs = [random_logits(6, VOCAB, torch.float32, device) for _ in range(2)]
+        return (lambda x, value: mk.fused_divergence(*x, divergence=divergence, backend=backend,
+                                                     **{argument: value})), inputs
+    inputs = [torch.randn(6, HIDDEN, device=device), torch.randn(VOCAB, HIDDEN, device=device)] * 2
+    return (lambda x, value: mk.fused_linear_divergence(*x, divergence=divergence, chunk_size=4, backend=backend,
+                                                       **{argument: value})), inputs
+
+
+def assert_eager_value_error(compiled, loss, inputs, bad):
+    with pytest.raises(ValueError) as eager:
+        loss(inputs, bad)
+    with pytest.raises(ValueError) as traced:
+        compiled(inputs, bad)
+    assert str(traced.value) == str(eager.value)
+
+
+@pytest.mark.parametrize("argument", ("beta", "skew"))
+@pytest.mark.parametrize("kind", ("logits", "linear"))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_bad_symbolic_beta_or_skew_is_the_eager_value_error(backend, kind, argument):
+    """With dynamic=True, beta (skew) is symbolic after two good values: out of range or NaN it is the ValueError eager
+    mode gives, raised when the graph runs (a failing check cannot raise while tracing: the ops check it again); a
+    0-dim tensor (whose value the graph has only when it runs) is refused by name, never a guard error."""
+    require_backend(backend)
+    torch._dynamo.reset()
+    loss, inputs = divergence_call(kind, backend, argument)
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    for good in (0.3, 0.4):
+        torch.testing.assert_close(compiled(inputs, good), loss(inputs, good), **tolerance(torch.float32))
+    for bad in (1.5, math.nan):
+        assert_eager_value_error(compiled, loss, inputs, bad)
+    with pytest.raises(Exception, match=rf"{argument} is a 0-dim tensor.*pass a Python number") as tensor:
+        compiled(inputs, torch.tensor(0.3))
+    assert "guard" not in str(tensor.value)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_bad_constant_beta_is_the_eager_value_error(backend):
+    """Without dynamic shapes the value is a constant of the graph, and the same ValueError."""
+    require_backend(backend)
+    torch._dynamo.reset()
+    loss, inputs = divergence_call("logits", backend, "beta")
+    assert_eager_value_error(torch.compile(loss, fullgraph=True), loss, inputs, 1.5)

@@ -247,6 +247,21 @@ def test_jsonl_errors_name_the_file_and_line(tmp_path):
         load_jsonl(path, require_response=True)
 
 
+def test_null_response_and_task_are_missing_and_other_types_are_named(tmp_path):
+    """"response": null is a prompt without a gold answer (never the text "None"), an error naming file:line where a
+    response is required; "task": null groups the example under "all"; a number or a list is an error."""
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"prompt": "p1", "response": "r1"}) + "\n"
+                    + json.dumps({"prompt": "p2", "response": None, "task": None}) + "\n")
+    assert load_jsonl(path) == [Example("all", "p1", "r1"), Example("all", "p2", "")]
+    with pytest.raises(ValueError, match=f"{path}:2: no 'response'"):
+        load_jsonl(path, require_response=True)
+    for field, value in (("response", 42), ("task", ["a"])):
+        path.write_text(json.dumps({"prompt": "p1", field: value}) + "\n")
+        with pytest.raises(ValueError, match=f"{path}:1: '{field}' must be a string, or null or left out"):
+            load_jsonl(path)
+
+
 def test_load_texts(tmp_path):
     path = tmp_path / "lm.jsonl"
     path.write_text(json.dumps({"text": "cat dog"}) + "\n\n" + json.dumps({"text": "sun"}) + "\n")

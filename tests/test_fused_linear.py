@@ -262,6 +262,29 @@ def test_scalar_loss_backward_twice_with_retained_graph():
         torch.testing.assert_close(x.grad, 3 * g)
 
 
+@pytest.mark.parametrize("reduction", ("sum", "mean"))
+def test_the_gradients_returned_are_not_the_ones_saved_for_the_next_backward(reduction):
+    """With a retained graph, what the caller does to one backward's gradients (``.data.zero_()``, zeroing ``.grad``
+    in place between steps) changes nothing in the next: each backward returns fresh tensors, even for an upstream
+    gradient of 1 (where scaling the stored gradients would be a no-op)."""
+    student = leaves(*projection(STUDENT_HIDDEN, VOCAB, torch.float64, "cpu"))
+    teacher = projection(TEACHER_HIDDEN, VOCAB, torch.float64, "cpu")
+    loss = mk.fused_linear_reverse_kld(student[0], student[1], teacher[0], teacher[1], student_bias=student[2],
+                                       reduction=reduction, chunk_size=6)
+    first = torch.autograd.grad(loss, student, retain_graph=True)
+    want = [g.clone() for g in first]
+    for g in first:
+        g.data.zero_()
+    for got, expected in zip(torch.autograd.grad(loss, student, retain_graph=True), want):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    loss.backward(retain_graph=True)
+    for x in student:
+        x.grad.zero_()  # (optimizer.zero_grad(set_to_none=False))
+    loss.backward()
+    for x, expected in zip(student, want):
+        torch.testing.assert_close(x.grad, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ("reference", "cpu"))
 def test_mean_over_fully_masked_input_is_zero_with_zero_gradient(backend):
     require_backend(backend)

@@ -265,6 +265,38 @@ def test_prompt_ids_outside_either_embedding_are_named(bad_id):
         mk.sample_teacher_mixed(student, teacher, ids, mask, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("pad_token_id, words", [(-100, r"pad_token_id \(or None\) must be an int in \[0, inf\]"),
+                                                 (40, r"pad_token_id must lie in \[0, 40\) \(the student's"),
+                                                 (10**6, r"pad_token_id must lie in \[0, 40\) \(the student's")])
+def test_a_pad_token_id_outside_either_embedding_is_named(pad_token_id, words):
+    """The pad id fills a row after its EOS and is fed to both models: it must be a row of both embeddings."""
+    student, teacher = tiny_hf_pair()  # input embeddings of 40 and 44 rows
+    ids, mask = prompts(2)
+    with pytest.raises(ValueError, match=words):
+        mk.sample_teacher_mixed(student, teacher, ids, mask, max_new_tokens=2, eos_token_id=3,
+                                pad_token_id=pad_token_id, vocab_size=37)
+
+
+def test_an_empty_batch_is_named():
+    student, teacher = tiny_hf_pair()
+    with pytest.raises(ValueError, match=r"input_ids holds no prompt \(shape \(0, 5\)\): give at least one"):
+        mk.sample_teacher_mixed(student, teacher, torch.zeros(0, 5, dtype=torch.long),
+                                torch.ones(0, 5, dtype=torch.long), max_new_tokens=2)
+
+
+def test_a_temperature_whose_reciprocal_overflows_the_compute_dtype_is_named():
+    """1e-39: 1 / T overflows float32 (the logits' compute dtype) but not float64, where sampling goes on."""
+    student, teacher = tiny_hf_pair()
+    ids, mask = prompts(2)
+    with pytest.raises(ValueError, match=r"temperature must be >= 2.93873\d*e-39 for logits computed in float32 .*"
+                                         r"got 1e-39"):
+        mk.sample_teacher_mixed(student.float(), teacher.float(), ids, mask, max_new_tokens=2, vocab_size=37,
+                                temperature=1e-39)
+    sample = mk.sample_teacher_mixed(student.double(), teacher.double(), ids, mask, max_new_tokens=2, vocab_size=37,
+                                     temperature=1e-39)
+    assert sample.student_logprob.isfinite().all()
+
+
 def test_wrapped_models_still_get_logits_to_keep(tmp_path):
     """Through DistributedDataParallel and torch.compile (whose forward takes **kwargs), response_logits still asks
     for the response positions' logits only: the same logits, and the model's forward saw logits_to_keep."""

@@ -1,9 +1,14 @@
-"""examples/train.py on the tiny default: each method (seqkd and kd on the teacher's cached answers too, L_PT in every
-one), the rewards' sign, the reference-code switches, checkpoint + resume (also after a SIGKILL), faults with clear
-errors, eval() mode in MiniLLM's updates, NaN stops, --compare's tables, DDP and FSDP2 on 2 CPU processes."""
+"""The trainer (minillm_kernels.training and examples/train.py, its loop) on the tiny default: each method (seqkd and kd
+on the teacher's cached answers too, L_PT in every one), the rewards' sign, the reference-code switches, checkpoint +
+resume (also after a SIGKILL), faults with clear errors, arguments checked before anything loads, eval() mode in
+MiniLLM's updates, NaN stops, examples/compare.py's tables, DDP and FSDP2 on 2 CPU processes.
+
+examples/train.py is loaded from its file (``TRAIN``) and run as a user runs it (``TRAIN.main(argv)``); its step is
+measured in ``large_allocations_of_a_step``. What the tests spy on or replace lives in the package."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import re
@@ -11,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -21,13 +25,30 @@ from torch.utils._pytree import tree_flatten
 
 import conftest
 import minillm_kernels as mk
-from minillm_kernels.training.data import causal_lm_logits
-from minillm_kernels.distributed import ModelRunner
+from minillm_kernels.distributed import ModelRunner, parallelize
+from minillm_kernels.training import methods
+from minillm_kernels.training.checkpoint import load_checkpoint, resume_file
+from minillm_kernels.training.config import TINY_LR, ModelConfig, parse_args
+from minillm_kernels.training.data import causal_lm_logits, load_training_data, teacher_forced_batch
+from minillm_kernels.training.methods import KD, SFT, MiniLLM, MiniLLMOptions, pretrain_loss
+from minillm_kernels.training.models import load_student, load_teacher
+from minillm_kernels.training.rollout import make_rollout
+from minillm_kernels.training.run import make_samplers, new_run
 from minillm_kernels.training.tiny import checkpoint_dir, tiny_splits
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import train  # noqa: E402  (examples/train.py)
+CPU = torch.device("cpu")
+
+
+def load_example(name: str):
+    """examples/<name>.py as a module, loaded from its file (examples/ is not a package on the path)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TRAIN = load_example("train")
 
 try:
     checkpoint_dir("student-sft")
@@ -57,7 +78,7 @@ def lm_flags(heldout_file: Path) -> list[str]:
 
 def run(out_dir: Path, heldout_file: Path, *extra: str) -> list[dict]:
     """examples/train.py with ``FAST``, L_PT and ``extra``; its log."""
-    train.main([*FAST, *lm_flags(heldout_file), "--eval-data", str(heldout_file), "--out-dir", str(out_dir),
+    TRAIN.main([*FAST, *lm_flags(heldout_file), "--eval-data", str(heldout_file), "--out-dir", str(out_dir),
                 "--cache-dir", str(out_dir / "cache"), *extra])
     return read_log(out_dir)
 
@@ -125,11 +146,11 @@ def test_kd_and_gkd_train_on_the_fused_divergence_they_are_given(tmp_path, heldo
         calls.append({**options, "loss": float(loss.detach())})
         return loss
 
-    for module, name in ((train.mk, "fused_divergence"), (mk.sampling, "fused_divergence"),
+    for module, name in ((mk, "fused_divergence"), (mk.sampling, "fused_divergence"),
                          (mk.sampling, "fused_linear_divergence")):
         monkeypatch.setattr(module, name, functools.partial(check, getattr(module, name)))
     sample = mk.sampling.sample_teacher_mixed
-    monkeypatch.setattr(train.mk, "sample_teacher_mixed",
+    monkeypatch.setattr(mk, "sample_teacher_mixed",
                         lambda *a, **k: samplers.append(k["alpha"]) or sample(*a, **k))
     log = run(tmp_path, heldout_file, "--method", method, "--steps", "2", *flags)
     assert len(calls) == 2 and all(options.items() >= expected.items() for options in calls), calls
@@ -139,7 +160,7 @@ def test_kd_and_gkd_train_on_the_fused_divergence_they_are_given(tmp_path, heldo
 
 def test_divergence_is_kd_and_gkd_s_only():
     with pytest.raises(SystemExit):
-        train.parse_args(["--method", "sft", "--divergence", "jsd"])
+        parse_args(["--method", "sft", "--divergence", "jsd"])
 
 
 def trained_pairs(tokenizer, batch) -> list[tuple[str, str]]:
@@ -159,12 +180,11 @@ def test_seqkd_and_kd_with_teacher_answers_train_on_the_cached_teacher_answers(t
     """Every pair they train on is the teacher's answer to a pool prompt, read from the cache (here: written by
     the first run, read by the second), not the gold one (the open tasks' answers differ)."""
     seen = []
-    for name in ("sft_loss", "kd_loss"):
-        def spy(*arguments, loss=getattr(train, name)):  # sft_loss(run, batch), kd_loss(args, run, batch)
-            run_, batch = arguments[-2:]
+    for method_class in (SFT, KD):  # (seqkd's loss is sft's)
+        def spy(method, run_, batch, loss=method_class.loss):
             seen.extend(trained_pairs(run_.tokenizer, batch))
-            return loss(*arguments)
-        monkeypatch.setattr(train, name, spy)
+            return loss(method, run_, batch)
+        monkeypatch.setattr(method_class, "loss", spy)
     cache = ["--cache-dir", str(tmp_path / "cache")]
     run(tmp_path / "first", heldout_file, *method, "--steps", "1", *cache)
     seen.clear()
@@ -177,27 +197,28 @@ def test_seqkd_and_kd_with_teacher_answers_train_on_the_cached_teacher_answers(t
     assert set(seen) - {(e.prompt, e.response) for e in pool}  # some are not the gold answer
 
 
-def test_every_method_draws_the_same_prompts_of_the_pool(tmp_path, heldout_file):
+def test_every_method_draws_the_same_prompts_of_the_pool():
     """One seed, any method: the pairs (sft, kd, seqkd) and the rollout prompts (minillm) come in the same order."""
-    args = train.parse_args([*FAST])
-    teacher, tokenizer = train.load_teacher(args, torch.device("cpu"))
-    data = train.load_data(args, tokenizer)
-    run_ = train.start_run(args, tmp_path, train.parallelize(teacher, fsdp=False, trainable=False), tokenizer, data,
-                           rank=0, world=1)
-    assert [e.prompt for e in run_.samplers["pairs"].next(16)] == run_.samplers["prompts"].next(16)
+    config = parse_args([*FAST])
+    samplers = make_samplers(load_training_data(config.data, seed=0), config.run.seed, rank=0, world=1)
+    assert [e.prompt for e in samplers["pairs"].next(16)] == samplers["prompts"].next(16)
+
+
+def fresh_run(config, out_dir: Path):
+    """A run of ``config`` at step 0 on one CPU process, as examples/train.py starts it."""
+    teacher, tokenizer = load_teacher(config.model, CPU)
+    data = load_training_data(config.data, seed=config.run.seed)
+    return new_run(config, out_dir, parallelize(teacher, fsdp=False, trainable=False), tokenizer, data, rank=0,
+                   world=1), data
 
 
 def test_pretrain_loss_mixes_in_the_teachers_soft_cross_entropy_as_the_reference_code(tmp_path, heldout_file):
     """--lm-kd-ratio r: L_PT = (1 - r) CE + r (-sum_v p_v log q_v) (the reference's --kd-ratio), the teacher's forward
     counted; r = 0 (the default, the paper's): plain cross-entropy."""
     def pretrain(*flags: str):
-        args = train.parse_args([*FAST, *lm_flags(heldout_file), *flags])
-        teacher, tokenizer = train.load_teacher(args, torch.device("cpu"))
-        data = train.load_data(args, tokenizer)
-        run_ = train.start_run(args, tmp_path, train.parallelize(teacher, fsdp=False, trainable=False), tokenizer,
-                               data, rank=0, world=1)
-        batch = train.teacher_forced_batch(tokenizer, data["lm"][:4], None, max_length=64)
-        return train.pretrain_loss(args, run_, batch).item(), run_, batch
+        run_, data = fresh_run(parse_args([*FAST, *lm_flags(heldout_file), *flags]), tmp_path)
+        batch = teacher_forced_batch(run_.tokenizer, data.lm[:4], None, max_length=64)
+        return pretrain_loss(run_, batch).item(), run_, batch
 
     plain, run_, batch = pretrain()
     mixed, mixed_run, _ = pretrain("--lm-kd-ratio", "0.5")
@@ -227,9 +248,9 @@ def test_the_reference_code_switches_reach_the_objective(tmp_path, heldout_file,
     run(tmp_path / "reference", heldout_file, "--method", "minillm", "--steps", "1", "--whiten-over", "padded",
         "--single-step", "unweighted")
     assert options == [("valid", True), ("padded", False)]
-    assert train.parse_args([]).warmup_steps == 100 and train.parse_args([]).lm_coef == 0
+    assert parse_args([]).optim.warmup_steps == 100 and parse_args([]).lm.lm_coef == 0
     with pytest.raises(SystemExit):
-        train.parse_args(["--lm-coef", "1"])
+        parse_args(["--lm-coef", "1"])
 
 
 def test_resume_continues_as_if_uninterrupted(tmp_path, heldout_file):
@@ -323,14 +344,15 @@ def logged_steps(out_dir: Path) -> list[int]:
 def test_rollout_rewards_are_the_teacher_student_log_ratio():
     """r_t = clip((log p(y_t) - log q(y_t)) / 0.5, +-100), with both log-probabilities recomputed here by a
     plain forward pass of each model over the sampled sequences."""
-    args = train.parse_args(FAST)
-    device = torch.device("cpu")
-    teacher, tokenizer = train.load_teacher(args, device)
-    student = train.load_student(args, device)
+    config = parse_args(FAST)
+    options = config.options(MiniLLMOptions)
+    teacher, tokenizer = load_teacher(config.model, CPU)
+    student = load_student(config.model, CPU)
     vocab_size = min(len(tokenizer), student.config.vocab_size, teacher.config.vocab_size)
     prompts = [e.prompt for e in tiny_splits()["prompts"][:8]]
-    rollout = train.make_rollout(args, student, ModelRunner(teacher), tokenizer, prompts,
-                                 torch.Generator().manual_seed(0), vocab_size, alpha=args.alpha)
+    rollout = make_rollout(student, ModelRunner(teacher), tokenizer, prompts, torch.Generator().manual_seed(0),
+                           vocab_size, config, alpha=options.alpha, reward_scaling=options.reward_scaling,
+                           reward_clip=options.reward_clip)
     sample, mask = rollout.sample, rollout.sample.response_mask
     assert student.training  # make_rollout sampled in eval() mode and gave the student back as it was
 
@@ -341,7 +363,8 @@ def test_rollout_rewards_are_the_teacher_student_log_ratio():
         return logits.gather(-1, sample.response_ids.clamp(max=vocab_size - 1).unsqueeze(-1)).squeeze(-1)
 
     log_ratio = response_logprob(teacher) - response_logprob(student)
-    expected = torch.where(mask, (log_ratio / args.reward_scaling).clamp(-args.reward_clip, args.reward_clip), 0.0)
+    expected = torch.where(mask, (log_ratio / options.reward_scaling).clamp(-options.reward_clip, options.reward_clip),
+                           0.0)
     assert expected[mask].abs().max() > 1  # a flipped sign cannot pass
     torch.testing.assert_close(rollout.rewards.double(), expected, rtol=1e-4, atol=1e-4)
 
@@ -351,7 +374,7 @@ def test_minillm_updates_run_without_dropout(tmp_path, heldout_file, monkeypatch
     as the student is in eval() mode (the reference code's); --dropout turns dropout on in the updates."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    _, tokenizer = train.load_teacher(train.parse_args([]), torch.device("cpu"))
+    _, tokenizer = load_teacher(ModelConfig(), CPU)
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.1,
                         embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=tokenizer.eos_token_id,
@@ -416,6 +439,15 @@ def test_a_corrupt_checkpoint_is_named(tmp_path, heldout_file):
         run(tmp_path, heldout_file, "--method", "sft", "--steps", "2", "--resume")
 
 
+def test_an_empty_checkpoint_is_named(tmp_path):
+    """A zero-byte checkpoint.pt (torch.load: EOFError with no message) gets the same clear error as a corrupt one."""
+    path = tmp_path / "checkpoint.pt"
+    path.touch()
+    with pytest.raises(SystemExit, match=f"cannot read the checkpoint {re.escape(str(path))} \\(EOFError: no message\\)"
+                                         r"\. It is empty \(0 bytes\)\. It is truncated or corrupt"):
+        load_checkpoint(path, CPU)
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux), where every write fails: ENOSPC")
 def test_a_full_disk_names_the_file_and_removes_the_partial_checkpoint(tmp_path, heldout_file):
     temporary = tmp_path / "checkpoint.tmp"
@@ -434,12 +466,12 @@ def test_bad_paths_and_data_are_named(tmp_path, capsys):
                           (["--teacher", str(tmp_path / "nope")], f"--teacher {tmp_path / 'nope'}: no such directory"),
                           (["--student", "models/a/b"], "--student models/a/b: no such directory")):
         with pytest.raises(SystemExit):
-            train.parse_args(argv)
+            parse_args(argv)
         assert message in capsys.readouterr().err
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text(json.dumps({"prompt": "Max: 1 2\nA:", "response": " 2"}) + "\n" + json.dumps({"prompt": "p"}))
     with pytest.raises(ValueError, match=f"{re.escape(str(heldout))}:2: no 'response'"):
-        train.load_data(train.parse_args(["--eval-data", str(heldout)]), tokenizer=None)
+        load_training_data(parse_args(["--eval-data", str(heldout)]).data, seed=0)
 
 
 def torchrun(out_dir: Path, heldout_file: Path, *extra: str, timeout: float = 240) -> list[dict]:
@@ -460,7 +492,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, heldout_file
 
 
 # 2 processes against 1 on the same global batch. Every process draws the global batch and keeps its rank's rows
-# (train.Sampler); one process with --grad-accum 2 has the same rows in its two micro-batches, and every mean the
+# (training.run.Sampler); one process with --grad-accum 2 has the same rows in its two micro-batches, and every mean the
 # loss takes (over a micro-batch's tokens, then over micro-batches or processes) is the same. Two things differ by
 # design and are fixed here: each process samples with its own generator (so the rollouts are made deterministic:
 # --top-k 1 --alpha 0, the student's most likely token), and whitening pools the processes' rows but not one
@@ -479,7 +511,7 @@ WEIGHT_ATOL_IN_LR = 0.1
 COMPARED = ("total_loss", "pg_loss", "single_step_loss", "lm_loss", "reverse_kld", "grad_norm")
 
 
-def assert_same_run(one: list[dict], two: list[dict], one_dir: Path, two_dir: Path, lr: float = train.TINY_LR) -> None:
+def assert_same_run(one: list[dict], two: list[dict], one_dir: Path, two_dir: Path, lr: float = TINY_LR) -> None:
     """The same losses at every step (within PROCESS_RTOL), replicas identical, and the same final weights (student/,
     within WEIGHT_ATOL_IN_LR x ``lr``)."""
     from safetensors.torch import load_file
@@ -540,7 +572,7 @@ def random_llama(directory: Path, tokenizer, seed: int, vocab: int = 1000) -> Pa
 def test_fsdp_fused_linear_on_a_random_llama_gives_one_process_losses(tmp_path, heldout_file):
     """--fsdp --fused-linear with a random Llama teacher and student (untied, padded to 1000 columns): the sharded
     lm_heads are gathered inside their models' forwards (the student's) or once per rollout (the teacher's)."""
-    _, tokenizer = train.load_teacher(train.parse_args([]), torch.device("cpu"))
+    _, tokenizer = load_teacher(ModelConfig(), CPU)
     models = ["--teacher", str(random_llama(tmp_path / "teacher", tokenizer, seed=1)),
               "--student", str(random_llama(tmp_path / "student", tokenizer, seed=2)), "--lr", "1e-3"]
     flags = [*SAME_GLOBAL_BATCH, *models, "--fused-linear"]
@@ -549,35 +581,48 @@ def test_fsdp_fused_linear_on_a_random_llama_gives_one_process_losses(tmp_path, 
     assert_same_run(one, two, tmp_path / "one", tmp_path / "two", lr=1e-3)
 
 
-def test_compare_runs_every_method_for_each_seed_and_writes_the_tables(tmp_path, heldout_file, monkeypatch):
-    """--compare with 2 seeds: 5 runs per seed, each in its own folder; the teacher's answers generated once per seed
-    (seqkd's run) and read from the cache by kd's; the tables give mean ± sd over the seeds, greedy and sampled, the
-    open tasks, ExAccErr and the compute; results.json holds every run."""
-    train.main([*FAST, *lm_flags(heldout_file), "--eval-data", str(heldout_file), "--out-dir", str(tmp_path),
-                "--compare", "--seeds", "0", "1", "--steps", "2", "--eval-samples", "1",
-                "--cache-dir", str(tmp_path / "cache")])
+COMPARED_RUNS = ("sft", "kd", "seqkd", "kd (teacher answers)", "minillm")  # examples/compare.py's, per seed
+
+
+def run_script(script: str, *args: str, timeout: float = 600) -> str:
+    """``python examples/<script> *args`` in a process of its own (one thread); its stderr. Fails with the end of it
+    if the script fails."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], env=environment, timeout=timeout,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 0, done.stderr[-6000:]
+    return done.stderr
+
+
+def test_compare_runs_every_method_for_each_seed_and_writes_the_tables(tmp_path, heldout_file):
+    """examples/compare.py with 2 seeds: 5 runs per seed, each in its own folder; the teacher's answers generated once
+    per seed (seqkd's run) and read from the cache by kd's; the tables give mean ± sd over the seeds, greedy and
+    sampled, the open tasks, ExAccErr and the compute; results.json holds every run."""
+    flags = [*FAST, *lm_flags(heldout_file), "--eval-data", str(heldout_file), "--out-dir", str(tmp_path),
+             "--seeds", "0", "1", "--steps", "2", "--eval-samples", "1", "--cache-dir", str(tmp_path / "cache")]
+    run_script("compare.py", *flags)
     results = json.loads((tmp_path / "results.json").read_text())
     assert [(r["name"], r["seed"]) for r in results["runs"]] == [(name, seed) for seed in (0, 1)
-                                                                 for name, _, _ in train.COMPARED]
+                                                                 for name in COMPARED_RUNS]
     answers = [r["compute"]["answers"] for r in results["runs"] if r["compute"]["answers"]]
-    assert [a["cached"] for a in answers] == [False, True, False, True] and len(list((tmp_path / "cache").iterdir())) == 2
+    assert [a["cached"] for a in answers] == [False, True, False, True]
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    logs = {}
     for record in results["runs"]:
         assert len(record["final"]["sampled"]) == 1 and record["final"]["exposure_bias"]["oracle_error"] > 0
         folder = tmp_path / re.sub(r"\W+", "-", record["name"]).strip("-") / f"seed-{record['seed']}"
-        assert [json.loads(line)["step"] for line in (folder / "log.jsonl").read_text().splitlines()
-                if '"eval"' in line] == [0, 2]
+        logs[folder] = (folder / "log.jsonl").read_text()
+        assert [json.loads(line)["step"] for line in logs[folder].splitlines() if '"eval"' in line] == [0, 2]
     text = (tmp_path / "compare.md").read_text()
     rows = [line.split(" |")[0] for line in text.split("Open tasks")[0].splitlines() if line.startswith("| ")]
-    assert rows == ["| model", "| teacher", "| student (start)"] + [f"| student after {name}" for name, _, _ in
-                                                                    train.COMPARED]
+    assert rows == ["| model", "| teacher", "| student (start)"] + [f"| student after {name}" for name in COMPARED_RUNS]
     assert "| R-L | EM | R-L T=1 | EM T=1 | ECE | ECE T=1 |" in text and "ExAccErr(20) %" in text and " ± " in text
     assert "| valid | valid T=1 | distinct-2 | distinct-2 T=1 |" in text and "| seqkd | 0 | 0 |" in text
     assert "| gold answers | 100.0 | - |" in text
     # --resume reads the finished runs back instead of training them again, and writes the same tables
-    monkeypatch.setattr(train, "train", lambda *args: pytest.fail("a finished run was trained again"))
-    train.main([*FAST, *lm_flags(heldout_file), "--eval-data", str(heldout_file), "--out-dir", str(tmp_path),
-                "--compare", "--seeds", "0", "1", "--steps", "2", "--eval-samples", "1",
-                "--cache-dir", str(tmp_path / "cache"), "--resume"])
+    said = run_script("compare.py", *flags, "--resume")
+    assert said.count("its results read from log.jsonl") == len(results["runs"]), said[-3000:]
+    assert {folder: (folder / "log.jsonl").read_text() for folder in logs} == logs  # no run trained again
     again = (tmp_path / "compare.md").read_text()
     assert again.split("\n", 1)[1] == text.split("\n", 1)[1]  # (the first line gives the time it was written)
 
@@ -589,23 +634,61 @@ def test_own_jsonl_data_with_prompt_only_rows(tmp_path):
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     for method in ("sft", "minillm"):
-        train.main([*FAST, "--data", str(data), "--out-dir", str(tmp_path / method), "--method", method,
+        TRAIN.main([*FAST, "--data", str(data), "--out-dir", str(tmp_path / method), "--method", method,
                     "--steps", "2"])
         assert "Held-out scores (%) on 2 prompts; every method trained on the same 40 prompts (38 with a gold answer)" \
             in (tmp_path / method / "results.md").read_text()
 
 
+def prompts_only_file(directory: Path, count: int = 20) -> Path:
+    path = directory / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": e.prompt}) + "\n" for e in tiny_splits()["prompts"][:count]))
+    return path
+
+
+def test_prompts_only_data_trains_the_methods_that_need_no_gold_answer(tmp_path, heldout_file):
+    """Prompt-only lines are MiniLLM's (the README): with --eval-data for the held-out split, minillm trains on them."""
+    TRAIN.main([*FAST, "--data", str(prompts_only_file(tmp_path)), "--eval-data", str(heldout_file), "--method",
+                "minillm", "--steps", "1", "--out-dir", str(tmp_path / "out")])
+    assert "every method trained on the same 20 prompts (0 with a gold answer)" in \
+        (tmp_path / "out" / "results.md").read_text()
+
+
+def test_arguments_and_data_are_checked_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """--eval-size 0 and --pool-size 0 are refused by the parser; prompt-only data for a method that trains on gold
+    pairs, or without --eval-data to hold some out, is refused once read: all before a model loads."""
+    import transformers
+
+    def no_model(*args, **kwargs):
+        pytest.fail("a model was loaded before the arguments and the data were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    data = prompts_only_file(tmp_path)
+    for argv, message in ((["--eval-size", "0"], "argument --eval-size: must be an integer >= 1, got 0"),
+                          (["--pool-size", "0"], "argument --pool-size: must be an integer >= 1, got 0"),
+                          (["--method", "sft", "--data", str(data), "--eval-data", str(data)],
+                           f"{data}:1: no 'response'"),
+                          (["--method", "minillm", "--data", str(data)],
+                           f"{data}: no example has a response, and the held-out split is drawn from the gold pairs"),
+                          (["--method", "kd", "--data", str(data), "--eval-data", str(tmp_path / "heldout.jsonl")],
+                           f"{data}: no example of the pool has a response, and these runs train on gold pairs "
+                           "(prompt and response): kd.")):
+        (tmp_path / "heldout.jsonl").write_text(json.dumps({"prompt": "Max: 1 2\nA:", "response": " 2"}) + "\n")
+        with pytest.raises((SystemExit, ValueError)) as stopped:
+            TRAIN.main([*FAST, *argv, "--out-dir", str(tmp_path / "out")])
+        assert message in capsys.readouterr().err + str(stopped.value)
+
+
 def test_fsdp_needs_torchrun_and_the_number_of_processes_that_wrote_the_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--fsdp"])
+        parse_args(["--fsdp"])
     assert "--fsdp shards the models over the processes of torchrun" in capsys.readouterr().err
     save = tmp_path / "checkpoint" / "000001"
     save.mkdir(parents=True)
     for rank in (0, 1):
         (save / f"rank-{rank}.pt").touch()
-    run = SimpleNamespace(checkpoint=save, world=1, rank=0)
     with pytest.raises(SystemExit, match="by 2 processes, this run has 1: resume with torchrun --nproc_per_node 2"):
-        train.resume_file(run)
+        resume_file(save, rank=0, world=1)
 
 
 class LargeAllocations(TorchDispatchMode):
@@ -632,17 +715,14 @@ class LargeAllocations(TorchDispatchMode):
 
 def large_allocations_of_a_step(monkeypatch, out_dir: Path, models: list[str], lm_data: str,
                                 *flags: str) -> tuple[list, int]:
-    """The [N, V]-or-larger allocations of one MiniLLM step of the trainer (``train.step`` on a fresh rollout of 32
-    prompts, one micro-batch), by phase: "L_PT" (its forward and backward), "L_pg + L_single" (the rollout loss's
-    forward and backward), "update" (clipping, AdamW). N = the micro-batch's response positions (rows x response
-    length), V = the logits' width."""
-    args = train.parse_args([*FAST, *models, "--batch-size", "32", "--max-new-tokens", "12", "--lm-data", lm_data,
-                             *flags])
-    teacher, tokenizer = train.load_teacher(args, torch.device("cpu"))
-    data = train.load_data(args, tokenizer)
-    teacher = train.parallelize(teacher, fsdp=False, trainable=False)
-    run = train.start_run(args, out_dir, teacher, tokenizer, data, rank=0, world=1)
-    batch = train.next_batch(args, run)  # the rollout (sampling and the teacher's outputs) is not part of the step
+    """The [N, V]-or-larger allocations of one MiniLLM step of the trainer (examples/train.py's ``optimizer_step`` on
+    a fresh rollout of 32 prompts, one micro-batch), by phase: "L_PT" (its forward and backward), "L_pg + L_single"
+    (the rollout loss's forward and backward), "update" (clipping, AdamW). N = the micro-batch's response positions
+    (rows x response length), V = the logits' width."""
+    config = parse_args([*FAST, *models, "--batch-size", "32", "--max-new-tokens", "12", "--lm-data", lm_data, *flags])
+    run, _ = fresh_run(config, out_dir)
+    pretrain = TRAIN.pretrain_batches(run)
+    batch = run.method.micro_batches(run)  # the rollout (sampling and the teacher's outputs) is not part of the step
     positions = run.rollout.sample.response_mask.numel()
     width = run.student.get_output_embeddings().weight.shape[0]
     largest_parameter = max(p.numel() for p in run.student.parameters())
@@ -655,11 +735,11 @@ def large_allocations_of_a_step(monkeypatch, out_dir: Path, models: list[str], l
             return function(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(train, "pretrain_loss", in_phase("L_PT", train.pretrain_loss))
-    monkeypatch.setattr(train, "rollout_loss", in_phase("L_pg + L_single", train.rollout_loss))
+    monkeypatch.setattr(methods, "pretrain_loss", in_phase("L_PT", methods.pretrain_loss))
+    monkeypatch.setattr(MiniLLM, "loss", in_phase("L_pg + L_single", MiniLLM.loss))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", in_phase("update", torch.nn.utils.clip_grad_norm_))
     with recorder:
-        train.step(args, run, batch)
+        TRAIN.optimizer_step(run, pretrain, batch)
     return recorder.found, positions
 
 
@@ -680,7 +760,7 @@ def test_the_step_allocates_no_tokens_x_vocab_tensor_but_those_the_design_needs(
     logits cost 3 more: the copies of both models' views and slice_backward's zero-filled [B, N + 1, V]). With
     --fused-linear: none (the kernels' [C, V] chunk buffers stay inside the op). L_PT, the cross-entropy on pre-training text, is plain PyTorch on its own
     [B, T, V] logits on either path (reported and checked to be the same on both); the update allocates none."""
-    _, tokenizer = train.load_teacher(train.parse_args([]), torch.device("cpu"))
+    _, tokenizer = load_teacher(ModelConfig(), CPU)
     models = ["--teacher", str(random_llama(tmp_path / "teacher", tokenizer, seed=1, vocab=4096)),
               "--student", str(random_llama(tmp_path / "student", tokenizer, seed=2, vocab=4096))]
     lm_data = lm_flags(heldout_file)[1]

@@ -158,3 +158,67 @@ def test_reductions_follow_their_definitions(backend):
         torch.testing.assert_close(loss, expected)
         grads[reduction] = torch.autograd.grad(loss, student)[0]
     torch.testing.assert_close(grads["mean"], grads["sum"] / mask.sum())
+
+
+# The smallest temperature whose reciprocal k = 1/T (received in float64, applied in the compute dtype) is finite.
+SMALLEST_TEMPERATURE = {torch.float32: 1 / torch.finfo(torch.float32).max, torch.float64: 5.56268464626801e-309}
+
+
+@pytest.mark.parametrize("function", ("logits", "linear"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32, torch.float64), ids=str)
+def test_a_temperature_whose_reciprocal_overflows_is_refused_by_name(function, dtype):
+    """Every backend scales the logits by k = 1/T in float32 (float64 for float64 logits or weights): a T whose 1/T
+    overflows there is a ValueError naming temperature and the smallest it may be, before any backend runs."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    smallest = SMALLEST_TEMPERATURE[compute]
+    student, teacher = logits(3, V, dtype=dtype), logits(3, V, dtype=dtype)
+    for temperature in (smallest / 2, math.nextafter(smallest, 0.0)):
+        for backend in ("reference", "auto"):
+            with pytest.raises(ValueError, match=rf"temperature must be >= {smallest!r} .*{str(compute)[6:]}"):
+                if function == "logits":
+                    mk.fused_divergence(student, teacher, divergence="jsd", temperature=temperature, backend=backend)
+                else:
+                    weight = torch.randn(V, 4, dtype=dtype)
+                    mk.fused_linear_divergence(torch.randn(3, 4, dtype=dtype), weight, torch.randn(3, 4, dtype=dtype),
+                                               weight, divergence="jsd", temperature=temperature, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_the_smallest_temperature_gives_the_float64_answer_on_every_backend(dtype):
+    """At the smallest T allowed (where k = 1/T is the dtype's largest number) every backend gives the float64
+    reference's values rounded to the dtype: the logits are centred on their row's maximum before they are scaled,
+    so no finite logit overflows that would not in float64 (issue 20's r12)."""
+    student = torch.tensor([[1.0, 2.0, 3.0, 3.0], [0.5, -1.0, 2.0, 0.1]], dtype=dtype)
+    teacher = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.3, -1.0, 2.5, 0.1]], dtype=dtype)
+    temperature = SMALLEST_TEMPERATURE[dtype]
+    for backend in ("reference", "cpu", "triton"):
+        if backend not in mk.available_backends():
+            continue
+        for divergence in ("reverse_kl", "forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"):
+            exact = mk.fused_divergence(student.double(), teacher.double(), divergence=divergence,
+                                        temperature=temperature, reduction="none", backend="reference")
+            got = mk.fused_divergence(student, teacher, divergence=divergence, temperature=temperature,
+                                      reduction="none", backend=backend)
+            torch.testing.assert_close(got, exact.to(dtype), rtol=1e-6, atol=1e-6,
+                                       msg=lambda m: f"{backend} {divergence}: {m}")
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu", "triton"))
+@pytest.mark.parametrize("argument", ("temperature", "beta", "skew"))
+def test_a_scalar_tensor_that_requires_grad_is_refused_on_every_backend(backend, argument):
+    """No backend differentiates with respect to the temperature, beta or skew (the gradient flows to the student's
+    logits only): a 0-dim tensor that requires grad is a TypeError naming it on every backend, never a gradient that
+    one backend computes and the others silently drop (issue 20's r17)."""
+    if backend not in mk.available_backends():
+        pytest.skip(f"backend {backend!r} is not available here")
+    value = torch.tensor(0.7 if argument == "temperature" else 0.3, requires_grad=True)
+    divergence = "skew_forward_kl" if argument == "skew" else "jsd"
+    student = logits(2, 3, V).requires_grad_()
+    with pytest.raises(TypeError, match=rf"{argument} is a tensor that requires grad.*{argument}.detach\(\)"):
+        mk.fused_divergence(student, logits(2, 3, V), divergence=divergence, backend=backend, **{argument: value})
+    if argument == "temperature":
+        with pytest.raises(TypeError, match="temperature is a tensor that requires grad"):
+            call(student=student, temperature=value, backend=backend)
+    detached = mk.fused_divergence(student, logits(2, 3, V), divergence=divergence, backend=backend,
+                                   **{argument: value.detach()})
+    assert detached.requires_grad

@@ -1,8 +1,9 @@
-// Python bindings of the fused CPU kernels (reverse KL and the divergence family) (built just-in-time by minillm_kernels/cpu.py).
+// Python bindings of the fused CPU kernels (reverse KL, the divergence family and the sparse teacher) (built just-in-time by minillm_kernels/cpu.py).
 #include <torch/extension.h>
 
 #include "divergence.h"
 #include "reverse_kld.h"
+#include "sparse.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &reverse_kld_forward,
@@ -26,4 +27,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("student"), py::arg("teacher"), py::arg("mask"), py::arg("grad_divergence"), py::arg("mean_partial"),
         py::arg("row_stats"), py::arg("divergence"), py::arg("coefficient"), py::arg("inv_temperature"),
         py::arg("vocab_size"));
+  m.def("sparse_divergence_forward", &sparse_divergence_forward,
+        "Sparse-teacher forward over a student row view and [N, K] teacher ids and log-probabilities: returns "
+        "(value, student_logprob, entropy, mean_partial, row_stats [N, 4]).",
+        py::arg("student"), py::arg("teacher_ids"), py::arg("teacher_logprobs"), py::arg("target"), py::arg("mask"),
+        py::arg("divergence"), py::arg("tail"), py::arg("coefficient"), py::arg("inv_temperature"),
+        py::arg("vocab_size"));
+  m.def("sparse_divergence_backward", &sparse_divergence_backward,
+        "Sparse-teacher backward: gradient [N, Vs] w.r.t. the student logits from the upstream grads of "
+        "(value, student_logprob, entropy) and the forward outputs.",
+        py::arg("student"), py::arg("teacher_ids"), py::arg("teacher_logprobs"), py::arg("target"), py::arg("mask"),
+        py::arg("grad_value"), py::arg("grad_student_logprob"), py::arg("grad_entropy"), py::arg("entropy"),
+        py::arg("mean_partial"), py::arg("row_stats"), py::arg("divergence"), py::arg("tail"), py::arg("coefficient"),
+        py::arg("inv_temperature"), py::arg("vocab_size"));
 }

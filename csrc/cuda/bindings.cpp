@@ -1,10 +1,11 @@
-// Python bindings of the fused CUDA kernels (reverse KL and the divergence family) (built just-in-time by minillm_kernels/cuda.py). forward and
+// Python bindings of the fused CUDA kernels (reverse KL, the divergence family and the sparse teacher) (built just-in-time by minillm_kernels/cuda.py). forward and
 // backward have the CPU extension's signatures; the *_out variants write into caller-given outputs (the tests
 // pre-fill them with NaN to prove that every element is written).
 #include <torch/extension.h>
 
 #include "divergence.h"
 #include "reverse_kld.h"
+#include "sparse.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &reverse_kld_forward,
@@ -36,4 +37,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("student"), py::arg("teacher"), py::arg("mask"), py::arg("grad_divergence"), py::arg("mean_partial"),
         py::arg("row_stats"), py::arg("divergence"), py::arg("coefficient"), py::arg("inv_temperature"),
         py::arg("vocab_size"));
+  m.def("sparse_divergence_forward", &sparse_divergence_forward,
+        "Sparse-teacher forward over a student row view and [N, K] teacher ids and log-probabilities: returns "
+        "(value, student_logprob, entropy, mean_partial, row_stats [N, 4]).",
+        py::arg("student"), py::arg("teacher_ids"), py::arg("teacher_logprobs"), py::arg("target"), py::arg("mask"),
+        py::arg("divergence"), py::arg("tail"), py::arg("coefficient"), py::arg("inv_temperature"),
+        py::arg("vocab_size"));
+  m.def("sparse_divergence_backward", &sparse_divergence_backward,
+        "Sparse-teacher backward: gradient [N, Vs] w.r.t. the student logits from the upstream grads of "
+        "(value, student_logprob, entropy) and the forward outputs.",
+        py::arg("student"), py::arg("teacher_ids"), py::arg("teacher_logprobs"), py::arg("target"), py::arg("mask"),
+        py::arg("grad_value"), py::arg("grad_student_logprob"), py::arg("grad_entropy"), py::arg("entropy"),
+        py::arg("mean_partial"), py::arg("row_stats"), py::arg("divergence"), py::arg("tail"), py::arg("coefficient"),
+        py::arg("inv_temperature"), py::arg("vocab_size"));
 }

@@ -28,7 +28,9 @@ from typing import Optional
 import torch
 
 from minillm_kernels import reference
+from minillm_kernels._arguments import as_beta, as_skew
 from minillm_kernels.ops import reverse_kld
+from minillm_kernels.ops.autograd import differentiable
 from minillm_kernels.ops.reverse_kld import fresh_gradient, n_rows, row_view, stats_dtype
 
 Tensor = torch.Tensor
@@ -36,6 +38,15 @@ Tensor = torch.Tensor
 # The divergences these kernels compute (the reverse KL is reverse_kld's), and which coefficient each one takes.
 KERNEL_DIVERGENCES = ("forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 MIXTURE_COEFFICIENT = {"jsd": "beta", "skew_forward_kl": "skew", "skew_reverse_kl": "skew"}
+
+
+def check_coefficient(divergence: str, coefficient: float) -> None:
+    """The public range check of the coefficient ``divergence`` uses (the JSD's beta, the skew KLs' skew), with its
+    ValueError. ``fused_divergence`` makes it in eager mode; the ops make it again when they run, first thing, so that
+    under torch.compile (where the public check cannot raise while tracing) a bad value gives the same error."""
+    checks = {"beta": as_beta, "skew": as_skew}
+    if divergence in MIXTURE_COEFFICIENT:
+        checks[MIXTURE_COEFFICIENT[divergence]](coefficient)
 
 
 def _kernels(backend: str) -> tuple[Callable, Callable]:
@@ -75,6 +86,7 @@ def divergence(
     ``given_row_stats`` ``[N, 4]`` (in the accumulation dtype): the kernel skips its first pass and evaluates the
     terms with these log-normalisers (one pass), returning them as ``row_stats``. A vocabulary shard given the whole
     vocabulary's (``parallel.py``) gets its share of the global value and of sum_v q_v a_v ("cpu" and "triton")."""
+    check_coefficient(divergence, coefficient)
     if n_rows(student) == 0:
         return _empty_outputs(student, teacher)
     forward, _ = _kernels(backend)
@@ -143,7 +155,24 @@ def _backward(ctx, grad_divergence, grad_mean_partial, grad_row_stats):
     return grad_student, None, None, None, None, None, None, None, None
 
 
-divergence.register_autograd(_backward, setup_context=_setup_context)
+# The op with its gradient, for torch.autograd and torch.func (ops/autograd.py): what callers that differentiate call.
+differentiable_divergence = differentiable(divergence, _backward, _setup_context)
+
+
+@torch.library.custom_op("minillm_kernels::checked_coefficient", mutates_args=())
+def checked_coefficient(values: Tensor, divergence: str, coefficient: float) -> Tensor:
+    """A copy of ``values`` once ``check_coefficient(divergence, coefficient)`` passes: under torch.compile, the
+    run-time check of the reference backend's coefficient (which no kernel op receives), on its ``[N]`` values."""
+    check_coefficient(divergence, coefficient)
+    return values.clone()
+
+
+@checked_coefficient.register_fake
+def _(values, divergence, coefficient):
+    return torch.empty_like(values)
+
+
+checked_coefficient.register_autograd(lambda ctx, grad: (grad, None, None))
 
 
 def divergence_rows(
@@ -155,12 +184,15 @@ def divergence_rows(
     ``token_stats``; a skew KL with skew 0 (the plain KL) from its plain KL's kernel; the rest from ``divergence``."""
     if backend == "reference":
         student_rows, teacher_rows = (x.reshape(-1, x.shape[-1]) for x in (student, teacher))
-        return reference.divergence(student_rows, teacher_rows, mask, temperature, vocab_size, divergence_name,
-                                    beta=beta, skew=skew)
+        value = reference.divergence(student_rows, teacher_rows, mask, temperature, vocab_size, divergence_name,
+                                     beta=beta, skew=skew)
+        coefficient = beta if divergence_name == "jsd" else skew
+        return checked_coefficient(value, divergence_name, coefficient) if torch.compiler.is_compiling() else value
     if skew == 0 and divergence_name in ("skew_forward_kl", "skew_reverse_kl"):
         divergence_name = divergence_name.removeprefix("skew_")
     if divergence_name == "reverse_kl":
-        return reverse_kld.token_stats(student, teacher, None, mask, 1.0 / temperature, vocab_size, backend)[0]
+        return reverse_kld.differentiable_token_stats(student, teacher, None, mask, 1.0 / temperature, vocab_size,
+                                                      backend)[0]
     coefficient = beta if divergence_name == "jsd" else skew
-    return divergence(student, teacher, mask, divergence_name, coefficient, 1.0 / temperature, vocab_size,
-                      backend)[0]
+    return differentiable_divergence(student, teacher, mask, divergence_name, coefficient, 1.0 / temperature,
+                                     vocab_size, backend)[0]

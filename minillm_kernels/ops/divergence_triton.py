@@ -51,10 +51,13 @@ DIVERGENCE_CODES = {"forward_kl": FORWARD_KL, "jsd": JSD, "skew_forward_kl": SKE
 
 @triton.jit
 def _expm1(x):
-    """exp(x) - 1 for x <= 0, to a few ulps also near 0 (Kahan: (e - 1) x / log e, e = exp(x)); -1 at -inf."""
+    """exp(x) - 1 for x <= 0, to a few ulps, with e = exp(x): e - 1 where e < 1/2 (no cancellation there; -1 at -inf),
+    else Kahan's (e - 1) x / log e, which corrects the rounding of e near x = 0 (x itself where e rounds to 1). Not
+    Kahan's below 1/2: there e may be subnormal (x below -87.3 in float32, -708.4 in float64), rounded with a relative
+    error of up to 1/2, which his log e carries into the result (7e-3 at x = -103 in float32)."""
     e = tl.exp(x)
-    corrected = (e - 1.0) * x / tl.log(e)
-    return tl.where(e == 1.0, x, tl.where(e == 0.0, -1.0, corrected))
+    corrected = (e - 1.0) * x / tl.log(tl.maximum(e, 0.5))  # (the maximum: no log of 0 in lanes not taken)
+    return tl.where(e < 0.5, e - 1.0, tl.where(e == 1.0, x, corrected))
 
 
 @triton.jit

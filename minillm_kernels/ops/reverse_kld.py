@@ -8,8 +8,8 @@ turns per-row upstream gradients ``a = dL/dKL, b = dL/dlog q(y), c = dL/dH`` int
 student logits, a fresh contiguous tensor of the student's shape.
 The ``backend`` argument picks the kernel ("cpu": the C++ kernel, "triton", "cuda": the CUDA C++
 kernels); both ops have fake implementations, so ``torch.compile(fullgraph=True)`` traces through
-them, and the forward op has a registered autograd formula, so only per-row scalars are saved between
-forward and backward.
+them, and the forward op has an autograd formula (registered, and as an ``autograd.Function`` for ``torch.func``:
+``ops/autograd.py``), so only per-row scalars are saved between forward and backward.
 
 Row layout: the logits' last dimension has stride 1, the leading ones any strides (a ``[:, -(N+1):-1]`` slice of
 a model's ``[B, L, V]`` output, a transposed ``[T, B, V]``, a column slice of wider rows, a stride-0 ``expand``);
@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from minillm_kernels import reference
+from minillm_kernels.ops.autograd import differentiable
 
 Tensor = torch.Tensor
 
@@ -185,7 +186,8 @@ def _backward(ctx, grad_kl, grad_student_logprob, grad_teacher_logprob, grad_ent
     return grad_student, None, None, None, None, None, None
 
 
-token_stats.register_autograd(_backward, setup_context=_setup_context)
+# The op with its gradient, for torch.autograd and torch.func (ops/autograd.py): what callers that differentiate call.
+differentiable_token_stats = differentiable(token_stats, _backward, _setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------------

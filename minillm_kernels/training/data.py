@@ -8,17 +8,22 @@ so both paddings give a model the positions it was trained with.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import random
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
 from minillm_kernels.sampling import position_ids_from_attention_mask
+
+if TYPE_CHECKING:
+    from minillm_kernels.training.config import DataConfig
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding), as in torch's cross_entropy
 
@@ -52,15 +57,20 @@ def jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
 def load_jsonl(path: str | Path, *, require_response: bool = False) -> list[Example]:
     """Examples from a JSONL file of objects with "prompt", optional "response" and optional "task" fields.
 
-    A missing "response" (or "") marks a prompt without a gold answer; with ``require_response`` (held-out
-    data, which is scored against it) it is a ValueError naming ``path:line``. A missing "task" groups the
-    example under "all".
+    A missing "response" (or null, or "") marks a prompt without a gold answer; with ``require_response``
+    (held-out data, which is scored against it) it is a ValueError naming ``path:line``. A missing (or null)
+    "task" groups the example under "all". A field of another type is a ValueError naming ``path:line``.
     """
     examples = []
     for number, record in jsonl_objects(path):
         if not isinstance(record.get("prompt"), str):
             raise ValueError(f"{path}:{number}: each line must be a JSON object with a string 'prompt' field")
-        example = Example(str(record.get("task", "all")), record["prompt"], str(record.get("response", "")))
+        for name in ("response", "task"):
+            if record.get(name) is not None and not isinstance(record[name], str):
+                raise ValueError(f"{path}:{number}: '{name}' must be a string, or null or left out, got "
+                                 f"{type(record[name]).__name__} {record[name]!r:.40}")
+        task, response = record.get("task"), record.get("response")
+        example = Example("all" if task is None else task, record["prompt"], "" if response is None else response)
         if require_response and not example.response:
             raise ValueError(f"{path}:{number}: no 'response': every held-out example needs the answer it is "
                              "scored against")
@@ -79,9 +89,83 @@ def load_texts(path: str | Path) -> list[str]:
     return texts
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+    """What a run trains and is evaluated on (``load_training_data``)."""
+
+    pool: list[Example]  # the training prompts (the tiny default's all have a gold answer, a user's may lack one)
+    pairs: list[Example]  # what teacher-forced methods train on: the pool's gold pairs, or the teacher's answers
+    heldout: list[Example]
+    lm: list[str]  # L_PT's pre-training text
+    checkers: dict  # the open tasks' validity rules (tiny only)
+    long_tasks: tuple[str, ...] = ()  # the tasks where ExAccErr is measured (tiny only)
+    answers: Optional[dict] = None  # what the teacher's answers in ``pairs`` cost (``teacher_answers``' meta)
+
+    @property
+    def prompts(self) -> list[str]:
+        """Every pool prompt: the rollouts' and the teacher's answers'."""
+        return [e.prompt for e in self.pool]
+
+    @property
+    def long_prompts(self) -> list[str]:
+        """The held-out prompts of the long tasks."""
+        return [e.prompt for e in self.heldout if e.task in self.long_tasks]
+
+
+def load_training_data(config: DataConfig, *, seed: int, gold_answers_for: Sequence[str] = ()) -> TrainingData:
+    """The prompt pool, its gold pairs, the held-out split and the L_PT text of --data, --eval-data and --lm-data
+    (the tiny default's splits, tasks' validity rules and long tasks for --data tiny), cut to --pool-size and
+    --eval-size. Without --eval-data a user's data holds out 5% of its gold pairs (at least one), drawn with ``seed``.
+
+    Read before any model loads: SystemExit if the pool or the held-out split is empty, or if the pool has no gold
+    pair and ``gold_answers_for`` (the names of the methods that train on them) is not empty; ValueError naming
+    ``file:line`` for a malformed line (``load_jsonl``)."""
+    heldout = load_jsonl(config.eval_data, require_response=True) if config.eval_data else None
+    checkers, long_tasks = {}, ()
+    if config.data == "tiny":
+        from minillm_kernels.training.tiny import LONG_TASKS, tiny_checkers, tiny_splits  # (tiny imports this module)
+
+        splits = tiny_splits()
+        pool, heldout = splits["prompts"], heldout or splits["heldout"]
+        checkers, long_tasks = tiny_checkers(), LONG_TASKS
+    else:
+        pool = load_jsonl(config.data)
+        if heldout is None:
+            labelled = [e for e in pool if e.response]
+            if not labelled:
+                raise SystemExit(f"{config.data}: no example has a response, and the held-out split is drawn from the "
+                                 "gold pairs: pass --eval-data (held-out prompts with their responses)")
+            heldout = random.Random(seed).sample(labelled, len(labelled))[: max(1, len(labelled) // 20)]
+            pool = [e for e in pool if e not in set(heldout)]
+    pool, heldout = pool[: config.pool_size], heldout[: config.eval_size]
+    if not pool:
+        raise SystemExit(f"{config.data}: no training prompt (the pool is empty)")
+    if not heldout:
+        raise SystemExit(f"{config.eval_data}: no held-out example")
+    if gold_answers_for and not any(e.response for e in pool):
+        raise SystemExit(f"{config.data}: no example of the pool has a response, and these runs train on gold pairs "
+                         f"(prompt and response): {', '.join(gold_answers_for)}. Give some responses, or train with a "
+                         "method that trains on prompts only (on its own samples or on the teacher's answers)")
+    lm = load_texts(config.lm_data) if config.lm_data else []
+    return TrainingData(pool, [e for e in pool if e.response], heldout, lm, checkers, long_tasks)
+
+
+def with_chat_template(data: TrainingData, tokenizer) -> TrainingData:
+    """``data`` whose pool and held-out prompts are wrapped in the tokenizer's chat template (an instruct model's)."""
+    def chat(example: Example) -> Example:
+        message = [{"role": "user", "content": example.prompt}]
+        return example._replace(prompt=tokenizer.apply_chat_template(message, tokenize=False,
+                                                                      add_generation_prompt=True))
+
+    pool = [chat(e) for e in data.pool]
+    return dataclasses.replace(data, pool=pool, pairs=[e for e in pool if e.response],
+                               heldout=[chat(e) for e in data.heldout])
+
+
 def causal_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``[batch, seq, V]`` logits of a Hugging Face causal LM, positions taken from the mask."""
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_attention_mask(attention_mask)).logits
+    positions = position_ids_from_attention_mask(attention_mask)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
 
 
 class TeacherForcedBatch(NamedTuple):
@@ -148,6 +232,12 @@ def prompt_batch(tokenizer, prompts: Sequence[str], *, max_length: int) -> tuple
     return input_ids, attention_mask
 
 
+def cache_root() -> Path:
+    """Where the project caches what it computes once (the teacher's answers, SmolLM2's weights): ``$MINILLM_CACHE``
+    or ``~/.cache/minillm_kernels``."""
+    return Path(os.environ.get("MINILLM_CACHE") or Path.home() / ".cache" / "minillm_kernels")
+
+
 def cache_key(model: torch.nn.Module, prompts: Sequence[str], **settings) -> str:
     """A SHA-256 of ``model``'s weights (names, dtypes, shapes and bytes), the prompts and ``settings``: the key of
     what the model generated for them."""
@@ -167,8 +257,8 @@ def teacher_answers(
     ``generate_data_seqkd.sh``), generated once and cached.
 
     The cache is ``cache_dir/<key>.json``, the key a hash of the teacher's weights, the prompts, the seed and the
-    generation settings (the batches too: they set which random numbers each row draws) (``cache_key``): a changed teacher, prompt list, seed or length never reads a stale file.
-    It is written to a temp file and renamed. ``cached_only``: FileNotFoundError instead of generating.
+    generation settings (the batches too: they set which random numbers each row draws) (``cache_key``): a changed
+    teacher, prompt list, seed or length never reads a stale file. It is written to a temp file and renamed. ``cached_only``: FileNotFoundError instead of generating.
 
     Returns ``(examples with the teacher's responses, meta)``; ``meta`` holds what generating them cost, read from
     the cache file if it was there: ``{"key", "seconds", "teacher_forward_tokens" (prompt and response tokens the

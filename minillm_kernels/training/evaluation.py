@@ -16,10 +16,11 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import NamedTuple, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
 
+from minillm_kernels.sampling import TeacherMixedSample
 from minillm_kernels.training.data import causal_lm_logits
 
 _NON_ALPHANUMERIC = re.compile(r"[^a-z0-9]+")
@@ -102,25 +103,6 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             module.training = training
 
 
-class Generation(NamedTuple):
-    """One batch of generated responses. N = the steps taken (<= max_new_tokens).
-
-    sequences:      ``[B, P + N]`` the left-padded prompts, then the responses (padding after a row's first EOS);
-    attention_mask: ``[B, P + N]`` the prompts' mask, then ``response_mask``;
-    response_mask:  ``[B, N]`` bool, True up to and including each row's first EOS;
-    prompt_length:  P.
-    """
-
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-    prompt_length: int
-
-    @property
-    def response_ids(self) -> torch.Tensor:
-        return self.sequences[:, self.prompt_length :]
-
-
 @contextlib.contextmanager
 def seeded(seed: Optional[int], device: torch.device) -> Iterator[None]:
     """torch's global random state set from ``seed`` inside the block and restored after (nothing if None)."""
@@ -134,11 +116,13 @@ def seeded(seed: Optional[int], device: torch.device) -> Iterator[None]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, sample: bool,
-             synced_gpus: bool = False) -> Generation:
+             synced_gpus: bool = False) -> TeacherMixedSample:
     """Greedy (``sample=False``) or sampled (temperature 1, top-k 0, top-p 1) continuations of ``prompts``, one
     left-padded batch, stopped at the tokenizer's EOS, the model in eval() mode. ``synced_gpus``: ``generate``'s,
     every process of the ``torch.distributed`` group steps until all have finished (a model sharded by FSDP2
-    all-gathers its parameters in every forward pass: each process must call them all)."""
+    all-gathers its parameters in every forward pass: each process must call them all). The sample's per-token
+    log-probabilities and weights are None; its rows are padded after their first EOS, and ``response_mask`` is
+    True up to and including it."""
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         batch = tokenizer(list(prompts), return_tensors="pt", padding=True).to(next(model.parameters()).device)
@@ -152,11 +136,11 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, s
     is_eos = sequences[:, prompt_length:] == tokenizer.eos_token_id
     response_mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # no EOS before the token
     attention_mask = torch.cat([batch["attention_mask"], response_mask.long()], dim=1)
-    return Generation(sequences, attention_mask, response_mask, prompt_length)
+    return TeacherMixedSample(sequences, attention_mask, response_mask, prompt_length)
 
 
 @torch.no_grad()
-def response_log_probs(model, generation: Generation, vocab_size: int) -> torch.Tensor:
+def response_log_probs(model, generation: TeacherMixedSample, vocab_size: int) -> torch.Tensor:
     """``[B, N, vocab_size]`` float32 log-distributions log q(. | prompt, y_<t) of ``model`` at each response position
     t (one forward pass over the sequences, in eval() mode)."""
     with eval_mode(model):
@@ -165,7 +149,7 @@ def response_log_probs(model, generation: Generation, vocab_size: int) -> torch.
 
 
 def generate_all(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, sample_seed: Optional[int] = None,
-                 batch_size: int = 64, progress: bool = False, synced_gpus: bool = False) -> list[Generation]:
+                 batch_size: int = 64, progress: bool = False, synced_gpus: bool = False) -> list[TeacherMixedSample]:
     """``generate`` over ``prompts`` in batches of ``batch_size``, in order: greedy if ``sample_seed`` is None, else
     sampled, torch's random state seeded with ``sample_seed`` before the first batch (and restored after)."""
     from tqdm.auto import tqdm

