@@ -267,6 +267,27 @@ def test_large_logits_over_temperature_stay_finite_and_exact(backend, case):
     assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradient_terms_near_the_float32_limit_are_differenced_before_scaling(backend):
+    """A student peaked where the teacher's log-probability is ~ -2.4e38 (logits of +-1.2e38, as
+    ``fp32-max-above-4e37`` draws with MINILLM_TEST_SEED=1826878794): log q_v - log p_v and KL are both ~2.4e38 and
+    cancel in the peak's gradient, but a log p_v and a KL, each times a = 2.5, overflow float32 (Triton's
+    backward formed (a - c) log q_v - a log p_v - a KL and gave inf - inf = NaN). Every kernel stays within its bound."""
+    require_backend(backend)
+    device = device_for(backend)
+    rows, vocab, peak, teacher_top = 3, 64, 5, 9
+    student = (torch.randn(rows, vocab, dtype=torch.float64) * 1e36).float()
+    student[:, peak] = 1.2e38  # q ~ one-hot at the peak
+    teacher = (torch.randn(rows, vocab, dtype=torch.float64) * 4e37).float()
+    teacher[:, peak], teacher[:, teacher_top] = -1.2e38, 1.2e38  # log p at the peak ~ -2.4e38
+    student, teacher = student.to(device), teacher.to(device)
+    target = torch.randint(0, vocab, (rows,), device=device)
+    upstream = torch.stack([torch.full((rows,), 2.5, dtype=torch.float64), torch.randn(rows, dtype=torch.float64),
+                            torch.randn(rows, dtype=torch.float64)])
+    _, grad = check_against_oracle(backend, student, teacher, target, upstream)
+    assert torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=DTYPE_NAMES.get)
 def test_negative_infinity_columns(backend, dtype):
