@@ -258,7 +258,7 @@ MUTATIONS = (
         "cuda-does-not-compile", "csrc/cuda/device_math.cuh",
         "constexpr int kWarpSize = 32;",
         "constexpr int kWarpSize = 32",
-        ("tests/test_cuda_compile.py",),
+        ("tests/test_cuda_compile.py::test_cuda_source_compiles_for_sm90[csrc/cuda/reverse_kld.cu]",),
         "a CUDA source that nvcc cannot compile",
     ),
     # ---- the reference (the oracle): its bugs must be caught by independent checks, not by itself
