@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import gc
 import json
 import os
 import platform
@@ -102,18 +103,29 @@ def median_ms(fn: Callable[[], None], device: str, repeats: int) -> float:
 
 def peak_extra_bytes(fn: Callable[[], None], device: str) -> int:
     """The memory one call of ``fn`` adds at its peak over what is held before it: on the GPU from
-    ``torch.cuda.max_memory_allocated``, on the CPU from the peak resident set (reset just before the call)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    ``torch.cuda.max_memory_allocated``, on the CPU from the peak resident set (reset just before the call).
+
+    Python's garbage is collected before the baseline and not during the call: tensors held by reference cycles of
+    the warm-up (torch.compile's, autograd's) were otherwise freed by whichever collection happened to run inside the
+    call, and their pages hid the call's own (a quick run under load read 0.0 [N, V] for the compiled naive loss)."""
+    gc.collect()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            baseline = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - baseline
+        baseline = _proc_status_kb("VmRSS") * 1024
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM) to the current one
         fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - baseline
-    baseline = _proc_status_kb("VmRSS") * 1024
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM) to the current one
-    fn()
-    return _proc_status_kb("VmHWM") * 1024 - baseline
+        return _proc_status_kb("VmHWM") * 1024 - baseline
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def copy_bandwidth_gbps(n_bytes: int = 2**31) -> float:
@@ -396,7 +408,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts N (default: per device)")
     parser.add_argument("--vocab", type=int, nargs="+", help=f"vocabulary sizes V (default: {VOCABS})")
     parser.add_argument("--dtype", choices=tuple(DTYPES), nargs="+", help="logits dtypes (default: per device)")
-    parser.add_argument("--variants", nargs="+", help="a subset of the variants (default: all that run here)")
+    parser.add_argument("--variants", nargs="+", help="a subset of the variants (default: all that run here); each "
+                        "must run for at least one of the ops (and divergences)")
     parser.add_argument("--repeats", type=int, help="timed repeats per case on the CPU (default: per device)")
     parser.add_argument("--out", type=Path, help="results folder (default: out/benchmarks/<device>-<model>-<date>, "
                         "git-ignored; copy a run to benchmarks/results/ to commit it)")
@@ -435,14 +448,13 @@ def main(argv: list[str] | None = None) -> None:
     if "vocab_parallel" in args.op and args.device != "cpu":
         raise SystemExit("--op vocab_parallel runs on the CPU (gloo processes)")
     cases = []  # (op, variant, tokens, vocab, dtype, model, divergence, k)
+    runnable: set[str] = set()  # every variant of every selection: --variants may name one that runs for some only
     divergences = {"divergence": args.divergences or list(DIVERGENCES),
                    "sparse_divergence": args.divergences or list(SPARSE_DIVERGENCES)}
     for op, divergence in [(op, d) for op in args.op for d in divergences.get(op, [None])]:
         special = {"minillm_step": STEP_VARIANTS, "vocab_parallel": PARALLEL_VARIANTS}
         available = list(special[op] if op in special else variants(op, args.device, divergence))
-        unknown = set(args.variants or ()) - set(available)
-        if unknown:
-            raise SystemExit(f"variants {sorted(unknown)} do not run here; available: {available}")
+        runnable.update(available)
         names = [v for v in available if not args.variants or v in args.variants]
         if op == "minillm_step":  # float32, at each model's own rollout size
             cases += [(op, v, None, None, "fp32", model, None, None) for model in args.models for v in names]
@@ -450,6 +462,9 @@ def main(argv: list[str] | None = None) -> None:
             shapes = [(n, V, d) for d in args.dtype for V in args.vocab for n in args.tokens]
             ks = args.k if op == "sparse_divergence" else [None]
             cases += [(op, v, n, V, d, None, divergence, k) for n, V, d in shapes for k in ks for v in names]
+    unknown = set(args.variants or ()) - runnable
+    if unknown:
+        raise SystemExit(f"variants {sorted(unknown)} do not run here; available: {sorted(runnable)}")
     bandwidth = copy_bandwidth_gbps() if args.device == "cuda" else None
     today = datetime.date.today().isoformat()
     header = f"Device: {device_name(args.device)}; {versions()}; {today}"

@@ -12,7 +12,8 @@
   reduction "mean" computes the gradient in the forward; ``<backend>+recompute`` is reduction "none" then a mean,
   which recomputes each chunk's logits in the backward, the path ``fused_linear_token_stats`` takes), and
   Liger-Kernel's ``LigerFusedLinearJSD`` (GPU) and chunked ``LigerFusedLinearJSDLoss`` where installed, each with
-  the beta at which it computes the reverse KL (checked numerically).
+  the beta at which it computes the reverse KL (checked numerically), and TRL's chunked divergence
+  (``trl.kernels.chunked_divergence``) at its beta = 1 where installed.
 - ``divergence``: for one ``divergence`` of the family (``reference.DIVERGENCES``; beta and skew from
   ``DIVERGENCE_PARAMS``) the mean over tokens: the naive PyTorch loss (``NAIVE_DIVERGENCE``, eager and compiled),
   ``fused_divergence`` on each backend, and on a GPU where installed Liger-Kernel's ``LigerJSD(beta)`` for the JSD
@@ -382,6 +383,36 @@ def liger_linear(device: str) -> dict[str, Loss]:
     return table
 
 
+@functools.cache
+def trl_linear(device: str) -> dict[str, Loss]:
+    """TRL's fused-linear chunked divergence (``trl.kernels.chunked_divergence``, TRL 1.16: Triton tiles on a GPU,
+    torch ones elsewhere) at its beta = 1, the reverse KL KL(student || teacher) per token, averaged here, if installed
+    and if it gives the mean reverse KL (``disagreement`` on a small float32 input), by name; else empty. Its
+    generalized JSD (0 < beta < 1) and forward KL (beta = 0) work on hidden states too: TRL has no divergence on
+    logits, so it has no ``divergence`` variant."""
+    try:
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+    except ImportError:
+        return {}
+
+    def loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+             teacher_weight: torch.Tensor) -> torch.Tensor:
+        divergence, _ = ChunkedDivergenceFunction.apply(student_hidden, student_weight, None, teacher_hidden,
+                                                        teacher_weight, None, 1.0)
+        return divergence.mean()
+
+    try:
+        wrong = disagreement("linear_reverse_kld", loss, 1000, CHECK_HIDDEN, torch.float32, device)
+    except Exception as error:  # noqa: BLE001 (an installed version with another signature)
+        warnings.warn(f"TRL's chunked divergence failed ({error}): not benchmarked", RuntimeWarning, stacklevel=2)
+        return {}
+    if wrong:
+        warnings.warn(f"TRL's chunked divergence at beta 1 is not the mean reverse KL ({wrong}): not benchmarked",
+                      RuntimeWarning, stacklevel=2)
+        return {}
+    return {"trl_chunked(beta=1)": loss}
+
+
 def variants(op: str, device: str, divergence: Optional[str] = None) -> dict[str, Loss]:
     """Every variant of ``op`` (for "divergence" and "sparse_divergence", of its ``divergence``) that can run on
     ``device`` here, by name (``naive`` first, ``naive_topk`` for the sparse op: ratios refer to it)."""
@@ -412,4 +443,5 @@ def variants(op: str, device: str, divergence: Optional[str] = None) -> dict[str
         table["liger"] = liger_divergence(divergence)
     if op == "linear_reverse_kld":
         table.update(liger_linear(device))
+        table.update(trl_linear(device))
     return table

@@ -7,10 +7,14 @@ meant to catch each one fail.
 
 A mutation replaces one exact snippet of one file (which must occur exactly once, so that a refactoring that moves
 the code fails the harness loudly instead of planting nothing) and names the tests that should catch it. The
-harness copies the working tree once, runs the union of the named tests on the unmutated copy (they must pass: a
-test that already fails would "catch" anything), then for each mutation applies it, runs its tests with ``-x``,
-and restores the file. A C++ mutation gets a fresh kernel build (its own TORCH_EXTENSIONS_DIR); the others share
-one. It prints caught/missed per mutation and exits 1 if any is missed.
+harness checks every snippet, copies the working tree once per job (``--jobs``, default: one per CPU), runs the
+union of the named tests on the unmutated copy (they must pass: a test that already fails would "catch" anything;
+``--skip-baseline`` where the whole suite has just passed on this tree, as in scripts/test.sh), then, the jobs in
+parallel, for each mutation applies it to a copy, runs its tests with ``-x``, and restores the file. Each copy has
+its own C++ build cache, which ninja updates incrementally: a C++ mutation recompiles the files it touches, not the
+whole kernel. A mutation is caught when its tests fail (or hang); a selection that pytest cannot run (a node id that
+no longer exists, a ``-k`` that selects nothing) is an error, not a catch. It prints caught/missed per mutation as
+each finishes and, last, the count and the names of the missed ones; it exits 1 if any is missed or could not run.
 """
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from queue import Queue
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,6 +197,13 @@ MUTATIONS = (
         "Z_s summed in float32: float64 logits get float32 accuracy",
     ),
     Mutation(
+        "triton-gradient-products-before-differences", "minillm_kernels/ops/reverse_kld_triton.py",
+        "grad = tl.where(q > 0, q * (a * ((log_q - log_p) - kl) - b - c * (log_q + entropy)), 0.0)",
+        "grad = tl.where(q > 0, q * ((a - c) * log_q - a * log_p - a * kl - b - c * entropy), 0.0)",
+        ("tests/test_reverse_kld.py::test_gradient_terms_near_the_float32_limit_are_differenced_before_scaling[triton]",),
+        "the backward multiplies log p_v and KL by a before their difference: NaN (inf - inf) where they pass ~1e38",
+    ),
+    Mutation(
         "reference-out-of-range-target-zero", "minillm_kernels/reference.py",
         '        nan = student_logq.new_full((), float("nan"))',
         '        nan = student_logq.new_full((), 0.0)',
@@ -244,7 +257,7 @@ MUTATIONS = (
         "cuda-does-not-compile", "csrc/cuda/device_math.cuh",
         "constexpr int kWarpSize = 32;",
         "constexpr int kWarpSize = 32",
-        ("tests/test_cuda_compile.py",),
+        ("tests/test_cuda_compile.py::test_cuda_source_compiles_for_sm90[csrc/cuda/reverse_kld.cu]",),
         "a CUDA source that nvcc cannot compile",
     ),
     # ---- the reference (the oracle): its bugs must be caught by independent checks, not by itself
@@ -975,8 +988,22 @@ def is_native(mutation: Mutation) -> bool:
     return mutation.path.startswith("csrc/")
 
 
-def run_tests(copy: Path, tests: tuple[str, ...], extensions: Path, *, stop_first: bool) -> tuple[bool, float, str]:
-    """(passed, seconds, output tail) of pytest on ``tests`` in ``copy``."""
+class Outcome(NamedTuple):
+    """How a pytest run ended: ``verdict`` is "passed", "failed" (tests failed, collection errors included: the suite
+    would fail), "timeout" or "error" (pytest could not run the selection: a node id that does not exist, a ``-k``
+    that selects nothing, an internal error)."""
+
+    verdict: str
+    seconds: float
+    output: str
+
+
+PYTEST_VERDICTS = {0: "passed", 1: "failed", 2: "failed"}  # pytest's exit codes; 2: interrupted (collection errors)
+MUTATION_VERDICTS = {"passed": "MISSED", "failed": "caught", "timeout": "caught", "error": "ERROR"}  # (a hang: caught)
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], extensions: Path, *, stop_first: bool) -> Outcome:
+    """pytest on ``tests`` in ``copy``, with ``extensions`` as the C++ build cache."""
     env = {**os.environ, "PYTHONPATH": str(copy), "TORCH_EXTENSIONS_DIR": str(extensions)}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] if stop_first else []),
                *tests]
@@ -984,25 +1011,97 @@ def run_tests(copy: Path, tests: tuple[str, ...], extensions: Path, *, stop_firs
     try:
         done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return False, time.time() - started, f"timed out after {TIMEOUT_S} s"
-    return done.returncode == 0, time.time() - started, (done.stdout + done.stderr)[-2000:]
+        for lock in extensions.glob("*/lock"):  # a build killed mid-way leaves its lock: the next load would wait
+            lock.unlink()
+        return Outcome("timeout", time.time() - started, f"timed out after {TIMEOUT_S} s")
+    return Outcome(PYTEST_VERDICTS.get(done.returncode, "error"), time.time() - started, done.stdout + done.stderr)
+
+
+def failed_tests(output: str) -> list[str]:
+    """The FAILED / ERROR lines of pytest's short summary in ``output``."""
+    return [line for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+
+
+def planted(text: str, mutation: Mutation) -> str:
+    """``text`` (of the mutation's file) with the bug planted; exits naming the mutation unless its snippet occurs
+    exactly once."""
+    if text.count(mutation.old) != 1:
+        raise SystemExit(f"mutation {mutation.name}: the snippet occurs {text.count(mutation.old)} times in "
+                         f"{mutation.path} (it must occur once):\n{mutation.old}")
+    return text.replace(mutation.old, mutation.new)
 
 
 def apply(copy: Path, mutation: Mutation) -> str:
     """Plant the mutation in ``copy``; returns the file's original text."""
     path = copy / mutation.path
     text = path.read_text()
-    if text.count(mutation.old) != 1:
-        raise SystemExit(f"mutation {mutation.name}: the snippet occurs {text.count(mutation.old)} times in "
-                         f"{mutation.path} (it must occur once):\n{mutation.old}")
-    path.write_text(text.replace(mutation.old, mutation.new))
+    path.write_text(planted(text, mutation))
     return text
+
+
+class Worker(NamedTuple):
+    """One copy of the working tree and its C++ build cache. Every mutation of a worker shares the cache: each
+    pytest run is a fresh process, so torch's JIT writes the same build file and ninja recompiles only the
+    translation units whose sources (headers included) changed since the last build, the planted one and, after
+    it is restored, the same one again."""
+
+    copy: Path
+    extensions: Path
+
+
+def check_mutation(worker: Worker, mutation: Mutation) -> Outcome:
+    """Plant ``mutation`` in the worker's copy, run its tests (stopping at the first failure), restore the file."""
+    original = apply(worker.copy, mutation)
+    try:
+        return run_tests(worker.copy, mutation.tests, worker.extensions, stop_first=True)
+    finally:
+        (worker.copy / mutation.path).write_text(original)
+
+
+def check_all(workers: list[Worker], chosen: list[Mutation]) -> dict[str, Outcome]:
+    """Each mutation checked in one of the workers' copies, as many at once as there are workers, the C++ ones
+    first (the longest: a build each; the quick ones then fill the workers at the end). Prints a line per mutation
+    as it finishes."""
+    idle: Queue[Worker] = Queue()
+    for worker in workers:
+        idle.put(worker)
+
+    def check(index: int, mutation: Mutation) -> tuple[int, Mutation, Outcome]:
+        worker = idle.get()
+        try:
+            return index, mutation, check_mutation(worker, mutation)
+        finally:
+            idle.put(worker)
+
+    print(f"{len(chosen)} mutations, {len(workers)} at a time ...", flush=True)
+    queue = sorted(enumerate(chosen, 1), key=lambda item: not is_native(item[1]))
+    outcomes: dict[str, Outcome] = {}
+    with ThreadPoolExecutor(max_workers=len(workers)) as pool:
+        for future in as_completed([pool.submit(check, index, mutation) for index, mutation in queue]):
+            index, mutation, outcome = future.result()
+            outcomes[mutation.name] = outcome
+            print(f"[{index:2}/{len(chosen)}] {MUTATION_VERDICTS[outcome.verdict]:6} {mutation.name:36} "
+                  f"{outcome.seconds:5.0f} s  {mutation.bug}"
+                  + (f" (timed out after {TIMEOUT_S} s: a hang, or a machine far too loaded)"
+                     if outcome.verdict == "timeout" else ""), flush=True)
+            if outcome.verdict == "error":
+                print(outcome.output[-3000:])
+    return outcomes
+
+
+def default_jobs() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations only")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--jobs", type=int, default=default_jobs(),
+                        help="mutations checked at once, each in its own copy of the tree (default: the CPUs here)")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="do not first run the named tests on the unmutated copy: for a tree whose whole suite "
+                             "has just passed (scripts/test.sh)")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
     if args.only and len(chosen) != len(set(args.only)):
@@ -1013,33 +1112,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name:36} {m.path}: {m.bug}\n{'':36} caught by {', '.join(m.tests)}")
         return 0
 
+    for mutation in chosen:  # every snippet present once, before anything runs
+        planted((ROOT / mutation.path).read_text(), mutation)
+    started = time.time()
+    jobs = max(1, min(args.jobs, len(chosen)))
     with tempfile.TemporaryDirectory(prefix="minillm-mutations-") as scratch:
-        copy, extensions = Path(scratch) / "repo", Path(scratch) / "extensions"
-        copy_tree(copy)
-        tests = tuple(dict.fromkeys(t for m in chosen for t in selected_paths(m.tests)))
-        print(f"baseline: {len(tests)} test selections on the unmutated copy ...", flush=True)
-        passed, seconds, output = run_tests(copy, tests, extensions / "base", stop_first=False)
-        if not passed:
-            print(output)
-            print(f"baseline FAILED ({seconds:.0f} s): the tests must pass before any bug is planted")
-            return 1
-        print(f"baseline passed ({seconds:.0f} s)")
-        missed = []
-        for index, mutation in enumerate(chosen, 1):
-            original = apply(copy, mutation)
-            ext = extensions / mutation.name if is_native(mutation) else extensions / "base"
-            try:
-                passed, seconds, _ = run_tests(copy, mutation.tests, ext, stop_first=True)
-            finally:
-                (copy / mutation.path).write_text(original)
-            verdict = "MISSED" if passed else "caught"
-            print(f"[{index:2}/{len(chosen)}] {verdict:6} {mutation.name:36} {seconds:5.0f} s  {mutation.bug}",
-                  flush=True)
-            if passed:
-                missed.append(mutation.name)
-    print(f"{len(chosen) - len(missed)} of {len(chosen)} planted bugs caught" +
-          (f"; missed: {', '.join(missed)}" if missed else ""))
-    return 1 if missed else 0
+        workers = [Worker(Path(scratch) / f"repo-{i}", Path(scratch) / f"extensions-{i}") for i in range(jobs)]
+        for worker in workers:
+            copy_tree(worker.copy)
+        if not args.skip_baseline:
+            tests = tuple(dict.fromkeys(t for m in chosen for t in selected_paths(m.tests)))
+            print(f"baseline: {len(tests)} test selections on the unmutated copy ...", flush=True)
+            baseline = run_tests(workers[0].copy, tests, workers[0].extensions, stop_first=False)
+            if baseline.verdict != "passed":
+                print(baseline.output[-3000:])
+                failing = failed_tests(baseline.output)
+                print(f"baseline {baseline.verdict.upper()} ({baseline.seconds:.0f} s): the tests must pass before any "
+                      f"bug is planted" + (":\n" + "\n".join(failing) if failing else ""))
+                return 1
+            print(f"baseline passed ({baseline.seconds:.0f} s)")
+        outcomes = check_all(workers, chosen)
+    missed = [m.name for m in chosen if outcomes[m.name].verdict == "passed"]
+    broken = [m.name for m in chosen if outcomes[m.name].verdict == "error"]
+    print(f"{len(chosen) - len(missed) - len(broken)} of {len(chosen)} planted bugs caught in "
+          f"{(time.time() - started) / 60:.1f} min ({jobs} at a time)"
+          + (f"; missed: {', '.join(missed)}" if missed else "")
+          + (f"; tests could not run (see above): {', '.join(broken)}" if broken else ""))
+    return 1 if missed or broken else 0
 
 
 if __name__ == "__main__":
