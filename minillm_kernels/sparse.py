@@ -91,7 +91,8 @@ def fused_sparse_divergence(
     teacher = validate_sparse_teacher(student_logits, teacher_ids, teacher_logprobs, None, mask, temperature,
                                       vocab_size, backend, tail)
     value, _, _ = sparse_ops.sparse_rows(teacher.student, teacher.ids, teacher.logprobs, None, teacher.mask,
-                                         divergence, tail, beta, skew, temperature, teacher.vocab_size, teacher.backend)
+                                         divergence, tail, beta, skew, teacher.temperature, teacher.vocab_size,
+                                         teacher.backend)
     return reduce_per_token(value, teacher.mask, teacher.lead_shape, reduction)
 
 
@@ -143,7 +144,7 @@ def fused_sparse_token_stats(
         raise TypeError(f"target_teacher_logprobs must be a float tensor, got {target_teacher_logprobs.dtype}")
     kl, student_logprob, entropy = sparse_ops.sparse_rows(
         teacher.student, teacher.ids, teacher.logprobs, teacher.target, teacher.mask, "reverse_kl", tail, 0.5, 0.0,
-        temperature, teacher.vocab_size, teacher.backend)
+        teacher.temperature, teacher.vocab_size, teacher.backend)
     teacher_logprob = target_teacher_logprobs.detach().reshape(-1).to(kl.dtype)
     if teacher.mask is not None:
         teacher_logprob = torch.where(teacher.mask, teacher_logprob, 0.0)
@@ -188,6 +189,7 @@ class SparseCall(NamedTuple):
     lead_shape: torch.Size
     vocab_size: int
     backend: str
+    temperature: float  # a Python float, whatever number type was given
 
 
 def validate_sparse_teacher(
