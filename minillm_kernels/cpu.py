@@ -13,7 +13,11 @@ micro-architecture level (``x86-64-v2``, ``-v3``: AVX2 and FMA, ``-v4``: AVX-512
 cache holds one build per level, and a machine only ever loads the build for its own level. The level is the
 highest whose feature macros the compiler defines for ``-march=native`` (so it accounts for what the OS
 enables, e.g. AVX-512 state). Other architectures get the compiler's baseline for the machine (no ``-march``),
-named by ``platform.machine()``.
+named by ``platform.machine()``. ``$MINILLM_CPU_ISA_LEVEL`` names a lower x86-64 level to build and run instead, to
+measure or test that build on a newer machine (the ``x86-64-v3`` AVX2 build on an AVX-512 one).
+
+``-fno-trapping-math``: without it gcc does not if-convert a float comparison (it could trap), and below AVX-512, whose
+masked instructions need no if-conversion, every per-column loop stayed scalar.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from types import ModuleType
 from minillm_kernels._jit import build_extension, csrc_dir
 
 # No -ffast-math / -ffinite-math-only: the kernels must handle -inf logits.
-_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
+_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+ISA_LEVEL_ENV = "MINILLM_CPU_ISA_LEVEL"
 
 X86_64_BASELINE = "x86-64"
 # The x86-64 micro-architecture levels (psABI), lowest first, by the feature macros gcc and clang define for them.
@@ -38,6 +43,7 @@ X86_64_LEVEL_MACROS = {
                             "__MOVBE__", "__XSAVE__"}),
     "x86-64-v4": frozenset({"__AVX512F__", "__AVX512BW__", "__AVX512CD__", "__AVX512DQ__", "__AVX512VL__"}),
 }
+X86_64_LEVELS = (X86_64_BASELINE, *X86_64_LEVEL_MACROS)  # lowest first
 
 
 def isa_level(macros: Iterable[str], machine: str) -> str:
@@ -76,10 +82,24 @@ def _native_macros(compiler: str) -> frozenset[str]:
     return frozenset(line.split()[1] for line in done.stdout.splitlines() if line.startswith("#define "))
 
 
+def chosen_isa_level(native: str, requested: str | None) -> str:
+    """The level to build for: ``native`` (``isa_level``'s), or ``requested`` (``$MINILLM_CPU_ISA_LEVEL``) if set, which
+    must be an x86-64 level this machine runs, ``native`` or below it."""
+    if not requested:
+        return native
+    runnable = X86_64_LEVELS[:X86_64_LEVELS.index(native) + 1] if native in X86_64_LEVELS else ()
+    if requested not in runnable:
+        raise ValueError(f"{ISA_LEVEL_ENV}={requested!r}: this machine ({native}) runs "
+                         f"{', '.join(runnable) or 'no x86-64 level'}; unset it to build for the machine's own level")
+    return requested
+
+
 @functools.cache
 def host_isa_level() -> str:
-    """This machine's level (``isa_level``), asking the compiler the JIT build uses (``$CXX``, else ``c++``)."""
-    return isa_level(_native_macros(os.environ.get("CXX", "c++")), platform.machine())
+    """The level this machine's build targets (``chosen_isa_level``), asking the compiler the JIT build uses (``$CXX``,
+    else ``c++``) for the machine's own."""
+    native = isa_level(_native_macros(os.environ.get("CXX", "c++")), platform.machine())
+    return chosen_isa_level(native, os.environ.get(ISA_LEVEL_ENV))
 
 
 @functools.cache

@@ -391,8 +391,9 @@ def sparse_divergence(
         teacher_logprobs = torch.where(mask[:, None], teacher_logprobs, -math.inf)
     entries = sparse_entries(teacher_ids, teacher_logprobs, vocab_size, dtype)
     if tail == "renormalized":
-        logits = _scaled(student, vocab_size, temperature, dtype).gather(1, entries.column)
-        logits = torch.where(entries.live, logits, -math.inf)
+        # Only the entries' columns are read (centred on their largest): NaN elsewhere in the row does not reach them.
+        gathered = student[:, :vocab_size].gather(1, entries.column)
+        logits = _scaled(torch.where(entries.live, gathered, -math.inf), gathered.shape[1], temperature, dtype)
         has_entries = (entries.n_live > 0)[:, None]
         log_q = logits - torch.logsumexp(torch.where(has_entries, logits, 0.0), -1, keepdim=True)
         log_p = entries.log_p - torch.logsumexp(torch.where(has_entries, entries.log_p, 0.0), -1, keepdim=True)

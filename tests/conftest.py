@@ -72,8 +72,10 @@ NAIVE_FLOAT32_RTOL = 2e-5
 PER_TOKEN_FLOOR = 1.0  # nats
 
 
-def per_token_bound(exact: torch.Tensor, acc_dtype: torch.dtype, *, naive: bool = False) -> torch.Tensor:
-    """How far a per-token KL, entropy or log-probability may be from the exact value: rtol * max(|exact|, 1 nat).
+def per_token_bound(exact: torch.Tensor, acc_dtype: torch.dtype, *, naive: bool = False,
+                    floor: float = PER_TOKEN_FLOOR) -> torch.Tensor:
+    """How far a per-token KL, entropy or log-probability may be from the exact value: rtol * max(|exact|, floor), the
+    floor 1 nat unless given.
 
     float32 accumulation, rtol 2.5e-7 (about 2 float32 ulps): each term e_v = exp(k u_v) is computed in float32 from
     exact inputs (a few roundings, relative ~1e-7, independent from term to term) and added into float64 sums, so
@@ -90,7 +92,7 @@ def per_token_bound(exact: torch.Tensor, acc_dtype: torch.dtype, *, naive: bool 
     float32 reductions (~log2 V = 10 levels of rounding): about 300 u of the result.
     """
     rtol = NAIVE_FLOAT32_RTOL if naive and acc_dtype == torch.float32 else PER_TOKEN_RTOL[acc_dtype]
-    return rtol * exact.abs().clamp(min=PER_TOKEN_FLOOR)
+    return rtol * exact.abs().clamp(min=floor)
 
 
 def assert_within(got: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor, name: str) -> None:

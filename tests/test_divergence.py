@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import minillm_kernels as mk
-from conftest import accumulation_dtype, device_for, random_logits, random_mask, require_backend, ulp
+from conftest import (accumulation_dtype, assert_within, device_for, per_token_bound, random_logits, random_mask,
+                      require_backend, ulp)
 from minillm_kernels import reference
 
 DIVERGENCES = reference.DIVERGENCES
@@ -571,6 +572,80 @@ def test_float32_accuracy_at_a_realistic_size(divergence):
     teacher = random_logits(2048, 32000, torch.float32, torch.device("cpu"), scale=2.0)
     assert_close_to_exact("cpu", student, teacher, torch.randn(2048, dtype=torch.float64), divergence=divergence,
                           beta=BETA, skew=SKEW)
+
+
+# The README's per-token contract, for every divergence: each token's float32 result within PER_TOKEN_RTOL (2.5e-7,
+# about 4 float32 u) of the float64 reference, relative to the token's own value. The divergences' values are mostly
+# below the 1-nat floor the reverse KL's tests use (JSD <= log 2), so the floor here is 0.01 nat, far below every token
+# of these inputs (randn logits give JSD(0.3) ~ 0.2): only a divergence near 0 is held to an absolute 2.5e-9.
+DIVERGENCE_FLOOR = 0.01
+
+
+def assert_per_token_contract(backend, student, teacher, divergence, temperature=1.0):
+    """Per token, |got - exact| <= 2.5e-7 max(|exact|, DIVERGENCE_FLOOR), against reference.divergence in float64 on
+    the same float32 logits (256 rows at a time)."""
+    got = mk.fused_divergence(student, teacher, divergence=divergence, beta=BETA, skew=SKEW, temperature=temperature,
+                              reduction="none", backend=backend).cpu()
+    for start in range(0, student.shape[0], 256):
+        part = slice(start, start + 256)
+        want = reference.divergence(student[part].cpu().double(), teacher[part].cpu().double(), None, temperature,
+                                    student.shape[-1], divergence, beta=BETA, skew=SKEW)
+        assert_within(got[part], want, per_token_bound(want, torch.float32, floor=DIVERGENCE_FLOOR), divergence)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)  # (~20 s each, the float64 oracle)
+def test_cpu_float32_per_token_contract_at_4096_by_32000(divergence):
+    """randn logits, 4096 x 32000, float32 on the CPU kernel. Before the per-row constants were kept out of float32
+    rounding (issue 22), the forward KL reached 3.1e-7, the JSD 2.7e-7, the TVD 2.8e-7, the skew KLs 3.8e-7; now
+    every divergence is within 7e-8."""
+    require_backend("cpu")
+    cpu = torch.device("cpu")
+    student = random_logits(4096, 32000, torch.float32, cpu, 1.0)
+    teacher = random_logits(4096, 32000, torch.float32, cpu, 1.0)
+    assert_per_token_contract("cpu", student, teacher, divergence)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_cpu_float32_per_token_contract_for_a_student_near_its_teacher(divergence):
+    """Student logits = teacher's + 0.3 randn (distillation's late regime), 1024 x 32000: the values are small (a skew
+    KL ~ 0.04), so a rounding that every column of a row shares, invisible at randn logits, shows (the mixture's
+    weights as single floats: 7e-7 relative)."""
+    require_backend("cpu")
+    cpu = torch.device("cpu")
+    teacher = random_logits(1024, 32000, torch.float32, cpu, 1.0)
+    student = teacher + random_logits(1024, 32000, torch.float32, cpu, 0.3)
+    assert_per_token_contract("cpu", student, teacher, divergence)
+
+
+def test_cpu_forward_kl_per_token_contract_on_log_softmax_inputs():
+    """Log-probabilities as the student's logits, as Liger's KL-divergence test feeds them (logits near -10, where a
+    float32 step is 8x a randn logit's): up to 3.3e-7 before issue 22 (a seed-0 draw), 6.2e-8 now."""
+    require_backend("cpu")
+    cpu = torch.device("cpu")
+    student = random_logits(4096, 32000, torch.float32, cpu, 1.0).log_softmax(-1)
+    teacher = random_logits(4096, 32000, torch.float32, cpu, 1.0)
+    assert_per_token_contract("cpu", student, teacher, "forward_kl")
+
+
+# Triton's and CUDA's divergence kernels still round log Z_s, log Z_t, log Z_t - log Z_s and 1 - w to one float per row
+# (as the CPU kernel did before issue 22): under Triton's interpreter, 128 x 32000 randn logits, the forward KL reached
+# 6.7e-7, the skew KLs 7.2e-7 and 8.1e-7, the JSD and the TVD 2.5e-7 (the reverse KL, 6e-8, meets it).
+GPU_KERNELS_BELOW_THE_CONTRACT = pytest.mark.xfail(
+    reason="per-row constants rounded to float32 in the GPU divergence kernels (issue 22)", strict=False)
+
+
+@pytest.mark.parametrize("backend", ("triton", "cuda"))
+@pytest.mark.parametrize("divergence", [
+    d if d == "reverse_kl" else pytest.param(d, marks=GPU_KERNELS_BELOW_THE_CONTRACT) for d in DIVERGENCES])
+def test_gpu_kernels_per_token_contract_at_32000_columns(backend, divergence):
+    """The same contract on the GPU kernels: 4096 rows on a GPU, 4 under Triton's interpreter on a CPU (where 4096 x
+    32000 would take hours)."""
+    require_backend(backend)
+    device = device_for(backend)
+    rows = 4 if device.type == "cpu" else 4096
+    student = random_logits(rows, 32000, torch.float32, device, 1.0)
+    teacher = random_logits(rows, 32000, torch.float32, device, 1.0)
+    assert_per_token_contract(backend, student, teacher, divergence)
 
 
 @pytest.mark.parametrize("backend", ("triton", "cuda"))

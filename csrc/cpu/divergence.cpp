@@ -8,20 +8,25 @@
 //   tvd               1/2 sum_v |p_v - q_v|
 // (the reverse KL has its own single-pass kernel, reverse_kld.cpp). Terms whose leading probability is 0 count 0.
 //
-// Pass 1 streams the row for both log-normalisers (online softmax: running maxima c_s, c_t of the raw logits and
+// The forward KL is one streaming pass, kl_row.h's with the models' roles swapped (a = t, b = s: KL(p || q), both
+// log-normalisers; its sum_v q_v a_v = -sum_v p_v = -1). The others take two. Pass 1 streams the row for both
+// log-normalisers (streaming.h's online log-normaliser: running maxima c_s, c_t of the raw logits and
 // Z_s = sum exp(k (s - c_s)), Z_t likewise, re-centred when a maximum grows, double sums). Pass 2 evaluates each
 // column from them:
-//   log q_v = k (s_v - c_s) - log Z_s,   log p_v = k (t_v - c_t) - log Z_t,
-//   delta_v = log p_v - log q_v = k ((t_v - c_t) - (s_v - c_s)) - (log Z_t - log Z_s)  (raw differences first),
-// and, for a mixture m = w p + (1 - w) q (w, the teacher's weight: beta, alpha, or 1 - alpha for the skew reverse KL),
-//   tail_v = log((1 - w') + w' exp(-|delta_v|)),  w' = w where delta <= 0, 1 - w above (fast_log, fast_exp),
-//   log m - log q = max(delta, 0) + tail,   log p - log m = min(delta, 0) - tail
-// (the log-sum-exp of log w + log p and log(1 - w) + log q, within a few ulps of 1 absolute, vectorised, and finite
-// at delta = +-inf where its leading probability is positive); then adds the value's terms and sum_v q_v a_v, with
+//   q_v = exp(k (s_v - c_s)) / Z_s,   p_v = exp(k (t_v - c_t)) / Z_t,
+// each 1 / Z a per-row Factor, a pair of floats hi + lo (a float log Z subtracted in the exponent instead would shift
+// every column by the same rounding, up to half an ulp of log Z: 4.8e-7 relative at V = 32000, the whole result off by
+// as much). For a mixture m = w p + (1 - w) q (w, the teacher's weight: beta, alpha, or 1 - alpha for the skew reverse
+// KL; w and 1 - w Factors too), the log-ratios log(p / m) and log(q / m) are fast_log of the ratios (within a few u
+// absolute; finite wherever the leading probability is positive, -log w where the other model's is 0). The forward
+// KL's p_v (log p_v - log q_v) is p_v k ((t_v - c_t) - (s_v - c_s)) from the raw differences, its row constant
+// -(log Z_t - log Z_s) sum_v p_v added once per row, in double. Then pass 2 adds the value's terms and sum_v q_v a_v,
+// with
 // a_v = dD/dq_v:
 //   forward_kl: q a = -p;  jsd: (1 - beta) q log(q / m);  skew_forward_kl: -p (1 - alpha p / m);
 //   skew_reverse_kl: q (log(q / m) + 1 - alpha q / m);  tvd: 1/2 q sign(q - p)  (0 at q = p).
-// Given row statistics (a vocabulary shard's, standing for the whole vocabulary's: parallel.py) replace pass 1.
+// Given row statistics (a vocabulary shard's, standing for the whole vocabulary's: parallel.py) replace pass 1 (and
+// the forward KL's single pass: the shard's terms are pass 2's).
 // The backward writes, in one pass, grad_v = g k (q_v a_v - q_v sum_u q_u a_u) (the softmax's chain rule).
 //
 // Dtypes and rows as in reverse_kld.cpp: each input read in its own dtype, per-element arithmetic in acc_t (double
@@ -31,6 +36,7 @@
 #include "divergence.h"
 
 #include "../common/logits_args.h"
+#include "kl_row.h"
 #include "streaming.h"
 
 #include <algorithm>
@@ -40,6 +46,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include <ATen/Parallel.h>
 
@@ -64,10 +71,32 @@ void with_divergence(Divergence kind, F&& f) {
   }
 }
 
-// A row's constants: the row statistics, log Z_t - log Z_s, k, and the divergence's coefficient and teacher weight.
+// A per-row factor as a pair of acc_t, hi + lo = the double value to about u^2 (lo = 0 for double), and a product by
+// it. One float alone would scale every column of the row by the same rounding (up to 3e-8 relative): 1 / Z by it
+// takes the mixtures' values up to 1.5e-7 relative, and the mixture's weights in m shift every log(p / m) by up to
+// 3e-8, which for a student near its teacher (a skew KL of 0.04) is 8e-7 of the value.
+template <typename acc_t>
+struct Factor {
+  acc_t hi, lo;
+
+  static Factor of(double value) {
+    const acc_t hi = static_cast<acc_t>(value);
+    return {hi, static_cast<acc_t>(value - double(hi))};
+  }
+
+  C10_ALWAYS_INLINE acc_t times(acc_t x) const {
+    return x * hi + x * lo;
+  }
+};
+
+// A row's constants: the centres, 1 / Z_s and 1 / Z_t, k, the divergence's coefficient, and the mixture's weights w
+// and 1 - w.
 template <typename acc_t>
 struct Row {
-  acc_t c_s, logz_s, c_t, logz_t, logz_gap, k, coefficient, teacher_weight;
+  acc_t c_s, c_t;
+  Factor<acc_t> inv_z_s, inv_z_t;
+  acc_t k, coefficient;
+  Factor<acc_t> teacher_weight, student_weight;
 };
 
 template <typename acc_t>
@@ -75,56 +104,55 @@ Row<acc_t> row_of(Divergence divergence, double coefficient, double inv_t, doubl
                   double logz_t) {
   // The teacher's weight w in the mixture m = w p + (1 - w) q.
   const double weight = divergence == Divergence::kSkewReverseKl ? 1 - coefficient : coefficient;
-  return {acc_t(c_s), acc_t(logz_s), acc_t(c_t), acc_t(logz_t), acc_t(logz_t - logz_s), acc_t(inv_t),
-          acc_t(coefficient), acc_t(weight)};
+  return {acc_t(c_s),
+          acc_t(c_t),
+          Factor<acc_t>::of(std::exp(-logz_s)),
+          Factor<acc_t>::of(std::exp(-logz_t)),
+          acc_t(inv_t),
+          acc_t(coefficient),
+          Factor<acc_t>::of(weight),
+          Factor<acc_t>::of(1 - weight)};
 }
 
-// One column's q_v, its term of D and q_v a_v (a_v = dD/dq_v), from the raw logits x (student) and y (teacher).
+// One column's q_v, its term of D and q_v a_v (a_v = dD/dq_v), from the raw logits x (student) and y (teacher). The
+// forward KL's term leaves out -p_v (log Z_t - log Z_s), which the row adds once, in double.
 template <typename acc_t>
 struct Column {
   acc_t q, value, partial;
 };
 
-// The mixture divergences' part of column (below): from q, p and delta = log p - log q.
+// The mixture divergences' part of column (below), from q and p (each masked where its probability is 0).
 template <Divergence D, typename acc_t>
-C10_ALWAYS_INLINE Column<acc_t> mixture_column(const Row<acc_t>& r, acc_t q, acc_t p, bool q_live, bool p_live,
-                                               acc_t delta) {
-  // The mixture m = w p + (1 - w) q: log m - log q = max(delta, 0) + tail and log p - log m = min(delta, 0) - tail,
-  // each finite where its leading probability is positive (delta = +-inf included).
-  const acc_t weight = delta > 0 ? 1 - r.teacher_weight : r.teacher_weight;
-  const acc_t tail = fast_log((1 - weight) + weight * fast_exp(-std::abs(delta)));
-  const acc_t log_q_over_m = -(std::max(delta, acc_t(0)) + tail);
-  const acc_t log_p_over_m = std::min(delta, acc_t(0)) - tail;
+C10_ALWAYS_INLINE Column<acc_t> mixture_column(const Row<acc_t>& r, acc_t q, acc_t p, bool q_live, bool p_live) {
+  const acc_t m = r.teacher_weight.times(p) + r.student_weight.times(q);
   if constexpr (D == Divergence::kJsd) {
-    const acc_t beta = r.coefficient;
-    const acc_t q_term = where_live(q_live, q * log_q_over_m);
-    return {q, beta * where_live(p_live, p * log_p_over_m) + (1 - beta) * q_term, (1 - beta) * q_term};
+    const acc_t beta = r.teacher_weight.hi, one_minus_beta = r.student_weight.hi;
+    const acc_t p_term = where_live(p_live, p * fast_log(p / m));
+    const acc_t q_term = where_live(q_live, q * fast_log(q / m));
+    return {q, beta * p_term + one_minus_beta * q_term, one_minus_beta * q_term};
   } else if constexpr (D == Divergence::kSkewForwardKl) {
-    const acc_t p_over_m = fast_exp(log_p_over_m);
-    return {q, where_live(p_live, p * log_p_over_m), where_live(p_live, -p * (1 - r.coefficient * p_over_m))};
+    const acc_t p_over_m = p / m;  // <= 1 / alpha
+    return {q, where_live(p_live, p * fast_log(p_over_m)), where_live(p_live, -p * (1 - r.coefficient * p_over_m))};
   } else {
-    const acc_t q_over_m = fast_exp(log_q_over_m);  // the skew reverse KL
-    return {q, where_live(q_live, q * log_q_over_m),
-            where_live(q_live, q * (log_q_over_m + 1 - r.coefficient * q_over_m))};
+    const acc_t q_over_m = q / m;  // the skew reverse KL; <= 1 / alpha
+    return {q, where_live(q_live, q * fast_log(q_over_m)),
+            where_live(q_live, q * (fast_log(q_over_m) + 1 - r.coefficient * q_over_m))};
   }
 }
 
 template <Divergence D, typename acc_t>
 C10_ALWAYS_INLINE Column<acc_t> column(const Row<acc_t>& r, acc_t x, acc_t y) {
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const acc_t u = x - r.c_s, w = y - r.c_t;
-  const acc_t log_q = u * r.k - r.logz_s, log_p = w * r.k - r.logz_t;
-  const acc_t q = fast_exp(log_q), p = fast_exp(log_p);
+  const acc_t q = r.inv_z_s.times(fast_exp(u * r.k)), p = r.inv_z_t.times(fast_exp(w * r.k));
   const bool q_live = q > 0, p_live = p > 0;
-  // log p - log q, from the raw differences where both are finite (+-inf where one model's logit is -inf).
-  const acc_t delta = (x > kNegInf && y > kNegInf) ? (w - u) * r.k - r.logz_gap : log_p - log_q;
   if constexpr (D == Divergence::kForwardKl) {
-    return {q, where_live(p_live, p * delta), -p};
+    // p (log p - log q + log Z_t - log Z_s) from the raw differences (+inf where only the student's logit is -inf).
+    return {q, where_live(p_live, p * ((w - u) * r.k)), -p};
   } else if constexpr (D == Divergence::kTvd) {
     const acc_t sign = acc_t(q > p) - acc_t(q < p);
     return {q, acc_t(0.5) * std::abs(p - q), acc_t(0.5) * q * sign};
   } else {
-    return mixture_column<D>(r, q, p, q_live, p_live, delta);
+    return mixture_column<D>(r, q, p, q_live, p_live);
   }
 }
 
@@ -137,31 +165,31 @@ template <typename student_t, typename teacher_t, typename acc_t>
 LogNormalisers log_normalisers(const student_t* __restrict s, const teacher_t* __restrict t, int64_t n_cols,
                                double inv_t, acc_t* __restrict buf_s, acc_t* __restrict buf_t) {
   const acc_t k = static_cast<acc_t>(inv_t);
-  acc_t m_s = -std::numeric_limits<acc_t>::infinity(), m_t = m_s;  // running maxima
-  acc_t c_s = 0, c_t = 0;                                           // centres
-  double z_s = 0, z_t = 0;
+  OnlineLogNormaliser<acc_t> student, teacher;
   for (int64_t start = 0; start < n_cols; start += kChunk) {
     const int64_t n = std::min(kChunk, n_cols - start);
-    acc_t bm_s, bm_t;
-    const acc_t* x = chunk_values(s + start, n, buf_s, bm_s);
-    const acc_t* y = chunk_values(t + start, n, buf_t, bm_t);
-    m_s = std::max(m_s, bm_s);
-    m_t = std::max(m_t, bm_t);
-    const acc_t nc_s = centre_of(m_s), nc_t = centre_of(m_t);
-    if (nc_s != c_s && z_s > 0) z_s *= std::exp((double(c_s) - double(nc_s)) * inv_t);
-    if (nc_t != c_t && z_t > 0) z_t *= std::exp((double(c_t) - double(nc_t)) * inv_t);
-    c_s = nc_s;
-    c_t = nc_t;
-    double chunk_z_s = 0, chunk_z_t = 0;
-#pragma omp simd reduction(+ : chunk_z_s, chunk_z_t)
-    for (int64_t j = 0; j < n; ++j) {
-      chunk_z_s += fast_exp((x[j] - c_s) * k);
-      chunk_z_t += fast_exp((y[j] - c_t) * k);
-    }
-    z_s += chunk_z_s;
-    z_t += chunk_z_t;
+    acc_t max_s, max_t;
+    const acc_t* x = chunk_values(s + start, n, buf_s, max_s);
+    const acc_t* y = chunk_values(t + start, n, buf_t, max_t);
+    student.recentre(max_s, inv_t);
+    teacher.recentre(max_t, inv_t);
+    const acc_t c_s = student.centre, c_t = teacher.centre;
+    const Terms<double> sums = sum_terms<2>(n, [&](int64_t j) MINILLM_INLINE_LAMBDA {
+      return Terms<acc_t>{fast_exp((x[j] - c_s) * k), fast_exp((y[j] - c_t) * k)};
+    });
+    student.z += sums.s0;
+    teacher.z += sums.s1;
   }
-  return {double(c_s), std::log(z_s), double(c_t), std::log(z_t)};
+  return {double(student.centre), student.log_z(), double(teacher.centre), teacher.log_z()};
+}
+
+// The forward KL of one row (and its statistics) in one pass: kl_row with the teacher as the leading model.
+template <typename student_t, typename teacher_t, typename acc_t>
+std::pair<LogNormalisers, double> forward_kl_row(const student_t* __restrict s, const teacher_t* __restrict t,
+                                                 int64_t n_cols, double inv_t, acc_t* __restrict buf_s,
+                                                 acc_t* __restrict buf_t) {
+  const KlRow r = kl_row<acc_t>(t, s, n_cols, inv_t, buf_t, buf_s);
+  return {{r.c_b, r.logz_b, r.c_a, r.logz_a}, r.kl};
 }
 
 using logits_args::accumulation_dtype;
@@ -216,27 +244,37 @@ std::vector<at::Tensor> divergence_forward(
           }
           const student_t* s = s_base + s_rows.offset(i);
           const teacher_t* t = t_base + t_rows.offset(i);
-          // Pass 1, unless the caller gives the statistics (a sharded vocabulary's global log-normalisers).
-          const LogNormalisers z = given_p != nullptr
-              ? LogNormalisers{double(given_p[4 * i]), double(given_p[4 * i + 1]), double(given_p[4 * i + 2]),
-                               double(given_p[4 * i + 3])}
-              : log_normalisers<student_t, teacher_t, acc_t>(s, t, vocab_size, inv_temperature, buf_s, buf_t);
-          const Row<acc_t> r = row_of<acc_t>(kind, coefficient, inv_temperature, z.c_s, z.logz_s, z.c_t, z.logz_t);
-          double total = 0, partial = 0;
-  #pragma omp simd reduction(+ : total, partial)
-          for (int64_t v = 0; v < vocab_size; ++v) {
-            const Column<acc_t> c = column<D>(r, load_as<acc_t>(s, v), load_as<acc_t>(t, v));
-            total += c.value;
-            partial += c.partial;
+          LogNormalisers z;
+          double total, partial;
+          if (D == Divergence::kForwardKl && given_p == nullptr) {
+            const auto [stats, kl] = forward_kl_row<student_t, teacher_t, acc_t>(s, t, vocab_size, inv_temperature,
+                                                                                buf_s, buf_t);
+            z = stats;
+            total = kl;
+            partial = -1;  // sum_v q_v a_v = -sum_v p_v
+          } else {
+            // Pass 1, unless the caller gives the statistics (a sharded vocabulary's global log-normalisers).
+            z = given_p != nullptr
+                ? LogNormalisers{double(given_p[4 * i]), double(given_p[4 * i + 1]), double(given_p[4 * i + 2]),
+                                 double(given_p[4 * i + 3])}
+                : log_normalisers<student_t, teacher_t, acc_t>(s, t, vocab_size, inv_temperature, buf_s, buf_t);
+            const Row<acc_t> r = row_of<acc_t>(kind, coefficient, inv_temperature, z.c_s, z.logz_s, z.c_t, z.logz_t);
+            const Terms<double> sums = sum_terms<2>(vocab_size, [&](int64_t v) MINILLM_INLINE_LAMBDA {
+              const Column<acc_t> c = column<D>(r, load_as<acc_t>(s, v), load_as<acc_t>(t, v));
+              return Terms<acc_t>{c.value, c.partial};
+            });
+            total = sums.s0;
+            partial = sums.s1;
+            if constexpr (D == Divergence::kForwardKl) total += (z.logz_t - z.logz_s) * partial;  // -(gap) sum_v p_v
           }
           // NaN logits make a log-normaliser NaN, and every q_v, p_v with it: the terms alone would drop them.
           const double nan_of_logits = (z.logz_s - z.logz_s) + (z.logz_t - z.logz_t);
           value_p[i] = static_cast<acc_t>(total + nan_of_logits);
           partial_p[i] = static_cast<acc_t>(partial + nan_of_logits);
-          st[0] = r.c_s;
-          st[1] = r.logz_s;
-          st[2] = r.c_t;
-          st[3] = r.logz_t;
+          st[0] = static_cast<acc_t>(z.c_s);
+          st[1] = static_cast<acc_t>(z.logz_s);
+          st[2] = static_cast<acc_t>(z.c_t);
+          st[3] = static_cast<acc_t>(z.logz_t);
         }
       });
     });

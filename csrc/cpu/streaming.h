@@ -1,7 +1,10 @@
 // The per-element helpers every CPU kernel shares (csrc/cpu: reverse_kld.cpp, divergence.cpp): the accumulation
-// type of a dtype pair, a branch-free exp, exact loads and round-to-nearest-even stores of float32, float64, bfloat16
-// and float16, the chunked read of a row with its maximum, huge pages for a fresh gradient, and the dispatch over the
-// 16 dtype pairs. Everything is written so that gcc vectorises the loops that call it.
+// type of a dtype pair, a branch-free exp and log, exact loads and round-to-nearest-even stores of float32, float64,
+// bfloat16 and float16, the chunked read of a row with its maximum, the online log-normaliser (online softmax) of a
+// row streamed chunk by chunk, row sums in float groups added in double, huge pages for a fresh gradient, and the
+// dispatch over the 16 dtype pairs. Everything is written so that gcc vectorises the loops that call it, at every
+// x86-64 level (cpu.py builds with -fno-trapping-math: without it gcc does not if-convert a float comparison, and
+// below AVX-512, whose masked instructions do not need that, every per-column loop stayed scalar).
 #pragma once
 
 #include <algorithm>
@@ -42,27 +45,34 @@ C10_ALWAYS_INLINE To bit_as(From x) {
   return y;
 }
 
+// v where live, else +0: a bit mask rather than a select (which kept gcc from vectorising the loop that adds
+// float terms into double sums); v may be NaN or inf where not live.
+template <typename acc_t>
+C10_ALWAYS_INLINE acc_t where_live(bool live, acc_t v) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+  return bit_as<acc_t>(bit_as<bits_t>(v) & (bits_t(0) - static_cast<bits_t>(live)));
+}
+
 // ---------------------------------------------------------------------------------------------------------
-// Branch-free exp for the arguments the kernels pass (x <= ~0: logits minus their maximum, log-probabilities).
+// Branch-free exp for the arguments the kernels pass: x <= 0 up to rounding (logits minus their maximum,
+// log-probabilities), NaN and -inf included; correct up to x = 88 (above, 2^k leaves the exponent's range).
 // exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 in [-ln2/2, ln2/2] (two-constant range reduction),
 // exp(r) by a polynomial (float: degree 6 minimax; double: degree-13 Taylor, truncation < 1e-17), 2^k built
 // in the exponent bits. k is rounded with the 1.5 * 2^p "shifter" trick, whose low mantissa bits then hold
-// k + bias. Results: 0 for x below log of the smallest normal (-inf included; no subnormals are produced),
-// NaN for NaN; x is clamped to kHi above (never reached here). No branch nor select: multiplying by the
-// comparison lets gcc vectorise the loops that add these terms into double sums. Max error measured: 0.91 ulp (float, all
-// inputs up to kHi), 1.0 ulp (double, sampled).
+// k + bias. Below log of the smallest normal (-inf included) those bits are garbage and the result is masked to 0 (no
+// subnormals are produced); NaN gives NaN. No clamp, branch nor select: gcc turns a clamp of a float into a compare
+// and a blend per bound, where the mask is one compare and one AND. Max error measured: 0.91 ulp (float), 1.0 ulp
+// (double, sampled).
 // ---------------------------------------------------------------------------------------------------------
 C10_ALWAYS_INLINE float fast_exp(float x) {
   constexpr float kLo = -87.33654f;  // just above log(FLT_MIN)
-  constexpr float kHi = 88.3f;       // keeps k <= 127
   constexpr float kShift = 12582912.0f + 127.0f;  // 1.5 * 2^23 + exponent bias
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;            // 355 / 512: k * kLn2Hi is exact
   constexpr float kLn2Lo = -2.12194440054690583e-4f;  // ln 2 - kLn2Hi
-  const float xc = std::min(std::max(x, kLo), kHi);  // NaN passes through
-  const float kf = xc * kLog2e + kShift;
+  const float kf = x * kLog2e + kShift;
   const float k = kf - kShift;
-  float r = xc - k * kLn2Hi;
+  float r = x - k * kLn2Hi;
   r = r - k * kLn2Lo;
   // Degree-6 polynomial 1 + r + c2 r^2 + ... + c6 r^6, coefficients fitted for minimax relative error on
   // [-ln2/2, ln2/2] (3e-9 relative before rounding).
@@ -74,21 +84,18 @@ C10_ALWAYS_INLINE float fast_exp(float x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const float scale = bit_as<float>(bit_as<uint32_t>(kf) << 23);  // 2^k
-  const float y = p * scale;
-  return y * static_cast<float>(x >= kLo);  // 0 below kLo (-inf included), NaN for NaN
+  return where_live(!(x < kLo), p * scale);  // 0 below kLo (-inf included), NaN for NaN
 }
 
 C10_ALWAYS_INLINE double fast_exp(double x) {
   constexpr double kLo = -708.39;  // just above log(DBL_MIN)
-  constexpr double kHi = 709.0;    // keeps k <= 1023
   constexpr double kShift = 6755399441055744.0 + 1023.0;  // 1.5 * 2^52 + exponent bias
   constexpr double kLog2e = 1.4426950408889634074;
   constexpr double kLn2Hi = 6.93147180369123816490e-01;  // ln 2 rounded to 32 significant bits
   constexpr double kLn2Lo = 1.90821492927058770002e-10;  // ln 2 - kLn2Hi
-  const double xc = std::min(std::max(x, kLo), kHi);
-  const double kf = xc * kLog2e + kShift;
+  const double kf = x * kLog2e + kShift;
   const double k = kf - kShift;
-  double r = xc - k * kLn2Hi;
+  double r = x - k * kLn2Hi;
   r = r - k * kLn2Lo;
   double p = 1.0 / 6227020800.0;  // 1/13!
   p = p * r + 1.0 / 479001600.0;
@@ -105,14 +112,14 @@ C10_ALWAYS_INLINE double fast_exp(double x) {
   p = p * r + 1.0;
   p = p * r + 1.0;
   const double scale = bit_as<double>(bit_as<uint64_t>(kf) << 52);  // 2^k
-  const double y = p * scale;
-  return y * static_cast<double>(x >= kLo);
+  return where_live(!(x < kLo), p * scale);
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Branch-free log for positive normal arguments (the kernels pass mixture weights in (0, 1]): x = 2^e m with
-// m in [sqrt(1/2), sqrt(2)), log x = e ln 2 + 2 atanh(f), f = (m - 1) / (m + 1), |f| <= 0.1716, the atanh series
-// in s = f^2 (float: to s^4, truncation < 3e-10 relative; double: to s^10, < 1e-17). NaN for NaN.
+// Branch-free log for positive normal arguments (the kernels pass a probability over a mixture's, in (0, 1 / w]):
+// x = 2^e m with m in [sqrt(1/2), sqrt(2)), log x = e ln 2 + 2 atanh(f), f = (m - 1) / (m + 1), |f| <= 0.1716, the
+// atanh series in s = f^2 (float: to s^4, truncation < 3e-10 relative; double: to s^10, < 1e-17). NaN for NaN; finite
+// (and meaningless) for 0 and subnormals, which the kernels mask.
 // ---------------------------------------------------------------------------------------------------------
 C10_ALWAYS_INLINE float fast_log(float x) {
   constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440054690583e-4f;
@@ -223,14 +230,6 @@ C10_ALWAYS_INLINE acc_t centre_of(acc_t running_max) {
   return running_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : running_max;
 }
 
-// v where live, else +0: a bit mask rather than a select (which kept gcc from vectorising the loop that adds
-// float terms into double sums); v may be NaN or inf where not live.
-template <typename acc_t>
-C10_ALWAYS_INLINE acc_t where_live(bool live, acc_t v) {
-  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
-  return bit_as<acc_t>(bit_as<bits_t>(v) & (bits_t(0) - static_cast<bits_t>(live)));
-}
-
 // The values of n logits in acc_t (the logits themselves when they are acc_t, else converted into buf), and
 // their maximum (NaN ignored: a NaN reaches the sums through exp instead).
 template <typename acc_t, typename scalar_t>
@@ -255,6 +254,93 @@ const acc_t* chunk_values(const scalar_t* __restrict p, int64_t n, acc_t* __rest
     return buf;
   }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Row sums. A float sum rounds at the scale of its running total, which over a row costs up to 1e-6 relative (a
+// peaked row: its few large terms; at V = 32000 the cancellation in KL = k A / Z_s - log Z_s + log Z_t). So a row's
+// sums are double, and the terms reach them in float groups: the terms of columns j, j + n/4, j + n/2 and j + 3n/4
+// are added in acc_t as a tree (two roundings, at the scale of the four terms), the group in double. That is as
+// accurate as adding every term in double, at a quarter of the conversions; longer float runs are not (a float
+// accumulator over 8 to 16 terms per lane took the reverse KL of randn * 3 logits from 7e-8 to 2e-7 relative).
+// ---------------------------------------------------------------------------------------------------------
+// Marks the per-column lambda a caller passes to sum_terms: gcc keeps a large one (a mixture's column) out of line in
+// the loop that calls it four times, and that loop is then not vectorised.
+#if defined(__GNUC__) || defined(__clang__)
+#define MINILLM_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define MINILLM_INLINE_LAMBDA
+#endif
+
+// The terms one column adds to up to four row sums (the unused ones 0).
+template <typename acc_t>
+struct Terms {
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+};
+
+// The double sums over j in [0, n) of the first kSums fields of terms_of(j) (a Terms<acc_t>; terms_of a
+// MINILLM_INLINE_LAMBDA), grouped as above.
+template <int kSums, typename TermsOf>
+C10_ALWAYS_INLINE Terms<double> sum_terms(int64_t n, const TermsOf& terms_of) {
+  static_assert(kSums >= 1 && kSums <= 4, "sum_terms adds one to four sums");
+  const int64_t quarter = n / 4;
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t j = 0; j < quarter; ++j) {
+    const auto a = terms_of(j), b = terms_of(j + quarter), c = terms_of(j + 2 * quarter),
+               d = terms_of(j + 3 * quarter);
+    s0 += (a.s0 + b.s0) + (c.s0 + d.s0);
+    if constexpr (kSums > 1) s1 += (a.s1 + b.s1) + (c.s1 + d.s1);
+    if constexpr (kSums > 2) s2 += (a.s2 + b.s2) + (c.s2 + d.s2);
+    if constexpr (kSums > 3) s3 += (a.s3 + b.s3) + (c.s3 + d.s3);
+  }
+  for (int64_t j = 4 * quarter; j < n; ++j) {
+    const auto a = terms_of(j);
+    s0 += a.s0;
+    if constexpr (kSums > 1) s1 += a.s1;
+    if constexpr (kSums > 2) s2 += a.s2;
+    if constexpr (kSums > 3) s3 += a.s3;
+  }
+  return {s0, s1, s2, s3};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The online log-normaliser of one model's row, log Z = log sum_v exp(k x_v), streamed chunk by chunk (online
+// softmax): the running maximum of the raw logits, the centre c (that maximum, or 0 while it is -inf, so that
+// -inf - c stays -inf and never NaN) and z = sum_v exp(k (x_v - c)) in double, to which the caller adds each chunk's
+// terms after recentre() has taken the chunk's maximum. When the maximum grows, recentre() moves the centre and
+// returns the move: the shift d = c_old - c_new (exact in double) and the factor exp(k d) by which z, and the
+// caller's other sums of exp(k (x_v - c)) f_v over the same columns, are rescaled (a sum of
+// exp(k (x_v - c)) (x_v - c) f_v becomes factor * sum + d * the same sum without (x_v - c)). While z is 0 (no live
+// column yet, every sum over the columns 0) the factor is 1: there the first finite maximum can lie far below the
+// centre 0 and exp(k d) overflow. NaN stays NaN. Both kernel families call it: reverse_kld.cpp's row pass and
+// divergence.cpp's log-normalisers.
+// ---------------------------------------------------------------------------------------------------------
+struct Recentring {
+  double shift = 0;   // c_old - c_new
+  double factor = 1;  // exp(k shift), or 1 while z is 0
+};
+
+template <typename acc_t>
+struct OnlineLogNormaliser {
+  acc_t running_max = -std::numeric_limits<acc_t>::infinity();
+  acc_t centre = 0;
+  double z = 0;
+
+  Recentring recentre(acc_t chunk_max, double k) {
+    running_max = std::max(running_max, chunk_max);
+    const acc_t next = centre_of(running_max);
+    if (next == centre) return {};
+    const double shift = double(centre) - double(next);
+    const Recentring move{shift, z > 0 ? std::exp(shift * k) : 1.0};
+    centre = next;
+    z *= move.factor;
+    return move;
+  }
+
+  double log_z() const {
+    return std::log(z);
+  }
+};
 
 // A fresh [N, V] gradient is a new mmap whose first touch page-faults once per 4 KiB page: at 2048 x 32000
 // float32 that took 70 of the backward's 95 ms. Asking the kernel for transparent huge pages on it (Linux,
