@@ -899,6 +899,14 @@ MUTATIONS = (
         "the sparse CUDA kernels do not compile for sm_90",
     ),
     Mutation(
+        "benchmark-trl-chunked-beta-mirrored", "benchmarks/variants.py",
+        "                       TRL_BETAS[divergence])[0]",
+        "                       1 - TRL_BETAS[divergence])[0]",
+        ("tests/test_benchmarks.py::test_every_variant_agrees_with_the_reference", "-k", "linear_divergence"),
+        "the benchmark calls TRL's chunked loss (and our integration's) at the mirrored beta: the forward KL timed as "
+        "the reverse KL",
+    ),
+    Mutation(
         "benchmark-naive-topk-tail-dropped", "benchmarks/variants.py",
         "    return torch.cat((log_entries, tail), -1)",
         "    return log_entries",
