@@ -4,8 +4,8 @@ install reads them from the checkout."""
 from setuptools import setup
 
 setup(
-    packages=["minillm_kernels", "minillm_kernels.ops", "minillm_kernels.csrc", "minillm_kernels.training",
-              "minillm_kernels.training.tiny"],
+    packages=["minillm_kernels", "minillm_kernels.ops", "minillm_kernels.csrc", "minillm_kernels.integrations",
+              "minillm_kernels.training", "minillm_kernels.training.tiny"],
     package_dir={"minillm_kernels.csrc": "csrc"},
     package_data={
         "minillm_kernels": ["gpu_backend_choice.json"],

@@ -944,11 +944,62 @@ MUTATIONS = (
         "the sparse CUDA kernels do not compile for sm_90",
     ),
     Mutation(
+        "benchmark-trl-chunked-beta-mirrored", "benchmarks/variants.py",
+        "                       TRL_BETAS[divergence])[0]",
+        "                       1 - TRL_BETAS[divergence])[0]",
+        ("tests/test_benchmarks.py::test_every_variant_agrees_with_the_reference", "-k", "linear_divergence"),
+        "the benchmark calls TRL's chunked loss (and our integration's) at the mirrored beta: the forward KL timed as "
+        "the reverse KL",
+    ),
+    Mutation(
         "benchmark-naive-topk-tail-dropped", "benchmarks/variants.py",
         "    return torch.cat((log_entries, tail), -1)",
         "    return log_entries",
         ("tests/test_benchmarks.py::test_every_variant_agrees_with_the_reference[sparse_divergence-reverse_kl]",),
         "the benchmark's naive top-k loss drops the tail outcome (another quantity, timed as if it were ours)",
+    ),
+    # ---- the TRL integration (minillm_kernels/integrations/)
+    Mutation(
+        "trl-beta-convention-flipped", "minillm_kernels/integrations/trl.py",
+        '        if beta == 0.0:\n            return dict(divergence="forward_kl")\n'
+        '        if beta == 1.0:\n            return dict(divergence="reverse_kl")\n'
+        '        return dict(divergence="jsd", beta=beta)',
+        '        if beta == 0.0:\n            return dict(divergence="reverse_kl")\n'
+        '        if beta == 1.0:\n            return dict(divergence="forward_kl")\n'
+        '        return dict(divergence="jsd", beta=1 - beta)',
+        ("tests/test_trl.py::test_chunked_divergence_loss_is_trls_loss_entropy_and_gradients",),
+        "TRL's beta read the other way round: beta = 0 the reverse KL, 1 the forward KL, the JSD's mixture mirrored",
+    ),
+    Mutation(
+        "trl-num-items-in-batch-ignored", "minillm_kernels/integrations/trl.py",
+        "    loss = divide_by_count(total, n_valid.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)",
+        "    loss = divide_by_count(total, n_valid.clamp(min=1))",
+        ("tests/test_trl.py::test_distillation_trainer_trains_as_trls",),
+        "the DistillationTrainer loss is the micro-batch's mean, not its sum over the global token count "
+        "(num_items_in_batch): wrong under gradient accumulation",
+    ),
+    Mutation(
+        "trl-logit-scale-not-in-the-temperature", "minillm_kernels/integrations/trl.py",
+        "    return FoldedLogitScales(temperature / student_logit_scale, teacher_hidden, teacher_bias)",
+        "    return FoldedLogitScales(temperature, teacher_hidden, teacher_bias)",
+        ("tests/test_trl.py::test_distillation_loss_is_the_divergence_of_the_models_own_logits",),
+        "the student's logit scale is dropped (the teacher's is then off by the student's too): another objective for "
+        "Cohere, Granite, Falcon-H1 models",
+    ),
+    Mutation(
+        "trl-server-tail-unclamped", "minillm_kernels/integrations/trl_experimental.py",
+        "        logprobs = logprobs - (log_mass - TRL_MAX_LOG_MASS).clamp(min=0)",
+        "        pass",
+        ("tests/test_trl.py::test_server_sparse_loss_is_trls_where_trl_runs", "-k", "tail"),
+        "a served teacher certain of its top-1 (log p = 0) leaves no tail mass: the reverse KL's tail term is infinite "
+        "where TRL clamps the tail at 1e-7",
+    ),
+    Mutation(
+        "trl-gkd-mean-over-tokens", "minillm_kernels/integrations/trl_experimental.py",
+        "        return divide_by_count(total, tokens * student_logits.shape[-1])",
+        "        return divide_by_count(total, tokens)",
+        ("tests/test_trl.py::test_generalized_jsd_loss_is_gkds", "-k", "mean and not batchmean"),
+        "GKD's reduction 'mean' over tokens instead of TRL's mean over its [tokens, V] elementwise terms",
     ),
     # ---- the trainer under DDP and FSDP2 (2 gloo processes)
     Mutation(
