@@ -35,7 +35,7 @@ import torch
 
 import minillm_kernels as mk
 from minillm_kernels import reference
-from minillm_kernels._arguments import as_real, as_skew
+from minillm_kernels.validation import as_real, as_skew
 
 TESTED_TRL_VERSIONS = ("1.16.0",)  # what pyproject's `trl` extra pins and tests/test_trl.py runs
 try:
