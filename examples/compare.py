@@ -1,5 +1,6 @@
 """The tuned comparison: every row of the plan (``comparison.PLAN``: sft, kd, seqkd, kd on the teacher's answers,
-minillm, gkd with the reverse KL, and the planned rows once their methods exist) tuned on the validation split, then
+minillm, gkd with the reverse KL, opd with each estimator, kd from the teacher's top 16; a planned row whose method
+does not exist yet is listed, not run) tuned on the validation split, then
 trained with --seeds at the settings chosen, and evaluated on the test split; one table over the seeds.
 
     python examples/compare.py                                   # tune, then test: the whole comparison, one process

@@ -3,6 +3,8 @@ on-policy GKD.
 
     python examples/train.py                                   # tiny default: teacher + SFT student + data, shipped
     python examples/train.py --method kd --divergence jsd      # another method (minillm_kernels/training/methods.py)
+    python examples/train.py --method kd --teacher-cache CACHE # kd from an offline top-k cache, no teacher loaded
+    python examples/train.py --method opd --teacher-server http://host:8000/v1 --teacher-top-k 20   # a served teacher
     python examples/train.py --teacher smollm2 --student smollm2 --student-layers 6   # SmolLM2-135M-Instruct
     torchrun --nproc_per_node 2 examples/train.py ...          # DDP (gloo on CPU, NCCL on GPU)
     torchrun --nproc_per_node 2 examples/train.py --fsdp ...   # FSDP2: student and teacher sharded
@@ -53,13 +55,16 @@ from tqdm.auto import tqdm
 import minillm_kernels as mk
 from minillm_kernels.distributed import full_state_dict, full_tensor, parallelize
 from minillm_kernels.training import methods
+from minillm_kernels.training.cache import CacheError, TeacherCache, run_settings
 from minillm_kernels.training.checkpoint import JsonlLog, append_record, resume, save, save_model
 from minillm_kernels.training.config import TrainConfig, parse_args
 from minillm_kernels.training.data import (
     TrainingData, load_training_data, teacher_answers, teacher_forced_batch, with_chat_template,
 )
 from minillm_kernels.training.evaluation import evaluate, exposure_bias, score_responses
-from minillm_kernels.training.models import load_student, load_teacher
+from minillm_kernels.training.models import (
+    load_student, load_teacher, load_tokenizer, teacher_directory, weights_sha256,
+)
 from minillm_kernels.training.report import finished_run, setup, write_results
 from minillm_kernels.training.run import Run, new_run
 from minillm_kernels.training.selection import improves, selection_score
@@ -69,7 +74,8 @@ PlannedRun = tuple[str, TrainConfig, Path]  # (name in the results, its config, 
 
 # ----------------------------------------------------------------------------------------------- the loop
 
-def train(config: TrainConfig, out_dir: Path, teacher, tokenizer, data: TrainingData, rank: int, world: int) -> dict:
+def train(config: TrainConfig, out_dir: Path, teacher, tokenizer, data: TrainingData, rank: int, world: int, *,
+          cache: Optional[TeacherCache] = None, device: Optional[torch.device] = None) -> dict:
     """Train a fresh copy of the start student with --method (or resume it), evaluating it on the validation split
     every --eval-every steps and keeping the weights of its best evaluation (``evaluate_run``); the test split is not
     looked at (``test_scores`` does that once the run is done).
@@ -77,10 +83,11 @@ def train(config: TrainConfig, out_dir: Path, teacher, tokenizer, data: Training
     Returns the run's record: ``{"args": the flags, "history": [{"step", "validation"}, ...], "selected": {"step",
     "score"} of the chosen checkpoint (its weights in out_dir/best/; None without a validation split: the last one),
     "compute": {"teacher_forward_tokens", "generated_tokens", "seconds" (training: the steps and their batches, not
-    the evaluations), "answers" (what the teacher's answers cost to generate, or None)}}``, the counts summed over
-    the processes; the last weights are in out_dir/student/.
+    the evaluations), "answers" (what the teacher's answers cost to generate, or None), "teacher_cache" (with
+    --teacher-cache: its k, bytes per token and what its build cost; else None)}}``, the counts summed over the
+    processes; the last weights are in out_dir/student/. ``teacher`` is None where it is cached (``cache``) or served.
     """
-    run = new_run(config, out_dir, teacher, tokenizer, data, rank, world)
+    run = new_run(config, out_dir, teacher, tokenizer, data, rank, world, cache=cache, device=device)
     resume(run)  # with --resume, from its checkpoint
     steps, method = config.optim.steps, run.method
     log = JsonlLog(out_dir / "log.jsonl", run.step if run.resumed else None, enabled=rank == 0)
@@ -109,6 +116,7 @@ def train(config: TrainConfig, out_dir: Path, teacher, tokenizer, data: Training
         dist.all_reduce(counts)
         compute.update(teacher_forward_tokens=int(counts[0]), generated_tokens=int(counts[1]))
     compute["answers"] = data.answers
+    compute["teacher_cache"] = None if cache is None else cache.summary()
     state = full_state_dict(run.student)  # (gathered from every process under --fsdp)
     if rank == 0:
         save_model(run.student, state, tokenizer, out_dir / "student")
@@ -265,6 +273,44 @@ def with_teacher_answers(config: TrainConfig, data: TrainingData, teacher, token
     return dataclasses.replace(data, pairs=answers, answers=meta)
 
 
+def open_cache(directory: str) -> TeacherCache:
+    """The verified teacher cache of --teacher-cache; SystemExit naming what is wrong with it."""
+    try:
+        return TeacherCache(directory)
+    except CacheError as error:
+        raise SystemExit(str(error)) from None
+
+
+def cached_data(config: TrainConfig, data: TrainingData, cache: TeacherCache, tokenizer,
+                teacher_sha256: Optional[str]) -> TrainingData:
+    """``data`` for a run from ``cache``: checked against the run (its teacher, tokenizer, temperature, length, k),
+    its pairs the cache's teacher answers to the pool prompts where it trains on them (and what they cost, from the
+    build), else its gold pairs, each of which must be in the cache. SystemExit naming what differs."""
+    try:
+        cache.check(run_settings(config, tokenizer, teacher_sha256), top_k=config.teacher.teacher_top_k)
+        if config.method.trains_on == methods.TEACHER_ANSWERS:
+            return dataclasses.replace(data, pairs=cache.answers(data.pool),
+                                       answers={**cache.manifest["answers"], "cached": True})
+        cache.pairs_for(data.pairs)
+        return data
+    except CacheError as error:
+        raise SystemExit(str(error)) from None
+
+
+def teacher_form(config: TrainConfig, cache: Optional[TeacherCache]) -> str:
+    """The teacher's form in words, for the log line that names the kernels."""
+    form = config.teacher
+    if cache is not None:
+        return (f"not loaded: the offline top-{cache.top_k} cache {form.teacher_cache}, {form.teacher_tail} tail, "
+                "fused_sparse_divergence")
+    if form.teacher_server:
+        return (f"not loaded: served at {form.teacher_server}, its top-{form.teacher_top_k}, {form.teacher_tail} tail, "
+                "fused_sparse_divergence")
+    if form.teacher_top_k:
+        return f"loaded, as its top-{form.teacher_top_k}, {form.teacher_tail} tail, fused_sparse_divergence"
+    return "loaded"
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device); initialises the process group under torchrun (gloo on CPU, NCCL on GPU)."""
     if "RANK" not in os.environ:
@@ -304,24 +350,41 @@ def run_planned(config: TrainConfig, data: TrainingData, planned: list[PlannedRu
     them), the others None."""
     started, fsdp, out_dir = time.time(), config.run.fsdp, Path(config.run.out_dir)
     torch.manual_seed(config.run.seed)
-    teacher, tokenizer = load_teacher(config.model, device)
-    teacher = parallelize(teacher, fsdp=fsdp, trainable=False)
+    if config.teacher.loaded or any(run_config.teacher.loaded for _, run_config, _ in planned):
+        teacher, tokenizer = load_teacher(config.model, device)
+        teacher = parallelize(teacher, fsdp=fsdp, trainable=False)
+    else:  # (every run's teacher is cached or served)
+        teacher, tokenizer = None, load_tokenizer(config.model)
+    caches: dict[str, TeacherCache] = {}  # --teacher-cache -> the cache, opened (and verified) once
+    for cached in dict.fromkeys(c.teacher.teacher_cache for c in (config, *(c for _, c, _ in planned))):
+        if cached:
+            caches[cached] = open_cache(cached)
     data = with_chat_template(data, tokenizer) if config.data.chat_template else data
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"teacher {config.model.teacher}, student {config.model.student}, data {config.data.data}: "
-              f"{len(data.pool)} prompts ({len(data.pairs)} with a gold answer), {len(data.validation)} validation, "
-              f"{len(data.heldout)} test; {world} process(es) on {device}; kernels: {mk.available_backends()}",
-              file=sys.stderr)
+        form = teacher_form(config, caches.get(config.teacher.teacher_cache))
+        print(f"teacher {config.model.teacher} ({form}), student {config.model.student}, data "
+              f"{config.data.data}: {len(data.pool)} prompts ({len(data.pairs)} with a gold answer), "
+              f"{len(data.validation)} validation, {len(data.heldout)} test; {world} process(es) on {device}; "
+              f"kernels: {mk.available_backends()}", file=sys.stderr)
+    directory = teacher_directory(config.model) if caches else None
+    teacher_sha256 = weights_sha256(directory) if directory is not None else None
     results = {"setup": setup(config, device, world, data), "runs": []}
     for name, run_config, run_dir in planned:
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
         record = finished_run(run_dir, run_config) if read_finished else None
+        cache = caches.get(run_config.teacher.teacher_cache)
+        if record is None and rank == 0 and run_config.teacher != config.teacher:
+            print(f"{name}: teacher {config.model.teacher} ({teacher_form(run_config, cache)})", file=sys.stderr)
         if record is None:
             answers = run_config.method.trains_on == methods.TEACHER_ANSWERS
-            run_data = with_teacher_answers(run_config, data, teacher, tokenizer, rank, world) if answers else data
-            record = {**train(run_config, run_dir, teacher, tokenizer, run_data, rank, world), "test": None}
+            if cache is not None:
+                run_data = cached_data(run_config, data, cache, tokenizer, teacher_sha256)
+            else:
+                run_data = with_teacher_answers(run_config, data, teacher, tokenizer, rank, world) if answers else data
+            record = {**train(run_config, run_dir, teacher, tokenizer, run_data, rank, world, cache=cache,
+                              device=device), "test": None}
         elif rank == 0:
             print(f"{name}, seed {run_config.run.seed}: finished in {run_dir}, read from log.jsonl", file=sys.stderr)
         if test and record["test"] is None:
@@ -334,7 +397,8 @@ def run_planned(config: TrainConfig, data: TrainingData, planned: list[PlannedRu
                                 **record})
     if references:  # after every run: the test split is looked at once the runs are done
         start = parallelize(load_student(config.model, device), fsdp=fsdp, trainable=False)
-        results.update({"teacher": final_scores(config, teacher, None, tokenizer, data, rank, world),
+        results.update({"teacher": None if teacher is None else
+                        final_scores(config, teacher, None, tokenizer, data, rank, world),
                         "student (start)": final_scores(config, start, teacher, tokenizer, data, rank, world),
                         "gold answers": score_responses(data.heldout, [e.response for e in data.heldout],
                                                         checkers=data.checkers)})

@@ -210,12 +210,13 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     *,
     importance_weight: Optional[torch.Tensor] = None,
-    clip: float = PPO_CLIP,
+    clip: Optional[float] = PPO_CLIP,
 ) -> torch.Tensor:
     """PPO's clipped surrogate on the importance-weighted ratio, MiniLLM's long-term part L_pg.
 
         rho_t = exp(log q(y_t) - log q_old(y_t)) * w_t
         L_pg  = -mean_{valid t} min(rho_t A_t, clip(rho_t, 1 - clip, 1 + clip) A_t)
+        (clip=None: -mean_{valid t} rho_t A_t, the unclipped importance-sampling policy-gradient loss)
 
     The mean runs over every valid token of the batch (as the reference code does). Gradients flow
     to ``logprob`` only: ``old_logprob``, ``advantages`` and ``importance_weight`` are constants.
@@ -226,7 +227,8 @@ def ppo_policy_loss(
         advantages: ``[B, T]`` A_t (e.g. whitened ``length_normalized_returns``).
         mask: ``[B, T]`` bool.
         importance_weight: optional ``[B, T]`` w_t = q_old(y_t) / p~(y_t) (None: w = 1).
-        clip: the clip range, >= 0 (0.2 in the paper and reference code).
+        clip: the clip range, >= 0 (0.2 in the paper and reference code), or None: no clipping (the Tinker
+            cookbook's ``importance_sampling`` loss, which on-policy distillation uses).
 
     Returns: a 0-dim tensor; 0 (zero gradient) if no token is valid.
     """
@@ -235,9 +237,11 @@ def ppo_policy_loss(
         _check_per_token(name, x, mask)
     if importance_weight is not None:
         _check_per_token("importance_weight", importance_weight, mask)
-    clip = as_real("clip", clip, 0.0)
     ratio = _policy_ratio(logprob, old_logprob, mask, importance_weight)
     advantages = advantages.detach()
+    if clip is None:
+        return -_masked_mean(ratio * advantages, mask)
+    clip = as_real("clip (or None)", clip, 0.0)
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages)
     return -_masked_mean(surrogate, mask)
 
@@ -333,6 +337,7 @@ def minillm_loss(
             raise TypeError(f"{name} must be True or False, got {type(flag).__name__} {flag!r}")
     single_step_coef = as_real("single_step_coef", single_step_coef, 0.0)
     lm_coef = as_real("lm_coef", lm_coef, 0.0)
+    clip = as_real("clip", clip, 0.0)  # (MiniLLM's PPO always clips: not ppo_policy_loss's clip=None)
     returns = length_normalized_returns(rewards.detach(), mask, gamma)
     advantages = whiten_advantages(returns, mask, over=whiten_over) if whiten else returns
     pg_loss = ppo_policy_loss(

@@ -58,7 +58,8 @@ class TeacherMixedSample:
     response_mask:     ``[B, N]`` bool: True for each sampled token up to and including the first EOS.
     prompt_length:     P.
     student_logprob:   ``[B, N]`` log q_old(y_t) = log softmax(s / T)(y_t), 0 where masked.
-    teacher_logprob:   ``[B, N]`` log p(y_t) = log softmax(t / T)(y_t), 0 where masked.
+    teacher_logprob:   ``[B, N]`` log p(y_t) = log softmax(t / T)(y_t), 0 where masked (None if the student
+                       sampled alone: a served teacher scores the sequences afterwards).
     importance_weight: ``[B, N]`` w_t = q_f(y_t) / (alpha p_f(y_t) + (1 - alpha) q_f(y_t)), 0 where masked.
     The per-token tensors are aligned with ``response_ids = sequences[:, P:]``, and are float32
     (float64 for float64 logits).
@@ -230,10 +231,17 @@ def _every_row_stopped(finished: torch.Tensor, synced_processes: bool) -> bool:
     return int(running) == 0
 
 
+def _next_logits(models: list[_CachedModel], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The student's and the teacher's (None without one) next-token logits, each model's cache extended."""
+    logits = [model.next_token_logits(input_ids, attention_mask, position_ids) for model in models]
+    return logits[0], logits[1] if len(logits) > 1 else None
+
+
 @torch.no_grad()
 def sample_teacher_mixed(
     student: torch.nn.Module,
-    teacher: torch.nn.Module,
+    teacher: Optional[torch.nn.Module],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     *,
@@ -255,6 +263,9 @@ def sample_teacher_mixed(
     top-k then top-p), the token y_t ~ alpha p_f + (1 - alpha) q_f is recorded with
         log q(y_t) = log softmax(s / T)(y_t),  log p(y_t) = log softmax(t / T)(y_t),
         w_t = q_f(y_t) / (alpha p_f(y_t) + (1 - alpha) q_f(y_t))    (exactly 1 for alpha = 0).
+    With ``teacher=None`` (and alpha = 0) the student samples alone: the same draws as with a teacher at alpha = 0
+    (the mixture is then q_f exactly), w_t = 1 and ``teacher_logprob`` None; a served or cached teacher scores the
+    sequences afterwards.
     A row stops at its first ``eos_token_id`` (which counts as a response token); later tokens are
     ``pad_token_id`` and masked. The loop ends after ``max_new_tokens`` steps or when every row has
     stopped (with ``synced_processes``, every row of every process: see below). Defaults: alpha = 0.2
@@ -264,7 +275,8 @@ def sample_teacher_mixed(
     reproduce the recorded log-probabilities.
 
     Args:
-        student, teacher: causal LMs sharing a tokenizer (their logits may be padded to different widths).
+        student, teacher: causal LMs sharing a tokenizer (their logits may be padded to different widths); teacher
+            None: the student alone (alpha must be 0).
         input_ids: ``[B, P]`` integer prompts, left-padded.
         attention_mask: ``[B, P]`` 0/1 (or bool), 0 on the left padding.
         alpha: the teacher's share in [0, 1].
@@ -285,6 +297,9 @@ def sample_teacher_mixed(
     Returns: a ``TeacherMixedSample``.
     """
     _validate(input_ids, attention_mask, alpha, max_new_tokens, temperature, top_k, top_p)
+    if teacher is None and alpha != 0:
+        raise ValueError(f"alpha = {alpha} samples from the teacher, but teacher is None: pass the teacher, or alpha=0 "
+                         "to sample from the student alone")
     if synced_processes and not (dist.is_available() and dist.is_initialized()):
         raise ValueError("synced_processes=True needs an initialised torch.distributed process group "
                          "(torch.distributed.init_process_group, e.g. under torchrun)")
@@ -293,14 +308,16 @@ def sample_teacher_mixed(
     if pad_token_id is None:
         pad_token_id = int(eos_ids[0]) if eos_ids is not None else 0
     pad_token_id = as_int("pad_token_id (or None)", pad_token_id, 0)
-    _check_token_ids(input_ids, pad_token_id, {"student": student, "teacher": teacher})
-    models = (_CachedModel(student), _CachedModel(teacher))
+    named = {"student": student, **({"teacher": teacher} if teacher is not None else {})}
+    _check_token_ids(input_ids, pad_token_id, named)
+    models = [_CachedModel(model) for model in named.values()]
     batch, prompt_length = input_ids.shape
     full_mask = attention_mask.long()
     position = position_ids_from_attention_mask(full_mask)
-    student_logits, teacher_logits = (m.next_token_logits(input_ids, full_mask, position) for m in models)
-    vocab_size = _real_vocab_size(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
-    compute_dtype = reference.compute_dtype(student_logits.dtype, teacher_logits.dtype)
+    student_logits, teacher_logits = _next_logits(models, input_ids, full_mask, position)
+    present = [logits for logits in (student_logits, teacher_logits) if logits is not None]
+    vocab_size = _real_vocab_size(present[0].shape[-1], present[-1].shape[-1], vocab_size)
+    compute_dtype = reference.compute_dtype(*(logits.dtype for logits in present))
     temperature = as_temperature(temperature, compute_dtype)
     next_position = position[:, -1:] + 1
 
@@ -308,10 +325,13 @@ def sample_teacher_mixed(
     tokens, valid, student_logprobs, teacher_logprobs, weights = [], [], [], [], []
     for step in range(max_new_tokens):
         student_scaled = student_logits[:, :vocab_size].to(compute_dtype) / temperature
-        teacher_scaled = teacher_logits[:, :vocab_size].to(compute_dtype) / temperature
         student_filtered = _filter_logits(student_scaled, top_k, top_p).log_softmax(-1)
-        teacher_filtered = _filter_logits(teacher_scaled, top_k, top_p).log_softmax(-1)
-        mixture = alpha * teacher_filtered.exp() + (1.0 - alpha) * student_filtered.exp()
+        if teacher_logits is None:
+            mixture = student_filtered.exp()
+        else:
+            teacher_scaled = teacher_logits[:, :vocab_size].to(compute_dtype) / temperature
+            teacher_filtered = _filter_logits(teacher_scaled, top_k, top_p).log_softmax(-1)
+            mixture = alpha * teacher_filtered.exp() + (1.0 - alpha) * student_filtered.exp()
         token = torch.multinomial(mixture, 1, generator=generator).squeeze(-1)
         token = torch.where(finished, pad_token_id, token)
         counts = ~finished
@@ -320,20 +340,21 @@ def sample_teacher_mixed(
         def at_token(logprob: torch.Tensor) -> torch.Tensor:
             return logprob.gather(-1, index).squeeze(-1)
 
-        weight = importance_weight(at_token(student_filtered), at_token(teacher_filtered), float(alpha))
         tokens.append(token)
         valid.append(counts)
         student_logprobs.append(torch.where(counts, at_token(student_scaled.log_softmax(-1)), 0.0))
-        teacher_logprobs.append(torch.where(counts, at_token(teacher_scaled.log_softmax(-1)), 0.0))
-        weights.append(torch.where(counts, weight, 0.0))
+        if teacher_logits is None:
+            weights.append(counts.to(compute_dtype))
+        else:
+            weight = importance_weight(at_token(student_filtered), at_token(teacher_filtered), float(alpha))
+            teacher_logprobs.append(torch.where(counts, at_token(teacher_scaled.log_softmax(-1)), 0.0))
+            weights.append(torch.where(counts, weight, 0.0))
         if eos_ids is not None:
             finished = finished | torch.isin(token, eos_ids)
         if step + 1 == max_new_tokens or _every_row_stopped(finished, synced_processes):
             break
         full_mask = torch.cat([full_mask, counts.long().unsqueeze(-1)], dim=-1)
-        student_logits, teacher_logits = (
-            m.next_token_logits(token.unsqueeze(-1), full_mask, next_position) for m in models
-        )
+        student_logits, teacher_logits = _next_logits(models, token.unsqueeze(-1), full_mask, next_position)
         next_position = next_position + 1
 
     response_mask = torch.stack(valid, dim=-1)
@@ -342,7 +363,7 @@ def sample_teacher_mixed(
         attention_mask=torch.cat([attention_mask.long(), response_mask.long()], dim=-1),
         response_mask=response_mask,
         student_logprob=torch.stack(student_logprobs, dim=-1),
-        teacher_logprob=torch.stack(teacher_logprobs, dim=-1),
+        teacher_logprob=torch.stack(teacher_logprobs, dim=-1) if teacher_logprobs else None,
         importance_weight=torch.stack(weights, dim=-1),
         prompt_length=prompt_length,
     )

@@ -1001,6 +1001,95 @@ MUTATIONS = (
         ("tests/test_trl.py::test_generalized_jsd_loss_is_gkds", "-k", "mean and not batchmean"),
         "GKD's reduction 'mean' over tokens instead of TRL's mean over its [tokens, V] elementwise terms",
     ),
+    # ---- the offline teacher cache, on-policy distillation and the served teacher (issue 25)
+    Mutation(
+        "cache-shard-checksum-unchecked", "minillm_kernels/training/cache.py",
+        '            if file_sha256(path) != shard["sha256"]:',
+        "            if False:",
+        ("tests/test_cache.py::test_a_truncated_corrupt_missing_or_incomplete_cache_is_refused",),
+        "a shard whose bytes changed since the build (a flipped bit) is read as whole",
+    ),
+    Mutation(
+        "cache-manifest-not-updated-per-shard", "minillm_kernels/training/cache.py",
+        '                               "bytes": path.stat().st_size, "sha256": file_sha256(path)})\n'
+        '    write_atomically(directory / MANIFEST, json.dumps(manifest, indent=1) + "\\n")',
+        '                               "bytes": path.stat().st_size, "sha256": file_sha256(path)})',
+        ("tests/test_cache.py::test_a_killed_build_resumes_after_its_last_whole_shard",),
+        "the manifest is written only at the end: a killed build keeps no shard and starts over",
+    ),
+    Mutation(
+        "cache-resume-from-the-start", "minillm_kernels/training/cache.py",
+        '    start = manifest["shards"][-1]["rows"][1] if manifest["shards"] else 0',
+        "    start = 0",
+        ("tests/test_cache.py::test_a_killed_build_resumes_after_its_last_whole_shard",),
+        "a resumed build starts again from row 0 after its whole shards: the rows of the first shard are cached twice",
+    ),
+    Mutation(
+        "cache-teacher-weights-not-compared", "minillm_kernels/training/cache.py",
+        '    return {"teacher": config.model.teacher, "teacher weights sha256": teacher_sha256,',
+        '    return {"teacher": config.model.teacher, "teacher weights sha256": None,',
+        ("tests/test_cache.py::test_a_cache_built_for_another_run_is_refused_naming_what_differs", "-k", "teacher"),
+        "a cache built with another teacher's weights (of the same name or path) trains a run as its teacher",
+    ),
+    Mutation(
+        "cache-teacher-one-position-late", "minillm_kernels/training/cache.py",
+        "        scores = sparse_scores(logits[mask], batch.labels[mask],",
+        "        scores = sparse_scores(logits.roll(-1, dims=1)[mask], batch.labels[mask],",
+        ("tests/test_cache.py::test_kd_from_a_cache_of_the_whole_vocabulary_trains_as_the_live_teacher",),
+        "the cache stores the teacher's distribution of the token after the one each position predicts",
+    ),
+    Mutation(
+        "opd-advantage-sign", "minillm_kernels/training/methods.py",
+        "        advantages = mk.log_ratio_rewards(sample.teacher_logprob - sample.student_logprob, mask,",
+        "        advantages = mk.log_ratio_rewards(sample.student_logprob - sample.teacher_logprob, mask,",
+        ("tests/test_opd.py::test_the_sampled_estimator_s_expected_gradient_is_the_exact_per_token_reverse_kl_s",),
+        "opd's sampled advantage is log q - log p: its policy gradient climbs the reverse KL",
+    ),
+    Mutation(
+        "opd-sampled-discounted-returns", "minillm_kernels/training/methods.py",
+        "        logprob = run.model(response_logprob, sample,",
+        "        advantages = mk.length_normalized_returns(advantages, mask, gamma=0.95)\n"
+        "        logprob = run.model(response_logprob, sample,",
+        ("tests/test_opd.py::test_the_sampled_estimator_s_expected_gradient_is_the_exact_per_token_reverse_kl_s",),
+        "opd's sampled advantage sums the later tokens' log-ratios (MiniLLM's returns) instead of discount 0: not the "
+        "per-token reverse KL's gradient",
+    ),
+    Mutation(
+        "opd-exact-forward-kl", "minillm_kernels/training/methods.py",
+        '                                 divergence="reverse_kl", temperature=temperature, vocab_size=run.vocab_size)',
+        '                                 divergence="forward_kl", temperature=temperature, vocab_size=run.vocab_size)',
+        ("tests/test_opd.py::test_the_sampled_estimator_s_expected_gradient_is_the_exact_per_token_reverse_kl_s",),
+        "opd's exact estimator with the teacher in memory differentiates the forward KL",
+    ),
+    Mutation(
+        "served-teacher-ranks-not-sorted", "minillm_kernels/training/teacher.py",
+        '                ranked = sorted((entry["rank"], int(token), entry["logprob"])',
+        '                ranked = list((entry["rank"], int(token), entry["logprob"])',
+        ("tests/test_opd.py::test_the_http_teacher_scores_as_the_teacher_in_process",),
+        "the HTTP teacher takes a position's first K entries as they come in the JSON (vLLM's dict has no order) "
+        "instead of the K best ranks",
+    ),
+    Mutation(
+        "served-teacher-last-position-dropped", "minillm_kernels/training/teacher.py",
+        "            for j in range(max(1, first + 1 - start), end - start):",
+        "            for j in range(max(1, first + 1 - start), end - start - 1):",
+        ("tests/test_opd.py::test_the_http_teacher_scores_as_the_teacher_in_process",),
+        "the HTTP teacher skips each prompt's last token: the last response token of every row is never scored",
+    ),
+    Mutation(
+        "sampling-without-teacher-unfiltered", "minillm_kernels/sampling.py",
+        "            mixture = student_filtered.exp()",
+        "            mixture = student_scaled.softmax(-1)",
+        ("tests/test_sampling.py::test_without_a_teacher_the_student_samples_alone_the_same_draws_as_at_alpha_0",),
+        "the student sampling alone ignores top-k / top-p: other draws than with a teacher at alpha 0",
+    ),
+    Mutation(
+        "ppo-loss-without-clip-clips", "minillm_kernels/objective.py",
+        "    if clip is None:\n        return -_masked_mean(ratio * advantages, mask)",
+        "    clip = PPO_CLIP if clip is None else clip",
+        ("tests/test_objective.py::test_ppo_policy_loss_without_a_clip_is_the_importance_sampling_loss",),
+        "ppo_policy_loss(clip=None) clips at the default 0.2 instead of not at all",
+    ),
     # ---- the trainer under DDP and FSDP2 (2 gloo processes)
     Mutation(
         "fused-linear-outside-ddp", "minillm_kernels/training/methods.py",

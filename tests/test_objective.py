@@ -191,6 +191,17 @@ def test_ppo_policy_loss_matches_the_formula_and_its_gradient(with_weight, clip)
     assert clipped.any() and (~clipped & mask).any()  # both branches were exercised
 
 
+def test_ppo_policy_loss_without_a_clip_is_the_importance_sampling_loss():
+    """clip=None: -mean rho_t A_t, the ratio never clipped (on-policy distillation's loss, the Tinker cookbook's)."""
+    logprob, old_logprob, advantages, mask, weight = ppo_inputs()
+    loss = mk.ppo_policy_loss(logprob, old_logprob, advantages, mask, importance_weight=weight, clip=None)
+    loss.backward()
+    expected_loss, expected_grad = slow_ppo(logprob, old_logprob, advantages, mask, weight, math.inf)
+    assert abs(loss.item() - expected_loss) < 1e-12
+    torch.testing.assert_close(logprob.grad, expected_grad, **EXACT)
+    assert (logprob.grad[mask] != 0).all()  # (with a clip, some ratios of these inputs are clipped: gradient 0)
+
+
 def test_ppo_policy_loss_default_clip_is_reference_and_empty_mask_gives_zero():
     logprob, old_logprob, advantages, mask, weight = ppo_inputs()
     default = mk.ppo_policy_loss(logprob, old_logprob, advantages, mask, importance_weight=weight)

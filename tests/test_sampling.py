@@ -256,6 +256,22 @@ def test_hf_sampling_is_reproducible_with_a_generator():
     assert torch.equal(runs[0].importance_weight, runs[1].importance_weight)
 
 
+def test_without_a_teacher_the_student_samples_alone_the_same_draws_as_at_alpha_0():
+    """teacher=None (a served teacher scores afterwards): the sequences and log q of a teacher at alpha = 0 with the
+    same generator (the mixture is then q_f exactly), w_t = 1 on every response token, no log p; alpha > 0 refused."""
+    student, teacher = tiny_hf_pair()
+    prompt_ids, prompt_mask = prompts(3)
+    options = dict(alpha=0.0, max_new_tokens=6, vocab_size=37, eos_token_id=3, temperature=0.9, top_k=3, top_p=0.9)
+    with_teacher, alone = (mk.sample_teacher_mixed(student, model, prompt_ids, prompt_mask,
+                                                   generator=torch.Generator().manual_seed(5), **options)
+                           for model in (teacher, None))
+    assert torch.equal(alone.sequences, with_teacher.sequences) and alone.teacher_logprob is None
+    assert torch.equal(alone.student_logprob, with_teacher.student_logprob)
+    assert torch.equal(alone.importance_weight, alone.response_mask.double())
+    with pytest.raises(ValueError, match="alpha = 0.2 samples from the teacher, but teacher is None"):
+        mk.sample_teacher_mixed(student, None, prompt_ids, prompt_mask, **{**options, "alpha": 0.2})
+
+
 @pytest.mark.parametrize("bad_id", (-1, 37 + 3, 10**6))
 def test_prompt_ids_outside_either_embedding_are_named(bad_id):
     student, teacher = tiny_hf_pair()  # input embeddings of 40 and 44 rows

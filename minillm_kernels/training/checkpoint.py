@@ -195,7 +195,9 @@ def restore(run: Run, state: dict) -> None:
     run.step, run.history, run.best, run.compute = state["step"], state["history"], state["best"], state["compute"]
     run.resumed = True
     if state["rollout"] is not None:
-        run.rollout = Rollout.from_state(state["rollout"], run.teacher, config.run.fused_linear)
+        run.rollout = Rollout.from_state(state["rollout"], run.teacher, run.scorer,
+                                         fused_linear=config.run.fused_linear,
+                                         distribution=run.method.reads_teacher_distribution)
     run.say(f"resumed {method} at step {run.step} from {path}"
             + (f": the run is finished (--steps {config.optim.steps}); raise --steps to train further"
                if run.step == config.optim.steps else ""))

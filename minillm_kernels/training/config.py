@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 from minillm_kernels import objective
+from minillm_kernels.reference import SPARSE_TAILS
 from minillm_kernels.training.data import cache_root
 from minillm_kernels.training.flags import add_flags, at_least, flag, from_args
 from minillm_kernels.training.methods import METHODS, TEACHER_ANSWERS, Method
@@ -135,8 +136,39 @@ class PretrainConfig:
                                    "code: 0.5)")
 
 
+@dataclass(frozen=True)
+class TeacherConfig:
+    """the teacher's form: in memory (default), its top-k, an offline cache or a server"""
+
+    teacher_top_k: Optional[int] = flag(None, "the teacher as its top-k log-probabilities per token (the "
+                                              "served-teacher interface: over the loaded --teacher, or from "
+                                              "--teacher-server): the losses are fused_sparse_divergence's, the tail "
+                                              "completed by --teacher-tail (kd, opd, minillm with --alpha 0)",
+                                        type=at_least(1))
+    teacher_tail: str = flag("bin", "how a top-k teacher's tail (the mass outside its K ids) is completed "
+                                    "(fused_sparse_divergence's tail=)", choices=SPARSE_TAILS)
+    teacher_cache: Optional[str] = flag(None, "kd (--teacher-answers too) and seqkd: the teacher from this offline "
+                                              "top-k cache (python -m minillm_kernels.training.cache build), no "
+                                              "teacher loaded", type=str)
+    teacher_server: Optional[str] = flag(None, "kd, opd and minillm (--alpha 0): the teacher served at this URL, "
+                                               "vLLM's OpenAI-compatible API root (http://host:8000/v1; --teacher "
+                                               "names the served model, --teacher-top-k its K), no teacher loaded",
+                                         type=str)
+
+    @property
+    def form(self) -> Optional[str]:
+        """The teacher's form: "cache", "server", "top-k" (over the loaded teacher) or None (dense, in memory)."""
+        return ("cache" if self.teacher_cache else "server" if self.teacher_server else
+                "top-k" if self.teacher_top_k else None)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the run loads the teacher's weights (not when it is cached or served)."""
+        return self.form not in ("cache", "server")
+
+
 SHARED_GROUPS = {"model": ModelConfig, "run": RunConfig, "data": DataConfig, "optim": OptimConfig,
-                 "sampling": SamplingConfig, "lm": PretrainConfig}
+                 "sampling": SamplingConfig, "lm": PretrainConfig, "teacher": TeacherConfig}
 
 
 @dataclass(frozen=True)
@@ -149,6 +181,7 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     sampling: SamplingConfig = SamplingConfig()
     lm: PretrainConfig = PretrainConfig()
+    teacher: TeacherConfig = TeacherConfig()
     method_options: dict = dataclasses.field(
         default_factory=lambda: {kind: kind() for kind in options_classes()})
 
@@ -236,6 +269,21 @@ def config_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Tr
                      "gold.rouge_l, gold.exact_match or open.valid")
     if config.lm.lm_coef is not None and config.lm.lm_coef != 0 and not data.lm_data:
         parser.error(f"--lm-coef {config.lm.lm_coef}: L_PT needs pre-training text, --lm-data")
+    teacher = config.teacher
+    if teacher.teacher_cache and teacher.teacher_server:
+        parser.error("--teacher-cache and --teacher-server: give one (the teacher is cached offline, or served)")
+    if teacher.teacher_cache and not Path(teacher.teacher_cache).is_dir():
+        parser.error(f"--teacher-cache {teacher.teacher_cache}: no such directory (build it with `python -m "
+                     "minillm_kernels.training.cache build --out DIR --top-k K` and the run's data flags)")
+    if teacher.teacher_server and not teacher.teacher_top_k:
+        parser.error("--teacher-server: give --teacher-top-k K, the top-k log-probabilities the server returns per "
+                     "token (at most its --max-logprobs)")
+    if teacher.form is not None and teacher.form != "top-k" and config.lm.lm_kd_ratio:
+        parser.error(f"--lm-kd-ratio {config.lm.lm_kd_ratio}: the soft cross-entropy to the teacher needs the teacher "
+                     "in memory: drop --teacher-cache / --teacher-server, or --lm-kd-ratio")
+    if teacher.form is not None and run.fused_linear:
+        parser.error("--fused-linear reads the teacher's hidden states and output layer: not with a top-k, cached or "
+                     "served teacher (whose losses read K numbers per token of it)")
     return config.resolved()
 
 

@@ -11,6 +11,15 @@ in it depends on the method.
              one optimizer step of L = L_pg + L_single each (``minillm_loss``)
     gkd      on-policy GKD (lambda = 1): fresh samples of the student each step, D(p, q) of --divergence (JSD(0.5)
              by default) teacher-forced on them (``response_divergence``)
+    opd      on-policy distillation: fresh samples of the student each step, the teacher scores every sampled token;
+             --opd-estimator sampled (advantage log p(y_t) - log q(y_t), importance-sampled policy gradient) or exact
+             (the per-token reverse KL over the vocabulary, or under --teacher-tail with a top-k teacher)
+
+The teacher's form (``config.TeacherConfig``): in memory (every method), its top-k through the served-teacher
+interface (``training/teacher.py``: over the loaded teacher with --teacher-top-k, or --teacher-server; kd, opd, and
+minillm at alpha 0), or an offline top-k cache (``training/cache.py``, --teacher-cache; kd and seqkd). A cached or
+served teacher is not loaded; a top-k teacher's losses are ``fused_sparse_divergence``'s, with no [tokens x V] teacher
+tensor on the trainer's side.
 
 A new method is one class here, added to ``METHODS``: a subclass of ``TeacherForced`` (batches of prompt/response
 pairs: the gold answers or the teacher's) or ``OnPolicy`` (rollouts of the student's own samples), with its
@@ -31,6 +40,7 @@ from minillm_kernels.reference import DIVERGENCES
 from minillm_kernels.training.flags import at_least, flag
 from minillm_kernels.training.data import IGNORE_INDEX, TeacherForcedBatch, causal_lm_logits, teacher_forced_batch
 from minillm_kernels.training.rollout import epoch_minibatches, make_rollout
+from minillm_kernels.training.teacher import SparseTeacher, sparse_response_divergence, sparse_response_token_stats
 
 if TYPE_CHECKING:
     from minillm_kernels.training.config import TrainConfig
@@ -84,6 +94,7 @@ class Method:
     Options: ClassVar[Optional[type]] = None  # its own flags: a dataclass of config.flag fields
     default_divergence: ClassVar[Optional[str]] = None  # a method of the divergence family: --divergence's default
     takes_teacher_answers: ClassVar[bool] = False  # --teacher-answers switches its gold answers to the teacher's
+    teacher_forms: ClassVar[frozenset] = frozenset()  # the teacher's forms it takes besides the dense one in memory
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -114,6 +125,11 @@ class Method:
         if options.divergence is not None and self.default_divergence is None:
             owners = " and ".join(f"{name}'s" for name, method in METHODS.items() if method.default_divergence)
             return f"--divergence is {owners}, not --method {self.name}"
+        form = self.config.teacher.form
+        if form is not None and form not in self.teacher_forms:
+            flag = {"cache": "--teacher-cache", "server": "--teacher-server", "top-k": "--teacher-top-k"}[form]
+            owners = ", ".join(name for name, method in METHODS.items() if form in method.teacher_forms)
+            return f"{flag} is for --method {owners}, not {self.name}"
         return None
 
     def micro_batches(self, run: Run) -> list:
@@ -171,11 +187,21 @@ class OnPolicy(Method):
         """Optimizer steps on one buffer: its epochs times its minibatches of --batch-size."""
         return self.epochs_per_rollout * self.rollout_size // self.config.optim.batch_size
 
+    @property
+    def reads_teacher_distribution(self) -> bool:
+        """Whether the loss reads the teacher's distribution at the response positions (its logits, hidden states or
+        top-k), not only log p(y_t) of the sampled tokens."""
+        return True
+
     def argument_error(self) -> Optional[str]:
         batch_size = self.config.optim.batch_size
         if self.rollout_size % batch_size:
             return (f"--num-rollouts {self.rollout_size} must be a multiple of --batch-size {batch_size} (the buffer "
                     "is taken in minibatches of --batch-size)")
+        if self.sampling_alpha and self.config.teacher.form is not None:
+            return (f"--alpha {self.sampling_alpha} samples from the teacher mixture, which needs the teacher's whole "
+                    "distribution at every step: with a top-k or served teacher give --alpha 0 (the student samples "
+                    "alone), or drop --teacher-top-k / --teacher-server")
         return super().argument_error()
 
     def micro_batches(self, run: Run) -> list:
@@ -195,9 +221,12 @@ class OnPolicy(Method):
                 run.rollout = make_rollout(run.model, run.teacher, run.tokenizer,
                                            run.samplers["prompts"].next(self.rollout_size), generator,
                                            run.vocab_size, config, alpha=self.sampling_alpha,
-                                           reward_scaling=minillm.reward_scaling, reward_clip=minillm.reward_clip)
-            # the teacher ran on every token while sampling, then once more on the sequences (response_logits)
-            run.compute["teacher_forward_tokens"] += 2 * int(run.rollout.sample.attention_mask.sum())
+                                           reward_scaling=minillm.reward_scaling, reward_clip=minillm.reward_clip,
+                                           scorer=run.scorer, distribution=self.reads_teacher_distribution)
+            # a dense teacher ran on every token while sampling, then once more on the sequences if the loss reads its
+            # distribution (response_logits); a scoring teacher scores the sequences once
+            passes = 1 if run.scorer is not None or not self.reads_teacher_distribution else 2
+            run.compute["teacher_forward_tokens"] += passes * int(run.rollout.sample.attention_mask.sum())
             run.compute["generated_tokens"] += int(run.rollout.sample.response_mask.sum())
         per_epoch = run.rollout.size // config.optim.batch_size
         epoch, minibatch = divmod(position, per_epoch)
@@ -207,8 +236,10 @@ class OnPolicy(Method):
 
 
 def token_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` log q(label) per position (0 where the label is IGNORE_INDEX)."""
-    return -F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none",
+    """``[B, T]`` log q(label) per position (0 where the label is IGNORE_INDEX), float32 (float64 for float64
+    logits)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return -F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
                             ignore_index=IGNORE_INDEX).view(labels.shape)
 
 
@@ -243,27 +274,40 @@ class SFT(TeacherForced):
 
 
 class SeqKD(SFT):
-    """seqkd: cross-entropy on the teacher's answers (Kim and Rush, 2016)."""
+    """seqkd: cross-entropy on the teacher's answers (Kim and Rush, 2016); with --teacher-cache the cache's answers,
+    no teacher loaded."""
 
-    name, targets = "seqkd", TEACHER_ANSWERS
+    name, targets, teacher_forms = "seqkd", TEACHER_ANSWERS, frozenset({"cache"})
 
 
 class KD(TeacherForced):
     """kd: token-level D(p, q) of --divergence, teacher-forced, mean over the response tokens (``fused_divergence``:
-    by default the forward KL(p || q) = sum_v p_v (log p_v - log q_v)). The reverse KL of the same positions is
+    by default the forward KL(p || q) = sum_v p_v (log p_v - log q_v)); with a top-k teacher (a cache, a server or
+    --teacher-top-k) ``fused_sparse_divergence`` under --teacher-tail. The reverse KL of the same positions is
     logged for comparison."""
 
     name, targets, shown_loss, Options = "kd", GOLD_ANSWERS, "kd_loss", DivergenceOptions
     default_divergence, takes_teacher_answers = "forward_kl", True
+    teacher_forms = frozenset({"top-k", "cache", "server"})
 
     def loss(self, run: Run, batch: TeacherForcedBatch) -> LossParts:
         logits = causal_lm_logits(run.model, batch.input_ids, batch.attention_mask)
-        teacher = run.teacher_logits(batch)
         mask = batch.labels != IGNORE_INDEX
-        loss = mk.fused_divergence(logits, teacher, mask=mask, vocab_size=run.vocab_size, **self.divergence_options())
+        sparse = run.sparse_teacher(batch)
+        if sparse is None:
+            teacher = run.teacher_logits(batch)
+            loss = mk.fused_divergence(logits, teacher, mask=mask, vocab_size=run.vocab_size,
+                                       **self.divergence_options())
+            with torch.no_grad():
+                reverse = mk.fused_reverse_kld(logits, teacher, mask=mask,
+                                               temperature=self.config.sampling.temperature, vocab_size=run.vocab_size)
+            return loss, {"kd_loss": loss.detach(), "reverse_kld": reverse}
+        options = {**self.divergence_options(), "mask": mask, "vocab_size": run.vocab_size,
+                   "tail": self.config.teacher.teacher_tail}
+        loss = mk.fused_sparse_divergence(logits, sparse.ids, sparse.logprobs, **options)
         with torch.no_grad():
-            reverse = mk.fused_reverse_kld(logits, teacher, mask=mask, temperature=self.config.sampling.temperature,
-                                           vocab_size=run.vocab_size)
+            reverse = mk.fused_sparse_divergence(logits, sparse.ids, sparse.logprobs,
+                                                 **{**options, "divergence": "reverse_kl"})
         return loss, {"kd_loss": loss.detach(), "reverse_kld": reverse}
 
 
@@ -282,6 +326,7 @@ class MiniLLM(OnPolicy):
     ratio is 1)."""
 
     name, shown_loss, Options = "minillm", "reward", MiniLLMOptions
+    teacher_forms = frozenset({"top-k", "server"})
 
     @property
     def sampling_alpha(self) -> float:
@@ -306,9 +351,14 @@ class MiniLLM(OnPolicy):
         gathers the lm_head as for any forward."""
         sample, rewards, teacher_outputs, teacher_head = micro_batch
         options = self.options
-        stats = run.model(owned_token_stats, sample, teacher_outputs, teacher_head,
-                          temperature=self.config.sampling.temperature, mix_alpha=options.alpha,
-                          vocab_size=run.vocab_size)
+        if isinstance(teacher_outputs, SparseTeacher):  # (alpha 0: argument_error)
+            stats = run.model(sparse_response_token_stats, sample, teacher_outputs,
+                              temperature=self.config.sampling.temperature, vocab_size=run.vocab_size,
+                              tail=self.config.teacher.teacher_tail)
+        else:
+            stats = run.model(owned_token_stats, sample, teacher_outputs, teacher_head,
+                              temperature=self.config.sampling.temperature, mix_alpha=options.alpha,
+                              vocab_size=run.vocab_size)
         return mk.minillm_loss(
             stats, sample.student_logprob, rewards, sample.importance_weight, sample.response_mask,
             gamma=options.gamma, whiten=not options.no_whiten, whiten_over=options.whiten_over,
@@ -332,4 +382,78 @@ class GKD(OnPolicy):
         return loss, {"gkd_loss": loss.detach()}
 
 
-METHODS: dict[str, type[Method]] = {method.name: method for method in (SFT, KD, SeqKD, MiniLLM, GKD)}
+OPD_ESTIMATORS = ("sampled", "exact")
+
+
+@dataclass(frozen=True)
+class OPDOptions:
+    """opd: the estimator"""
+
+    opd_estimator: str = flag("sampled", "sampled: the policy gradient with advantage log p(y_t) - log q(y_t) (needs "
+                                         "log p of the sampled tokens only); exact: the per-token reverse KL over "
+                                         "the vocabulary (or under --teacher-tail with a top-k teacher)",
+                              choices=OPD_ESTIMATORS)
+
+
+def response_logprob(model: torch.nn.Module, sample: mk.TeacherMixedSample, *, temperature: float,
+                     vocab_size: int) -> torch.Tensor:
+    """``[B, N]`` log q(y_t) = log softmax(s[:vocab_size] / T)(y_t) of the student ``model`` on ``sample``'s responses
+    (a fresh forward pass, with its graph; 0 where masked): what the sampler recorded as log q_old."""
+    logits = mk.response_logits(model, sample)[..., :vocab_size] / temperature
+    return token_logprob(logits, sample.response_ids.masked_fill(~sample.response_mask, IGNORE_INDEX))
+
+
+class OPD(OnPolicy):
+    """opd: on-policy distillation (Agarwal et al., 2024, GKD with lambda = 1; Thinking Machines, "On-Policy
+    Distillation", 2025; Qwen3): fresh samples y ~ q of the student each step (alpha 0), every sampled token scored by
+    the teacher, no reward model; the updates in eval() mode (no dropout: the ratio below is 1 before the update).
+
+    --opd-estimator sampled (the Tinker cookbook's on-policy distillation recipe): the per-token advantage
+        A_t = -(log q_old(y_t) - log p(y_t)), with discount 0 (no future tokens in it) and the importance-sampled
+        policy-gradient loss L = -mean_t exp(log q(y_t) - log q_old(y_t)) A_t (``mk.ppo_policy_loss`` with
+        clip=None: Tinker's ``importance_sampling`` loss). Its expected gradient over y_t ~ q(. | y_<t) is the gradient
+        of the per-token reverse KL: E[(log q - log p)(y) d log q(y)] = d KL(q || p), as E[d log q(y)] = 0. It needs
+        log p of the sampled tokens only (a served teacher's ``prompt_logprobs`` of them).
+    --opd-estimator exact: L = mean_t KL(q || p)_t over the whole vocabulary, differentiated directly (GKD's
+        on-policy reverse KL; TRL's GKDTrainer / DistillationTrainer with beta = 1, lambda = 1):
+        ``mk.response_divergence`` with the teacher in memory, ``fused_sparse_divergence`` under --teacher-tail with a
+        top-k teacher. The same gradient in expectation, without the sampling noise of y_t; it needs the teacher's
+        distribution.
+
+    Both take the mean over the response tokens of the batch; the enumeration test (tests/test_opd.py) checks that the
+    sampled estimator's expected gradient is the exact one's for responses of a fixed length (a length that depends
+    on the sample makes the mean's divisor random, as in any token-mean policy gradient)."""
+
+    name, shown_loss, Options = "opd", "opd_loss", OPDOptions
+    teacher_forms = frozenset({"top-k", "server"})
+
+    @property
+    def trains_with_dropout(self) -> bool:
+        return False
+
+    @property
+    def reads_teacher_distribution(self) -> bool:
+        return self.options.opd_estimator == "exact"
+
+    def loss(self, run: Run, micro_batch) -> LossParts:
+        """The estimator's loss and, logged, the per-token reverse KL (exact) or its sampled estimate
+        mean_t (log q_old - log p)(y_t) (sampled)."""
+        sample, _, teacher_outputs, teacher_head = micro_batch
+        temperature, mask = self.config.sampling.temperature, sample.response_mask
+        if self.options.opd_estimator == "exact":
+            if isinstance(teacher_outputs, SparseTeacher):
+                loss = run.model(sparse_response_divergence, sample, teacher_outputs, divergence="reverse_kl",
+                                 tail=self.config.teacher.teacher_tail, temperature=temperature,
+                                 vocab_size=run.vocab_size)
+            else:
+                loss = run.model(mk.response_divergence, sample, teacher_outputs, teacher_head,
+                                 divergence="reverse_kl", temperature=temperature, vocab_size=run.vocab_size)
+            return loss, {"opd_loss": loss.detach(), "reverse_kld": loss.detach()}
+        advantages = mk.log_ratio_rewards(sample.teacher_logprob - sample.student_logprob, mask, reward_scaling=None,
+                                          reward_clip=None)
+        logprob = run.model(response_logprob, sample, temperature=temperature, vocab_size=run.vocab_size)
+        loss = mk.ppo_policy_loss(logprob, sample.student_logprob, advantages, mask, clip=None)
+        return loss, {"opd_loss": loss.detach(), "reverse_kld": -advantages.sum() / mask.sum().clamp(min=1)}
+
+
+METHODS: dict[str, type[Method]] = {method.name: method for method in (SFT, KD, SeqKD, MiniLLM, GKD, OPD)}

@@ -3,7 +3,8 @@ markdown tables (``results_markdown``): a summary of each method's scores beside
 tasks, long tasks and ExAccErr with its two parts, the last checkpoints, the teacher answers' cost, per task.
 
 ``results`` is what results.json holds: ``{"setup", "teacher", "student (start)", "gold answers", "runs"}``, the
-second and third the test split's ``final_scores`` of the teacher and the start student, then the scores of the
+second and third the test split's ``final_scores`` of the teacher (None where it was cached or served, not loaded)
+and the start student, then the scores of the
 test split's gold answers, "runs" one record per run: ``{"name", "method", "teacher_answers", "seed", "args",
 "history" (validation), "selected" (the chosen checkpoint's step and validation score), "compute", "test":
 {"chosen_step", "chosen", "last"} (the test split's ``final_scores`` of the chosen and the last checkpoint)}``.
@@ -78,9 +79,10 @@ def mean_sd(values: list) -> str:
 
 
 def grouped(results: dict, checkpoint: str = "chosen") -> dict[str, list[dict]]:
-    """``{row name: [final_scores, ...]}``: the teacher, the start student, then each run's name over its seeds, the
-    test scores of its ``checkpoint`` ("chosen" on validation, or "last")."""
-    rows = {"teacher": [results["teacher"]], "student (start)": [results["student (start)"]]}
+    """``{row name: [final_scores, ...]}``: the teacher (unless it was cached or served: None), the start student,
+    then each run's name over its seeds, the test scores of its ``checkpoint`` ("chosen" on validation, or "last")."""
+    rows = {"teacher": [results["teacher"]]} if results["teacher"] is not None else {}
+    rows["student (start)"] = [results["student (start)"]]
     for record in results["runs"]:
         rows.setdefault(f"student after {record['name']}", []).append(record["test"][checkpoint])
     return rows

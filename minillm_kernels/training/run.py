@@ -17,8 +17,10 @@ from tqdm.auto import tqdm
 from minillm_kernels.distributed import local_tensor, parallelize
 from minillm_kernels.training.data import TrainingData, causal_lm_logits
 from minillm_kernels.training.models import load_student
+from minillm_kernels.training.teacher import HTTPTeacher, InProcessTeacher, ScoringTeacher, SparseTeacher, empty_teacher
 
 if TYPE_CHECKING:
+    from minillm_kernels.training.cache import TeacherCache
     from minillm_kernels.training.config import TrainConfig
     from minillm_kernels.training.methods import Method
     from minillm_kernels.training.rollout import Rollout
@@ -54,7 +56,7 @@ class Run:
     method: Method
     student: torch.nn.Module  # the Hugging Face model (its parameters sharded under --fsdp)
     model: torch.nn.Module  # every use of the student goes through it: its ModelRunner (DDP'd or sharded)
-    teacher: torch.nn.Module  # the teacher's ModelRunner (sharded under --fsdp)
+    teacher: Optional[torch.nn.Module]  # the teacher's ModelRunner (sharded under --fsdp); None if cached or served
     tokenizer: object
     optimizer: torch.optim.Optimizer
     samplers: dict[str, Sampler]  # "pairs" (teacher-forced methods), "prompts" (rollouts), "lm" (L_PT text)
@@ -65,6 +67,8 @@ class Run:
     step: int = 0
     resumed: bool = False
     rollout: Optional[Rollout] = None  # an on-policy method's current buffer of samples
+    scorer: Optional[ScoringTeacher] = None  # the teacher as its top-k (--teacher-top-k, --teacher-server)
+    cache: Optional[TeacherCache] = None  # the offline top-k teacher cache (--teacher-cache)
     history: list[dict] = dataclasses.field(default_factory=list)  # [{"step", "validation"}], the same on every rank
     best: Optional[dict] = None  # the chosen checkpoint so far, {"step", "score"} (--select-by on validation)
     # this process's teacher forward tokens (non-padding), generated (rollout) tokens and training seconds so far
@@ -118,6 +122,21 @@ class Run:
         self.compute["teacher_forward_tokens"] += int(batch.attention_mask.sum())
         return logits[..., : self.vocab_size]
 
+    def sparse_teacher(self, batch) -> Optional[SparseTeacher]:
+        """The teacher's top-k at each position of a teacher-forced batch (``[B, L, K]``: position i's distribution of
+        token i + 1; filler where no label), from the offline cache or the scoring teacher (counted in ``compute``);
+        None for the dense teacher in memory (``teacher_logits``)."""
+        if self.cache is not None:
+            return self.cache.lookup(batch)
+        if self.scorer is None:
+            return None
+        scores = self.scorer.score(batch.input_ids, batch.attention_mask, 0)
+        self.compute["teacher_forward_tokens"] += int(batch.attention_mask.sum())
+        last = empty_teacher((batch.input_ids.shape[0], 1), scores.top_k, self.device)  # (position L - 1: no label)
+        return SparseTeacher(*(torch.cat([x, y.to(x.dtype)], dim=1) for x, y in
+                               ((scores.ids, last.ids), (scores.logprobs, last.logprobs),
+                                (scores.token_logprob, last.token_logprob))))
+
     def stop_if_not_finite(self, value: torch.Tensor, what: str, parts: dict) -> None:
         """FloatingPointError naming the step, the loss parts and the last checkpoint if ``value`` is NaN or inf."""
         if not torch.isfinite(value):
@@ -139,18 +158,29 @@ class Run:
         return torch.stack(gathered).max()
 
 
-def new_run(config: TrainConfig, out_dir: Path, teacher, tokenizer, data: TrainingData, rank: int, world: int) -> Run:
+def new_run(config: TrainConfig, out_dir: Path, teacher, tokenizer, data: TrainingData, rank: int, world: int, *,
+            cache: Optional[TeacherCache] = None, device: Optional[torch.device] = None) -> Run:
     """A fresh run of ``config``'s method from step 0: a new copy of the start student (its dropout on unless the
-    method updates in eval() mode) behind its ModelRunner (DDP'd, or sharded with --fsdp), AdamW, the seeded data
-    draws; ``teacher`` is the teacher's ModelRunner. Its checkpoint goes in ``out_dir``."""
-    method, fsdp = config.method, config.run.fsdp
-    student = load_student(config.model, teacher.module.device)
+    method updates in eval() mode) behind its ModelRunner (DDP'd, or sharded with --fsdp) on ``device`` (default:
+    the teacher's), AdamW, the seeded data draws; ``teacher`` is the teacher's ModelRunner (None if it is cached, in
+    ``cache``, or served); the scoring teacher of --teacher-top-k or --teacher-server. Its checkpoint goes in
+    ``out_dir``."""
+    method, fsdp, form = config.method, config.run.fsdp, config.teacher
+    student = load_student(config.model, device or teacher.module.device)
     student.train(method.trains_with_dropout)  # MiniLLM updates in eval() mode, as the reference code
     model = parallelize(student, fsdp=fsdp, trainable=True)  # before the optimizer: FSDP2 replaces parameters
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                   weight_decay=config.optim.weight_decay)
-    vocab_size = min(len(tokenizer), student.get_output_embeddings().weight.shape[0],
-                     teacher.module.get_output_embeddings().weight.shape[0])
+    widths = [len(tokenizer), student.get_output_embeddings().weight.shape[0]]
+    if teacher is not None:
+        widths.append(teacher.module.get_output_embeddings().weight.shape[0])
+    vocab_size = min(widths)
+    scorer = None
+    if form.teacher_server:
+        scorer = HTTPTeacher(form.teacher_server, config.model.teacher, form.teacher_top_k, config.sampling.temperature)
+    elif form.form == "top-k":
+        scorer = InProcessTeacher(teacher, form.teacher_top_k, config.sampling.temperature, vocab_size)
     return Run(config=config, method=method, student=student, model=model, teacher=teacher, tokenizer=tokenizer,
                optimizer=optimizer, samplers=make_samplers(data, config.run.seed, rank, world), vocab_size=vocab_size,
-               checkpoint_path=out_dir / ("checkpoint" if fsdp else "checkpoint.pt"), rank=rank, world=world)
+               checkpoint_path=out_dir / ("checkpoint" if fsdp else "checkpoint.pt"), rank=rank, world=world,
+               scorer=scorer, cache=cache)
