@@ -310,8 +310,9 @@ def tiny_model(name: str) -> torch.nn.Module:
 
 def training_arguments(tmp_path: Path) -> dict:
     """Two steps of plain SGD (a parameter's change is -lr times its summed gradients), 2 micro-batches each, in
-    float32 (TRL's configs default to bf16 autocast, on the CPU too: test_bf16_autocast_... covers it); no gradient
-    checkpointing (TRL's default for DistillationTrainer: the same gradients, from a second forward pass)."""
+    float32 (TRL's configs default to bf16 autocast, on the CPU too: see
+    test_gkd_trainer_under_trls_default_bf16_autocast_trains_as_trls); no gradient checkpointing (TRL's default for
+    DistillationTrainer: the same gradients, from a second forward pass)."""
     return dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                 optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", logging_steps=1, report_to="none",
                 save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, gradient_checkpointing=False, bf16=False)
