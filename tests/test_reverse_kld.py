@@ -647,6 +647,23 @@ def test_masked_rows_are_not_read_whatever_they_hold(backend):
     assert (leaf.grad[1:4] == 0).all() and leaf.grad[[0, 4]].isfinite().all()
 
 
+def test_the_oracle_does_not_read_masked_rows_either():
+    """reference.py's formulas, which the tests differentiate with autograd, keep that contract too: masked rows
+    holding NaN, +inf or only -inf give 0 and a gradient of exactly 0 (the reference backend's kernels give their
+    gradient in closed form, zeroing masked rows: reading those rows shows only here)."""
+    student = random_logits(5, ODD_VOCAB, torch.float64, torch.device("cpu"))
+    teacher = random_logits(5, ODD_VOCAB, torch.float64, torch.device("cpu"))
+    student[1, 3], teacher[2, 8], student[3], teacher[3, 9] = math.nan, math.inf, -math.inf, math.nan
+    mask = torch.tensor([True, False, False, False, True])
+    leaf = student.clone().requires_grad_()
+    stats = reference.token_stats(leaf, teacher, torch.tensor([0, -100, 7, 2, 5]), mask, 0.7, ODD_VOCAB)
+    value = reference.divergence(leaf, teacher, mask, 0.7, ODD_VOCAB, "jsd", beta=0.3)
+    (sum(stats) + value).sum().backward()
+    for x in (*stats, value):
+        assert (x[1:4] == 0).all() and x[[0, 4]].isfinite().all(), x
+    assert (leaf.grad[1:4] == 0).all() and leaf.grad[[0, 4]].isfinite().all()
+
+
 def test_torch_compile_as_the_first_call_in_a_process():
     """The backend's availability (which builds the C++ kernel) is settled while tracing, not a graph break."""
     script = (
