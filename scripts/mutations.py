@@ -1088,6 +1088,13 @@ MUTATIONS = (
         ("tests/test_objective.py::test_ppo_policy_loss_without_a_clip_is_the_importance_sampling_loss",),
         "ppo_policy_loss(clip=None) clips at the default 0.2 instead of not at all",
     ),
+    Mutation(
+        "plan-run-takes-the-base-cache", "examples/train.py",
+        "        cache = caches.get(run_config.teacher.teacher_cache)",
+        "        cache = caches.get(config.teacher.teacher_cache)",
+        ("tests/test_cache.py::test_runs_of_one_plan_each_take_their_own_teacher_form",),
+        "a planned run's --teacher-cache is ignored under a base config without one: it trains on the dense teacher",
+    ),
     # ---- the trainer under DDP and FSDP2 (2 gloo processes)
     Mutation(
         "fused-linear-outside-ddp", "minillm_kernels/training/methods.py",
