@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 import minillm_kernels as mk
-from minillm_kernels.dispatch import importance_weight
+from minillm_kernels.losses import importance_weight
 
 MODELS = {  # prompts, new tokens; for the random Llamas: prompt length (random ids), hidden size, vocabulary
     "tiny": dict(prompts=32, new_tokens=12),

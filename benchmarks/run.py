@@ -26,13 +26,20 @@ from ``variants.DIVERGENCE_PARAMS``), one plot per (divergence, dtype). The op `
 ``fused_sparse_divergence`` (``tail="bin"``) against a teacher given as its top-``--k`` log-probabilities, beside the
 naive PyTorch top-k loss (gather + log_softmax, the tail appended) and the dense ``fused_divergence`` against the
 whole teacher, one row per (``--divergences`` of ``variants.SPARSE_DIVERGENCES``, K), with the bytes per token the
-teacher side takes (``teacher_bytes_per_token``: K int32 ids and float32 log-probabilities, or V dense logits).
+teacher side takes (``teacher_bytes_per_token``: K int32 ids and float32 log-probabilities, or V dense logits). The op
+``linear_divergence`` is ``fused_linear_divergence`` from hidden states of size ``--hidden`` against the naive loss on
+the full logits, TRL 1.16's chunked divergence and Liger-Kernel's chunked JSD loss where installed, one row per
+``--divergences`` (default: ``variants.LINEAR_DIVERGENCES``, those TRL computes). The op ``distillation_step`` is one
+step of TRL's ``DistillationTrainer`` loss, forward and backward, with TRL's loss (its baseline) and with ours, on a
+batch of ``--models`` (``benchmarks/distillation_step.py``), one row per ``--divergences`` of TRL's (default: TRL's
+default beta, the reverse KL); both need TRL (the ``trl`` extra).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import datetime
+import gc
 import json
 import os
 import platform
@@ -46,7 +53,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.variants import SPARSE_DIVERGENCES
+from benchmarks.variants import LINEAR_DIVERGENCES, SPARSE_DIVERGENCES
 from minillm_kernels.reference import DIVERGENCES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,7 +77,8 @@ FIELDS = (
     "k", "teacher_bytes_per_token",
 )
 # the variant each op's speed-ups refer to (default: "naive")
-BASELINES = {"vocab_parallel": "all_gather", "sparse_divergence": "naive_topk"}
+BASELINES = {"vocab_parallel": "all_gather", "sparse_divergence": "naive_topk", "distillation_step": "trl"}
+STEP_OPS = ("minillm_step", "distillation_step")  # one row per model (its batch sets N and V), no plot
 
 
 def _proc_status_kb(key: str) -> int:
@@ -102,18 +110,29 @@ def median_ms(fn: Callable[[], None], device: str, repeats: int) -> float:
 
 def peak_extra_bytes(fn: Callable[[], None], device: str) -> int:
     """The memory one call of ``fn`` adds at its peak over what is held before it: on the GPU from
-    ``torch.cuda.max_memory_allocated``, on the CPU from the peak resident set (reset just before the call)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    ``torch.cuda.max_memory_allocated``, on the CPU from the peak resident set (reset just before the call).
+
+    Python's garbage is collected before the baseline and not during the call: tensors held by reference cycles of
+    the warm-up (torch.compile's, autograd's) were otherwise freed by whichever collection happened to run inside the
+    call, and their pages hid the call's own (a quick run under load read 0.0 [N, V] for the compiled naive loss)."""
+    gc.collect()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            baseline = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - baseline
+        baseline = _proc_status_kb("VmRSS") * 1024
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM) to the current one
         fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - baseline
-    baseline = _proc_status_kb("VmRSS") * 1024
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM) to the current one
-    fn()
-    return _proc_status_kb("VmHWM") * 1024 - baseline
+        return _proc_status_kb("VmHWM") * 1024 - baseline
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def copy_bandwidth_gbps(n_bytes: int = 2**31) -> float:
@@ -168,12 +187,17 @@ def measure(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: 
 
 
 def measure_case(case: dict, device: str, repeats: int) -> dict:
-    """``measure`` of an op's case, or ``minillm_step.measure_step`` of a ``minillm_step`` case (its ``model``), or
+    """``measure`` of an op's case, or ``minillm_step.measure_step`` of a ``minillm_step`` case (its ``model``),
+    ``distillation_step.measure_distillation_step`` of a ``distillation_step`` one, or
     ``vocab_parallel.measure_vocab_parallel`` of a ``vocab_parallel`` one (CPU)."""
     if case["op"] == "minillm_step":
         from benchmarks.minillm_step import measure_step
 
         return measure_step(case["model"], case["variant"], device, repeats)
+    if case["op"] == "distillation_step":
+        from benchmarks.distillation_step import measure_distillation_step
+
+        return measure_distillation_step(case["model"], case["variant"], case["divergence"], device, repeats)
     if case["op"] == "vocab_parallel":
         from benchmarks.vocab_parallel import measure_vocab_parallel
 
@@ -187,16 +211,19 @@ def run_case(op: str, variant: str, tokens: int, vocab: int, dtype: str, device:
              hidden: int = 0, model: str | None = None, divergence: str | None = None, k: int | None = None) -> dict:
     """Measure one case: on the CPU in a fresh process, so that no case's allocations hide another's.
     Running out of memory is a result (status "OOM"), not a crash. A ``minillm_step`` case is its ``model``'s (its
-    tokens and vocabulary come from the measurement); a ``divergence`` case is its ``divergence``'s."""
+    tokens and vocabulary come from the measurement, as a ``distillation_step`` one's); a ``divergence`` case is its
+    ``divergence``'s."""
     case = dict(op=op, variant=variant, tokens=tokens, vocab=vocab, dtype=dtype)
-    if op == "linear_reverse_kld":
+    if op in ("linear_reverse_kld", "linear_divergence"):
         case["hidden"] = hidden
-    if op in ("divergence", "sparse_divergence"):
+    if op in ("divergence", "sparse_divergence", "linear_divergence"):
         case["divergence"] = divergence
     if op == "sparse_divergence":
         case["k"] = k
     if op == "minillm_step":
         case = dict(op=op, variant=variant, model=model, dtype=dtype)
+    if op == "distillation_step":
+        case = dict(op=op, variant=variant, model=model, dtype=dtype, divergence=divergence)
     if device == "cuda":
         try:
             return {**case, **measure_case(case, device, repeats)}
@@ -246,7 +273,7 @@ def add_bandwidth_fractions(row: dict, bandwidth_gbps: float) -> dict:
 
 def gpu_backend_choice(rows: list[dict], header: str) -> dict | None:
     """The measured choice between the GPU kernels, in the format of ``minillm_kernels/gpu_backend_choice.json``
-    (see ``dispatch.load_gpu_backend_choice``): per dtype and vocabulary size, the backend of "triton" and "cuda"
+    (see ``backends.load_gpu_backend_choice``): per dtype and vocabulary size, the backend of "triton" and "cuda"
     with the smaller forward+backward time of ``fused_reverse_kld`` summed over the token counts; a rule starts at
     each measured vocabulary where the choice changes. None unless both were measured."""
     times: dict[tuple[str, int], dict[str, float]] = {}
@@ -332,11 +359,7 @@ def markdown_table(rows: list[dict]) -> str:
         rule += "---:|---:|"
     lines = [header, rule]
     for r in rows:
-        op = r["op"] + (f" ({r['model']})" if r.get("model") else f" (H={r['hidden']})" if r.get("hidden") else
-                        f" ({r['world']} processes)" if r.get("world") else
-                        f" ({r['divergence']}, K={r['k']})" if r.get("k") else
-                        f" ({r['divergence']})" if r.get("divergence") else "")
-        head = f"| {op} | {r.get('tokens', '-')} | {r.get('vocab', '-')} | {r['dtype']} | {r['variant']} |"
+        head = f"| {_row_label(r)} | {r.get('tokens', '-')} | {r.get('vocab', '-')} | {r['dtype']} | {r['variant']} |"
         if r["status"] != "ok":
             lines.append(f"{head} {r['status']} |" + " |" * (4 + 2 * gpu + held + 2 * received + teacher_bytes))
             continue
@@ -359,6 +382,16 @@ def markdown_table(rows: list[dict]) -> str:
             line += " - | - |"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _row_label(row: dict) -> str:
+    """The op column of a table row: the op and what sets its case apart (model, divergence, H, K, processes)."""
+    details = [row.get("model"), row.get("divergence"), row.get("hidden") and f"H={row['hidden']}",
+               row.get("k") and f"K={row['k']}", row.get("world") and f"{row['world']} processes"]
+    if row.get("model"):
+        details[2] = None  # (the model sets H)
+    details = [d for d in details if d]
+    return row["op"] + (f" ({', '.join(details)})" if details else "")
 
 
 def _bytes(count: float) -> str:
@@ -384,19 +417,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (the test suite runs it)")
     parser.add_argument("--op", nargs="+", choices=("reverse_kld", "token_stats", "linear_reverse_kld", "divergence",
-                                                    "sparse_divergence", "minillm_step", "vocab_parallel"),
+                                                    "sparse_divergence", "linear_divergence", "minillm_step",
+                                                    "distillation_step", "vocab_parallel"),
                         default=["reverse_kld"])
     parser.add_argument("--divergences", nargs="+", choices=DIVERGENCES,
-                        help="the divergence op's divergences, one row each (default: all), and the sparse_divergence "
-                             f"op's (of {SPARSE_DIVERGENCES}; default: both)")
+                        help="the divergence op's divergences, one row each (default: all), the sparse_divergence "
+                             f"op's (of {SPARSE_DIVERGENCES}; default: both), the linear_divergence op's (default: "
+                             f"{LINEAR_DIVERGENCES}) and the distillation_step op's (of those; default: reverse_kl)")
     parser.add_argument("--k", type=int, nargs="+", help=f"the sparse_divergence op's K (default: {SPARSE_K})")
     parser.add_argument("--hidden", type=int, help="hidden size H of linear_reverse_kld's inputs (default: per device)")
-    parser.add_argument("--models", nargs="+", choices=("tiny", "llama-128k", "llama-4k"),
-                        help="minillm_step's models (default: tiny and llama-128k; --quick: llama-4k)")
+    parser.add_argument("--models", nargs="+", choices=("tiny", "llama-128k", "llama-32k", "llama-8k", "llama-4k"),
+                        help="the models of minillm_step and distillation_step, each op taking those of its MODELS "
+                             "(default: tiny and llama-128k; --quick: llama-4k)")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts N (default: per device)")
     parser.add_argument("--vocab", type=int, nargs="+", help=f"vocabulary sizes V (default: {VOCABS})")
     parser.add_argument("--dtype", choices=tuple(DTYPES), nargs="+", help="logits dtypes (default: per device)")
-    parser.add_argument("--variants", nargs="+", help="a subset of the variants (default: all that run here)")
+    parser.add_argument("--variants", nargs="+", help="a subset of the variants (default: all that run here); each "
+                        "must run for at least one of the ops (and divergences)")
     parser.add_argument("--repeats", type=int, help="timed repeats per case on the CPU (default: per device)")
     parser.add_argument("--out", type=Path, help="results folder (default: out/benchmarks/<device>-<model>-<date>, "
                         "git-ignored; copy a run to benchmarks/results/ to commit it)")
@@ -428,28 +465,43 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure_case(case, "cpu", case["repeats"])))
         return
 
-    from benchmarks.minillm_step import VARIANTS as STEP_VARIANTS
+    from benchmarks import distillation_step, minillm_step
     from benchmarks.variants import variants
     from benchmarks.vocab_parallel import VARIANTS as PARALLEL_VARIANTS
 
     if "vocab_parallel" in args.op and args.device != "cpu":
         raise SystemExit("--op vocab_parallel runs on the CPU (gloo processes)")
+    if "distillation_step" in args.op and not distillation_step.trl_available():
+        raise SystemExit("--op distillation_step needs TRL, in the version minillm_kernels.integrations.trl is tested "
+                         "with: pip install 'minillm-kernels[trl]'")
     cases = []  # (op, variant, tokens, vocab, dtype, model, divergence, k)
+    runnable: set[str] = set()  # every variant of every selection: --variants may name one that runs for some only
     divergences = {"divergence": args.divergences or list(DIVERGENCES),
-                   "sparse_divergence": args.divergences or list(SPARSE_DIVERGENCES)}
+                   "sparse_divergence": args.divergences or list(SPARSE_DIVERGENCES),
+                   "linear_divergence": args.divergences or list(LINEAR_DIVERGENCES),
+                   "distillation_step": args.divergences or ["reverse_kl"]}
+    step_modules = {"minillm_step": minillm_step, "distillation_step": distillation_step}
     for op, divergence in [(op, d) for op in args.op for d in divergences.get(op, [None])]:
-        special = {"minillm_step": STEP_VARIANTS, "vocab_parallel": PARALLEL_VARIANTS}
+        special = {"minillm_step": minillm_step.VARIANTS, "distillation_step": distillation_step.VARIANTS,
+                   "vocab_parallel": PARALLEL_VARIANTS}
+        if op == "distillation_step" and divergence not in distillation_step.BETAS:
+            raise SystemExit(f"--op distillation_step takes the divergences TRL computes, "
+                             f"{tuple(distillation_step.BETAS)}, got {divergence!r}")
         available = list(special[op] if op in special else variants(op, args.device, divergence))
-        unknown = set(args.variants or ()) - set(available)
-        if unknown:
-            raise SystemExit(f"variants {sorted(unknown)} do not run here; available: {available}")
+        runnable.update(available)
         names = [v for v in available if not args.variants or v in args.variants]
-        if op == "minillm_step":  # float32, at each model's own rollout size
-            cases += [(op, v, None, None, "fp32", model, None, None) for model in args.models for v in names]
+        if op in STEP_OPS:  # float32, at each model's own batch size
+            models = [model for model in args.models if model in step_modules[op].MODELS]
+            if not models:
+                raise SystemExit(f"--op {op} takes the models {tuple(step_modules[op].MODELS)}, got {args.models}")
+            cases += [(op, v, None, None, "fp32", model, divergence, None) for model in models for v in names]
         else:
             shapes = [(n, V, d) for d in args.dtype for V in args.vocab for n in args.tokens]
             ks = args.k if op == "sparse_divergence" else [None]
             cases += [(op, v, n, V, d, None, divergence, k) for n, V, d in shapes for k in ks for v in names]
+    unknown = set(args.variants or ()) - runnable
+    if unknown:
+        raise SystemExit(f"variants {sorted(unknown)} do not run here; available: {sorted(runnable)}")
     bandwidth = copy_bandwidth_gbps() if args.device == "cuda" else None
     today = datetime.date.today().isoformat()
     header = f"Device: {device_name(args.device)}; {versions()}; {today}"
@@ -481,14 +533,14 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_plots:
         from benchmarks.plots import plot_results
 
-        for path in plot_results([r for r in rows if r["op"] != "minillm_step"], header, out):
+        for path in plot_results([r for r in rows if r["op"] not in STEP_OPS], header, out):
             print(f"plot: {path}", file=sys.stderr)
     print(f"\nwritten to {out}", file=sys.stderr)
     wrong = [f"{r['op']} {r['divergence'] + ' ' if r.get('divergence') else ''}{r['variant']} N={r.get('tokens')} V={r.get('vocab')} {r['dtype']}" for r in rows
              if r["status"].startswith(WRONG)]
     if wrong:
         raise SystemExit(f"{len(wrong)} variant(s) disagree with their reference (the float64 one; minillm_step's "
-                         f"naive variant), not timed: {'; '.join(wrong)}")
+                         f"naive variant; distillation_step's trl), not timed: {'; '.join(wrong)}")
 
 
 if __name__ == "__main__":

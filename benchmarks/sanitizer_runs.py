@@ -1,19 +1,23 @@
 """Small runs of every CUDA kernel variant, for compute-sanitizer (GPU only; run by benchmarks/gpu_session.sh).
 
+The reverse KL's kernels (``forward`` / ``backward``):
 Rows: each (student, teacher) dtype pair of one dtype, and a bf16 student with a float32 teacher (vectors of 4
 columns, 8 bytes of one and 16 of the other) x launch layout (widths around 2048 and 16384 columns) x alignment
 case (aligned rows, both tensors offset by one column, student and teacher offset differently) x (target and
 mask, neither). Strided: the same launch layouts on ``[B, N, V]`` views laid out in two levels of row strides, as
 the ops hand them over (``row_view``): both models' ``[:, -(N+1):-1]`` slices, and a transposed student with a
 stride-0 expanded teacher, aligned and offset, in float32 and in the mixed pair. Forward and backward through the
-extension module. Tiny shapes: under memcheck / racecheck it still takes seconds.
+extension module. The divergence family's (``divergence_forward`` / ``divergence_backward``): each divergence x a
+float32 and the mixed pair x a width below one block, one a few columns past 2048 and one of several blocks x aligned
+and differently offset rows, with a mask. Tiny shapes: under memcheck / racecheck it still takes seconds.
 """
 from __future__ import annotations
 
 import torch
 
-from minillm_kernels.cuda import load_extension
-from minillm_kernels.ops.reverse_kld import row_view
+from minillm_kernels._build import load_cuda_extension as load_extension
+from minillm_kernels.backends import row_view
+from minillm_kernels.ops.divergence import KERNEL_DIVERGENCES
 
 BATCH, RESPONSE = 3, 3
 ROWS = BATCH * RESPONSE
@@ -25,6 +29,8 @@ MIXED = (torch.bfloat16, torch.float32)  # (student, teacher)
 DTYPE_PAIRS = tuple((dtype, dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)) + (MIXED,)
 STRIDED_DTYPE_PAIRS = ((torch.float32, torch.float32), MIXED)
 STRIDED_LAYOUTS = (("response_slice", "response_slice"), ("transposed", "expanded"))  # (student, teacher)
+DIVERGENCE_WIDTHS = (7, 2049, 20001)
+DIVERGENCE_COEFFICIENT = 0.3  # beta (JSD) or skew (skew KLs); unused by the forward KL and the TVD
 
 
 def logits(layout: str, width: int, column_offset: int, dtype: torch.dtype) -> torch.Tensor:
@@ -57,12 +63,38 @@ def cases():
                     yield student_layout, teacher_layout, width, offsets, dtypes
 
 
+def divergence_cases():
+    """``(divergence, width, (student, teacher) column offsets, (student, teacher) dtypes)``."""
+    for divergence in KERNEL_DIVERGENCES:
+        for dtypes in STRIDED_DTYPE_PAIRS:
+            for width in DIVERGENCE_WIDTHS:
+                for offsets in STRIDED_COLUMN_OFFSETS:
+                    yield divergence, width, offsets, dtypes
+
+
+def run_divergences(kernels, inv_temperature: float) -> int:
+    """Forward and backward of each of ``divergence_cases``; the number of runs."""
+    runs = 0
+    for divergence, width, (student_offset, teacher_offset), (student_dtype, teacher_dtype) in divergence_cases():
+        student = row_view(logits("rows", width, student_offset, student_dtype))
+        teacher = row_view(logits("rows", width, teacher_offset, teacher_dtype))
+        mask = torch.rand(ROWS, device="cuda") < 0.7
+        value, mean_partial, row_stats = kernels.divergence_forward(
+            student, teacher, mask, divergence, DIVERGENCE_COEFFICIENT, inv_temperature, width)
+        grad = kernels.divergence_backward(student, teacher, mask, torch.randn_like(value), mean_partial, row_stats,
+                                           divergence, DIVERGENCE_COEFFICIENT, inv_temperature, width)
+        case = (divergence, width, student_offset, teacher_offset, student_dtype, teacher_dtype)
+        assert torch.isfinite(grad).all() and torch.isfinite(value).all(), case
+        runs += 1
+    return runs
+
+
 def main() -> None:
     kernels = load_extension()
     if kernels is None:
         raise SystemExit("the CUDA extension did not build (see the warning above)")
     inv_temperature = 1.0 / 0.7
-    runs = 0
+    runs = run_divergences(kernels, inv_temperature)
     for student_layout, teacher_layout, width, (student_offset, teacher_offset), (student_dtype, teacher_dtype) in cases():
         student = row_view(logits(student_layout, width, student_offset, student_dtype))
         teacher = row_view(logits(teacher_layout, width, teacher_offset, teacher_dtype))
@@ -78,7 +110,7 @@ def main() -> None:
             assert torch.isfinite(grad).all() and torch.isfinite(kl).all(), case
             runs += 1
     torch.cuda.synchronize()
-    print(f"sanitizer_runs: {runs} forward + backward runs done")
+    print(f"sanitizer_runs: {runs} forward + backward runs done (the divergence family's first)")
 
 
 if __name__ == "__main__":

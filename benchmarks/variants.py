@@ -12,12 +12,22 @@
   reduction "mean" computes the gradient in the forward; ``<backend>+recompute`` is reduction "none" then a mean,
   which recomputes each chunk's logits in the backward, the path ``fused_linear_token_stats`` takes), and
   Liger-Kernel's ``LigerFusedLinearJSD`` (GPU) and chunked ``LigerFusedLinearJSDLoss`` where installed, each with
-  the beta at which it computes the reverse KL (checked numerically).
+  the beta at which it computes the reverse KL (checked numerically), and TRL's chunked divergence
+  (``trl.kernels.chunked_divergence``) at its beta = 1 where installed.
 - ``divergence``: for one ``divergence`` of the family (``reference.DIVERGENCES``; beta and skew from
   ``DIVERGENCE_PARAMS``) the mean over tokens: the naive PyTorch loss (``NAIVE_DIVERGENCE``, eager and compiled),
   ``fused_divergence`` on each backend, and on a GPU where installed Liger-Kernel's ``LigerJSD(beta)`` for the JSD
   and its ``LigerTVDLoss`` for the TVD (each used only where ``disagreement`` finds it computes ours).
 
+- ``linear_divergence``: for one ``divergence`` of the family (``LINEAR_DIVERGENCES`` by default: those TRL computes)
+  the mean over tokens from hidden states [N, H] and lm_head weights [V, H], as a distillation trainer computes it:
+  the matmuls to the full logits then the naive loss (eager and compiled), ``fused_linear_divergence`` on each backend,
+  ``<backend>+entropy`` (``minillm_kernels.integrations.trl.chunked_divergence_loss``: the same plus the student's
+  entropy, TRL's logged metric, from one more no-grad pass: what our DistillationTrainer runs), TRL 1.16's chunked
+  loss (``trl_chunked``: its ``_chunked_divergence_loss``, which also computes the entropy; float32 tiles of 4096 x
+  32768, torch operations on each tile off the GPU, Triton on it) and Liger-Kernel's chunked
+  ``LigerFusedLinearJSDLoss`` (``liger_chunked``) where installed, each at TRL's beta of the divergence
+  (``TRL_BETAS``; the same convention in Liger, checked numerically).
 - ``sparse_divergence``: for one ``divergence`` (``SPARSE_DIVERGENCES``) against a teacher given as its top-k
   (``topk_teacher``: int32 ids and float32 log-probabilities, the cache's layout) with the tail as one outcome
   (``tail="bin"``): the naive PyTorch top-k loss as DistillKit and TRL's experimental code write it (a float32
@@ -27,7 +37,8 @@
 
 Each variant is ``loss(*inputs(op, ...)[0]) -> scalar``: ``(student, teacher, target)`` logits for the first two
 ops, ``(student_hidden, student_weight, teacher_hidden, teacher_weight)`` for ``linear_reverse_kld`` (``divergence``
-ignores the target), ``(student, teacher, teacher_ids, teacher_logprobs)`` for ``sparse_divergence``. Before a
+ignores the target), ``(student, teacher, teacher_ids, teacher_logprobs)`` for ``sparse_divergence``; the linear
+ops take ``(student_hidden, student_weight, teacher_hidden, teacher_weight)``. Before a
 variant is timed, ``disagreement`` checks its value and gradient against the float64 reference
 (``reference_loss``): a variant that computes something else is reported, not timed.
 """
@@ -44,9 +55,13 @@ import minillm_kernels as mk
 from minillm_kernels import reference
 
 Loss = Callable[..., torch.Tensor]  # (student, teacher, target) or, for linear_reverse_kld, (hidden, weight) x 2
-OPS = ("reverse_kld", "token_stats", "linear_reverse_kld", "divergence", "sparse_divergence")
+OPS = ("reverse_kld", "token_stats", "linear_reverse_kld", "divergence", "sparse_divergence", "linear_divergence")
 DIVERGENCE_PARAMS = dict(beta=0.5, skew=0.1)  # the divergence op's beta (JSD) and skew (skew KLs): the API's defaults
 SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl")  # those the naive top-k loss is written for (NAIVE_TOPK)
+# TRL's beta of each divergence it computes (0: forward KL, 1: reverse KL, else the JSD at DIVERGENCE_PARAMS' beta):
+# the linear_divergence op's default divergences
+TRL_BETAS = {"forward_kl": 0.0, "jsd": DIVERGENCE_PARAMS["beta"], "reverse_kl": 1.0}
+LINEAR_DIVERGENCES = tuple(TRL_BETAS)
 
 
 def inputs(op: str, tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device: str,
@@ -59,7 +74,7 @@ def inputs(op: str, tokens: int, vocab: int, hidden: int, dtype: torch.dtype, de
         teacher = torch.randn(tokens, vocab, device=device, dtype=dtype).mul_(3)
         ids, logprobs = mk.topk_teacher(teacher, k)
         return (student, teacher, ids.to(torch.int32), logprobs.float()), (student,)
-    if op == "linear_reverse_kld":
+    if op in ("linear_reverse_kld", "linear_divergence"):
         def projection() -> tuple[torch.Tensor, torch.Tensor]:
             weight = torch.randn(vocab, hidden, device=device, dtype=dtype).mul_(3 / hidden**0.5)
             return torch.randn(tokens, hidden, device=device, dtype=dtype), weight
@@ -181,11 +196,24 @@ NAIVE: dict[str, Loss] = {
 }
 
 
+def naive_linear(divergence: str) -> Loss:
+    """The unfused composition for ``divergence``: both models' full [N, V] logits, then its naive loss."""
+    loss = NAIVE_DIVERGENCE[divergence]
+
+    def linear_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                    teacher_weight: torch.Tensor) -> torch.Tensor:
+        return loss(student_hidden @ student_weight.t(), teacher_hidden @ teacher_weight.t(), None)
+
+    return linear_loss
+
+
 def naive(op: str, divergence: Optional[str] = None) -> Loss:
     """``op``'s naive loss (``NAIVE``; for ``divergence``, ``NAIVE_DIVERGENCE[divergence]``; for
-    ``sparse_divergence``, ``NAIVE_TOPK[divergence]``)."""
+    ``sparse_divergence``, ``NAIVE_TOPK[divergence]``; for ``linear_divergence``, ``naive_linear(divergence)``)."""
     if op == "sparse_divergence":
         return NAIVE_TOPK[divergence]
+    if op == "linear_divergence":
+        return naive_linear(divergence)
     return NAIVE_DIVERGENCE[divergence] if op == "divergence" else NAIVE[op]
 
 
@@ -202,6 +230,9 @@ def ours(op: str, backend: str, recompute: bool = False, divergence: Optional[st
     if op == "sparse_divergence":
         return lambda student, teacher, ids, logprobs: mk.fused_sparse_divergence(
             student, ids, logprobs, divergence=divergence, tail="bin", backend=backend)
+    if op == "linear_divergence":
+        return lambda *args: mk.fused_linear_divergence(*args, divergence=divergence, **DIVERGENCE_PARAMS,
+                                                        backend=backend)
 
     def loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         stats = mk.fused_token_stats(student, teacher, target, with_entropy=True, backend=backend)
@@ -233,6 +264,11 @@ def reference_loss(op: str, *args: torch.Tensor, divergence: Optional[str] = Non
     if op == "divergence":
         student, teacher, _ = args
         return reference.divergence(student, teacher, None, 1.0, student.shape[-1], divergence, **DIVERGENCE_PARAMS).mean()
+    if op == "linear_divergence":
+        student_hidden, student_weight, teacher_hidden, teacher_weight = args
+        student, teacher = student_hidden @ student_weight.t(), teacher_hidden @ teacher_weight.t()
+        return reference.divergence(student, teacher, None, 1.0, student.shape[-1], divergence,
+                                    **DIVERGENCE_PARAMS).mean()
     if op == "linear_reverse_kld":
         student_hidden, student_weight, teacher_hidden, teacher_weight = args
         student, teacher, target = student_hidden @ student_weight.t(), teacher_hidden @ teacher_weight.t(), None
@@ -382,15 +418,53 @@ def liger_linear(device: str) -> dict[str, Loss]:
     return table
 
 
+def trl_linear_divergence(divergence: str, backend: Optional[str] = None) -> Optional[Loss]:
+    """The mean ``divergence`` through TRL 1.16's ``_chunked_divergence_loss`` (``backend`` None), or through our
+    integration's ``chunked_divergence_loss`` on ``backend`` (the same arguments: TRL's beta, a [1, N] mask of ones;
+    both also compute the student's entropy); None unless TRL, in the version the integration is tested with, is
+    installed and ``divergence`` is one TRL computes (``TRL_BETAS``)."""
+    if divergence not in TRL_BETAS:
+        return None
+    try:
+        from minillm_kernels.integrations.trl import chunked_divergence_loss
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    except ImportError:
+        return None
+    loss_fn = (_chunked_divergence_loss if backend is None
+               else functools.partial(chunked_divergence_loss, backend=backend))
+
+    def loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+             teacher_weight: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones(1, student_hidden.shape[0], dtype=torch.long, device=student_hidden.device)
+        return loss_fn(student_hidden[None], teacher_hidden[None], student_weight, teacher_weight, mask,
+                       TRL_BETAS[divergence])[0]
+
+    return loss
+
+
+def liger_linear_divergence(divergence: str) -> Optional[Loss]:
+    """Liger's chunked ``LigerFusedLinearJSDLoss`` (soft loss only) at TRL's beta of ``divergence`` (Liger's mixture
+    is TRL's: beta 0 the forward KL, 1 the reverse KL), if installed and ``divergence`` is one of ``TRL_BETAS``."""
+    if divergence not in TRL_BETAS:
+        return None
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except ImportError:
+        return None
+    jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=TRL_BETAS[divergence])
+    return lambda sh, sw, th, tw: jsd(sh, sw, th, tw, torch.zeros(sh.shape[0], dtype=torch.long, device=sh.device),
+                                      None, None)
+
+
 def variants(op: str, device: str, divergence: Optional[str] = None) -> dict[str, Loss]:
     """Every variant of ``op`` (for "divergence" and "sparse_divergence", of its ``divergence``) that can run on
     ``device`` here, by name (``naive`` first, ``naive_topk`` for the sparse op: ratios refer to it)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    if (op in ("divergence", "sparse_divergence")) != (divergence is not None):
-        raise ValueError(f"ops 'divergence' and 'sparse_divergence', and only they, take a divergence (one of "
-                         f"{reference.DIVERGENCES})")
-    if op == "divergence" and divergence not in reference.DIVERGENCES:
+    if (op in ("divergence", "sparse_divergence", "linear_divergence")) != (divergence is not None):
+        raise ValueError(f"ops 'divergence', 'sparse_divergence' and 'linear_divergence', and only they, take a "
+                         f"divergence (one of {reference.DIVERGENCES})")
+    if op in ("divergence", "linear_divergence") and divergence not in reference.DIVERGENCES:
         raise ValueError(f"divergence must be one of {reference.DIVERGENCES}, got {divergence!r}")
     if op == "sparse_divergence" and divergence not in SPARSE_DIVERGENCES:
         raise ValueError(f"the sparse_divergence op's divergence must be one of {SPARSE_DIVERGENCES}, got "
@@ -406,10 +480,18 @@ def variants(op: str, device: str, divergence: Optional[str] = None) -> dict[str
             if op == "sparse_divergence":
                 table[f"dense_{backend}"] = functools.partial(dense_sparse_variant, divergence=divergence,
                                                               backend=backend)
+            if op == "linear_divergence" and trl_linear_divergence(divergence, backend) is not None:
+                table[f"{backend}+entropy"] = trl_linear_divergence(divergence, backend)
     if op == "reverse_kld" and device == "cuda" and liger() is not None:
         table["liger"] = liger()
     if op == "divergence" and device == "cuda" and liger_divergence(divergence) is not None:
         table["liger"] = liger_divergence(divergence)
     if op == "linear_reverse_kld":
         table.update(liger_linear(device))
+        trl = trl_linear_divergence("reverse_kl")  # TRL 1.16's chunked loss at its beta = 1
+        if trl is not None:
+            table["trl_chunked"] = trl
+    if op == "linear_divergence":
+        extra = {"trl_chunked": trl_linear_divergence(divergence), "liger_chunked": liger_linear_divergence(divergence)}
+        table.update({name: loss for name, loss in extra.items() if loss is not None})
     return table

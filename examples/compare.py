@@ -34,8 +34,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 import train  # examples/train.py: the loop
 from minillm_kernels.training import comparison
@@ -76,17 +77,19 @@ def run_config(parser: argparse.ArgumentParser, argv: list[str], row: Row, setti
     return config_from(parser, args)
 
 
-def claimed(runs: list[train.PlannedRun], claims: Path, out_dir: Path) -> Iterator[train.PlannedRun]:
-    """The runs this worker claims, each when the loop comes to it: a run is the worker's that made its folder under
-    ``claims`` (mkdir is atomic: one worker makes it, the others find it made and go on to the next run)."""
-    for run in runs:
-        claim = claims / run[2].relative_to(out_dir / "runs")
-        claim.parent.mkdir(parents=True, exist_ok=True)
+def claim(claims: Path, out_dir: Path) -> Callable[[train.PlannedRun], bool]:
+    """Whether this worker takes a run, asked when the loop comes to it: a run is the worker's that made its folder
+    under ``claims`` (mkdir is atomic: one worker makes it, the others find it made and go on to the next run)."""
+    def take(run: train.PlannedRun) -> bool:
+        folder = claims / run[2].relative_to(out_dir / "runs")
+        folder.parent.mkdir(parents=True, exist_ok=True)
         try:
-            claim.mkdir()
+            folder.mkdir()
         except FileExistsError:
-            continue
-        yield run
+            return False
+        return True
+
+    return take
 
 
 def available(parser: argparse.ArgumentParser, row: Row) -> bool:
@@ -128,14 +131,14 @@ def main(argv: list[str] | None = None) -> None:
                "select_by": base.run.select_by, "steps": base.optim.steps, "plan": list(plan_grid),
                "planned": not_yet}
 
-    def share(runs: list[train.PlannedRun], phase: str) -> Iterable[train.PlannedRun]:
-        return claimed(runs, out_dir / "claims" / phase, out_dir) if args.worker else runs
+    def share(phase: str) -> Optional[Callable[[train.PlannedRun], bool]]:
+        return claim(out_dir / "claims" / phase, out_dir) if args.worker else None
 
     if args.phase in ("tune", "all"):
         tuning_runs = [(row, settings) for row in rows for settings in plan_grid[row.name]]
         planned = [(row.name, run_config(parser, argv, row, settings, args.tuning_seed, out_dir),
                     comparison.run_folder(out_dir, row, settings, args.tuning_seed)) for row, settings in tuning_runs]
-        results = train.distill(base, data, share(planned, "tune"), read_finished=True, references=False, test=False)
+        results = train.distill(base, data, planned, claim=share("tune"), read_finished=True, references=False, test=False)
         if results is not None and not args.worker:  # rank 0, every tuning run done: choose on validation
             records = {(row.name, settings): record for (row, settings), record in zip(tuning_runs, results["runs"])}
             comparison.write_tuning(out_dir, comparison.choose(plan_grid, records, context))
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                     comparison.run_folder(out_dir, row, chosen[row.name], seed)) for row in rows for seed in args.seeds]
         if args.worker:  # the costliest rows first (their tuning run's training time): the workers end together
             planned.sort(key=lambda run: -comparison.training_seconds(tuning, run[0]))
-        results = train.distill(base, data, share(planned, "test"), read_finished=True, references=not args.worker,
+        results = train.distill(base, data, planned, claim=share("test"), read_finished=True, references=not args.worker,
                                 test=True)
         if results is not None and not args.worker:  # the tables, and the settings chosen beside them
             write_results(out_dir, results, "compare.md",

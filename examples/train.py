@@ -45,6 +45,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -325,14 +326,15 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def distill(config: TrainConfig, data: TrainingData, planned: list[PlannedRun], *, read_finished: bool = False,
-            references: bool = True, test: bool = True) -> Optional[dict]:
+            references: bool = True, test: bool = True,
+            claim: Optional[Callable[[PlannedRun], bool]] = None) -> Optional[dict]:
     """``run_planned`` in the processes of torchrun, if launched by it (else in this one): rank 0's results."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     rank, world, device = init_distributed()
     try:
         results = run_planned(config, data, planned, rank, world, device, read_finished=read_finished,
-                              references=references, test=test)
+                              references=references, test=test, claim=claim)
         if world > 1:  # every process done (rank 0 writes the results last): gloo aborts one whose peer is still busy
             dist.barrier()
         return results
@@ -342,12 +344,14 @@ def distill(config: TrainConfig, data: TrainingData, planned: list[PlannedRun], 
 
 
 def run_planned(config: TrainConfig, data: TrainingData, planned: list[PlannedRun], rank: int, world: int,
-                device: torch.device, *, read_finished: bool, references: bool, test: bool) -> Optional[dict]:
+                device: torch.device, *, read_finished: bool, references: bool, test: bool,
+                claim: Optional[Callable[[PlannedRun], bool]] = None) -> Optional[dict]:
     """Each planned run (``train``; with ``read_finished`` a run already finished with the same settings is read
     back from its log.jsonl instead), and with ``test`` its chosen and last checkpoints' test scores
     (``test_scores``, appended to its log, or read back); then with ``references`` the teacher's and the start
     student's test scores. Rank 0 returns the results (what results.json holds; ``report.write_results`` writes
-    them), the others None."""
+    them), the others None. With ``claim`` (a worker of several processes) only the runs it takes, asked when the
+    loop comes to each; the teacher is set up for every planned run."""
     started, fsdp, out_dir = time.time(), config.run.fsdp, Path(config.run.out_dir)
     torch.manual_seed(config.run.seed)
     if config.teacher.loaded or any(run_config.teacher.loaded for _, run_config, _ in planned):
@@ -371,6 +375,8 @@ def run_planned(config: TrainConfig, data: TrainingData, planned: list[PlannedRu
     teacher_sha256 = weights_sha256(directory) if directory is not None else None
     results = {"setup": setup(config, device, world, data), "runs": []}
     for name, run_config, run_dir in planned:
+        if claim is not None and not claim((name, run_config, run_dir)):
+            continue
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
         record = finished_run(run_dir, run_config) if read_finished else None

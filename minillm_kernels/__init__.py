@@ -11,10 +11,17 @@
     rollout = mk.sample_teacher_mixed(student, teacher, prompt_ids, prompt_mask, max_new_tokens=64)
     loss, parts = mk.minillm_loss(stats, rollout.student_logprob, rewards, rollout.importance_weight, ...)
 """
-from minillm_kernels.dispatch import available_backends
-from minillm_kernels.losses import TokenStats, fused_divergence, fused_reverse_kld, fused_token_stats
-from minillm_kernels.fused_linear import fused_linear_divergence, fused_linear_reverse_kld, fused_linear_token_stats
-from minillm_kernels.sparse import fused_sparse_divergence, fused_sparse_token_stats, topk_teacher
+from minillm_kernels.backends import available_backends
+from minillm_kernels.losses import (
+    TokenStats,
+    fused_divergence,
+    fused_reverse_kld,
+    fused_sparse_divergence,
+    fused_sparse_token_stats,
+    fused_token_stats,
+    topk_teacher,
+)
+from minillm_kernels.linear import fused_linear_divergence, fused_linear_reverse_kld, fused_linear_token_stats
 from minillm_kernels.objective import (
     language_modeling_loss,
     length_normalized_returns,
@@ -39,11 +46,11 @@ __all__ = [
     "fused_reverse_kld",
     "fused_token_stats",
     "fused_divergence",  # forward KL, JSD, skew KLs, TVD beside the reverse KL
-    # the same from hidden states and lm_head weights, chunked over tokens (fused_linear.py)
+    # the same from hidden states and lm_head weights, chunked over tokens (linear.py)
     "fused_linear_reverse_kld",
     "fused_linear_token_stats",
     "fused_linear_divergence",
-    # against a teacher given as its top-k log-probabilities, the tail completed (sparse.py)
+    # against a teacher given as its top-k log-probabilities, the tail completed (losses.py)
     "fused_sparse_divergence",
     "fused_sparse_token_stats",
     "topk_teacher",

@@ -55,8 +55,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from minillm_kernels._arguments import as_real
-from minillm_kernels.dispatch import TokenStats
+from minillm_kernels.losses import TokenStats
+from minillm_kernels.validation import as_real
 
 # One place for each default; the table above gives its source.
 REWARD_SCALING = 0.5  # rewards are divided by it (reference scripts: --reward-scaling 0.5)

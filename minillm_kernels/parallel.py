@@ -58,8 +58,6 @@ from minillm_kernels.ops.autograd import first_order
 
 Tensor = torch.Tensor
 
-ROW_NUMBERS = 8  # the per-row numbers each rank contributes: its row statistics (4), KL_r, H_r, log q^r(y), log p^r(y)
-
 
 class VocabShards:
     """The process group a vocabulary is sharded over, and this rank's place in it."""
@@ -257,7 +255,7 @@ class LogNormalisers(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------------
 class ShardTerms:
     """How one rank computes its shard's terms and gradients; ``LogitsShard`` below, the chunked lm_head's in
-    ``fused_linear.py``. ``student`` is the tuple of the student's tensors that get gradients (the logits; or the
+    ``linear.py``. ``student`` is the tuple of the student's tensors that get gradients (the logits; or the
     hidden states, weight and bias); the rest (teacher, ids, mask, options) are attributes."""
 
     shards: VocabShards
@@ -369,7 +367,7 @@ DIVERGENCE_SHARD_BACKENDS = ("cpu", "triton")
 
 class DivergenceShard:
     """How one rank computes the divergence family's terms on its shard: ``LogitsDivergenceShard`` below, the chunked
-    lm_head's in ``fused_linear.py``. Besides the attributes of ``ShardTerms``: ``divergence`` (a kernel divergence,
+    lm_head's in ``linear.py``. Besides the attributes of ``ShardTerms``: ``divergence`` (a kernel divergence,
     not the reverse KL), ``coefficient`` (beta or the skew) and ``real_columns`` (V_r)."""
 
     shards: VocabShards

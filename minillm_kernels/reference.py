@@ -1,9 +1,12 @@
-"""The naive PyTorch formulas: the ``"reference"`` backend, and the formulas every kernel implements.
+"""The naive PyTorch formulas every kernel implements: the oracle the tests compare the backends against.
 
-Everything here is written the way a user would write it by hand, on full ``[N, V]`` tensors, with
-autograd providing the gradients. It runs in any float dtypes (float64 included, student and teacher may
-differ) on any device. Shapes: ``student``/``teacher`` are ``[N, V_s]``/``[N, V_t]``, ``target``/``mask``
-are ``[N]``; the first ``vocab_size`` columns are the real vocabulary.
+Everything here is written the way a user would write it by hand, on full ``[N, V]`` tensors, with autograd
+providing the gradients. It runs in any float dtypes (float64 included, student and teacher may differ) on any
+device. Shapes: ``student``/``teacher`` are ``[N, V_s]``/``[N, V_t]``, ``target``/``mask`` are ``[N]``; the first
+``vocab_size`` columns are the real vocabulary. The gradients are also given in closed form (``token_stats_gradient``,
+``divergence_gradient``, ``sparse_divergence_gradient``; ``divergence_partials`` and ``sparse_divergence_partials``
+give sum_v q_v a_v): with them, these formulas are the "reference" backend's kernels (``ops/reference_kernels.py``),
+which run inside the custom ops as the other backends' do, where autograd cannot record.
 """
 from __future__ import annotations
 
@@ -12,14 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-
-def compute_dtype(*logits_dtypes: torch.dtype) -> torch.dtype:
-    """promote(*logits_dtypes, float32): float64 if any is float64, else float32. Both log-softmaxes are computed
-    in it (and the kernels' per-token outputs have it)."""
-    dtype = torch.float32
-    for logits_dtype in logits_dtypes:
-        dtype = torch.promote_types(dtype, logits_dtype)
-    return dtype
+from minillm_kernels.backends import compute_dtype
 
 
 def _scaled(logits: torch.Tensor, vocab_size: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:
@@ -222,6 +218,60 @@ def divergence_terms(log_q: torch.Tensor, log_p: torch.Tensor, divergence: str, 
     return terms
 
 
+def _outcome_partials(log_q: torch.Tensor, log_p: torch.Tensor, divergence: str, beta: float,
+                      skew: float) -> torch.Tensor:
+    """q_v a_v, a_v = dD/dq_v, elementwise from the two log-probabilities of each outcome (the teacher's held fixed):
+    reverse_kl q (log q - log p + 1); forward_kl -p; jsd (1 - beta) q log(q / m); skew_forward_kl -p (1 - skew p / m);
+    skew_reverse_kl q (log(q / m) + 1 - skew q / m); tvd 1/2 q sign(q - p); 0 where the leading probability is 0."""
+    q, p = log_q.exp(), log_p.exp()
+
+    def ratio(prob, log_prob, log_other):  # log_prob - log_other where prob > 0, else 0
+        return torch.where(prob > 0, log_prob - log_other, 0.0)
+
+    if divergence == "reverse_kl":
+        return torch.where(q > 0, q * (ratio(q, log_q, log_p) + 1), 0.0)
+    if divergence == "forward_kl":
+        return -p
+    if divergence == "jsd":
+        return (1 - beta) * _weighted_log_ratio(q, log_q, _log_mixture(beta, log_p, log_q))
+    if divergence == "skew_forward_kl":
+        log_p_over_m = ratio(p, log_p, _log_mixture(skew, log_p, log_q))
+        return torch.where(p > 0, -p * (1 - skew * log_p_over_m.exp()), 0.0)
+    if divergence == "skew_reverse_kl":
+        log_q_over_m = ratio(q, log_q, _log_mixture(skew, log_q, log_p))
+        return torch.where(q > 0, q * (log_q_over_m + 1 - skew * log_q_over_m.exp()), 0.0)
+    return 0.5 * q * torch.sign(q - p)
+
+
+def divergence_partials(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None,
+    temperature: float,
+    vocab_size: int,
+    divergence: str,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, q a)``, each ``[N, vocab_size]`` in ``compute_dtype`` and detached: the student's probabilities and
+    q_v a_v = q_v dD/dq_v (``_outcome_partials``) of ``divergence`` as ``divergence`` computes it, 0 in rows ``mask``
+    leaves out. sum_v q_v a_v is the kernels' ``mean_partial``; the gradient is ``divergence_gradient``'s."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    dtype = compute_dtype(student.dtype, teacher.dtype)
+    student, teacher = _unmasked(student.detach(), mask), _unmasked(teacher.detach(), mask)
+    log_q = _log_softmax(student, vocab_size, temperature, dtype)
+    log_p = _log_softmax(teacher, vocab_size, temperature, dtype)
+    q, qa = log_q.exp(), _outcome_partials(log_q, log_p, divergence, beta, skew)
+    # A row whose softmax is undefined in either model (NaN, +inf, every logit -inf): NaN, which the partials'
+    # "probability 0 counts 0" would otherwise drop (as the value and the kernels' gradient are).
+    undefined = log_q.isnan().any(-1, keepdim=True) | log_p.isnan().any(-1, keepdim=True)
+    qa = qa * torch.where(undefined, math.nan, 1.0)
+    if mask is not None:
+        q, qa = (torch.where(mask.unsqueeze(-1), x, 0.0) for x in (q, qa))
+    return q, qa
+
+
 def divergence_gradient(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -240,34 +290,12 @@ def divergence_gradient(
 
     with q_v a_v: reverse_kl q (log q - log p + 1); forward_kl -p; jsd (1 - beta) q log(q / m); skew_forward_kl
     -p (1 - skew p / m); skew_reverse_kl q (log(q / m) + 1 - skew q / m); tvd 1/2 q sign(q - p); 0 where the leading
-    probability is 0. 0 past ``vocab_size`` and in rows ``mask`` leaves out.
+    probability is 0 (``divergence_partials``); NaN in the rows whose value is NaN. 0 past ``vocab_size`` and in rows
+    ``mask`` leaves out.
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    dtype = compute_dtype(student.dtype, teacher.dtype)
-    log_q = _log_softmax(student.detach(), vocab_size, temperature, dtype)
-    log_p = _log_softmax(teacher.detach(), vocab_size, temperature, dtype)
-    q, p = log_q.exp(), log_p.exp()
-
-    def ratio(prob, log_prob, log_other):  # log_prob - log_other where prob > 0, else 0
-        return torch.where(prob > 0, log_prob - log_other, 0.0)
-
-    if divergence == "reverse_kl":
-        qa = torch.where(q > 0, q * (ratio(q, log_q, log_p) + 1), 0.0)
-    elif divergence == "forward_kl":
-        qa = -p
-    elif divergence == "jsd":
-        qa = (1 - beta) * _weighted_log_ratio(q, log_q, _log_mixture(beta, log_p, log_q))
-    elif divergence == "skew_forward_kl":
-        log_p_over_m = ratio(p, log_p, _log_mixture(skew, log_p, log_q))
-        qa = torch.where(p > 0, -p * (1 - skew * log_p_over_m.exp()), 0.0)
-    elif divergence == "skew_reverse_kl":
-        log_q_over_m = ratio(q, log_q, _log_mixture(skew, log_q, log_p))
-        qa = torch.where(q > 0, q * (log_q_over_m + 1 - skew * log_q_over_m.exp()), 0.0)
-    else:
-        qa = 0.5 * q * torch.sign(q - p)
-    grad = upstream.to(dtype).unsqueeze(-1) / temperature * (qa - q * qa.sum(-1, keepdim=True))
-    if mask is not None:
+    q, qa = divergence_partials(student, teacher, mask, temperature, vocab_size, divergence, beta, skew)
+    grad = upstream.to(q.dtype).unsqueeze(-1) / temperature * (qa - q * qa.sum(-1, keepdim=True))
+    if mask is not None:  # (a masked row's upstream may be anything)
         grad = torch.where(mask.unsqueeze(-1), grad, 0.0)
     return torch.nn.functional.pad(grad, (0, student.shape[-1] - vocab_size)).to(student.dtype)
 
@@ -375,17 +403,33 @@ def sparse_divergence(
         "renormalized"    ``divergence`` over the K' entries, both models renormalised on them:
                           log p^_k = log p_k - lse(log p_I), log q^_i = x_i - lse(x_I) (0 where K' = 0)
 
-    the terms of ``divergence_terms``. The float64 oracle of the sparse kernels, and the "reference" backend with
-    their contract: masked rows are not computed (0, gradient exactly 0); NaN in a row's log-probabilities, in its
-    student logits (those the mode reads: all V for "bin" and "uniform", the K' entries for "renormalized") or a
-    live id outside [0, V) gives NaN. Autograd gives the gradient.
+    the terms of ``divergence_terms``. The float64 oracle of the sparse kernels, with their contract: masked rows are
+    not computed (0, gradient exactly 0); NaN in a row's log-probabilities, in its student logits (those the mode
+    reads: all V for "bin" and "uniform", the K' entries for "renormalized") or a live id outside [0, V) gives NaN.
+    Autograd gives the gradient (in closed form: ``sparse_divergence_gradient``).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    log_q, log_p, undefined = _sparse_outcomes(student, teacher_ids, teacher_logprobs, mask, temperature, vocab_size,
+                                               tail)
+    value = divergence_terms(log_q, log_p, divergence, beta, skew).sum(-1)
+    # NaN (which the terms' "probability 0 counts 0" would drop) and a live id out of range: NaN, in the value and
+    # (through the product) in the row's gradient, as in the kernels.
+    value = value * torch.where(undefined, math.nan, 1.0)
+    return value if mask is None else torch.where(mask, value, 0.0)
+
+
+def _sparse_outcomes(student: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                     mask: torch.Tensor | None, temperature: float, vocab_size: int,
+                     tail: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log q, log p, undefined)`` of ``sparse_divergence``'s outcomes: ``[N, V]`` for "bin" and "uniform" (the
+    student's log-softmax, the completed teacher), ``[N, K]`` for "renormalized" (both renormalised on the entries,
+    -inf at dead ones); ``undefined`` ``[N]`` the rows whose value is NaN. Masked rows are a row of zeros without
+    entries (finite, so that their zero gradient stays 0)."""
     if tail not in SPARSE_TAILS:
         raise ValueError(f"tail must be one of {SPARSE_TAILS}, got {tail!r}")
     dtype = compute_dtype(student.dtype, teacher_logprobs.dtype)
-    if mask is not None:  # masked rows as a row of zeros without entries (finite, so their zero gradient stays 0)
+    if mask is not None:
         student = torch.where(mask[:, None], student, 0.0)
         teacher_ids = torch.where(mask[:, None], teacher_ids, 0)
         teacher_logprobs = torch.where(mask[:, None], teacher_logprobs, -math.inf)
@@ -400,12 +444,71 @@ def sparse_divergence(
     else:
         log_q = _log_softmax(student, vocab_size, temperature, dtype)
         log_p = sparse_teacher_completion(student, teacher_ids, teacher_logprobs, tail, temperature, vocab_size)
-    value = divergence_terms(log_q, log_p, divergence, beta, skew).sum(-1)
-    # NaN (which the terms' "probability 0 counts 0" would drop) and a live id out of range: NaN, in the value and
-    # (through the product) in the row's gradient, as in the kernels.
-    nan = entries.no_column | log_p.isnan().any(-1) | log_q.isnan().any(-1)
-    value = value * torch.where(nan, math.nan, 1.0)
-    return value if mask is None else torch.where(mask, value, 0.0)
+    undefined = entries.no_column | log_p.isnan().any(-1) | log_q.isnan().any(-1)
+    return log_q, log_p, undefined
+
+
+def sparse_divergence_partials(
+    student: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor | None,
+    temperature: float,
+    vocab_size: int,
+    divergence: str,
+    tail: str = "bin",
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, q a)``, each ``[N, vocab_size]`` in ``compute_dtype`` and detached, of ``sparse_divergence``'s outcomes
+    on their columns: "bin" and "uniform" the student's probabilities and q_v a_v (``_outcome_partials``) of the
+    divergence over the V columns against the completion held fixed (the bin completion's dependence on the
+    student adds nothing to the gradient: docs/design.md); "renormalized" those of the renormalised entries on their
+    columns, 0 on R. 0 in rows ``mask`` leaves out; NaN rows as they come (``sparse_divergence_gradient`` makes the
+    whole row NaN). sum_v q_v a_v is the kernels' ``mean_partial``."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    log_q, log_p, _ = _sparse_outcomes(student.detach(), teacher_ids, teacher_logprobs, mask, temperature,
+                                       vocab_size, tail)
+    q, qa = log_q.exp(), _outcome_partials(log_q, log_p, divergence, beta, skew)
+    if tail == "renormalized":  # the entries' outcomes onto their columns (dead entries add 0 to column 0)
+        dtype = compute_dtype(student.dtype, teacher_logprobs.dtype)
+        column = sparse_entries(teacher_ids, teacher_logprobs, vocab_size, dtype).column
+        q, qa = (log_q.new_zeros(log_q.shape[0], vocab_size).scatter_add_(1, column, x) for x in (q, qa))
+    if mask is not None:
+        q, qa = (torch.where(mask[:, None], x, 0.0) for x in (q, qa))
+    return q, qa
+
+
+def sparse_divergence_gradient(
+    student: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor | None,
+    upstream: torch.Tensor,
+    temperature: float,
+    vocab_size: int,
+    divergence: str,
+    tail: str = "bin",
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> torch.Tensor:
+    """d/d(student) of sum_i g_i D_i (``upstream = g``, ``[N]``) for ``sparse_divergence``, in closed form (for where
+    autograd cannot record, e.g. inside a custom op), in the student's dtype:
+
+        (1/T) g (q_v a_v - q_v sum_u q_u a_u)
+
+    with q and q a of ``sparse_divergence_partials`` ("renormalized": q the student renormalised on the entries, so
+    0 on R); NaN in the rows whose value is NaN; 0 past ``vocab_size`` and in rows ``mask`` leaves out."""
+    q, qa = sparse_divergence_partials(student, teacher_ids, teacher_logprobs, mask, temperature, vocab_size,
+                                       divergence, tail, beta, skew)
+    _, _, undefined = _sparse_outcomes(student.detach(), teacher_ids, teacher_logprobs, mask, temperature, vocab_size,
+                                       tail)
+    grad = upstream.to(q.dtype).unsqueeze(-1) / temperature * (qa - q * qa.sum(-1, keepdim=True))
+    grad = grad * torch.where(undefined, math.nan, 1.0).unsqueeze(-1)
+    if mask is not None:
+        grad = torch.where(mask[:, None], grad, 0.0)
+    return torch.nn.functional.pad(grad, (0, student.shape[-1] - vocab_size)).to(student.dtype)
 
 
 def sparse_token_stats(

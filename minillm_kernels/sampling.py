@@ -36,10 +36,9 @@ import torch
 import torch.distributed as dist
 
 from minillm_kernels import reference
-from minillm_kernels._arguments import as_int, as_real, as_temperature
-from minillm_kernels.dispatch import importance_weight
-from minillm_kernels.losses import TokenStats, fused_divergence, fused_token_stats
-from minillm_kernels.fused_linear import fused_linear_divergence, fused_linear_token_stats
+from minillm_kernels.linear import fused_linear_divergence, fused_linear_token_stats
+from minillm_kernels.losses import TokenStats, fused_divergence, fused_token_stats, importance_weight
+from minillm_kernels.validation import as_int, as_real, as_temperature
 
 
 def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:

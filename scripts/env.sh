@@ -4,7 +4,8 @@
 #   is used as it is and the package is taken from this checkout (PYTHONPATH).
 # - Elsewhere, a .venv at the repository root is created or reused, with the CPU build of PyTorch
 #   (torch==2.13.0), triton==3.8.0 (its interpreter runs the Triton kernels on the CPU), ninja (the C++
-#   kernel's build), and this package installed in editable mode with its test and benchmark extras.
+#   kernel's build), and this package installed in editable mode with its test, benchmark and trl extras (TRL, pinned,
+#   installed after the CPU torch, which it then keeps: tests/test_trl.py runs TRL's trainers).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -18,7 +19,7 @@ else
   stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
   if [ ! -f "$stamp" ]; then
     "$PYTHON" -m pip install --quiet --disable-pip-version-check torch==2.13.0 triton==3.8.0
-    "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test,bench,trl]"
     touch "$stamp"
   fi
 fi

@@ -7,10 +7,14 @@ meant to catch each one fail.
 
 A mutation replaces one exact snippet of one file (which must occur exactly once, so that a refactoring that moves
 the code fails the harness loudly instead of planting nothing) and names the tests that should catch it. The
-harness copies the working tree once, runs the union of the named tests on the unmutated copy (they must pass: a
-test that already fails would "catch" anything), then for each mutation applies it, runs its tests with ``-x``,
-and restores the file. A C++ mutation gets a fresh kernel build (its own TORCH_EXTENSIONS_DIR); the others share
-one. It prints caught/missed per mutation and exits 1 if any is missed.
+harness checks every snippet, copies the working tree once per job (``--jobs``, default: one per CPU), runs the
+union of the named tests on the unmutated copy (they must pass: a test that already fails would "catch" anything;
+``--skip-baseline`` where the whole suite has just passed on this tree, as in scripts/test.sh), then, the jobs in
+parallel, for each mutation applies it to a copy, runs its tests with ``-x``, and restores the file. Each copy has
+its own C++ build cache, which ninja updates incrementally: a C++ mutation recompiles the files it touches, not the
+whole kernel. A mutation is caught when its tests fail (or hang); a selection that pytest cannot run (a node id that
+no longer exists, a ``-k`` that selects nothing) is an error, not a catch. It prints caught/missed per mutation as
+each finishes and, last, the count and the names of the missed ones; it exits 1 if any is missed or could not run.
 """
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from queue import Queue
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,6 +197,13 @@ MUTATIONS = (
         "Z_s summed in float32: float64 logits get float32 accuracy",
     ),
     Mutation(
+        "triton-gradient-products-before-differences", "minillm_kernels/ops/reverse_kld_triton.py",
+        "grad = tl.where(q > 0, q * (a * ((log_q - log_p) - kl) - b - c * (log_q + entropy)), 0.0)",
+        "grad = tl.where(q > 0, q * ((a - c) * log_q - a * log_p - a * kl - b - c * entropy), 0.0)",
+        ("tests/test_reverse_kld.py::test_gradient_terms_near_the_float32_limit_are_differenced_before_scaling[triton]",),
+        "the backward multiplies log p_v and KL by a before their difference: NaN (inf - inf) where they pass ~1e38",
+    ),
+    Mutation(
         "reference-out-of-range-target-zero", "minillm_kernels/reference.py",
         '        nan = student_logq.new_full((), float("nan"))',
         '        nan = student_logq.new_full((), 0.0)',
@@ -232,10 +245,9 @@ MUTATIONS = (
         "1e-2 where the models are 88-103 nats apart (float32)",
     ),
     Mutation(
-        "linear-divergence-saved-rows-misaligned", "minillm_kernels/fused_linear.py",
-        "(mean_partial[rows], row_stats[rows]), plan, divergence, coefficient),",
-        "(mean_partial[: _rows_count(rows)], row_stats[: _rows_count(rows)]), plan, divergence,\n"
-        "                                           coefficient),",
+        "linear-divergence-saved-rows-misaligned", "minillm_kernels/linear.py",
+        "(mean_partial[chunk.rows], row_stats[chunk.rows])",
+        "(mean_partial[: _rows_count(chunk.rows)], row_stats[: _rows_count(chunk.rows)])",
         ("tests/test_fused_linear_divergence.py::test_every_divergence_matches_the_unfused_composition", "-k",
          "cpu and forward_kl and none"),
         "the fused-linear divergence's backward reads the saved statistics of the first rows, not the chunk's tokens",
@@ -245,7 +257,7 @@ MUTATIONS = (
         "cuda-does-not-compile", "csrc/cuda/device_math.cuh",
         "constexpr int kWarpSize = 32;",
         "constexpr int kWarpSize = 32",
-        ("tests/test_cuda_compile.py",),
+        ("tests/test_cuda_compile.py::test_cuda_source_compiles_for_sm90[csrc/cuda/reverse_kld.cu]",),
         "a CUDA source that nvcc cannot compile",
     ),
     # ---- the reference (the oracle): its bugs must be caught by independent checks, not by itself
@@ -253,9 +265,7 @@ MUTATIONS = (
         "reference-reads-masked-rows", "minillm_kernels/reference.py",
         "    return logits if mask is None else torch.where(mask.unsqueeze(-1), logits, 0.0)",
         "    return logits",
-        ("tests/test_reverse_kld.py::test_masked_rows_are_not_read_whatever_they_hold[reference]",
-         "tests/test_divergence.py::test_undefined_rows_give_nan_and_masked_rows_give_zero_whatever_they_hold",
-         "-k", "reference"),
+        ("tests/test_reverse_kld.py::test_the_oracle_does_not_read_masked_rows_either",),
         "the reference computes masked rows and zeroes their values after: NaN logits there give a NaN gradient",
     ),
     Mutation(
@@ -287,19 +297,13 @@ MUTATIONS = (
         "divergence-op-trusts-its-coefficient", "minillm_kernels/ops/divergence.py",
         "    check_coefficient(divergence, coefficient)\n    if n_rows(student) == 0:",
         "    if n_rows(student) == 0:",
-        ("tests/test_compile.py::test_a_bad_symbolic_beta_or_skew_is_the_eager_value_error", "-k", "cpu and logits"),
-        "under torch.compile a bad beta reaches the kernel unchecked: the kernel's RuntimeError, not eager's ValueError",
-    ),
-    Mutation(
-        "compiled-reference-coefficient-unchecked", "minillm_kernels/ops/divergence.py",
-        "        return checked_coefficient(value, divergence_name, coefficient) if torch.compiler.is_compiling() else value",
-        "        return value",
         ("tests/test_compile.py::test_a_bad_symbolic_beta_or_skew_is_the_eager_value_error", "-k",
-         "reference and logits"),
-        "under torch.compile the reference backend computes with beta = 1.5 (NaN) instead of raising",
+         "(cpu or reference) and logits"),
+        "under torch.compile a bad beta reaches the kernel unchecked: the kernel's RuntimeError (the reference's NaN), "
+        "not eager's ValueError",
     ),
     Mutation(
-        "compiled-scalar-tensor-item", "minillm_kernels/_arguments.py",
+        "compiled-scalar-tensor-item", "minillm_kernels/validation.py",
         "        if torch.compiler.is_compiling():\n            raise TypeError(",
         "        if False:\n            raise TypeError(",
         ("tests/test_compile.py::test_a_bad_symbolic_beta_or_skew_is_the_eager_value_error", "-k",
@@ -315,14 +319,14 @@ MUTATIONS = (
     ),
     # ---- validation and the logits-level functions
     Mutation(
-        "mean-over-all-tokens", "minillm_kernels/dispatch.py",
+        "mean-over-all-tokens", "minillm_kernels/losses.py",
         "count = per_token.new_tensor(per_token.numel()) if mask is None else mask.sum()",
         "count = per_token.new_tensor(per_token.numel())",
         ("tests/test_validation.py::test_reductions_follow_their_definitions",),
         "reduction='mean' divides by every token instead of the unmasked ones",
     ),
     Mutation(
-        "strided-logits-copied", "minillm_kernels/dispatch.py",
+        "strided-logits-copied", "minillm_kernels/validation.py",
         "    return logits if logits.stride(-1) == 1 or logits.shape[-1] == 1 else logits.contiguous()",
         "    return logits.contiguous()",
         ("tests/test_reverse_kld.py::test_a_response_slice_allocates_only_its_gradient",),
@@ -338,14 +342,14 @@ MUTATIONS = (
         "response_logits builds N + 1 positions' logits and slices them: slice_backward's [B, N + 1, V] in the step",
     ),
     Mutation(
-        "importance-weight-nan-at-alpha-0", "minillm_kernels/dispatch.py",
+        "importance-weight-nan-at-alpha-0", "minillm_kernels/losses.py",
         "    if mix_alpha == 0:\n",
         "    if mix_alpha == -1:\n",
         ("tests/test_validation.py::test_importance_weight_where_the_student_gives_the_target_no_mass",),
         "alpha = 0 goes through the general formula: NaN where the student's target logit is -inf",
     ),
     Mutation(
-        "teacher-not-detached", "minillm_kernels/dispatch.py",
+        "teacher-not-detached", "minillm_kernels/losses.py",
         "    teacher_logprob = teacher_logprob.detach()\n",
         "",
         ("tests/test_validation.py::test_a_teacher_that_requires_grad_is_warned_about_once_and_gets_none",
@@ -353,7 +357,7 @@ MUTATIONS = (
         "teacher_logprob reports requires_grad=True although no gradient can flow",
     ),
     Mutation(
-        "temperature-isfinite", "minillm_kernels/_arguments.py",
+        "temperature-isfinite", "minillm_kernels/validation.py",
         "if not (above_low and below_high and -math.inf < value < math.inf):",
         "if not (above_low and below_high and math.isfinite(value)):",
         ("tests/test_compile.py::test_fullgraph_matches_eager[dynamic-reference-logits]",),
@@ -361,7 +365,7 @@ MUTATIONS = (
     ),
     # ---- fused lm_head + loss
     Mutation(
-        "temperature-reciprocal-unchecked", "minillm_kernels/_arguments.py",
+        "temperature-reciprocal-unchecked", "minillm_kernels/validation.py",
         "    if not temperature >= smallest:\n",
         "    if False:\n",
         ("tests/test_validation.py::test_a_temperature_whose_reciprocal_overflows_is_refused_by_name",),
@@ -375,7 +379,7 @@ MUTATIONS = (
         "the reference scales the raw logits by 1/T: at the smallest temperature allowed they overflow (NaN, 0.0)",
     ),
     Mutation(
-        "scalar-tensor-gradient-dropped", "minillm_kernels/_arguments.py",
+        "scalar-tensor-gradient-dropped", "minillm_kernels/validation.py",
         "        if value.requires_grad:\n",
         "        if False:\n",
         ("tests/test_validation.py::test_a_scalar_tensor_that_requires_grad_is_refused_on_every_backend",),
@@ -383,21 +387,21 @@ MUTATIONS = (
         "silently dropped",
     ),
     Mutation(
-        "linear-bias-gradient-overwritten", "minillm_kernels/fused_linear.py",
+        "linear-bias-gradient-overwritten", "minillm_kernels/linear.py",
         "self.bias[: self.vocab_size] += grad_logits.sum(0, dtype=self.bias.dtype)",
         "self.bias[: self.vocab_size] = grad_logits.sum(0, dtype=self.bias.dtype)",
         ("tests/test_fused_linear.py::test_reverse_kld_matches_unfused_composition",),
         "grad bias keeps only the last chunk's sum",
     ),
     Mutation(
-        "linear-mean-counts-masked-tokens", "minillm_kernels/fused_linear.py",
-        "scale = 1.0 / max(plan.n_counted, 1) if mean else 1.0",
+        "linear-mean-counts-masked-tokens", "minillm_kernels/linear.py",
+        "scale = 1.0 / max(loop.plan.n_counted, 1) if mean else 1.0",
         "scale = 1.0 / max(student_hidden.shape[0], 1) if mean else 1.0",
         ("tests/test_fused_linear.py::test_reverse_kld_matches_unfused_composition",),
         "the fused-linear mean divides by every token, masked ones included",
     ),
     Mutation(
-        "linear-sum-returns-the-saved-gradients", "minillm_kernels/fused_linear.py",
+        "linear-sum-returns-the-saved-gradients", "minillm_kernels/linear.py",
         "    return tuple(g * grad_total.to(g.dtype) if need else None for g, need in zip(grads, needs))",
         "    unit = bool(grad_total == 1)\n"
         "    return tuple((g if unit else g * grad_total.to(g.dtype)) if need else None for g, need in zip(grads, needs))",
@@ -406,7 +410,7 @@ MUTATIONS = (
         "zeroing them (zero_grad, .data.zero_()) zeroes or breaks a retained graph's next gradient",
     ),
     Mutation(
-        "linear-no-version-check", "minillm_kernels/fused_linear.py",
+        "linear-no-version-check", "minillm_kernels/linear.py",
         "    ctx.save_for_backward(*inputs[:3], *output[1:])",
         "    ctx.save_for_backward(None, None, None, *output[1:])",
         ("tests/test_fused_linear.py::test_a_weight_changed_in_place_before_the_backward_is_an_error",),
@@ -470,14 +474,14 @@ MUTATIONS = (
         "a shard with no real column has log Z = 0 (one unit of mass) instead of -inf",
     ),
     Mutation(
-        "parallel-linear-grad-hidden-not-summed", "minillm_kernels/fused_linear.py",
+        "parallel-linear-grad-hidden-not-summed", "minillm_kernels/linear.py",
         "        if needs[0]:\n            self.shards.sum(grads[0])",
         "        if False:\n            self.shards.sum(grads[0])",
         ("tests/test_parallel.py::test_fused_linear_losses_match_the_unsharded_oracle", "-k", "2-linear-cpu"),
         "each rank gets only its shard's part of grad h (G_r W_r), not their sum",
     ),
     Mutation(
-        "parallel-linear-sum-chunks-not-combined", "minillm_kernels/fused_linear.py",
+        "parallel-linear-sum-chunks-not-combined", "minillm_kernels/linear.py",
         "kl, _, _, entropy, row_stats = stats if combine is None else combine(stats)",
         "kl, _, _, entropy, row_stats = stats",
         ("tests/test_parallel.py::test_fused_linear_losses_match_the_unsharded_oracle", "-k", "2-linear-cpu"),
@@ -917,14 +921,14 @@ MUTATIONS = (
         "P_R = 1 - P_I unclamped: a sum a little above 1 (rounding) gives log of a negative, NaN",
     ),
     Mutation(
-        "sparse-validation-misses-repeated-ids", "minillm_kernels/sparse.py",
+        "sparse-validation-misses-repeated-ids", "minillm_kernels/validation.py",
         "    if bool(repeated.any()):",
         "    if False:",
         ("tests/test_sparse.py::test_bad_teachers_are_refused_with_errors_that_name_the_fix",),
         "repeated ids in a row are accepted (the entry's column would count twice)",
     ),
     Mutation(
-        "sparse-mass-tolerance-ignores-the-dtype", "minillm_kernels/sparse.py",
+        "sparse-mass-tolerance-ignores-the-dtype", "minillm_kernels/validation.py",
         "    per_entry = (1 + log_p.abs()) * eps + 8 * eps_32 * (1 + math.log(vocab_size))",
         "    per_entry = 8 * eps_32 * (1 + math.log(vocab_size))",
         ("tests/test_sparse.py::test_rounding_of_the_log_probabilities_is_within_the_tolerance",),
@@ -938,11 +942,62 @@ MUTATIONS = (
         "the sparse CUDA kernels do not compile for sm_90",
     ),
     Mutation(
+        "benchmark-trl-chunked-beta-mirrored", "benchmarks/variants.py",
+        "                       TRL_BETAS[divergence])[0]",
+        "                       1 - TRL_BETAS[divergence])[0]",
+        ("tests/test_benchmarks.py::test_every_variant_agrees_with_the_reference", "-k", "linear_divergence"),
+        "the benchmark calls TRL's chunked loss (and our integration's) at the mirrored beta: the forward KL timed as "
+        "the reverse KL",
+    ),
+    Mutation(
         "benchmark-naive-topk-tail-dropped", "benchmarks/variants.py",
         "    return torch.cat((log_entries, tail), -1)",
         "    return log_entries",
         ("tests/test_benchmarks.py::test_every_variant_agrees_with_the_reference[sparse_divergence-reverse_kl]",),
         "the benchmark's naive top-k loss drops the tail outcome (another quantity, timed as if it were ours)",
+    ),
+    # ---- the TRL integration (minillm_kernels/integrations/)
+    Mutation(
+        "trl-beta-convention-flipped", "minillm_kernels/integrations/trl.py",
+        '        if beta == 0.0:\n            return dict(divergence="forward_kl")\n'
+        '        if beta == 1.0:\n            return dict(divergence="reverse_kl")\n'
+        '        return dict(divergence="jsd", beta=beta)',
+        '        if beta == 0.0:\n            return dict(divergence="reverse_kl")\n'
+        '        if beta == 1.0:\n            return dict(divergence="forward_kl")\n'
+        '        return dict(divergence="jsd", beta=1 - beta)',
+        ("tests/test_trl.py::test_chunked_divergence_loss_is_trls_loss_entropy_and_gradients",),
+        "TRL's beta read the other way round: beta = 0 the reverse KL, 1 the forward KL, the JSD's mixture mirrored",
+    ),
+    Mutation(
+        "trl-num-items-in-batch-ignored", "minillm_kernels/integrations/trl.py",
+        "    loss = divide_by_count(total, n_valid.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)",
+        "    loss = divide_by_count(total, n_valid.clamp(min=1))",
+        ("tests/test_trl.py::test_distillation_trainer_trains_as_trls",),
+        "the DistillationTrainer loss is the micro-batch's mean, not its sum over the global token count "
+        "(num_items_in_batch): wrong under gradient accumulation",
+    ),
+    Mutation(
+        "trl-logit-scale-not-in-the-temperature", "minillm_kernels/integrations/trl.py",
+        "    return FoldedLogitScales(temperature / student_logit_scale, teacher_hidden, teacher_bias)",
+        "    return FoldedLogitScales(temperature, teacher_hidden, teacher_bias)",
+        ("tests/test_trl.py::test_distillation_loss_is_the_divergence_of_the_models_own_logits",),
+        "the student's logit scale is dropped (the teacher's is then off by the student's too): another objective for "
+        "Cohere, Granite, Falcon-H1 models",
+    ),
+    Mutation(
+        "trl-server-tail-unclamped", "minillm_kernels/integrations/trl_experimental.py",
+        "        logprobs = logprobs - (log_mass - TRL_MAX_LOG_MASS).clamp(min=0)",
+        "        pass",
+        ("tests/test_trl.py::test_server_sparse_loss_is_trls_where_trl_runs", "-k", "tail"),
+        "a served teacher certain of its top-1 (log p = 0) leaves no tail mass: the reverse KL's tail term is infinite "
+        "where TRL clamps the tail at 1e-7",
+    ),
+    Mutation(
+        "trl-gkd-mean-over-tokens", "minillm_kernels/integrations/trl_experimental.py",
+        "        return divide_by_count(total, tokens * student_logits.shape[-1])",
+        "        return divide_by_count(total, tokens)",
+        ("tests/test_trl.py::test_generalized_jsd_loss_is_gkds", "-k", "mean and not batchmean"),
+        "GKD's reduction 'mean' over tokens instead of TRL's mean over its [tokens, V] elementwise terms",
     ),
     # ---- the offline teacher cache, on-policy distillation and the served teacher (issue 25)
     Mutation(
@@ -1078,8 +1133,22 @@ def is_native(mutation: Mutation) -> bool:
     return mutation.path.startswith("csrc/")
 
 
-def run_tests(copy: Path, tests: tuple[str, ...], extensions: Path, *, stop_first: bool) -> tuple[bool, float, str]:
-    """(passed, seconds, output tail) of pytest on ``tests`` in ``copy``."""
+class Outcome(NamedTuple):
+    """How a pytest run ended: ``verdict`` is "passed", "failed" (tests failed, collection errors included: the suite
+    would fail), "timeout" or "error" (pytest could not run the selection: a node id that does not exist, a ``-k``
+    that selects nothing, an internal error)."""
+
+    verdict: str
+    seconds: float
+    output: str
+
+
+PYTEST_VERDICTS = {0: "passed", 1: "failed", 2: "failed"}  # pytest's exit codes; 2: interrupted (collection errors)
+MUTATION_VERDICTS = {"passed": "MISSED", "failed": "caught", "timeout": "caught", "error": "ERROR"}  # (a hang: caught)
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], extensions: Path, *, stop_first: bool) -> Outcome:
+    """pytest on ``tests`` in ``copy``, with ``extensions`` as the C++ build cache."""
     env = {**os.environ, "PYTHONPATH": str(copy), "TORCH_EXTENSIONS_DIR": str(extensions)}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] if stop_first else []),
                *tests]
@@ -1087,25 +1156,97 @@ def run_tests(copy: Path, tests: tuple[str, ...], extensions: Path, *, stop_firs
     try:
         done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return False, time.time() - started, f"timed out after {TIMEOUT_S} s"
-    return done.returncode == 0, time.time() - started, (done.stdout + done.stderr)[-2000:]
+        for lock in extensions.glob("*/lock"):  # a build killed mid-way leaves its lock: the next load would wait
+            lock.unlink()
+        return Outcome("timeout", time.time() - started, f"timed out after {TIMEOUT_S} s")
+    return Outcome(PYTEST_VERDICTS.get(done.returncode, "error"), time.time() - started, done.stdout + done.stderr)
+
+
+def failed_tests(output: str) -> list[str]:
+    """The FAILED / ERROR lines of pytest's short summary in ``output``."""
+    return [line for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+
+
+def planted(text: str, mutation: Mutation) -> str:
+    """``text`` (of the mutation's file) with the bug planted; exits naming the mutation unless its snippet occurs
+    exactly once."""
+    if text.count(mutation.old) != 1:
+        raise SystemExit(f"mutation {mutation.name}: the snippet occurs {text.count(mutation.old)} times in "
+                         f"{mutation.path} (it must occur once):\n{mutation.old}")
+    return text.replace(mutation.old, mutation.new)
 
 
 def apply(copy: Path, mutation: Mutation) -> str:
     """Plant the mutation in ``copy``; returns the file's original text."""
     path = copy / mutation.path
     text = path.read_text()
-    if text.count(mutation.old) != 1:
-        raise SystemExit(f"mutation {mutation.name}: the snippet occurs {text.count(mutation.old)} times in "
-                         f"{mutation.path} (it must occur once):\n{mutation.old}")
-    path.write_text(text.replace(mutation.old, mutation.new))
+    path.write_text(planted(text, mutation))
     return text
+
+
+class Worker(NamedTuple):
+    """One copy of the working tree and its C++ build cache. Every mutation of a worker shares the cache: each
+    pytest run is a fresh process, so torch's JIT writes the same build file and ninja recompiles only the
+    translation units whose sources (headers included) changed since the last build, the planted one and, after
+    it is restored, the same one again."""
+
+    copy: Path
+    extensions: Path
+
+
+def check_mutation(worker: Worker, mutation: Mutation) -> Outcome:
+    """Plant ``mutation`` in the worker's copy, run its tests (stopping at the first failure), restore the file."""
+    original = apply(worker.copy, mutation)
+    try:
+        return run_tests(worker.copy, mutation.tests, worker.extensions, stop_first=True)
+    finally:
+        (worker.copy / mutation.path).write_text(original)
+
+
+def check_all(workers: list[Worker], chosen: list[Mutation]) -> dict[str, Outcome]:
+    """Each mutation checked in one of the workers' copies, as many at once as there are workers, the C++ ones
+    first (the longest: a build each; the quick ones then fill the workers at the end). Prints a line per mutation
+    as it finishes."""
+    idle: Queue[Worker] = Queue()
+    for worker in workers:
+        idle.put(worker)
+
+    def check(index: int, mutation: Mutation) -> tuple[int, Mutation, Outcome]:
+        worker = idle.get()
+        try:
+            return index, mutation, check_mutation(worker, mutation)
+        finally:
+            idle.put(worker)
+
+    print(f"{len(chosen)} mutations, {len(workers)} at a time ...", flush=True)
+    queue = sorted(enumerate(chosen, 1), key=lambda item: not is_native(item[1]))
+    outcomes: dict[str, Outcome] = {}
+    with ThreadPoolExecutor(max_workers=len(workers)) as pool:
+        for future in as_completed([pool.submit(check, index, mutation) for index, mutation in queue]):
+            index, mutation, outcome = future.result()
+            outcomes[mutation.name] = outcome
+            print(f"[{index:2}/{len(chosen)}] {MUTATION_VERDICTS[outcome.verdict]:6} {mutation.name:36} "
+                  f"{outcome.seconds:5.0f} s  {mutation.bug}"
+                  + (f" (timed out after {TIMEOUT_S} s: a hang, or a machine far too loaded)"
+                     if outcome.verdict == "timeout" else ""), flush=True)
+            if outcome.verdict == "error":
+                print(outcome.output[-3000:])
+    return outcomes
+
+
+def default_jobs() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations only")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--jobs", type=int, default=default_jobs(),
+                        help="mutations checked at once, each in its own copy of the tree (default: the CPUs here)")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="do not first run the named tests on the unmutated copy: for a tree whose whole suite "
+                             "has just passed (scripts/test.sh)")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
     if args.only and len(chosen) != len(set(args.only)):
@@ -1116,33 +1257,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name:36} {m.path}: {m.bug}\n{'':36} caught by {', '.join(m.tests)}")
         return 0
 
+    for mutation in chosen:  # every snippet present once, before anything runs
+        planted((ROOT / mutation.path).read_text(), mutation)
+    started = time.time()
+    jobs = max(1, min(args.jobs, len(chosen)))
     with tempfile.TemporaryDirectory(prefix="minillm-mutations-") as scratch:
-        copy, extensions = Path(scratch) / "repo", Path(scratch) / "extensions"
-        copy_tree(copy)
-        tests = tuple(dict.fromkeys(t for m in chosen for t in selected_paths(m.tests)))
-        print(f"baseline: {len(tests)} test selections on the unmutated copy ...", flush=True)
-        passed, seconds, output = run_tests(copy, tests, extensions / "base", stop_first=False)
-        if not passed:
-            print(output)
-            print(f"baseline FAILED ({seconds:.0f} s): the tests must pass before any bug is planted")
-            return 1
-        print(f"baseline passed ({seconds:.0f} s)")
-        missed = []
-        for index, mutation in enumerate(chosen, 1):
-            original = apply(copy, mutation)
-            ext = extensions / mutation.name if is_native(mutation) else extensions / "base"
-            try:
-                passed, seconds, _ = run_tests(copy, mutation.tests, ext, stop_first=True)
-            finally:
-                (copy / mutation.path).write_text(original)
-            verdict = "MISSED" if passed else "caught"
-            print(f"[{index:2}/{len(chosen)}] {verdict:6} {mutation.name:36} {seconds:5.0f} s  {mutation.bug}",
-                  flush=True)
-            if passed:
-                missed.append(mutation.name)
-    print(f"{len(chosen) - len(missed)} of {len(chosen)} planted bugs caught" +
-          (f"; missed: {', '.join(missed)}" if missed else ""))
-    return 1 if missed else 0
+        workers = [Worker(Path(scratch) / f"repo-{i}", Path(scratch) / f"extensions-{i}") for i in range(jobs)]
+        for worker in workers:
+            copy_tree(worker.copy)
+        if not args.skip_baseline:
+            tests = tuple(dict.fromkeys(t for m in chosen for t in selected_paths(m.tests)))
+            print(f"baseline: {len(tests)} test selections on the unmutated copy ...", flush=True)
+            baseline = run_tests(workers[0].copy, tests, workers[0].extensions, stop_first=False)
+            if baseline.verdict != "passed":
+                print(baseline.output[-3000:])
+                failing = failed_tests(baseline.output)
+                print(f"baseline {baseline.verdict.upper()} ({baseline.seconds:.0f} s): the tests must pass before any "
+                      f"bug is planted" + (":\n" + "\n".join(failing) if failing else ""))
+                return 1
+            print(f"baseline passed ({baseline.seconds:.0f} s)")
+        outcomes = check_all(workers, chosen)
+    missed = [m.name for m in chosen if outcomes[m.name].verdict == "passed"]
+    broken = [m.name for m in chosen if outcomes[m.name].verdict == "error"]
+    print(f"{len(chosen) - len(missed) - len(broken)} of {len(chosen)} planted bugs caught in "
+          f"{(time.time() - started) / 60:.1f} min ({jobs} at a time)"
+          + (f"; missed: {', '.join(missed)}" if missed else "")
+          + (f"; tests could not run (see above): {', '.join(broken)}" if broken else ""))
+    return 1 if missed or broken else 0
 
 
 if __name__ == "__main__":

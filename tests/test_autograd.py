@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import minillm_kernels as mk
+from minillm_kernels import reference
 from conftest import device_for, random_logits, random_mask, require_backend
 
 VOCAB, HIDDEN = 37, 6
@@ -77,21 +78,31 @@ def test_torch_func_grad_vjp_and_jacrev_give_the_autograd_gradient(name, backend
 @pytest.mark.parametrize("name", (*LOSSES, *LINEAR_LOSSES))
 def test_differentiating_a_kernels_gradient_again_is_a_clear_error(name, backend):
     """create_graph=True gives a gradient with a graph (first-order uses of it work), whose backward raises an error
-    naming what is supported; so do nested torch.func.grad and forward mode. The reference backend's logits-level
-    functions are plain PyTorch: higher orders work there."""
+    naming what is supported and where higher orders are (reference.py's formulas); so do nested torch.func.grad and
+    forward mode. On every backend: the reference backend's kernels, too, give their gradient in closed form."""
     loss, x = case(name, backend)
     leaf = x.clone().requires_grad_()
     (gradient,) = torch.autograd.grad(loss(leaf), leaf, create_graph=True)
     torch.testing.assert_close(gradient.detach(), autograd_gradient(loss, x), rtol=0, atol=0)
-    if backend == "reference" and name in LOSSES:
-        (second,) = torch.autograd.grad((gradient * gradient).sum(), leaf)
-        assert second.isfinite().all() and (second != 0).any()
-        return
     assert gradient.requires_grad
-    first_order = r"gradients are first order: backward, torch.autograd.grad and torch.func.grad .* backend='reference'"
+    first_order = (r"gradients are first order: backward, torch.autograd.grad and torch.func.grad .* "
+                   r"minillm_kernels\.reference")
     with pytest.raises(RuntimeError, match=first_order):
         torch.autograd.grad((gradient * gradient).sum(), leaf)
     with pytest.raises(RuntimeError, match=first_order):
         torch.func.grad(lambda y: torch.func.grad(loss)(y).square().sum())(x)
     with pytest.raises((RuntimeError, NotImplementedError), match="jvp function .* forward mode AD"):  # (torch's)
         torch.func.jvp(loss, (x,), (torch.ones_like(x),))
+
+
+def test_the_naive_formulas_differentiate_to_any_order():
+    """Where the first-order error sends a user: reference.py's formulas are plain PyTorch, whose gradients have
+    gradients (a Hessian-vector product, finite and not 0)."""
+    mask = random_mask(5, torch.device("cpu"))
+    student, teacher = (random_logits(5, VOCAB, torch.float64, torch.device("cpu")) for _ in range(2))
+    for loss in (lambda x: reference.divergence(x, teacher, mask, 0.7, VOCAB, "jsd", beta=0.3).sum(),
+                 lambda x: sum(reference.token_stats(x, teacher, torch.arange(5) % VOCAB, mask, 0.7, VOCAB)).sum()):
+        leaf = student.clone().requires_grad_()
+        (gradient,) = torch.autograd.grad(loss(leaf), leaf, create_graph=True)
+        (second,) = torch.autograd.grad((gradient * gradient).sum(), leaf)
+        assert second.isfinite().all() and (second != 0).any()

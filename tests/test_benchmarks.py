@@ -18,7 +18,7 @@ import torch
 from benchmarks import plots, run
 from benchmarks import variants as variants_module
 from benchmarks.run import WRONG, add_bandwidth_fractions, markdown_table, measure, read_results
-from benchmarks.variants import OPS, SPARSE_DIVERGENCES, disagreement, variants
+from benchmarks.variants import LINEAR_DIVERGENCES, OPS, SPARSE_DIVERGENCES, disagreement, variants
 from minillm_kernels.reference import DIVERGENCES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +96,7 @@ def test_bandwidth_fraction_and_table():
 
 def test_gpu_backend_choice_is_read_back_by_the_dispatcher(tmp_path):
     from benchmarks.run import gpu_backend_choice
-    from minillm_kernels import dispatch
+    from minillm_kernels import backends
 
     def row(variant, vocab, ms, dtype="bf16", tokens=4096):
         return dict(op="reverse_kld", variant=variant, tokens=tokens, vocab=vocab, dtype=dtype, status="ok", fwd_bwd_ms=ms)
@@ -114,7 +114,7 @@ def test_gpu_backend_choice_is_read_back_by_the_dispatcher(tmp_path):
     path.write_text(json.dumps(choice))
     import torch
 
-    rules = dispatch.load_gpu_backend_choice(path)
+    rules = backends.load_gpu_backend_choice(path)
     assert rules == {torch.bfloat16: ((0, "triton"), (262144, "cuda")), torch.float32: ((0, "cuda"),)}
     assert gpu_backend_choice([row("triton", 32000, 1.0)], "Device: test") is None
 
@@ -158,9 +158,11 @@ def test_a_wrong_variant_fails_the_run_and_shows_in_the_table(monkeypatch, tmp_p
     assert read_results(tmp_path / "results.csv")[1][0]["status"].startswith(WRONG)
 
 
-@pytest.mark.parametrize("op, divergence", [(op, None) for op in OPS if op not in ("divergence", "sparse_divergence")]
+@pytest.mark.parametrize("op, divergence", [(op, None) for op in OPS
+                                            if op not in ("divergence", "sparse_divergence", "linear_divergence")]
                          + [("divergence", d) for d in DIVERGENCES]
-                         + [("sparse_divergence", d) for d in SPARSE_DIVERGENCES])
+                         + [("sparse_divergence", d) for d in SPARSE_DIVERGENCES]
+                         + [("linear_divergence", d) for d in (*LINEAR_DIVERGENCES, "tvd")])
 def test_every_variant_agrees_with_the_reference(op, divergence):
     for name, loss in variants(op, "cpu", divergence).items():
         assert disagreement(op, loss, 4099, 64, torch.float32, "cpu", divergence, k=16,
@@ -254,6 +256,30 @@ def test_a_wrong_minillm_step_variant_is_reported_and_not_timed(monkeypatch):
     line = markdown_table([{**row, "op": "minillm_step", "variant": "ours", "dtype": "fp32"}]).splitlines()[2]
     assert line.startswith("| minillm_step (llama-4k) | 32 | 4096 | fp32 | ours | error")
     assert line.count("|") == markdown_table([]).splitlines()[0].count("|") + 1  # + the held column
+
+
+def test_linear_divergence_compares_ours_with_trls_chunked_loss_where_trl_is_installed():
+    """The op's variants: the naive loss (eager, compiled), ours on the CPU, and, with TRL, our integration's loss
+    (with the entropy) and TRL's own chunked loss; Liger's where installed; TRL's only for the divergences it has."""
+    names = set(variants("linear_divergence", "cpu", "jsd"))
+    assert {"naive", "naive_compile", "cpu"} <= names
+    from benchmarks.distillation_step import trl_available
+
+    if trl_available():
+        assert {"cpu+entropy", "trl_chunked"} <= names
+        assert not {"cpu+entropy", "trl_chunked"} & set(variants("linear_divergence", "cpu", "tvd"))
+
+
+def test_distillation_step_variants_agree_with_trl_and_their_rows_name_model_and_divergence():
+    """One DistillationTrainer step with our loss gives TRL's loss and gradient norm (the quick model); its table row
+    names the model and the divergence."""
+    pytest.importorskip("trl", reason="TRL is not installed: pip install 'minillm-kernels[trl]'")
+    from benchmarks import distillation_step
+
+    assert distillation_step.disagreement("llama-4k", "ours", "jsd", "cpu") is None
+    row = dict(op="distillation_step", variant="ours", model="llama-4k", divergence="jsd", tokens=32, vocab=4096,
+               hidden=64, dtype="fp32", status="ok", fwd_ms=1.0, fwd_bwd_ms=2.0, peak_extra_mb=1.0, peak_extra_nv=1.0)
+    assert markdown_table([row]).splitlines()[2].startswith("| distillation_step (llama-4k, jsd) | 32 | 4096 | fp32 |")
 
 
 def test_vocab_parallel_variants_are_checked_and_their_bytes_counted():

@@ -27,7 +27,7 @@ from conftest import (
     require_backend,
 )
 from minillm_kernels.ops import reverse_kld_triton
-from minillm_kernels.ops.reverse_kld import row_view
+from minillm_kernels.backends import row_view
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU: the 'cuda' backend is built and run only there"
@@ -46,7 +46,7 @@ LARGE_ROWS, LARGE_VOCAB = 16384, 151936  # 2.5e9 elements: row offsets pass 2^31
 @pytest.fixture(scope="module")
 def cuda_kernels():
     require_backend("cuda")
-    from minillm_kernels.cuda import load_extension
+    from minillm_kernels._build import load_cuda_extension as load_extension
 
     return load_extension()
 
@@ -57,7 +57,7 @@ def test_the_extension_builds_where_the_cuda_toolkit_is():
 
     if CUDA_HOME is None:
         pytest.skip("no CUDA toolkit (CUDA_HOME) on this GPU machine: the extension cannot be built here")
-    from minillm_kernels.cuda import load_extension
+    from minillm_kernels._build import load_cuda_extension as load_extension
 
     assert load_extension() is not None, "the CUDA extension did not build: see the RuntimeWarning for the error"
 
@@ -244,10 +244,10 @@ def test_more_than_2_to_the_31_elements(cuda_kernels, layout):
 
 
 def test_auto_picks_the_measured_faster_gpu_kernel_on_cuda_tensors():
-    from minillm_kernels import dispatch
+    from minillm_kernels import backends
 
     available = mk.available_backends()
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        faster = dispatch._faster_gpu_backend(dtype, LARGE_VOCAB)  # "triton" while no table is committed
+        faster = backends.faster_gpu_backend(dtype, LARGE_VOCAB)  # "triton" while no table is committed
         expected = next(name for name in (faster, "triton", "cuda", "reference") if name in available)
-        assert dispatch._choose_backend("auto", DEVICE, dtype, LARGE_VOCAB) == expected
+        assert backends.choose_backend("auto", DEVICE, dtype, LARGE_VOCAB) == expected

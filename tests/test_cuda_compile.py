@@ -3,10 +3,10 @@
 nvcc is called directly, as the JIT build would for an H100 (``-gencode=arch=compute_90,code=sm_90``,
 C++20, -O3, torch's ``COMMON_NVCC_FLAGS``, which turn off the implicit half / bfloat16 conversions)
 with torch's include directories, and compiles each ``.cu`` to an object file in a temporary folder,
-all of them at once. The host-side ``.cpp`` files of ``csrc/cuda`` (tensor checks, launches on the
+all the selected ones at once (a run of one source's test compiles that source only). The host-side ``.cpp`` files of ``csrc/cuda`` (tensor checks, launches on the
 current stream) go through nvcc too, which hands them to the host compiler with the CUDA headers; only
 the pybind bindings (``bindings.cpp``, a minute and 3 GB for ``torch/extension.h``) are left to the
-JIT build on a GPU machine (``minillm_kernels/cuda.py``). With the CPU build of torch ``CUDA_HOME`` is
+JIT build on a GPU machine (``minillm_kernels/_build.py``). With the CPU build of torch ``CUDA_HOME`` is
 None and ``torch.utils.cpp_extension`` refuses ``.cu`` sources, hence no cpp_extension here.
 Skipped where nvcc is not on the PATH.
 """
@@ -33,8 +33,11 @@ NVCC_FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def compile_logs(tmp_path_factory) -> dict[Path, tuple[int, str]]:
-    """``{source: (nvcc's exit code, its output)}``, the sources compiled in parallel."""
+def compile_logs(request, tmp_path_factory) -> dict[Path, tuple[int, str]]:
+    """``{source: (nvcc's exit code, its output)}`` of the sources whose tests this session runs, compiled in
+    parallel."""
+    selected = [item.callspec.params["source"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec") and "source" in item.callspec.params]
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on the PATH: the CUDA sources cannot be compile-checked here")
@@ -49,7 +52,7 @@ def compile_logs(tmp_path_factory) -> dict[Path, tuple[int, str]]:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for source in CUDA_SOURCES
+        for source in dict.fromkeys(selected)
     }
     return {source: (process.wait(timeout=600), process.communicate()[0]) for source, process in running.items()}
 

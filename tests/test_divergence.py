@@ -120,7 +120,7 @@ def test_the_reference_gradient_is_the_closed_form(divergence):
     qa = partial_derivatives(divergence, q, p, beta, skew)
     want = upstream[:, None] * (qa - q * qa.sum(-1, keepdim=True)) / temperature
     torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-13)
-    # reference.divergence_gradient (the fused-linear reference backend's, inside a custom op) is that closed form,
+    # reference.divergence_gradient (the reference backend's, inside the custom ops) is that closed form,
     # also with -inf columns (0 where the leading probability is 0), a mask and padding.
     padded = torch.nn.functional.pad(student.detach(), (0, 2), value=float("nan"))
     padded[0, :5] = -float("inf")

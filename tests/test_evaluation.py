@@ -7,8 +7,6 @@ import math
 import random
 
 import pytest
-from rouge_score import rouge_scorer
-
 import torch
 
 from minillm_kernels.training.evaluation import (
@@ -34,17 +32,21 @@ def random_text(rng: random.Random) -> str:
     return rng.choice(["", " ", "\n"]) + " ".join(rng.choice(words) for _ in range(rng.randint(0, 7)))
 
 
-def test_lcs_matches_brute_force():
-    rng = random.Random()
+def test_lcs_matches_brute_force(fresh_seed):
+    rng = random.Random(fresh_seed)  # (conftest's seed: a failure replays)
     for _ in range(300):
         a = [rng.choice("abcd") for _ in range(rng.randint(0, 7))]
         b = [rng.choice("abcd") for _ in range(rng.randint(0, 7))]
         assert longest_common_subsequence(a, b) == brute_force_lcs(a, b), (a, b)
 
 
-def test_rouge_l_matches_rouge_score_package():
+def test_rouge_l_matches_rouge_score_package(fresh_seed):
+    """(rouge-score is imported here, not at the top: a machine without that test extra, such as the lent GPU
+    machine, can deselect this test and run the others of the file; where it is not deselected, it fails.)"""
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    rng = random.Random()
+    rng = random.Random(fresh_seed)  # (conftest's seed: a failure replays)
     nonzero = 0
     for _ in range(500):
         prediction, reference = random_text(rng), random_text(rng)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from minillm_kernels import dispatch
+from minillm_kernels import backends
 
 CUDA = torch.device("cuda")  # only compared, never allocated on
 
@@ -28,11 +28,11 @@ def measured(monkeypatch, tmp_path):
         {"dtype": "bfloat16", "min_vocab": 0, "backend": "triton"},
         {"dtype": "float32", "min_vocab": 0, "backend": "cuda"},
     ]
-    monkeypatch.setattr(dispatch, "_gpu_backend_choice", dispatch.load_gpu_backend_choice(write_table(tmp_path, rules)))
+    monkeypatch.setattr(backends, "_gpu_backend_choice", backends.load_gpu_backend_choice(write_table(tmp_path, rules)))
 
 
-def set_available(monkeypatch, *backends):
-    monkeypatch.setattr(dispatch, "_usable", {name: name in ("reference", *backends) for name in dispatch.BACKENDS})
+def set_available(monkeypatch, *names):
+    monkeypatch.setattr(backends, "_usable", {name: name in ("reference", *names) for name in backends.BACKENDS})
 
 
 def test_table_is_read_into_sorted_rules_per_dtype(tmp_path):
@@ -41,24 +41,24 @@ def test_table_is_read_into_sorted_rules_per_dtype(tmp_path):
         {"dtype": "bfloat16", "min_vocab": 0, "backend": "triton"},
         {"dtype": "float16", "min_vocab": 1000, "backend": "cuda"},
     ])
-    assert dispatch.load_gpu_backend_choice(path) == {
+    assert backends.load_gpu_backend_choice(path) == {
         torch.bfloat16: ((0, "triton"), (65536, "cuda")),
         torch.float16: ((1000, "cuda"),),
     }
 
 
 def test_no_table_means_no_rules(tmp_path):
-    assert dispatch.load_gpu_backend_choice(tmp_path / "absent.json") == {}
+    assert backends.load_gpu_backend_choice(tmp_path / "absent.json") == {}
 
 
 def test_the_committed_table_is_what_auto_reads():
     """A committed table has rules and says which device measured them; without one, auto has no rules (Triton)."""
-    path = dispatch.GPU_BACKEND_CHOICE_FILE
-    assert dispatch._gpu_backend_choice == dispatch.load_gpu_backend_choice(path)
+    path = backends.GPU_BACKEND_CHOICE_FILE
+    assert backends._gpu_backend_choice == backends.load_gpu_backend_choice(path)
     if path.is_file():
-        assert json.loads(path.read_text())["device"] and dispatch._gpu_backend_choice
+        assert json.loads(path.read_text())["device"] and backends._gpu_backend_choice
     else:
-        assert dispatch._gpu_backend_choice == {}
+        assert backends._gpu_backend_choice == {}
 
 
 @pytest.mark.parametrize(
@@ -73,7 +73,7 @@ def test_the_committed_table_is_what_auto_reads():
 )
 def test_malformed_rules_are_refused(tmp_path, rule, complaint):
     with pytest.raises(ValueError, match=complaint):
-        dispatch.load_gpu_backend_choice(write_table(tmp_path, [rule]))
+        backends.load_gpu_backend_choice(write_table(tmp_path, [rule]))
 
 
 @pytest.mark.parametrize(
@@ -88,33 +88,33 @@ def test_malformed_rules_are_refused(tmp_path, rule, complaint):
 )
 def test_auto_picks_the_measured_faster_kernel(measured, monkeypatch, dtype, vocab_size, expected):
     set_available(monkeypatch, "triton", "cuda")
-    assert dispatch._choose_backend("auto", CUDA, dtype, vocab_size) == expected
+    assert backends.choose_backend("auto", CUDA, dtype, vocab_size) == expected
 
 
 def test_auto_without_a_table_picks_triton(monkeypatch):
-    monkeypatch.setattr(dispatch, "_gpu_backend_choice", {})
+    monkeypatch.setattr(backends, "_gpu_backend_choice", {})
     set_available(monkeypatch, "triton", "cuda")
-    assert dispatch._choose_backend("auto", CUDA, torch.bfloat16, 151936) == "triton"
+    assert backends.choose_backend("auto", CUDA, torch.bfloat16, 151936) == "triton"
 
 
 def test_auto_falls_back_to_the_other_gpu_kernel_then_the_reference(measured, monkeypatch):
     set_available(monkeypatch, "triton")
-    assert dispatch._choose_backend("auto", CUDA, torch.float32, 4096) == "triton"
+    assert backends.choose_backend("auto", CUDA, torch.float32, 4096) == "triton"
     set_available(monkeypatch, "cuda")
-    assert dispatch._choose_backend("auto", CUDA, torch.bfloat16, 1024) == "cuda"
+    assert backends.choose_backend("auto", CUDA, torch.bfloat16, 1024) == "cuda"
     set_available(monkeypatch, "cpu")
-    assert dispatch._choose_backend("auto", CUDA, torch.bfloat16, 1024) == "reference"
+    assert backends.choose_backend("auto", CUDA, torch.bfloat16, 1024) == "reference"
 
 
 def test_auto_on_cpu_tensors_ignores_the_table(measured, monkeypatch):
     set_available(monkeypatch, "cpu", "triton", "cuda")
-    assert dispatch._choose_backend("auto", torch.device("cpu"), torch.float32, 4096) == "cpu"
+    assert backends.choose_backend("auto", torch.device("cpu"), torch.float32, 4096) == "cpu"
 
 
 def test_cuda_backend_refuses_cpu_tensors(monkeypatch):
     set_available(monkeypatch, "cpu", "cuda")
     with pytest.raises(ValueError, match="'cuda' needs CUDA tensors"):
-        dispatch._choose_backend("cuda", torch.device("cpu"), torch.float32, 4096)
+        backends.choose_backend("cuda", torch.device("cpu"), torch.float32, 4096)
 
 
 def test_the_choice_traces_under_torch_compile(measured, monkeypatch):
@@ -122,7 +122,7 @@ def test_the_choice_traces_under_torch_compile(measured, monkeypatch):
     set_available(monkeypatch, "triton", "cuda")
 
     def branch(x):
-        return x + 1 if dispatch._choose_backend("auto", CUDA, x.dtype, x.shape[-1]) == "cuda" else x - 1
+        return x + 1 if backends.choose_backend("auto", CUDA, x.dtype, x.shape[-1]) == "cuda" else x - 1
 
     compiled = torch.compile(branch, fullgraph=True, backend="eager")
     x = torch.randn(2, 40000, dtype=torch.bfloat16)

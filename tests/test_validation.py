@@ -112,9 +112,9 @@ def test_numpy_scalars_and_0_dim_tensors_are_numbers(vocab_size, temperature):
 
 
 def test_a_teacher_that_requires_grad_is_warned_about_once_and_gets_none(monkeypatch):
-    from minillm_kernels import dispatch
+    from minillm_kernels import validation
 
-    monkeypatch.setattr(dispatch, "_warned_about_teacher_grad", False)
+    monkeypatch.setattr(validation, "_warned_about_teacher_grad", False)
     student, teacher = logits(2, 3, V).requires_grad_(), logits(2, 3, V).requires_grad_()
     with pytest.warns(UserWarning, match=r"teacher_logits requires grad.*torch.no_grad\(\)"):
         stats = call(student=student, teacher=teacher, backend="auto")

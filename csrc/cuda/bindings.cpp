@@ -1,5 +1,5 @@
-// Python bindings of the fused CUDA kernels (reverse KL, the divergence family and the sparse teacher) (built just-in-time by minillm_kernels/cuda.py). forward and
-// backward have the CPU extension's signatures; the *_out variants write into caller-given outputs (the tests
+// Python bindings of the fused CUDA kernels (reverse KL, the divergence family and the sparse teacher) (built just-in-time by minillm_kernels/_build.py).
+// forward and backward have the CPU extension's signatures; the *_out variants write into caller-given outputs (the tests
 // pre-fill them with NaN to prove that every element is written).
 #include <torch/extension.h>
 

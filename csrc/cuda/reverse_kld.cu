@@ -327,13 +327,13 @@ reverse_kld_forward_kernel(
 // ---------------------------------------------------------------------------------------------------------------
 // Backward kernel.
 // ---------------------------------------------------------------------------------------------------------------
-// Per-row constants of the backward. With log q = k (s - c_s) - log Z_s and log p = k (t - c_t) - log Z_t,
-//   k q (a (log q - log p - KL) - b - c (log q + H)) = q (w_q log q + w_p log p + w_0)
-// with w_q = k (a - c), w_p = -k a, w_0 = -k (a KL + b + c H).
+// Per-row constants of the backward, for k q (a (log q - log p - KL) - b - c (log q + H)) with log q = k (s - c_s) -
+// log Z_s and log p = k (t - c_t) - log Z_t. The differences are formed before the products: where q > 0 they are
+// small, while log p and KL alone reach ~1e38 at logits ~4e37, where a log p and a KL overflow float32 (inf - inf).
 template <typename acc_t>
 struct RowGrad {
   acc_t c_s, log_z_s, c_t, log_z_t;  // row statistics
-  acc_t w_q, w_p, w_0;               // the coefficients above
+  acc_t a, b, c, kl, entropy;        // upstream grads, forward outputs
   acc_t one_hot;                     // k b, added at the target column
   acc_t k;
   int target_col;                    // -1 without a target in the vocabulary
@@ -347,9 +347,11 @@ __device__ __forceinline__ RowGrad<acc_t> row_grad(const acc_t* row_stats, acc_t
   g.log_z_s = row_stats[1];
   g.c_t = row_stats[2];
   g.log_z_t = row_stats[3];
-  g.w_q = k * (a - c);
-  g.w_p = -k * a;
-  g.w_0 = -k * (a * kl + b + c * entropy);
+  g.a = a;
+  g.b = b;
+  g.c = c;
+  g.kl = kl;
+  g.entropy = entropy;
   g.one_hot = k * b;
   g.k = k;
   g.target_col = target_col;
@@ -362,7 +364,8 @@ __device__ __forceinline__ acc_t grad_at(const RowGrad<acc_t>& g, acc_t x, acc_t
   const acc_t log_q = (x - g.c_s) * g.k - g.log_z_s;
   const acc_t log_p = (y - g.c_t) * g.k - g.log_z_t;
   const acc_t q = exp_acc(log_q);
-  const acc_t term = q > 0 ? q * (g.w_q * log_q + (g.w_p * log_p + g.w_0)) : acc_t(0);
+  const acc_t term = q > 0 ? q * (g.a * ((log_q - log_p) - g.kl) - g.b - g.c * (log_q + g.entropy)) * g.k
+                           : acc_t(0);
   return col == g.target_col ? term + g.one_hot : term;
 }
 

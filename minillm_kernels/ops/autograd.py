@@ -28,8 +28,8 @@ Backward = Callable[..., Any]
 SECOND_ORDER = (
     "{op}: the fused kernels' gradients are first order: backward, torch.autograd.grad and torch.func.grad / vjp / "
     "jacrev / vmap are supported, differentiating a gradient again (double backward, a Hessian, a gradient penalty) "
-    "and forward-mode AD (torch.func.jvp / jacfwd) are not. For those, use the logits-level functions "
-    "(fused_divergence, fused_reverse_kld, fused_token_stats) with backend='reference'."
+    "and forward-mode AD (torch.func.jvp / jacfwd) are not, on any backend. For those, write the loss with the naive "
+    "formulas of minillm_kernels.reference (plain PyTorch: reference.divergence, reference.token_stats, ...)."
 )
 
 

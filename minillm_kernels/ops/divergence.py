@@ -13,7 +13,8 @@ with q_v a_v (finite wherever the value is): forward KL -p_v; JSD (1 - beta) q_v
 -p_v (1 - alpha p_v / m_v); skew reverse KL q_v (log(q_v / m_v) + 1 - alpha q_v / m_v); TVD 1/2 q_v sign(q_v - p_v).
 Passes over a row: 2 forward (both log-normalisers, then the terms: the mixtures and TVD need log q_v and log p_v
 of every column before any term), 1 backward. The reverse KL keeps its single-pass kernels (``token_stats``), and a
-skew of 0 (where the skew KLs are the plain ones) goes to those of the plain KL: see ``divergence_rows``.
+skew of 0 (where the skew KLs are the plain ones) goes to those of the plain KL: see
+``validation.divergence_coefficient``.
 
 Dtypes as for the reverse KL: each input read in its own dtype, arithmetic in float32 (float64 if either is
 float64), per-row outputs in ``stats_dtype``, the gradient in the student's dtype; masked rows are not read (0).
@@ -22,50 +23,19 @@ Kernels: "cpu" (``csrc/cpu/divergence.cpp``), "triton" (``ops/divergence_triton.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Optional
 
 import torch
 
-from minillm_kernels import reference
-from minillm_kernels._arguments import as_beta, as_skew
-from minillm_kernels.ops import reverse_kld
+from minillm_kernels import backends
 from minillm_kernels.ops.autograd import differentiable
-from minillm_kernels.ops.reverse_kld import fresh_gradient, n_rows, row_view, stats_dtype
+from minillm_kernels.backends import compute_dtype, fresh_gradient, n_rows, row_view
+from minillm_kernels.validation import check_coefficient
 
 Tensor = torch.Tensor
 
-# The divergences these kernels compute (the reverse KL is reverse_kld's), and which coefficient each one takes.
+# The divergences these kernels compute (the reverse KL is reverse_kld's).
 KERNEL_DIVERGENCES = ("forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
-MIXTURE_COEFFICIENT = {"jsd": "beta", "skew_forward_kl": "skew", "skew_reverse_kl": "skew"}
-
-
-def check_coefficient(divergence: str, coefficient: float) -> None:
-    """The public range check of the coefficient ``divergence`` uses (the JSD's beta, the skew KLs' skew), with its
-    ValueError. ``fused_divergence`` makes it in eager mode; the ops make it again when they run, first thing, so that
-    under torch.compile (where the public check cannot raise while tracing) a bad value gives the same error."""
-    checks = {"beta": as_beta, "skew": as_skew}
-    if divergence in MIXTURE_COEFFICIENT:
-        checks[MIXTURE_COEFFICIENT[divergence]](coefficient)
-
-
-def _kernels(backend: str) -> tuple[Callable, Callable]:
-    """``(forward, backward)`` of the divergence kernels of ``backend``."""
-    if backend == "cpu":
-        from minillm_kernels.cpu import load_extension
-
-        extension = load_extension()
-        return extension.divergence_forward, extension.divergence_backward
-    if backend == "cuda":
-        from minillm_kernels.cuda import load_extension as load_cuda_extension
-
-        extension = load_cuda_extension()
-        return extension.divergence_forward, extension.divergence_backward
-    if backend == "triton":
-        from minillm_kernels.ops import divergence_triton
-
-        return divergence_triton.forward, divergence_triton.backward
-    raise ValueError(f"no divergence kernels for backend {backend!r}")
 
 
 @torch.library.custom_op("minillm_kernels::divergence", mutates_args=())
@@ -89,7 +59,7 @@ def divergence(
     check_coefficient(divergence, coefficient)
     if n_rows(student) == 0:
         return _empty_outputs(student, teacher)
-    forward, _ = _kernels(backend)
+    forward = backends.kernels(backend).divergence
     if given_row_stats is None:
         return tuple(forward(row_view(student), row_view(teacher), mask, divergence, coefficient, inv_temperature,
                              vocab_size))
@@ -106,7 +76,7 @@ def _(student, teacher, mask, divergence, coefficient, inv_temperature, vocab_si
 
 
 def _empty_outputs(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    rows, dtype = n_rows(student), stats_dtype(student.dtype, teacher.dtype)
+    rows, dtype = n_rows(student), compute_dtype(student.dtype, teacher.dtype)
     return student.new_empty(rows, dtype=dtype), student.new_empty(rows, dtype=dtype), \
         student.new_empty(rows, 4, dtype=dtype)
 
@@ -129,7 +99,7 @@ def divergence_backward(
     contiguous tensor of the student's shape."""
     if n_rows(student) == 0:
         return fresh_gradient(student)
-    _, backward = _kernels(backend)
+    backward = backends.kernels(backend).divergence_backward
     grad = backward(row_view(student), row_view(teacher), mask, grad_divergence, mean_partial, row_stats, divergence,
                     coefficient, inv_temperature, vocab_size)
     return grad.view(student.shape)
@@ -157,42 +127,3 @@ def _backward(ctx, grad_divergence, grad_mean_partial, grad_row_stats):
 
 # The op with its gradient, for torch.autograd and torch.func (ops/autograd.py): what callers that differentiate call.
 differentiable_divergence = differentiable(divergence, _backward, _setup_context)
-
-
-@torch.library.custom_op("minillm_kernels::checked_coefficient", mutates_args=())
-def checked_coefficient(values: Tensor, divergence: str, coefficient: float) -> Tensor:
-    """A copy of ``values`` once ``check_coefficient(divergence, coefficient)`` passes: under torch.compile, the
-    run-time check of the reference backend's coefficient (which no kernel op receives), on its ``[N]`` values."""
-    check_coefficient(divergence, coefficient)
-    return values.clone()
-
-
-@checked_coefficient.register_fake
-def _(values, divergence, coefficient):
-    return torch.empty_like(values)
-
-
-checked_coefficient.register_autograd(lambda ctx, grad: (grad, None, None))
-
-
-def divergence_rows(
-    student: Tensor, teacher: Tensor, mask: Optional[Tensor], divergence_name: str, beta: float, skew: float,
-    temperature: float, vocab_size: int, backend: str,
-) -> Tensor:
-    """The per-row divergence ``[N]`` of ``[..., V]`` logits on ``backend`` (differentiable in the student), 0 where
-    masked: for "reference" ``reference.divergence`` on the rows reshaped to ``[N, V]``; the reverse KL from
-    ``token_stats``; a skew KL with skew 0 (the plain KL) from its plain KL's kernel; the rest from ``divergence``."""
-    if backend == "reference":
-        student_rows, teacher_rows = (x.reshape(-1, x.shape[-1]) for x in (student, teacher))
-        value = reference.divergence(student_rows, teacher_rows, mask, temperature, vocab_size, divergence_name,
-                                     beta=beta, skew=skew)
-        coefficient = beta if divergence_name == "jsd" else skew
-        return checked_coefficient(value, divergence_name, coefficient) if torch.compiler.is_compiling() else value
-    if skew == 0 and divergence_name in ("skew_forward_kl", "skew_reverse_kl"):
-        divergence_name = divergence_name.removeprefix("skew_")
-    if divergence_name == "reverse_kl":
-        return reverse_kld.differentiable_token_stats(student, teacher, None, mask, 1.0 / temperature, vocab_size,
-                                                      backend)[0]
-    coefficient = beta if divergence_name == "jsd" else skew
-    return differentiable_divergence(student, teacher, mask, divergence_name, coefficient, 1.0 / temperature,
-                                     vocab_size, backend)[0]

@@ -35,69 +35,15 @@ The contract every kernel keeps:
 from __future__ import annotations
 
 import math
-from types import ModuleType
 from typing import Optional
 
 import torch
 
-from minillm_kernels import reference
+from minillm_kernels import backends
+from minillm_kernels.backends import compute_dtype, fresh_gradient, n_rows, row_view
 from minillm_kernels.ops.autograd import differentiable
 
 Tensor = torch.Tensor
-
-
-def _kernels(backend: str) -> ModuleType:
-    """The module holding ``forward``/``backward`` for ``backend``."""
-    if backend == "cpu":
-        from minillm_kernels.cpu import load_extension
-
-        return load_extension()
-    if backend == "cuda":
-        from minillm_kernels.cuda import load_extension as load_cuda_extension
-
-        return load_cuda_extension()
-    if backend == "triton":
-        from minillm_kernels.ops import reverse_kld_triton
-
-        return reverse_kld_triton
-    raise ValueError(f"no kernels for backend {backend!r}")
-
-
-# The per-row outputs' dtype, of the logits dtypes: float64 if either is float64, float32 otherwise.
-stats_dtype = reference.compute_dtype
-
-
-def n_rows(logits: Tensor) -> int:
-    """N: the product of the leading dimensions of ``[..., V]`` logits."""
-    return math.prod(logits.shape[:-1])
-
-
-def _row_levels(logits: Tensor) -> list[tuple[int, int]]:
-    """The leading dimensions of ``logits`` as ``(size, stride)`` levels, outermost first: size-1 dimensions dropped,
-    and each dimension merged into the one before it where their strides chain (outer stride = size * stride)."""
-    levels: list[tuple[int, int]] = []
-    for size, stride in zip(logits.shape[:-1], logits.stride()[:-1]):
-        if size == 1:
-            continue
-        if levels and levels[-1][1] == size * stride:
-            levels[-1] = (levels[-1][0] * size, stride)
-        else:
-            levels.append((size, stride))
-    return levels
-
-
-def row_view(logits: Tensor) -> Tensor:
-    """``[..., V]`` logits (last-dimension stride 1) as the kernels take them: a ``[n_outer, rows_per_outer, V]``
-    view with strides ``(outer_stride, inner_stride, 1)`` whose rows, in order, are the logits' rows, so that row r
-    starts ``(r // rows_per_outer) * outer_stride + (r % rows_per_outer) * inner_stride`` elements past the first.
-    No copy, unless the leading dimensions do not coalesce into two levels (``_row_levels``): then a contiguous
-    copy of the rows (as ``[1, N, V]``)."""
-    width = logits.shape[-1]
-    levels = _row_levels(logits)
-    if len(levels) > 2:
-        return logits.reshape(1, -1, width)  # (not a view: reshape copies)
-    (n_outer, outer_stride), (rows_per_outer, inner_stride) = [(1, 0)] * (2 - len(levels)) + levels
-    return logits.as_strided((n_outer, rows_per_outer, width), (outer_stride, inner_stride, 1))
 
 
 @torch.library.custom_op("minillm_kernels::token_stats", mutates_args=())
@@ -114,7 +60,7 @@ def token_stats(
     ``[N, 4]``); ``target`` and ``mask`` are ``[N]``."""
     if n_rows(student) == 0:
         return _empty_stats(student, teacher)
-    return tuple(_kernels(backend).forward(
+    return tuple(backends.kernels(backend).token_stats(
         row_view(student), row_view(teacher), target, mask, inv_temperature, vocab_size
     ))
 
@@ -125,7 +71,7 @@ def _(student, teacher, target, mask, inv_temperature, vocab_size, backend):
 
 
 def _empty_stats(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    rows, dtype = n_rows(student), stats_dtype(student.dtype, teacher.dtype)
+    rows, dtype = n_rows(student), compute_dtype(student.dtype, teacher.dtype)
     per_row = tuple(student.new_empty(rows, dtype=dtype) for _ in range(4))
     return (*per_row, student.new_empty(rows, 4, dtype=dtype))
 
@@ -150,7 +96,7 @@ def token_stats_backward(
     contiguous tensor of its shape, whatever the student's strides (autograd takes it for the strided input)."""
     if n_rows(student) == 0:
         return fresh_gradient(student)
-    grad = _kernels(backend).backward(
+    grad = backends.kernels(backend).token_stats_backward(
         row_view(student), row_view(teacher), target, mask, grad_kl, grad_student_logprob, grad_entropy,
         kl, entropy, row_stats, inv_temperature, vocab_size,
     )
@@ -161,10 +107,6 @@ def token_stats_backward(
 def _(student, teacher, target, mask, grad_kl, grad_student_logprob, grad_entropy,
       kl, entropy, row_stats, inv_temperature, vocab_size, backend):
     return fresh_gradient(student)
-
-
-def fresh_gradient(student: Tensor) -> Tensor:
-    return student.new_empty(student.shape)  # (new_empty is contiguous, unlike empty_like of a strided tensor)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -191,15 +133,14 @@ differentiable_token_stats = differentiable(token_stats, _backward, _setup_conte
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Any backend, "reference" included, and shards of a vocabulary: what the fused-linear chunk loop and the
+# Any backend, and shards of a vocabulary: what the fused-linear chunk loop and the
 # vocabulary-parallel losses (``parallel.py``) call inside their own custom ops and autograd functions.
 # --------------------------------------------------------------------------------------------------------------
 def backend_token_stats(
     student: Tensor, teacher: Tensor, target: Optional[Tensor], mask: Optional[Tensor], temperature: float,
     vocab_size: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``token_stats`` of ``[..., V]`` logits on ``backend``: for "reference" its formulas (``reference.token_stats``
-    and ``reference.row_stats``, on the rows reshaped to ``[N, V]``). ``vocab_size`` may be 0 (a vocabulary shard
+    """``token_stats`` of ``[..., V]`` logits on ``backend``. ``vocab_size`` may be 0 (a vocabulary shard
     holding no real column): KL = H = 0, log-probabilities NaN (0 where masked; zeros without a target) and row
     statistics (0, -inf, 0, -inf), i.e. log-normalisers -inf, no share of either softmax; nothing is read."""
     if vocab_size == 0:
@@ -209,10 +150,6 @@ def backend_token_stats(
             student_logprob, teacher_logprob = no_column, no_column.clone()
         row_stats[:, 1::2] = -math.inf
         return kl, student_logprob, teacher_logprob, entropy, row_stats
-    if backend == "reference":
-        student_rows, teacher_rows = (x.reshape(-1, x.shape[-1]) for x in (student, teacher))
-        stats = reference.token_stats(student_rows, teacher_rows, target, mask, temperature, vocab_size)
-        return (*stats, reference.row_stats(student_rows, teacher_rows, temperature, vocab_size))
     return token_stats(student, teacher, target, mask, 1.0 / temperature, vocab_size, backend)
 
 
@@ -224,13 +161,8 @@ def backend_logit_gradient(
     """``token_stats_backward`` on ``backend``: the gradient of sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i with
     respect to ``student``, contiguous, of its shape, from ``upstream = (a, b, c)`` and ``saved = (kl, entropy,
     row_stats)`` (what ``backend_token_stats`` gave, or statistics that stand for them, e.g. a whole vocabulary's);
-    for "reference" in closed form (``reference.token_stats_gradient``); zeros for ``vocab_size`` 0."""
+    zeros for ``vocab_size`` 0."""
     if vocab_size == 0:
         return fresh_gradient(student).zero_()
-    if backend == "reference":
-        student_rows, teacher_rows = (x.reshape(-1, x.shape[-1]) for x in (student, teacher))
-        grad = reference.token_stats_gradient(student_rows, teacher_rows, target, mask, upstream, saved, temperature,
-                                              vocab_size)
-        return grad.view(student.shape)
     return token_stats_backward(student, teacher, target, mask, *upstream, *saved, 1.0 / temperature, vocab_size,
                                 backend)

@@ -181,8 +181,6 @@ def _reverse_kld_backward_kernel(
     else:
         b = 0.0
         target = -1
-    # q_v * (a (lq - lp - KL) - b - c (lq + H)) = q_v * ((a - c) lq - a lp + const)
-    const = -a * kl - b - c * entropy
     offsets = tl.arange(0, BLOCK_V)
     for start in range(0, student_width, BLOCK_V):
         cols = start + offsets
@@ -192,7 +190,9 @@ def _reverse_kld_backward_kernel(
         log_q = (s - c_s) * k - log_z_s
         log_p = (t - c_t) * k - log_z_t
         q = tl.exp(log_q)
-        grad = tl.where(q > 0, q * ((a - c) * log_q - a * log_p + const), 0.0)
+        # The differences before the products (as the CPU kernel): where q_v > 0 they are small, while log p_v and
+        # KL alone reach ~1e38 at logits ~4e37, where a (-log p_v) and a KL overflow float32 (inf - inf: NaN).
+        grad = tl.where(q > 0, q * (a * ((log_q - log_p) - kl) - b - c * (log_q + entropy)), 0.0)
         grad = (grad + tl.where(cols == target, b, 0.0)) * k
         if grad_student_ptr.dtype.element_ty == tl.bfloat16:
             grad = _round_to_bfloat16(grad)

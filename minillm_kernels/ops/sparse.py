@@ -18,39 +18,20 @@ log-probabilities in theirs (any float dtype), the ids int32 or int64; arithmeti
 or the log-probabilities are float64, and per-row outputs in that dtype (``stats_dtype``); the gradient in the
 student's dtype, 0 past ``vocab_size`` and in masked rows (which are not read). No kernel reads outside its row: a
 live id outside ``[0, vocab_size)`` makes its row NaN (the public functions refuse it in eager mode). Kernels: "cpu"
-(``csrc/cpu/sparse.cpp``), "triton" (``ops/sparse_triton.py``) and "cuda" (``csrc/cuda/sparse.cu``), with one
-signature; "reference" is ``reference.sparse_divergence`` under autograd (``sparse_rows``).
+(``csrc/cpu/sparse.cpp``), "triton" (``ops/sparse_triton.py``), "cuda" (``csrc/cuda/sparse.cu``) and "reference"
+(``ops/reference_kernels.py``), with one signature.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Optional
 
 import torch
 
-from minillm_kernels import reference
-from minillm_kernels.ops.reverse_kld import fresh_gradient, n_rows, row_view, stats_dtype
+from minillm_kernels import backends
+from minillm_kernels.backends import compute_dtype, fresh_gradient, n_rows, row_view
+from minillm_kernels.ops.autograd import differentiable
 
 Tensor = torch.Tensor
-
-
-def _kernels(backend: str) -> tuple[Callable, Callable]:
-    """``(forward, backward)`` of the sparse-teacher kernels of ``backend``."""
-    if backend == "cpu":
-        from minillm_kernels.cpu import load_extension
-
-        extension = load_extension()
-        return extension.sparse_divergence_forward, extension.sparse_divergence_backward
-    if backend == "cuda":
-        from minillm_kernels.cuda import load_extension as load_cuda_extension
-
-        extension = load_cuda_extension()
-        return extension.sparse_divergence_forward, extension.sparse_divergence_backward
-    if backend == "triton":
-        from minillm_kernels.ops import sparse_triton
-
-        return sparse_triton.forward, sparse_triton.backward
-    raise ValueError(f"no sparse-teacher kernels for backend {backend!r}")
 
 
 @torch.library.custom_op("minillm_kernels::sparse_divergence", mutates_args=())
@@ -73,7 +54,7 @@ def sparse_divergence(
     target, student_logprob is 0; entropy is 0 where the row is not streamed ("renormalized" without a target)."""
     if n_rows(student) == 0:
         return _empty_outputs(student, teacher_logprobs)
-    forward, _ = _kernels(backend)
+    forward = backends.kernels(backend).sparse_divergence
     return tuple(forward(row_view(student), teacher_ids, teacher_logprobs, target, mask, divergence, tail,
                          coefficient, inv_temperature, vocab_size))
 
@@ -85,7 +66,7 @@ def _(student, teacher_ids, teacher_logprobs, target, mask, divergence, tail, co
 
 
 def _empty_outputs(student: Tensor, teacher_logprobs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    rows, dtype = n_rows(student), stats_dtype(student.dtype, teacher_logprobs.dtype)
+    rows, dtype = n_rows(student), compute_dtype(student.dtype, teacher_logprobs.dtype)
     per_row = tuple(student.new_empty(rows, dtype=dtype) for _ in range(4))
     return (*per_row, student.new_empty(rows, 4, dtype=dtype))
 
@@ -114,7 +95,7 @@ def sparse_divergence_backward(
     upstream gradients, ``[N]``): a fresh contiguous tensor of the student's shape."""
     if n_rows(student) == 0:
         return fresh_gradient(student)
-    _, backward = _kernels(backend)
+    backward = backends.kernels(backend).sparse_divergence_backward
     grad = backward(row_view(student), teacher_ids, teacher_logprobs, target, mask, grad_value, grad_student_logprob,
                     grad_entropy, entropy, mean_partial, row_stats, divergence, tail, coefficient, inv_temperature,
                     vocab_size)
@@ -144,29 +125,17 @@ def _backward(ctx, grad_value, grad_student_logprob, grad_entropy, grad_mean_par
     return grad_student, None, None, None, None, None, None, None, None, None, None
 
 
-sparse_divergence.register_autograd(_backward, setup_context=_setup_context)
+# The op with its gradient, for torch.autograd and torch.func (ops/autograd.py): what callers that differentiate call.
+differentiable_sparse_divergence = differentiable(sparse_divergence, _backward, _setup_context)
 
 
 def sparse_rows(
     student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, target: Optional[Tensor], mask: Optional[Tensor],
-    divergence: str, tail: str, beta: float, skew: float, temperature: float, vocab_size: int, backend: str,
+    divergence: str, tail: str, coefficient: float, temperature: float, vocab_size: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(value, student_logprob, entropy)`` per row, ``[N]`` each (differentiable in the student), on ``backend``:
-    for "reference" ``reference.sparse_divergence`` (and, with a target, ``reference.sparse_token_stats``, whose
-    divergence is the reverse KL) on the rows reshaped to ``[N, V]``; otherwise the op. A skew KL with skew 0 is its
-    plain KL (the mixture's formula is ill-conditioned there, as in the dense family)."""
-    if skew == 0 and divergence in ("skew_forward_kl", "skew_reverse_kl"):
-        divergence = divergence.removeprefix("skew_")
-    if backend == "reference":
-        rows = student.reshape(-1, student.shape[-1])
-        if target is not None:
-            return reference.sparse_token_stats(rows, teacher_ids, teacher_logprobs, target, mask, temperature,
-                                                vocab_size, tail)
-        value = reference.sparse_divergence(rows, teacher_ids, teacher_logprobs, mask, temperature, vocab_size,
-                                            divergence, tail, beta=beta, skew=skew)
-        return value, torch.zeros_like(value), torch.zeros_like(value)
-    coefficient = beta if divergence == "jsd" else skew
-    value, student_logprob, entropy, _, _ = sparse_divergence(
+    """``(value, student_logprob, entropy)`` per row, ``[N]`` each (differentiable in the student), on ``backend``;
+    ``divergence`` and ``coefficient`` as ``validation.divergence_coefficient`` gives them."""
+    value, student_logprob, entropy, _, _ = differentiable_sparse_divergence(
         student, teacher_ids, teacher_logprobs, target, mask, divergence, tail, coefficient, 1.0 / temperature,
         vocab_size, backend)
     return value, student_logprob, entropy

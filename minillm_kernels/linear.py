@@ -23,9 +23,8 @@ When is step 3 done? The loss's upstream gradient must be known to form G_c:
   per token and only known in the backward. The forward keeps per-token scalars (KL, H and the row statistics
   (m_s, log Z_s, m_t, log Z_t)); the backward recomputes each chunk's two logits and runs step 3 with them.
   Six matmuls per chunk in all (the teacher's too: the gradient needs log p).
-Measured (``python -m benchmarks --op linear_reverse_kld``, 2 CPU cores, V = 32000, H = 256, float32, 4k-16k
-tokens): the same peak memory either way (~290 MB), the forward-time gradient 1.4-1.5x faster forward+backward;
-so the first is used wherever the upstream is a scalar.
+The same peak memory either way; the first saves the backward's two recomputed matmuls per chunk, so it is used
+wherever the upstream is a scalar.
 
 Dtypes: each model's matmul runs in its weight's dtype (the lm_head as stored): hidden states of another dtype
 are cast chunk by chunk ([C, H], no [N, H] copy), a bias of another dtype once ([V]). So a bf16 teacher beside a
@@ -33,10 +32,11 @@ float32 student costs no copy of either weight, and the kernels read each model'
 matmuls stay in those dtypes under autocast; grad W accumulates in the weight's dtype (one rounding per chunk),
 grad h is returned in the hidden states' dtype, grad b in the bias's.
 
-The chunk loop runs inside two ``torch.library`` custom ops (``minillm_kernels::linear_token_stats`` and
-``minillm_kernels::linear_reverse_kld_sum``, each with a fake implementation and an autograd formula), so that
-``torch.compile(fullgraph=True)`` traces a model and this loss together: the chunk plan, which depends on the
-mask's contents, is made inside the op. Meta tensors get the outputs' shapes. The inputs are saved for the
+One chunk loop (``_ChunkLoop``: the projections, the plan, the logits buffers, autocast off) runs inside every
+``torch.library`` custom op here (``minillm_kernels::linear_token_stats``, ``linear_reverse_kld_sum`` and
+``linear_divergence`` with their backwards, each with a fake implementation and an autograd formula), each op
+handing it its kernel family's per-chunk function; so ``torch.compile(fullgraph=True)`` traces a model and this loss
+together: the chunk plan, which depends on the mask's contents, is made inside the op. Meta tensors get the outputs' shapes. The inputs are saved for the
 backward, so an in-place change of a weight between forward and backward is autograd's usual error.
 Gradients flow to the student hidden states, weight and bias; the teacher is frozen.
 
@@ -52,21 +52,20 @@ before each chunk's gradient), and grad h, each rank's G_r W_r, is summed over t
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from minillm_kernels import parallel, reference
-from minillm_kernels._arguments import as_int
-from minillm_kernels.dispatch import (
-    TokenStats,
-    assemble_token_stats,
-    check_divergence_args,
+from minillm_kernels import parallel
+from minillm_kernels.backends import compute_dtype
+from minillm_kernels.losses import TokenStats, assemble_token_stats, reduce_per_token
+from minillm_kernels.validation import (
+    LinearCall,
+    check_coefficient,
     check_reduction,
     check_sampling_args,
-    frozen_teacher,
-    reduce_per_token,
-    validate_token_args,
+    divergence_coefficient,
+    validate_linear,
 )
 from minillm_kernels.ops import divergence as divergence_ops
 from minillm_kernels.ops import reverse_kld as ops
@@ -150,42 +149,96 @@ def _rows_count(rows: Rows) -> int:
     return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
 
 
-class _ChunkLogits:
-    """Both models' logits chunk by chunk, into two [C, vocab] buffers (C: the largest chunk) allocated once, each
-    in its model's weight dtype."""
+class _Chunk(NamedTuple):
+    """One chunk of tokens, as the per-chunk functions of a kernel family take it."""
 
-    def __init__(self, student: _Projection, teacher: _Projection, plan: _Plan) -> None:
-        self.models = (student, teacher)
-        rows = max(map(_rows_count, plan.chunks), default=0)
-        self.buffers = tuple(m.weight.new_empty((rows, plan.vocab_size)) for m in self.models)
-
-    def __call__(self, rows: Rows) -> tuple[Tensor, Tensor, Tensor]:
-        """The chunk's student hidden states [C, H_s] and the two models' logits [C, vocab] (buffer views)."""
-        (student, teacher), n = self.models, _rows_count(rows)
-        student_hidden = student.hidden[rows]
-        student_logits = student.logits(student_hidden, self.buffers[0][:n])
-        teacher_logits = teacher.logits(teacher.hidden[rows], self.buffers[1][:n])
-        return student_hidden, student_logits, teacher_logits
+    rows: Rows  # its tokens
+    hidden: Tensor  # [C, H_s] the student's hidden states
+    student_logits: Tensor  # [C, vocab], in the student weight's dtype (a view of a buffer the next chunk reuses)
+    teacher_logits: Tensor  # [C, vocab], in the teacher weight's dtype (likewise)
+    target: Optional[Tensor]  # [C] int64, or None
 
 
-def _chunk_stats(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor], plan: _Plan):
-    """``(kl, student_logprob, teacher_logprob, entropy, row_stats)`` of a chunk's logits, from the chosen backend."""
-    return ops.backend_token_stats(student_logits, teacher_logits, target, None, plan.temperature, plan.vocab_size,
-                                   plan.backend)
+class _ChunkLoop:
+    """The loop every fused-linear op runs: the two models' projections on their first ``vocab_size`` rows, the plan
+    (``_make_plan``: chunks of the counted tokens) and, iterating, each ``_Chunk`` with both models' logits, computed
+    into two [C, vocab] buffers (C: the largest chunk) allocated once, with autocast off while the loop runs (each
+    matmul in its weight's dtype). What an op does with a chunk is its kernel family's per-chunk function (e.g.
+    ``_chunk_stats`` and ``_chunk_stats_gradient``: a transform of the logits, such as a soft cap, goes there):
+    ``per_token`` writes per-token outputs, ``input_gradients`` turns logit gradients into the student's input
+    gradients, and a plain ``for chunk in loop`` does anything else."""
+
+    def __init__(self, tensors: Sequence[Optional[Tensor]], target: Optional[Tensor], mask: Optional[Tensor],
+                 temperature: float, vocab_size: int, chunk_size: int, backend: str) -> None:
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = tensors
+        self.student_inputs = (student_hidden, student_weight, student_bias)
+        self.student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
+        self.teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
+        self.plan = _make_plan(self.student, mask, target, temperature, vocab_size, chunk_size, backend)
+
+    def __iter__(self) -> Iterator[_Chunk]:
+        student, teacher, plan = self.student, self.teacher, self.plan
+        largest = max(map(_rows_count, plan.chunks), default=0)
+        buffers = tuple(m.weight.new_empty((largest, plan.vocab_size)) for m in (student, teacher))
+        with torch.autocast(student.hidden.device.type, enabled=False):
+            for rows in plan.chunks:
+                n, hidden = _rows_count(rows), student.hidden[rows]
+                yield _Chunk(rows, hidden, student.logits(hidden, buffers[0][:n]),
+                             teacher.logits(teacher.hidden[rows], buffers[1][:n]),
+                             None if plan.target is None else plan.target[rows])
+
+    def per_token(self, outputs: tuple[Tensor, ...],
+                  terms: Callable[[_Chunk], Sequence[Tensor]]) -> tuple[Tensor, ...]:
+        """``outputs`` (per-token tensors, zeros for the tokens no chunk holds) with each chunk's ``terms``."""
+        for chunk in self:
+            for out, value in zip(outputs, terms(chunk)):
+                out[chunk.rows] = value
+        return outputs
+
+    def new_input_gradients(self, needs: Sequence[bool]) -> "_InputGradients":
+        return _InputGradients(*self.student_inputs, tuple(needs), self.plan.vocab_size)
+
+    def input_gradients(self, needs: Sequence[bool],
+                        logit_gradient: Callable[[_Chunk], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(grad_hidden, grad_weight, grad_bias)`` (empty where ``needs`` says none) from each chunk's
+        ``logit_gradient``, G = dL/ds ``[C, vocab]``."""
+        grads = self.new_input_gradients(needs)
+        for chunk in self:  # (the logit gradient, passed on directly, is freed before the next chunk's)
+            grads.add_chunk(logit_gradient(chunk), chunk, self.student)
+        return grads.result()
 
 
-def _chunk_logit_gradient(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    target: Optional[Tensor],
-    upstream: tuple[Tensor, Tensor, Tensor],
-    saved: tuple[Tensor, Tensor, Tensor],
-    plan: _Plan,
-) -> Tensor:
+# The token statistics' per-chunk functions (ops/reverse_kld.py).
+def _chunk_stats(chunk: _Chunk, plan: _Plan) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(kl, student_logprob, teacher_logprob, entropy, row_stats)`` of a chunk, from the plan's backend."""
+    return ops.backend_token_stats(chunk.student_logits, chunk.teacher_logits, chunk.target, None, plan.temperature,
+                                   plan.vocab_size, plan.backend)
+
+
+def _chunk_stats_gradient(chunk: _Chunk, plan: _Plan, upstream: tuple[Tensor, Tensor, Tensor],
+                          saved: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """d/ds of sum_i a_i KL_i + b_i log q_i(y_i) + c_i H_i over a chunk, ``[C, vocab]`` in the logits' dtype, from
-    ``upstream = (a, b, c)`` and the forward's ``saved = (kl, entropy, row_stats)``."""
-    return ops.backend_logit_gradient(student_logits, teacher_logits, target, None, upstream, saved, plan.temperature,
-                                      plan.vocab_size, plan.backend)
+    ``upstream = (a, b, c)`` and the forward's ``saved = (kl, entropy, row_stats)`` of its rows."""
+    return ops.backend_logit_gradient(chunk.student_logits, chunk.teacher_logits, chunk.target, None, upstream, saved,
+                                      plan.temperature, plan.vocab_size, plan.backend)
+
+
+# The divergence family's per-chunk functions (ops/divergence.py).
+def _chunk_divergence(chunk: _Chunk, plan: _Plan, divergence: str, coefficient: float,
+                      given_row_stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(value, mean_partial, row_stats)`` of a chunk, from the plan's backend; with ``given_row_stats`` (of its
+    rows), the terms from those log-normalisers (``ops.divergence.divergence``)."""
+    return divergence_ops.divergence(chunk.student_logits, chunk.teacher_logits, None, divergence, coefficient,
+                                     1.0 / plan.temperature, plan.vocab_size, plan.backend, given_row_stats)
+
+
+def _chunk_divergence_gradient(chunk: _Chunk, plan: _Plan, grad_value: Tensor, saved: tuple[Tensor, Tensor],
+                               divergence: str, coefficient: float) -> Tensor:
+    """d/ds of sum_i g_i D_i over a chunk, ``[C, vocab]`` in the logits' dtype, from ``grad_value = g`` and the
+    forward's ``saved = (mean_partial, row_stats)`` of its rows."""
+    return divergence_ops.divergence_backward(chunk.student_logits, chunk.teacher_logits, None, grad_value, *saved,
+                                              divergence, coefficient, 1.0 / plan.temperature, plan.vocab_size,
+                                              plan.backend)
 
 
 class _InputGradients:
@@ -202,7 +255,7 @@ class _InputGradients:
         self.weight = torch.zeros_like(student_weight) if needs[1] else None
         self.bias = None
         if student_bias is not None and needs[2]:
-            self.bias = student_bias.new_zeros(student_bias.shape, dtype=reference.compute_dtype(student_bias.dtype))
+            self.bias = student_bias.new_zeros(student_bias.shape, dtype=compute_dtype(student_bias.dtype))
         self.bias_dtype = None if student_bias is None else student_bias.dtype
         self.vocab_size = vocab_size
         self.like = student_hidden  # (the device and dtype of the empty tensors that stand for no gradient)
@@ -211,12 +264,12 @@ class _InputGradients:
     def any(self) -> bool:
         return self.hidden is not None or self.weight is not None or self.bias is not None
 
-    def add_chunk(self, grad_logits: Tensor, rows: Rows, student_hidden: Tensor, student: _Projection) -> None:
+    def add_chunk(self, grad_logits: Tensor, chunk: _Chunk, student: _Projection) -> None:
         """Turn the chunk's logit gradient G [C, vocab] into grad h[rows] = G W, grad W += G^T h, grad b += sum G."""
         if self.hidden is not None:
-            self.hidden[rows] = (grad_logits @ student.weight).to(self.hidden.dtype)
+            self.hidden[chunk.rows] = (grad_logits @ student.weight).to(self.hidden.dtype)
         if self.weight is not None:
-            self.weight[: self.vocab_size].addmm_(grad_logits.t(), student_hidden.to(self.weight.dtype))
+            self.weight[: self.vocab_size].addmm_(grad_logits.t(), chunk.hidden.to(self.weight.dtype))
         if self.bias is not None:
             self.bias[: self.vocab_size] += grad_logits.sum(0, dtype=self.bias.dtype)
 
@@ -239,18 +292,10 @@ def linear_token_stats(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-token ``(kl, student_logprob, teacher_logprob, entropy, row_stats)``, ``[N]`` each and ``[N, 4]``; 0 for
     tokens the mask leaves out."""
-    student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
-    teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
+    loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
+                      target, mask, temperature, vocab_size, chunk_size, backend)
     outputs = _linear_token_stats_outputs(student_hidden, student_weight, teacher_weight, zeros=True)
-    with torch.autocast(student_hidden.device.type, enabled=False):
-        plan = _make_plan(student, mask, target, temperature, vocab_size, chunk_size, backend)
-        chunk_logits = _ChunkLogits(student, teacher, plan)
-        for rows in plan.chunks:
-            _, student_logits, teacher_logits = chunk_logits(rows)
-            target_rows = None if target is None else target[rows]
-            for out, value in zip(outputs, _chunk_stats(student_logits, teacher_logits, target_rows, plan)):
-                out[rows] = value
-    return outputs
+    return loop.per_token(outputs, lambda chunk: _chunk_stats(chunk, loop.plan))
 
 
 @linear_token_stats.register_fake
@@ -261,7 +306,7 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
 
 def _linear_token_stats_outputs(student_hidden: Tensor, student_weight: Tensor, teacher_weight: Tensor, *,
                                 zeros: bool) -> tuple[Tensor, ...]:
-    n_tokens, dtype = student_hidden.shape[0], reference.compute_dtype(student_weight.dtype, teacher_weight.dtype)
+    n_tokens, dtype = student_hidden.shape[0], compute_dtype(student_weight.dtype, teacher_weight.dtype)
     make = student_hidden.new_zeros if zeros else student_hidden.new_empty
     return (*(make(n_tokens, dtype=dtype) for _ in range(4)), make(n_tokens, 4, dtype=dtype))
 
@@ -277,22 +322,11 @@ def linear_token_stats_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_hidden, grad_weight, grad_bias)`` of sum_t a_t KL_t + b_t log q(y_t) + c_t H_t, the chunks' logits
     recomputed; ``needs`` says which of the three to compute (the others are empty)."""
-    student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
-    teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
-    grads = _InputGradients(student_hidden, student_weight, student_bias, tuple(needs), vocab_size)
-    with torch.autocast(student_hidden.device.type, enabled=False):
-        plan = _make_plan(student, mask, target, temperature, vocab_size, chunk_size, backend)
-        chunk_logits = _ChunkLogits(student, teacher, plan)
-        upstream = (grad_kl, grad_student_logprob, grad_entropy)
-        for rows in plan.chunks:
-            hidden_rows, student_logits, teacher_logits = chunk_logits(rows)
-            target_rows = None if target is None else target[rows]
-            grads.add_chunk(  # (the logit gradient, passed on directly, is freed before the next chunk's)
-                _chunk_logit_gradient(student_logits, teacher_logits, target_rows, tuple(u[rows] for u in upstream),
-                                      (kl[rows], entropy[rows], row_stats[rows]), plan),
-                rows, hidden_rows, student,
-            )
-    return grads.result()
+    loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
+                      target, mask, temperature, vocab_size, chunk_size, backend)
+    upstream, saved = (grad_kl, grad_student_logprob, grad_entropy), (kl, entropy, row_stats)
+    return loop.input_gradients(needs, lambda chunk: _chunk_stats_gradient(
+        chunk, loop.plan, tuple(u[chunk.rows] for u in upstream), tuple(x[chunk.rows] for x in saved)))
 
 
 @linear_token_stats_backward.register_fake
@@ -356,33 +390,26 @@ def reverse_kld_sum_and_gradients(
     chunk's per-token terms into those of the whole vocabulary (a collective: every rank runs the same chunks),
     which the loss sums and the chunk's gradient is computed from; the gradient of the hidden states is then this
     shard's part of it."""
-    student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
-    teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
-    grads = _InputGradients(student_hidden, student_weight, student_bias, tuple(needs), vocab_size)
-    total = student_hidden.new_zeros((), dtype=reference.compute_dtype(student_weight.dtype, teacher_weight.dtype))
-    with torch.autocast(student_hidden.device.type, enabled=False):
-        plan = _make_plan(student, mask, None, temperature, vocab_size, chunk_size, backend)
-        scale = 1.0 / max(plan.n_counted, 1) if mean else 1.0
-        chunk_logits = _ChunkLogits(student, teacher, plan)
-        for rows in plan.chunks:
-            hidden_rows, student_logits, teacher_logits = chunk_logits(rows)
-            stats = _chunk_stats(student_logits, teacher_logits, None, plan)
-            kl, _, _, entropy, row_stats = stats if combine is None else combine(stats)
-            total += kl.sum()
-            if grads.any:  # (the logit gradient, passed on directly, is freed before the next chunk's)
-                upstream = (torch.full_like(kl, scale), torch.zeros_like(kl), torch.zeros_like(kl))
-                grads.add_chunk(
-                    _chunk_logit_gradient(student_logits, teacher_logits, None, upstream, (kl, entropy, row_stats),
-                                          plan),
-                    rows, hidden_rows, student,
-                )
+    loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
+                      None, mask, temperature, vocab_size, chunk_size, backend)
+    grads = loop.new_input_gradients(needs)
+    total = student_hidden.new_zeros((), dtype=compute_dtype(student_weight.dtype, teacher_weight.dtype))
+    scale = 1.0 / max(loop.plan.n_counted, 1) if mean else 1.0
+    for chunk in loop:
+        stats = _chunk_stats(chunk, loop.plan)
+        kl, _, _, entropy, row_stats = stats if combine is None else combine(stats)
+        total += kl.sum()
+        if grads.any:  # (the logit gradient, passed on directly, is freed before the next chunk's)
+            upstream = (torch.full_like(kl, scale), torch.zeros_like(kl), torch.zeros_like(kl))
+            grads.add_chunk(_chunk_stats_gradient(chunk, loop.plan, upstream, (kl, entropy, row_stats)), chunk,
+                            loop.student)
     return (total * scale, *grads.result())
 
 
 @linear_reverse_kld_sum.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask, temperature,
       vocab_size, chunk_size, backend, mean, needs):
-    total = student_hidden.new_empty((), dtype=reference.compute_dtype(student_weight.dtype, teacher_weight.dtype))
+    total = student_hidden.new_empty((), dtype=compute_dtype(student_weight.dtype, teacher_weight.dtype))
     return (total, *_input_gradients_like(student_hidden, student_weight, student_bias, needs))
 
 
@@ -417,7 +444,7 @@ class _LinearShard(parallel.ShardTerms):
     on its V_r real rows (none on a padding shard), with the chunk size the ranks agree on (the smallest default,
     which depends on a GPU's free memory: the reduction "sum" / "mean" loop runs a collective per chunk)."""
 
-    def __init__(self, call: "_LinearCall") -> None:
+    def __init__(self, call: LinearCall) -> None:
         self.temperature, self.vocab_size, chunk_size, self.backend = call.options
         student_hidden, student_weight, _, teacher_hidden, *_ = call.tensors
         self.shards, self.target, self.mask, self.teacher = call.shards, call.target, call.mask, call.tensors[3:]
@@ -480,7 +507,7 @@ class _ShardedReverseKldSum(torch.autograd.Function):
         return (None, None, None, *_scaled_gradients(grads, ctx.needs, grad_total))
 
 
-def _token_stats(call: "_LinearCall") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _token_stats(call: LinearCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(kl, student_logprob, teacher_logprob, entropy)``, ``[N]`` each, of a validated call."""
     if call.shards is not None:
         return _sharded_token_stats(call)
@@ -488,12 +515,12 @@ def _token_stats(call: "_LinearCall") -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 @torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
-def _sharded_token_stats(call: "_LinearCall") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _sharded_token_stats(call: LinearCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return parallel.sharded_token_stats(_LinearShard(call), *call.tensors[:3])
 
 
 @torch.compiler.disable  # (likewise)
-def _sharded_reverse_kld_sum(call: "_LinearCall", mean: bool, needs: list[bool]) -> Tensor:
+def _sharded_reverse_kld_sum(call: LinearCall, mean: bool, needs: list[bool]) -> Tensor:
     return _ShardedReverseKldSum.apply(_LinearShard(call), mean, needs, *call.tensors[:3])
 
 
@@ -502,7 +529,7 @@ class _LinearDivergenceShard(_LinearShard, parallel.DivergenceShard):
     statistics from ``linear_token_stats``'s chunk loop, the terms from ``linear_divergence``'s, the gradients from
     ``linear_divergence_backward``'s, grad h summed over the ranks."""
 
-    def __init__(self, call: "_LinearCall", divergence: str, coefficient: float) -> None:
+    def __init__(self, call: LinearCall, divergence: str, coefficient: float) -> None:
         super().__init__(call)
         self.divergence, self.coefficient = divergence, coefficient
 
@@ -523,7 +550,7 @@ class _LinearDivergenceShard(_LinearShard, parallel.DivergenceShard):
 
 
 @torch.compiler.disable  # (likewise)
-def _sharded_divergence(call: "_LinearCall", divergence: str, coefficient: float) -> Tensor:
+def _sharded_divergence(call: LinearCall, divergence: str, coefficient: float) -> Tensor:
     parallel.check_divergence_backend(divergence, call.options[3])
     return parallel.sharded_divergence(_LinearDivergenceShard(call, divergence, coefficient), *call.tensors[:3])
 
@@ -531,74 +558,20 @@ def _sharded_divergence(call: "_LinearCall", divergence: str, coefficient: float
 # --------------------------------------------------------------------------------------------------------------
 # Validation and the public functions
 # --------------------------------------------------------------------------------------------------------------
-def _check_projection(model: str, hidden: object, weight: object, bias: object) -> None:
-    """One model's hidden states [..., H], weight [V, H] and optional bias [V]: float tensors on one device (their
-    dtypes may differ: the matmul runs in the weight's)."""
-    named = {f"{model}_hidden": hidden, f"{model}_weight": weight, f"{model}_bias": bias}
-    for name, x in named.items():
-        if x is None and name.endswith("_bias"):
-            continue
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        if x.device != hidden.device:
-            raise ValueError(f"{name} is on {x.device} but {model}_hidden is on {hidden.device}")
-    if hidden.dim() == 0 or hidden.shape[-1] == 0:
-        raise ValueError(f"{model}_hidden must have shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"{model}_weight must have shape [V, H] with V >= 1 and H = {model}_hidden.shape[-1] = {hidden.shape[-1]} "
-            f"(the lm_head weight, as nn.Linear stores it), got {tuple(weight.shape)}"
-        )
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"{model}_bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
-
-
-class _LinearCall(NamedTuple):
-    """The validated inputs of a fused-linear call, in the custom ops' argument order."""
-
-    tensors: tuple  # flattened student (hidden, weight, bias) and teacher (hidden, weight, bias), the teacher's detached
-    target: Optional[Tensor]  # [N] int64
-    mask: Optional[Tensor]  # [N] bool
-    options: tuple  # (temperature, vocab_size, chunk_size: 0 for the default, backend)
-    lead_shape: torch.Size
-    shards: Optional[parallel.VocabShards]  # the weights' rows are this rank's shard of the vocabulary
-
-
-def _validate_linear(
+def _linear_call(
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
     target_ids, mask, temperature, vocab_size, chunk_size, backend, process_group,
-) -> _LinearCall:
-    """Check everything a fused-linear function takes (DTensors as this rank's local tensors)."""
+) -> LinearCall:
+    """The validated call (``validation.validate_linear``) of this rank's local tensors (``parallel.vocab_shards``:
+    DTensor weights placed ``Shard(0)``, or a ``process_group``)."""
     shards, (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias) = \
         parallel.vocab_shards(process_group, {
             "student_hidden": (student_hidden, None), "student_weight": (student_weight, 0),
             "student_bias": (student_bias, 0), "teacher_hidden": (teacher_hidden, None),
             "teacher_weight": (teacher_weight, 0), "teacher_bias": (teacher_bias, 0),
         })
-    _check_projection("student", student_hidden, student_weight, student_bias)
-    _check_projection("teacher", teacher_hidden, teacher_weight, teacher_bias)
-    if student_hidden.device != teacher_hidden.device:
-        raise ValueError(f"student_hidden is on {student_hidden.device} but teacher_hidden is on {teacher_hidden.device}")
-    lead_shape = student_hidden.shape[:-1]
-    if teacher_hidden.shape[:-1] != lead_shape:
-        raise ValueError(
-            f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} must "
-            "agree on every dimension but the last (the hidden sizes may differ)"
-        )
-    chunk_size = 0 if chunk_size is None else as_int("chunk_size (tokens per chunk, or None)", chunk_size, 1)
-    args = validate_token_args(
-        lead_shape, student_hidden.device, torch.promote_types(student_weight.dtype, teacher_weight.dtype),
-        {"student_weight": student_weight.shape[0], "teacher_weight": teacher_weight.shape[0]},
-        target_ids, mask, temperature, vocab_size, backend, inputs="hidden states", shards=shards,
-    )
-    teacher = tuple(None if x is None else frozen_teacher(x, name) for x, name in (
-        (teacher_hidden, "teacher_hidden"), (teacher_weight, "teacher_weight"), (teacher_bias, "teacher_bias")))
-    flat = lambda hidden: hidden.reshape(-1, hidden.shape[-1])  # noqa: E731
-    tensors = (flat(student_hidden), student_weight, student_bias, flat(teacher[0]), *teacher[1:])
-    options = (args.temperature, args.vocab_size, chunk_size, args.backend)
-    return _LinearCall(tensors, args.target, args.mask, options, lead_shape, shards)
+    return validate_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                           target_ids, mask, temperature, vocab_size, chunk_size, backend, shards)
 
 
 def _needs_grad(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor]) -> list[bool]:
@@ -649,7 +622,7 @@ def fused_linear_reverse_kld(
         The loss, float32 (float64 if a weight is float64): ``[...]`` for "none", else a scalar.
     """
     check_reduction(reduction)
-    call = _validate_linear(
+    call = _linear_call(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         None, mask, temperature, vocab_size, chunk_size, backend, process_group,
     )
@@ -692,7 +665,7 @@ def fused_linear_token_stats(
         ``TokenStats`` of ``[...]`` tensors (float32, float64 if a weight is float64), 0 where masked.
     """
     mix_alpha, weight_clip = check_sampling_args(target_ids, mix_alpha, weight_clip)
-    call = _validate_linear(
+    call = _linear_call(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         target_ids, mask, temperature, vocab_size, chunk_size, backend, process_group,
     )
@@ -706,31 +679,6 @@ def fused_linear_token_stats(
 # --------------------------------------------------------------------------------------------------------------
 # The divergence family (ops/divergence.py) from hidden states: the same chunk loop, per-token upstreams.
 # --------------------------------------------------------------------------------------------------------------
-def _chunk_divergence(student_logits: Tensor, teacher_logits: Tensor, plan: _Plan, divergence: str,
-                      coefficient: float, given_row_stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(value, mean_partial, row_stats)`` of a chunk's logits on the plan's backend (for "reference": the reference
-    formula's value, and zeros for the other two, which its backward does not use); with ``given_row_stats``, the
-    terms from those log-normalisers (``ops.divergence.divergence``)."""
-    if plan.backend == "reference":
-        value = reference.divergence(student_logits, teacher_logits, None, plan.temperature, plan.vocab_size,
-                                     divergence, beta=coefficient, skew=coefficient)
-        return value, torch.zeros_like(value), value.new_zeros(value.shape[0], 4)
-    return divergence_ops.divergence(student_logits, teacher_logits, None, divergence, coefficient,
-                                     1.0 / plan.temperature, plan.vocab_size, plan.backend, given_row_stats)
-
-
-def _chunk_divergence_gradient(student_logits: Tensor, teacher_logits: Tensor, grad_value: Tensor,
-                               saved: tuple[Tensor, Tensor], plan: _Plan, divergence: str,
-                               coefficient: float) -> Tensor:
-    """d/ds of sum_i g_i D_i over a chunk, ``[C, vocab]`` in the logits' dtype, from the forward's ``saved =
-    (mean_partial, row_stats)`` (for "reference": ``reference.divergence_gradient``, in closed form)."""
-    if plan.backend == "reference":
-        return reference.divergence_gradient(student_logits, teacher_logits, None, grad_value, plan.temperature,
-                                             plan.vocab_size, divergence, beta=coefficient, skew=coefficient)
-    return divergence_ops.divergence_backward(student_logits, teacher_logits, None, grad_value, *saved, divergence,
-                                              coefficient, 1.0 / plan.temperature, plan.vocab_size, plan.backend)
-
-
 @torch.library.custom_op("minillm_kernels::linear_divergence", mutates_args=())
 def linear_divergence(
     student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
@@ -741,20 +689,12 @@ def linear_divergence(
     """Per-token ``(value, mean_partial, row_stats)``, ``[N]``, ``[N]`` and ``[N, 4]``; 0 for tokens the mask leaves
     out. ``given_row_stats`` ``[N, 4]``: the terms from those log-normalisers (a vocabulary shard's share of the
     global terms, ``parallel.combine_divergence``)."""
-    divergence_ops.check_coefficient(divergence, coefficient)  # (first: under torch.compile its only check)
-    student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
-    teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
+    check_coefficient(divergence, coefficient)  # (first: under torch.compile its only check)
+    loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
+                      None, mask, temperature, vocab_size, chunk_size, backend)
     outputs = _linear_divergence_outputs(student_hidden, student_weight, teacher_weight, zeros=True)
-    with torch.autocast(student_hidden.device.type, enabled=False):
-        plan = _make_plan(student, mask, None, temperature, vocab_size, chunk_size, backend)
-        chunk_logits = _ChunkLogits(student, teacher, plan)
-        for rows in plan.chunks:
-            _, student_logits, teacher_logits = chunk_logits(rows)
-            given = None if given_row_stats is None else given_row_stats[rows]
-            for out, value in zip(outputs, _chunk_divergence(student_logits, teacher_logits, plan, divergence,
-                                                             coefficient, given)):
-                out[rows] = value
-    return outputs
+    return loop.per_token(outputs, lambda chunk: _chunk_divergence(
+        chunk, loop.plan, divergence, coefficient, None if given_row_stats is None else given_row_stats[chunk.rows]))
 
 
 @linear_divergence.register_fake
@@ -765,7 +705,7 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
 
 def _linear_divergence_outputs(student_hidden: Tensor, student_weight: Tensor, teacher_weight: Tensor, *,
                                zeros: bool) -> tuple[Tensor, Tensor, Tensor]:
-    n_tokens, dtype = student_hidden.shape[0], reference.compute_dtype(student_weight.dtype, teacher_weight.dtype)
+    n_tokens, dtype = student_hidden.shape[0], compute_dtype(student_weight.dtype, teacher_weight.dtype)
     make = student_hidden.new_zeros if zeros else student_hidden.new_empty
     return make(n_tokens, dtype=dtype), make(n_tokens, dtype=dtype), make(n_tokens, 4, dtype=dtype)
 
@@ -780,20 +720,11 @@ def linear_divergence_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_hidden, grad_weight, grad_bias)`` of sum_t g_t D_t, the chunks' logits recomputed; ``needs`` says which
     of the three to compute (the others are empty)."""
-    student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
-    teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
-    grads = _InputGradients(student_hidden, student_weight, student_bias, tuple(needs), vocab_size)
-    with torch.autocast(student_hidden.device.type, enabled=False):
-        plan = _make_plan(student, mask, None, temperature, vocab_size, chunk_size, backend)
-        chunk_logits = _ChunkLogits(student, teacher, plan)
-        for rows in plan.chunks:
-            hidden_rows, student_logits, teacher_logits = chunk_logits(rows)
-            grads.add_chunk(  # (the logit gradient, passed on directly, is freed before the next chunk's)
-                _chunk_divergence_gradient(student_logits, teacher_logits, grad_value[rows],
-                                           (mean_partial[rows], row_stats[rows]), plan, divergence, coefficient),
-                rows, hidden_rows, student,
-            )
-    return grads.result()
+    loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
+                      None, mask, temperature, vocab_size, chunk_size, backend)
+    return loop.input_gradients(needs, lambda chunk: _chunk_divergence_gradient(
+        chunk, loop.plan, grad_value[chunk.rows], (mean_partial[chunk.rows], row_stats[chunk.rows]), divergence,
+        coefficient))
 
 
 @linear_divergence_backward.register_fake
@@ -867,19 +798,16 @@ def fused_linear_divergence(
         The loss, float32 (float64 if a weight is float64): ``[...]`` for "none", else a scalar.
     """
     check_reduction(reduction)
-    beta, skew = check_divergence_args(divergence, beta, skew)
-    if skew == 0 and divergence in ("skew_forward_kl", "skew_reverse_kl"):
-        divergence = divergence.removeprefix("skew_")  # (the plain KL, and its kernel)
+    divergence, coefficient = divergence_coefficient(divergence, beta, skew)
     if divergence == "reverse_kl":
         return fused_linear_reverse_kld(
             student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
             teacher_bias=teacher_bias, mask=mask, temperature=temperature, reduction=reduction,
             vocab_size=vocab_size, chunk_size=chunk_size, backend=backend, process_group=process_group)
-    call = _validate_linear(
+    call = _linear_call(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         None, mask, temperature, vocab_size, chunk_size, backend, process_group,
     )
-    coefficient = beta if divergence == "jsd" else skew
     if call.shards is not None:
         value = _sharded_divergence(call, divergence, coefficient)
     else:
