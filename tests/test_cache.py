@@ -187,6 +187,22 @@ def test_a_cache_built_for_another_run_is_refused_naming_what_differs(top8, tmp_
     assert not (tmp_path / "log.jsonl").exists()
 
 
+def test_the_teacher_is_its_weights_not_its_name(top8, tmp_path):
+    """The same weights under another path are the same teacher; without its weights on this machine (a Hub id not
+    downloaded) the name is all there is to compare."""
+    from minillm_kernels.training.config import parse_args
+    from minillm_kernels.training.models import load_tokenizer
+
+    config = parse_args([*DATA, "--method", "kd"])
+    copy = shutil.copytree(checkpoint_dir("teacher"), tmp_path / "teacher-copy")
+    settings = teacher_cache.run_settings(config, load_tokenizer(config.model), None)
+    cache = TeacherCache(top8)
+    cache.check({**settings, "teacher": str(copy), "teacher weights sha256": cache.manifest["settings"][
+        "teacher weights sha256"]})
+    with pytest.raises(CacheError, match="teacher: the cache's 'tiny', this run's 'org/another-teacher'"):
+        cache.check({**settings, "teacher": "org/another-teacher"})
+
+
 def test_a_cache_s_tokenizer_is_checked(top8):
     """A tokenizer with another vocabulary is named (the row lookup by token ids would miss every row anyway)."""
     from minillm_kernels.training.config import parse_args

@@ -92,12 +92,16 @@ def run_settings(config, tokenizer, teacher_sha256: Optional[str]) -> dict[str, 
 
 
 def differences(cached: dict, wanted: dict) -> list[str]:
-    """``"key: the cache's X, this run's Y"`` for each key whose wanted value (not None) differs; SHA-256s shortened."""
+    """``"key: the cache's X, this run's Y"`` for each key whose wanted value (not None) differs; SHA-256s shortened.
+    The teacher's name is compared only where its weights' SHA-256 is not known (the same weights under another path
+    or name are the same teacher)."""
     def shown(value: Any) -> str:
         return f"{value[:12]}..." if isinstance(value, str) and len(value) == 64 else repr(value)
 
+    named_only = wanted.get("teacher weights sha256") is None
     return [f"{key}: the cache's {shown(cached.get(key))}, this run's {shown(value)}"
-            for key, value in wanted.items() if value is not None and cached.get(key) != value]
+            for key, value in wanted.items()
+            if value is not None and cached.get(key) != value and (key != "teacher" or named_only)]
 
 
 def file_sha256(path: Path) -> str:
