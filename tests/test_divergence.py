@@ -191,15 +191,17 @@ def exact(student, teacher, upstream=None, *, divergence, beta=0.5, skew=0.1, ma
     return value.reshape(student.shape[:-1]), grad.reshape(student.shape)
 
 
-def error_scales(student, teacher, upstream, *, temperature=1.0, vocab_size=None, mask=None, **_):
+def error_scales(student, teacher, upstream, exact_grad, *, temperature=1.0, vocab_size=None, mask=None, **_):
     """(per-token S, per-column S_v) of the bounds below, float64.
 
     Each column's term is a few products of q_v, p_v, log q_v, log p_v and the mixture's log1p: computed from exact
     inputs in the accumulation dtype, it errs by about KAPPA u (1 + |log q_v| + |log p_v|) (p_v + q_v) (log q_v =
     k (s_v - c_s) - log Z_s errs by u |log q_v| a rounding; the exp carries it into q_v; the row sums are float64).
     Per token S = 1 + sum_v (p_v + q_v)(1 + |log q_v| + |log p_v|) (the 1: the log-normalisers' absolute error);
-    per gradient column S_v = k |g| (p_v + q_v)(1 + |log q_v| + |log p_v| + S) (the second term, q_v sum_u q_u a_u,
-    carries the per-token error)."""
+    per gradient column S_v = k |g| (p_v + q_v)(1 + |log q_v| + |log p_v| + S) + (1 + |log q_v|) |d_v| (the second
+    term, q_v sum_u q_u a_u, carries the per-token error; the third, q_v's relative error u (1 + |log q_v|) times the
+    exact gradient d_v, which the softmax's Jacobian makes proportional to q_v: a product of two log-magnitudes, as
+    in a row where |log q_v| ~ 20 and |log q_v - log p_v - KL| ~ 3e4)."""
     width = student.shape[-1]
     vocab = vocab_size or width
     s = student.detach().cpu().double().reshape(-1, width)[:, :vocab] / temperature
@@ -211,6 +213,9 @@ def error_scales(student, teacher, upstream, *, temperature=1.0, vocab_size=None
     per_token = 1 + column.sum(-1)
     g = torch.ones(s.shape[0], dtype=torch.float64) if upstream is None else upstream.double().reshape(-1)
     per_column = g.abs()[:, None] / temperature * (column + weight * per_token[:, None])
+    d = exact_grad.detach().cpu().double().reshape(-1, width)[:, :vocab]
+    per_column = per_column + ((1 + torch.where(log_q.isfinite(), log_q.abs(), 0.0))
+                               * torch.where(d.isfinite(), d.abs(), 0.0))
     if mask is not None:
         keep = mask.cpu().reshape(-1)
         per_token, per_column = torch.where(keep, per_token, 0.0), torch.where(keep[:, None], per_column, 0.0)
@@ -244,7 +249,7 @@ def assert_close_to_exact(backend, student, teacher, upstream=None, **kwargs):
     u = torch.finfo(acc).eps / 2
     kappa = NAIVE_KAPPA if backend == "reference" and acc == torch.float32 else KAPPA
     kappa *= 2 if acc == torch.float64 else 1  # (the float64 reference errs as much)
-    token_scale, column_scale = error_scales(student, teacher, upstream, **kwargs)
+    token_scale, column_scale = error_scales(student, teacher, upstream, want_grad, **kwargs)
     got = value.detach().double()
     infinite = want.isinf()
     assert torch.equal(got.isinf(), infinite) and torch.equal(got[infinite], want[infinite]), (got, want)

@@ -86,7 +86,9 @@ class Oracle(NamedTuple):
     oracle's (the entries and the columns of R against the completion) or coarser (bin's tail outcome, whose
     |log Q_R| <= |log q_v| and |log P_R| <= |log p~_v| on R), so the scale over the oracle's outcomes bounds them.
     Per token S = 1 + sum_o (p_o + q_o)(1 + |log q_o| + |log p_o|) (the 1: the log-normalisers' absolute error); per
-    gradient column S_v = k |g| (p_v + q_v)(1 + |log q_v| + |log p_v| + S). ``sign_ambiguity`` is k |g| q_v where q_v
+    gradient column S_v = k |g| (p_v + q_v)(1 + |log q_v| + |log p_v| + S) + (1 + |log q_v|) |d_v|, the last with the
+    student's log q_v over the vocabulary and the exact gradient d_v (q_v's relative error, which the softmax's Jacobian
+    carries into the whole column: test_divergence.error_scales). ``sign_ambiguity`` is k |g| q_v where q_v
     and p_v are within kappa u (p + q)(1 + |log q| + |log p|) of each other (the TVD's sign may go either way there),
     else 0. Values ``[...]``, the others of the student's shape (an entry's outcome on its column)."""
 
@@ -132,6 +134,9 @@ def oracle_chunks(student, ids, logprobs, upstream=None, *, divergence="reverse_
                 index = torch.where(columns >= 0, columns, width)
                 per_column, ambiguity = (torch.zeros(len(rows), width + 1, dtype=torch.float64).scatter_add_(
                     1, index, torch.where(columns >= 0, x, 0.0))[:, :width] for x in (per_column, ambiguity))
+            student_log_q = torch.nn.functional.pad((s[:, :vocab] / temperature).log_softmax(-1), (0, width - vocab))
+            per_column = per_column + ((1 + torch.where(student_log_q.isfinite(), student_log_q.abs(), 0.0))
+                                       * torch.where(grad.isfinite(), grad.abs(), 0.0))
         yield rows, Oracle(value.detach(), grad, token, per_column, ambiguity)
 
 
