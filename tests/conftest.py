@@ -358,6 +358,17 @@ def random_mask(rows: int, device: torch.device) -> torch.Tensor:
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def start_processes(fn, args: tuple, nprocs: int, *, join: bool):
+    """``torch.multiprocessing.start_processes`` of ``fn(rank, *args)`` on ``nprocs`` processes forked from a server
+    that has imported this module and ``fn``'s (torch, minillm_kernels, the test's helpers): each a fresh process as
+    torchrun's are (none of pytest's threads, seeds or state), without the seconds a fresh interpreter spends on
+    those imports (~4 CPU s a process)."""
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(["conftest", fn.__module__])
+    return torch.multiprocessing.start_processes(fn, args=args, nprocs=nprocs, join=join, start_method="forkserver")
+
+
 def torchrun(script: Path, *args: str, timeout: float, what: str) -> str:
     """``script`` on 2 gloo CPU processes under torchrun (one thread each, the repository importable): its stdout.
     Fails with the processes' stderr if the run fails, and kills the whole process group (torchrun and its workers)

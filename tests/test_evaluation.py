@@ -145,13 +145,12 @@ def test_exposure_bias_matches_its_definition_by_enumeration(tokenizer):
     """ExAccErr of a flat random student against a peaked random teacher, 2 response tokens: the step-1 and step-2
     parts of R(l) and l eps(l) against the exact expectations, enumerated over the first response token. t = 1: the
     prompt's KL(p || q), the same for both; t = 2: the mean of KL(p || q) after y_1 over y_1 ~ q (R), resp. y_1 ~ p
-    (eps), given that y_1 is not EOS. (The samples are seeded: l = 1 and l = 2 see the same ones.)"""
+    (eps), given that y_1 is not EOS. (The samples are seeded. At t = 1 every sample sees the prompt alone, so l = 1
+    is exact from one sample, and l = 2 less l = 1 is the step-2 part.)"""
     from minillm_kernels.training.data import causal_lm_logits
 
     student, teacher = random_llama(tokenizer, seed=1, scale=0.05), random_llama(tokenizer, seed=2, scale=1.0)
     prompts = ["Max: 1 2\nA:", "Repeat: cat dog sun\nA:"]
-    got = [exposure_bias(student, teacher, tokenizer, prompts, max_new_tokens=2, length=length, samples=64)
-           for length in (1, 2)]
 
     def log_probs(model, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -171,8 +170,10 @@ def test_exposure_bias_matches_its_definition_by_enumeration(tokenizer):
         second_regret += float((first_q.exp() * second)[running].sum() / first_q.exp()[running].sum()) / len(prompts)
         second_oracle += float((first_p.exp() * second)[running].sum() / first_p.exp()[running].sum()) / len(prompts)
     assert abs(second_regret - second_oracle) > 0.1 * second_oracle  # the prefixes' source matters here
+    got = [exposure_bias(student, teacher, tokenizer, prompts, max_new_tokens=2, length=1, samples=1)]
     for name in ("regret", "oracle_error"):
         assert got[0][name] == pytest.approx(first, rel=1e-5)  # t = 1: exact, every sample is running
+    got.append(exposure_bias(student, teacher, tokenizer, prompts, max_new_tokens=2, length=2, samples=64))
     assert got[1]["regret"] - got[0]["regret"] == pytest.approx(second_regret, rel=0.05)
     assert got[1]["oracle_error"] - got[0]["oracle_error"] == pytest.approx(second_oracle, rel=0.05)
     assert got[1]["ex_acc_err"] == pytest.approx(100 * (got[1]["regret"] - got[1]["oracle_error"]) / got[1]["oracle_error"])

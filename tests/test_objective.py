@@ -8,10 +8,9 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import minillm_kernels as mk
-from conftest import random_logits
+from conftest import random_logits, start_processes
 
 F64 = torch.float64
 EXACT = dict(rtol=1e-12, atol=1e-12)
@@ -143,7 +142,7 @@ def test_whiten_advantages_across_processes():
     shards = [torch.randn(3, STEPS, dtype=F64) * 2 + 1, torch.randn(3, STEPS, dtype=F64) - 4]
     masks = [response_masks()[:3], response_masks()[3:]]
     with tempfile.TemporaryDirectory() as folder:
-        mp.start_processes(_whiten_on_rank, args=(2, folder, shards, masks), nprocs=2, join=True, start_method="spawn")
+        start_processes(_whiten_on_rank, (2, folder, shards, masks), 2, join=True)
         per_rank = [torch.load(os.path.join(folder, f"rank{rank}.pt")) for rank in range(2)]
     expected = slow_whiten(torch.cat(shards), torch.cat(masks))
     torch.testing.assert_close(torch.cat([valid for valid, _ in per_rank]), expected, **EXACT)

@@ -22,7 +22,6 @@ from typing import Callable
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import minillm_kernels as mk
 from conftest import (
@@ -34,6 +33,7 @@ from conftest import (
     exact_token_stats,
     per_token_bound,
     require_backend,
+    start_processes,
     tolerance,
     torchrun,
 )
@@ -49,10 +49,9 @@ F64 = torch.float64
 # ---------------------------------------------------------------------------------------------------------------
 def run_on_ranks(world: int, jobs: dict[str, tuple[str, dict]], timeout_s: float = RANKS_TIMEOUT_S) -> list[dict]:
     """Every rank's ``{case: result}`` of ``jobs`` (``{case: (kind, inputs)}``, see ``RANK_JOBS``), on ``world`` gloo
-    processes (spawned: a fresh interpreter each, as torchrun's are). Killed after ``timeout_s``."""
+    processes (fresh ones, as torchrun's are: ``conftest.start_processes``). Killed after ``timeout_s``."""
     with tempfile.TemporaryDirectory() as folder:
-        context = mp.start_processes(_rank_main, args=(world, folder, jobs), nprocs=world, join=False,
-                                     start_method="spawn")
+        context = start_processes(_rank_main, (world, folder, jobs), world, join=False)
         deadline = time.monotonic() + timeout_s
         while not context.join(timeout=max(1.0, deadline - time.monotonic())):
             if time.monotonic() > deadline:
