@@ -33,6 +33,10 @@ the full logits, TRL 1.16's chunked divergence and Liger-Kernel's chunked JSD lo
 step of TRL's ``DistillationTrainer`` loss, forward and backward, with TRL's loss (its baseline) and with ours, on a
 batch of ``--models`` (``benchmarks/distillation_step.py``), one row per ``--divergences`` of TRL's (default: TRL's
 default beta, the reverse KL); both need TRL (the ``trl`` extra).
+``--preset regression`` is the check before a release: ours against the compiled naive loss only, at one size
+(``DEFAULTS["regression"]``), speed-ups against the compiled loss, about a minute per op on two CPU cores; its folder
+is named by the device, the CPU kernel's instruction-set build and the thread count, and is committed under
+``benchmarks/results/regression/``.
 """
 from __future__ import annotations
 
@@ -64,8 +68,11 @@ DEFAULTS = {  # tokens, vocabs, dtypes, repeats, hidden size (linear_reverse_kld
     "cuda": dict(tokens=[4096, 16384], vocab=VOCABS, dtype=["bf16", "fp32"], hidden=4096,  # do_bench: repeats
                  models=["tiny", "llama-128k"]),
     "quick": dict(tokens=[256], vocab=[4099], dtype=["fp32"], repeats=2, hidden=64, models=["llama-4k"], k=[16]),
+    "regression": dict(tokens=[2048], vocab=[32000], dtype=["fp32"], repeats=5, hidden=512, models=["llama-4k"],
+                       k=[16]),
 }
 SPARSE_K = [16, 64, 256]  # the sparse op's K (default --k)
+REGRESSION_BASELINE = "naive_compile"  # --preset regression: the variant its speed-ups refer to, and the only other one
 CPU_WARMUP_MS = 1000.0  # on the CPU, warm-up calls until at least this long (and two calls)
 CPU_TIMING_BUDGET_MS = 3000.0  # then timed calls: at least 3, up to --repeats, until this long
 ROOT = Path(__file__).resolve().parent.parent
@@ -308,15 +315,25 @@ def device_name(device: str) -> str:
     name = model.group(1).strip() if model else platform.processor()
     if details:
         name += f" ({', '.join(details)})"
-    return f"{name}, {torch.get_num_threads()} threads"
+    from minillm_kernels._build import host_isa_level
+
+    return f"{name}, {torch.get_num_threads()} threads, {host_isa_level()} build of the CPU kernel"
 
 
-def default_results_dir(device: str, date: str) -> Path:
+def default_results_dir(device: str, date: str, preset: str | None = None) -> Path:
     """``out/benchmarks/<device>-<model>-<date>``, the device named by its model, e.g.
-    ``cuda-nvidia-h100-80gb-hbm3`` or ``cpu-amd-epyc``."""
+    ``cuda-nvidia-h100-80gb-hbm3`` or ``cpu-amd-epyc``; for a preset ``out/benchmarks/<preset>/<device>-<model>[-<CPU
+    build>-<threads>t]-<date>``, e.g. ``regression/cpu-amd-epyc-family-25-x86-64-v3-2t-2026-12-07``."""
     model = re.sub(r"\(.*?\)", "", device_name(device)).split(",")[0]  # "AMD EPYC (family 26, ...), 2 threads"
     model = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
-    return OUT / f"{device}-{model}-{date}"
+    if preset is None:
+        return OUT / f"{device}-{model}-{date}"
+    if device == "cpu":
+        from minillm_kernels._build import host_isa_level
+
+        family = re.search(r"family (\d+)", device_name(device))
+        model += (f"-family-{family.group(1)}" if family else "") + f"-{host_isa_level()}-{torch.get_num_threads()}t"
+    return OUT / preset / f"{device}-{model}-{date}"
 
 
 def versions() -> str:
@@ -329,15 +346,19 @@ def versions() -> str:
     return f"torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}"
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], baseline_variant: str | None = None) -> str:
     """One line per case, with the forward+backward speed-up and memory against the baseline of its shape (the naive
-    loss; for ``vocab_parallel``, all-gathering the logits: ``BASELINES``); for ``minillm_step`` rows (named by their
-    model) also what the rollout holds (``held_nv``), for ``vocab_parallel`` rows what each process receives."""
+    loss; for ``vocab_parallel``, all-gathering the logits: ``BASELINES``; ``baseline_variant`` for every op if given);
+    for ``minillm_step`` rows (named by their model) also what the rollout holds (``held_nv``), for ``vocab_parallel``
+    rows what each process receives."""
+    def baseline_of(op: str) -> str:
+        return baseline_variant or BASELINES.get(op, "naive")
+
     baseline = {
         (r["op"], r.get("divergence"), r.get("k"), r.get("tokens"), r.get("vocab"), r["dtype"]): r
-        for r in rows if r["variant"] == BASELINES.get(r["op"], "naive") and r["status"] == "ok"
+        for r in rows if r["variant"] == baseline_of(r["op"]) and r["status"] == "ok"
     }
-    against = " / ".join(dict.fromkeys(BASELINES.get(r["op"], "naive") for r in rows)) or "naive"
+    against = " / ".join(dict.fromkeys(baseline_of(r["op"]) for r in rows)) or "naive"
     gpu = any("fwd_bwd_bandwidth_frac" in r for r in rows)
     held = any("held_nv" in r for r in rows)
     received = any("received_bytes" in r for r in rows)
@@ -416,6 +437,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (the test suite runs it)")
+    parser.add_argument("--preset", choices=("regression",),
+                        help="regression: ours against the compiled naive loss only, at one size (2048 x 32000 fp32), "
+                        "speed-ups against it; about a minute per op")
     parser.add_argument("--op", nargs="+", choices=("reverse_kld", "token_stats", "linear_reverse_kld", "divergence",
                                                     "sparse_divergence", "linear_divergence", "minillm_step",
                                                     "distillation_step", "vocab_parallel"),
@@ -442,7 +466,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="measure nothing: redraw the plots of each DIR from its results.csv, into DIR")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one CPU case in a fresh process: JSON in, JSON out
     args = parser.parse_args(argv)
-    for key, value in DEFAULTS["quick" if args.quick else args.device].items():
+    if args.quick and args.preset:
+        parser.error("--quick and --preset are exclusive")
+    if args.preset:
+        args.no_plots = True  # one size: nothing to draw
+    for key, value in DEFAULTS["quick" if args.quick else args.preset or args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.k is None:
@@ -490,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
         available = list(special[op] if op in special else variants(op, args.device, divergence))
         runnable.update(available)
         names = [v for v in available if not args.variants or v in args.variants]
+        if args.preset == "regression":  # the compiled naive loss and ours
+            names = [v for v in names if v == REGRESSION_BASELINE or v in ("cpu", "triton", "cuda")]
         if op in STEP_OPS:  # float32, at each model's own batch size
             models = [model for model in args.models if model in step_modules[op].MODELS]
             if not models:
@@ -507,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     header = f"Device: {device_name(args.device)}; {versions()}; {today}"
     if bandwidth:
         header += f"; device-to-device copy bandwidth {bandwidth:.0f} GB/s (read + write)"
-    out = args.out or default_results_dir(args.device, today)
+    out = args.out or default_results_dir(args.device, today, args.preset)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with open(out / "results.csv", "w", newline="") as f:  # row by row: a run cut short keeps what it measured
@@ -524,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(add_bandwidth_fractions(row, bandwidth) if with_floor else row)
             writer.writerow(rows[-1])
             f.flush()
-    table = markdown_table(rows)
+    table = markdown_table(rows, REGRESSION_BASELINE if args.preset == "regression" else None)
     print(f"{header}\n\n{table}")
     (out / "table.md").write_text(f"{header}\n\n{table}\n")
     choice = gpu_backend_choice(rows, header)

@@ -158,6 +158,32 @@ def test_a_wrong_variant_fails_the_run_and_shows_in_the_table(monkeypatch, tmp_p
     assert read_results(tmp_path / "results.csv")[1][0]["status"].startswith(WRONG)
 
 
+def test_the_regression_preset_runs_ours_against_the_compiled_loss_at_one_size(monkeypatch, tmp_path):
+    """--preset regression: 2048 x 32000 fp32, only the compiled naive loss and our kernels, speed-ups against the
+    compiled loss; its default folder names the CPU kernel's build and the threads (the committed results' name)."""
+    cases = []
+
+    def run_case(op, variant, tokens, vocab, dtype, device, repeats, hidden=0, model=None, divergence=None, k=None):
+        cases.append((op, variant, tokens, vocab, dtype, divergence))
+        times = {"naive_compile": (3.0, 9.0), "cpu": (1.0, 3.0)}[variant]
+        return dict(op=op, variant=variant, tokens=tokens, vocab=vocab, dtype=dtype, divergence=divergence,
+                    status="ok", fwd_ms=times[0], fwd_bwd_ms=times[1], peak_extra_mb=1.0, peak_extra_nv=1.0)
+
+    monkeypatch.setattr(run, "run_case", run_case)
+    run.main(["--device", "cpu", "--preset", "regression", "--op", "reverse_kld", "divergence", "--divergences", "jsd",
+              "--out", str(tmp_path)])
+    assert cases == [("reverse_kld", v, 2048, 32000, "fp32", None) for v in ("naive_compile", "cpu")] + \
+        [("divergence", v, 2048, 32000, "fp32", "jsd") for v in ("naive_compile", "cpu")]
+    table = (tmp_path / "table.md").read_text()
+    assert "speed-up vs naive_compile" in table and table.count("| 3.00x |") == 2 and "build of the CPU kernel" in table
+    assert not list(tmp_path.glob("*.png"))
+    from minillm_kernels._build import host_isa_level
+
+    folder = run.default_results_dir("cpu", "2026-12-07", "regression")
+    assert folder.parent == ROOT / "out" / "benchmarks" / "regression"
+    assert folder.name.startswith("cpu-") and f"-{host_isa_level()}-{torch.get_num_threads()}t-" in folder.name
+
+
 @pytest.mark.parametrize("op, divergence", [(op, None) for op in OPS
                                             if op not in ("divergence", "sparse_divergence", "linear_divergence")]
                          + [("divergence", d) for d in DIVERGENCES]
