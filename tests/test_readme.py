@@ -91,3 +91,53 @@ def test_relative_links_resolve(path):
     assert not missing, f"{path.name} links to files that are not in the repository: {missing}"
     if path.name == "README.md":
         assert "docs/design.md" in local, "the README must link the design document"
+
+
+# A committed result: a folder (or file) under benchmarks/results/ or examples/results/, as the README cites it.
+RESULTS = re.compile(r"(?:benchmarks|examples)/results/[A-Za-z0-9_.-][A-Za-z0-9_./-]*")
+# A table cell that is a measured figure: numbers with their separators and units ("93.5 / 87.3", "10.19x", "4.5 s").
+FIGURE_CELL = re.compile(r"[\d.,/ ±%x()*~-]*\d[\d.,/ ±%x()*~-]*(?:\s?(?:ms|s|min|MB|GB|KB)\b[\d.,/ ±%x()*~-]*)?")
+
+
+class Table(NamedTuple):
+    line: int  # of its header
+    source: str | None  # the results the README cites for it: the nearest above it in its section, else just below
+
+
+def measured_tables(text: str) -> list[Table]:
+    """The README's tables with a cell of figures (outside code blocks), each with its cited source."""
+    lines = text.splitlines()
+    tables, section, in_code, start = [], 0, False, None
+    for i, line in enumerate([*lines, ""]):
+        in_code ^= line.startswith("```")
+        if in_code or line.startswith("```"):
+            continue
+        if line.startswith("#"):
+            section = i
+        if line.startswith("|"):
+            start = i if start is None else start
+            continue
+        if start is None:
+            continue
+        cells = [cell.strip() for row in lines[start + 2:i] for cell in row.strip().strip("|").split("|")]
+        if any(FIGURE_CELL.fullmatch(cell) for cell in cells):
+            above = RESULTS.findall("\n".join(lines[section:start]))
+            below_end = next((j for j in range(i, len(lines)) if lines[j].startswith(("#", "|"))), len(lines))
+            below = RESULTS.findall("\n".join(lines[i:min(below_end, i + 8)]))
+            tables.append(Table(start + 1, above[-1] if above else below[0] if below else None))
+        start = None
+    return tables
+
+
+def test_every_table_of_figures_cites_its_committed_results():
+    """Each README table of measured figures names the committed results it comes from (the nearest
+    ``benchmarks/results/...`` or ``examples/results/...`` above it in its section, or just below it), and every
+    results path the README cites is in the repository."""
+    text = (ROOT / "README.md").read_text()
+    tables = measured_tables(text)
+    assert len(tables) >= 5, tables
+    uncited = [table.line for table in tables if table.source is None]
+    assert not uncited, f"README.md tables of figures without a committed source (lines {uncited}): cite the " \
+        "results folder they come from, beside the table"
+    missing = sorted({path for path in RESULTS.findall(text) if not (ROOT / path.rstrip("./")).exists()})
+    assert not missing, f"README.md cites results that are not committed: {missing}"
