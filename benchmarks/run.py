@@ -343,7 +343,20 @@ def versions() -> str:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    return f"torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}"
+    return f"torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}; {source_commit()}"
+
+
+def source_commit() -> str:
+    """The commit the figures were measured on, ``commit <sha>`` (``+ uncommitted changes`` where the tree differs
+    from it), or ``commit unknown`` outside a git checkout."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    sha = git("rev-parse", "--short=12", "HEAD")
+    if not sha:
+        return "commit unknown"
+    return f"commit {sha}" + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def markdown_table(rows: list[dict], baseline_variant: str | None = None) -> str:

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -176,6 +177,7 @@ def test_the_regression_preset_runs_ours_against_the_compiled_loss_at_one_size(m
         [("divergence", v, 2048, 32000, "fp32", "jsd") for v in ("naive_compile", "cpu")]
     table = (tmp_path / "table.md").read_text()
     assert "speed-up vs naive_compile" in table and table.count("| 3.00x |") == 2 and "build of the CPU kernel" in table
+    assert re.search(r"; commit [0-9a-f]{12}( \+ uncommitted changes)?;", table), table.splitlines()[0]  # its source
     assert not list(tmp_path.glob("*.png"))
     from minillm_kernels._build import host_isa_level
 
