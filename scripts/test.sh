@@ -9,7 +9,12 @@
 started=$SECONDS
 source "$(dirname "$0")/env.sh"
 parallel=()
-"$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n auto --dist worksteal)
+if "$PYTHON" -c "import xdist" 2>/dev/null; then
+  parallel=(-n auto --dist worksteal)
+  # Each worker's kernels use every CPU too: their OpenMP threads sleep when idle instead of spinning, so that
+  # the workers' threads sharing the cores do not wait on each other.
+  export OMP_WAIT_POLICY=PASSIVE
+fi
 if [ "$#" -gt 0 ]; then
   exec "$PYTHON" -m pytest -q "${parallel[@]}" tests "$@"
 fi
