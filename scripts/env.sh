@@ -5,7 +5,8 @@
 # - Elsewhere, a .venv at the repository root is created or reused, with the CPU build of PyTorch
 #   (torch==2.13.0), triton==3.8.0 (its interpreter runs the Triton kernels on the CPU), ninja (the C++
 #   kernel's build), and this package installed in editable mode with its test, benchmark and trl extras (TRL, pinned,
-#   installed after the CPU torch, which it then keeps: tests/test_trl.py runs TRL's trainers).
+#   installed after the CPU torch, which it then keeps: tests/test_trl.py runs TRL's trainers). Installed again
+#   when this file or pyproject.toml changes.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -15,8 +16,8 @@ if python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/de
 else
   [ -x .venv/bin/python ] || python3 -m venv .venv
   PYTHON="$ROOT/.venv/bin/python"
-  # Installed once per version of pyproject.toml: a changed dependency list installs again.
-  stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+  # Installed once per version of pyproject.toml and of this file: a changed dependency list installs again.
+  stamp=".venv/.installed-$(cat pyproject.toml scripts/env.sh | sha1sum | cut -c1-12)"
   if [ ! -f "$stamp" ]; then
     "$PYTHON" -m pip install --quiet --disable-pip-version-check torch==2.13.0 triton==3.8.0
     "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test,bench,trl]"

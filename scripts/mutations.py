@@ -6,33 +6,49 @@ meant to catch each one fail.
     python scripts/mutations.py --only reference-dead-terms cpu-bf16-truncates
 
 A mutation replaces one exact snippet of one file (which must occur exactly once, so that a refactoring that moves
-the code fails the harness loudly instead of planting nothing) and names the tests that should catch it. The
-harness checks every snippet, copies the working tree once per job (``--jobs``, default: one per CPU), runs the
-union of the named tests on the unmutated copy (they must pass: a test that already fails would "catch" anything;
-``--skip-baseline`` where the whole suite has just passed on this tree, as in scripts/test.sh), then, the jobs in
-parallel, for each mutation applies it to a copy, runs its tests with ``-x``, and restores the file. Each copy has
-its own C++ build cache, which ninja updates incrementally: a C++ mutation recompiles the files it touches, not the
-whole kernel. A mutation is caught when its tests fail (or hang); a selection that pytest cannot run (a node id that
-no longer exists, a ``-k`` that selects nothing) is an error, not a catch. It prints caught/missed per mutation as
-each finishes and, last, the count and the names of the missed ones; it exits 1 if any is missed or could not run.
+the code fails the harness loudly instead of planting nothing) and names the tests that should catch it: node ids or
+a ``-k`` that select only tests that catch it, so that each costs seconds. The harness checks every snippet, copies
+the working tree once per job (``--jobs``, default: one per CPU), runs the union of the named tests on the unmutated
+copy (they must pass: a test that already fails would "catch" anything; ``--skip-baseline`` where the whole suite
+has just passed on this tree, as in scripts/test.sh), then, the jobs in parallel, for each mutation applies it to a
+copy, runs its tests with ``-x`` and restores the file.
+
+Cost: each pytest run forks from a server that has imported torch, triton and transformers (``PRELOADED``), so it
+starts in a fraction of a second. Each copy has its own C++ build cache, built with ``NATIVE_OPTIMIZATION`` (-O0: a
+third of -O3's compile time); ninja updates it incrementally, so a mutation of the CPU kernel recompiles only the
+translation units it touches. Those mutations run first, each file's on one worker in a row (the restore and the
+next plant in one rebuild), after a baseline of their tests on that build; the others then fill the workers.
+
+A mutation is caught when its tests fail (or crash, or hang); a selection that pytest cannot run (a node id that no
+longer exists, a ``-k`` that selects nothing) is an error, not a catch. It prints caught/missed per mutation as each
+finishes, with its wall and CPU seconds, and, last, the count and the names of the missed ones; it exits 1 if any is
+missed or could not run.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from queue import Queue
+from queue import Empty, Queue
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIPPED_IN_COPY = (".git", ".venv", "out", "build", "__pycache__", ".pytest_cache", "*.egg-info", ".torch_ext")
 TIMEOUT_S = 900
+# The mutations' C++ builds: a CPU kernel mutation recompiles the translation units it touches, and -O0 compiles them
+# ~3x faster than the kernel's own -O3 (the build is the same program; its tests' bounds do not depend on the
+# optimisation). Every worker builds so (one build per copy), and the C++ mutations' tests pass unmutated first.
+NATIVE_OPTIMIZATION = "-O0"
 
 
 class Mutation(NamedTuple):
@@ -1129,37 +1145,106 @@ def copy_tree(destination: Path) -> None:
     shutil.copytree(ROOT, destination, ignore=shutil.ignore_patterns(*SKIPPED_IN_COPY), symlinks=True)
 
 
-def is_native(mutation: Mutation) -> bool:
-    return mutation.path.startswith("csrc/")
+def rebuilds_the_cpu_kernel(mutation: Mutation) -> bool:
+    """Whether the mutation is in a source of the CPU kernel's build (``csrc/cpu``, ``csrc/common``)."""
+    return mutation.path.startswith(("csrc/cpu/", "csrc/common/"))
 
 
 class Outcome(NamedTuple):
     """How a pytest run ended: ``verdict`` is "passed", "failed" (tests failed, collection errors included: the suite
     would fail), "timeout" or "error" (pytest could not run the selection: a node id that does not exist, a ``-k``
-    that selects nothing, an internal error)."""
+    that selects nothing, an internal error); ``cpu_seconds``: the CPU time of pytest and its subprocesses."""
 
     verdict: str
     seconds: float
+    cpu_seconds: float
     output: str
 
 
 PYTEST_VERDICTS = {0: "passed", 1: "failed", 2: "failed"}  # pytest's exit codes; 2: interrupted (collection errors)
 MUTATION_VERDICTS = {"passed": "MISSED", "failed": "caught", "timeout": "caught", "error": "ERROR"}  # (a hang: caught)
 
+# Each pytest run is a process forked from a server that has imported these (and nothing of this project): torch,
+# triton, the distributed tensors minillm_kernels.parallel imports, transformers. A fresh interpreter spends ~4 CPU
+# seconds importing them, more than most mutations' tests take.
+PRELOADED = ("torch", "triton", "torch.distributed.tensor", "torch._dynamo", "numpy", "pytest", "transformers")
+CPU_SECONDS_MARK = "[mutation harness] CPU seconds: "
 
-def run_tests(copy: Path, tests: tuple[str, ...], extensions: Path, *, stop_first: bool) -> Outcome:
-    """pytest on ``tests`` in ``copy``, with ``extensions`` as the C++ build cache."""
-    env = {**os.environ, "PYTHONPATH": str(copy), "TORCH_EXTENSIONS_DIR": str(extensions)}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] if stop_first else []),
-               *tests]
+
+def _pytest_in_this_process(copy: str, args: list[str], env: dict[str, str], log: str) -> None:
+    """The forked child: pytest ``args`` in ``copy`` with the environment ``env``, its output to ``log``; exits with
+    pytest's exit code. In a session of its own, so that a timeout kills its subprocesses too."""
+    os.setsid()
+    output = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(copy)
+    sys.path[:] = [copy, *(entry for entry in sys.path if Path(entry or ".").resolve() != ROOT)]  # the copy's code
+    import pytest
+
+    code = pytest.main(args)
+    times = os.times()
+    print(f"\n{CPU_SECONDS_MARK}{times.user + times.system + times.children_user + times.children_system:.1f}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code))
+
+
+def pytest_server() -> multiprocessing.context.BaseContext:
+    """The multiprocessing context whose processes fork from a server with ``PRELOADED`` imported. Triton's
+    interpreter is chosen as tests/conftest.py chooses it (before triton is imported), here before the server starts."""
+    if not torch_sees_a_gpu():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", *PRELOADED])
+    return context
+
+
+def torch_sees_a_gpu() -> bool:
+    done = subprocess.run([sys.executable, "-c", "import torch, sys; sys.exit(not torch.cuda.is_available())"],
+                          capture_output=True, check=False)
+    return done.returncode == 0
+
+
+class Worker(NamedTuple):
+    """One copy of the working tree, its C++ build cache and the compiler its builds use. Every mutation of a worker
+    shares the cache: torch's JIT writes the same build file and ninja recompiles only the translation units whose
+    sources (headers included) changed since the last build."""
+
+    copy: Path
+    extensions: Path
+    compiler: Path
+    scratch: Path
+
+
+def run_tests(context, worker: Worker, tests: tuple[str, ...], *, stop_first: bool) -> Outcome:
+    """pytest on ``tests`` in the worker's copy, with its C++ build cache and compiler."""
+    env = {**os.environ, "PYTHONPATH": str(worker.copy), "TORCH_EXTENSIONS_DIR": str(worker.extensions),
+           "CXX": str(worker.compiler)}
+    args = ["-q", "-p", "no:cacheprovider", *(["-x"] if stop_first else []), *tests]
+    log = worker.scratch / "pytest.log"
     started = time.time()
-    try:
-        done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        for lock in extensions.glob("*/lock"):  # a build killed mid-way leaves its lock: the next load would wait
+    process = context.Process(target=_pytest_in_this_process, args=(str(worker.copy), args, env, str(log)))
+    process.start()
+    process.join(TIMEOUT_S)
+    timed_out = process.is_alive()
+    if timed_out:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # (the child leads its own session: its subprocesses go too)
+        except ProcessLookupError:  # (it ended meanwhile)
+            pass
+        process.join()
+        for lock in worker.extensions.glob("*/lock"):  # a build killed mid-way leaves its lock: the next would wait
             lock.unlink()
-        return Outcome("timeout", time.time() - started, f"timed out after {TIMEOUT_S} s")
-    return Outcome(PYTEST_VERDICTS.get(done.returncode, "error"), time.time() - started, done.stdout + done.stderr)
+    output = log.read_text(errors="replace") if log.exists() else ""
+    cpu = float(output.rsplit(CPU_SECONDS_MARK, 1)[1].split()[0]) if CPU_SECONDS_MARK in output else float("nan")
+    if timed_out:
+        return Outcome("timeout", time.time() - started, cpu, output + f"\ntimed out after {TIMEOUT_S} s")
+    # A crash (a signal) fails the suite as a failed test does.
+    verdict = "failed" if process.exitcode < 0 else PYTEST_VERDICTS.get(process.exitcode, "error")
+    return Outcome(verdict, time.time() - started, cpu, output)
 
 
 def failed_tests(output: str) -> list[str]:
@@ -1184,53 +1269,92 @@ def apply(copy: Path, mutation: Mutation) -> str:
     return text
 
 
-class Worker(NamedTuple):
-    """One copy of the working tree and its C++ build cache. Every mutation of a worker shares the cache: each
-    pytest run is a fresh process, so torch's JIT writes the same build file and ninja recompiles only the
-    translation units whose sources (headers included) changed since the last build, the planted one and, after
-    it is restored, the same one again."""
-
-    copy: Path
-    extensions: Path
-
-
-def check_mutation(worker: Worker, mutation: Mutation) -> Outcome:
+def check_mutation(context, worker: Worker, mutation: Mutation) -> Outcome:
     """Plant ``mutation`` in the worker's copy, run its tests (stopping at the first failure), restore the file."""
     original = apply(worker.copy, mutation)
     try:
-        return run_tests(worker.copy, mutation.tests, worker.extensions, stop_first=True)
+        return run_tests(context, worker, mutation.tests, stop_first=True)
     finally:
         (worker.copy / mutation.path).write_text(original)
 
 
-def check_all(workers: list[Worker], chosen: list[Mutation]) -> dict[str, Outcome]:
-    """Each mutation checked in one of the workers' copies, as many at once as there are workers, the C++ ones
-    first (the longest: a build each; the quick ones then fill the workers at the end). Prints a line per mutation
-    as it finishes."""
-    idle: Queue[Worker] = Queue()
-    for worker in workers:
-        idle.put(worker)
+def compiler_wrapper(folder: Path) -> Path:
+    """A C++ compiler for the mutations' builds: $CXX (else c++) with ``NATIVE_OPTIMIZATION`` last (the last -O
+    wins). Named g++, a name torch's compiler check accepts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or "c++"
+    wrapper = folder / "g++"
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(compiler)} "$@" {NATIVE_OPTIMIZATION}\n')
+    wrapper.chmod(0o755)
+    return wrapper
 
-    def check(index: int, mutation: Mutation) -> tuple[int, Mutation, Outcome]:
-        worker = idle.get()
-        try:
-            return index, mutation, check_mutation(worker, mutation)
-        finally:
-            idle.put(worker)
 
-    print(f"{len(chosen)} mutations, {len(workers)} at a time ...", flush=True)
-    queue = sorted(enumerate(chosen, 1), key=lambda item: not is_native(item[1]))
+def share_native_mutations(native: list[Mutation], workers: int) -> list[list[Mutation]]:
+    """The CPU kernel's mutations split among ``workers``, each file's on one worker, in file order: consecutive
+    mutations of one file rebuild its translation units once each (the restore and the next plant in one build)."""
+    by_file: dict[str, list[Mutation]] = {}
+    for mutation in native:
+        by_file.setdefault(mutation.path, []).append(mutation)
+    shares: list[list[Mutation]] = [[] for _ in range(workers)]
+    for path in sorted(by_file, key=lambda p: -len(by_file[p])):
+        min(shares, key=len).extend(by_file[path])
+    return shares
+
+
+def report(index: int, total: int, mutation: Mutation, outcome: Outcome) -> None:
+    print(f"[{index:3}/{total}] {MUTATION_VERDICTS[outcome.verdict]:6} {mutation.name:44} {outcome.seconds:4.0f} s "
+          f"{outcome.cpu_seconds:4.0f} CPU s  {mutation.bug}"
+          + (f" (timed out after {TIMEOUT_S} s: a hang, or a machine far too loaded)"
+             if outcome.verdict == "timeout" else ""), flush=True)
+    if outcome.verdict == "error":
+        print(outcome.output[-3000:])
+
+
+def check_all(context, workers: list[Worker], chosen: list[Mutation], *, native_baseline: bool) -> dict[str, Outcome]:
+    """Each mutation checked in one of the workers' copies, one per worker at a time. The CPU kernel's mutations
+    first, shared among the workers by file (``share_native_mutations``), each worker's preceded by a baseline of
+    their tests (``native_baseline``: the unmutated kernel built with ``NATIVE_OPTIMIZATION`` must pass them); then
+    the others from a common queue. Prints a line per mutation as it finishes."""
+    index = {mutation.name: i for i, mutation in enumerate(chosen, 1)}
+    native = [m for m in chosen if rebuilds_the_cpu_kernel(m)]
+    others: Queue[Mutation] = Queue()
+    for mutation in chosen:
+        if not rebuilds_the_cpu_kernel(mutation):
+            others.put(mutation)
     outcomes: dict[str, Outcome] = {}
-    with ThreadPoolExecutor(max_workers=len(workers)) as pool:
-        for future in as_completed([pool.submit(check, index, mutation) for index, mutation in queue]):
-            index, mutation, outcome = future.result()
+    lock = threading.Lock()
+
+    def record(mutation: Mutation, outcome: Outcome) -> None:
+        with lock:
             outcomes[mutation.name] = outcome
-            print(f"[{index:2}/{len(chosen)}] {MUTATION_VERDICTS[outcome.verdict]:6} {mutation.name:36} "
-                  f"{outcome.seconds:5.0f} s  {mutation.bug}"
-                  + (f" (timed out after {TIMEOUT_S} s: a hang, or a machine far too loaded)"
-                     if outcome.verdict == "timeout" else ""), flush=True)
-            if outcome.verdict == "error":
-                print(outcome.output[-3000:])
+            report(index[mutation.name], len(chosen), mutation, outcome)
+
+    def work(worker: Worker, share: list[Mutation]) -> None:
+        if share and native_baseline:
+            tests = tuple(dict.fromkeys(t for m in share for t in selected_paths(m.tests)))
+            baseline = run_tests(context, worker, tests, stop_first=False)
+            with lock:
+                print(f"baseline of {len(share)} C++ mutations' tests ({NATIVE_OPTIMIZATION} build): "
+                      f"{baseline.verdict} ({baseline.seconds:.0f} s, {baseline.cpu_seconds:.0f} CPU s)", flush=True)
+            if baseline.verdict != "passed":
+                print(baseline.output[-3000:] + "\n" + "\n".join(failed_tests(baseline.output)), flush=True)
+                for mutation in share:  # (reported as not run: their tests fail without them)
+                    record(mutation, baseline._replace(verdict="error"))
+                share = []
+        for mutation in share:
+            record(mutation, check_mutation(context, worker, mutation))
+        while True:
+            try:
+                mutation = others.get_nowait()
+            except Empty:
+                return
+            record(mutation, check_mutation(context, worker, mutation))
+
+    print(f"{len(chosen)} mutations ({len(native)} in the CPU kernel), {len(workers)} at a time ...", flush=True)
+    shares = share_native_mutations(native, len(workers))
+    with ThreadPoolExecutor(max_workers=len(workers)) as pool:
+        for future in [pool.submit(work, worker, share) for worker, share in zip(workers, shares)]:
+            future.result()
     return outcomes
 
 
@@ -1246,7 +1370,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="mutations checked at once, each in its own copy of the tree (default: the CPUs here)")
     parser.add_argument("--skip-baseline", action="store_true",
                         help="do not first run the named tests on the unmutated copy: for a tree whose whole suite "
-                             "has just passed (scripts/test.sh)")
+                             "has just passed (scripts/test.sh); the CPU kernel's mutations still get theirs, with "
+                             f"the {NATIVE_OPTIMIZATION} build they use")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
     if args.only and len(chosen) != len(set(args.only)):
@@ -1254,33 +1379,37 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown mutation(s): {', '.join(sorted(unknown))}")
     if args.list:
         for m in chosen:
-            print(f"{m.name:36} {m.path}: {m.bug}\n{'':36} caught by {', '.join(m.tests)}")
+            print(f"{m.name:44} {m.path}: {m.bug}\n{'':44} caught by {' '.join(m.tests)}")
         return 0
 
     for mutation in chosen:  # every snippet present once, before anything runs
         planted((ROOT / mutation.path).read_text(), mutation)
     started = time.time()
     jobs = max(1, min(args.jobs, len(chosen)))
+    context = pytest_server()
     with tempfile.TemporaryDirectory(prefix="minillm-mutations-") as scratch:
-        workers = [Worker(Path(scratch) / f"repo-{i}", Path(scratch) / f"extensions-{i}") for i in range(jobs)]
-        for worker in workers:
-            copy_tree(worker.copy)
+        workers = []
+        for i in range(jobs):
+            folder = Path(scratch) / f"worker-{i}"
+            workers.append(Worker(folder / "repo", folder / "extensions", compiler_wrapper(folder / "bin"), folder))
+            copy_tree(workers[-1].copy)
         if not args.skip_baseline:
             tests = tuple(dict.fromkeys(t for m in chosen for t in selected_paths(m.tests)))
             print(f"baseline: {len(tests)} test selections on the unmutated copy ...", flush=True)
-            baseline = run_tests(workers[0].copy, tests, workers[0].extensions, stop_first=False)
+            baseline = run_tests(context, workers[0], tests, stop_first=False)
             if baseline.verdict != "passed":
                 print(baseline.output[-3000:])
                 failing = failed_tests(baseline.output)
                 print(f"baseline {baseline.verdict.upper()} ({baseline.seconds:.0f} s): the tests must pass before any "
                       f"bug is planted" + (":\n" + "\n".join(failing) if failing else ""))
                 return 1
-            print(f"baseline passed ({baseline.seconds:.0f} s)")
-        outcomes = check_all(workers, chosen)
+            print(f"baseline passed ({baseline.seconds:.0f} s, {baseline.cpu_seconds:.0f} CPU s)")
+        outcomes = check_all(context, workers, chosen, native_baseline=args.skip_baseline)
     missed = [m.name for m in chosen if outcomes[m.name].verdict == "passed"]
     broken = [m.name for m in chosen if outcomes[m.name].verdict == "error"]
     print(f"{len(chosen) - len(missed) - len(broken)} of {len(chosen)} planted bugs caught in "
-          f"{(time.time() - started) / 60:.1f} min ({jobs} at a time)"
+          f"{(time.time() - started) / 60:.1f} min ({jobs} at a time, "
+          f"{sum(o.cpu_seconds for o in outcomes.values()) / 60:.1f} CPU min)"
           + (f"; missed: {', '.join(missed)}" if missed else "")
           + (f"; tests could not run (see above): {', '.join(broken)}" if broken else ""))
     return 1 if missed or broken else 0
