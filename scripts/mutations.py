@@ -394,6 +394,20 @@ MUTATIONS = (
         "grad bias keeps only the last chunk's sum",
     ),
     Mutation(
+        "linear-softcap-without-its-derivative", "minillm_kernels/linear.py",
+        "        grad_logits = student.uncapped_gradient(grad_logits, chunk.student_logits)\n",
+        "",
+        ("tests/test_fused_linear_softcap.py::test_softcaps_match_the_unfused_composition", "-k", "cpu and student"),
+        "the student's logit gradient skips the soft cap's derivative 1 - tanh(z / c)^2 on its way back to h, W, b",
+    ),
+    Mutation(
+        "linear-softcap-teacher-gets-the-students", "minillm_kernels/linear.py",
+        "vocab_size, softcaps[1])",
+        "vocab_size, softcaps[0])",
+        ("tests/test_fused_linear_softcap.py::test_softcaps_match_the_unfused_composition", "-k", "cpu and teacher"),
+        "the teacher's logits are capped with the student's cap (none when only the teacher has one)",
+    ),
+    Mutation(
         "linear-mean-counts-masked-tokens", "minillm_kernels/linear.py",
         "scale = 1.0 / max(loop.plan.n_counted, 1) if mean else 1.0",
         "scale = 1.0 / max(student_hidden.shape[0], 1) if mean else 1.0",
