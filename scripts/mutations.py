@@ -983,6 +983,14 @@ MUTATIONS = (
         "TRL's beta read the other way round: beta = 0 the reverse KL, 1 the forward KL, the JSD's mixture mirrored",
     ),
     Mutation(
+        "trl-softcap-not-folded-with-the-scale", "minillm_kernels/integrations/trl.py",
+        "as_softcap(name, cap) / student_logit_scale",
+        "as_softcap(name, cap)",
+        ("tests/test_trl.py::test_soft_capped_logits_are_trls_loss_entropy_and_gradients", "-k", "jsd"),
+        "a soft cap c applied after a logit scale a is passed on as c, not c / a_s: the kernels cap the unscaled "
+        "logits, so c tanh(a z / c) becomes a c tanh(z / c)",
+    ),
+    Mutation(
         "trl-num-items-in-batch-ignored", "minillm_kernels/integrations/trl.py",
         "    loss = divide_by_count(total, n_valid.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)",
         "    loss = divide_by_count(total, n_valid.clamp(min=1))",
@@ -992,8 +1000,8 @@ MUTATIONS = (
     ),
     Mutation(
         "trl-logit-scale-not-in-the-temperature", "minillm_kernels/integrations/trl.py",
-        "    return FoldedLogitScales(temperature / student_logit_scale, teacher_hidden, teacher_bias)",
-        "    return FoldedLogitScales(temperature, teacher_hidden, teacher_bias)",
+        "    return FoldedLogitScales(temperature / student_logit_scale, teacher_hidden, teacher_bias, *softcaps)",
+        "    return FoldedLogitScales(temperature, teacher_hidden, teacher_bias, *softcaps)",
         ("tests/test_trl.py::test_distillation_loss_is_the_divergence_of_the_models_own_logits",),
         "the student's logit scale is dropped (the teacher's is then off by the student's too): another objective for "
         "Cohere, Granite, Falcon-H1 models",
