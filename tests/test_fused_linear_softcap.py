@@ -1,7 +1,7 @@
-"""The fused-linear functions' soft caps (``student_softcap`` / ``teacher_softcap``: logits z -> c tanh(z / c) before the
-temperature, Gemma-2's ``final_logit_softcapping``) against the unfused composition: the lm_head matmuls in float64 on
-the CPU, the cap applied by autograd, then the reference loss; values and the gradients of hidden states, weight and
-bias, on every backend, with logits several times the caps (z ~ N(0, 9), caps 1.5 and 2)."""
+"""The fused-linear functions' soft caps (``student_softcap`` / ``teacher_softcap``: logits z -> c tanh(z / c) before
+the temperature, Gemma-2's ``final_logit_softcapping``) against the unfused composition: the lm_head matmuls in float64
+on the CPU, the cap applied by autograd, then the reference loss; values and the gradients of hidden states, weight
+and bias, on every backend, with logits several times the caps (z ~ N(0, 9), caps 1.5 and 2)."""
 from __future__ import annotations
 
 import pytest
