@@ -136,3 +136,15 @@ def test_a_cap_that_is_not_finite_and_positive_is_an_error_naming_it(name, value
     for function in (mk.fused_linear_reverse_kld, mk.fused_linear_divergence):
         with pytest.raises(ValueError, match=f"{name} must be"):
             function(student[0], student[1], teacher[0], teacher[1], **{name: value})
+
+
+def test_a_cap_with_a_vocabulary_sharded_lm_head_is_refused_by_name():
+    """The sharded ops (process_group, DTensor weights) take no caps yet: a clear error, not an uncapped loss."""
+    from minillm_kernels import linear
+
+    student = projection(STUDENT_HIDDEN, VOCAB, torch.float32, "cpu")
+    teacher = projection(TEACHER_HIDDEN, VOCAB, torch.float32, "cpu")
+    call = linear._linear_call(*student, *teacher, None, None, 1.0, None, None, "cpu", None)
+    assert linear._checked_softcaps(None, None, call._replace(shards=object())) == (None, None)
+    with pytest.raises(NotImplementedError, match="student_softcap / teacher_softcap with a vocabulary-sharded"):
+        linear._checked_softcaps(None, 30.0, call._replace(shards=object()))
