@@ -450,7 +450,7 @@ def _setup_sum(ctx, inputs, output) -> None:
     # The inputs are saved only for autograd's version check: a weight changed in place between the forward and
     # the backward raises, as for any op, instead of returning the gradient of the old weight.
     ctx.save_for_backward(*inputs[:3], *output[1:])
-    ctx.needs = inputs[12]
+    ctx.needs = inputs[12]  # (``needs``: the argument before the soft caps)
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -541,8 +541,8 @@ class _ShardedReverseKldSum(torch.autograd.Function):
 
 
 def _token_stats(call: LinearCall, softcaps: Softcaps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(kl, student_logprob, teacher_logprob, entropy)``, ``[N]`` each, of a validated call (``softcaps``: None
-    for a sharded one, ``_checked_softcaps``)."""
+    """``(kl, student_logprob, teacher_logprob, entropy)``, ``[N]`` each, of a validated call (``softcaps``:
+    ``_checked_softcaps``, (None, None) for a sharded one)."""
     if call.shards is not None:
         return _sharded_token_stats(call)
     return differentiable_linear_token_stats(*call.tensors, call.target, call.mask, *call.options, *softcaps)[:4]
