@@ -6,9 +6,11 @@ output layers instead of their logits, with the student and teacher logits
 and compute exactly what ``fused_reverse_kld`` / ``fused_token_stats`` compute on (s, t), without ever holding
 the [N, V] logits: the tokens are split into chunks of C rows, and per chunk
     1. s_c, t_c = the chunk's logits, one matmul per model in its weight's dtype (float32 accumulation), written
-       into two [C, V] buffers reused from chunk to chunk;
+       into two [C, V] buffers reused from chunk to chunk, and soft-capped there for a model given a cap c
+       (Gemma-2's ``final_logit_softcapping``): z -> c tanh(z / c);
     2. the reverse-KL kernel of the chosen backend (``ops/reverse_kld.py``) gives the per-token terms;
-    3. the kernel's backward gives G_c = dL/ds_c (one more [C, V] buffer), turned at once into
+    3. the kernel's backward gives G_c = dL/ds_c (one more [C, V] buffer), times the student's cap derivative
+       1 - (s_c / c)^2 = 1 - tanh(z / c)^2 if it has one, turned at once into
            grad h_s[c] = G_c W_s,     grad W_s += G_c^T h_s[c],     grad b_s += sum_rows G_c.
 Only the first ``vocab_size`` rows of each weight are used (the padding rows get a zero gradient), and masked
 tokens are skipped (they get zero outputs and a zero gradient), so the work is proportional to the counted
@@ -63,6 +65,7 @@ from minillm_kernels.validation import (
     LinearCall,
     check_coefficient,
     check_reduction,
+    as_softcap,
     check_sampling_args,
     divergence_coefficient,
     validate_linear,
@@ -73,6 +76,7 @@ from minillm_kernels.ops.autograd import differentiable, first_order
 
 Tensor = torch.Tensor
 Rows = Union[slice, Tensor]  # a chunk's tokens: a slice of [0, N), or the indices of its counted tokens
+Softcaps = tuple[Optional[float], Optional[float]]  # the student's and the teacher's soft cap c, or None (no cap)
 
 # The default chunk holds three [C, V] buffers (both models' logits and the student's logit gradient) in at most
 # this many bytes (on a GPU, at most a quarter of its free memory). On the CPU, 256 MiB is ~700 rows at V = 32000
@@ -98,23 +102,41 @@ def default_chunk_size(n_tokens: int, vocab_size: int, dtype: torch.dtype, devic
 
 
 class _Projection(NamedTuple):
-    """One model's output layer on its flattened hidden states, restricted to the real vocabulary."""
+    """One model's output layer on its flattened hidden states, restricted to the real vocabulary, and its soft cap:
+    logits c tanh(z / c) of z = h W^T + b (Gemma-2's ``final_logit_softcapping``), or z itself when c is None."""
 
     hidden: Tensor  # [N, H]
     weight: Tensor  # [vocab_size, H], a view of the first rows of the [V, H] weight
     bias: Optional[Tensor]  # [vocab_size] in the weight's dtype, or None
+    softcap: Optional[float]  # c > 0, or None
 
     @classmethod
-    def of(cls, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], vocab_size: int) -> "_Projection":
+    def of(cls, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], vocab_size: int,
+           softcap: Optional[float]) -> "_Projection":
         bias = None if bias is None else bias[:vocab_size].to(weight.dtype)
-        return cls(hidden, weight[:vocab_size], bias)
+        return cls(hidden, weight[:vocab_size], bias, softcap)
 
     def logits(self, hidden_rows: Tensor, out: Tensor) -> Tensor:
-        """``hidden_rows @ weight^T + bias`` in the weight's dtype, written into ``out`` ([C, vocab_size])."""
+        """``z = hidden_rows @ weight^T + bias`` in the weight's dtype, written into ``out`` ([C, vocab_size]), then
+        capped there, ``c tanh(z / c)`` (three roundings to that dtype, each within half an ulp of a value <= c)."""
         hidden_rows = hidden_rows.to(self.weight.dtype)
         if self.bias is None:
-            return torch.mm(hidden_rows, self.weight.t(), out=out)
-        return torch.addmm(self.bias, hidden_rows, self.weight.t(), out=out)
+            torch.mm(hidden_rows, self.weight.t(), out=out)
+        else:
+            torch.addmm(self.bias, hidden_rows, self.weight.t(), out=out)
+        if self.softcap is not None:
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
+        return out
+
+    def uncapped_gradient(self, grad_logits: Tensor, logits: Tensor) -> Tensor:
+        """dL/dz from ``grad_logits`` = dL/dl of the capped ``logits`` l = c tanh(z / c) ([C, vocab_size] each):
+            dL/dz = dL/dl (1 - tanh(z / c)^2) = dL/dl (1 - (l / c)^2),
+        written into ``grad_logits``; ``logits`` is overwritten with the factor (the chunk is done with it). Without
+        a cap, ``grad_logits`` as it is."""
+        if self.softcap is None:
+            return grad_logits
+        derivative = logits.div_(self.softcap).square_().neg_().add_(1.0)
+        return grad_logits.mul_(derivative)
 
 
 class _Plan(NamedTuple):
@@ -163,17 +185,20 @@ class _ChunkLoop:
     """The loop every fused-linear op runs: the two models' projections on their first ``vocab_size`` rows, the plan
     (``_make_plan``: chunks of the counted tokens) and, iterating, each ``_Chunk`` with both models' logits, computed
     into two [C, vocab] buffers (C: the largest chunk) allocated once, with autocast off while the loop runs (each
-    matmul in its weight's dtype). What an op does with a chunk is its kernel family's per-chunk function (e.g.
-    ``_chunk_stats`` and ``_chunk_stats_gradient``: a transform of the logits, such as a soft cap, goes there):
-    ``per_token`` writes per-token outputs, ``input_gradients`` turns logit gradients into the student's input
-    gradients, and a plain ``for chunk in loop`` does anything else."""
+    matmul in its weight's dtype). Each model's soft cap (``_Projection``) is applied there, to the logits every
+    kernel reads, and its derivative where the student's logit gradient becomes its input gradients
+    (``_InputGradients.add_chunk``): in one place for every op and backend. What an op does with a chunk is its
+    kernel family's per-chunk function (e.g. ``_chunk_stats`` and ``_chunk_stats_gradient``): ``per_token`` writes
+    per-token outputs, ``input_gradients`` turns logit gradients into the student's input gradients, and a plain
+    ``for chunk in loop`` does anything else."""
 
     def __init__(self, tensors: Sequence[Optional[Tensor]], target: Optional[Tensor], mask: Optional[Tensor],
-                 temperature: float, vocab_size: int, chunk_size: int, backend: str) -> None:
+                 temperature: float, vocab_size: int, chunk_size: int, backend: str,
+                 softcaps: Softcaps = (None, None)) -> None:
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = tensors
         self.student_inputs = (student_hidden, student_weight, student_bias)
-        self.student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size)
-        self.teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size)
+        self.student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size, softcaps[0])
+        self.teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size, softcaps[1])
         self.plan = _make_plan(self.student, mask, target, temperature, vocab_size, chunk_size, backend)
 
     def __iter__(self) -> Iterator[_Chunk]:
@@ -265,7 +290,10 @@ class _InputGradients:
         return self.hidden is not None or self.weight is not None or self.bias is not None
 
     def add_chunk(self, grad_logits: Tensor, chunk: _Chunk, student: _Projection) -> None:
-        """Turn the chunk's logit gradient G [C, vocab] into grad h[rows] = G W, grad W += G^T h, grad b += sum G."""
+        """Turn the chunk's logit gradient dL/ds [C, vocab] into G = dL/dz through the student's soft cap
+        (``_Projection.uncapped_gradient``: the chunk's logits are overwritten), then grad h[rows] = G W,
+        grad W += G^T h, grad b += sum G."""
+        grad_logits = student.uncapped_gradient(grad_logits, chunk.student_logits)
         if self.hidden is not None:
             self.hidden[chunk.rows] = (grad_logits @ student.weight).to(self.hidden.dtype)
         if self.weight is not None:
@@ -289,18 +317,19 @@ def linear_token_stats(
     teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
     target: Optional[Tensor], mask: Optional[Tensor],
     temperature: float, vocab_size: int, chunk_size: int, backend: str,
+    student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-token ``(kl, student_logprob, teacher_logprob, entropy, row_stats)``, ``[N]`` each and ``[N, 4]``; 0 for
     tokens the mask leaves out."""
     loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
-                      target, mask, temperature, vocab_size, chunk_size, backend)
+                      target, mask, temperature, vocab_size, chunk_size, backend, (student_softcap, teacher_softcap))
     outputs = _linear_token_stats_outputs(student_hidden, student_weight, teacher_weight, zeros=True)
     return loop.per_token(outputs, lambda chunk: _chunk_stats(chunk, loop.plan))
 
 
 @linear_token_stats.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target, mask,
-      temperature, vocab_size, chunk_size, backend):
+      temperature, vocab_size, chunk_size, backend, student_softcap=None, teacher_softcap=None):
     return _linear_token_stats_outputs(student_hidden, student_weight, teacher_weight, zeros=False)
 
 
@@ -319,11 +348,12 @@ def linear_token_stats_backward(
     grad_kl: Tensor, grad_student_logprob: Tensor, grad_entropy: Tensor,
     kl: Tensor, entropy: Tensor, row_stats: Tensor,
     temperature: float, vocab_size: int, chunk_size: int, backend: str, needs: list[bool],
+    student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_hidden, grad_weight, grad_bias)`` of sum_t a_t KL_t + b_t log q(y_t) + c_t H_t, the chunks' logits
     recomputed; ``needs`` says which of the three to compute (the others are empty)."""
     loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
-                      target, mask, temperature, vocab_size, chunk_size, backend)
+                      target, mask, temperature, vocab_size, chunk_size, backend, (student_softcap, teacher_softcap))
     upstream, saved = (grad_kl, grad_student_logprob, grad_entropy), (kl, entropy, row_stats)
     return loop.input_gradients(needs, lambda chunk: _chunk_stats_gradient(
         chunk, loop.plan, tuple(u[chunk.rows] for u in upstream), tuple(x[chunk.rows] for x in saved)))
@@ -332,7 +362,7 @@ def linear_token_stats_backward(
 @linear_token_stats_backward.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target, mask,
       grad_kl, grad_student_logprob, grad_entropy, kl, entropy, row_stats, temperature, vocab_size, chunk_size,
-      backend, needs):
+      backend, needs, student_softcap=None, teacher_softcap=None):
     return _input_gradients_like(student_hidden, student_weight, student_bias, needs)
 
 
@@ -345,10 +375,11 @@ def _input_gradients_like(student_hidden: Tensor, student_weight: Tensor, studen
 
 
 def _setup_token_stats(ctx, inputs, output) -> None:
-    *tensors, target, mask, temperature, vocab_size, chunk_size, backend = inputs
+    *tensors, target, mask, temperature, vocab_size, chunk_size, backend, student_softcap, teacher_softcap = inputs
     kl, _, _, entropy, row_stats = output
     ctx.save_for_backward(*tensors, target, mask, kl, entropy, row_stats)
     ctx.arguments = (temperature, vocab_size, chunk_size, backend)
+    ctx.softcaps = (student_softcap, teacher_softcap)
     ctx.mark_non_differentiable(output[2], row_stats)
 
 
@@ -359,8 +390,8 @@ def _token_stats_backward(ctx, grad_kl, grad_student_logprob, grad_teacher_logpr
                      for g in (grad_kl, grad_student_logprob, grad_entropy))
     needs = list(ctx.needs_input_grad[:3])
     grads = linear_token_stats_backward(*tensors, target, mask, *upstream, kl, entropy, row_stats, *ctx.arguments,
-                                        needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 9)
+                                        needs, *ctx.softcaps)
+    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 11)
 
 
 differentiable_linear_token_stats = differentiable(linear_token_stats, _token_stats_backward, _setup_token_stats)
@@ -371,13 +402,14 @@ def linear_reverse_kld_sum(
     student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
     teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
     mask: Optional[Tensor], temperature: float, vocab_size: int, chunk_size: int, backend: str, mean: bool,
-    needs: list[bool],
+    needs: list[bool], student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, grad_hidden, grad_weight, grad_bias)``: loss = scale sum_t KL_t over the counted tokens (scale = 1,
     or 1 / their count with ``mean``: 0 when none counts), and its gradients for an upstream gradient of 1,
     computed in the forward (those ``needs`` leaves out are empty)."""
     return reverse_kld_sum_and_gradients(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                                         teacher_bias, mask, temperature, vocab_size, chunk_size, backend, mean, needs)
+                                         teacher_bias, mask, temperature, vocab_size, chunk_size, backend, mean, needs,
+                                         softcaps=(student_softcap, teacher_softcap))
 
 
 def reverse_kld_sum_and_gradients(
@@ -385,13 +417,14 @@ def reverse_kld_sum_and_gradients(
     teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
     mask: Optional[Tensor], temperature: float, vocab_size: int, chunk_size: int, backend: str, mean: bool,
     needs: list[bool], combine: Optional[Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]] = None,
+    softcaps: Softcaps = (None, None),
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """What ``linear_reverse_kld_sum`` returns. ``combine``, for a vocabulary shard (``parallel.py``), turns each
     chunk's per-token terms into those of the whole vocabulary (a collective: every rank runs the same chunks),
     which the loss sums and the chunk's gradient is computed from; the gradient of the hidden states is then this
-    shard's part of it."""
+    shard's part of it. ``softcaps``: the student's and the teacher's (``_Projection``)."""
     loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
-                      None, mask, temperature, vocab_size, chunk_size, backend)
+                      None, mask, temperature, vocab_size, chunk_size, backend, softcaps)
     grads = loop.new_input_gradients(needs)
     total = student_hidden.new_zeros((), dtype=compute_dtype(student_weight.dtype, teacher_weight.dtype))
     scale = 1.0 / max(loop.plan.n_counted, 1) if mean else 1.0
@@ -408,7 +441,7 @@ def reverse_kld_sum_and_gradients(
 
 @linear_reverse_kld_sum.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask, temperature,
-      vocab_size, chunk_size, backend, mean, needs):
+      vocab_size, chunk_size, backend, mean, needs, student_softcap=None, teacher_softcap=None):
     total = student_hidden.new_empty((), dtype=compute_dtype(student_weight.dtype, teacher_weight.dtype))
     return (total, *_input_gradients_like(student_hidden, student_weight, student_bias, needs))
 
@@ -417,13 +450,13 @@ def _setup_sum(ctx, inputs, output) -> None:
     # The inputs are saved only for autograd's version check: a weight changed in place between the forward and
     # the backward raises, as for any op, instead of returning the gradient of the old weight.
     ctx.save_for_backward(*inputs[:3], *output[1:])
-    ctx.needs = inputs[-1]
+    ctx.needs = inputs[12]  # (``needs``: the argument before the soft caps)
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _sum_backward(ctx, grad_total, *unused):
     _, _, _, *grads = ctx.saved_tensors
-    return (*_scaled_gradients(grads, ctx.needs, grad_total), *(None,) * 10)
+    return (*_scaled_gradients(grads, ctx.needs, grad_total), *(None,) * 12)
 
 
 def _scaled_gradients(grads: tuple[Tensor, ...], needs: list[bool], grad_total: Tensor) -> tuple[Optional[Tensor], ...]:
@@ -507,11 +540,12 @@ class _ShardedReverseKldSum(torch.autograd.Function):
         return (None, None, None, *_scaled_gradients(grads, ctx.needs, grad_total))
 
 
-def _token_stats(call: LinearCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(kl, student_logprob, teacher_logprob, entropy)``, ``[N]`` each, of a validated call."""
+def _token_stats(call: LinearCall, softcaps: Softcaps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(kl, student_logprob, teacher_logprob, entropy)``, ``[N]`` each, of a validated call (``softcaps``:
+    ``_checked_softcaps``, (None, None) for a sharded one)."""
     if call.shards is not None:
         return _sharded_token_stats(call)
-    return differentiable_linear_token_stats(*call.tensors, call.target, call.mask, *call.options)[:4]
+    return differentiable_linear_token_stats(*call.tensors, call.target, call.mask, *call.options, *softcaps)[:4]
 
 
 @torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
@@ -574,6 +608,17 @@ def _linear_call(
                            target_ids, mask, temperature, vocab_size, chunk_size, backend, shards)
 
 
+def _checked_softcaps(student_softcap: object, teacher_softcap: object, call: LinearCall) -> Softcaps:
+    """``(student_softcap, teacher_softcap)``, each None or a finite c > 0 (``validation.as_softcap``); refused with
+    a vocabulary-sharded lm_head, whose ops do not take them yet."""
+    softcaps = as_softcap("student_softcap", student_softcap), as_softcap("teacher_softcap", teacher_softcap)
+    if call.shards is not None and softcaps != (None, None):
+        raise NotImplementedError(
+            "student_softcap / teacher_softcap with a vocabulary-sharded lm_head (process_group, or DTensor weights) "
+            "are not supported yet: pass unsharded weights, or leave the soft caps None")
+    return softcaps
+
+
 def _needs_grad(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor]) -> list[bool]:
     """Which of the student's inputs get a gradient (none while grad mode is off)."""
     return [torch.is_grad_enabled() and x is not None and x.requires_grad
@@ -590,6 +635,8 @@ def fused_linear_reverse_kld(
     teacher_bias: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     temperature: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
     reduction: str = "mean",
     vocab_size: Optional[int] = None,
     chunk_size: Optional[int] = None,
@@ -599,7 +646,8 @@ def fused_linear_reverse_kld(
     """``fused_reverse_kld`` of the logits ``h_s W_s^T + b_s`` and ``h_t W_t^T + b_t``, without the [N, V] logits.
 
     KL_t = sum_v q_v (log q_v - log p_v) with q = softmax(s / T), p = softmax(t / T) over the first
-    ``vocab_size`` columns, reduced as ``reduction`` says; the gradients reach ``student_hidden``,
+    ``vocab_size`` columns, s = c_s tanh((h_s W_s^T + b_s) / c_s) with a soft cap c_s (likewise t with c_t; without
+    one, the plain logits), reduced as ``reduction`` says; the gradients reach ``student_hidden``,
     ``student_weight`` and ``student_bias`` (the teacher's inputs get none). See the module docstring for how.
 
     Args:
@@ -608,6 +656,9 @@ def fused_linear_reverse_kld(
         teacher_hidden: ``[..., H_t]``, same leading shape; H_t may differ from H_s.
         teacher_weight: ``[V_t, H_t]``.
         student_bias, teacher_bias: optional ``[V_s]`` / ``[V_t]`` lm_head biases.
+        student_softcap, teacher_softcap: each model's soft cap c (Gemma-2's ``final_logit_softcapping``): its logits
+            z = h W^T + b become c tanh(z / c) before the temperature, and the student's gradient goes through it,
+            dL/dz = dL/ds (1 - tanh(z / c)^2). A finite c > 0, or None (no cap). Not with ``process_group`` yet.
         chunk_size: tokens per chunk (default: ``default_chunk_size``, from V, the dtype and free GPU memory).
         mask, temperature, reduction, vocab_size, backend: as in ``fused_reverse_kld``.
         process_group: a vocabulary sharded over this group's P ranks (a column-parallel lm_head): both weights
@@ -626,13 +677,14 @@ def fused_linear_reverse_kld(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         None, mask, temperature, vocab_size, chunk_size, backend, process_group,
     )
+    softcaps = _checked_softcaps(student_softcap, teacher_softcap, call)
     if reduction == "none":
-        return _token_stats(call)[0].reshape(call.lead_shape)
+        return _token_stats(call, softcaps)[0].reshape(call.lead_shape)
     needs = _needs_grad(*call.tensors[:3])
     if call.shards is not None:
         return _sharded_reverse_kld_sum(call, reduction == "mean", needs)
     return differentiable_linear_reverse_kld_sum(*call.tensors, call.mask, *call.options, reduction == "mean",
-                                                 needs)[0]
+                                                 needs, *softcaps)[0]
 
 
 def fused_linear_token_stats(
@@ -646,6 +698,8 @@ def fused_linear_token_stats(
     teacher_bias: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     temperature: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
     mix_alpha: float = 0.0,
     weight_clip: Optional[tuple[float, float]] = None,
     with_entropy: bool = False,
@@ -659,7 +713,8 @@ def fused_linear_token_stats(
     Every per-token MiniLLM term (reverse KL, log q(y), log p(y), log-ratio, importance weight, entropy) of the
     sampled tokens ``target_ids``; gradients through reverse_kld, student_logprob and entropy reach
     ``student_hidden``, ``student_weight`` and ``student_bias``. The backward recomputes each chunk's logits.
-    Arguments as in ``fused_linear_reverse_kld`` and ``fused_token_stats``.
+    Arguments as in ``fused_linear_reverse_kld`` (the soft caps too: the terms are those of the capped logits) and
+    ``fused_token_stats``.
 
     Returns:
         ``TokenStats`` of ``[...]`` tensors (float32, float64 if a weight is float64), 0 where masked.
@@ -669,7 +724,8 @@ def fused_linear_token_stats(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         target_ids, mask, temperature, vocab_size, chunk_size, backend, process_group,
     )
-    kl, student_logprob, teacher_logprob, entropy = _token_stats(call)
+    kl, student_logprob, teacher_logprob, entropy = _token_stats(
+        call, _checked_softcaps(student_softcap, teacher_softcap, call))
     return assemble_token_stats(
         kl, student_logprob, teacher_logprob, entropy if with_entropy else None,
         call.mask, call.lead_shape, mix_alpha, weight_clip,
@@ -684,14 +740,15 @@ def linear_divergence(
     student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
     teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor], mask: Optional[Tensor],
     divergence: str, coefficient: float, temperature: float, vocab_size: int, chunk_size: int, backend: str,
-    given_row_stats: Optional[Tensor] = None,
+    given_row_stats: Optional[Tensor] = None, student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token ``(value, mean_partial, row_stats)``, ``[N]``, ``[N]`` and ``[N, 4]``; 0 for tokens the mask leaves
     out. ``given_row_stats`` ``[N, 4]``: the terms from those log-normalisers (a vocabulary shard's share of the
     global terms, ``parallel.combine_divergence``)."""
     check_coefficient(divergence, coefficient)  # (first: under torch.compile its only check)
     loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
-                      None, mask, temperature, vocab_size, chunk_size, backend)
+                      None, mask, temperature, vocab_size, chunk_size, backend, (student_softcap, teacher_softcap))
     outputs = _linear_divergence_outputs(student_hidden, student_weight, teacher_weight, zeros=True)
     return loop.per_token(outputs, lambda chunk: _chunk_divergence(
         chunk, loop.plan, divergence, coefficient, None if given_row_stats is None else given_row_stats[chunk.rows]))
@@ -699,7 +756,8 @@ def linear_divergence(
 
 @linear_divergence.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask, divergence,
-      coefficient, temperature, vocab_size, chunk_size, backend, given_row_stats=None):
+      coefficient, temperature, vocab_size, chunk_size, backend, given_row_stats=None, student_softcap=None,
+      teacher_softcap=None):
     return _linear_divergence_outputs(student_hidden, student_weight, teacher_weight, zeros=False)
 
 
@@ -716,12 +774,12 @@ def linear_divergence_backward(
     teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor], mask: Optional[Tensor],
     grad_value: Tensor, mean_partial: Tensor, row_stats: Tensor,
     divergence: str, coefficient: float, temperature: float, vocab_size: int, chunk_size: int, backend: str,
-    needs: list[bool],
+    needs: list[bool], student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_hidden, grad_weight, grad_bias)`` of sum_t g_t D_t, the chunks' logits recomputed; ``needs`` says which
     of the three to compute (the others are empty)."""
     loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
-                      None, mask, temperature, vocab_size, chunk_size, backend)
+                      None, mask, temperature, vocab_size, chunk_size, backend, (student_softcap, teacher_softcap))
     return loop.input_gradients(needs, lambda chunk: _chunk_divergence_gradient(
         chunk, loop.plan, grad_value[chunk.rows], (mean_partial[chunk.rows], row_stats[chunk.rows]), divergence,
         coefficient))
@@ -729,15 +787,18 @@ def linear_divergence_backward(
 
 @linear_divergence_backward.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask, grad_value,
-      mean_partial, row_stats, divergence, coefficient, temperature, vocab_size, chunk_size, backend, needs):
+      mean_partial, row_stats, divergence, coefficient, temperature, vocab_size, chunk_size, backend, needs,
+      student_softcap=None, teacher_softcap=None):
     return _input_gradients_like(student_hidden, student_weight, student_bias, needs)
 
 
 def _setup_divergence(ctx, inputs, output) -> None:
-    *tensors, mask, divergence, coefficient, temperature, vocab_size, chunk_size, backend, _ = inputs
+    *tensors, mask, divergence, coefficient, temperature, vocab_size, chunk_size, backend, _, student_softcap, \
+        teacher_softcap = inputs
     _, mean_partial, row_stats = output
     ctx.save_for_backward(*tensors, mask, mean_partial, row_stats)
     ctx.arguments = (divergence, coefficient, temperature, vocab_size, chunk_size, backend)
+    ctx.softcaps = (student_softcap, teacher_softcap)
     ctx.mark_non_differentiable(mean_partial, row_stats)
 
 
@@ -745,8 +806,9 @@ def _divergence_backward(ctx, grad_value, grad_mean_partial, grad_row_stats):
     *tensors, mask, mean_partial, row_stats = ctx.saved_tensors
     grad_value = grad_value.to(mean_partial.dtype).contiguous()  # (expanded, from .sum())
     needs = list(ctx.needs_input_grad[:3])
-    grads = linear_divergence_backward(*tensors, mask, grad_value, mean_partial, row_stats, *ctx.arguments, needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 11)
+    grads = linear_divergence_backward(*tensors, mask, grad_value, mean_partial, row_stats, *ctx.arguments, needs,
+                                       *ctx.softcaps)
+    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 13)
 
 
 differentiable_linear_divergence = differentiable(linear_divergence, _divergence_backward, _setup_divergence)
@@ -765,6 +827,8 @@ def fused_linear_divergence(
     teacher_bias: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     temperature: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
     reduction: str = "mean",
     vocab_size: Optional[int] = None,
     chunk_size: Optional[int] = None,
@@ -773,7 +837,8 @@ def fused_linear_divergence(
 ) -> Tensor:
     """``fused_divergence`` of the logits ``s = h_s W_s^T + b_s`` and ``t = h_t W_t^T + b_t``, without the [N, V] logits.
 
-    With q = softmax(s / T), p = softmax(t / T) over the first ``vocab_size`` columns, per token one of
+    With q = softmax(s / T), p = softmax(t / T) over the first ``vocab_size`` columns (s = c_s tanh(z_s / c_s) with
+    a soft cap c_s, likewise t: ``fused_linear_reverse_kld``), per token one of
         "reverse_kl"       KL(q || p) = sum_v q_v (log q_v - log p_v)          (``fused_linear_reverse_kld``)
         "forward_kl"       KL(p || q) = sum_v p_v (log p_v - log q_v)
         "jsd"              beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
@@ -802,14 +867,17 @@ def fused_linear_divergence(
     if divergence == "reverse_kl":
         return fused_linear_reverse_kld(
             student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
-            teacher_bias=teacher_bias, mask=mask, temperature=temperature, reduction=reduction,
-            vocab_size=vocab_size, chunk_size=chunk_size, backend=backend, process_group=process_group)
+            teacher_bias=teacher_bias, mask=mask, temperature=temperature, student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap, reduction=reduction, vocab_size=vocab_size, chunk_size=chunk_size,
+            backend=backend, process_group=process_group)
     call = _linear_call(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         None, mask, temperature, vocab_size, chunk_size, backend, process_group,
     )
+    softcaps = _checked_softcaps(student_softcap, teacher_softcap, call)
     if call.shards is not None:
         value = _sharded_divergence(call, divergence, coefficient)
     else:
-        value = differentiable_linear_divergence(*call.tensors, call.mask, divergence, coefficient, *call.options)[0]
+        value = differentiable_linear_divergence(*call.tensors, call.mask, divergence, coefficient, *call.options,
+                                                 None, *softcaps)[0]
     return reduce_per_token(value, call.mask, call.lead_shape, reduction)

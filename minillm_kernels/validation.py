@@ -96,6 +96,15 @@ def as_skew(value: object) -> float:
                         "divergence is 0)")
 
 
+def as_softcap(name: str, value: object) -> Optional[float]:
+    """``value`` as a soft cap c of logits z -> c tanh(z / c): None (no cap) or a finite c > 0."""
+    if value is None:
+        return None
+    return as_real(name, value, 0.0, open_low=True,
+                   hint=" (the logits z become c tanh(z / c), e.g. Gemma-2's final_logit_softcapping 30.0: a finite "
+                        "c > 0, or None for no cap)")
+
+
 def as_temperature(value: object, compute_dtype: torch.dtype) -> float:
     """``value`` as the temperature T of logits computed in ``compute_dtype`` (float32, or float64): a finite T > 0
     whose reciprocal is finite there too (``smallest_temperature``), as every backend scales the logits by k = 1/T."""

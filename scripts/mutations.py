@@ -410,6 +410,20 @@ MUTATIONS = (
         "grad bias keeps only the last chunk's sum",
     ),
     Mutation(
+        "linear-softcap-without-its-derivative", "minillm_kernels/linear.py",
+        "        grad_logits = student.uncapped_gradient(grad_logits, chunk.student_logits)\n",
+        "",
+        ("tests/test_fused_linear_softcap.py::test_softcaps_match_the_unfused_composition", "-k", "cpu and student"),
+        "the student's logit gradient skips the soft cap's derivative 1 - tanh(z / c)^2 on its way back to h, W, b",
+    ),
+    Mutation(
+        "linear-softcap-teacher-gets-the-students", "minillm_kernels/linear.py",
+        "vocab_size, softcaps[1])",
+        "vocab_size, softcaps[0])",
+        ("tests/test_fused_linear_softcap.py::test_softcaps_match_the_unfused_composition", "-k", "cpu and teacher"),
+        "the teacher's logits are capped with the student's cap (none when only the teacher has one)",
+    ),
+    Mutation(
         "linear-mean-counts-masked-tokens", "minillm_kernels/linear.py",
         "scale = 1.0 / max(loop.plan.n_counted, 1) if mean else 1.0",
         "scale = 1.0 / max(student_hidden.shape[0], 1) if mean else 1.0",
@@ -985,6 +999,14 @@ MUTATIONS = (
         "TRL's beta read the other way round: beta = 0 the reverse KL, 1 the forward KL, the JSD's mixture mirrored",
     ),
     Mutation(
+        "trl-softcap-not-folded-with-the-scale", "minillm_kernels/integrations/trl.py",
+        "as_softcap(name, cap) / student_logit_scale",
+        "as_softcap(name, cap)",
+        ("tests/test_trl.py::test_soft_capped_logits_are_trls_loss_entropy_and_gradients", "-k", "jsd"),
+        "a soft cap c applied after a logit scale a is passed on as c, not c / a_s: the kernels cap the unscaled "
+        "logits, so c tanh(a z / c) becomes a c tanh(z / c)",
+    ),
+    Mutation(
         "trl-num-items-in-batch-ignored", "minillm_kernels/integrations/trl.py",
         "    loss = divide_by_count(total, n_valid.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)",
         "    loss = divide_by_count(total, n_valid.clamp(min=1))",
@@ -994,8 +1016,8 @@ MUTATIONS = (
     ),
     Mutation(
         "trl-logit-scale-not-in-the-temperature", "minillm_kernels/integrations/trl.py",
-        "    return FoldedLogitScales(temperature / student_logit_scale, teacher_hidden, teacher_bias)",
-        "    return FoldedLogitScales(temperature, teacher_hidden, teacher_bias)",
+        "    return FoldedLogitScales(temperature / student_logit_scale, teacher_hidden, teacher_bias, *softcaps)",
+        "    return FoldedLogitScales(temperature, teacher_hidden, teacher_bias, *softcaps)",
         ("tests/test_trl.py::test_distillation_loss_is_the_divergence_of_the_models_own_logits",),
         "the student's logit scale is dropped (the teacher's is then off by the student's too): another objective for "
         "Cohere, Granite, Falcon-H1 models",

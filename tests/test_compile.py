@@ -1,5 +1,5 @@
 """Every public loss traced whole by torch.compile(fullgraph=True): static, dynamic=True and mark_dynamic shapes, on
-every backend here, the logits-level and the fused-linear functions (the divergence family's too), values and
+every backend here, the logits-level and the fused-linear functions (the divergence family's too; soft caps), values and
 gradients equal to eager; and a bad beta or skew is eager's ValueError, also where it is symbolic."""
 from __future__ import annotations
 
@@ -47,13 +47,13 @@ def linear_loss(backend):
                                             mask=mask, temperature=temperature, with_entropy=True, chunk_size=4,
                                             backend=backend)
         kld = mk.fused_linear_reverse_kld(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=mask,
-                                          temperature=temperature, backend=backend)
+                                          temperature=temperature, student_softcap=3.0, backend=backend)
         tvd = mk.fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                          divergence="tvd", mask=mask, temperature=temperature, chunk_size=4,
                                          backend=backend)
         jsd = mk.fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                          divergence="jsd", beta=0.7, mask=mask, temperature=temperature,
-                                         reduction="none", backend=backend)
+                                         student_softcap=2.5, teacher_softcap=4.0, reduction="none", backend=backend)
         return kld + tvd + jsd.sum() + (stats.reverse_kld - stats.student_logprob + 0.5 * stats.entropy).sum()
 
     return loss

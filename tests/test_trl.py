@@ -1,7 +1,7 @@
 """TRL's distillation trainers on our kernels (minillm_kernels/integrations/trl.py, trl_experimental.py): each loss
 is TRL 1.16's, value and gradients, against TRL's own code run here on the CPU and the float64 reference; each trainer
 trains as TRL's does (same losses and gradients over two steps on the shipped tiny models); logit scales read from
-real model configs are exact; soft-capped models are refused; a trainer step holds fewer [N, V] bytes than TRL's.
+real model configs (logit scales, Gemma-2's soft cap) are exact; a trainer step holds fewer [N, V] bytes than TRL's.
 
 TRL's own tests for these trainers do not run here: its 1.16 test suite is not in the wheel, its trainer tests load
 models and data sets from the Hugging Face Hub (no network here), and its loss tests need an accelerator
@@ -94,15 +94,22 @@ def loss_and_gradients(loss_fn, inputs: dict, **kwargs) -> tuple[torch.Tensor, t
     return loss.detach(), entropy_sum, torch.autograd.grad(loss, [inputs[k] for k in STUDENT_INPUTS])
 
 
+def softcapped(logits: torch.Tensor, softcap) -> torch.Tensor:
+    """Gemma-2's ``final_logit_softcapping`` c tanh(z / c) (by autograd), or z without a cap."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
 def exact_chunked_loss(inputs: dict, divergence: str, *, num_items_in_batch=None, temperature: float = 1.0,
-                       student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0, **coefficients):
-    """The float64 loss, entropy sum and gradients, from ``reference.divergence`` on the full scaled logits."""
+                       student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                       student_final_logit_softcapping=None, teacher_final_logit_softcapping=None, **coefficients):
+    """The float64 loss, entropy sum and gradients, from ``reference.divergence`` on the full scaled, then soft-capped
+    logits (TRL's order)."""
     inputs = {k: v.double().requires_grad_(k in STUDENT_INPUTS) if v.is_floating_point() else v
               for k, v in inputs.items()}
-    student = student_logit_scale * (inputs["student_hidden_states"] @ inputs["student_lm_head_weight"].t()
-                                     + inputs["student_lm_head_bias"])
-    teacher = teacher_logit_scale * (inputs["teacher_hidden_states"] @ inputs["teacher_lm_head_weight"].t()
-                                     + inputs["teacher_lm_head_bias"])
+    student = softcapped(student_logit_scale * (inputs["student_hidden_states"] @ inputs["student_lm_head_weight"].t()
+                                                + inputs["student_lm_head_bias"]), student_final_logit_softcapping)
+    teacher = softcapped(teacher_logit_scale * (inputs["teacher_hidden_states"] @ inputs["teacher_lm_head_weight"].t()
+                                                + inputs["teacher_lm_head_bias"]), teacher_final_logit_softcapping)
     mask = inputs["completion_mask"].reshape(-1) != 0
     vocab = student.shape[-1]
     per_token = reference.divergence(student.reshape(-1, vocab), teacher.reshape(-1, vocab), mask, temperature, vocab,
@@ -156,10 +163,28 @@ def test_a_fully_masked_micro_batch_gives_zero_with_a_graph():
     assert all(torch.count_nonzero(g) == 0 for g in grads)
 
 
+@pytest.mark.parametrize("divergence", TRL_BETAS)
+@pytest.mark.parametrize("softcaps", [(1.5, None), (None, 2.0), (1.5, 2.0)], ids=["student", "teacher", "both"])
+def test_soft_capped_logits_are_trls_loss_entropy_and_gradients(divergence, softcaps):
+    """Gemma-2's ``final_logit_softcapping`` on either model or both, after the logit scales (0.7 and 1.3: the caps
+    fold with them, ``fold_logit_scales``), on logits up to ~7 times the caps: ours and TRL's both within the float32
+    bound of the float64 loss, entropy and gradients with the caps applied by autograd."""
+    beta = TRL_BETAS[divergence]
+    inputs = chunked_loss_inputs()
+    transforms = dict(student_logit_scale=0.7, teacher_logit_scale=1.3, student_final_logit_softcapping=softcaps[0],
+                      teacher_final_logit_softcapping=softcaps[1])
+    exact = exact_chunked_loss(inputs, divergence, temperature=0.7, beta=beta, **transforms)
+    kwargs = dict(beta=beta, temperature=0.7, **transforms)
+    assert_loss_entropy_gradients_close(loss_and_gradients(ours.chunked_divergence_loss, inputs, chunk_size=3,
+                                                           **kwargs), exact, FLOAT32)
+    assert_loss_entropy_gradients_close(loss_and_gradients(trl_chunked_divergence_loss, inputs, **kwargs), exact,
+                                        FLOAT32)
+
+
 @pytest.mark.parametrize("model", ["student", "teacher"])
-def test_softcapping_is_refused_by_its_config_field(model):
-    with pytest.raises(NotImplementedError, match=f"the {model} model's config sets final_logit_softcapping=30.0"):
-        ours.chunked_divergence_loss(**chunked_loss_inputs(), beta=1.0, **{f"{model}_final_logit_softcapping": 30.0})
+def test_a_soft_cap_that_is_not_positive_is_refused_by_its_config_field(model):
+    with pytest.raises(ValueError, match=f"{model}_final_logit_softcapping must be a finite number > 0"):
+        ours.chunked_divergence_loss(**chunked_loss_inputs(), beta=1.0, **{f"{model}_final_logit_softcapping": 0.0})
 
 
 @pytest.mark.parametrize("scale", [0.0, -1.0, math.inf])
@@ -340,15 +365,26 @@ def assert_trains_as_trl(ours_run, trl_run, metrics: tuple[str, ...]) -> None:
                                atol=FLOAT32_PAIR["atol"] * float(trl_change.abs().max()))
 
 
-@pytest.mark.parametrize("beta", [1.0, 0.5])
-def test_distillation_trainer_trains_as_trls(beta, tmp_path, tiny_tokenizer, tiny_examples):
+def soft_capped(model: torch.nn.Module, softcap) -> torch.nn.Module:
+    """``model`` with ``final_logit_softcapping`` set in its config (what TRL's loss reads; None leaves it unset)."""
+    if softcap is not None:
+        model.config.final_logit_softcapping = softcap
+    return model
+
+
+@pytest.mark.parametrize(("beta", "softcaps"), [(1.0, (None, None)), (0.5, (None, None)), (0.5, (5.0, 8.0))],
+                         ids=["reverse_kl", "jsd", "jsd-soft-capped"])
+def test_distillation_trainer_trains_as_trls(beta, softcaps, tmp_path, tiny_tokenizer, tiny_examples):
     """On-policy: the student samples 8 tokens per prompt; the loss over the generated tokens, divided by
-    num_items_in_batch (2 micro-batches per step); the logged entropy."""
+    num_items_in_batch (2 micro-batches per step); the logged entropy. Soft-capped: the tiny models' configs set
+    ``final_logit_softcapping`` 5 (student) and 8 (teacher), below their largest logits (~14 and ~12), which TRL's
+    loss and ours apply (their sampling does not: a Llama's forward ignores the field, alike in both runs)."""
     from datasets import Dataset
 
     dataset = Dataset.from_list([{"prompt": example.prompt} for example in tiny_examples])
     args = trl.DistillationConfig(beta=beta, max_completion_length=8, **training_arguments(tmp_path))
-    runs = [train_two_steps(trainer_class(model=tiny_model("student-sft"), teacher_model=tiny_model("teacher"),
+    runs = [train_two_steps(trainer_class(model=soft_capped(tiny_model("student-sft"), softcaps[0]),
+                                          teacher_model=soft_capped(tiny_model("teacher"), softcaps[1]),
                                           args=args, train_dataset=dataset, processing_class=tiny_tokenizer))
             for trainer_class in (ours.DistillationTrainer, trl.DistillationTrainer)]
     assert_trains_as_trl(*runs, metrics=("loss", "grad_norm", "entropy"))
@@ -451,11 +487,12 @@ def tiny_config(family: str, transform: float):
 
 
 @pytest.mark.parametrize(("family", "student_transform", "teacher_transform"),
-                         [("cohere", 0.125, 0.5), ("granite", 8.0, 2.0), ("falcon_h1", 0.3, 1.7)])
+                         [("cohere", 0.125, 0.5), ("granite", 8.0, 2.0), ("falcon_h1", 0.3, 1.7), ("gemma2", 0.1, 0.2)])
 def test_distillation_loss_is_the_divergence_of_the_models_own_logits(family, student_transform, teacher_transform,
                                                                       tmp_path, tiny_tokenizer, tiny_examples):
-    """The models' scales as TRL reads them from their configs (a divisor for Granite), folded into the temperature:
-    the trainer's loss from hidden states is the float64 divergence of the logits the models compute themselves."""
+    """The models' scales as TRL reads them from their configs (a divisor for Granite), folded into the temperature,
+    and Gemma-2's soft caps (0.1 and 0.2, below these random models' largest logits, ~0.5): the trainer's loss from
+    hidden states is the float64 divergence of the logits the models compute themselves."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
@@ -478,18 +515,6 @@ def test_distillation_loss_is_the_divergence_of_the_models_own_logits(family, st
     exact = reference.divergence(student_logits.reshape(-1, 449), teacher_logits.reshape(-1, 449), mask, 0.8, 449,
                                  "jsd", beta=0.5).sum() / mask.sum()
     torch.testing.assert_close(loss.detach().double(), exact, **FLOAT32)
-
-
-def test_a_soft_capped_model_is_refused_when_the_trainer_is_made(tmp_path, tiny_tokenizer, tiny_examples):
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-
-    student = AutoModelForCausalLM.from_config(tiny_config("gemma2", 30.0))
-    args = trl.DistillationConfig(**training_arguments(tmp_path))
-    with pytest.raises(NotImplementedError, match="student model's config sets final_logit_softcapping=30.0"):
-        ours.DistillationTrainer(model=student, teacher_model=tiny_model("teacher"), args=args,
-                                 processing_class=tiny_tokenizer,
-                                 train_dataset=Dataset.from_list([{"prompt": tiny_examples[0].prompt}]))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ ours instead, which TRL lacks: "skew_forward_kl", "skew_reverse_kl" (with ``skew
 ``num_items_in_batch`` included (the micro-batch's sum over the global token count: correct under gradient
 accumulation), and so is the logged entropy.
 
-Logit transforms, as TRL reads them from each model's config: a scale a (Cohere's ``logit_scale``, Falcon-H1's
-``lm_head_multiplier``, Granite's 1 / ``logits_scaling``) is applied exactly, through the temperature
-(``fold_logit_scales``); Gemma-2's ``final_logit_softcapping`` is refused (``refuse_logit_softcapping``) until the
-fused-linear functions apply it.
+Logit transforms, as TRL reads them from each model's config, applied exactly (gradient included) in TRL's order, the
+scale a first, then the soft cap c, then the temperature T: z -> c tanh(a z / c) / T. The scale (Cohere's
+``logit_scale``, Falcon-H1's ``lm_head_multiplier``, Granite's 1 / ``logits_scaling``) goes through the temperature,
+the soft cap (Gemma-2's ``final_logit_softcapping``) through the fused-linear functions' ``student_softcap`` /
+``teacher_softcap`` (``fold_logit_scales``).
 
 This module imports TRL, and only the version the ``trl`` extra pins (``TESTED_TRL_VERSIONS``): the subclass replaces
 a private TRL function, and each TRL quirk reproduced here is named where it is handled.
@@ -35,7 +36,7 @@ import torch
 
 import minillm_kernels as mk
 from minillm_kernels import reference
-from minillm_kernels.validation import as_real, as_skew
+from minillm_kernels.validation import as_real, as_skew, as_softcap
 
 TESTED_TRL_VERSIONS = ("1.16.0",)  # what pyproject's `trl` extra pins and tests/test_trl.py runs
 try:
@@ -55,7 +56,6 @@ __all__ = [
     "chunked_divergence_loss",
     "divergence_arguments",
     "fold_logit_scales",
-    "refuse_logit_softcapping",
     "student_entropy_sum",
 ]
 
@@ -90,16 +90,20 @@ def divergence_arguments(beta: float, divergence: Optional[str] = None, skew: fl
 
 
 class FoldedLogitScales(NamedTuple):
-    """The fused-linear inputs that apply both models' logit scales (``fold_logit_scales``)."""
+    """The fused-linear inputs that apply both models' logit scales and soft caps (``fold_logit_scales``)."""
 
     temperature: float
     teacher_hidden: torch.Tensor
     teacher_bias: Optional[torch.Tensor]
+    student_softcap: Optional[float]
+    teacher_softcap: Optional[float]
 
 
 def fold_logit_scales(temperature: float, student_logit_scale: float, teacher_logit_scale: float,
-                      teacher_hidden: torch.Tensor, teacher_bias: Optional[torch.Tensor]) -> FoldedLogitScales:
-    """Both models' logit scales applied through the kernels' one temperature, exactly.
+                      teacher_hidden: torch.Tensor, teacher_bias: Optional[torch.Tensor],
+                      student_softcap: Optional[float] = None,
+                      teacher_softcap: Optional[float] = None) -> FoldedLogitScales:
+    """Both models' logit scales applied through the kernels' one temperature and their soft caps, exactly.
 
     A model that multiplies its logits s by a scale a before the softmax at temperature T has
         softmax(a s / T) = softmax(s / T'),   T' = T / a,
@@ -109,8 +113,13 @@ def fold_logit_scales(temperature: float, student_logit_scale: float, teacher_lo
     multiplied by r (the teacher gets no gradient), in float32 or wider, so that the per-chunk cast to the weight's
     dtype rounds once, as without a scale. With r = 1 (the same scale in both, or none) nothing is copied.
 
+    A soft cap c applied after the scale (TRL's order, z -> c tanh(a z / c)) is a cap of c / a on the unscaled
+    logits, times a: c tanh(a z / c) = a (c / a) tanh(z / (c / a)). So the student's becomes the kernels'
+    ``student_softcap`` c_s / a_s on s, and the teacher's, on the teacher's logits r t, c_t / a_s:
+    (c_t / a_s) tanh(r t a_s / c_t) / T' = c_t tanh(a_t t / c_t) / T.
+
     Scales are finite and > 0 (TRL reads them from the configs: ``logit_scale``, ``output_multiplier``,
-    ``lm_head_multiplier``, 1 / ``logits_scaling``).
+    ``lm_head_multiplier``, 1 / ``logits_scaling``), caps None or finite and > 0 (``final_logit_softcapping``).
     """
     hint = (" (TRL reads it from the model's config: logit_scale, output_multiplier, lm_head_multiplier or "
             "1 / logits_scaling; the scale folds into the temperature, which must stay finite and > 0)")
@@ -121,23 +130,10 @@ def fold_logit_scales(temperature: float, student_logit_scale: float, teacher_lo
         wide = torch.promote_types(teacher_hidden.dtype, torch.float32)
         teacher_hidden = teacher_hidden.to(wide) * ratio
         teacher_bias = None if teacher_bias is None else teacher_bias.to(wide) * ratio
-    return FoldedLogitScales(temperature / student_logit_scale, teacher_hidden, teacher_bias)
-
-
-def refuse_logit_softcapping(student_final_logit_softcapping: Optional[float],
-                             teacher_final_logit_softcapping: Optional[float]) -> None:
-    """A ``NotImplementedError`` for a model whose config sets ``final_logit_softcapping`` (Gemma-2's
-    z -> c tanh(z / c) before the softmax): the fused-linear functions do not apply it yet, and the loss computed
-    without it would optimise another objective (as TRL found for Liger's loss, TRL #6629)."""
-    for model, softcapping in (("student", student_final_logit_softcapping),
-                               ("teacher", teacher_final_logit_softcapping)):
-        if softcapping is not None:
-            raise NotImplementedError(
-                f"the {model} model's config sets final_logit_softcapping={softcapping} (logits -> softcap * "
-                "tanh(logits / softcap) before the softmax), which minillm_kernels' fused-linear loss does not apply "
-                "yet; without it the loss would optimise another objective. For this model use trl.DistillationTrainer "
-                "(TRL's loss applies it) or minillm_kernels.integrations.trl_experimental.GKDTrainer (its loss reads "
-                "the model's own capped logits)")
+    softcaps = (None if cap is None else as_softcap(name, cap) / student_logit_scale
+                for name, cap in (("student_final_logit_softcapping", student_softcap),
+                                  ("teacher_final_logit_softcapping", teacher_softcap)))
+    return FoldedLogitScales(temperature / student_logit_scale, teacher_hidden, teacher_bias, *softcaps)
 
 
 def _gathered_head(weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -154,19 +150,21 @@ def _gathered_head(weight: torch.Tensor, bias: Optional[torch.Tensor],
 
 def student_entropy_sum(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                         student_bias: Optional[torch.Tensor], mask: torch.Tensor, temperature: float = 1.0, *,
-                        backend: str = "auto", chunk_size: Optional[int] = None) -> torch.Tensor:
+                        softcap: Optional[float] = None, backend: str = "auto",
+                        chunk_size: Optional[int] = None) -> torch.Tensor:
     """sum over the tokens ``mask`` keeps of the student's entropy H_t = -sum_v q_v log q_v, q = softmax(s / T),
-    s = h W^T + b (hidden states ``[..., H]``, weight ``[V, H]``, mask the leading shape), without the [N, V] logits
-    and without a gradient: what TRL's DistillationTrainer logs as ``entropy`` (over the token count). One no-grad
-    pass of ``fused_linear_token_stats`` with the student as its own teacher (the student's matmul twice per chunk:
-    the fused-linear divergence returns no entropy)."""
+    s = h W^T + b (hidden states ``[..., H]``, weight ``[V, H]``, mask the leading shape; with a ``softcap`` c,
+    s = c tanh(z / c) of z = h W^T + b), without the [N, V] logits and without a gradient: what TRL's
+    DistillationTrainer logs as ``entropy`` (over the token count). One no-grad pass of ``fused_linear_token_stats``
+    with the student as its own teacher (the student's matmul twice per chunk: the fused-linear divergence returns no
+    entropy)."""
     student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
     student_bias = None if student_bias is None else student_bias.detach()
     with torch.no_grad():
         stats = mk.fused_linear_token_stats(
             student_hidden, student_weight, student_hidden, student_weight, torch.zeros_like(mask, dtype=torch.long),
             student_bias=student_bias, teacher_bias=student_bias, mask=mask, temperature=temperature,
-            with_entropy=True, backend=backend, chunk_size=chunk_size,
+            student_softcap=softcap, teacher_softcap=softcap, with_entropy=True, backend=backend, chunk_size=chunk_size,
         )
     return stats.entropy.sum()
 
@@ -200,18 +198,18 @@ def chunked_divergence_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TRL 1.16's ``_chunked_divergence_loss`` (same arguments, same results) on ``mk.fused_linear_divergence``.
 
-    With s = a_s (h_s W_s^T + b_s), t = a_t (h_t W_t^T + b_t) (a: the logit scales, ``fold_logit_scales``),
-    q = softmax(s / T), p = softmax(t / T) and D_t the divergence of ``divergence_arguments(beta, divergence, skew)``:
+    With s = c_s tanh(a_s z_s / c_s), z_s = h_s W_s^T + b_s (a: the logit scale, c: the ``final_logit_softcapping``,
+    without it s = a_s z_s; ``fold_logit_scales``), likewise t, q = softmax(s / T), p = softmax(t / T) and D_t the
+    divergence of ``divergence_arguments(beta, divergence, skew)``:
         loss = sum_t D_t / num_items_in_batch    (or / max(1, the tokens counted) when it is None),
     the sum over the tokens ``completion_mask`` ([B, K], nonzero = counts) keeps. Hidden states ``[B, K, H]``
-    (each model its own H), lm_head weights ``[V, H]``. Softcapping is refused (``refuse_logit_softcapping``).
+    (each model its own H), lm_head weights ``[V, H]``.
 
     Returns:
         ``(loss, entropy_sum, n_valid)``: the loss (float32 scalar, gradients to the student's hidden states, weight
         and bias), the summed student entropy of the counted tokens (``student_entropy_sum``, detached; NaN when
         ``log_entropy`` is False) and their count, all over this micro-batch.
     """
-    refuse_logit_softcapping(student_final_logit_softcapping, teacher_final_logit_softcapping)
     student_lm_head_weight, student_lm_head_bias = _gathered_head(student_lm_head_weight, student_lm_head_bias,
                                                                   student_hidden_states.dtype)
     teacher_lm_head_weight, teacher_lm_head_bias = _gathered_head(teacher_lm_head_weight, teacher_lm_head_bias,
@@ -220,12 +218,13 @@ def chunked_divergence_loss(
     # loss gives the lm_head no gradient): detached here, as the kernels expect a frozen teacher.
     teacher_lm_head_bias = None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach()
     folded = fold_logit_scales(temperature, student_logit_scale, teacher_logit_scale, teacher_hidden_states.detach(),
-                               teacher_lm_head_bias)
+                               teacher_lm_head_bias, student_final_logit_softcapping, teacher_final_logit_softcapping)
     mask = completion_mask != 0
     total = mk.fused_linear_divergence(
         student_hidden_states, student_lm_head_weight, folded.teacher_hidden, teacher_lm_head_weight.detach(),
         student_bias=student_lm_head_bias, teacher_bias=folded.teacher_bias, mask=mask,
-        temperature=folded.temperature, reduction="sum", backend=backend, chunk_size=chunk_size,
+        temperature=folded.temperature, student_softcap=folded.student_softcap,
+        teacher_softcap=folded.teacher_softcap, reduction="sum", backend=backend, chunk_size=chunk_size,
         **divergence_arguments(beta, divergence, skew),
     )
     n_valid = mask.sum()
@@ -234,7 +233,8 @@ def chunked_divergence_loss(
     loss = divide_by_count(total, n_valid.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
     if log_entropy:
         entropy_sum = student_entropy_sum(student_hidden_states, student_lm_head_weight, student_lm_head_bias, mask,
-                                          folded.temperature, backend=backend, chunk_size=chunk_size)
+                                          folded.temperature, softcap=folded.student_softcap, backend=backend,
+                                          chunk_size=chunk_size)
     else:
         entropy_sum = total.new_full((), math.nan)
     return loss, entropy_sum, n_valid
@@ -265,11 +265,6 @@ class KernelOptions(NamedTuple):
         return cls(divergence, skew, backend)
 
 
-def _final_logit_softcapping(model: torch.nn.Module) -> Optional[float]:
-    """The ``final_logit_softcapping`` of a model's (text) config, as TRL 1.16's ``_compute_loss`` reads it."""
-    return getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-
-
 class DistillationTrainer(trl.DistillationTrainer):
     """TRL's ``DistillationTrainer`` with its loss on ``mk.fused_linear_divergence`` (``chunked_divergence_loss``).
 
@@ -280,7 +275,8 @@ class DistillationTrainer(trl.DistillationTrainer):
         chunk_size: tokens per chunk of the fused-linear loop (default: from V, the dtype and free memory).
         log_entropy: log the student's entropy as TRL does (one more no-grad pass of the student's matmul per step,
             ``student_entropy_sum``); False leaves the metric NaN.
-    A model whose logits are soft-capped is refused here (``refuse_logit_softcapping``).
+    Each model's logit scale and ``final_logit_softcapping`` are read from its config by TRL and applied exactly
+    (``fold_logit_scales``).
     """
 
     def __init__(self, *args: Any, divergence: Optional[str] = None, skew: float = 0.1, backend: str = "auto",
@@ -289,8 +285,6 @@ class DistillationTrainer(trl.DistillationTrainer):
         self.kernel_options = KernelOptions.checked(self.beta, divergence, skew, backend)
         self.kernel_chunk_size = chunk_size
         self.log_entropy = log_entropy
-        refuse_logit_softcapping(_final_logit_softcapping(self.accelerator.unwrap_model(self.model)),
-                                 _final_logit_softcapping(self.accelerator.unwrap_model(self.teacher_model)))
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         # TRL 1.16's _compute_loss runs both backbones, reads the lm_heads and the logit transforms from the configs,
