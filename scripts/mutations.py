@@ -475,8 +475,8 @@ MUTATIONS = (
     ),
     Mutation(
         "parallel-linear-grad-hidden-not-summed", "minillm_kernels/linear.py",
-        "        if needs[0]:\n            self.shards.sum(grads[0])",
-        "        if False:\n            self.shards.sum(grads[0])",
+        "    if needs[0]:\n        shards.sum(grads[0])",
+        "    if False:\n        shards.sum(grads[0])",
         ("tests/test_parallel.py::test_fused_linear_losses_match_the_unsharded_oracle", "-k", "2-linear-cpu"),
         "each rank gets only its shard's part of grad h (G_r W_r), not their sum",
     ),
@@ -837,8 +837,8 @@ MUTATIONS = (
     ),
     Mutation(
         "parallel-divergence-backward-gets-shard-stats", "minillm_kernels/parallel.py",
-        "    return value.to(dtype), mean_partial.to(dtype), norms.global_row_stats.to(dtype)",
-        "    return value.to(dtype), mean_partial.to(dtype), row_stats",
+        "    return (value.to(dtype),), (mean_partial.to(dtype), norms.global_row_stats.to(dtype))",
+        "    return (value.to(dtype),), (mean_partial.to(dtype), row_stats)",
         ("tests/test_parallel.py::test_divergences_of_sharded_logits_match_the_unsharded_oracle",),
         "the divergences' backward gets the shard's own row statistics: right values, each slice's gradient of its "
         "own softmax",
