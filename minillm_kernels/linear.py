@@ -53,6 +53,7 @@ before each chunk's gradient), and grad h, each rank's G_r W_r, is summed over t
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
@@ -472,62 +473,45 @@ differentiable_linear_reverse_kld_sum = differentiable(linear_reverse_kld_sum, _
 # --------------------------------------------------------------------------------------------------------------
 # Vocabulary-parallel: this rank's rows of both lm_heads (parallel.py)
 # --------------------------------------------------------------------------------------------------------------
-class _LinearShard(parallel.ShardTerms):
-    """A rank's rows [r W, (r + 1) W) of both lm_heads: its shard's terms and gradients by the chunk loop's custom ops
-    on its V_r real rows (none on a padding shard), with the chunk size the ranks agree on (the smallest default,
-    which depends on a GPU's free memory: the reduction "sum" / "mean" loop runs a collective per chunk)."""
+def _shard_options(call: LinearCall) -> tuple[float, int, int, str]:
+    """``(temperature, real_columns, chunk_size, backend)`` of the chunk loop on this rank's rows [r W, (r + 1) W) of
+    both lm_heads: its V_r real rows (none on a padding shard) and the chunk size the ranks agree on (the smallest
+    default, which depends on a GPU's free memory: the reduction "sum" / "mean" loop runs a collective per chunk),
+    after ``parallel.check_replicated``."""
+    temperature, vocab_size, chunk_size, backend = call.options
+    student_hidden, student_weight, _, teacher_hidden, *_ = call.tensors
+    width, n_tokens = student_weight.shape[0], student_hidden.shape[0]
+    counted = n_tokens if call.mask is None else int(call.mask.sum())
+    own_chunk = chunk_size or default_chunk_size(counted, width, student_weight.dtype, student_hidden.device)
+    agreed_chunk = int(parallel.check_replicated(call.shards, {
+        "the local vocabulary width": width, "vocab_size": vocab_size, "the number of tokens": n_tokens,
+        "target_ids": parallel.fingerprint(call.target, call.mask), "mask": parallel.fingerprint(call.mask),
+        "student_hidden": parallel.fingerprint(student_hidden), "teacher_hidden": parallel.fingerprint(teacher_hidden),
+    }, student_hidden.device, least=own_chunk))
+    return temperature, call.shards.real_columns(width, vocab_size), agreed_chunk, backend
 
-    def __init__(self, call: LinearCall) -> None:
-        self.temperature, self.vocab_size, chunk_size, self.backend = call.options
-        student_hidden, student_weight, _, teacher_hidden, *_ = call.tensors
-        self.shards, self.target, self.mask, self.teacher = call.shards, call.target, call.mask, call.tensors[3:]
-        self.width = student_weight.shape[0]
-        self.real_columns = self.shards.real_columns(self.width, self.vocab_size)
-        self.local_target = self.shards.local_target(call.target, self.width)
-        n_tokens = student_hidden.shape[0]
-        counted = n_tokens if call.mask is None else int(call.mask.sum())
-        own_chunk = chunk_size or default_chunk_size(counted, self.width, student_weight.dtype, student_hidden.device)
-        self.chunk_size = int(parallel.check_replicated(self.shards, {
-            "the local vocabulary width": self.width, "vocab_size": self.vocab_size, "the number of tokens": n_tokens,
-            "target_ids": parallel.fingerprint(call.target, call.mask), "mask": parallel.fingerprint(call.mask),
-            "student_hidden": parallel.fingerprint(student_hidden), "teacher_hidden": parallel.fingerprint(teacher_hidden),
-        }, student_hidden.device, least=own_chunk))
 
-    def _options(self) -> tuple:
-        return self.temperature, self.real_columns, self.chunk_size, self.backend
+def _summed_over_ranks(shards: parallel.VocabShards, grads: Sequence[Tensor],
+                       needs: Sequence[bool]) -> tuple[Optional[Tensor], ...]:
+    """None where not needed; grad h summed over the ranks (each has its shard's part, G_r W_r)."""
+    if needs[0]:
+        shards.sum(grads[0])
+    return tuple(g if need else None for g, need in zip(grads, needs))
 
-    def local_stats(self, hidden, weight, bias):
-        return linear_token_stats(hidden, weight, bias, *self.teacher, self.local_target, self.mask, *self._options())
 
-    def local_gradients(self, student, upstream, saved, needs):
-        grads = linear_token_stats_backward(*student, *self.teacher, self.local_target, self.mask, *upstream, *saved,
-                                            *self._options(), list(needs))
-        return self._own_gradients(grads, needs)
-
-    def reverse_kld_sum(self, hidden, weight, bias, mean: bool, needs: list[bool]) -> tuple[Tensor, tuple]:
-        """``(loss, gradients)`` of reduction "sum" (``mean``: "mean") over the whole vocabulary: each chunk's terms
-        combined over the ranks before its gradient."""
-        def combine(local):
-            return parallel.combine(local, self.shards, width=self.width, vocab_size=self.vocab_size,
-                                    temperature=self.temperature)
-
-        total, *grads = reverse_kld_sum_and_gradients(hidden, weight, bias, *self.teacher, self.mask, *self._options(),
-                                                      mean, needs, combine)
-        return total, self._own_gradients(grads, needs)
-
-    def _own_gradients(self, grads, needs) -> tuple[Optional[Tensor], ...]:
-        """None where not needed; grad h summed over the ranks (each has its shard's part, G_r W_r)."""
-        if needs[0]:
-            self.shards.sum(grads[0])
-        return tuple(g if need else None for g, need in zip(grads, needs))
+def _vocab_shard(call: LinearCall, family: parallel.KernelFamily) -> parallel.VocabShard:
+    """This rank's rows of both lm_heads, running ``family``."""
+    temperature, vocab_size, _, _ = call.options
+    return parallel.VocabShard(call.shards, family, call.tensors[1].shape[0], vocab_size, temperature, call.target,
+                               call.mask)
 
 
 class _ShardedReverseKldSum(torch.autograd.Function):
     """Reduction "sum" / "mean" of a vocabulary-sharded lm_head: the loss, its gradients computed in the forward."""
 
     @staticmethod
-    def forward(ctx, shard: _LinearShard, mean: bool, needs: list[bool], hidden, weight, bias):
-        total, grads = shard.reverse_kld_sum(hidden, weight, bias, mean, needs)
+    def forward(ctx, loss_and_gradients: Callable, needs: list[bool], hidden, weight, bias):
+        total, grads = loss_and_gradients(hidden, weight, bias)
         # The inputs are saved for autograd's version check only (as ``_setup_sum`` does).
         ctx.save_for_backward(hidden, weight, bias, *(g if need else None for g, need in zip(grads, needs)))
         ctx.needs = needs
@@ -537,7 +521,7 @@ class _ShardedReverseKldSum(torch.autograd.Function):
     @first_order("the vocabulary-parallel fused-linear reverse KL")
     def backward(ctx, grad_total):
         _, _, _, *grads = ctx.saved_tensors
-        return (None, None, None, *_scaled_gradients(grads, ctx.needs, grad_total))
+        return (None, None, *_scaled_gradients(grads, ctx.needs, grad_total))
 
 
 def _token_stats(call: LinearCall, softcaps: Softcaps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -550,43 +534,66 @@ def _token_stats(call: LinearCall, softcaps: Softcaps) -> tuple[Tensor, Tensor, 
 
 @torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
 def _sharded_token_stats(call: LinearCall) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return parallel.sharded_token_stats(_LinearShard(call), *call.tensors[:3])
+    """The token statistics of a sharded lm_head: ``linear_token_stats``'s chunk loop on this rank's rows."""
+    options, teacher, shards = _shard_options(call), call.tensors[3:], call.shards
+    local_target = shards.local_target(call.target, call.tensors[1].shape[0])
+
+    def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, ...]:
+        return linear_token_stats(hidden, weight, bias, *teacher, local_target, call.mask, *options)
+
+    def backward(student, upstream, saved, needs):
+        grads = linear_token_stats_backward(*student, *teacher, local_target, call.mask, *upstream, *saved, *options,
+                                            list(needs))
+        return _summed_over_ranks(shards, grads, needs)
+
+    family = parallel.KernelFamily(forward, backward, parallel.combine_token_stats, non_differentiable=(2,))
+    return parallel.sharded(_vocab_shard(call, family), *call.tensors[:3])
 
 
 @torch.compiler.disable  # (likewise)
 def _sharded_reverse_kld_sum(call: LinearCall, mean: bool, needs: list[bool]) -> Tensor:
-    return _ShardedReverseKldSum.apply(_LinearShard(call), mean, needs, *call.tensors[:3])
+    """Reduction "sum" (``mean``: "mean") over the whole vocabulary of a sharded lm_head: each chunk's terms combined
+    over the ranks before its gradient."""
+    options, shards, (temperature, vocab_size, _, _) = _shard_options(call), call.shards, call.options
 
+    def combine(local):
+        return parallel.combine(local, shards, width=call.tensors[1].shape[0], vocab_size=vocab_size,
+                                temperature=temperature)
 
-class _LinearDivergenceShard(_LinearShard, parallel.DivergenceShard):
-    """A rank's rows of both lm_heads, for a divergence of the family (``parallel.combine_divergence``): the row
-    statistics from ``linear_token_stats``'s chunk loop, the terms from ``linear_divergence``'s, the gradients from
-    ``linear_divergence_backward``'s, grad h summed over the ranks."""
+    def loss_and_gradients(hidden, weight, bias):
+        total, *grads = reverse_kld_sum_and_gradients(hidden, weight, bias, *call.tensors[3:], call.mask, *options,
+                                                      mean, needs, combine)
+        return total, _summed_over_ranks(shards, grads, needs)
 
-    def __init__(self, call: LinearCall, divergence: str, coefficient: float) -> None:
-        super().__init__(call)
-        self.divergence, self.coefficient = divergence, coefficient
-
-    def local_row_stats(self, hidden, weight, bias):
-        return linear_token_stats(hidden, weight, bias, *self.teacher, None, self.mask, *self._options())[4]
-
-    def local_divergence(self, hidden, weight, bias, given_row_stats=None):
-        return linear_divergence(hidden, weight, bias, *self.teacher, self.mask, self.divergence, self.coefficient,
-                                 *self._options(), given_row_stats)
-
-    def local_divergence_gradients(self, student, grad_value, saved, needs):
-        if self.real_columns == 0:  # a padding shard: no part of grad h, but its share of the all-reduce
-            grads = _InputGradients(*student, tuple(needs), 0).result()
-        else:
-            grads = linear_divergence_backward(*student, *self.teacher, self.mask, grad_value, *saved,
-                                               self.divergence, self.coefficient, *self._options(), list(needs))
-        return self._own_gradients(grads, needs)
+    return _ShardedReverseKldSum.apply(loss_and_gradients, needs, *call.tensors[:3])
 
 
 @torch.compiler.disable  # (likewise)
 def _sharded_divergence(call: LinearCall, divergence: str, coefficient: float) -> Tensor:
+    """A divergence of the family on a sharded lm_head (``parallel.combine_divergence``): the row statistics from
+    ``linear_token_stats``'s chunk loop, the terms from ``linear_divergence``'s, the gradients from
+    ``linear_divergence_backward``'s, grad h summed over the ranks."""
     parallel.check_divergence_backend(divergence, call.options[3])
-    return parallel.sharded_divergence(_LinearDivergenceShard(call, divergence, coefficient), *call.tensors[:3])
+    options, teacher, mask, shards = _shard_options(call), call.tensors[3:], call.mask, call.shards
+
+    def row_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return linear_token_stats(hidden, weight, bias, *teacher, None, mask, *options)[4]
+
+    def forward(hidden, weight, bias, given_row_stats=None) -> tuple[Tensor, Tensor, Tensor]:
+        return linear_divergence(hidden, weight, bias, *teacher, mask, divergence, coefficient, *options,
+                                 given_row_stats)
+
+    def backward(student, upstream, saved, needs):
+        if options[1] == 0:  # a padding shard: no part of grad h, but its share of the all-reduce
+            grads = _InputGradients(*student, tuple(needs), 0).result()
+        else:
+            grads = linear_divergence_backward(*student, *teacher, mask, upstream[0], *saved, divergence, coefficient,
+                                               *options, list(needs))
+        return _summed_over_ranks(shards, grads, needs)
+
+    family = parallel.KernelFamily(forward, backward, functools.partial(parallel.combine_divergence, divergence),
+                                   row_stats=row_stats)
+    return parallel.sharded(_vocab_shard(call, family), *call.tensors[:3])[0]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -45,8 +45,9 @@ statistics and sum_v q_v a_v, with no communication.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -251,83 +252,104 @@ class LogNormalisers(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One autograd function for every vocabulary-parallel term: the shard's own terms, the combine, the backward
+# One shard type: a rank's shard and the kernel family it runs; one autograd function for every family
 # ---------------------------------------------------------------------------------------------------------------
-class ShardTerms:
-    """How one rank computes its shard's terms and gradients; ``LogitsShard`` below, the chunked lm_head's in
-    ``linear.py``. ``student`` is the tuple of the student's tensors that get gradients (the logits; or the
-    hidden states, weight and bias); the rest (teacher, ids, mask, options) are attributes."""
+class KernelFamily(NamedTuple):
+    """A kernel family as one rank runs it on its shard (of the logits, or of the lm_heads' rows), on the shard's V_r
+    real columns. ``student`` is the tuple of the student's tensors that get gradients (the logits; or the hidden
+    states, weight and bias); the rest (teacher, ids, mask, options) is bound in the functions.
+
+    - ``forward(*student, ...)``: the shard's local outputs, what ``combine`` reads (``ops.backend_token_stats``'s
+      five; a divergence's ``(value, mean_partial, row_stats)``, of the shard's own softmaxes or, with
+      ``given_row_stats``, its partial sums of the global terms);
+    - ``backward(student, upstream, saved, needs)``: the gradients of ``student`` (None where ``needs`` says none)
+      from the upstream gradients of the differentiable outputs and the global statistics ``saved`` by ``combine``;
+    - ``combine(shard, student)``: ``(outputs, saved)`` over the whole vocabulary (``combine_token_stats``,
+      ``combine_divergence``);
+    - ``row_stats(*student)``: the shard's ``[N, 4]`` row statistics alone, for a combine that needs the global
+      log-normalisers before the terms (None where it does not);
+    - ``non_differentiable``: the indices of the outputs without a gradient (the teacher's log-probability).
+    """
+
+    forward: Callable[..., tuple[Tensor, ...]]
+    backward: Callable[..., tuple[Optional[Tensor], ...]]
+    combine: Callable[["VocabShard", Sequence[Optional[Tensor]]], tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]
+    row_stats: Optional[Callable[..., Tensor]] = None
+    non_differentiable: tuple[int, ...] = ()
+
+
+class VocabShard(NamedTuple):
+    """One rank's shard of a vocabulary-parallel call and the kernel ``family`` it runs there: ``width`` W (local),
+    ``vocab_size`` (global), the replicated ``target`` (global ids) and ``mask``, ``[N]`` each."""
 
     shards: VocabShards
-    width: int  # W, the local vocabulary width
-    vocab_size: int  # global
+    family: KernelFamily
+    width: int
+    vocab_size: int
     temperature: float
-    target: Optional[Tensor]  # [N] global ids
-    mask: Optional[Tensor]  # [N]
+    target: Optional[Tensor]
+    mask: Optional[Tensor]
 
-    def local_stats(self, *student: Optional[Tensor]) -> tuple[Tensor, ...]:
-        """This shard's ``(kl, student_logprob, teacher_logprob, entropy, row_stats)`` (``ops.backend_token_stats``)."""
-        raise NotImplementedError
-
-    def local_gradients(self, student: Sequence[Optional[Tensor]], upstream: tuple[Tensor, Tensor, Tensor],
-                        saved: tuple[Tensor, Tensor, Tensor], needs: Sequence[bool]) -> tuple[Optional[Tensor], ...]:
-        """The gradients of ``student`` (None where ``needs`` says none) from ``upstream = (a, b, c)`` and the
-        global ``saved = (kl, entropy, row_stats)`` of ``combine``."""
-        raise NotImplementedError
-
-    def combine(self, local: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        """``combine`` of the call's ``local`` stats, with its ids and mask."""
-        return combine(local, self.shards, width=self.width, vocab_size=self.vocab_size,
-                       temperature=self.temperature, target=self.target, mask=self.mask)
+    @property
+    def real_columns(self) -> int:
+        """V_r, the shard's columns below ``vocab_size`` (0: a padding shard)."""
+        return self.shards.real_columns(self.width, self.vocab_size)
 
 
-class _ShardedTokenStats(torch.autograd.Function):
-    """``(kl, student_logprob, teacher_logprob, entropy)`` over the whole vocabulary, ``[N]`` each, from one rank's
-    ``ShardTerms``; the teacher's log-probability has no gradient."""
+class _Sharded(torch.autograd.Function):
+    """The outputs of a ``VocabShard``'s kernel family over the whole vocabulary (its ``combine``); the backward is
+    the family's, from the statistics the combine saved, with no communication."""
 
     @staticmethod
-    def forward(ctx, terms: ShardTerms, *student: Optional[Tensor]):
-        kl, student_logprob, teacher_logprob, entropy, row_stats = terms.combine(terms.local_stats(*student))
-        ctx.terms = terms
-        ctx.save_for_backward(*student, kl, entropy, row_stats)
-        ctx.mark_non_differentiable(teacher_logprob)
-        return kl, student_logprob, teacher_logprob, entropy
+    def forward(ctx, shard: VocabShard, *student: Optional[Tensor]):
+        outputs, saved = shard.family.combine(shard, student)
+        ctx.family, ctx.n_student = shard.family, len(student)
+        ctx.save_for_backward(*student, *saved)
+        ctx.mark_non_differentiable(*(outputs[i] for i in shard.family.non_differentiable))
+        return outputs
 
     @staticmethod
-    @first_order("the vocabulary-parallel token_stats")
-    def backward(ctx, grad_kl, grad_student_logprob, grad_teacher_logprob, grad_entropy):
-        *student, kl, entropy, row_stats = ctx.saved_tensors
+    @first_order("the vocabulary-parallel losses")
+    def backward(ctx, *grad_outputs):
+        student, saved = ctx.saved_tensors[:ctx.n_student], ctx.saved_tensors[ctx.n_student:]
+        per_token = saved[0]  # [N], in the per-row dtype
         # Unused outputs have no gradient; expanded ones (from .sum()) must be made contiguous.
-        upstream = tuple(kl.new_zeros(kl.shape) if g is None else g.to(kl.dtype).contiguous()
-                         for g in (grad_kl, grad_student_logprob, grad_entropy))
-        grads = ctx.terms.local_gradients(student, upstream, (kl, entropy, row_stats), ctx.needs_input_grad[1:])
+        upstream = tuple(per_token.new_zeros(per_token.shape) if g is None else g.to(per_token.dtype).contiguous()
+                         for i, g in enumerate(grad_outputs) if i not in ctx.family.non_differentiable)
+        grads = ctx.family.backward(student, upstream, saved, ctx.needs_input_grad[1:])
         return None, *grads
 
 
-def sharded_token_stats(terms: ShardTerms, *student: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(kl, student_logprob, teacher_logprob, entropy)``, ``[N]`` each, over the vocabulary ``terms`` shards."""
-    return _ShardedTokenStats.apply(terms, *student)
+def sharded(shard: VocabShard, *student: Optional[Tensor]) -> tuple[Tensor, ...]:
+    """The outputs of ``shard``'s kernel family over the whole vocabulary it shards, differentiable in ``student``."""
+    return _Sharded.apply(shard, *student)
 
 
-class LogitsShard(ShardTerms):
-    """A rank's shard of the logits, ``[..., W]`` each (last-dimension stride 1, any leading strides)."""
+def combine_token_stats(shard: VocabShard,
+                        student: Sequence[Optional[Tensor]]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """The token statistics' ``KernelFamily.combine``: ``(kl, student_logprob, teacher_logprob, entropy)`` ``[N]``
+    each over the whole vocabulary (``combine`` of the shard's ``forward``), and the ``(kl, entropy, row_stats)`` that
+    the kernels' backward reads."""
+    kl, student_logprob, teacher_logprob, entropy, row_stats = combine(
+        shard.family.forward(*student), shard.shards, width=shard.width, vocab_size=shard.vocab_size,
+        temperature=shard.temperature, target=shard.target, mask=shard.mask)
+    return (kl, student_logprob, teacher_logprob, entropy), (kl, entropy, row_stats)
 
-    def __init__(self, shards: VocabShards, teacher: Tensor, target: Optional[Tensor], mask: Optional[Tensor],
-                 temperature: float, vocab_size: int, backend: str, *, width: int) -> None:
-        self.shards, self.teacher, self.target, self.mask = shards, teacher, target, mask
-        self.temperature, self.vocab_size, self.backend, self.width = temperature, vocab_size, backend, width
-        self.real_columns = shards.real_columns(width, vocab_size)
-        self.local_target = shards.local_target(target, width)
 
-    def local_stats(self, student: Tensor) -> tuple[Tensor, ...]:
-        return ops.backend_token_stats(student, self.teacher, self.local_target, self.mask, self.temperature,
-                                       self.real_columns, self.backend)
+def _logits_token_stats_family(teacher: Tensor, local_target: Optional[Tensor], mask: Optional[Tensor],
+                               temperature: float, real_columns: int, backend: str) -> KernelFamily:
+    """The token statistics on a shard of the logits, ``[..., W]`` each (last-dimension stride 1, any leading
+    strides): the kernels of ``ops.reverse_kld`` on its V_r real columns."""
+    def forward(student: Tensor) -> tuple[Tensor, ...]:
+        return ops.backend_token_stats(student, teacher, local_target, mask, temperature, real_columns, backend)
 
-    def local_gradients(self, student, upstream, saved, needs):
+    def backward(student, upstream, saved, needs):
         if not needs[0]:
             return (None,)
-        return (ops.backend_logit_gradient(student[0], self.teacher, self.local_target, self.mask, upstream, saved,
-                                           self.temperature, self.real_columns, self.backend),)
+        return (ops.backend_logit_gradient(student[0], teacher, local_target, mask, upstream, saved, temperature,
+                                           real_columns, backend),)
+
+    return KernelFamily(forward, backward, combine_token_stats, non_differentiable=(2,))
 
 
 @torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
@@ -337,8 +359,10 @@ def logits_token_stats(shards: VocabShards, student: Tensor, teacher: Tensor, ta
     """``(kl, student_logprob, teacher_logprob, entropy)``, ``[N]`` each, of validated vocabulary-sharded logits
     (``losses.fused_token_stats`` and ``fused_reverse_kld`` with a process group), after ``check_replicated``."""
     check_logits_shard(shards, student, target, mask, vocab_size)
-    terms = LogitsShard(shards, teacher, target, mask, temperature, vocab_size, backend, width=student.shape[-1])
-    return sharded_token_stats(terms, student)
+    width = student.shape[-1]
+    family = _logits_token_stats_family(teacher, shards.local_target(target, width), mask, temperature,
+                                        shards.real_columns(width, vocab_size), backend)
+    return sharded(VocabShard(shards, family, width, vocab_size, temperature, target, mask), student)
 
 
 def check_logits_shard(shards: VocabShards, student: Tensor, target: Optional[Tensor], mask: Optional[Tensor],
@@ -365,48 +389,22 @@ SHARD_COMBINED_DIVERGENCES = ("forward_kl",)
 DIVERGENCE_SHARD_BACKENDS = ("cpu", "triton")
 
 
-class DivergenceShard:
-    """How one rank computes the divergence family's terms on its shard: ``LogitsDivergenceShard`` below, the chunked
-    lm_head's in ``linear.py``. Besides the attributes of ``ShardTerms``: ``divergence`` (a kernel divergence,
-    not the reverse KL), ``coefficient`` (beta or the skew) and ``real_columns`` (V_r)."""
-
-    shards: VocabShards
-    temperature: float
-    mask: Optional[Tensor]
-    divergence: str
-    coefficient: float
-    real_columns: int
-
-    def local_row_stats(self, *student: Optional[Tensor]) -> Tensor:
-        """This shard's ``[N, 4]`` row statistics (its own log-normalisers; (0, -inf, 0, -inf) where V_r = 0)."""
-        raise NotImplementedError
-
-    def local_divergence(self, *student: Optional[Tensor],
-                         given_row_stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-        """``(value, mean_partial, row_stats)`` of this shard's V_r > 0 columns (``ops.divergence.divergence``):
-        of its own softmaxes, or with ``given_row_stats`` the shard's partial sums of the global terms."""
-        raise NotImplementedError
-
-    def local_divergence_gradients(self, student: Sequence[Optional[Tensor]], grad_value: Tensor,
-                                   saved: tuple[Tensor, Tensor], needs: Sequence[bool]) -> tuple[Optional[Tensor], ...]:
-        """The gradients of ``student`` from the upstream ``grad_value`` and the global ``saved = (mean_partial,
-        row_stats)`` of ``combine_divergence`` (None where ``needs`` says none)."""
-        raise NotImplementedError
-
-
 def check_divergence_backend(divergence: str, backend: str) -> None:
     if backend not in DIVERGENCE_SHARD_BACKENDS:
         raise NotImplementedError(f"divergence={divergence!r} on a sharded vocabulary runs on the backends "
                                   f"{DIVERGENCE_SHARD_BACKENDS}, not {backend!r} yet")
 
 
-def combine_divergence(terms: DivergenceShard, student: Sequence[Optional[Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
-    """``(value, mean_partial, row_stats)``, ``[N]``, ``[N]``, ``[N, 4]``, over the whole vocabulary: the value and
-    sum_v q_v a_v of the unsharded rows (the same on every rank, 0 where masked) and this rank's global row statistics
-    (``LogNormalisers``), by one all-gather (``SHARD_COMBINED_DIVERGENCES``) or two (the others)."""
-    shards, temperature = terms.shards, terms.temperature
-    if terms.divergence in SHARD_COMBINED_DIVERGENCES:
-        value_r, partial_r, row_stats = _local_divergence(terms, student)
+def combine_divergence(divergence: str, shard: VocabShard,
+                       student: Sequence[Optional[Tensor]]) -> tuple[tuple[Tensor], tuple[Tensor, Tensor]]:
+    """The ``KernelFamily.combine`` of ``divergence`` (a kernel divergence, not the reverse KL; bound with
+    ``functools.partial``): ``((value,), (mean_partial, row_stats))``, ``[N]``, ``[N]``, ``[N, 4]``, over the whole
+    vocabulary: the value and sum_v q_v a_v of the unsharded rows (the same on every rank, 0 where masked) and this
+    rank's global row statistics (``LogNormalisers``), by one all-gather (``SHARD_COMBINED_DIVERGENCES``) or two (the
+    others)."""
+    shards, temperature = shard.shards, shard.temperature
+    if divergence in SHARD_COMBINED_DIVERGENCES:
+        value_r, partial_r, row_stats = _local_divergence(shard, student)
         every = shards.all_gather(torch.cat((row_stats, torch.stack((value_r, partial_r), -1)), -1)).double()
         norms = LogNormalisers.of(every[..., :4], shards.rank, temperature)
         v = norms.log_v.exp()
@@ -417,77 +415,48 @@ def combine_divergence(terms: DivergenceShard, student: Sequence[Optional[Tensor
         lse_s, lse_t = (x.logsumexp(0) for x in (norms.log_norm_s, norms.log_norm_t))
         mean_partial = torch.where((lse_s + lse_t).isnan(), math.nan, -v.sum(0))  # -sum_v p_v (NaN logits: NaN)
     else:
-        row_stats = terms.local_row_stats(*student)
+        row_stats = shard.family.row_stats(*student)
         norms = LogNormalisers.of(shards.all_gather(row_stats).double(), shards.rank, temperature)
         given = norms.global_row_stats.to(row_stats.dtype)
-        value_r, partial_r, _ = _local_divergence(terms, student, given)
+        value_r, partial_r, _ = _local_divergence(shard, student, given)
         value, mean_partial = shards.all_gather(torch.stack((value_r, partial_r), -1)).double().sum(0).unbind(-1)
-    if terms.mask is not None:
-        value, mean_partial = (torch.where(terms.mask, x, 0.0) for x in (value, mean_partial))
+    if shard.mask is not None:
+        value, mean_partial = (torch.where(shard.mask, x, 0.0) for x in (value, mean_partial))
     dtype = row_stats.dtype
-    return value.to(dtype), mean_partial.to(dtype), norms.global_row_stats.to(dtype)
+    return (value.to(dtype),), (mean_partial.to(dtype), norms.global_row_stats.to(dtype))
 
 
-def _local_divergence(terms: DivergenceShard, student: Sequence[Optional[Tensor]],
+def _local_divergence(shard: VocabShard, student: Sequence[Optional[Tensor]],
                       given_row_stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``terms.local_divergence``, or for a padding shard (V_r = 0, nothing read) zeros and row statistics
+    """The shard's ``forward``, or for a padding shard (V_r = 0, nothing read) zeros and row statistics
     (0, -inf, 0, -inf): no share of either softmax."""
-    if terms.real_columns > 0:
-        return terms.local_divergence(*student, given_row_stats=given_row_stats)
-    row_stats = terms.local_row_stats(*student)
+    if shard.real_columns > 0:
+        return shard.family.forward(*student, given_row_stats=given_row_stats)
+    row_stats = shard.family.row_stats(*student)
     zeros = row_stats.new_zeros(row_stats.shape[0])
     return zeros, zeros.clone(), row_stats
 
 
-class _ShardedDivergence(torch.autograd.Function):
-    """The per-token divergence ``[N]`` over the whole vocabulary from one rank's ``DivergenceShard``."""
+def _logits_divergence_family(teacher: Tensor, mask: Optional[Tensor], divergence: str, coefficient: float,
+                              temperature: float, real_columns: int, backend: str) -> KernelFamily:
+    """A divergence of the family on a shard of the logits: the kernels of ``ops.divergence`` on its V_r real
+    columns, the row statistics from ``ops.reverse_kld``'s."""
+    def row_stats(student: Tensor) -> Tensor:
+        return ops.backend_token_stats(student, teacher, None, mask, temperature, real_columns, backend)[4]
 
-    @staticmethod
-    def forward(ctx, terms: DivergenceShard, *student: Optional[Tensor]):
-        value, mean_partial, row_stats = combine_divergence(terms, student)
-        ctx.terms = terms
-        ctx.save_for_backward(*student, mean_partial, row_stats)
-        return value
+    def forward(student: Tensor, given_row_stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        return divergence_ops.divergence(student, teacher, mask, divergence, coefficient, 1.0 / temperature,
+                                         real_columns, backend, given_row_stats)
 
-    @staticmethod
-    @first_order("the vocabulary-parallel divergence")
-    def backward(ctx, grad_value):
-        *student, mean_partial, row_stats = ctx.saved_tensors
-        upstream = grad_value.to(mean_partial.dtype).contiguous()  # (expanded, from .sum())
-        grads = ctx.terms.local_divergence_gradients(student, upstream, (mean_partial, row_stats),
-                                                     ctx.needs_input_grad[1:])
-        return None, *grads
-
-
-def sharded_divergence(terms: DivergenceShard, *student: Optional[Tensor]) -> Tensor:
-    """The per-token divergence ``[N]`` over the vocabulary ``terms`` shards (its backward: no communication)."""
-    return _ShardedDivergence.apply(terms, *student)
-
-
-class LogitsDivergenceShard(LogitsShard, DivergenceShard):
-    """A rank's shard of the logits, for a divergence of the family."""
-
-    def __init__(self, shards: VocabShards, teacher: Tensor, mask: Optional[Tensor], divergence: str,
-                 coefficient: float, temperature: float, vocab_size: int, backend: str, *, width: int) -> None:
-        super().__init__(shards, teacher, None, mask, temperature, vocab_size, backend, width=width)
-        self.divergence, self.coefficient = divergence, coefficient
-
-    def local_row_stats(self, student: Tensor) -> Tensor:
-        return ops.backend_token_stats(student, self.teacher, None, self.mask, self.temperature, self.real_columns,
-                                       self.backend)[4]
-
-    def local_divergence(self, student: Tensor, given_row_stats: Optional[Tensor] = None):
-        return divergence_ops.divergence(student, self.teacher, self.mask, self.divergence, self.coefficient,
-                                         1.0 / self.temperature, self.real_columns, self.backend, given_row_stats)
-
-    def local_divergence_gradients(self, student, grad_value, saved, needs):
+    def backward(student, upstream, saved, needs):
         if not needs[0]:
             return (None,)
-        if self.real_columns == 0:
+        if real_columns == 0:
             return (ops.fresh_gradient(student[0]).zero_(),)
-        return (divergence_ops.divergence_backward(student[0], self.teacher, self.mask, grad_value, *saved,
-                                                   self.divergence, self.coefficient, 1.0 / self.temperature,
-                                                   self.real_columns, self.backend),)
+        return (divergence_ops.divergence_backward(student[0], teacher, mask, upstream[0], *saved, divergence,
+                                                   coefficient, 1.0 / temperature, real_columns, backend),)
+
+    return KernelFamily(forward, backward, functools.partial(combine_divergence, divergence), row_stats=row_stats)
 
 
 @torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
@@ -497,6 +466,7 @@ def logits_divergence(shards: VocabShards, student: Tensor, teacher: Tensor, mas
     (``losses.fused_divergence`` with a process group), after ``check_replicated``."""
     check_divergence_backend(divergence, backend)
     check_logits_shard(shards, student, None, mask, vocab_size)
-    terms = LogitsDivergenceShard(shards, teacher, mask, divergence, coefficient, temperature, vocab_size, backend,
-                                  width=student.shape[-1])
-    return sharded_divergence(terms, student)
+    width = student.shape[-1]
+    family = _logits_divergence_family(teacher, mask, divergence, coefficient, temperature,
+                                       shards.real_columns(width, vocab_size), backend)
+    return sharded(VocabShard(shards, family, width, vocab_size, temperature, None, mask), student)[0]

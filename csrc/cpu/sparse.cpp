@@ -205,8 +205,8 @@ template <typename acc_t, typename student_t>
 TailSums tail_sums(const student_t* __restrict s, int64_t vocab_size, double inv_t, const Entries& e,
                    acc_t* __restrict buf, uint8_t* __restrict keep) {
   const acc_t k = static_cast<acc_t>(inv_t);
-  acc_t m = -std::numeric_limits<acc_t>::infinity(), c = 0;
-  double z = 0, sum_e = 0;
+  OnlineLogNormaliser<acc_t> tail;
+  double sum_e = 0;
   size_t next = 0;
   for (int64_t start = 0; start < vocab_size; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab_size - start);
@@ -217,14 +217,10 @@ TailSums tail_sums(const student_t* __restrict s, int64_t vocab_size, double inv
       const acc_t v = buf[j];  // NaN ignored: it reaches the sums through exp
       chunk_max = std::max(chunk_max, v);
     }
-    m = std::max(m, chunk_max);
-    const acc_t nc = centre_of(m);
-    if (nc != c && z > 0) {  // re-centre: e_v -> r e_v, (s_v - c) -> (s_v - c) + d
-      const double d = double(c) - double(nc), r = std::exp(d * inv_t);
-      sum_e = r * (sum_e + d * z);
-      z *= r;
-    }
-    c = nc;
+    // Re-centre: e_v -> f e_v and (s_v - c) -> (s_v - c) + d take E_R to f E_R + d Z_R (Z_R already rescaled).
+    const Recentring move = tail.recentre(chunk_max, inv_t);
+    sum_e = move.factor * sum_e + move.shift * tail.z;
+    const acc_t c = tail.centre;
     double chunk_z = 0, chunk_e = 0;
 #pragma omp simd reduction(+ : chunk_z, chunk_e)
     for (int64_t j = 0; j < n; ++j) {
@@ -233,10 +229,10 @@ TailSums tail_sums(const student_t* __restrict s, int64_t vocab_size, double inv
       chunk_z += ev;
       chunk_e += where_live(ev > 0, ev * u);
     }
-    z += chunk_z;
+    tail.z += chunk_z;
     sum_e += chunk_e;
   }
-  return {double(m), z, sum_e};
+  return {double(tail.running_max), tail.z, sum_e};
 }
 
 // The student's row statistics from pass 1 (or none: a row that is not streamed, renormalized without token

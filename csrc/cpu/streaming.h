@@ -312,8 +312,8 @@ C10_ALWAYS_INLINE Terms<double> sum_terms(int64_t n, const TermsOf& terms_of) {
 // caller's other sums of exp(k (x_v - c)) f_v over the same columns, are rescaled (a sum of
 // exp(k (x_v - c)) (x_v - c) f_v becomes factor * sum + d * the same sum without (x_v - c)). While z is 0 (no live
 // column yet, every sum over the columns 0) the factor is 1: there the first finite maximum can lie far below the
-// centre 0 and exp(k d) overflow. NaN stays NaN. Both kernel families call it: reverse_kld.cpp's row pass and
-// divergence.cpp's log-normalisers.
+// centre 0 and exp(k d) overflow. NaN stays NaN. Every kernel family calls it: reverse_kld.cpp's row pass (kl_row.h),
+// divergence.cpp's log-normalisers and sparse.cpp's pass 1 over the tail R.
 // ---------------------------------------------------------------------------------------------------------
 struct Recentring {
   double shift = 0;   // c_old - c_new

@@ -1,5 +1,5 @@
 // Device helpers the CUDA kernels share (reverse_kld.cu, divergence.cu): the accumulation type of a dtype pair, exact
-// widenings, round-to-nearest stores into the gradient's dtype, the exp they use, and the centre of online sums.
+// widenings, round-to-nearest stores into the gradient's dtype, the exp they use, and the online log-normaliser.
 #pragma once
 
 #include <type_traits>
@@ -64,6 +64,40 @@ __device__ __forceinline__ acc_t negative_infinity() {
 template <typename acc_t>
 __device__ __forceinline__ acc_t centre_of(acc_t running_max) {
   return running_max == negative_infinity<acc_t>() ? acc_t(0) : running_max;
+}
+
+// The online log-normaliser (online softmax) of a row, for every forward kernel (the CPU kernels' streaming.h
+// OnlineLogNormaliser, step for step): a double sum z = sum_v exp(k (x_v - c)) centred on c = centre_of(m), m the
+// running maximum of the raw logits. When m grows to new_m the centre moves to c' = centre_of(new_m) by the shift
+// d = c - c' (exact in double), and z, with every other sum of exp(k (x_v - c)) f_v over the same columns, is
+// rescaled by the factor exp(k d); a sum M of exp(k (x_v - c)) (x_v - c) f_v becomes factor (M + d z)
+// (recentred_moment). While z is 0 (no live column yet, every sum 0) the factor is 1: there the first finite maximum
+// can lie far below the centre 0 and exp(k d) overflow. NaN stays NaN.
+struct Recentring {
+  double shift = 0;   // c - c'
+  double factor = 1;  // exp(k shift), or 1 while z is 0
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Recentring recentring(acc_t running_max, acc_t new_max, double z, double k) {
+  const double c = centre_of(running_max), next = centre_of(new_max);
+  if (next == c) return {};
+  const double shift = c - next;
+  return {shift, z > 0 ? exp(shift * k) : 1.0};
+}
+
+// z re-centred from centre_of(running_max) onto centre_of(new_max) (new_max >= running_max).
+template <typename acc_t>
+__device__ __forceinline__ double recentred(double z, acc_t running_max, acc_t new_max, double k) {
+  return z * recentring(running_max, new_max, z, k).factor;
+}
+
+// A sum M = sum_v exp(k (x_v - c)) (x_v - c) f_v re-centred by move, z its columns' normaliser before the move:
+// factor (M + shift z); 0 where the factor is 0 (a shift of -inf at a +inf logit, where the product would be NaN);
+// M itself where nothing moved or z is 0.
+__device__ __forceinline__ double recentred_moment(double moment, double z, const Recentring& move) {
+  if (move.shift == 0 || !(z > 0)) return moment;
+  return move.factor > 0 ? move.factor * (moment + move.shift * z) : 0.0;
 }
 
 }  // namespace minillm_cuda

@@ -105,13 +105,6 @@ struct Normalisers {
   double z_s, z_t;
 };
 
-// The sum z centred on centre_of(m) re-centred on centre_of(new_m) (new_m >= m), in double.
-template <typename acc_t>
-__device__ __forceinline__ double recentred(double z, acc_t m, acc_t new_m, double k) {
-  const double c = centre_of(m), nc = centre_of(new_m);
-  return (nc != c && z > 0) ? z * exp((c - nc) * k) : z;
-}
-
 template <typename acc_t>
 __device__ __forceinline__ Normalisers<acc_t> merge(const Normalisers<acc_t>& a, const Normalisers<acc_t>& b,
                                                     double k) {

@@ -88,26 +88,14 @@ __device__ __forceinline__ RowState<acc_t> empty_state() {
 // the CPU kernel's update, term for term.
 template <typename acc_t>
 __device__ __noinline__ void rebase(RowState<acc_t>& st, acc_t new_m_s, acc_t new_m_t, double k) {
-  const double c_s = centre_of(st.m_s), c_t = centre_of(st.m_t);
-  const double nc_s = centre_of(new_m_s), nc_t = centre_of(new_m_t);
-  if (nc_t != c_t) {
-    // w -> w + d with d = c_t - nc_t: A loses d Z_s.
-    const double d = c_t - nc_t;
-    if (st.z_t > 0) st.z_t *= exp(d * k);
-    if (st.z_s > 0) st.a_acc -= d * st.z_s;
-  }
-  if (nc_s != c_s && st.z_s > 0) {
-    // u -> u + d with d = c_s - nc_s, and e_v -> r e_v with r = exp(k d).
-    const double d = c_s - nc_s;
-    const double r = exp(d * k);
-    if (r > 0) {
-      st.e_acc = r * (st.e_acc + d * st.z_s);
-      st.a_acc = r * (st.a_acc + d * st.z_s);
-      st.z_s *= r;
-    } else {
-      st.z_s = st.e_acc = st.a_acc = 0;
-    }
-  }
+  // w -> w + d_t takes d_t Z_s from A; u -> u + d_s and e_v -> r e_v take E and A to r (. + d_s Z_s).
+  const Recentring move_t = recentring(st.m_t, new_m_t, st.z_t, k);
+  st.z_t *= move_t.factor;
+  if (st.z_s > 0) st.a_acc -= move_t.shift * st.z_s;
+  const Recentring move_s = recentring(st.m_s, new_m_s, st.z_s, k);
+  st.e_acc = recentred_moment(st.e_acc, st.z_s, move_s);
+  st.a_acc = recentred_moment(st.a_acc, st.z_s, move_s);
+  st.z_s *= move_s.factor;
   st.m_s = new_m_s;
   st.m_t = new_m_t;
 }

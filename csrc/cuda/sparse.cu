@@ -157,12 +157,9 @@ struct TailState {
 // state re-centred from centre_of(state.m) onto centre_of(new_m) (new_m >= m): e_v -> r e_v, (s - c) -> (s - c) + d.
 template <typename acc_t>
 __device__ __forceinline__ TailState<acc_t> recentred(TailState<acc_t> st, acc_t new_m, double k) {
-  const double c = centre_of(st.m), nc = centre_of(new_m);
-  if (nc != c && st.z > 0) {
-    const double d = c - nc, r = exp(d * k);
-    st.e = r * (st.e + d * st.z);
-    st.z *= r;
-  }
+  const Recentring move = recentring(st.m, new_m, st.z, k);
+  st.e = recentred_moment(st.e, st.z, move);
+  st.z *= move.factor;
   st.m = new_m;
   return st;
 }

@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 from minillm_kernels.ops.reverse_kld_triton import (
-    _acc_dtype, _block_size, _centre, _num_warps, _round_to_bfloat16, _row_offset, _row_strides,
+    _acc_dtype, _block_size, _centre, _num_warps, _online_log_normaliser, _round_to_bfloat16, _row_offset,
+    _row_strides,
 )
 from minillm_kernels.reference import compute_dtype
 
@@ -141,17 +142,8 @@ def _divergence_forward_kernel(
         in_row = cols < n_cols
         s = tl.load(student_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
         t = tl.load(teacher_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
-        old_c_s = _centre(m_s).to(tl.float64)
-        old_c_t = _centre(m_t).to(tl.float64)
-        m_s = tl.maximum(m_s, tl.max(s, axis=0))
-        m_t = tl.maximum(m_t, tl.max(t, axis=0))
-        c_s = _centre(m_s)
-        c_t = _centre(m_t)
-        # (min: an empty sum's old centre, 0, may lie above the new one; it stays 0.)
-        z_s = z_s * tl.exp(tl.minimum(old_c_s - c_s.to(tl.float64), 0.0) * k64)
-        z_t = z_t * tl.exp(tl.minimum(old_c_t - c_t.to(tl.float64), 0.0) * k64)
-        z_s += tl.sum(tl.exp((s - c_s) * k).to(tl.float64), axis=0)
-        z_t += tl.sum(tl.exp((t - c_t) * k).to(tl.float64), axis=0)
+        m_s, _, z_s, _, _, _ = _online_log_normaliser(m_s, z_s, s, k64, k)
+        m_t, _, z_t, _, _, _ = _online_log_normaliser(m_t, z_t, t, k64, k)
     c_s64 = _centre(m_s).to(tl.float64)
     c_t64 = _centre(m_t).to(tl.float64)
     log_z_s64 = tl.log(z_s)

@@ -48,6 +48,34 @@ def _centre(running_max):
 
 
 @triton.jit
+def _online_log_normaliser(running_max, normaliser, block, inv_temperature64, inv_temperature):
+    """One block of the online log-normaliser log Z = log sum_v exp(k x_v) of a row (online softmax), for every
+    forward kernel: the running maximum m of the raw logits x, its centre c (m, or 0 while m is -inf: ``_centre``) and
+    Z = sum_v exp(k (x_v - c)) in float64, taken over one more block of x (``ACC_DTYPE``, -inf where not in the row):
+        m' = max(m, max_v x_v),   d = min(c - c', 0),   r = exp(k d),   e_v = exp(k (x_v - c')),   Z' = r Z + sum_v e_v.
+    d is float64, where the centres' difference is exact; the min keeps d = 0 where an empty sum's centre 0 lies
+    above the first finite maximum (r <= 1 then never meets Z = 0 as inf * 0). A column at -inf gives e_v = 0;
+    NaN stays NaN. Returns ``(m', c', Z', e, d, r)``: e the block's terms (``ACC_DTYPE``); a caller's other sums over
+    the same columns re-centre with d and r (``_recentred_moment``)."""
+    old_centre = _centre(running_max).to(tl.float64)
+    running_max = tl.maximum(running_max, tl.max(block, axis=0))
+    centre = _centre(running_max)
+    shift = tl.minimum(old_centre - centre.to(tl.float64), 0.0)
+    ratio = tl.exp(shift * inv_temperature64)
+    terms = tl.exp((block - centre) * inv_temperature)
+    normaliser = normaliser * ratio + tl.sum(terms.to(tl.float64), axis=0)
+    return running_max, centre, normaliser, terms, shift, ratio
+
+
+@triton.jit
+def _recentred_moment(moment, normaliser, shift, ratio):
+    """A float64 sum M = sum_v e_v (x_v - c) re-centred on the new centre c' = c - d (``_online_log_normaliser``'s d
+    and r; Z the normaliser before the block): e_v -> r e_v and x_v - c -> (x_v - c') + d give M -> r (M + d Z);
+    0 where Z or r is 0 (an empty sum, or d = -inf at a +inf logit, where the product would be NaN)."""
+    return tl.where((normaliser > 0) & (ratio > 0), ratio * (moment + shift * normaliser), 0.0)
+
+
+@triton.jit
 def _row_offset(row, rows_per_outer, outer_stride, inner_stride):
     """The element offset of row ``row`` (int64) in ``[n_outer, rows_per_outer, V]`` logits of strides
     ``(outer_stride, inner_stride, 1)``: int64, as ``row`` is (it passes 2^31 once N * V does)."""
@@ -94,31 +122,18 @@ def _reverse_kld_forward_kernel(
         in_row = cols < n_cols
         s = tl.load(student_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
         t = tl.load(teacher_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
-        old_c_s = _centre(m_s).to(tl.float64)
-        old_c_t = _centre(m_t).to(tl.float64)
-        m_s = tl.maximum(m_s, tl.max(s, axis=0))
-        m_t = tl.maximum(m_t, tl.max(t, axis=0))
-        c_s = _centre(m_s)
-        c_t = _centre(m_t)
-        # Re-centre the sums (float64, where the centres' differences are exact): with d = old - new <= 0,
-        # w -> w + d_t takes d_t Z_s from A; u -> u + d_s and e_v -> r e_v, r = exp(k d_s). An empty sum stays 0
-        # (its old centre, 0, may lie above the new one: the min keeps r <= 1 from meeting Z = 0 as inf * 0).
-        d_t = tl.minimum(old_c_t - c_t.to(tl.float64), 0.0)
-        a_acc = tl.where(z_s > 0, a_acc - d_t * z_s, a_acc)
-        z_t = z_t * tl.exp(d_t * k64)
-        d_s = tl.minimum(old_c_s - c_s.to(tl.float64), 0.0)
-        r_s = tl.exp(d_s * k64)
-        keep = (z_s > 0) & (r_s > 0)
-        a_acc = tl.where(keep, r_s * (a_acc + d_s * z_s), 0.0)
-        e_acc = tl.where(keep, r_s * (e_acc + d_s * z_s), 0.0)
-        z_s = tl.where(keep, r_s * z_s, 0.0)
+        z_s_before = z_s
+        m_t, c_t, z_t, _, d_t, _ = _online_log_normaliser(m_t, z_t, t, k64, k)
+        m_s, c_s, z_s, e, d_s, r_s = _online_log_normaliser(m_s, z_s, s, k64, k)
+        # Re-centre E and A: w -> w + d_t takes d_t Z_s from A; u -> u + d_s and e_v -> r e_v take both to
+        # r (. + d_s Z_s).
+        a_acc = tl.where(z_s_before > 0, a_acc - d_t * z_s_before, a_acc)
+        a_acc = _recentred_moment(a_acc, z_s_before, d_s, r_s)
+        e_acc = _recentred_moment(e_acc, z_s_before, d_s, r_s)
 
         u = s - c_s  # <= 0
         w = t - c_t
-        e = tl.exp(u * k)
         live = e > 0
-        z_s += tl.sum(e.to(tl.float64), axis=0)
-        z_t += tl.sum(tl.exp(w * k).to(tl.float64), axis=0)
         e_acc += tl.sum(tl.where(live, e * u, 0.0).to(tl.float64), axis=0)
         a_acc += tl.sum(tl.where(live, e * (u - w), 0.0).to(tl.float64), axis=0)
 

@@ -30,7 +30,8 @@ import triton.language as tl
 
 from minillm_kernels.ops.divergence_triton import _expm1, _log1p
 from minillm_kernels.ops.reverse_kld_triton import (
-    _block_size, _centre, _num_warps, _round_to_bfloat16, _row_offset, _row_strides,
+    _block_size, _centre, _num_warps, _online_log_normaliser, _recentred_moment, _round_to_bfloat16, _row_offset,
+    _row_strides,
 )
 from minillm_kernels.reference import DIVERGENCES, SPARSE_TAILS, compute_dtype
 
@@ -199,19 +200,10 @@ def _sparse_forward_kernel(
         keep = (cols < n_cols) & _outside_entries(cols, sorted_ptr, first, last, ID_CHUNK)
         first = last
         s = tl.load(student_ptr + cols, mask=keep, other=float("-inf")).to(ACC_DTYPE)
-        old_c = _centre(m_r).to(tl.float64)
-        m_r = tl.maximum(m_r, tl.max(s, axis=0))
-        c_r = _centre(m_r)
-        # Re-centre (min: an empty sum's old centre, 0, may lie above the new one; it stays 0).
-        d = tl.minimum(old_c - c_r.to(tl.float64), 0.0)
-        ratio = tl.exp(d * k64)
-        kept = (z_r > 0) & (ratio > 0)
-        e_r = tl.where(kept, ratio * (e_r + d * z_r), 0.0)
-        z_r = tl.where(kept, ratio * z_r, 0.0)
-        u = s - c_r
-        e = tl.exp(u * k)
-        z_r += tl.sum(e.to(tl.float64), axis=0)
-        e_r += tl.sum(tl.where(e > 0, e * u, 0.0).to(tl.float64), axis=0)
+        z_r_before = z_r
+        m_r, c_r, z_r, e, d, ratio = _online_log_normaliser(m_r, z_r, s, k64, k)
+        e_r = _recentred_moment(e_r, z_r_before, d, ratio)
+        e_r += tl.sum(tl.where(e > 0, e * (s - c_r), 0.0).to(tl.float64), axis=0)
 
     # The entries: the row's centre, log-normaliser and entropy; the teacher's tail mass.
     top, p_sum, n_live, n_bad, top_log_p = _teacher_side(ids_ptr, logprobs_ptr, student_ptr, k_entries, vocab_size,
