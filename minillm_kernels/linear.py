@@ -35,8 +35,8 @@ matmuls stay in those dtypes under autocast; grad W accumulates in the weight's 
 grad h is returned in the hidden states' dtype, grad b in the bias's.
 
 One chunk loop (``_ChunkLoop``: the projections, the plan, the logits buffers, autocast off) runs inside every
-``torch.library`` custom op here (``minillm_kernels::linear_token_stats``, ``linear_reverse_kld_sum`` and
-``linear_divergence`` with their backwards, each with a fake implementation and an autograd formula), each op
+``torch.library`` custom op here (``minillm_kernels::linear_token_stats``, ``linear_reverse_kld_sum``,
+``linear_divergence`` and ``linear_sparse_divergence`` with their backwards, each with a fake implementation and an autograd formula), each op
 handing it its kernel family's per-chunk function; so ``torch.compile(fullgraph=True)`` traces a model and this loss
 together: the chunk plan, which depends on the mask's contents, is made inside the op. Meta tensors get the outputs' shapes. The inputs are saved for the
 backward, so an in-place change of a weight between forward and backward is autograd's usual error.
@@ -46,6 +46,12 @@ Gradients flow to the student hidden states, weight and bias; the teacher is fro
 keeps per token the value, ``mean_partial = sum_v q_v a_v`` and the row statistics, and its backward recomputes each
 chunk's logits and writes G_c = g k q (a - mean_partial) (six matmuls per chunk, for every reduction; the reverse KL
 is ``fused_linear_reverse_kld``'s, with its four-matmul scalar path).
+
+``fused_linear_sparse_divergence`` runs it for the sparse teacher's family (``ops/sparse.py``): the teacher is its
+[N, K] top-k ids and log-probabilities, not an lm_head, so the loop has no teacher projection (two [C, V] buffers,
+two matmuls fewer per chunk), and each chunk hands the sparse kernels its tokens' rows of the top-k (the ids are
+vocabulary columns, the same in every chunk). The forward keeps per token the value, ``mean_partial``, the entropy
+and the row statistics; the backward recomputes each chunk's student logits (four matmuls per chunk in all).
 
 Vocabulary-parallel (``process_group``, or DTensor weights; ``parallel.py``): each rank runs the chunk loop on its
 rows of both lm_heads, the per-token terms are combined over the ranks (for reduction "sum" / "mean", chunk by chunk,
@@ -192,10 +198,11 @@ class _ChunkLoop:
     (``_make_plan``: chunks of the counted tokens) and, iterating, each ``_Chunk`` with both models' logits, computed
     into two [C, vocab] buffers (C: the largest chunk) allocated once, with autocast off while the loop runs (each
     matmul in its weight's dtype). A teacher given without an lm_head (its ``tensors`` None: the sparse teacher's
-    top-k, which its per-chunk functions read at the chunk's rows) has no projection, buffer or chunk logits. Each model's soft cap (``_Projection``) is applied there, to the logits every
-    kernel reads, and its derivative where the student's logit gradient becomes its input gradients
-    (``_InputGradients.add_chunk``): in one place for every op and backend. What an op does with a chunk is its
-    kernel family's per-chunk function (e.g. ``_chunk_stats`` and ``_chunk_stats_gradient``): ``per_token`` writes
+    top-k, which its per-chunk functions read at the chunk's rows) has no projection, buffer or chunk logits. Each
+    model's soft cap (``_Projection``) is applied there, to the logits every kernel reads, and its derivative where
+    the student's logit gradient becomes its input gradients (``_InputGradients.add_chunk``): in one place for every
+    op and backend. What an op does with a chunk is its kernel family's per-chunk function (e.g. ``_chunk_stats`` and
+    ``_chunk_stats_gradient``, ``_chunk_sparse_divergence`` and its ``_gradient``): ``per_token`` writes
     per-token outputs, ``input_gradients`` turns logit gradients into the student's input gradients, and a plain
     ``for chunk in loop`` does anything else."""
 
@@ -995,11 +1002,11 @@ def _(student_hidden, student_weight, student_bias, teacher_ids, teacher_logprob
 
 
 def _setup_sparse(ctx, inputs, output) -> None:
-    *tensors, mask, divergence, tail, coefficient, temperature, vocab_size, chunk_size, backend, student_softcap = inputs
+    *tensors, mask, divergence, tail, coefficient, temperature, vocab_size, chunk_size, backend, softcap = inputs
     _, entropy, mean_partial, row_stats = output
     ctx.save_for_backward(*tensors, mask, entropy, mean_partial, row_stats)
     ctx.arguments = (divergence, tail, coefficient, temperature, vocab_size, chunk_size, backend)
-    ctx.student_softcap = student_softcap
+    ctx.student_softcap = softcap
     ctx.mark_non_differentiable(entropy, mean_partial, row_stats)
 
 

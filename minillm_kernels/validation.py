@@ -14,8 +14,9 @@ The divergence and its coefficient (``divergence_coefficient``): the name checke
 it is, and the one number the kernels take (beta for the JSD, the skew for the skew KLs).
 
 The tensors: ``validate_logits`` (logits), ``validate_sparse_teacher`` (a top-k teacher), ``validate_linear``
-(hidden states and lm_heads), all through ``validate_token_args`` (vocab_size, temperature, mask, target ids and the
-backend, ``backends.choose_backend``'s); the data-dependent checks run in eager mode only.
+(hidden states and lm_heads), ``validate_linear_sparse`` (the student's hidden states and lm_head, a top-k
+teacher), all through ``validate_token_args`` (vocab_size, temperature, mask, target ids and the backend,
+``backends.choose_backend``'s); the data-dependent checks run in eager mode only.
 """
 from __future__ import annotations
 
@@ -430,8 +431,8 @@ def _check_sparse_teacher_tensors(teacher_ids: object, teacher_logprobs: object,
         raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
                          f"{tuple(teacher_logprobs.shape)} must have the same shape [..., K]")
     if teacher_ids.dim() == 0 or teacher_ids.shape[:-1] != lead_shape or teacher_ids.shape[-1] == 0:
-        raise ValueError(f"teacher_ids and teacher_logprobs must have shape [..., K] (K >= 1) with the student's leading "
-                         f"shape {tuple(lead_shape)} (that of {student_name}), got {tuple(teacher_ids.shape)}")
+        raise ValueError(f"teacher_ids and teacher_logprobs must have shape [..., K] (K >= 1) with the student's "
+                         f"leading shape {tuple(lead_shape)} (that of {student_name}), got {tuple(teacher_ids.shape)}")
 
 
 def _sparse_teacher_rows(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,

@@ -114,7 +114,9 @@ def test_a_student_softcap(backend, tail):
 def test_low_precision_within_the_dtype_error(backend, divergence, tail, dtype):
     """A float32 or bf16 lm_head and hidden states, float32 log-probabilities: within test_fused_linear.RELATIVE_ERROR
     of the float64 composition on the same rounded inputs, as the dense fused-linear losses (the logits are rounded
-    to the weight's dtype after the matmul, the gradients are matmuls of a logit gradient rounded to it)."""
+    to the weight's dtype after the matmul, the gradients are matmuls of a logit gradient rounded to it). Largest
+    relative errors over 20 seeds x (reference, cpu) x these 3 cases: bf16 2.0e-3 for the values, 2.9e-2 for the
+    gradients (bounds 2e-2 / 6e-2); float32 1.9e-7 / 2.7e-6 (bound 7.6e-6)."""
     require_backend(backend)
     (loss, grads), (expected, expected_grads), _ = sparse_case(backend, divergence, tail, "none", 5, dtype=dtype,
                                                                logprob_dtype=torch.float32)
@@ -162,12 +164,14 @@ def test_bad_arguments_are_errors_that_name_them():
     outside[0, 0, 0] = VOCAB
     many = torch.arange(VOCAB + 1).expand(BATCH, SEQ, VOCAB + 1)
     cases = [
-        (dict(ids=ids[:, :-1], logprobs=logprobs[:, :-1]), ValueError, r"with the student's leading shape \(2, 13\) \(that of student_hidden\)"),
+        (dict(ids=ids[:, :-1], logprobs=logprobs[:, :-1]), ValueError,
+         r"with the student's leading shape \(2, 13\) \(that of student_hidden\)"),
         (dict(ids=ids.float()), TypeError, "teacher_ids must be an integer tensor"),
         (dict(logprobs=logprobs[..., :-1]), ValueError, "must have the same shape"),
         (dict(ids=outside), ValueError, r"teacher_ids must lie in \[0, vocab_size=101\)"),
         (dict(ids=many, logprobs=torch.full(many.shape, -10.0)), ValueError, "more than vocab_size = 101"),
-        (dict(logprobs=torch.where(logprobs.isinf(), logprobs, -logprobs)), ValueError, "teacher_logprobs must be log-probabilities"),
+        (dict(logprobs=torch.where(logprobs.isinf(), logprobs, -logprobs)), ValueError,
+         "teacher_logprobs must be log-probabilities"),
         (dict(weight=weight[:, :-1]), ValueError, "student_weight must have shape"),
         (dict(tail="top"), ValueError, "tail must be one of"),
         (dict(divergence="kl"), ValueError, "divergence must be one of"),
