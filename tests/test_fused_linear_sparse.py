@@ -141,6 +141,29 @@ def test_never_materializes_the_logits():
     assert largest.numel * 8 < tokens * VOCAB
 
 
+def test_torch_compile_traces_it_whole():
+    """fullgraph=True: the chunk plan (data-dependent: the mask) is made inside the custom op; values and gradients as
+    eager, with a soft cap, a mask, two tails and reductions."""
+    require_backend("cpu")
+    student = leaves(*projection(STUDENT_HIDDEN, VOCAB, torch.float32, "cpu", bias=False))[:2]
+    ids, logprobs = (x.view(BATCH, SEQ, K) for x in sparse_teacher(BATCH * SEQ, VOCAB, K, torch.device("cpu")))
+    mask = random_mask(BATCH * SEQ, torch.device("cpu")).view(BATCH, SEQ)
+
+    def loss(hidden, weight):
+        jsd = mk.fused_linear_sparse_divergence(hidden, weight, ids, logprobs, divergence="jsd", beta=BETA,
+                                                tail="uniform", mask=mask, student_softcap=3.0, chunk_size=5,
+                                                backend="cpu")
+        kl = mk.fused_linear_sparse_divergence(hidden, weight, ids, logprobs, mask=mask, reduction="none",
+                                               backend="cpu")
+        return jsd + kl.sum()
+
+    compiled = torch.compile(loss, fullgraph=True)(*student)
+    eager = loss(*student)
+    torch.testing.assert_close(compiled, eager, **tolerance(torch.float32))
+    for got, want in zip(gradients(compiled, student), gradients(eager, student)):
+        torch.testing.assert_close(got, want, **tolerance(torch.float32))
+
+
 def test_a_fully_masked_mean_is_zero_with_zero_gradients():
     student = leaves(*projection(STUDENT_HIDDEN, VOCAB, torch.float32, "cpu"))
     ids, logprobs = (x.view(BATCH, SEQ, K) for x in sparse_teacher(BATCH * SEQ, VOCAB, K, torch.device("cpu")))
