@@ -36,10 +36,11 @@ grad h is returned in the hidden states' dtype, grad b in the bias's.
 
 One chunk loop (``_ChunkLoop``: the projections, the plan, the logits buffers, autocast off) runs inside every
 ``torch.library`` custom op here (``minillm_kernels::linear_token_stats``, ``linear_reverse_kld_sum``,
-``linear_divergence`` and ``linear_sparse_divergence`` with their backwards, each with a fake implementation and an autograd formula), each op
-handing it its kernel family's per-chunk function; so ``torch.compile(fullgraph=True)`` traces a model and this loss
-together: the chunk plan, which depends on the mask's contents, is made inside the op. Meta tensors get the outputs' shapes. The inputs are saved for the
-backward, so an in-place change of a weight between forward and backward is autograd's usual error.
+``linear_divergence`` and ``linear_sparse_divergence`` with their backwards, each with a fake implementation and an
+autograd formula), each op handing it its kernel family's per-chunk function; so ``torch.compile(fullgraph=True)``
+traces a model and this loss together: the chunk plan, which depends on the mask's contents, is made inside the op.
+Meta tensors get the outputs' shapes. The inputs are saved for the backward, so an in-place change of a weight between
+forward and backward is autograd's usual error.
 Gradients flow to the student hidden states, weight and bias; the teacher is frozen.
 
 ``fused_linear_divergence`` runs the same chunk loop for the divergence family (``ops/divergence.py``): its forward
