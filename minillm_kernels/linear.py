@@ -1078,7 +1078,8 @@ def fused_linear_sparse_divergence(
     """
     check_reduction(reduction)
     divergence, coefficient = divergence_coefficient(divergence, beta, skew)
-    if process_group is not None or any(isinstance(x, DTensor) for x in (student_hidden, student_weight, student_bias)):
+    student = (student_hidden, student_weight, student_bias)
+    if process_group is not None or any(isinstance(x, DTensor) for x in student):
         raise NotImplementedError(
             "fused_linear_sparse_divergence does not support a vocabulary-sharded lm_head (process_group, or DTensor "
             "weights) yet: pass the full, unsharded student_weight with process_group=None (fused_linear_divergence "
