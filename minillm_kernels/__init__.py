@@ -6,6 +6,7 @@
     stats = mk.fused_token_stats(student_logits, teacher_logits, sampled_ids)    # per-token terms
     ids, logprobs = mk.topk_teacher(teacher_logits, k=64)                        # a sparse teacher,
     loss = mk.fused_sparse_divergence(student_logits, ids, logprobs)             # its tail completed
+    loss = mk.fused_linear_sparse_divergence(student_hidden, student.lm_head.weight, ids, logprobs)
     loss = mk.fused_linear_reverse_kld(student_hidden, student.lm_head.weight,   # from hidden states,
                                        teacher_hidden, teacher.lm_head.weight)   # without the logits
     rollout = mk.sample_teacher_mixed(student, teacher, prompt_ids, prompt_mask, max_new_tokens=64)
@@ -21,7 +22,12 @@ from minillm_kernels.losses import (
     fused_token_stats,
     topk_teacher,
 )
-from minillm_kernels.linear import fused_linear_divergence, fused_linear_reverse_kld, fused_linear_token_stats
+from minillm_kernels.linear import (
+    fused_linear_divergence,
+    fused_linear_reverse_kld,
+    fused_linear_sparse_divergence,
+    fused_linear_token_stats,
+)
 from minillm_kernels.objective import (
     language_modeling_loss,
     length_normalized_returns,
@@ -54,6 +60,7 @@ __all__ = [
     "fused_sparse_divergence",
     "fused_sparse_token_stats",
     "topk_teacher",
+    "fused_linear_sparse_divergence",  # the same from the student's hidden states and lm_head (linear.py)
     # the MiniLLM objective (objective.py) and teacher-mixed sampling (sampling.py)
     "TeacherMixedSample",
     "language_modeling_loss",

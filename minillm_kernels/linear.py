@@ -35,17 +35,24 @@ matmuls stay in those dtypes under autocast; grad W accumulates in the weight's 
 grad h is returned in the hidden states' dtype, grad b in the bias's.
 
 One chunk loop (``_ChunkLoop``: the projections, the plan, the logits buffers, autocast off) runs inside every
-``torch.library`` custom op here (``minillm_kernels::linear_token_stats``, ``linear_reverse_kld_sum`` and
-``linear_divergence`` with their backwards, each with a fake implementation and an autograd formula), each op
-handing it its kernel family's per-chunk function; so ``torch.compile(fullgraph=True)`` traces a model and this loss
-together: the chunk plan, which depends on the mask's contents, is made inside the op. Meta tensors get the outputs' shapes. The inputs are saved for the
-backward, so an in-place change of a weight between forward and backward is autograd's usual error.
+``torch.library`` custom op here (``minillm_kernels::linear_token_stats``, ``linear_reverse_kld_sum``,
+``linear_divergence`` and ``linear_sparse_divergence`` with their backwards, each with a fake implementation and an
+autograd formula), each op handing it its kernel family's per-chunk function; so ``torch.compile(fullgraph=True)``
+traces a model and this loss together: the chunk plan, which depends on the mask's contents, is made inside the op.
+Meta tensors get the outputs' shapes. The inputs are saved for the backward, so an in-place change of a weight between
+forward and backward is autograd's usual error.
 Gradients flow to the student hidden states, weight and bias; the teacher is frozen.
 
 ``fused_linear_divergence`` runs the same chunk loop for the divergence family (``ops/divergence.py``): its forward
 keeps per token the value, ``mean_partial = sum_v q_v a_v`` and the row statistics, and its backward recomputes each
 chunk's logits and writes G_c = g k q (a - mean_partial) (six matmuls per chunk, for every reduction; the reverse KL
 is ``fused_linear_reverse_kld``'s, with its four-matmul scalar path).
+
+``fused_linear_sparse_divergence`` runs it for the sparse teacher's family (``ops/sparse.py``): the teacher is its
+[N, K] top-k ids and log-probabilities, not an lm_head, so the loop has no teacher projection (two [C, V] buffers,
+two matmuls fewer per chunk), and each chunk hands the sparse kernels its tokens' rows of the top-k (the ids are
+vocabulary columns, the same in every chunk). The forward keeps per token the value, ``mean_partial``, the entropy
+and the row statistics; the backward recomputes each chunk's student logits (four matmuls per chunk in all).
 
 Vocabulary-parallel (``process_group``, or DTensor weights; ``parallel.py``): each rank runs the chunk loop on its
 rows of both lm_heads, the per-token terms are combined over the ranks (for reduction "sum" / "mean", chunk by chunk,
@@ -58,6 +65,7 @@ import math
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from minillm_kernels import parallel
 from minillm_kernels.backends import compute_dtype
@@ -70,9 +78,11 @@ from minillm_kernels.validation import (
     check_sampling_args,
     divergence_coefficient,
     validate_linear,
+    validate_linear_sparse,
 )
 from minillm_kernels.ops import divergence as divergence_ops
 from minillm_kernels.ops import reverse_kld as ops
+from minillm_kernels.ops import sparse as sparse_ops
 from minillm_kernels.ops.autograd import differentiable, first_order
 
 Tensor = torch.Tensor
@@ -88,15 +98,17 @@ CHUNK_BYTES_GPU = 2**30
 GPU_FREE_MEMORY_SHARE = 0.25
 
 
-def default_chunk_size(n_tokens: int, vocab_size: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Tokens per chunk: as many as fit three [C, vocab_size] ``dtype`` buffers in the budget (``CHUNK_BYTES_CPU``;
+def default_chunk_size(n_tokens: int, vocab_size: int, dtype: torch.dtype, device: torch.device,
+                       buffers: int = 3) -> int:
+    """Tokens per chunk: as many as fit ``buffers`` [C, vocab_size] ``dtype`` buffers (three: both models' logits and
+    the student's logit gradient; two for a sparse teacher, which has no logits) in the budget (``CHUNK_BYTES_CPU``;
     on a GPU ``CHUNK_BYTES_GPU`` or ``GPU_FREE_MEMORY_SHARE`` of its free memory, the smaller), then evened out so
     that the chunks of ``n_tokens`` have equal sizes (e.g. 1100 tokens at a 1024 limit: two chunks of 550)."""
     budget = CHUNK_BYTES_CPU
     if device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(device)
         budget = min(CHUNK_BYTES_GPU, int(free_bytes * GPU_FREE_MEMORY_SHARE))
-    bytes_per_token = 3 * vocab_size * torch.empty((), dtype=dtype).element_size()
+    bytes_per_token = buffers * vocab_size * torch.empty((), dtype=dtype).element_size()
     max_rows = max(1, budget // bytes_per_token)
     n_chunks = max(1, math.ceil(n_tokens / max_rows))
     return max(1, math.ceil(n_tokens / n_chunks))
@@ -155,14 +167,15 @@ class _Plan(NamedTuple):
 
 
 def _make_plan(student: _Projection, mask: Optional[Tensor], target: Optional[Tensor], temperature: float,
-               vocab_size: int, chunk_size: int, backend: str) -> _Plan:
-    """Chunks of ``chunk_size`` tokens (0: ``default_chunk_size``) over the counted tokens: slices of [0, N) without
-    a mask, else slices of the indices of the counted tokens (data-dependent: this runs inside the custom ops)."""
+               vocab_size: int, chunk_size: int, backend: str, buffers: int) -> _Plan:
+    """Chunks of ``chunk_size`` tokens (0: ``default_chunk_size`` for ``buffers`` [C, vocab] buffers) over the counted
+    tokens: slices of [0, N) without a mask, else slices of the indices of the counted tokens (data-dependent: this
+    runs inside the custom ops)."""
     n_tokens = student.hidden.shape[0]
     counted = None if mask is None else mask.nonzero().squeeze(1)
     n_rows = n_tokens if counted is None else counted.numel()
     if chunk_size == 0:
-        chunk_size = default_chunk_size(n_rows, vocab_size, student.weight.dtype, student.hidden.device)
+        chunk_size = default_chunk_size(n_rows, vocab_size, student.weight.dtype, student.hidden.device, buffers)
     bounds = [(start, min(start + chunk_size, n_rows)) for start in range(0, n_rows, chunk_size)]
     chunks = [slice(lo, hi) if counted is None else counted[lo:hi] for lo, hi in bounds]
     return _Plan(chunks, target, temperature, vocab_size, backend)
@@ -178,7 +191,7 @@ class _Chunk(NamedTuple):
     rows: Rows  # its tokens
     hidden: Tensor  # [C, H_s] the student's hidden states
     student_logits: Tensor  # [C, vocab], in the student weight's dtype (a view of a buffer the next chunk reuses)
-    teacher_logits: Tensor  # [C, vocab], in the teacher weight's dtype (likewise)
+    teacher_logits: Optional[Tensor]  # [C, vocab], in the teacher weight's dtype (likewise); None: a sparse teacher
     target: Optional[Tensor]  # [C] int64, or None
 
 
@@ -186,10 +199,12 @@ class _ChunkLoop:
     """The loop every fused-linear op runs: the two models' projections on their first ``vocab_size`` rows, the plan
     (``_make_plan``: chunks of the counted tokens) and, iterating, each ``_Chunk`` with both models' logits, computed
     into two [C, vocab] buffers (C: the largest chunk) allocated once, with autocast off while the loop runs (each
-    matmul in its weight's dtype). Each model's soft cap (``_Projection``) is applied there, to the logits every
-    kernel reads, and its derivative where the student's logit gradient becomes its input gradients
-    (``_InputGradients.add_chunk``): in one place for every op and backend. What an op does with a chunk is its
-    kernel family's per-chunk function (e.g. ``_chunk_stats`` and ``_chunk_stats_gradient``): ``per_token`` writes
+    matmul in its weight's dtype). A teacher given without an lm_head (its ``tensors`` None: the sparse teacher's
+    top-k, which its per-chunk functions read at the chunk's rows) has no projection, buffer or chunk logits. Each
+    model's soft cap (``_Projection``) is applied there, to the logits every kernel reads, and its derivative where
+    the student's logit gradient becomes its input gradients (``_InputGradients.add_chunk``): in one place for every
+    op and backend. What an op does with a chunk is its kernel family's per-chunk function (e.g. ``_chunk_stats`` and
+    ``_chunk_stats_gradient``, ``_chunk_sparse_divergence`` and its ``_gradient``): ``per_token`` writes
     per-token outputs, ``input_gradients`` turns logit gradients into the student's input gradients, and a plain
     ``for chunk in loop`` does anything else."""
 
@@ -199,18 +214,21 @@ class _ChunkLoop:
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = tensors
         self.student_inputs = (student_hidden, student_weight, student_bias)
         self.student = _Projection.of(student_hidden, student_weight, student_bias, vocab_size, softcaps[0])
-        self.teacher = _Projection.of(teacher_hidden, teacher_weight, teacher_bias, vocab_size, softcaps[1])
-        self.plan = _make_plan(self.student, mask, target, temperature, vocab_size, chunk_size, backend)
+        self.teacher = None if teacher_weight is None else _Projection.of(
+            teacher_hidden, teacher_weight, teacher_bias, vocab_size, softcaps[1])
+        self.plan = _make_plan(self.student, mask, target, temperature, vocab_size, chunk_size, backend,
+                               buffers=2 if self.teacher is None else 3)
 
     def __iter__(self) -> Iterator[_Chunk]:
         student, teacher, plan = self.student, self.teacher, self.plan
         largest = max(map(_rows_count, plan.chunks), default=0)
-        buffers = tuple(m.weight.new_empty((largest, plan.vocab_size)) for m in (student, teacher))
+        student_buffer = student.weight.new_empty((largest, plan.vocab_size))
+        teacher_buffer = None if teacher is None else teacher.weight.new_empty((largest, plan.vocab_size))
         with torch.autocast(student.hidden.device.type, enabled=False):
             for rows in plan.chunks:
                 n, hidden = _rows_count(rows), student.hidden[rows]
-                yield _Chunk(rows, hidden, student.logits(hidden, buffers[0][:n]),
-                             teacher.logits(teacher.hidden[rows], buffers[1][:n]),
+                yield _Chunk(rows, hidden, student.logits(hidden, student_buffer[:n]),
+                             None if teacher is None else teacher.logits(teacher.hidden[rows], teacher_buffer[:n]),
                              None if plan.target is None else plan.target[rows])
 
     def per_token(self, outputs: tuple[Tensor, ...],
@@ -887,4 +905,195 @@ def fused_linear_divergence(
     else:
         value = differentiable_linear_divergence(*call.tensors, call.mask, divergence, coefficient, *call.options,
                                                  None, *softcaps)[0]
+    return reduce_per_token(value, call.mask, call.lead_shape, reduction)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The sparse teacher's family (ops/sparse.py) from the student's hidden states: the same chunk loop, with no teacher
+# lm_head; each chunk reads its tokens' rows of the teacher's top-k (the ids are vocabulary columns, the same in
+# every chunk: the chunks split the tokens, never the vocabulary).
+# --------------------------------------------------------------------------------------------------------------
+class _SparseTeacher(NamedTuple):
+    """The teacher as its top-k entries, ``[N, K]`` each (-inf log-probabilities: no entry), and the divergence taken
+    against it with its tail completed (``fused_sparse_divergence``)."""
+
+    ids: Tensor
+    logprobs: Tensor
+    divergence: str
+    tail: str
+    coefficient: float
+
+    def rows(self, chunk: _Chunk) -> tuple[Tensor, Tensor]:
+        """The chunk's tokens' ``(ids, logprobs)``, ``[C, K]`` contiguous each (the kernels' layout)."""
+        return self.ids[chunk.rows].contiguous(), self.logprobs[chunk.rows].contiguous()
+
+
+def _sparse_chunk_loop(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+                       mask: Optional[Tensor], temperature: float, vocab_size: int, chunk_size: int, backend: str,
+                       student_softcap: Optional[float]) -> _ChunkLoop:
+    """The chunk loop over the student's projection alone (two [C, vocab] buffers: its logits and their gradient)."""
+    return _ChunkLoop((student_hidden, student_weight, student_bias, None, None, None), None, mask, temperature,
+                      vocab_size, chunk_size, backend, (student_softcap, None))
+
+
+def _chunk_sparse_divergence(chunk: _Chunk, plan: _Plan, teacher: _SparseTeacher,
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(value, entropy, mean_partial, row_stats)`` of a chunk against its rows of the teacher, from the plan's
+    backend (the chunk's tokens are all counted: no mask)."""
+    value, _, entropy, mean_partial, row_stats = sparse_ops.sparse_divergence(
+        chunk.student_logits, *teacher.rows(chunk), None, None, teacher.divergence, teacher.tail,
+        teacher.coefficient, 1.0 / plan.temperature, plan.vocab_size, plan.backend)
+    return value, entropy, mean_partial, row_stats
+
+
+def _chunk_sparse_divergence_gradient(chunk: _Chunk, plan: _Plan, teacher: _SparseTeacher, grad_value: Tensor,
+                                      saved: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """d/ds of sum_i g_i D_i over a chunk, ``[C, vocab]`` in the logits' dtype, from ``grad_value = g`` and the
+    forward's ``saved = (entropy, mean_partial, row_stats)`` of its rows."""
+    no_upstream = torch.zeros_like(grad_value)  # (log q(y) and H have none here)
+    return sparse_ops.sparse_divergence_backward(
+        chunk.student_logits, *teacher.rows(chunk), None, None, grad_value, no_upstream, no_upstream, *saved,
+        teacher.divergence, teacher.tail, teacher.coefficient, 1.0 / plan.temperature, plan.vocab_size, plan.backend)
+
+
+@torch.library.custom_op("minillm_kernels::linear_sparse_divergence", mutates_args=())
+def linear_sparse_divergence(
+    student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor], teacher_ids: Tensor,
+    teacher_logprobs: Tensor, mask: Optional[Tensor], divergence: str, tail: str, coefficient: float,
+    temperature: float, vocab_size: int, chunk_size: int, backend: str, student_softcap: Optional[float] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token ``(value, entropy, mean_partial, row_stats)``, ``[N]`` each and ``[N, 4]``, of the student's logits
+    against ``[N, K]`` teacher ids and log-probabilities; 0 for tokens the mask leaves out."""
+    check_coefficient(divergence, coefficient)  # (first: under torch.compile its only check)
+    loop = _sparse_chunk_loop(student_hidden, student_weight, student_bias, mask, temperature, vocab_size, chunk_size,
+                              backend, student_softcap)
+    teacher = _SparseTeacher(teacher_ids, teacher_logprobs, divergence, tail, coefficient)
+    outputs = _linear_sparse_outputs(student_hidden, student_weight, teacher_logprobs, zeros=True)
+    return loop.per_token(outputs, lambda chunk: _chunk_sparse_divergence(chunk, loop.plan, teacher))
+
+
+@linear_sparse_divergence.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_ids, teacher_logprobs, mask, divergence, tail,
+      coefficient, temperature, vocab_size, chunk_size, backend, student_softcap=None):
+    return _linear_sparse_outputs(student_hidden, student_weight, teacher_logprobs, zeros=False)
+
+
+def _linear_sparse_outputs(student_hidden: Tensor, student_weight: Tensor, teacher_logprobs: Tensor, *,
+                           zeros: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n_tokens, dtype = student_hidden.shape[0], compute_dtype(student_weight.dtype, teacher_logprobs.dtype)
+    make = student_hidden.new_zeros if zeros else student_hidden.new_empty
+    return (*(make(n_tokens, dtype=dtype) for _ in range(3)), make(n_tokens, 4, dtype=dtype))
+
+
+@torch.library.custom_op("minillm_kernels::linear_sparse_divergence_backward", mutates_args=())
+def linear_sparse_divergence_backward(
+    student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor], teacher_ids: Tensor,
+    teacher_logprobs: Tensor, mask: Optional[Tensor], grad_value: Tensor, entropy: Tensor, mean_partial: Tensor,
+    row_stats: Tensor, divergence: str, tail: str, coefficient: float, temperature: float, vocab_size: int,
+    chunk_size: int, backend: str, needs: list[bool], student_softcap: Optional[float] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_hidden, grad_weight, grad_bias)`` of sum_t g_t D_t, the chunks' logits recomputed; ``needs`` says which
+    of the three to compute (the others are empty)."""
+    loop = _sparse_chunk_loop(student_hidden, student_weight, student_bias, mask, temperature, vocab_size, chunk_size,
+                              backend, student_softcap)
+    teacher = _SparseTeacher(teacher_ids, teacher_logprobs, divergence, tail, coefficient)
+    saved = (entropy, mean_partial, row_stats)
+    return loop.input_gradients(needs, lambda chunk: _chunk_sparse_divergence_gradient(
+        chunk, loop.plan, teacher, grad_value[chunk.rows], tuple(x[chunk.rows] for x in saved)))
+
+
+@linear_sparse_divergence_backward.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_ids, teacher_logprobs, mask, grad_value, entropy,
+      mean_partial, row_stats, divergence, tail, coefficient, temperature, vocab_size, chunk_size, backend, needs,
+      student_softcap=None):
+    return _input_gradients_like(student_hidden, student_weight, student_bias, needs)
+
+
+def _setup_sparse(ctx, inputs, output) -> None:
+    *tensors, mask, divergence, tail, coefficient, temperature, vocab_size, chunk_size, backend, softcap = inputs
+    _, entropy, mean_partial, row_stats = output
+    ctx.save_for_backward(*tensors, mask, entropy, mean_partial, row_stats)
+    ctx.arguments = (divergence, tail, coefficient, temperature, vocab_size, chunk_size, backend)
+    ctx.student_softcap = softcap
+    ctx.mark_non_differentiable(entropy, mean_partial, row_stats)
+
+
+def _sparse_backward(ctx, grad_value, grad_entropy, grad_mean_partial, grad_row_stats):
+    *tensors, mask, entropy, mean_partial, row_stats = ctx.saved_tensors
+    grad_value = grad_value.to(mean_partial.dtype).contiguous()  # (expanded, from .sum())
+    needs = list(ctx.needs_input_grad[:3])
+    grads = linear_sparse_divergence_backward(*tensors, mask, grad_value, entropy, mean_partial, row_stats,
+                                              *ctx.arguments, needs, ctx.student_softcap)
+    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 11)
+
+
+differentiable_linear_sparse_divergence = differentiable(linear_sparse_divergence, _sparse_backward, _setup_sparse)
+
+
+def fused_linear_sparse_divergence(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    divergence: str = "reverse_kl",
+    tail: str = "bin",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    student_bias: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    student_softcap: Optional[float] = None,
+    reduction: str = "mean",
+    vocab_size: Optional[int] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
+) -> Tensor:
+    """``fused_sparse_divergence`` of the logits ``s = h W^T + b``, without the [N, V] logits.
+
+    With q = softmax(s / T) over the first ``vocab_size`` columns (s = c tanh(z / c) of z = h W^T + b with a soft cap
+    c: ``fused_linear_reverse_kld``), I a token's live teacher entries (log p > -inf), R the other columns,
+    P_R = 1 - sum_I p_k and Q_R = sum_R q_v, per token the divergence D of q from the teacher completed on R by
+    ``tail`` ("bin": over the K' + 1 outcomes (p_I, P_R) vs (q_I, Q_R); "uniform": p_v = P_R / (V - K') on R;
+    "renormalized": both restricted to I and renormalised; see ``fused_sparse_divergence``), reduced as
+    ``reduction`` says. Chunk by chunk of tokens (``_ChunkLoop``: two [C, V] buffers, the logits and their gradient),
+    the logit gradient dD/ds_v = (1/T) q_v (a_v - sum_u q_u a_u) (a_v = dD/dq_v) becomes
+        grad h = G W,    grad W = sum over chunks of G^T h,    grad b = sum over tokens of G.
+    The forward keeps per token the value, sum_u q_u a_u, the entropy and the row statistics; the backward recomputes
+    each chunk's logits (four matmuls per chunk in all).
+
+    Args:
+        student_hidden: ``[..., H]`` the student's last hidden states (what its lm_head takes).
+        student_weight: ``[V, H]`` its lm_head weight; ``student_bias``: an optional ``[V]`` bias.
+        teacher_ids: integer ``[..., K]`` (int32 or int64) ids of the teacher's entries, the hidden states' leading
+            shape; in each row the mask keeps, the ids of live entries lie in [0, vocab_size) and do not repeat.
+        teacher_logprobs: ``[..., K]`` float log-probabilities of those ids, normalised over the teacher's full
+            vocabulary (``topk_teacher``); -inf marks "no entry" (whatever its id). Taken as given: ``temperature``
+            applies to the student only. Frozen (no gradient).
+        divergence, tail, beta, skew: as in ``fused_sparse_divergence``.
+        student_softcap: the student's soft cap c (``fused_linear_reverse_kld``), or None.
+        mask, temperature, reduction, vocab_size (the real vocabulary when the weight's rows are padded; K <= it),
+            chunk_size, backend: as in ``fused_linear_reverse_kld``.
+        process_group: not supported yet (nor DTensor weights): a vocabulary-sharded lm_head is a NotImplementedError.
+        Any float dtypes: the matmul runs in the weight's dtype (hidden states of another dtype are cast chunk by
+        chunk), the log-probabilities are read in theirs.
+
+    Returns:
+        The loss, float32 (float64 if the weight or the log-probabilities are float64): ``[...]`` for "none", else a
+        scalar. ``ValueError`` in eager mode for a teacher ``fused_sparse_divergence`` refuses.
+    """
+    check_reduction(reduction)
+    divergence, coefficient = divergence_coefficient(divergence, beta, skew)
+    student = (student_hidden, student_weight, student_bias)
+    if process_group is not None or any(isinstance(x, DTensor) for x in student):
+        raise NotImplementedError(
+            "fused_linear_sparse_divergence does not support a vocabulary-sharded lm_head (process_group, or DTensor "
+            "weights) yet: pass the full, unsharded student_weight with process_group=None (fused_linear_divergence "
+            "and fused_linear_reverse_kld take a sharded one, with a dense teacher)")
+    call = validate_linear_sparse(student_hidden, student_weight, student_bias, teacher_ids, teacher_logprobs, mask,
+                                  temperature, vocab_size, chunk_size, backend, tail)
+    value = differentiable_linear_sparse_divergence(
+        *call.student, call.ids, call.logprobs, call.mask, divergence, tail, coefficient, *call.options,
+        as_softcap("student_softcap", student_softcap))[0]
     return reduce_per_token(value, call.mask, call.lead_shape, reduction)

@@ -14,8 +14,9 @@ The divergence and its coefficient (``divergence_coefficient``): the name checke
 it is, and the one number the kernels take (beta for the JSD, the skew for the skew KLs).
 
 The tensors: ``validate_logits`` (logits), ``validate_sparse_teacher`` (a top-k teacher), ``validate_linear``
-(hidden states and lm_heads), all through ``validate_token_args`` (vocab_size, temperature, mask, target ids and the
-backend, ``backends.choose_backend``'s); the data-dependent checks run in eager mode only.
+(hidden states and lm_heads), ``validate_linear_sparse`` (the student's hidden states and lm_head, a top-k
+teacher), all through ``validate_token_args`` (vocab_size, temperature, mask, target ids and the backend,
+``backends.choose_backend``'s); the data-dependent checks run in eager mode only.
 """
 from __future__ import annotations
 
@@ -388,30 +389,15 @@ def validate_sparse_teacher(
 ) -> SparseCall:
     """Checks every argument the sparse functions share (docs/design.md, "Validation"), then the data-dependent ones
     in eager mode (skipped while tracing and on meta tensors) over the rows the mask keeps."""
-    if tail not in SPARSE_TAILS:
-        raise ValueError(f"tail must be one of {SPARSE_TAILS}, got {tail!r}")
+    check_tail(tail)
     if not isinstance(student_logits, torch.Tensor):
         raise TypeError(f"student_logits must be a tensor, got {type(student_logits).__name__}")
     if not student_logits.is_floating_point():
         raise TypeError(f"student_logits must be a floating-point tensor, got {student_logits.dtype}")
     if student_logits.dim() == 0 or student_logits.shape[-1] == 0:
         raise ValueError(f"student_logits must have shape [..., V] with V >= 1, got {tuple(student_logits.shape)}")
-    for name, x in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
-        if x.device != student_logits.device:
-            raise ValueError(f"{name} is on {x.device} but student_logits is on {student_logits.device}")
-    if teacher_ids.dtype.is_floating_point or teacher_ids.dtype.is_complex or teacher_ids.dtype == torch.bool:
-        raise TypeError(f"teacher_ids must be an integer tensor (int32 or int64), got {teacher_ids.dtype}")
-    if not teacher_logprobs.is_floating_point():
-        raise TypeError(f"teacher_logprobs must be a floating-point tensor, got {teacher_logprobs.dtype}")
     lead_shape = student_logits.shape[:-1]
-    if teacher_ids.shape != teacher_logprobs.shape:
-        raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
-                         f"{tuple(teacher_logprobs.shape)} must have the same shape [..., K]")
-    if teacher_ids.dim() == 0 or teacher_ids.shape[:-1] != lead_shape or teacher_ids.shape[-1] == 0:
-        raise ValueError(f"teacher_ids and teacher_logprobs must have shape [..., K] (K >= 1) with the student's "
-                         f"leading shape {tuple(lead_shape)}, got {tuple(teacher_ids.shape)}")
+    _check_sparse_teacher_tensors(teacher_ids, teacher_logprobs, "student_logits", student_logits.device, lead_shape)
     width = student_logits.shape[-1]
     # (The teacher has no width of its own: its ids are checked against vocab_size, which the student's width bounds.)
     args = validate_token_args(
@@ -419,6 +405,41 @@ def validate_sparse_teacher(
         {"student_logits": width, "teacher_ids": width}, target_ids, mask, temperature, vocab_size, backend,
         inputs="logits",
     )
+    ids, logprobs = _sparse_teacher_rows(teacher_ids, teacher_logprobs, args)
+    return SparseCall(_unit_column_stride(student_logits), ids, logprobs, *args)
+
+
+def check_tail(tail: str) -> None:
+    if tail not in SPARSE_TAILS:
+        raise ValueError(f"tail must be one of {SPARSE_TAILS}, got {tail!r}")
+
+
+def _check_sparse_teacher_tensors(teacher_ids: object, teacher_logprobs: object, student_name: str,
+                                  device: torch.device, lead_shape: torch.Size) -> None:
+    """``teacher_ids`` (integer) and ``teacher_logprobs`` (float) ``[..., K]`` tensors, K >= 1, on the student's
+    ``device``, with its ``lead_shape`` (``student_name``: the student's tensor that fixes both, in the messages)."""
+    for name, x in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but {student_name} is on {device}")
+    if teacher_ids.dtype.is_floating_point or teacher_ids.dtype.is_complex or teacher_ids.dtype == torch.bool:
+        raise TypeError(f"teacher_ids must be an integer tensor (int32 or int64), got {teacher_ids.dtype}")
+    if not teacher_logprobs.is_floating_point():
+        raise TypeError(f"teacher_logprobs must be a floating-point tensor, got {teacher_logprobs.dtype}")
+    if teacher_ids.shape != teacher_logprobs.shape:
+        raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
+                         f"{tuple(teacher_logprobs.shape)} must have the same shape [..., K]")
+    if teacher_ids.dim() == 0 or teacher_ids.shape[:-1] != lead_shape or teacher_ids.shape[-1] == 0:
+        raise ValueError(f"teacher_ids and teacher_logprobs must have shape [..., K] (K >= 1) with the student's "
+                         f"leading shape {tuple(lead_shape)} (that of {student_name}), got {tuple(teacher_ids.shape)}")
+
+
+def _sparse_teacher_rows(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                         args: TokenArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, logprobs)`` as the kernels take them, ``[N, K]`` contiguous (ids int32 or int64, log-probabilities
+    detached), after checking K <= vocab_size and, in eager mode, the entries of the rows the mask keeps
+    (``_check_entries``)."""
     k = teacher_ids.shape[-1]
     if k > args.vocab_size:
         raise ValueError(f"teacher_ids has K = {k} entries per token, more than vocab_size = {args.vocab_size}: a "
@@ -427,9 +448,9 @@ def validate_sparse_teacher(
     if ids.dtype not in (torch.int32, torch.int64):
         ids = ids.to(torch.int64)
     logprobs = frozen_teacher(teacher_logprobs, "teacher_logprobs").reshape(-1, k)
-    if not torch.compiler.is_compiling() and student_logits.device.type != "meta":
+    if not torch.compiler.is_compiling() and ids.device.type != "meta":
         _check_entries(ids, logprobs, args.mask, args.vocab_size)
-    return SparseCall(_unit_column_stride(student_logits), ids.contiguous(), logprobs.contiguous(), *args)
+    return ids.contiguous(), logprobs.contiguous()
 
 
 def logprob_mass_tolerance(logprobs: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -550,3 +571,38 @@ def validate_linear(
     tensors = (flat(student_hidden), student_weight, student_bias, flat(teacher[0]), *teacher[1:])
     options = (args.temperature, args.vocab_size, chunk_size, args.backend)
     return LinearCall(tensors, args.target, args.mask, options, lead_shape, shards)
+
+
+class LinearSparseCall(NamedTuple):
+    """The validated inputs of ``fused_linear_sparse_divergence``, in its custom op's argument order."""
+
+    student: tuple  # the flattened hidden states [N, H], the weight [V, H], the bias [V] or None
+    ids: torch.Tensor  # [N, K], int32 or int64
+    logprobs: torch.Tensor  # [N, K], detached
+    mask: Optional[torch.Tensor]  # [N] bool
+    options: tuple  # (temperature, vocab_size, chunk_size: 0 for the default, backend)
+    lead_shape: torch.Size
+
+
+def validate_linear_sparse(
+    student_hidden, student_weight, student_bias, teacher_ids, teacher_logprobs, mask, temperature, vocab_size,
+    chunk_size, backend, tail: str,
+) -> LinearSparseCall:
+    """Check everything ``fused_linear_sparse_divergence`` takes: the student's projection as ``validate_linear``
+    checks it, the sparse teacher as ``validate_sparse_teacher`` does (its ids against the weight's rows: the
+    student's vocabulary)."""
+    check_tail(tail)
+    _check_projection("student", student_hidden, student_weight, student_bias)
+    lead_shape = student_hidden.shape[:-1]
+    _check_sparse_teacher_tensors(teacher_ids, teacher_logprobs, "student_hidden", student_hidden.device, lead_shape)
+    chunk_size = 0 if chunk_size is None else as_int("chunk_size (tokens per chunk, or None)", chunk_size, 1)
+    width = student_weight.shape[0]
+    args = validate_token_args(
+        lead_shape, student_hidden.device, compute_dtype(student_weight.dtype, teacher_logprobs.dtype),
+        {"student_weight": width, "teacher_ids": width}, None, mask, temperature, vocab_size, backend,
+        inputs="hidden states",
+    )
+    ids, logprobs = _sparse_teacher_rows(teacher_ids, teacher_logprobs, args)
+    student = (student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias)
+    return LinearSparseCall(student, ids, logprobs, args.mask, (args.temperature, args.vocab_size, chunk_size,
+                                                                args.backend), lead_shape)

@@ -965,6 +965,24 @@ MUTATIONS = (
         "the mass tolerance ignores the log-probabilities' dtype: a bf16 top-k that rounds above 1 is refused",
     ),
     Mutation(
+        "linear-sparse-teacher-rows-misaligned", "minillm_kernels/linear.py",
+        "return self.ids[chunk.rows].contiguous(), self.logprobs[chunk.rows].contiguous()",
+        "return self.ids[: _rows_count(chunk.rows)].contiguous(), "
+        "self.logprobs[: _rows_count(chunk.rows)].contiguous()",
+        ("tests/test_fused_linear_sparse.py::test_every_divergence_and_tail_matches_the_logits_version", "-k",
+         "cpu and bin"),
+        "each chunk of fused_linear_sparse_divergence reads the teacher's first rows, not its own tokens' top-k",
+    ),
+    Mutation(
+        "linear-sparse-upstream-rows-misaligned", "minillm_kernels/linear.py",
+        "chunk, loop.plan, teacher, grad_value[chunk.rows],",
+        "chunk, loop.plan, teacher, grad_value[: _rows_count(chunk.rows)],",
+        ("tests/test_fused_linear_sparse.py::test_every_divergence_and_tail_matches_the_logits_version", "-k",
+         "cpu and uniform"),
+        "the fused-linear sparse backward scales each chunk's gradient by the upstream of the first tokens, not its "
+        "own",
+    ),
+    Mutation(
         "cuda-sparse-does-not-compile", "csrc/cuda/sparse.cu",
         "constexpr int kTileWords = kTile / 32;",
         "constexpr int kTileWords = kTile / 32",
