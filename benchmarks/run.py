@@ -157,7 +157,7 @@ def measure(op: str, variant: str, tokens: int, vocab: int, dtype: str, device: 
     reference first; one that disagrees is not timed."""
     from benchmarks.variants import disagreement, inputs, variants
 
-    loss_fn = variants(op, device, divergence)[variant]
+    loss_fn = variants(op, device, divergence, only=variant)[variant]
     dense = variant.startswith("dense_")
     wrong = disagreement(op, loss_fn, vocab, hidden, DTYPES[dtype], device, divergence, k, dense)
     if wrong:

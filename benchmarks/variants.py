@@ -456,9 +456,11 @@ def liger_linear_divergence(divergence: str) -> Optional[Loss]:
                                       None, None)
 
 
-def variants(op: str, device: str, divergence: Optional[str] = None) -> dict[str, Loss]:
+def variants(op: str, device: str, divergence: Optional[str] = None, only: Optional[str] = None) -> dict[str, Loss]:
     """Every variant of ``op`` (for "divergence" and "sparse_divergence", of its ``divergence``) that can run on
-    ``device`` here, by name (``naive`` first, ``naive_topk`` for the sparse op: ratios refer to it)."""
+    ``device`` here, by name (``naive`` first, ``naive_topk`` for the sparse op: ratios refer to it); with ``only``,
+    that variant alone (what a benchmark worker measures: Liger's numerical checks and TRL's import, tens of seconds
+    on a CPU, are then paid only by their own variants)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if (op in ("divergence", "sparse_divergence", "linear_divergence")) != (divergence is not None):
@@ -469,6 +471,9 @@ def variants(op: str, device: str, divergence: Optional[str] = None) -> dict[str
     if op == "sparse_divergence" and divergence not in SPARSE_DIVERGENCES:
         raise ValueError(f"the sparse_divergence op's divergence must be one of {SPARSE_DIVERGENCES}, got "
                          f"{divergence!r}")
+    def wanted(prefix: str) -> bool:
+        return only is None or only.startswith(prefix)
+
     naive_name = "naive_topk" if op == "sparse_divergence" else "naive"
     table: dict[str, Loss] = {naive_name: naive(op, divergence), f"{naive_name}_compile": compiled(op, divergence)}
     for backend in mk.available_backends():
@@ -480,18 +485,21 @@ def variants(op: str, device: str, divergence: Optional[str] = None) -> dict[str
             if op == "sparse_divergence":
                 table[f"dense_{backend}"] = functools.partial(dense_sparse_variant, divergence=divergence,
                                                               backend=backend)
-            if op == "linear_divergence" and trl_linear_divergence(divergence, backend) is not None:
+            if (op == "linear_divergence" and wanted(f"{backend}+entropy")
+                    and trl_linear_divergence(divergence, backend) is not None):
                 table[f"{backend}+entropy"] = trl_linear_divergence(divergence, backend)
-    if op == "reverse_kld" and device == "cuda" and liger() is not None:
+    if op == "reverse_kld" and device == "cuda" and wanted("liger") and liger() is not None:
         table["liger"] = liger()
-    if op == "divergence" and device == "cuda" and liger_divergence(divergence) is not None:
+    if op == "divergence" and device == "cuda" and wanted("liger") and liger_divergence(divergence) is not None:
         table["liger"] = liger_divergence(divergence)
     if op == "linear_reverse_kld":
-        table.update(liger_linear(device))
-        trl = trl_linear_divergence("reverse_kl")  # TRL 1.16's chunked loss at its beta = 1
+        if wanted("liger"):
+            table.update(liger_linear(device))
+        trl = trl_linear_divergence("reverse_kl") if wanted("trl") else None  # TRL 1.16's chunked loss at beta = 1
         if trl is not None:
             table["trl_chunked"] = trl
     if op == "linear_divergence":
-        extra = {"trl_chunked": trl_linear_divergence(divergence), "liger_chunked": liger_linear_divergence(divergence)}
+        extra = {"trl_chunked": trl_linear_divergence(divergence) if wanted("trl") else None,
+                 "liger_chunked": liger_linear_divergence(divergence) if wanted("liger") else None}
         table.update({name: loss for name, loss in extra.items() if loss is not None})
-    return table
+    return table if only is None else {only: table[only]}

@@ -301,6 +301,26 @@ def test_linear_divergence_compares_ours_with_trls_chunked_loss_where_trl_is_ins
         assert not {"cpu+entropy", "trl_chunked"} & set(variants("linear_divergence", "cpu", "tvd"))
 
 
+@pytest.mark.parametrize("op, divergence", [("linear_reverse_kld", None), ("linear_divergence", "jsd"),
+                                            ("divergence", "jsd")])
+def test_a_worker_builds_only_the_variant_it_measures(monkeypatch, op, divergence):
+    """``variants(..., only=name)`` gives that variant alone, for every name of the full table, without Liger's
+    numerical checks or TRL's import unless it is theirs (a CPU benchmark measures each case in a fresh process)."""
+    names = list(variants(op, "cpu", divergence))
+
+    def not_for_this_variant(*args, **kwargs):
+        raise AssertionError("built for a variant that is not Liger's or TRL's")
+
+    for name in names:
+        with monkeypatch.context() as patch:
+            if not name.startswith("liger"):
+                patch.setattr(variants_module, "liger_linear", not_for_this_variant)
+                patch.setattr(variants_module, "liger_linear_divergence", not_for_this_variant)
+            if not (name.startswith("trl") or name.endswith("+entropy")):
+                patch.setattr(variants_module, "trl_linear_divergence", not_for_this_variant)
+            assert list(variants(op, "cpu", divergence, only=name)) == [name]
+
+
 def test_distillation_step_variants_agree_with_trl_and_their_rows_name_model_and_divergence():
     """One DistillationTrainer step with our loss gives TRL's loss and gradient norm (the quick model); its table row
     names the model and the divergence."""
