@@ -14,10 +14,11 @@ has just passed on this tree, as in scripts/test.sh), then, the jobs in parallel
 copy, runs its tests with ``-x`` and restores the file.
 
 Cost: each pytest run forks from a server that has imported torch, triton and transformers (``PRELOADED``), so it
-starts in a fraction of a second. Each copy has its own C++ build cache, built with ``NATIVE_OPTIMIZATION`` (-O0: a
-third of -O3's compile time); ninja updates it incrementally, so a mutation of the CPU kernel recompiles only the
-translation units it touches. Those mutations run first, each file's on one worker in a row (the restore and the
-next plant in one rebuild), after a baseline of their tests on that build; the others then fill the workers.
+starts in a fraction of a second. Each copy has its own C++ build cache, the kernel's own build (its flags: a faster
+-O0 or -O1 build would change its numbers, as it forms no fused multiply-adds, and fail the float32 contract tests
+unmutated); ninja updates it incrementally, so a mutation of the CPU kernel recompiles only the translation units it
+touches. Those mutations run first, each file's on one worker in a row (the restore and the next plant in one
+rebuild); the others then fill the workers.
 
 A mutation is caught when its tests fail (or crash, or hang); a selection that pytest cannot run (a node id that no
 longer exists, a ``-k`` that selects nothing) is an error, not a catch. It prints caught/missed per mutation as each
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -45,10 +45,6 @@ from typing import NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 SKIPPED_IN_COPY = (".git", ".venv", "out", "build", "__pycache__", ".pytest_cache", "*.egg-info", ".torch_ext")
 TIMEOUT_S = 900
-# The mutations' C++ builds: a CPU kernel mutation recompiles the translation units it touches, and -O0 compiles them
-# ~3x faster than the kernel's own -O3 (the build is the same program; its tests' bounds do not depend on the
-# optimisation). Every worker builds so (one build per copy), and the C++ mutations' tests pass unmutated first.
-NATIVE_OPTIMIZATION = "-O0"
 
 
 class Mutation(NamedTuple):
@@ -592,7 +588,7 @@ MUTATIONS = (
     ),
     Mutation(
         "trainer-optimizer-not-restored", "minillm_kernels/training/checkpoint.py",
-        '    run.optimizer.load_state_dict(state["optimizer"])\n',
+        '        run.optimizer.load_state_dict(state["optimizer"])\n',
         "",
         ("tests/test_train.py::test_resume_continues_as_if_uninterrupted",),
         "--resume restores the weights but not AdamW's moments",
@@ -1249,20 +1245,18 @@ def torch_sees_a_gpu() -> bool:
 
 
 class Worker(NamedTuple):
-    """One copy of the working tree, its C++ build cache and the compiler its builds use. Every mutation of a worker
+    """One copy of the working tree and its C++ build cache. Every mutation of a worker
     shares the cache: torch's JIT writes the same build file and ninja recompiles only the translation units whose
     sources (headers included) changed since the last build."""
 
     copy: Path
     extensions: Path
-    compiler: Path
     scratch: Path
 
 
 def run_tests(context, worker: Worker, tests: tuple[str, ...], *, stop_first: bool) -> Outcome:
-    """pytest on ``tests`` in the worker's copy, with its C++ build cache and compiler."""
-    env = {**os.environ, "PYTHONPATH": str(worker.copy), "TORCH_EXTENSIONS_DIR": str(worker.extensions),
-           "CXX": str(worker.compiler)}
+    """pytest on ``tests`` in the worker's copy, with its C++ build cache."""
+    env = {**os.environ, "PYTHONPATH": str(worker.copy), "TORCH_EXTENSIONS_DIR": str(worker.extensions)}
     args = ["-q", "-p", "no:cacheprovider", *(["-x"] if stop_first else []), *tests]
     log = worker.scratch / "pytest.log"
     started = time.time()
@@ -1318,17 +1312,6 @@ def check_mutation(context, worker: Worker, mutation: Mutation) -> Outcome:
         (worker.copy / mutation.path).write_text(original)
 
 
-def compiler_wrapper(folder: Path) -> Path:
-    """A C++ compiler for the mutations' builds: $CXX (else c++) with ``NATIVE_OPTIMIZATION`` last (the last -O
-    wins). Named g++, a name torch's compiler check accepts."""
-    folder.mkdir(parents=True, exist_ok=True)
-    compiler = shutil.which(os.environ.get("CXX", "c++")) or "c++"
-    wrapper = folder / "g++"
-    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(compiler)} "$@" {NATIVE_OPTIMIZATION}\n')
-    wrapper.chmod(0o755)
-    return wrapper
-
-
 def share_native_mutations(native: list[Mutation], workers: int) -> list[list[Mutation]]:
     """The CPU kernel's mutations split among ``workers``, each file's on one worker, in file order: consecutive
     mutations of one file rebuild its translation units once each (the restore and the next plant in one build)."""
@@ -1350,11 +1333,10 @@ def report(index: int, total: int, mutation: Mutation, outcome: Outcome) -> None
         print(outcome.output[-3000:])
 
 
-def check_all(context, workers: list[Worker], chosen: list[Mutation], *, native_baseline: bool) -> dict[str, Outcome]:
+def check_all(context, workers: list[Worker], chosen: list[Mutation]) -> dict[str, Outcome]:
     """Each mutation checked in one of the workers' copies, one per worker at a time. The CPU kernel's mutations
-    first, shared among the workers by file (``share_native_mutations``), each worker's preceded by a baseline of
-    their tests (``native_baseline``: the unmutated kernel built with ``NATIVE_OPTIMIZATION`` must pass them); then
-    the others from a common queue. Prints a line per mutation as it finishes."""
+    first, shared among the workers by file (``share_native_mutations``), then the others from a common queue. Prints
+    a line per mutation as it finishes."""
     index = {mutation.name: i for i, mutation in enumerate(chosen, 1)}
     native = [m for m in chosen if rebuilds_the_cpu_kernel(m)]
     others: Queue[Mutation] = Queue()
@@ -1370,17 +1352,6 @@ def check_all(context, workers: list[Worker], chosen: list[Mutation], *, native_
             report(index[mutation.name], len(chosen), mutation, outcome)
 
     def work(worker: Worker, share: list[Mutation]) -> None:
-        if share and native_baseline:
-            tests = tuple(dict.fromkeys(t for m in share for t in selected_paths(m.tests)))
-            baseline = run_tests(context, worker, tests, stop_first=False)
-            with lock:
-                print(f"baseline of {len(share)} C++ mutations' tests ({NATIVE_OPTIMIZATION} build): "
-                      f"{baseline.verdict} ({baseline.seconds:.0f} s, {baseline.cpu_seconds:.0f} CPU s)", flush=True)
-            if baseline.verdict != "passed":
-                print(baseline.output[-3000:] + "\n" + "\n".join(failed_tests(baseline.output)), flush=True)
-                for mutation in share:  # (reported as not run: their tests fail without them)
-                    record(mutation, baseline._replace(verdict="error"))
-                share = []
         for mutation in share:
             record(mutation, check_mutation(context, worker, mutation))
         while True:
@@ -1410,8 +1381,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="mutations checked at once, each in its own copy of the tree (default: the CPUs here)")
     parser.add_argument("--skip-baseline", action="store_true",
                         help="do not first run the named tests on the unmutated copy: for a tree whose whole suite "
-                             "has just passed (scripts/test.sh); the CPU kernel's mutations still get theirs, with "
-                             f"the {NATIVE_OPTIMIZATION} build they use")
+                             "has just passed (scripts/test.sh)")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
     if args.only and len(chosen) != len(set(args.only)):
@@ -1431,7 +1401,7 @@ def main(argv: list[str] | None = None) -> int:
         workers = []
         for i in range(jobs):
             folder = Path(scratch) / f"worker-{i}"
-            workers.append(Worker(folder / "repo", folder / "extensions", compiler_wrapper(folder / "bin"), folder))
+            workers.append(Worker(folder / "repo", folder / "extensions", folder))
             copy_tree(workers[-1].copy)
         if not args.skip_baseline:
             tests = tuple(dict.fromkeys(t for m in chosen for t in selected_paths(m.tests)))
@@ -1444,7 +1414,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"bug is planted" + (":\n" + "\n".join(failing) if failing else ""))
                 return 1
             print(f"baseline passed ({baseline.seconds:.0f} s, {baseline.cpu_seconds:.0f} CPU s)")
-        outcomes = check_all(context, workers, chosen, native_baseline=args.skip_baseline)
+        outcomes = check_all(context, workers, chosen)
     missed = [m.name for m in chosen if outcomes[m.name].verdict == "passed"]
     broken = [m.name for m in chosen if outcomes[m.name].verdict == "error"]
     print(f"{len(chosen) - len(missed) - len(broken)} of {len(chosen)} planted bugs caught in "
