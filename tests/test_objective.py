@@ -316,7 +316,8 @@ def test_minillm_loss_with_the_reference_code_switches():
     single = float(stats.reverse_kld.detach()[mask].mean())
     assert abs(float(parts["pg_loss"]) - pg.item()) < 1e-12 and abs(float(parts["single_step_loss"]) - single) < 1e-12
     weighted = mk.minillm_loss(stats, old_logprob, rewards, weight, mask)[1]["single_step_loss"]
-    assert abs(float(weighted) - single) > 1e-3  # the default is the paper's w-weighted mean
+    paper = mk.single_step_loss(stats.reverse_kld, mask, importance_weight=weight)  # the default: the w-weighted mean
+    assert abs(float(weighted) - paper.item()) < 1e-12 and abs(paper.item() - single) > 1e-12
 
 
 @pytest.mark.parametrize(
