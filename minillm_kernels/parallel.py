@@ -42,6 +42,11 @@ The divergence family (``combine_divergence``): the forward KL combines from the
 the mixtures and the TVD all-gather the row statistics, evaluate each shard's terms with the global log-normalisers
 (``given_row_stats``), then all-gather the partial sums. Their backward, too, is the kernel's given the global row
 statistics and sum_v q_v a_v, with no communication.
+
+The sparse teacher (``combine_sparse_divergence``): the ids global and replicated, each rank all-gathers its shard's
+row statistics over its columns and over those outside the entries it owns, and the logits of those entries (4 + K
+numbers a token), whence every tail mode's outcomes ("uniform": a second all-gather of the tail terms' partial sums);
+the backward is a PyTorch expression on the shard, with no communication.
 """
 from __future__ import annotations
 
@@ -53,8 +58,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from minillm_kernels import reference
+from minillm_kernels.backends import compute_dtype, n_rows, row_view
 from minillm_kernels.ops import divergence as divergence_ops
 from minillm_kernels.ops import reverse_kld as ops
+from minillm_kernels.ops import sparse as sparse_ops
 from minillm_kernels.ops.autograd import first_order
 
 Tensor = torch.Tensor
@@ -154,6 +162,8 @@ REPLICATED_FIXES = {
     "the number of tokens": "every rank must pass the same tokens (the logits' or hidden states' leading shape)",
     "target_ids": "pass the same global token ids on every rank (not ids local to a shard, not another rank's batch)",
     "mask": "pass the same mask on every rank",
+    "teacher_ids": "pass the same global teacher ids on every rank (not ids local to a shard)",
+    "teacher_logprobs": "pass the same teacher log-probabilities on every rank",
     "student_hidden": "the hidden states must be replicated over the process group (gather sequence-parallel "
                       "activations before the loss)",
     "teacher_hidden": "the hidden states must be replicated over the process group (gather sequence-parallel "
@@ -469,4 +479,208 @@ def logits_divergence(shards: VocabShards, student: Tensor, teacher: Tensor, mas
     width = student.shape[-1]
     family = _logits_divergence_family(teacher, mask, divergence, coefficient, temperature,
                                        shards.real_columns(width, vocab_size), backend)
+    return sharded(VocabShard(shards, family, width, vocab_size, temperature, None, mask), student)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sparse teacher (ops/sparse.py) on a sharded vocabulary
+# ---------------------------------------------------------------------------------------------------------------
+# The teacher's ids are global and replicated; rank r owns the live entries whose ids lie in its real columns
+# [r W, r W + V_r). Every tail mode's divergence is a function of a few outcomes (docs/design.md, "The sparse teacher
+# on a sharded vocabulary"): the entries' (p_i, q_i), q_i = exp(k s_i - lse), and bin's tail (P_R, Q_R), Q_R =
+# exp(lse_R - lse), or renormalized's entries alone, q^_i = exp(k s_i - lse_I). So each rank sends, per row, its
+# shard's row statistics (c, log Z, c_R, log Z_R) over its columns and over its columns outside its entries (the
+# sparse kernel's, no 1 - Q_I) and the logits of the entries it owns (-inf at the others): one all-gather of 4 + K
+# numbers a token; every rank then has lse = logsumexp_r (c^r k + log Z^r), lse_R likewise and every entry's logit,
+# and evaluates the outcomes in float64, the same on every rank. "uniform" sums a term over every column of R against
+# the constant pi = P_R / (V - K'): a second all-gather of each rank's 2 partial sums over its tail columns (the value
+# and sum q_v a_v), evaluated with the global lse. The backward needs no communication: with M = sum_o q_o a_o,
+#     entry i:                    k (q_i a_i - q_i M)   (renormalized: q^ in place of q)
+#     tail column v (bin):        k exp(k s_v - lse_R) (Q_R a_R - Q_R M)
+#     tail column v (uniform):    k (q_v a_v - q_v M),  a_v of (pi, q_v)
+# on the owner's columns, each rank writing its slice.
+class SparseShardTeacher(NamedTuple):
+    """A sparse teacher as one rank of a sharded vocabulary holds it: the global ``ids`` and ``logprobs`` ``[N, K]``
+    (float64, -inf where not live or in a row ``mask`` leaves out), ``owned`` (the live entries in this rank's real
+    columns) and their ``local_ids`` (``ids - r W`` where owned, 0 elsewhere), the divergence, tail and coefficient."""
+
+    logprobs: Tensor
+    owned: Tensor
+    local_ids: Tensor
+    divergence: str
+    tail: str
+    coefficient: float
+
+    @classmethod
+    def of(cls, shards: VocabShards, ids: Tensor, logprobs: Tensor, mask: Optional[Tensor], width: int,
+           real_columns: int, divergence: str, tail: str, coefficient: float) -> "SparseShardTeacher":
+        live = logprobs != -math.inf
+        if mask is not None:
+            live = live & mask[:, None]
+        local = ids - shards.rank * width
+        owned = live & (local >= 0) & (local < real_columns)
+        log_p = torch.where(live, logprobs.double(), -math.inf)
+        return cls(log_p, owned, torch.where(owned, local, 0), divergence, tail, coefficient)
+
+
+def _sparse_row_stats(student: Tensor, teacher: SparseShardTeacher, mask: Optional[Tensor], temperature: float,
+                      real_columns: int, backend: str) -> Tensor:
+    """``[N, 4]``: (c, log Z, c_R, log Z_R) of the shard's real columns and of those outside the entries it owns
+    (the sparse kernel's row statistics; a padding shard (0, -inf, 0, -inf))."""
+    dtype = compute_dtype(student.dtype, teacher.logprobs.dtype)
+    if real_columns == 0:
+        rows = n_rows(student)
+        return torch.tensor([0.0, -math.inf, 0.0, -math.inf], dtype=dtype, device=student.device).repeat(rows, 1)
+    owned_logprobs = torch.where(teacher.owned, teacher.logprobs, -math.inf)
+    return sparse_ops.sparse_divergence(student, teacher.local_ids, owned_logprobs, None, mask, "reverse_kl", "bin",
+                                        0.0, 1.0 / temperature, real_columns, backend)[4].to(dtype)
+
+
+def _owned_entry_logits(student: Tensor, teacher: SparseShardTeacher) -> Tensor:
+    """``[N, K]``: the student's logits at the entries this rank owns, -inf at the others (read in place)."""
+    rows = row_view(student)
+    local_ids = teacher.local_ids.long().view(*rows.shape[:2], -1)
+    logits = rows.gather(-1, local_ids).view(teacher.owned.shape)
+    return torch.where(teacher.owned, logits.to(teacher.logprobs.dtype), -math.inf)
+
+
+def _sparse_tail_columns(student: Tensor, teacher: SparseShardTeacher, temperature: float,
+                         real_columns: int) -> tuple[Tensor, Tensor]:
+    """``(x, outside)``: k s_v of the shard's real columns ``[N, V_r]`` in the computing dtype, and where the column is
+    outside the entries this rank owns (the shard's part of R)."""
+    dtype = compute_dtype(student.dtype, teacher.logprobs.dtype)
+    scaled = student.reshape(-1, student.shape[-1])[:, :real_columns].to(dtype) / temperature
+    outside = torch.ones_like(scaled, dtype=torch.bool)
+    rows, entries = teacher.owned.nonzero(as_tuple=True)
+    outside[rows, teacher.local_ids[rows, entries].long()] = False
+    return scaled, outside
+
+
+def _uniform_tail_partials(student: Tensor, teacher: SparseShardTeacher, temperature: float, real_columns: int,
+                           lse: Tensor, log_pi: Tensor) -> Tensor:
+    """``[N, 2]``, float64: this shard's sums over its tail columns of the terms and of q_v a_v against the uniform
+    completion log pi, with the global log q_v = k s_v - lse."""
+    if real_columns == 0:
+        return lse.new_zeros(lse.shape[0], 2)
+    scaled, outside = _sparse_tail_columns(student, teacher, temperature, real_columns)
+    log_q = scaled - lse.to(scaled.dtype)[:, None]
+    log_p = log_pi.to(scaled.dtype)[:, None].expand_as(log_q)
+    terms = reference.divergence_terms(log_q, log_p, teacher.divergence, teacher.coefficient, teacher.coefficient)
+    qa = reference.outcome_partials(log_q, log_p, teacher.divergence, teacher.coefficient, teacher.coefficient)
+    return torch.stack([torch.where(outside, x, 0.0).sum(-1, dtype=torch.float64) for x in (terms, qa)], -1)
+
+
+def combine_sparse_divergence(teacher: SparseShardTeacher, shard: VocabShard,
+                              student: Sequence[Optional[Tensor]]) -> tuple[tuple[Tensor], tuple[Tensor, ...]]:
+    """The sparse teacher's ``KernelFamily.combine``: ``((value,), (tail_coefficient, log_normalisers, entry_grad,
+    uniform))`` over the whole vocabulary (the section's comment has the formulas): the value ``[N]`` (0 where
+    masked) in the computing dtype; and, float64, for the backward: the factor k (Q_R a_R - Q_R M) of bin's tail
+    columns ``[N]``, (lse, lse_R) ``[N, 2]``, each entry's k (q_i a_i - q_i M) ``[N, K]`` and uniform's (log pi, M)
+    ``[N, 2]``."""
+    shards, k = shard.shards, 1.0 / shard.temperature
+    local = shard.family.forward(*student)  # [N, 4 + K]
+    every = shards.all_gather(local).double()  # [P, N, 4 + K]
+    norms = LogNormalisers.of(every[..., :4], shards.rank, shard.temperature)  # (its "teacher" is the tail R)
+    lse, lse_tail = norms.log_norm_s.logsumexp(0), norms.log_norm_t.logsumexp(0)
+    entry_logits = every[..., 4:].amax(0) * k  # k s_i: each live entry's from its owner
+    log_p, live = teacher.logprobs, teacher.logprobs != -math.inf
+    n_live = live.sum(-1)
+    divergence, tail, coefficient = teacher.divergence, teacher.tail, teacher.coefficient
+    if tail == "renormalized":
+        has_entries = (n_live > 0)[:, None]
+        logits = torch.where(live, entry_logits, -math.inf)
+        log_q = logits - torch.where(has_entries, logits, 0.0).logsumexp(-1, keepdim=True)
+        log_p = log_p - torch.where(has_entries, log_p, 0.0).logsumexp(-1, keepdim=True)
+        undefined = lse.isnan()
+    else:
+        log_q = torch.where(live, entry_logits - lse[:, None], -math.inf)
+        log_tail_p = reference.sparse_tail_mass(log_p, n_live, shard.vocab_size)
+        undefined = lse.isnan() | lse_tail.isnan()
+        if tail == "bin":
+            log_q = torch.cat((log_q, (lse_tail - lse)[:, None]), -1)
+            log_p = torch.cat((log_p, log_tail_p[:, None]), -1)
+    terms = reference.divergence_terms(log_q, log_p, divergence, coefficient, coefficient)
+    qa = reference.outcome_partials(log_q, log_p, divergence, coefficient, coefficient)
+    value, mean_partial = terms.sum(-1), qa.sum(-1)
+    log_pi = torch.zeros_like(lse)
+    if tail == "uniform":
+        log_pi = log_tail_p - (shard.vocab_size - n_live).clamp(min=1).double().log()
+        partials = _uniform_tail_partials(student[0], teacher, shard.temperature, shard.real_columns, lse, log_pi)
+        tail_value, tail_partial = shards.all_gather(partials).sum(0).unbind(-1)
+        value, mean_partial = value + tail_value, mean_partial + tail_partial
+    grads = k * (qa - log_q.exp() * mean_partial[:, None])
+    entry_grad, tail_coefficient = grads[:, :teacher.logprobs.shape[1]], torch.zeros_like(lse)
+    if tail == "bin":
+        tail_coefficient = torch.where(lse_tail == -math.inf, 0.0, grads[:, -1])
+    value = torch.where(undefined | log_q.isnan().any(-1) | log_p.isnan().any(-1), math.nan, value)
+    if shard.mask is not None:
+        value = torch.where(shard.mask, value, 0.0)
+    dtype = compute_dtype(student[0].dtype, teacher.logprobs.dtype)
+    return (value.to(dtype),), (tail_coefficient, torch.stack((lse, lse_tail), -1), entry_grad,
+                                torch.stack((log_pi, mean_partial), -1))
+
+
+def _sparse_divergence_gradient(student: Tensor, teacher: SparseShardTeacher, upstream: Tensor,
+                                saved: Sequence[Tensor], mask: Optional[Tensor], temperature: float,
+                                real_columns: int) -> Tensor:
+    """This rank's slice of the unsharded gradient of sum_i g_i D_i (``upstream`` g ``[N]``) from what
+    ``combine_sparse_divergence`` saved: the tail columns' terms, then the owned entries' columns."""
+    tail_coefficient, log_normalisers, entry_grad, uniform = saved
+    g = upstream.double()
+    dtype = compute_dtype(student.dtype, teacher.logprobs.dtype)
+    grad = student.new_zeros(n_rows(student), student.shape[-1], dtype=dtype)
+    if real_columns > 0 and teacher.tail != "renormalized":
+        scaled, outside = _sparse_tail_columns(student, teacher, temperature, real_columns)
+        lse, lse_tail = (x.to(scaled.dtype)[:, None] for x in log_normalisers.unbind(-1))
+        if teacher.tail == "bin":
+            share = torch.where(lse_tail == -math.inf, 0.0, (scaled - lse_tail).exp())  # q_v / Q_R
+            tail = share * (g * tail_coefficient).to(scaled.dtype)[:, None]
+        else:
+            log_pi, mean_partial = (x.to(scaled.dtype)[:, None] for x in uniform.unbind(-1))
+            log_q = scaled - lse
+            qa = reference.outcome_partials(log_q, log_pi.expand_as(log_q), teacher.divergence, teacher.coefficient,
+                                            teacher.coefficient)
+            tail = (g / temperature).to(scaled.dtype)[:, None] * (qa - log_q.exp() * mean_partial)
+        grad[:, :real_columns] = torch.where(outside, tail, 0.0)
+    rows, entries = teacher.owned.nonzero(as_tuple=True)
+    grad[rows, teacher.local_ids[rows, entries].long()] = (g[:, None] * entry_grad)[rows, entries].to(grad.dtype)
+    if mask is not None:
+        grad = torch.where(mask[:, None], grad, 0.0)
+    return grad.to(student.dtype).view(student.shape)
+
+
+def _logits_sparse_family(teacher: SparseShardTeacher, mask: Optional[Tensor], temperature: float,
+                          real_columns: int, backend: str) -> KernelFamily:
+    """The sparse teacher on a shard of the student's logits: its row statistics from ``ops.sparse``'s kernel and the
+    logits of the entries it owns (``combine_sparse_divergence``'s comment)."""
+    def forward(student: Tensor) -> Tensor:
+        row_stats = _sparse_row_stats(student, teacher, mask, temperature, real_columns, backend)
+        return torch.cat((row_stats.double(), _owned_entry_logits(student, teacher)), -1)
+
+    def backward(student, upstream, saved, needs):
+        if not needs[0]:
+            return (None,)
+        return (_sparse_divergence_gradient(student[0], teacher, upstream[0], saved, mask, temperature,
+                                            real_columns),)
+
+    return KernelFamily(forward, backward, functools.partial(combine_sparse_divergence, teacher))
+
+
+@torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
+def logits_sparse_divergence(shards: VocabShards, student: Tensor, ids: Tensor, logprobs: Tensor,
+                             mask: Optional[Tensor], divergence: str, tail: str, coefficient: float,
+                             temperature: float, vocab_size: int, backend: str) -> Tensor:
+    """The per-token ``divergence`` ``[N]`` (0 where masked) of validated vocabulary-sharded student logits from a
+    sparse teacher (global ``[N, K]`` ids and log-probabilities, replicated; ``losses.fused_sparse_divergence`` with
+    a process group), after ``check_replicated``."""
+    width = student.shape[-1]
+    check_replicated(shards, {
+        "the local vocabulary width": width, "vocab_size": vocab_size,
+        "the number of tokens": math.prod(student.shape[:-1]), "teacher_ids": fingerprint(ids, mask),
+        "teacher_logprobs": fingerprint(torch.where(logprobs == -math.inf, 0.0, logprobs.double()), mask),
+        "mask": fingerprint(mask),
+    }, student.device)
+    real_columns = shards.real_columns(width, vocab_size)
+    teacher = SparseShardTeacher.of(shards, ids, logprobs, mask, width, real_columns, divergence, tail, coefficient)
+    family = _logits_sparse_family(teacher, mask, temperature, real_columns, backend)
     return sharded(VocabShard(shards, family, width, vocab_size, temperature, None, mask), student)[0]

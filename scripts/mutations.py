@@ -862,6 +862,32 @@ MUTATIONS = (
         ("tests/test_parallel.py::test_divergences_of_a_sharded_lm_head_match_the_unsharded_oracle",),
         "the mixtures' and TVD's terms are evaluated with each shard's own log-normalisers, not the whole vocabulary's",
     ),
+    # ---- the sparse teacher on a sharded vocabulary (parallel.combine_sparse_divergence)
+    Mutation(
+        "parallel-sparse-entries-on-every-rank", "minillm_kernels/parallel.py",
+        "        local = ids - shards.rank * width\n",
+        "        local = ids % width\n",
+        ("tests/test_parallel.py::test_sparse_divergences_of_sharded_logits_match_the_unsharded_oracle", "-k",
+         "2-cpu-fp64"),
+        "every rank counts every entry as its own (the id's column within a shard): the entries' logits and the tails' "
+        "exclusions read the wrong columns",
+    ),
+    Mutation(
+        "parallel-sparse-tail-holds-the-entries", "minillm_kernels/parallel.py",
+        "    owned_logprobs = torch.where(teacher.owned, teacher.logprobs, -math.inf)\n",
+        "    owned_logprobs = torch.full_like(teacher.logprobs, -math.inf)\n",
+        ("tests/test_parallel.py::test_sparse_divergences_of_sharded_logits_match_the_unsharded_oracle", "-k",
+         "2-cpu-fp64"),
+        "each shard's tail statistics (c_R, log Z_R) include the entries it owns: Q_R = 1 - Q_I + Q_I",
+    ),
+    Mutation(
+        "parallel-sparse-bin-tail-gradient-dropped", "minillm_kernels/parallel.py",
+        "            tail = share * (g * tail_coefficient).to(scaled.dtype)[:, None]\n",
+        "            tail = share * 0.0\n",
+        ("tests/test_parallel.py::test_sparse_divergences_of_sharded_logits_match_the_unsharded_oracle", "-k",
+         "2-cpu-fp64"),
+        "bin's gradient reaches the entries only, not the tail's columns through Q_R",
+    ),
     Mutation(
         "parallel-divergence-backward-gets-shard-stats", "minillm_kernels/parallel.py",
         "    return (value.to(dtype),), (mean_partial.to(dtype), norms.global_row_stats.to(dtype))",

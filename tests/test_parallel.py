@@ -779,3 +779,171 @@ def test_divergences_of_dtensor_logits_and_weights_match_the_unsharded_oracle(di
         for index, exact in ((1, grad_w), (2, grad_b)):
             got = torch.cat([r[kind][1][index] for r in results], 0).double()
             torch.testing.assert_close(got, exact, **tol, msg=f"{kind}: grad {'Wb'[index - 1]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sparse teacher: fused_sparse_divergence of sharded student logits, every divergence x tail mode
+# ---------------------------------------------------------------------------------------------------------------
+SPARSE_TAILS = ("bin", "uniform", "renormalized")
+SPARSE_DIVERGENCES = (("reverse_kl", 0.5, 0.1), ("forward_kl", 0.5, 0.1), ("jsd", 0.3, 0.1),
+                      ("skew_forward_kl", 0.5, 0.25), ("skew_reverse_kl", 0.5, 0.1), ("tvd", 0.5, 0.1))
+
+
+def sparse_inputs(generator, world, width, vocab_size, k, dtype, *, backend="cpu", temperature=0.7):
+    """``logits_inputs``' student and mask, and a sparse teacher of ``k`` entries: the top-k of teacher logits ~ N(0,
+    9) at temperature 1, all of token 0's on rank 0's columns (its largest logits: the other ranks own none of its
+    ids), token 1 with
+    fewer than k live entries where k < vocab_size (the last -inf, their ids out of range), token 2's ids in reverse
+    order."""
+    base = logits_inputs(generator, world, width, vocab_size, dtype, backend=backend, temperature=temperature)
+    n = BATCH * SEQ
+    teacher = torch.randn(n, vocab_size, generator=generator, dtype=F64) * 3
+    teacher[0, :min(k, width)] = teacher[0].max() + torch.rand(min(k, width), generator=generator, dtype=F64)
+    ids, logprobs = mk.topk_teacher(teacher, k, vocab_size=vocab_size)
+    if 2 < k < vocab_size:
+        logprobs[1, k // 2:] = -math.inf
+        ids[1, k // 2:] = 10**6
+    ids[2], logprobs[2] = ids[2].flip(0), logprobs[2].flip(0)
+    lead = (BATCH, SEQ)
+    return dict(student=base["student"], ids=ids.view(*lead, k), logprobs=logprobs.view(*lead, k), mask=base["mask"],
+                upstream=base["upstream"][0],
+                options=dict(temperature=temperature, vocab_size=vocab_size, backend=backend))
+
+
+def rank_sparse(rank, world, *, student, ids, logprobs, mask, upstream, options):
+    """fused_sparse_divergence of this rank's slice of the student's logits, every divergence x tail mode, reduction
+    "none" (and "mean" for the default call): (loss, gradient of sum(loss * upstream))."""
+    out = {}
+    for name, beta, skew in SPARSE_DIVERGENCES:
+        for tail in SPARSE_TAILS:
+            for reduction in ("none", "mean") if (name, tail) == ("reverse_kl", "bin") else ("none",):
+                s = leaf(shard(student, rank, world))
+                loss = mk.fused_sparse_divergence(s, ids, logprobs, divergence=name, tail=tail, beta=beta, skew=skew,
+                                                  mask=mask, reduction=reduction, process_group=dist.group.WORLD,
+                                                  **options)
+                (loss * _divergence_upstream(reduction, upstream).to(loss.dtype)).sum().backward()
+                out[name, tail, reduction] = (loss.detach(), s.grad)
+    return out
+
+
+def rank_sparse_dtensor(rank, world, *, student, ids, logprobs, mask, upstream, options):
+    """The JSD with the uniform tail of DTensor logits placed Shard(-1) (no process_group passed), and the error of a
+    rank whose teacher log-probabilities differ from the others'."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    local = leaf(shard(student, rank, world))
+    logits = DTensor.from_local(local, mesh, [Shard(-1)])
+    loss = mk.fused_sparse_divergence(logits, ids, logprobs, divergence="jsd", tail="uniform", mask=mask,
+                                      reduction="none", **options)
+    (loss * upstream.to(loss.dtype)).sum().backward()
+    out = dict(dtensor=(loss.detach(), local.grad))
+    try:
+        mk.fused_sparse_divergence(shard(student, rank, world), ids, logprobs - 0.01 * rank, mask=mask,
+                                   process_group=dist.group.WORLD, **options)
+        out["error"] = None
+    except ValueError as error:
+        out["error"] = str(error)
+    return out
+
+
+RANK_JOBS.update(sparse=rank_sparse, sparse_dtensor=rank_sparse_dtensor)
+
+SPARSE_CASES = {  # name: (world, kind, make inputs)
+    "2-cpu-fp64": (2, "sparse", lambda g: sparse_inputs(g, 2, 8, 13, 4, F64)),
+    "2-triton-fp32": (2, "sparse", lambda g: sparse_inputs(g, 2, 32, 60, 8, torch.float32, backend="triton")),
+    "2-dtensor-cpu-fp64": (2, "sparse_dtensor", lambda g: sparse_inputs(g, 2, 8, 16, 4, F64)),
+    "4-reference-fp64-padding-shard": (4, "sparse", lambda g: sparse_inputs(g, 4, 4, 11, 5, F64, backend="reference",
+                                                                            temperature=1.3)),
+    "4-cpu-fp64-k-equals-v": (4, "sparse", lambda g: sparse_inputs(g, 4, 4, 14, 14, F64)),
+}
+
+
+@pytest.fixture(scope="session")
+def sparse_ranks():
+    """``results(world) -> (inputs per case, per-rank results)`` of ``SPARSE_CASES``, as ``ranks``."""
+    seed = random.randrange(2**31)
+    cache = {}
+
+    def results(world):
+        if world not in cache:
+            print(f"inputs seed {seed}")
+            generator = torch.Generator().manual_seed(seed + world)
+            inputs = {name: make(generator) for name, (w, _, make) in SPARSE_CASES.items() if w == world}
+            usable = {name: x for name, x in inputs.items() if x["options"]["backend"] in mk.available_backends()}
+            jobs = {name: (SPARSE_CASES[name][1], x) for name, x in usable.items()}
+            try:
+                cache[world] = (inputs, run_on_ranks(world, jobs))
+            except Exception as error:
+                cache[world] = error
+        if isinstance(cache[world], Exception):
+            raise cache[world]
+        return cache[world]
+
+    return results
+
+
+def sparse_case_results(sparse_ranks, case):
+    world, _, make = SPARSE_CASES[case]
+    require_backend(make(torch.Generator().manual_seed(0))["options"]["backend"])
+    inputs, per_rank = sparse_ranks(world)
+    results = [r[case] for r in per_rank]
+    assert_same_on_every_rank([{key: v[0] for key, v in r.items() if isinstance(v, tuple)} for r in results])
+    return inputs[case], results
+
+
+def exact_sparse(inputs, name, tail, beta, skew, reduction):
+    """The unsharded float64 loss of ``reference.sparse_divergence`` (the teacher completed explicitly) on the whole
+    student logits and the gradient of loss * upstream (autograd)."""
+    from minillm_kernels import reference
+
+    student = inputs["student"].detach().double().requires_grad_()
+    options, mask = inputs["options"], inputs["mask"].reshape(-1)
+    k = inputs["ids"].shape[-1]
+    per_token = reference.sparse_divergence(student.reshape(-1, student.shape[-1]), inputs["ids"].reshape(-1, k),
+                                            inputs["logprobs"].reshape(-1, k), mask, options["temperature"],
+                                            options["vocab_size"], name, tail, beta=beta, skew=skew)
+    loss = per_token.view(inputs["mask"].shape) if reduction == "none" else per_token.sum() / mask.sum().clamp(min=1)
+    (loss * _divergence_upstream(reduction, inputs["upstream"])).sum().backward()
+    return loss.detach(), student.grad
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kind, _) in SPARSE_CASES.items() if kind == "sparse"])
+def test_sparse_divergences_of_sharded_logits_match_the_unsharded_oracle(sparse_ranks, case):
+    """Every divergence x tail mode of a student sharded over 2 or 4 ranks: the loss on every rank and the ranks'
+    gradient slices together equal the unsharded float64 oracle's; with K = V every tail equals the dense divergence
+    (``reference.divergence`` of the teacher logits)."""
+    inputs, results = sparse_case_results(sparse_ranks, case)
+    tol = tolerance(inputs["student"].dtype)
+    k, vocab_size = inputs["ids"].shape[-1], inputs["options"]["vocab_size"]
+    for (name, tail, reduction), (loss, _) in results[0].items():
+        beta, skew = next((b, s) for n, b, s in SPARSE_DIVERGENCES if n == name)
+        exact, grad = exact_sparse(inputs, name, tail, beta, skew, reduction)
+        what = f"{name} tail={tail} {reduction}"
+        torch.testing.assert_close(loss.double(), exact, **tol, msg=what)
+        got = torch.cat([r[name, tail, reduction][1] for r in results], -1).double()
+        torch.testing.assert_close(got, grad, **tol, msg=f"{what}: gradient ({len(results)} slices)")
+        if k == vocab_size and reduction == "none":
+            from minillm_kernels import reference
+
+            mask = inputs["mask"].reshape(-1)
+            live = inputs["logprobs"].reshape(-1, k)
+            dense_teacher = torch.full((live.shape[0], vocab_size), -math.inf, dtype=F64).scatter(
+                1, inputs["ids"].reshape(-1, k), live.double())  # (log p itself: logits at temperature 1)
+            student = inputs["student"].double().reshape(-1, inputs["student"].shape[-1])[:, :vocab_size]
+            assert bool((live[mask] > -math.inf).all())  # (every kept row has K = V live entries)
+            dense = reference.divergence(student, dense_teacher * inputs["options"]["temperature"], mask,
+                                         inputs["options"]["temperature"], vocab_size, name, beta=beta, skew=skew)
+            torch.testing.assert_close(loss.double().reshape(-1), dense, **tol, msg=f"{what}: the dense divergence")
+
+
+def test_sparse_divergence_of_dtensor_logits_and_a_mismatched_teacher(sparse_ranks):
+    """DTensor logits placed Shard(-1) need no process_group; a rank whose teacher differs gets a ValueError that
+    names teacher_logprobs, on every rank."""
+    inputs, results = sparse_case_results(sparse_ranks, "2-dtensor-cpu-fp64")
+    loss, grad = exact_sparse(inputs, "jsd", "uniform", 0.5, 0.1, "none")
+    torch.testing.assert_close(results[0]["dtensor"][0].double(), loss, **tolerance(F64))
+    torch.testing.assert_close(torch.cat([r["dtensor"][1] for r in results], -1).double(), grad, **tolerance(F64))
+    for result in results:
+        assert result["error"] is not None and "teacher_logprobs differs" in result["error"]
