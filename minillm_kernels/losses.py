@@ -370,9 +370,9 @@ def fused_sparse_divergence(
                                              divergence, tail, coefficient, teacher.temperature, teacher.vocab_size,
                                              teacher.backend)
     else:
-        value = parallel.logits_sparse_divergence(shards, teacher.student, teacher.ids, teacher.logprobs,
-                                                  teacher.mask, divergence, tail, coefficient, teacher.temperature,
-                                                  teacher.vocab_size, teacher.backend)
+        value, = parallel.logits_sparse_divergence(shards, teacher.student, teacher.ids, teacher.logprobs, None,
+                                                   teacher.mask, divergence, tail, coefficient, teacher.temperature,
+                                                   teacher.vocab_size, teacher.backend)
     return reduce_per_token(value, teacher.mask, teacher.lead_shape, reduction)
 
 
@@ -391,6 +391,7 @@ def fused_sparse_token_stats(
     with_entropy: bool = False,
     vocab_size: Optional[int] = None,
     backend: str = "auto",
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
 ) -> TokenStats:
     """Every per-token MiniLLM term of sampled tokens ``target_ids`` against a sparse teacher, from one pass.
 
@@ -409,22 +410,30 @@ def fused_sparse_token_stats(
         target_ids: integer ``[...]`` ids in [0, vocab_size) where the mask is True.
         target_teacher_logprobs: float ``[...]``, the teacher's log p(y_t), normalised as ``teacher_logprobs``.
         mix_alpha, weight_clip, with_entropy: as in ``fused_token_stats``.
-        Other arguments as in ``fused_sparse_divergence``.
+        Other arguments as in ``fused_sparse_divergence`` (with ``process_group``, ``target_ids`` are global ids and
+        replicated, as is ``target_teacher_logprobs``; the shards' all-gather carries 2 more numbers a token, s_y from
+        its owner and each shard's entropy).
 
     Returns:
         ``TokenStats`` of ``[...]`` tensors (float32; float64 if the student logits or the log-probabilities are
         float64), 0 where masked.
     """
     mix_alpha, weight_clip = check_sampling_args(target_ids, mix_alpha, weight_clip)
+    shards, (student_logits,) = logits_shards(process_group, student_logits=student_logits)
     teacher = validate_sparse_teacher(student_logits, teacher_ids, teacher_logprobs, target_ids, mask, temperature,
-                                      vocab_size, backend, tail)
+                                      vocab_size, backend, tail, shards)
     check_companion("target_teacher_logprobs", target_teacher_logprobs, teacher.lead_shape, teacher.student.device,
                      "logits")
     if not target_teacher_logprobs.is_floating_point():
         raise TypeError(f"target_teacher_logprobs must be a float tensor, got {target_teacher_logprobs.dtype}")
-    kl, student_logprob, entropy = sparse_ops.sparse_rows(
-        teacher.student, teacher.ids, teacher.logprobs, teacher.target, teacher.mask, "reverse_kl", tail, 0.0,
-        teacher.temperature, teacher.vocab_size, teacher.backend)
+    if shards is None:
+        kl, student_logprob, entropy = sparse_ops.sparse_rows(
+            teacher.student, teacher.ids, teacher.logprobs, teacher.target, teacher.mask, "reverse_kl", tail, 0.0,
+            teacher.temperature, teacher.vocab_size, teacher.backend)
+    else:
+        kl, student_logprob, entropy = parallel.logits_sparse_divergence(
+            shards, teacher.student, teacher.ids, teacher.logprobs, teacher.target, teacher.mask, "reverse_kl", tail,
+            0.0, teacher.temperature, teacher.vocab_size, teacher.backend)
     teacher_logprob = target_teacher_logprobs.detach().reshape(-1).to(kl.dtype)
     if teacher.mask is not None:
         teacher_logprob = torch.where(teacher.mask, teacher_logprob, 0.0)

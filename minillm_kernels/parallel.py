@@ -45,8 +45,9 @@ statistics and sum_v q_v a_v, with no communication.
 
 The sparse teacher (``combine_sparse_divergence``): the ids global and replicated, each rank all-gathers its shard's
 row statistics over its columns and over those outside the entries it owns, and the logits of those entries (4 + K
-numbers a token), whence every tail mode's outcomes ("uniform": a second all-gather of the tail terms' partial sums);
-the backward is a PyTorch expression on the shard, with no communication.
+numbers a token; with sampled tokens 2 more, the owner's s_y and the shard's entropy), whence every tail mode's
+outcomes ("uniform": a second all-gather of the tail terms' partial sums); the backward is a PyTorch expression on the
+shard, with no communication (``linear.py`` runs the same chunk by chunk of tokens on a sharded lm_head).
 """
 from __future__ import annotations
 
@@ -500,9 +501,11 @@ def logits_divergence(shards: VocabShards, student: Tensor, teacher: Tensor, mas
 #     tail column v (uniform):    k (q_v a_v - q_v M),  a_v of (pi, q_v)
 # on the owner's columns, each rank writing its slice.
 class SparseShardTeacher(NamedTuple):
-    """A sparse teacher as one rank of a sharded vocabulary holds it: the global ``ids`` and ``logprobs`` ``[N, K]``
+    """A sparse teacher as one rank of a sharded vocabulary holds it: the global ids' ``logprobs`` ``[N, K]``
     (float64, -inf where not live or in a row ``mask`` leaves out), ``owned`` (the live entries in this rank's real
-    columns) and their ``local_ids`` (``ids - r W`` where owned, 0 elsewhere), the divergence, tail and coefficient."""
+    columns) and their ``local_ids`` (``ids - r W`` where owned, 0 elsewhere), the divergence, tail and coefficient;
+    with sampled tokens (the token statistics), ``owns_target`` ``[N]`` (y in this rank's real columns, in a kept row)
+    and ``target_column`` (y - r W there, 0 elsewhere), else None."""
 
     logprobs: Tensor
     owned: Tensor
@@ -510,38 +513,54 @@ class SparseShardTeacher(NamedTuple):
     divergence: str
     tail: str
     coefficient: float
+    owns_target: Optional[Tensor]
+    target_column: Optional[Tensor]
 
     @classmethod
-    def of(cls, shards: VocabShards, ids: Tensor, logprobs: Tensor, mask: Optional[Tensor], width: int,
-           real_columns: int, divergence: str, tail: str, coefficient: float) -> "SparseShardTeacher":
-        live = logprobs != -math.inf
-        if mask is not None:
-            live = live & mask[:, None]
-        local = ids - shards.rank * width
-        owned = live & (local >= 0) & (local < real_columns)
+    def of(cls, shards: VocabShards, ids: Tensor, logprobs: Tensor, target: Optional[Tensor], mask: Optional[Tensor],
+           width: int, real_columns: int, divergence: str, tail: str, coefficient: float) -> "SparseShardTeacher":
+        def local_columns(global_ids: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+            local = global_ids - shards.rank * width
+            here = counts & (local >= 0) & (local < real_columns)
+            return here, torch.where(here, local, 0)
+
+        kept = torch.ones_like(logprobs[:, 0], dtype=torch.bool) if mask is None else mask
+        live = (logprobs != -math.inf) & kept[:, None]
+        owned, local_ids = local_columns(ids, live)
+        owns_target, target_column = (None, None) if target is None else local_columns(target, kept)
         log_p = torch.where(live, logprobs.double(), -math.inf)
-        return cls(log_p, owned, torch.where(owned, local, 0), divergence, tail, coefficient)
+        return cls(log_p, owned, local_ids, divergence, tail, coefficient, owns_target, target_column)
+
+    def rows(self, rows: slice) -> "SparseShardTeacher":
+        """The teacher of the tokens ``rows`` (a chunk of the fused-linear functions)."""
+        return self._replace(logprobs=self.logprobs[rows], owned=self.owned[rows], local_ids=self.local_ids[rows],
+                             owns_target=None if self.owns_target is None else self.owns_target[rows],
+                             target_column=None if self.target_column is None else self.target_column[rows])
 
 
-def _sparse_row_stats(student: Tensor, teacher: SparseShardTeacher, mask: Optional[Tensor], temperature: float,
-                      real_columns: int, backend: str) -> Tensor:
+def _sparse_shard_stats(student: Tensor, teacher: SparseShardTeacher, mask: Optional[Tensor], temperature: float,
+                        real_columns: int, backend: str) -> Tensor:
     """``[N, 4]``: (c, log Z, c_R, log Z_R) of the shard's real columns and of those outside the entries it owns
-    (the sparse kernel's row statistics; a padding shard (0, -inf, 0, -inf))."""
+    (the sparse kernel's row statistics; a padding shard (0, -inf, 0, -inf)); with sampled tokens ``[N, 5]``, the
+    entropy H_r of the shard's own softmax after them (0 on a padding shard)."""
     dtype = compute_dtype(student.dtype, teacher.logprobs.dtype)
+    with_entropy = teacher.owns_target is not None
     if real_columns == 0:
-        rows = n_rows(student)
-        return torch.tensor([0.0, -math.inf, 0.0, -math.inf], dtype=dtype, device=student.device).repeat(rows, 1)
+        empty = [0.0, -math.inf, 0.0, -math.inf] + [0.0] * with_entropy
+        return torch.tensor(empty, dtype=dtype, device=student.device).repeat(n_rows(student), 1)
     owned_logprobs = torch.where(teacher.owned, teacher.logprobs, -math.inf)
-    return sparse_ops.sparse_divergence(student, teacher.local_ids, owned_logprobs, None, mask, "reverse_kl", "bin",
-                                        0.0, 1.0 / temperature, real_columns, backend)[4].to(dtype)
+    _, _, entropy, _, row_stats = sparse_ops.sparse_divergence(
+        student, teacher.local_ids, owned_logprobs, teacher.target_column, mask, "reverse_kl", "bin", 0.0,
+        1.0 / temperature, real_columns, backend)
+    return torch.cat((row_stats, entropy[:, None]), -1).to(dtype) if with_entropy else row_stats.to(dtype)
 
 
-def _owned_entry_logits(student: Tensor, teacher: SparseShardTeacher) -> Tensor:
-    """``[N, K]``: the student's logits at the entries this rank owns, -inf at the others (read in place)."""
+def _owned_logits(student: Tensor, columns: Tensor, owned: Tensor) -> Tensor:
+    """``[N, J]`` float64: the student's logits at this rank's ``columns`` ``[N, J]`` where ``owned``, -inf elsewhere
+    (read in place)."""
     rows = row_view(student)
-    local_ids = teacher.local_ids.long().view(*rows.shape[:2], -1)
-    logits = rows.gather(-1, local_ids).view(teacher.owned.shape)
-    return torch.where(teacher.owned, logits.to(teacher.logprobs.dtype), -math.inf)
+    logits = rows.gather(-1, columns.long().view(*rows.shape[:2], -1)).view(owned.shape)
+    return torch.where(owned, logits.double(), -math.inf)
 
 
 def _sparse_tail_columns(student: Tensor, teacher: SparseShardTeacher, temperature: float,
@@ -556,7 +575,7 @@ def _sparse_tail_columns(student: Tensor, teacher: SparseShardTeacher, temperatu
     return scaled, outside
 
 
-def _uniform_tail_partials(student: Tensor, teacher: SparseShardTeacher, temperature: float, real_columns: int,
+def uniform_tail_partials(student: Tensor, teacher: SparseShardTeacher, temperature: float, real_columns: int,
                            lse: Tensor, log_pi: Tensor) -> Tensor:
     """``[N, 2]``, float64: this shard's sums over its tail columns of the terms and of q_v a_v against the uniform
     completion log pi, with the global log q_v = k s_v - lse."""
@@ -570,19 +589,24 @@ def _uniform_tail_partials(student: Tensor, teacher: SparseShardTeacher, tempera
     return torch.stack([torch.where(outside, x, 0.0).sum(-1, dtype=torch.float64) for x in (terms, qa)], -1)
 
 
-def combine_sparse_divergence(teacher: SparseShardTeacher, shard: VocabShard,
+def combine_sparse_divergence(teacher: SparseShardTeacher, tail_partials: Callable[..., Tensor], dtype: torch.dtype,
+                              shard: VocabShard,
                               student: Sequence[Optional[Tensor]]) -> tuple[tuple[Tensor], tuple[Tensor, ...]]:
     """The sparse teacher's ``KernelFamily.combine``: ``((value,), (tail_coefficient, log_normalisers, entry_grad,
     uniform))`` over the whole vocabulary (the section's comment has the formulas): the value ``[N]`` (0 where
     masked) in the computing dtype; and, float64, for the backward: the factor k (Q_R a_R - Q_R M) of bin's tail
     columns ``[N]``, (lse, lse_R) ``[N, 2]``, each entry's k (q_i a_i - q_i M) ``[N, K]`` and uniform's (log pi, M)
-    ``[N, 2]``."""
+    ``[N, 2]``. With sampled tokens (the shard's local numbers then end with the owner's s_y and H_r) the outputs are
+    ``(value, student_logprob, entropy)`` and the entropy is saved last. Bound with ``functools.partial``: the
+    ``teacher``, ``tail_partials(student, lse, log_pi)`` (``uniform_tail_partials`` of the shard's logits) and the
+    outputs' ``dtype``."""
     shards, k = shard.shards, 1.0 / shard.temperature
     local = shard.family.forward(*student)  # [N, 4 + K]
     every = shards.all_gather(local).double()  # [P, N, 4 + K]
     norms = LogNormalisers.of(every[..., :4], shards.rank, shard.temperature)  # (its "teacher" is the tail R)
     lse, lse_tail = norms.log_norm_s.logsumexp(0), norms.log_norm_t.logsumexp(0)
-    entry_logits = every[..., 4:].amax(0) * k  # k s_i: each live entry's from its owner
+    n_entries = teacher.logprobs.shape[1]
+    entry_logits = every[..., 4:4 + n_entries].amax(0) * k  # k s_i: each live entry's from its owner
     log_p, live = teacher.logprobs, teacher.logprobs != -math.inf
     n_live = live.sum(-1)
     divergence, tail, coefficient = teacher.divergence, teacher.tail, teacher.coefficient
@@ -605,7 +629,7 @@ def combine_sparse_divergence(teacher: SparseShardTeacher, shard: VocabShard,
     log_pi = torch.zeros_like(lse)
     if tail == "uniform":
         log_pi = log_tail_p - (shard.vocab_size - n_live).clamp(min=1).double().log()
-        partials = _uniform_tail_partials(student[0], teacher, shard.temperature, shard.real_columns, lse, log_pi)
+        partials = tail_partials(student, lse, log_pi)
         tail_value, tail_partial = shards.all_gather(partials).sum(0).unbind(-1)
         value, mean_partial = value + tail_value, mean_partial + tail_partial
     grads = k * (qa - log_q.exp() * mean_partial[:, None])
@@ -615,18 +639,27 @@ def combine_sparse_divergence(teacher: SparseShardTeacher, shard: VocabShard,
     value = torch.where(undefined | log_q.isnan().any(-1) | log_p.isnan().any(-1), math.nan, value)
     if shard.mask is not None:
         value = torch.where(shard.mask, value, 0.0)
-    dtype = compute_dtype(student[0].dtype, teacher.logprobs.dtype)
-    return (value.to(dtype),), (tail_coefficient, torch.stack((lse, lse_tail), -1), entry_grad,
-                                torch.stack((log_pi, mean_partial), -1))
+    saved = (tail_coefficient, torch.stack((lse, lse_tail), -1), entry_grad, torch.stack((log_pi, mean_partial), -1))
+    if teacher.owns_target is None:
+        return (value.to(dtype),), saved
+    # The token statistics: log q(y) = k s_y - lse from y's owner; H = sum_r w_r (H_r - log w_r), as ``combine``.
+    student_logprob = every[..., 4 + n_entries].amax(0) * k - lse
+    log_w = norms.log_w
+    w = log_w.exp()
+    entropy = torch.where(w == 0, 0.0, w * (every[..., 5 + n_entries] - log_w)).sum(0)
+    if shard.mask is not None:
+        student_logprob, entropy = (torch.where(shard.mask, x, 0.0) for x in (student_logprob, entropy))
+    return (value.to(dtype), student_logprob.to(dtype), entropy.to(dtype)), (*saved, entropy)
 
 
-def _sparse_divergence_gradient(student: Tensor, teacher: SparseShardTeacher, upstream: Tensor,
+def sparse_logit_gradient(student: Tensor, teacher: SparseShardTeacher, upstream: Sequence[Tensor],
                                 saved: Sequence[Tensor], mask: Optional[Tensor], temperature: float,
                                 real_columns: int) -> Tensor:
-    """This rank's slice of the unsharded gradient of sum_i g_i D_i (``upstream`` g ``[N]``) from what
-    ``combine_sparse_divergence`` saved: the tail columns' terms, then the owned entries' columns."""
-    tail_coefficient, log_normalisers, entry_grad, uniform = saved
-    g = upstream.double()
+    """This rank's slice of the unsharded gradient of sum_i g_i D_i (``upstream`` (g,), ``[N]``; with sampled tokens
+    (g, b, c), adding b_i log q_i(y_i) + c_i H_i) from what ``combine_sparse_divergence`` saved: the tail columns'
+    terms, the owned entries' columns, then the token statistics' k (b ([v = y] - q_v) - c q_v (log q_v + H))."""
+    tail_coefficient, log_normalisers, entry_grad, uniform = saved[:4]
+    g = upstream[0].double()
     dtype = compute_dtype(student.dtype, teacher.logprobs.dtype)
     grad = student.new_zeros(n_rows(student), student.shape[-1], dtype=dtype)
     if real_columns > 0 and teacher.tail != "renormalized":
@@ -644,43 +677,79 @@ def _sparse_divergence_gradient(student: Tensor, teacher: SparseShardTeacher, up
         grad[:, :real_columns] = torch.where(outside, tail, 0.0)
     rows, entries = teacher.owned.nonzero(as_tuple=True)
     grad[rows, teacher.local_ids[rows, entries].long()] = (g[:, None] * entry_grad)[rows, entries].to(grad.dtype)
+    if teacher.owns_target is not None and real_columns > 0:
+        b, c = (x.to(dtype)[:, None] / temperature for x in upstream[1:])
+        lse, entropy = log_normalisers[:, :1].to(dtype), saved[4].to(dtype)[:, None]
+        log_q = student.reshape(-1, student.shape[-1])[:, :real_columns].to(dtype) / temperature - lse
+        q = log_q.exp()
+        grad[:, :real_columns] -= b * q + c * torch.where(q > 0, q * (log_q + entropy), 0.0)
+        rows = teacher.owns_target.nonzero(as_tuple=True)[0]
+        grad[rows, teacher.target_column[rows]] += b[rows, 0]
     if mask is not None:
         grad = torch.where(mask[:, None], grad, 0.0)
     return grad.to(student.dtype).view(student.shape)
 
 
+def sparse_shard_numbers(student: Tensor, teacher: SparseShardTeacher, mask: Optional[Tensor], temperature: float,
+                         real_columns: int, backend: str) -> Tensor:
+    """``[N, 4 + K]`` float64, what a shard of the logits sends to ``combine_sparse_divergence``: its row statistics
+    (``_sparse_shard_stats``) and the logits of the entries it owns (-inf at the others); with sampled tokens
+    ``[N, 6 + K]``, then y's logit (-inf where another rank owns y) and the shard's entropy."""
+    stats = _sparse_shard_stats(student, teacher, mask, temperature, real_columns, backend).double()
+    entry_logits = _owned_logits(student, teacher.local_ids, teacher.owned)
+    if teacher.owns_target is None:
+        return torch.cat((stats[:, :4], entry_logits), -1)
+    target_logit = _owned_logits(student, teacher.target_column[:, None], teacher.owns_target[:, None])
+    return torch.cat((stats[:, :4], entry_logits, target_logit, stats[:, 4:]), -1)
+
+
 def _logits_sparse_family(teacher: SparseShardTeacher, mask: Optional[Tensor], temperature: float,
-                          real_columns: int, backend: str) -> KernelFamily:
+                          real_columns: int, backend: str, dtype: torch.dtype) -> KernelFamily:
     """The sparse teacher on a shard of the student's logits: its row statistics from ``ops.sparse``'s kernel and the
     logits of the entries it owns (``combine_sparse_divergence``'s comment)."""
     def forward(student: Tensor) -> Tensor:
-        row_stats = _sparse_row_stats(student, teacher, mask, temperature, real_columns, backend)
-        return torch.cat((row_stats.double(), _owned_entry_logits(student, teacher)), -1)
+        return sparse_shard_numbers(student, teacher, mask, temperature, real_columns, backend)
+
+    def tail_partials(student: Sequence[Tensor], lse: Tensor, log_pi: Tensor) -> Tensor:
+        return uniform_tail_partials(student[0], teacher, temperature, real_columns, lse, log_pi)
 
     def backward(student, upstream, saved, needs):
         if not needs[0]:
             return (None,)
-        return (_sparse_divergence_gradient(student[0], teacher, upstream[0], saved, mask, temperature,
-                                            real_columns),)
+        return (sparse_logit_gradient(student[0], teacher, upstream, saved, mask, temperature, real_columns),)
 
-    return KernelFamily(forward, backward, functools.partial(combine_sparse_divergence, teacher))
+    return KernelFamily(forward, backward, functools.partial(combine_sparse_divergence, teacher, tail_partials, dtype))
+
+
+def check_sparse_shard(shards: VocabShards, width: int, n_tokens: int, ids: Tensor, logprobs: Tensor,
+                       target: Optional[Tensor], mask: Optional[Tensor], vocab_size: int, device: torch.device,
+                       **replicated: Optional[Tensor]) -> None:
+    """``check_replicated`` of a sparse call: the local width, vocab_size, the tokens, the teacher's ids and
+    log-probabilities, the sampled ids, the mask, and the ``replicated`` tensors (hidden states) by name."""
+    check_replicated(shards, {
+        "the local vocabulary width": width, "vocab_size": vocab_size, "the number of tokens": n_tokens,
+        "teacher_ids": fingerprint(ids, mask),
+        "teacher_logprobs": fingerprint(torch.where(logprobs == -math.inf, 0.0, logprobs.double()), mask),
+        "target_ids": fingerprint(target, mask), "mask": fingerprint(mask),
+        **{name: fingerprint(x) for name, x in replicated.items()},
+    }, device)
 
 
 @torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
 def logits_sparse_divergence(shards: VocabShards, student: Tensor, ids: Tensor, logprobs: Tensor,
-                             mask: Optional[Tensor], divergence: str, tail: str, coefficient: float,
-                             temperature: float, vocab_size: int, backend: str) -> Tensor:
-    """The per-token ``divergence`` ``[N]`` (0 where masked) of validated vocabulary-sharded student logits from a
-    sparse teacher (global ``[N, K]`` ids and log-probabilities, replicated; ``losses.fused_sparse_divergence`` with
-    a process group), after ``check_replicated``."""
+                             target: Optional[Tensor], mask: Optional[Tensor], divergence: str, tail: str,
+                             coefficient: float, temperature: float, vocab_size: int,
+                             backend: str) -> tuple[Tensor, ...]:
+    """``(value,)``, or with sampled tokens ``target`` (global ids) ``(value, student_logprob, entropy)``, ``[N]``
+    each (0 where masked), of validated vocabulary-sharded student logits and a sparse teacher (global ``[N, K]`` ids
+    and log-probabilities, replicated; ``losses.fused_sparse_divergence`` and ``fused_sparse_token_stats`` with a
+    process group), after ``check_replicated``."""
     width = student.shape[-1]
-    check_replicated(shards, {
-        "the local vocabulary width": width, "vocab_size": vocab_size,
-        "the number of tokens": math.prod(student.shape[:-1]), "teacher_ids": fingerprint(ids, mask),
-        "teacher_logprobs": fingerprint(torch.where(logprobs == -math.inf, 0.0, logprobs.double()), mask),
-        "mask": fingerprint(mask),
-    }, student.device)
+    check_sparse_shard(shards, width, math.prod(student.shape[:-1]), ids, logprobs, target, mask, vocab_size,
+                       student.device)
     real_columns = shards.real_columns(width, vocab_size)
-    teacher = SparseShardTeacher.of(shards, ids, logprobs, mask, width, real_columns, divergence, tail, coefficient)
-    family = _logits_sparse_family(teacher, mask, temperature, real_columns, backend)
-    return sharded(VocabShard(shards, family, width, vocab_size, temperature, None, mask), student)[0]
+    teacher = SparseShardTeacher.of(shards, ids, logprobs, target, mask, width, real_columns, divergence, tail,
+                                    coefficient)
+    family = _logits_sparse_family(teacher, mask, temperature, real_columns, backend,
+                                   compute_dtype(student.dtype, logprobs.dtype))
+    return sharded(VocabShard(shards, family, width, vocab_size, temperature, target, mask), student)

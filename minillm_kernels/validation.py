@@ -588,11 +588,11 @@ class LinearSparseCall(NamedTuple):
 
 def validate_linear_sparse(
     student_hidden, student_weight, student_bias, teacher_ids, teacher_logprobs, mask, temperature, vocab_size,
-    chunk_size, backend, tail: str,
+    chunk_size, backend, tail: str, shards: Optional[VocabShards] = None,
 ) -> LinearSparseCall:
     """Check everything ``fused_linear_sparse_divergence`` takes: the student's projection as ``validate_linear``
     checks it, the sparse teacher as ``validate_sparse_teacher`` does (its ids against the weight's rows: the
-    student's vocabulary)."""
+    student's vocabulary; with ``shards``, this rank's rows, and the ids and ``vocab_size`` global)."""
     check_tail(tail)
     _check_projection("student", student_hidden, student_weight, student_bias)
     lead_shape = student_hidden.shape[:-1]
@@ -602,7 +602,7 @@ def validate_linear_sparse(
     args = validate_token_args(
         lead_shape, student_hidden.device, compute_dtype(student_weight.dtype, teacher_logprobs.dtype),
         {"student_weight": width, "teacher_ids": width}, None, mask, temperature, vocab_size, backend,
-        inputs="hidden states",
+        inputs="hidden states", shards=shards,
     )
     ids, logprobs = _sparse_teacher_rows(teacher_ids, teacher_logprobs, args)
     student = (student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias)

@@ -806,14 +806,24 @@ def sparse_inputs(generator, world, width, vocab_size, k, dtype, *, backend="cpu
     ids[2], logprobs[2] = ids[2].flip(0), logprobs[2].flip(0)
     lead = (BATCH, SEQ)
     return dict(student=base["student"], ids=ids.view(*lead, k), logprobs=logprobs.view(*lead, k), mask=base["mask"],
-                upstream=base["upstream"][0],
-                options=dict(temperature=temperature, vocab_size=vocab_size, backend=backend))
+                target=base["target"], target_logprobs=-torch.rand(lead, generator=generator, dtype=F64) * 5,
+                upstream=base["upstream"], options=dict(temperature=temperature, vocab_size=vocab_size,
+                                                        backend=backend))
 
 
-def rank_sparse(rank, world, *, student, ids, logprobs, mask, upstream, options):
+def rank_sparse(rank, world, *, student, ids, logprobs, target, target_logprobs, mask, upstream, options):
     """fused_sparse_divergence of this rank's slice of the student's logits, every divergence x tail mode, reduction
-    "none" (and "mean" for the default call): (loss, gradient of sum(loss * upstream))."""
+    "none" (and "mean" for the default call): (loss, gradient of sum(loss * upstream[0])); fused_sparse_token_stats
+    of every tail mode: (stats, gradient of sum(a KL + b log q(y) + c H))."""
     out = {}
+    for tail in SPARSE_TAILS:
+        s = leaf(shard(student, rank, world))
+        stats = mk.fused_sparse_token_stats(s, ids, logprobs, target, target_logprobs, tail=tail, mask=mask,
+                                            mix_alpha=0.2, with_entropy=True, process_group=dist.group.WORLD,
+                                            **options)
+        a, b, c = (u.to(stats.reverse_kld.dtype) for u in upstream)
+        (a * stats.reverse_kld + b * stats.student_logprob + c * stats.entropy).sum().backward()
+        out["token_stats", tail] = (stats._asdict(), s.grad)
     for name, beta, skew in SPARSE_DIVERGENCES:
         for tail in SPARSE_TAILS:
             for reduction in ("none", "mean") if (name, tail) == ("reverse_kl", "bin") else ("none",):
@@ -821,12 +831,12 @@ def rank_sparse(rank, world, *, student, ids, logprobs, mask, upstream, options)
                 loss = mk.fused_sparse_divergence(s, ids, logprobs, divergence=name, tail=tail, beta=beta, skew=skew,
                                                   mask=mask, reduction=reduction, process_group=dist.group.WORLD,
                                                   **options)
-                (loss * _divergence_upstream(reduction, upstream).to(loss.dtype)).sum().backward()
+                (loss * _divergence_upstream(reduction, upstream[0]).to(loss.dtype)).sum().backward()
                 out[name, tail, reduction] = (loss.detach(), s.grad)
     return out
 
 
-def rank_sparse_dtensor(rank, world, *, student, ids, logprobs, mask, upstream, options):
+def rank_sparse_dtensor(rank, world, *, student, ids, logprobs, target, target_logprobs, mask, upstream, options):
     """The JSD with the uniform tail of DTensor logits placed Shard(-1) (no process_group passed), and the error of a
     rank whose teacher log-probabilities differ from the others'."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -837,7 +847,7 @@ def rank_sparse_dtensor(rank, world, *, student, ids, logprobs, mask, upstream, 
     logits = DTensor.from_local(local, mesh, [Shard(-1)])
     loss = mk.fused_sparse_divergence(logits, ids, logprobs, divergence="jsd", tail="uniform", mask=mask,
                                       reduction="none", **options)
-    (loss * upstream.to(loss.dtype)).sum().backward()
+    (loss * upstream[0].to(loss.dtype)).sum().backward()
     out = dict(dtensor=(loss.detach(), local.grad))
     try:
         mk.fused_sparse_divergence(shard(student, rank, world), ids, logprobs - 0.01 * rank, mask=mask,
@@ -848,7 +858,35 @@ def rank_sparse_dtensor(rank, world, *, student, ids, logprobs, mask, upstream, 
     return out
 
 
-RANK_JOBS.update(sparse=rank_sparse, sparse_dtensor=rank_sparse_dtensor)
+def rank_sparse_linear(rank, world, *, student, ids, logprobs, target, target_logprobs, mask, upstream, options):
+    """fused_linear_sparse_divergence of this rank's rows of the lm_head and bias (the hidden states replicated),
+    every divergence x tail mode, reduction "none": (loss, (grad h, grad W_r, grad b_r)); and a soft cap's error."""
+    hidden, weight, bias = student
+    out = {}
+    for name, beta, skew in SPARSE_DIVERGENCES:
+        for tail in SPARSE_TAILS:
+            h, w, b_ = leaf(hidden), leaf(shard(weight, rank, world, 0)), leaf(shard(bias, rank, world, 0))
+            loss = mk.fused_linear_sparse_divergence(h, w, ids, logprobs, divergence=name, tail=tail, beta=beta,
+                                                     skew=skew, student_bias=b_, mask=mask, reduction="none",
+                                                     process_group=dist.group.WORLD, **options)
+            (loss * upstream[0].to(loss.dtype)).sum().backward()
+            out[name, tail] = (loss.detach(), tuple(map(grad_of, (h, w, b_))))
+    try:
+        mk.fused_linear_sparse_divergence(hidden, shard(weight, rank, world, 0), ids, logprobs, student_softcap=30.0,
+                                          process_group=dist.group.WORLD, **options)
+    except NotImplementedError as error:
+        out["softcap"] = str(error)
+    return out
+
+
+RANK_JOBS.update(sparse=rank_sparse, sparse_dtensor=rank_sparse_dtensor, sparse_linear=rank_sparse_linear)
+
+
+def sparse_linear_inputs(generator, world, width, vocab_size, k, dtype, *, backend="cpu", chunk_size=3):
+    """``sparse_inputs``' teacher and ``linear_inputs``' student projection (hidden states, lm_head, bias)."""
+    return {**sparse_inputs(generator, world, width, vocab_size, k, dtype, backend=backend),
+            "student": linear_inputs(generator, world, width, vocab_size, dtype)["student"],
+            "options": dict(temperature=0.7, vocab_size=vocab_size, backend=backend, chunk_size=chunk_size)}
 
 SPARSE_CASES = {  # name: (world, kind, make inputs)
     "2-cpu-fp64": (2, "sparse", lambda g: sparse_inputs(g, 2, 8, 13, 4, F64)),
@@ -857,6 +895,9 @@ SPARSE_CASES = {  # name: (world, kind, make inputs)
     "4-reference-fp64-padding-shard": (4, "sparse", lambda g: sparse_inputs(g, 4, 4, 11, 5, F64, backend="reference",
                                                                             temperature=1.3)),
     "4-cpu-fp64-k-equals-v": (4, "sparse", lambda g: sparse_inputs(g, 4, 4, 14, 14, F64)),
+    "2-linear-cpu-fp64": (2, "sparse_linear", lambda g: sparse_linear_inputs(g, 2, 8, 13, 4, F64)),
+    "4-linear-reference-fp64-padding-shard": (4, "sparse_linear", lambda g: sparse_linear_inputs(
+        g, 4, 4, 11, 3, F64, backend="reference")),
 }
 
 
@@ -905,7 +946,7 @@ def exact_sparse(inputs, name, tail, beta, skew, reduction):
                                             inputs["logprobs"].reshape(-1, k), mask, options["temperature"],
                                             options["vocab_size"], name, tail, beta=beta, skew=skew)
     loss = per_token.view(inputs["mask"].shape) if reduction == "none" else per_token.sum() / mask.sum().clamp(min=1)
-    (loss * _divergence_upstream(reduction, inputs["upstream"])).sum().backward()
+    (loss * _divergence_upstream(reduction, inputs["upstream"][0])).sum().backward()
     return loss.detach(), student.grad
 
 
@@ -917,7 +958,8 @@ def test_sparse_divergences_of_sharded_logits_match_the_unsharded_oracle(sparse_
     inputs, results = sparse_case_results(sparse_ranks, case)
     tol = tolerance(inputs["student"].dtype)
     k, vocab_size = inputs["ids"].shape[-1], inputs["options"]["vocab_size"]
-    for (name, tail, reduction), (loss, _) in results[0].items():
+    divergences = {key: value for key, value in results[0].items() if key[0] != "token_stats"}
+    for (name, tail, reduction), (loss, _) in divergences.items():
         beta, skew = next((b, s) for n, b, s in SPARSE_DIVERGENCES if n == name)
         exact, grad = exact_sparse(inputs, name, tail, beta, skew, reduction)
         what = f"{name} tail={tail} {reduction}"
@@ -936,6 +978,62 @@ def test_sparse_divergences_of_sharded_logits_match_the_unsharded_oracle(sparse_
             dense = reference.divergence(student, dense_teacher * inputs["options"]["temperature"], mask,
                                          inputs["options"]["temperature"], vocab_size, name, beta=beta, skew=skew)
             torch.testing.assert_close(loss.double().reshape(-1), dense, **tol, msg=f"{what}: the dense divergence")
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kind, _) in SPARSE_CASES.items() if kind == "sparse"])
+def test_sparse_token_stats_of_sharded_logits_match_the_unsharded_oracle(sparse_ranks, case):
+    """fused_sparse_token_stats of every tail mode, targets on every shard: the per-token terms on every rank and the
+    gradient slices of sum(a KL + b log q(y) + c H) equal those of ``reference.sparse_token_stats`` on the whole
+    float64 logits."""
+    from minillm_kernels import reference
+
+    inputs, results = sparse_case_results(sparse_ranks, case)
+    tol = tolerance(inputs["student"].dtype)
+    options, mask = inputs["options"], inputs["mask"].reshape(-1)
+    k = inputs["ids"].shape[-1]
+    for tail in SPARSE_TAILS:
+        student = inputs["student"].detach().double().requires_grad_()
+        terms = reference.sparse_token_stats(student.reshape(-1, student.shape[-1]), inputs["ids"].reshape(-1, k),
+                                             inputs["logprobs"].reshape(-1, k), inputs["target"].reshape(-1), mask,
+                                             options["temperature"], options["vocab_size"], tail)
+        sum(u.reshape(-1) * x for u, x in zip(inputs["upstream"], terms)).sum().backward()
+        stats = results[0]["token_stats", tail][0]
+        for name, exact in zip(("reverse_kld", "student_logprob", "entropy"), terms):
+            torch.testing.assert_close(stats[name].double().reshape(-1), exact.detach(), **tol, msg=f"{tail}: {name}")
+        teacher_logprob = torch.where(inputs["mask"], inputs["target_logprobs"], 0.0)
+        torch.testing.assert_close(stats["teacher_logprob"].double(), teacher_logprob, **tol, msg=f"{tail}: log p(y)")
+        got = torch.cat([r["token_stats", tail][1] for r in results], -1).double()
+        torch.testing.assert_close(got, student.grad, **tol, msg=f"{tail}: gradient ({len(results)} slices)")
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kind, _) in SPARSE_CASES.items() if kind == "sparse_linear"])
+def test_sparse_divergences_of_a_sharded_lm_head_match_the_unsharded_oracle(sparse_ranks, case):
+    """fused_linear_sparse_divergence, every divergence x tail mode, the lm_head's rows over 2 or 4 ranks (a padding
+    shard; chunks of 3 tokens): the loss on every rank, grad h on every rank and the ranks' slices of grad W and
+    grad b equal the float64 oracle's on the whole projection; a soft cap is refused, naming it."""
+    from minillm_kernels import reference
+
+    inputs, results = sparse_case_results(sparse_ranks, case)
+    tol = tolerance(F64)
+    options, mask = inputs["options"], inputs["mask"].reshape(-1)
+    k = inputs["ids"].shape[-1]
+    for name, tail in (key for key in results[0] if key != "softcap"):
+        beta, skew = next((b, s) for n, b, s in SPARSE_DIVERGENCES if n == name)
+        hidden, weight, bias = (x.detach().double().requires_grad_() for x in inputs["student"])
+        logits = (hidden @ weight.t() + bias).reshape(-1, weight.shape[0])
+        loss = reference.sparse_divergence(logits, inputs["ids"].reshape(-1, k), inputs["logprobs"].reshape(-1, k),
+                                           mask, options["temperature"], options["vocab_size"], name, tail,
+                                           beta=beta, skew=skew)
+        (loss * inputs["upstream"][0].reshape(-1)).sum().backward()
+        what = f"{name} tail={tail}"
+        torch.testing.assert_close(results[0][name, tail][0].double().reshape(-1), loss.detach(), **tol, msg=what)
+        for rank, result in enumerate(results):
+            torch.testing.assert_close(result[name, tail][1][0].double(), hidden.grad, **tol,
+                                       msg=f"{what}: grad h on rank {rank}")
+        for index, exact in ((1, weight.grad), (2, bias.grad)):
+            got = torch.cat([r[name, tail][1][index] for r in results], 0).double()
+            torch.testing.assert_close(got, exact, **tol, msg=f"{what}: grad {'Wb'[index - 1]} (the ranks' slices)")
+    assert all("student_softcap with a vocabulary-sharded lm_head" in r["softcap"] for r in results)
 
 
 def test_sparse_divergence_of_dtensor_logits_and_a_mismatched_teacher(sparse_ranks):
