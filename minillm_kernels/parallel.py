@@ -487,8 +487,8 @@ def logits_divergence(shards: VocabShards, student: Tensor, teacher: Tensor, mas
 # The sparse teacher (ops/sparse.py) on a sharded vocabulary
 # ---------------------------------------------------------------------------------------------------------------
 # The teacher's ids are global and replicated; rank r owns the live entries whose ids lie in its real columns
-# [r W, r W + V_r). Every tail mode's divergence is a function of a few outcomes (docs/design.md, "The sparse teacher
-# on a sharded vocabulary"): the entries' (p_i, q_i), q_i = exp(k s_i - lse), and bin's tail (P_R, Q_R), Q_R =
+# [r W, r W + V_r). Every tail mode's divergence is a function of a few outcomes (docs/design.md, "The sparse teacher",
+# its "Vocabulary shards"): the entries' (p_i, q_i), q_i = exp(k s_i - lse), and bin's tail (P_R, Q_R), Q_R =
 # exp(lse_R - lse), or renormalized's entries alone, q^_i = exp(k s_i - lse_I). So each rank sends, per row, its
 # shard's row statistics (c, log Z, c_R, log Z_R) over its columns and over its columns outside its entries (the
 # sparse kernel's, no 1 - Q_I) and the logits of the entries it owns (-inf at the others): one all-gather of 4 + K
@@ -601,7 +601,7 @@ def combine_sparse_divergence(teacher: SparseShardTeacher, tail_partials: Callab
     ``teacher``, ``tail_partials(student, lse, log_pi)`` (``uniform_tail_partials`` of the shard's logits) and the
     outputs' ``dtype``."""
     shards, k = shard.shards, 1.0 / shard.temperature
-    local = shard.family.forward(*student)  # [N, 4 + K]
+    local = shard.family.forward(*student)  # [N, 4 + K] (token statistics: [N, 6 + K])
     every = shards.all_gather(local).double()  # [P, N, 4 + K]
     norms = LogNormalisers.of(every[..., :4], shards.rank, shard.temperature)  # (its "teacher" is the tail R)
     lse, lse_tail = norms.log_norm_s.logsumexp(0), norms.log_norm_t.logsumexp(0)
@@ -615,7 +615,7 @@ def combine_sparse_divergence(teacher: SparseShardTeacher, tail_partials: Callab
         logits = torch.where(live, entry_logits, -math.inf)
         log_q = logits - torch.where(has_entries, logits, 0.0).logsumexp(-1, keepdim=True)
         log_p = log_p - torch.where(has_entries, log_p, 0.0).logsumexp(-1, keepdim=True)
-        undefined = lse.isnan()
+        undefined = torch.zeros_like(has_entries[:, 0])  # (only the entries' logits are read: NaN there, in log_q)
     else:
         log_q = torch.where(live, entry_logits - lse[:, None], -math.inf)
         log_tail_p = reference.sparse_tail_mass(log_p, n_live, shard.vocab_size)
@@ -633,7 +633,7 @@ def combine_sparse_divergence(teacher: SparseShardTeacher, tail_partials: Callab
         tail_value, tail_partial = shards.all_gather(partials).sum(0).unbind(-1)
         value, mean_partial = value + tail_value, mean_partial + tail_partial
     grads = k * (qa - log_q.exp() * mean_partial[:, None])
-    entry_grad, tail_coefficient = grads[:, :teacher.logprobs.shape[1]], torch.zeros_like(lse)
+    entry_grad, tail_coefficient = grads[:, :n_entries], torch.zeros_like(lse)
     if tail == "bin":
         tail_coefficient = torch.where(lse_tail == -math.inf, 0.0, grads[:, -1])
     value = torch.where(undefined | log_q.isnan().any(-1) | log_p.isnan().any(-1), math.nan, value)
@@ -653,8 +653,8 @@ def combine_sparse_divergence(teacher: SparseShardTeacher, tail_partials: Callab
 
 
 def sparse_logit_gradient(student: Tensor, teacher: SparseShardTeacher, upstream: Sequence[Tensor],
-                                saved: Sequence[Tensor], mask: Optional[Tensor], temperature: float,
-                                real_columns: int) -> Tensor:
+                          saved: Sequence[Tensor], mask: Optional[Tensor], temperature: float,
+                          real_columns: int) -> Tensor:
     """This rank's slice of the unsharded gradient of sum_i g_i D_i (``upstream`` (g,), ``[N]``; with sampled tokens
     (g, b, c), adding b_i log q_i(y_i) + c_i H_i) from what ``combine_sparse_divergence`` saved: the tail columns'
     terms, the owned entries' columns, then the token statistics' k (b ([v = y] - q_v) - c q_v (log q_v + H))."""

@@ -902,7 +902,16 @@ MUTATIONS = (
         "        return projected\n",
         ("tests/test_parallel.py::test_sparse_divergences_of_a_sharded_lm_head_match_the_unsharded_oracle", "-k",
          "2-linear-cpu"),
-        "a sharded lm_head's chunk logits leave out the bias rows (forward and backward alike: a consistent wrong loss)",
+        "a sharded lm_head's chunk logits leave out the bias rows (forward and backward alike: a consistent wrong "
+        "loss)",
+    ),
+    Mutation(
+        "parallel-sparse-renormalized-nan-from-the-tail", "minillm_kernels/parallel.py",
+        "        undefined = torch.zeros_like(has_entries[:, 0])  #",
+        "        undefined = lse.isnan()  #",
+        ("tests/test_parallel.py::test_sparse_divergence_of_dtensor_logits_and_weights_and_a_mismatched_teacher",),
+        "\"renormalized\" on a sharded vocabulary is NaN for a NaN logit outside the entries, which it does not read "
+        "(the unsharded kernels' contract: finite)",
     ),
     Mutation(
         "parallel-divergence-backward-gets-shard-stats", "minillm_kernels/parallel.py",

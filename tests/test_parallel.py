@@ -837,10 +837,11 @@ def rank_sparse(rank, world, *, student, ids, logprobs, target, target_logprobs,
 
 
 def rank_sparse_dtensor(rank, world, *, student, ids, logprobs, target, target_logprobs, mask, upstream, options):
-    """The JSD with the uniform tail of DTensor logits placed Shard(-1) (no process_group passed), and the error of a
-    rank whose teacher log-probabilities differ from the others'."""
+    """The JSD with the uniform tail of DTensor logits placed Shard(-1) (no process_group passed), the error of a
+    rank whose teacher log-probabilities differ from the others', and every tail of logits with a NaN."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     mesh = init_device_mesh("cpu", (world,))
     local = leaf(shard(student, rank, world))
@@ -849,12 +850,32 @@ def rank_sparse_dtensor(rank, world, *, student, ids, logprobs, target, target_l
                                       reduction="none", **options)
     (loss * upstream[0].to(loss.dtype)).sum().backward()
     out = dict(dtensor=(loss.detach(), local.grad))
+    hidden, weight, bias = dtensor_projection(student.shape)
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], dtype=F64)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    head = parallelize_module(head, mesh, ColwiseParallel(use_local_output=False))
+    h = leaf(hidden)
+    loss = mk.fused_linear_sparse_divergence(h, head.weight, ids, logprobs, student_bias=head.bias, divergence="tvd",
+                                             tail="bin", mask=mask, reduction="none", **options)
+    (loss * upstream[0].to(loss.dtype)).sum().backward()
+    out["linear_dtensor"] = (loss.detach(), (h.grad, head.weight.grad.to_local(), head.bias.grad.to_local()))
     try:
         mk.fused_sparse_divergence(shard(student, rank, world), ids, logprobs - 0.01 * rank, mask=mask,
                                    process_group=dist.group.WORLD, **options)
         out["error"] = None
     except ValueError as error:
         out["error"] = str(error)
+    with_nan = student.clone()
+    outside = [c for c in range(student.shape[-1] // world, student.shape[-1]) if c not in ids[0, 0].tolist()]
+    with_nan[0, 0, outside[0]] = math.nan  # (token 0 in rank 1's shard, outside its entries)
+    for tail in SPARSE_TAILS:
+        s = leaf(shard(with_nan, rank, world))
+        loss = mk.fused_sparse_divergence(s, ids, logprobs, tail=tail, mask=mask, reduction="none",
+                                          process_group=dist.group.WORLD, **options)
+        loss.sum().backward()
+        out["nan", tail] = (loss.detach(), s.grad)
     return out
 
 
@@ -877,6 +898,15 @@ def rank_sparse_linear(rank, world, *, student, ids, logprobs, target, target_lo
     except NotImplementedError as error:
         out["softcap"] = str(error)
     return out
+
+
+def dtensor_projection(logits_shape):
+    """Hidden states ``[..., 8]``, an lm_head ``[V, 8]`` and bias for logits of ``logits_shape``, float64, the same on
+    every rank and in the test (a fixed seed)."""
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(*logits_shape[:-1], HIDDEN, generator=generator, dtype=F64)
+    weight = torch.randn(logits_shape[-1], HIDDEN, generator=generator, dtype=F64) * (3 / HIDDEN**0.5)
+    return hidden, weight, torch.randn(logits_shape[-1], generator=generator, dtype=F64)
 
 
 RANK_JOBS.update(sparse=rank_sparse, sparse_dtensor=rank_sparse_dtensor, sparse_linear=rank_sparse_linear)
@@ -1036,12 +1066,42 @@ def test_sparse_divergences_of_a_sharded_lm_head_match_the_unsharded_oracle(spar
     assert all("student_softcap with a vocabulary-sharded lm_head" in r["softcap"] for r in results)
 
 
-def test_sparse_divergence_of_dtensor_logits_and_a_mismatched_teacher(sparse_ranks):
-    """DTensor logits placed Shard(-1) need no process_group; a rank whose teacher differs gets a ValueError that
-    names teacher_logprobs, on every rank."""
+def test_sparse_divergence_of_dtensor_logits_and_weights_and_a_mismatched_teacher(sparse_ranks):
+    """DTensor logits placed Shard(-1), and the DTensor weight and bias of a ColwiseParallel lm_head, need no
+    process_group (fused_sparse_divergence; fused_linear_sparse_divergence, the TVD with the bin tail, against the
+    float64 oracle); a rank whose teacher differs gets a ValueError that names teacher_logprobs, on every rank; a NaN
+    logit outside a token's entries makes it NaN where the unsharded call does (bin, uniform; not renormalized, which
+    reads the entries only)."""
     inputs, results = sparse_case_results(sparse_ranks, "2-dtensor-cpu-fp64")
     loss, grad = exact_sparse(inputs, "jsd", "uniform", 0.5, 0.1, "none")
     torch.testing.assert_close(results[0]["dtensor"][0].double(), loss, **tolerance(F64))
     torch.testing.assert_close(torch.cat([r["dtensor"][1] for r in results], -1).double(), grad, **tolerance(F64))
+    from minillm_kernels import reference
+
+    hidden, weight, bias = (x.requires_grad_() for x in dtensor_projection(inputs["student"].shape))
+    k = inputs["ids"].shape[-1]
+    options = inputs["options"]
+    loss = reference.sparse_divergence((hidden @ weight.t() + bias).reshape(-1, weight.shape[0]),
+                                       inputs["ids"].reshape(-1, k), inputs["logprobs"].reshape(-1, k),
+                                       inputs["mask"].reshape(-1), options["temperature"], options["vocab_size"], "tvd",
+                                       "bin")
+    (loss * inputs["upstream"][0].reshape(-1)).sum().backward()
+    torch.testing.assert_close(results[0]["linear_dtensor"][0].reshape(-1), loss.detach(), **tolerance(F64))
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(result["linear_dtensor"][1][0], hidden.grad, **tolerance(F64), msg=f"rank {rank}")
+    for index, exact in ((1, weight.grad), (2, bias.grad)):
+        got = torch.cat([r["linear_dtensor"][1][index] for r in results], 0)
+        torch.testing.assert_close(got, exact, **tolerance(F64), msg=f"grad {'Wb'[index - 1]}")
     for result in results:
         assert result["error"] is not None and "teacher_logprobs differs" in result["error"]
+    with_nan = inputs["student"].clone()
+    outside = [c for c in range(with_nan.shape[-1] // 2, with_nan.shape[-1]) if c not in inputs["ids"][0, 0].tolist()]
+    with_nan[0, 0, outside[0]] = math.nan
+    for tail in SPARSE_TAILS:  # NaN where the unsharded call has it: "renormalized" does not read the column
+        s = leaf(with_nan)
+        loss = mk.fused_sparse_divergence(s, inputs["ids"], inputs["logprobs"], tail=tail, mask=inputs["mask"],
+                                          reduction="none", **inputs["options"])
+        loss.sum().backward()
+        torch.testing.assert_close(results[0]["nan", tail][0], loss, equal_nan=True, **tolerance(F64), msg=tail)
+        got = torch.cat([r["nan", tail][1] for r in results], -1)
+        torch.testing.assert_close(got, s.grad, equal_nan=True, **tolerance(F64), msg=f"{tail}: gradient")
