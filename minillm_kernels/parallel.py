@@ -656,37 +656,39 @@ def sparse_logit_gradient(student: Tensor, teacher: SparseShardTeacher, upstream
                           saved: Sequence[Tensor], mask: Optional[Tensor], temperature: float,
                           real_columns: int) -> Tensor:
     """This rank's slice of the unsharded gradient of sum_i g_i D_i (``upstream`` (g,), ``[N]``; with sampled tokens
-    (g, b, c), adding b_i log q_i(y_i) + c_i H_i) from what ``combine_sparse_divergence`` saved: the tail columns'
-    terms, the owned entries' columns, then the token statistics' k (b ([v = y] - q_v) - c q_v (log q_v + H))."""
+    (g, b, c), adding b_i log q_i(y_i) + c_i H_i) from what ``combine_sparse_divergence`` saved: the tail formula on
+    every real column (in place on one copy of the logits), the owned entries' columns overwritten with theirs, then
+    the token statistics' k (b ([v = y] - q_v) - c q_v (log q_v + H))."""
     tail_coefficient, log_normalisers, entry_grad, uniform = saved[:4]
     g = upstream[0].double()
     dtype = compute_dtype(student.dtype, teacher.logprobs.dtype)
     grad = student.new_zeros(n_rows(student), student.shape[-1], dtype=dtype)
-    if real_columns > 0 and teacher.tail != "renormalized":
-        scaled, outside = _sparse_tail_columns(student, teacher, temperature, real_columns)
-        lse, lse_tail = (x.to(scaled.dtype)[:, None] for x in log_normalisers.unbind(-1))
-        if teacher.tail == "bin":
-            share = torch.where(lse_tail == -math.inf, 0.0, (scaled - lse_tail).exp())  # q_v / Q_R
-            tail = share * (g * tail_coefficient).to(scaled.dtype)[:, None]
-        else:
-            log_pi, mean_partial = (x.to(scaled.dtype)[:, None] for x in uniform.unbind(-1))
-            log_q = scaled - lse
-            qa = reference.outcome_partials(log_q, log_pi.expand_as(log_q), teacher.divergence, teacher.coefficient,
-                                            teacher.coefficient)
-            tail = (g / temperature).to(scaled.dtype)[:, None] * (qa - log_q.exp() * mean_partial)
-        grad[:, :real_columns] = torch.where(outside, tail, 0.0)
+    real = grad[:, :real_columns]  # (a view: written in place)
+    real.copy_(student.reshape(-1, student.shape[-1])[:, :real_columns]).div_(temperature)  # k s_v
+    scaled = real.clone() if teacher.owns_target is not None else None
+    lse, lse_tail = (x.to(dtype)[:, None] for x in log_normalisers.unbind(-1))
+    if teacher.tail == "bin":  # q_v / Q_R = exp(k s_v - lse_R), times the row's factor (0 where R has no mass)
+        factor = (g * tail_coefficient).to(dtype)[:, None]
+        real.sub_(torch.where(lse_tail == -math.inf, 0.0, lse_tail)).exp_().mul_(factor)
+    elif teacher.tail == "uniform":
+        log_pi, mean_partial = (x.to(dtype)[:, None] for x in uniform.unbind(-1))
+        log_q = real.sub_(lse)
+        qa = reference.outcome_partials(log_q, log_pi.expand_as(log_q), teacher.divergence, teacher.coefficient,
+                                        teacher.coefficient)
+        real.copy_((g / temperature).to(dtype)[:, None] * (qa - log_q.exp() * mean_partial))
+    else:
+        real.zero_()
     rows, entries = teacher.owned.nonzero(as_tuple=True)
-    grad[rows, teacher.local_ids[rows, entries].long()] = (g[:, None] * entry_grad)[rows, entries].to(grad.dtype)
-    if teacher.owns_target is not None and real_columns > 0:
+    grad[rows, teacher.local_ids[rows, entries].long()] = (g[:, None] * entry_grad)[rows, entries].to(dtype)
+    if scaled is not None and real_columns > 0:
         b, c = (x.to(dtype)[:, None] / temperature for x in upstream[1:])
-        lse, entropy = log_normalisers[:, :1].to(dtype), saved[4].to(dtype)[:, None]
-        log_q = student.reshape(-1, student.shape[-1])[:, :real_columns].to(dtype) / temperature - lse
+        log_q = scaled.sub_(lse)
         q = log_q.exp()
-        grad[:, :real_columns] -= b * q + c * torch.where(q > 0, q * (log_q + entropy), 0.0)
+        real.sub_(b * q + c * torch.where(q > 0, q * (log_q + saved[4].to(dtype)[:, None]), 0.0))
         rows = teacher.owns_target.nonzero(as_tuple=True)[0]
         grad[rows, teacher.target_column[rows]] += b[rows, 0]
     if mask is not None:
-        grad = torch.where(mask[:, None], grad, 0.0)
+        grad[~mask] = 0.0
     return grad.to(student.dtype).view(student.shape)
 
 

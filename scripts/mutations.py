@@ -882,8 +882,8 @@ MUTATIONS = (
     ),
     Mutation(
         "parallel-sparse-bin-tail-gradient-dropped", "minillm_kernels/parallel.py",
-        "            tail = share * (g * tail_coefficient).to(scaled.dtype)[:, None]\n",
-        "            tail = share * 0.0\n",
+        "        factor = (g * tail_coefficient).to(dtype)[:, None]\n",
+        "        factor = 0.0 * g.to(dtype)[:, None]\n",
         ("tests/test_parallel.py::test_sparse_divergences_of_sharded_logits_match_the_unsharded_oracle", "-k",
          "2-cpu-fp64"),
         "bin's gradient reaches the entries only, not the tail's columns through Q_R",
