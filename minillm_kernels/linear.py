@@ -65,13 +65,13 @@ import math
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from minillm_kernels import parallel
 from minillm_kernels.backends import compute_dtype
 from minillm_kernels.losses import TokenStats, assemble_token_stats, reduce_per_token
 from minillm_kernels.validation import (
     LinearCall,
+    LinearSparseCall,
     check_coefficient,
     check_reduction,
     as_softcap,
@@ -1075,7 +1075,11 @@ def fused_linear_sparse_divergence(
         student_softcap: the student's soft cap c (``fused_linear_reverse_kld``), or None.
         mask, temperature, reduction, vocab_size (the real vocabulary when the weight's rows are padded; K <= it),
             chunk_size, backend: as in ``fused_linear_reverse_kld``.
-        process_group: not supported yet (nor DTensor weights): a vocabulary-sharded lm_head is a NotImplementedError.
+        process_group: the lm_head sharded by vocabulary rows over this group's ranks, as in
+            ``fused_linear_reverse_kld`` (or DTensor weight and bias placed ``Shard(0)``): ``teacher_ids`` global, the
+            hidden states, ids, log-probabilities and mask replicated; grad h is the full one on every rank. Chunk
+            by chunk each rank projects its rows and sends ``fused_sparse_divergence``'s per-token numbers (one
+            all-gather for the call; "uniform" two); its backward recomputes the chunks' logits. No soft cap yet.
         Any float dtypes: the matmul runs in the weight's dtype (hidden states of another dtype are cast chunk by
         chunk), the log-probabilities are read in theirs.
 
@@ -1085,15 +1089,77 @@ def fused_linear_sparse_divergence(
     """
     check_reduction(reduction)
     divergence, coefficient = divergence_coefficient(divergence, beta, skew)
-    student = (student_hidden, student_weight, student_bias)
-    if process_group is not None or any(isinstance(x, DTensor) for x in student):
+    shards, (student_hidden, student_weight, student_bias) = parallel.vocab_shards(process_group, {
+        "student_hidden": (student_hidden, None), "student_weight": (student_weight, 0),
+        "student_bias": (student_bias, 0)})
+    student_softcap = as_softcap("student_softcap", student_softcap)
+    if shards is not None and student_softcap is not None:
         raise NotImplementedError(
-            "fused_linear_sparse_divergence does not support a vocabulary-sharded lm_head (process_group, or DTensor "
-            "weights) yet: pass the full, unsharded student_weight with process_group=None (fused_linear_divergence "
-            "and fused_linear_reverse_kld take a sharded one, with a dense teacher)")
+            "student_softcap with a vocabulary-sharded lm_head (process_group, or DTensor weights) is not supported "
+            "yet: pass unsharded weights, or leave the soft cap None")
     call = validate_linear_sparse(student_hidden, student_weight, student_bias, teacher_ids, teacher_logprobs, mask,
-                                  temperature, vocab_size, chunk_size, backend, tail)
-    value = differentiable_linear_sparse_divergence(
-        *call.student, call.ids, call.logprobs, call.mask, divergence, tail, coefficient, *call.options,
-        as_softcap("student_softcap", student_softcap))[0]
+                                  temperature, vocab_size, chunk_size, backend, tail, shards)
+    if shards is None:
+        value = differentiable_linear_sparse_divergence(
+            *call.student, call.ids, call.logprobs, call.mask, divergence, tail, coefficient, *call.options,
+            student_softcap)[0]
+    else:
+        value = _sharded_sparse_divergence(shards, call, divergence, tail, coefficient)
     return reduce_per_token(value, call.mask, call.lead_shape, reduction)
+
+
+@torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
+def _sharded_sparse_divergence(shards: parallel.VocabShards, call: LinearSparseCall, divergence: str, tail: str,
+                               coefficient: float) -> Tensor:
+    """``fused_linear_sparse_divergence`` of this rank's rows [r W, (r + 1) W) of the lm_head (the hidden states
+    replicated): ``parallel.combine_sparse_divergence`` of the logits' family run chunk by chunk of tokens, each
+    chunk's logits [C, W] made by one matmul (forward, and "uniform"'s tail terms) and again in the backward, whose
+    logit gradient G becomes grad h = G W_r (summed over the ranks), grad W_r = G^T h, grad b_r = sum of G."""
+    hidden, weight, bias = call.student
+    temperature, vocab_size, chunk_size, backend = call.options
+    width, n_tokens = weight.shape[0], hidden.shape[0]
+    parallel.check_sparse_shard(shards, width, n_tokens, call.ids, call.logprobs, None, call.mask, vocab_size,
+                                hidden.device, student_hidden=hidden)
+    real_columns = shards.real_columns(width, vocab_size)
+    teacher = parallel.SparseShardTeacher.of(shards, call.ids, call.logprobs, None, call.mask, width, real_columns,
+                                             divergence, tail, coefficient)
+    counted = n_tokens if call.mask is None else int(call.mask.sum())
+    step = chunk_size or default_chunk_size(counted, width, weight.dtype, hidden.device)
+    chunks = [slice(start, min(start + step, n_tokens)) for start in range(0, n_tokens, step)]
+
+    def chunk_mask(rows: slice) -> Optional[Tensor]:
+        return None if call.mask is None else call.mask[rows]
+
+    def logits(student: Sequence[Tensor], rows: slice) -> Tensor:
+        hidden, weight, bias = student
+        projected = hidden[rows].to(weight.dtype) @ weight.t()
+        return projected if bias is None else projected + bias
+
+    def forward(*student: Tensor) -> Tensor:
+        return torch.cat([parallel.sparse_shard_numbers(logits(student, rows), teacher.rows(rows), chunk_mask(rows),
+                                                        temperature, real_columns, backend) for rows in chunks])
+
+    def tail_partials(student: Sequence[Tensor], lse: Tensor, log_pi: Tensor) -> Tensor:
+        return torch.cat([parallel.uniform_tail_partials(logits(student, rows), teacher.rows(rows), temperature,
+                                                         real_columns, lse[rows], log_pi[rows]) for rows in chunks])
+
+    def backward(student, upstream, saved, needs):
+        hidden, weight, bias = student
+        grads = [torch.zeros_like(x) if need else x for x, need in zip(student, needs)]
+        for rows in chunks:
+            grad_logits = parallel.sparse_logit_gradient(
+                logits(student, rows), teacher.rows(rows), tuple(u[rows] for u in upstream),
+                tuple(x[rows] for x in saved), chunk_mask(rows), temperature, real_columns)
+            if needs[0]:
+                grads[0][rows] = (grad_logits @ weight).to(hidden.dtype)
+            if needs[1]:
+                grads[1] += (grad_logits.t() @ hidden[rows].to(weight.dtype)).to(weight.dtype)
+            if needs[2]:
+                grads[2] += grad_logits.sum(0).to(bias.dtype)
+        return _summed_over_ranks(shards, grads, needs)
+
+    dtype = compute_dtype(weight.dtype, call.logprobs.dtype)
+    family = parallel.KernelFamily(forward, backward, functools.partial(parallel.combine_sparse_divergence, teacher,
+                                                                        tail_partials, dtype))
+    shard = parallel.VocabShard(shards, family, width, vocab_size, temperature, None, call.mask)
+    return parallel.sharded(shard, *call.student)[0]

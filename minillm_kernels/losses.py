@@ -114,14 +114,13 @@ def assemble_token_stats(
     return TokenStats(*(None if x is None else x.reshape(lead_shape) for x in fields))
 
 
-def logits_shards(process_group, student_logits, teacher_logits):
-    """``(shards or None, (student_logits, teacher_logits) as this rank's local tensors)``: ``parallel.vocab_shards``
-    of a logits-level call (not entered without a process group or DTensor logits)."""
-    if process_group is None and not any(isinstance(x, DTensor) for x in (student_logits, teacher_logits)):
-        return None, (student_logits, teacher_logits)
-    shards, logits = parallel.vocab_shards(
-        process_group, {"student_logits": (student_logits, -1), "teacher_logits": (teacher_logits, -1)})
-    return shards, logits
+def logits_shards(process_group, **logits: torch.Tensor):
+    """``(shards or None, the logits as this rank's local tensors, in order)``: ``parallel.vocab_shards`` of a
+    logits-level call whose ``logits`` (by argument name) are sharded on their last dimension (not entered without a
+    process group or DTensor logits)."""
+    if process_group is None and not any(isinstance(x, DTensor) for x in logits.values()):
+        return None, tuple(logits.values())
+    return parallel.vocab_shards(process_group, {name: (x, -1) for name, x in logits.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,7 +169,8 @@ def fused_reverse_kld(
         The loss, float32 (float64 if either logits tensor is float64). Logits holding NaN give NaN.
     """
     check_reduction(reduction)
-    shards, (student_logits, teacher_logits) = logits_shards(process_group, student_logits, teacher_logits)
+    shards, (student_logits, teacher_logits) = logits_shards(
+        process_group, student_logits=student_logits, teacher_logits=teacher_logits)
     rows = validate_logits(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend, shards)
     kl = _token_stats(rows, shards)[0]
     return reduce_per_token(kl, rows.mask, rows.lead_shape, reduction)
@@ -223,7 +223,8 @@ def fused_divergence(
         return fused_reverse_kld(student_logits, teacher_logits, mask=mask, temperature=temperature,
                                  reduction=reduction, vocab_size=vocab_size, backend=backend,
                                  process_group=process_group)
-    shards, (student_logits, teacher_logits) = logits_shards(process_group, student_logits, teacher_logits)
+    shards, (student_logits, teacher_logits) = logits_shards(
+        process_group, student_logits=student_logits, teacher_logits=teacher_logits)
     rows = validate_logits(student_logits, teacher_logits, None, mask, temperature, vocab_size, backend, shards)
     if shards is None:
         per_token = divergence_ops.differentiable_divergence(
@@ -274,7 +275,8 @@ def fused_token_stats(
         ``TokenStats`` of ``[...]`` tensors (float32; float64 if either logits tensor is float64), 0 where masked.
     """
     mix_alpha, weight_clip = check_sampling_args(target_ids, mix_alpha, weight_clip)
-    shards, (student_logits, teacher_logits) = logits_shards(process_group, student_logits, teacher_logits)
+    shards, (student_logits, teacher_logits) = logits_shards(
+        process_group, student_logits=student_logits, teacher_logits=teacher_logits)
     rows = validate_logits(student_logits, teacher_logits, target_ids, mask, temperature, vocab_size, backend, shards)
     kl, student_logprob, teacher_logprob, entropy = _token_stats(rows, shards)
     return assemble_token_stats(
@@ -315,6 +317,7 @@ def fused_sparse_divergence(
     reduction: str = "mean",
     vocab_size: Optional[int] = None,
     backend: str = "auto",
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
 ) -> torch.Tensor:
     """A divergence D(p, q) of the student q from a teacher p given as its top-k log-probabilities, per token, fused.
 
@@ -343,6 +346,13 @@ def fused_sparse_divergence(
         temperature: T > 0, applied to the student only.
         mask, reduction, vocab_size, backend: as in ``fused_reverse_kld`` (``vocab_size``: the real vocabulary when
             the student's logits are padded; 1 <= K <= vocab_size).
+        process_group: the student's vocabulary sharded over this group's P ranks, as in ``fused_reverse_kld``
+            (DTensor logits placed ``Shard(-1)`` bring their mesh's group): ``teacher_ids`` are global and
+            ``teacher_ids``, ``teacher_logprobs`` and ``mask`` replicated; each rank contributes the entries whose
+            ids it holds. Every rank returns the unsharded loss and gets its slice of the unsharded gradient; per call
+            the ranks all-gather 4 + K numbers a token (each shard's row statistics and the logits of its entries),
+            "uniform" also 2 partial sums, never the logits (``parallel.py``). The tail's terms and the gradient
+            are PyTorch expressions on the shard (``[N, W]`` temporaries), not a fused kernel.
 
     Returns:
         The loss, float32 (float64 if the student logits or the log-probabilities are float64). NaN in a row's
@@ -352,11 +362,17 @@ def fused_sparse_divergence(
     """
     check_reduction(reduction)
     divergence, coefficient = divergence_coefficient(divergence, beta, skew)
+    shards, (student_logits,) = logits_shards(process_group, student_logits=student_logits)
     teacher = validate_sparse_teacher(student_logits, teacher_ids, teacher_logprobs, None, mask, temperature,
-                                      vocab_size, backend, tail)
-    value, _, _ = sparse_ops.sparse_rows(teacher.student, teacher.ids, teacher.logprobs, None, teacher.mask,
-                                         divergence, tail, coefficient, teacher.temperature, teacher.vocab_size,
-                                         teacher.backend)
+                                      vocab_size, backend, tail, shards)
+    if shards is None:
+        value, _, _ = sparse_ops.sparse_rows(teacher.student, teacher.ids, teacher.logprobs, None, teacher.mask,
+                                             divergence, tail, coefficient, teacher.temperature, teacher.vocab_size,
+                                             teacher.backend)
+    else:
+        value, = parallel.logits_sparse_divergence(shards, teacher.student, teacher.ids, teacher.logprobs, None,
+                                                   teacher.mask, divergence, tail, coefficient, teacher.temperature,
+                                                   teacher.vocab_size, teacher.backend)
     return reduce_per_token(value, teacher.mask, teacher.lead_shape, reduction)
 
 
@@ -375,6 +391,7 @@ def fused_sparse_token_stats(
     with_entropy: bool = False,
     vocab_size: Optional[int] = None,
     backend: str = "auto",
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
 ) -> TokenStats:
     """Every per-token MiniLLM term of sampled tokens ``target_ids`` against a sparse teacher, from one pass.
 
@@ -393,22 +410,30 @@ def fused_sparse_token_stats(
         target_ids: integer ``[...]`` ids in [0, vocab_size) where the mask is True.
         target_teacher_logprobs: float ``[...]``, the teacher's log p(y_t), normalised as ``teacher_logprobs``.
         mix_alpha, weight_clip, with_entropy: as in ``fused_token_stats``.
-        Other arguments as in ``fused_sparse_divergence``.
+        Other arguments as in ``fused_sparse_divergence`` (with ``process_group``, ``target_ids`` are global ids and
+        replicated, as is ``target_teacher_logprobs``; the shards' all-gather carries 2 more numbers a token, s_y from
+        its owner and each shard's entropy).
 
     Returns:
         ``TokenStats`` of ``[...]`` tensors (float32; float64 if the student logits or the log-probabilities are
         float64), 0 where masked.
     """
     mix_alpha, weight_clip = check_sampling_args(target_ids, mix_alpha, weight_clip)
+    shards, (student_logits,) = logits_shards(process_group, student_logits=student_logits)
     teacher = validate_sparse_teacher(student_logits, teacher_ids, teacher_logprobs, target_ids, mask, temperature,
-                                      vocab_size, backend, tail)
+                                      vocab_size, backend, tail, shards)
     check_companion("target_teacher_logprobs", target_teacher_logprobs, teacher.lead_shape, teacher.student.device,
                      "logits")
     if not target_teacher_logprobs.is_floating_point():
         raise TypeError(f"target_teacher_logprobs must be a float tensor, got {target_teacher_logprobs.dtype}")
-    kl, student_logprob, entropy = sparse_ops.sparse_rows(
-        teacher.student, teacher.ids, teacher.logprobs, teacher.target, teacher.mask, "reverse_kl", tail, 0.0,
-        teacher.temperature, teacher.vocab_size, teacher.backend)
+    if shards is None:
+        kl, student_logprob, entropy = sparse_ops.sparse_rows(
+            teacher.student, teacher.ids, teacher.logprobs, teacher.target, teacher.mask, "reverse_kl", tail, 0.0,
+            teacher.temperature, teacher.vocab_size, teacher.backend)
+    else:
+        kl, student_logprob, entropy = parallel.logits_sparse_divergence(
+            shards, teacher.student, teacher.ids, teacher.logprobs, teacher.target, teacher.mask, "reverse_kl", tail,
+            0.0, teacher.temperature, teacher.vocab_size, teacher.backend)
     teacher_logprob = target_teacher_logprobs.detach().reshape(-1).to(kl.dtype)
     if teacher.mask is not None:
         teacher_logprob = torch.where(teacher.mask, teacher_logprob, 0.0)

@@ -42,6 +42,12 @@ The divergence family (``combine_divergence``): the forward KL combines from the
 the mixtures and the TVD all-gather the row statistics, evaluate each shard's terms with the global log-normalisers
 (``given_row_stats``), then all-gather the partial sums. Their backward, too, is the kernel's given the global row
 statistics and sum_v q_v a_v, with no communication.
+
+The sparse teacher (``combine_sparse_divergence``): the ids global and replicated, each rank all-gathers its shard's
+row statistics over its columns and over those outside the entries it owns, and the logits of those entries (4 + K
+numbers a token; with sampled tokens 2 more, the owner's s_y and the shard's entropy), whence every tail mode's
+outcomes ("uniform": a second all-gather of the tail terms' partial sums); the backward is a PyTorch expression on the
+shard, with no communication (``linear.py`` runs the same chunk by chunk of tokens on a sharded lm_head).
 """
 from __future__ import annotations
 
@@ -53,8 +59,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from minillm_kernels import reference
+from minillm_kernels.backends import compute_dtype, n_rows, row_view
 from minillm_kernels.ops import divergence as divergence_ops
 from minillm_kernels.ops import reverse_kld as ops
+from minillm_kernels.ops import sparse as sparse_ops
 from minillm_kernels.ops.autograd import first_order
 
 Tensor = torch.Tensor
@@ -154,6 +163,8 @@ REPLICATED_FIXES = {
     "the number of tokens": "every rank must pass the same tokens (the logits' or hidden states' leading shape)",
     "target_ids": "pass the same global token ids on every rank (not ids local to a shard, not another rank's batch)",
     "mask": "pass the same mask on every rank",
+    "teacher_ids": "pass the same global teacher ids on every rank (not ids local to a shard)",
+    "teacher_logprobs": "pass the same teacher log-probabilities on every rank",
     "student_hidden": "the hidden states must be replicated over the process group (gather sequence-parallel "
                       "activations before the loss)",
     "teacher_hidden": "the hidden states must be replicated over the process group (gather sequence-parallel "
@@ -470,3 +481,277 @@ def logits_divergence(shards: VocabShards, student: Tensor, teacher: Tensor, mas
     family = _logits_divergence_family(teacher, mask, divergence, coefficient, temperature,
                                        shards.real_columns(width, vocab_size), backend)
     return sharded(VocabShard(shards, family, width, vocab_size, temperature, None, mask), student)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sparse teacher (ops/sparse.py) on a sharded vocabulary
+# ---------------------------------------------------------------------------------------------------------------
+# The teacher's ids are global and replicated; rank r owns the live entries whose ids lie in its real columns
+# [r W, r W + V_r). Every tail mode's divergence is a function of a few outcomes (docs/design.md, "The sparse teacher",
+# its "Vocabulary shards"): the entries' (p_i, q_i), q_i = exp(k s_i - lse), and bin's tail (P_R, Q_R), Q_R =
+# exp(lse_R - lse), or renormalized's entries alone, q^_i = exp(k s_i - lse_I). So each rank sends, per row, its
+# shard's row statistics (c, log Z, c_R, log Z_R) over its columns and over its columns outside its entries (the
+# sparse kernel's, no 1 - Q_I) and the logits of the entries it owns (-inf at the others): one all-gather of 4 + K
+# numbers a token; every rank then has lse = logsumexp_r (c^r k + log Z^r), lse_R likewise and every entry's logit,
+# and evaluates the outcomes in float64, the same on every rank. "uniform" sums a term over every column of R against
+# the constant pi = P_R / (V - K'): a second all-gather of each rank's 2 partial sums over its tail columns (the value
+# and sum q_v a_v), evaluated with the global lse. The backward needs no communication: with M = sum_o q_o a_o,
+#     entry i:                    k (q_i a_i - q_i M)   (renormalized: q^ in place of q)
+#     tail column v (bin):        k exp(k s_v - lse_R) (Q_R a_R - Q_R M)
+#     tail column v (uniform):    k (q_v a_v - q_v M),  a_v of (pi, q_v)
+# on the owner's columns, each rank writing its slice.
+class SparseShardTeacher(NamedTuple):
+    """A sparse teacher as one rank of a sharded vocabulary holds it: the global ids' ``logprobs`` ``[N, K]``
+    (float64, -inf where not live or in a row ``mask`` leaves out), ``owned`` (the live entries in this rank's real
+    columns) and their ``local_ids`` (``ids - r W`` where owned, 0 elsewhere), the divergence, tail and coefficient;
+    with sampled tokens (the token statistics), ``owns_target`` ``[N]`` (y in this rank's real columns, in a kept row)
+    and ``target_column`` (y - r W there, 0 elsewhere), else None."""
+
+    logprobs: Tensor
+    owned: Tensor
+    local_ids: Tensor
+    divergence: str
+    tail: str
+    coefficient: float
+    owns_target: Optional[Tensor]
+    target_column: Optional[Tensor]
+
+    @classmethod
+    def of(cls, shards: VocabShards, ids: Tensor, logprobs: Tensor, target: Optional[Tensor], mask: Optional[Tensor],
+           width: int, real_columns: int, divergence: str, tail: str, coefficient: float) -> "SparseShardTeacher":
+        def local_columns(global_ids: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+            local = global_ids - shards.rank * width
+            here = counts & (local >= 0) & (local < real_columns)
+            return here, torch.where(here, local, 0)
+
+        kept = torch.ones_like(logprobs[:, 0], dtype=torch.bool) if mask is None else mask
+        live = (logprobs != -math.inf) & kept[:, None]
+        owned, local_ids = local_columns(ids, live)
+        owns_target, target_column = (None, None) if target is None else local_columns(target, kept)
+        log_p = torch.where(live, logprobs.double(), -math.inf)
+        return cls(log_p, owned, local_ids, divergence, tail, coefficient, owns_target, target_column)
+
+    def rows(self, rows: slice) -> "SparseShardTeacher":
+        """The teacher of the tokens ``rows`` (a chunk of the fused-linear functions)."""
+        return self._replace(logprobs=self.logprobs[rows], owned=self.owned[rows], local_ids=self.local_ids[rows],
+                             owns_target=None if self.owns_target is None else self.owns_target[rows],
+                             target_column=None if self.target_column is None else self.target_column[rows])
+
+
+def _sparse_shard_stats(student: Tensor, teacher: SparseShardTeacher, mask: Optional[Tensor], temperature: float,
+                        real_columns: int, backend: str) -> Tensor:
+    """``[N, 4]``: (c, log Z, c_R, log Z_R) of the shard's real columns and of those outside the entries it owns
+    (the sparse kernel's row statistics; a padding shard (0, -inf, 0, -inf)); with sampled tokens ``[N, 5]``, the
+    entropy H_r of the shard's own softmax after them (0 on a padding shard)."""
+    dtype = compute_dtype(student.dtype, teacher.logprobs.dtype)
+    with_entropy = teacher.owns_target is not None
+    if real_columns == 0:
+        empty = [0.0, -math.inf, 0.0, -math.inf] + [0.0] * with_entropy
+        return torch.tensor(empty, dtype=dtype, device=student.device).repeat(n_rows(student), 1)
+    owned_logprobs = torch.where(teacher.owned, teacher.logprobs, -math.inf)
+    _, _, entropy, _, row_stats = sparse_ops.sparse_divergence(
+        student, teacher.local_ids, owned_logprobs, teacher.target_column, mask, "reverse_kl", "bin", 0.0,
+        1.0 / temperature, real_columns, backend)
+    return torch.cat((row_stats, entropy[:, None]), -1).to(dtype) if with_entropy else row_stats.to(dtype)
+
+
+def _owned_logits(student: Tensor, columns: Tensor, owned: Tensor) -> Tensor:
+    """``[N, J]`` float64: the student's logits at this rank's ``columns`` ``[N, J]`` where ``owned``, -inf elsewhere
+    (read in place)."""
+    rows = row_view(student)
+    logits = rows.gather(-1, columns.long().view(*rows.shape[:2], -1)).view(owned.shape)
+    return torch.where(owned, logits.double(), -math.inf)
+
+
+def _sparse_tail_columns(student: Tensor, teacher: SparseShardTeacher, temperature: float,
+                         real_columns: int) -> tuple[Tensor, Tensor]:
+    """``(x, outside)``: k s_v of the shard's real columns ``[N, V_r]`` in the computing dtype, and where the column is
+    outside the entries this rank owns (the shard's part of R)."""
+    dtype = compute_dtype(student.dtype, teacher.logprobs.dtype)
+    scaled = student.reshape(-1, student.shape[-1])[:, :real_columns].to(dtype) / temperature
+    outside = torch.ones_like(scaled, dtype=torch.bool)
+    rows, entries = teacher.owned.nonzero(as_tuple=True)
+    outside[rows, teacher.local_ids[rows, entries].long()] = False
+    return scaled, outside
+
+
+def uniform_tail_partials(student: Tensor, teacher: SparseShardTeacher, temperature: float, real_columns: int,
+                           lse: Tensor, log_pi: Tensor) -> Tensor:
+    """``[N, 2]``, float64: this shard's sums over its tail columns of the terms and of q_v a_v against the uniform
+    completion log pi, with the global log q_v = k s_v - lse."""
+    if real_columns == 0:
+        return lse.new_zeros(lse.shape[0], 2)
+    scaled, outside = _sparse_tail_columns(student, teacher, temperature, real_columns)
+    log_q = scaled - lse.to(scaled.dtype)[:, None]
+    log_p = log_pi.to(scaled.dtype)[:, None].expand_as(log_q)
+    terms = reference.divergence_terms(log_q, log_p, teacher.divergence, teacher.coefficient, teacher.coefficient)
+    qa = reference.outcome_partials(log_q, log_p, teacher.divergence, teacher.coefficient, teacher.coefficient)
+    return torch.stack([torch.where(outside, x, 0.0).sum(-1, dtype=torch.float64) for x in (terms, qa)], -1)
+
+
+def combine_sparse_divergence(teacher: SparseShardTeacher, tail_partials: Callable[..., Tensor], dtype: torch.dtype,
+                              shard: VocabShard,
+                              student: Sequence[Optional[Tensor]]) -> tuple[tuple[Tensor], tuple[Tensor, ...]]:
+    """The sparse teacher's ``KernelFamily.combine``: ``((value,), (tail_coefficient, log_normalisers, entry_grad,
+    uniform))`` over the whole vocabulary (the section's comment has the formulas): the value ``[N]`` (0 where
+    masked) in the computing dtype; and, float64, for the backward: the factor k (Q_R a_R - Q_R M) of bin's tail
+    columns ``[N]``, (lse, lse_R) ``[N, 2]``, each entry's k (q_i a_i - q_i M) ``[N, K]`` and uniform's (log pi, M)
+    ``[N, 2]``. With sampled tokens (the shard's local numbers then end with the owner's s_y and H_r) the outputs are
+    ``(value, student_logprob, entropy)`` and the entropy is saved last. Bound with ``functools.partial``: the
+    ``teacher``, ``tail_partials(student, lse, log_pi)`` (``uniform_tail_partials`` of the shard's logits) and the
+    outputs' ``dtype``."""
+    shards, k = shard.shards, 1.0 / shard.temperature
+    local = shard.family.forward(*student)  # [N, 4 + K] (token statistics: [N, 6 + K])
+    every = shards.all_gather(local).double()  # [P, N, 4 + K]
+    norms = LogNormalisers.of(every[..., :4], shards.rank, shard.temperature)  # (its "teacher" is the tail R)
+    lse, lse_tail = norms.log_norm_s.logsumexp(0), norms.log_norm_t.logsumexp(0)
+    n_entries = teacher.logprobs.shape[1]
+    entry_logits = every[..., 4:4 + n_entries].amax(0) * k  # k s_i: each live entry's from its owner
+    log_p, live = teacher.logprobs, teacher.logprobs != -math.inf
+    n_live = live.sum(-1)
+    divergence, tail, coefficient = teacher.divergence, teacher.tail, teacher.coefficient
+    if tail == "renormalized":
+        has_entries = (n_live > 0)[:, None]
+        logits = torch.where(live, entry_logits, -math.inf)
+        log_q = logits - torch.where(has_entries, logits, 0.0).logsumexp(-1, keepdim=True)
+        log_p = log_p - torch.where(has_entries, log_p, 0.0).logsumexp(-1, keepdim=True)
+        undefined = torch.zeros_like(has_entries[:, 0])  # (only the entries' logits are read: NaN there, in log_q)
+    else:
+        log_q = torch.where(live, entry_logits - lse[:, None], -math.inf)
+        log_tail_p = reference.sparse_tail_mass(log_p, n_live, shard.vocab_size)
+        undefined = lse.isnan() | lse_tail.isnan()
+        if tail == "bin":
+            log_q = torch.cat((log_q, (lse_tail - lse)[:, None]), -1)
+            log_p = torch.cat((log_p, log_tail_p[:, None]), -1)
+    terms = reference.divergence_terms(log_q, log_p, divergence, coefficient, coefficient)
+    qa = reference.outcome_partials(log_q, log_p, divergence, coefficient, coefficient)
+    value, mean_partial = terms.sum(-1), qa.sum(-1)
+    log_pi = torch.zeros_like(lse)
+    if tail == "uniform":
+        log_pi = log_tail_p - (shard.vocab_size - n_live).clamp(min=1).double().log()
+        partials = tail_partials(student, lse, log_pi)
+        tail_value, tail_partial = shards.all_gather(partials).sum(0).unbind(-1)
+        value, mean_partial = value + tail_value, mean_partial + tail_partial
+    grads = k * (qa - log_q.exp() * mean_partial[:, None])
+    entry_grad, tail_coefficient = grads[:, :n_entries], torch.zeros_like(lse)
+    if tail == "bin":
+        tail_coefficient = torch.where(lse_tail == -math.inf, 0.0, grads[:, -1])
+    value = torch.where(undefined | log_q.isnan().any(-1) | log_p.isnan().any(-1), math.nan, value)
+    if shard.mask is not None:
+        value = torch.where(shard.mask, value, 0.0)
+    saved = (tail_coefficient, torch.stack((lse, lse_tail), -1), entry_grad, torch.stack((log_pi, mean_partial), -1))
+    if teacher.owns_target is None:
+        return (value.to(dtype),), saved
+    # The token statistics: log q(y) = k s_y - lse from y's owner; H = sum_r w_r (H_r - log w_r), as ``combine``.
+    student_logprob = every[..., 4 + n_entries].amax(0) * k - lse
+    log_w = norms.log_w
+    w = log_w.exp()
+    entropy = torch.where(w == 0, 0.0, w * (every[..., 5 + n_entries] - log_w)).sum(0)
+    if shard.mask is not None:
+        student_logprob, entropy = (torch.where(shard.mask, x, 0.0) for x in (student_logprob, entropy))
+    return (value.to(dtype), student_logprob.to(dtype), entropy.to(dtype)), (*saved, entropy)
+
+
+def sparse_logit_gradient(student: Tensor, teacher: SparseShardTeacher, upstream: Sequence[Tensor],
+                          saved: Sequence[Tensor], mask: Optional[Tensor], temperature: float,
+                          real_columns: int) -> Tensor:
+    """This rank's slice of the unsharded gradient of sum_i g_i D_i (``upstream`` (g,), ``[N]``; with sampled tokens
+    (g, b, c), adding b_i log q_i(y_i) + c_i H_i) from what ``combine_sparse_divergence`` saved: the tail formula on
+    every real column (in place on one copy of the logits), the owned entries' columns overwritten with theirs, then
+    the token statistics' k (b ([v = y] - q_v) - c q_v (log q_v + H))."""
+    tail_coefficient, log_normalisers, entry_grad, uniform = saved[:4]
+    g = upstream[0].double()
+    dtype = compute_dtype(student.dtype, teacher.logprobs.dtype)
+    grad = student.new_zeros(n_rows(student), student.shape[-1], dtype=dtype)
+    real = grad[:, :real_columns]  # (a view: written in place)
+    real.copy_(student.reshape(-1, student.shape[-1])[:, :real_columns]).div_(temperature)  # k s_v
+    scaled = real.clone() if teacher.owns_target is not None else None
+    lse, lse_tail = (x.to(dtype)[:, None] for x in log_normalisers.unbind(-1))
+    if teacher.tail == "bin":  # q_v / Q_R = exp(k s_v - lse_R), times the row's factor (0 where R has no mass)
+        factor = (g * tail_coefficient).to(dtype)[:, None]
+        real.sub_(torch.where(lse_tail == -math.inf, 0.0, lse_tail)).exp_().mul_(factor)
+    elif teacher.tail == "uniform":
+        log_pi, mean_partial = (x.to(dtype)[:, None] for x in uniform.unbind(-1))
+        log_q = real.sub_(lse)
+        qa = reference.outcome_partials(log_q, log_pi.expand_as(log_q), teacher.divergence, teacher.coefficient,
+                                        teacher.coefficient)
+        real.copy_((g / temperature).to(dtype)[:, None] * (qa - log_q.exp() * mean_partial))
+    else:
+        real.zero_()
+    rows, entries = teacher.owned.nonzero(as_tuple=True)
+    grad[rows, teacher.local_ids[rows, entries].long()] = (g[:, None] * entry_grad)[rows, entries].to(dtype)
+    if scaled is not None and real_columns > 0:
+        b, c = (x.to(dtype)[:, None] / temperature for x in upstream[1:])
+        log_q = scaled.sub_(lse)
+        q = log_q.exp()
+        real.sub_(b * q + c * torch.where(q > 0, q * (log_q + saved[4].to(dtype)[:, None]), 0.0))
+        rows = teacher.owns_target.nonzero(as_tuple=True)[0]
+        grad[rows, teacher.target_column[rows]] += b[rows, 0]
+    if mask is not None:
+        grad[~mask] = 0.0
+    return grad.to(student.dtype).view(student.shape)
+
+
+def sparse_shard_numbers(student: Tensor, teacher: SparseShardTeacher, mask: Optional[Tensor], temperature: float,
+                         real_columns: int, backend: str) -> Tensor:
+    """``[N, 4 + K]`` float64, what a shard of the logits sends to ``combine_sparse_divergence``: its row statistics
+    (``_sparse_shard_stats``) and the logits of the entries it owns (-inf at the others); with sampled tokens
+    ``[N, 6 + K]``, then y's logit (-inf where another rank owns y) and the shard's entropy."""
+    stats = _sparse_shard_stats(student, teacher, mask, temperature, real_columns, backend).double()
+    entry_logits = _owned_logits(student, teacher.local_ids, teacher.owned)
+    if teacher.owns_target is None:
+        return torch.cat((stats[:, :4], entry_logits), -1)
+    target_logit = _owned_logits(student, teacher.target_column[:, None], teacher.owns_target[:, None])
+    return torch.cat((stats[:, :4], entry_logits, target_logit, stats[:, 4:]), -1)
+
+
+def _logits_sparse_family(teacher: SparseShardTeacher, mask: Optional[Tensor], temperature: float,
+                          real_columns: int, backend: str, dtype: torch.dtype) -> KernelFamily:
+    """The sparse teacher on a shard of the student's logits: its row statistics from ``ops.sparse``'s kernel and the
+    logits of the entries it owns (``combine_sparse_divergence``'s comment)."""
+    def forward(student: Tensor) -> Tensor:
+        return sparse_shard_numbers(student, teacher, mask, temperature, real_columns, backend)
+
+    def tail_partials(student: Sequence[Tensor], lse: Tensor, log_pi: Tensor) -> Tensor:
+        return uniform_tail_partials(student[0], teacher, temperature, real_columns, lse, log_pi)
+
+    def backward(student, upstream, saved, needs):
+        if not needs[0]:
+            return (None,)
+        return (sparse_logit_gradient(student[0], teacher, upstream, saved, mask, temperature, real_columns),)
+
+    return KernelFamily(forward, backward, functools.partial(combine_sparse_divergence, teacher, tail_partials, dtype))
+
+
+def check_sparse_shard(shards: VocabShards, width: int, n_tokens: int, ids: Tensor, logprobs: Tensor,
+                       target: Optional[Tensor], mask: Optional[Tensor], vocab_size: int, device: torch.device,
+                       **replicated: Optional[Tensor]) -> None:
+    """``check_replicated`` of a sparse call: the local width, vocab_size, the tokens, the teacher's ids and
+    log-probabilities, the sampled ids, the mask, and the ``replicated`` tensors (hidden states) by name."""
+    check_replicated(shards, {
+        "the local vocabulary width": width, "vocab_size": vocab_size, "the number of tokens": n_tokens,
+        "teacher_ids": fingerprint(ids, mask),
+        "teacher_logprobs": fingerprint(torch.where(logprobs == -math.inf, 0.0, logprobs.double()), mask),
+        "target_ids": fingerprint(target, mask), "mask": fingerprint(mask),
+        **{name: fingerprint(x) for name, x in replicated.items()},
+    }, device)
+
+
+@torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
+def logits_sparse_divergence(shards: VocabShards, student: Tensor, ids: Tensor, logprobs: Tensor,
+                             target: Optional[Tensor], mask: Optional[Tensor], divergence: str, tail: str,
+                             coefficient: float, temperature: float, vocab_size: int,
+                             backend: str) -> tuple[Tensor, ...]:
+    """``(value,)``, or with sampled tokens ``target`` (global ids) ``(value, student_logprob, entropy)``, ``[N]``
+    each (0 where masked), of validated vocabulary-sharded student logits and a sparse teacher (global ``[N, K]`` ids
+    and log-probabilities, replicated; ``losses.fused_sparse_divergence`` and ``fused_sparse_token_stats`` with a
+    process group), after ``check_replicated``."""
+    width = student.shape[-1]
+    check_sparse_shard(shards, width, math.prod(student.shape[:-1]), ids, logprobs, target, mask, vocab_size,
+                       student.device)
+    real_columns = shards.real_columns(width, vocab_size)
+    teacher = SparseShardTeacher.of(shards, ids, logprobs, target, mask, width, real_columns, divergence, tail,
+                                    coefficient)
+    family = _logits_sparse_family(teacher, mask, temperature, real_columns, backend,
+                                   compute_dtype(student.dtype, logprobs.dtype))
+    return sharded(VocabShard(shards, family, width, vocab_size, temperature, target, mask), student)

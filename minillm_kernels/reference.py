@@ -218,7 +218,7 @@ def divergence_terms(log_q: torch.Tensor, log_p: torch.Tensor, divergence: str, 
     return terms
 
 
-def _outcome_partials(log_q: torch.Tensor, log_p: torch.Tensor, divergence: str, beta: float,
+def outcome_partials(log_q: torch.Tensor, log_p: torch.Tensor, divergence: str, beta: float,
                       skew: float) -> torch.Tensor:
     """q_v a_v, a_v = dD/dq_v, elementwise from the two log-probabilities of each outcome (the teacher's held fixed):
     reverse_kl q (log q - log p + 1); forward_kl -p; jsd (1 - beta) q log(q / m); skew_forward_kl -p (1 - skew p / m);
@@ -254,7 +254,7 @@ def divergence_partials(
     skew: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, q a)``, each ``[N, vocab_size]`` in ``compute_dtype`` and detached: the student's probabilities and
-    q_v a_v = q_v dD/dq_v (``_outcome_partials``) of ``divergence`` as ``divergence`` computes it, 0 in rows ``mask``
+    q_v a_v = q_v dD/dq_v (``outcome_partials``) of ``divergence`` as ``divergence`` computes it, 0 in rows ``mask``
     leaves out. sum_v q_v a_v is the kernels' ``mean_partial``; the gradient is ``divergence_gradient``'s."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
@@ -262,7 +262,7 @@ def divergence_partials(
     student, teacher = _unmasked(student.detach(), mask), _unmasked(teacher.detach(), mask)
     log_q = _log_softmax(student, vocab_size, temperature, dtype)
     log_p = _log_softmax(teacher, vocab_size, temperature, dtype)
-    q, qa = log_q.exp(), _outcome_partials(log_q, log_p, divergence, beta, skew)
+    q, qa = log_q.exp(), outcome_partials(log_q, log_p, divergence, beta, skew)
     # A row whose softmax is undefined in either model (NaN, +inf, every logit -inf): NaN, which the partials'
     # "probability 0 counts 0" would otherwise drop (as the value and the kernels' gradient are).
     undefined = log_q.isnan().any(-1, keepdim=True) | log_p.isnan().any(-1, keepdim=True)
@@ -334,11 +334,12 @@ def sparse_entries(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, vo
                          (live & ~in_range).any(-1))
 
 
-def sparse_tail_mass(entries: SparseEntries, vocab_size: int) -> torch.Tensor:
-    """log P_R per row, float64: P_R = max(1 - sum_I p_k, 0) (a sum above 1 is rounding), and 0 where R is empty
-    (K' = V); NaN where a log-probability is NaN."""
-    p_entries = entries.log_p.double().exp().sum(-1)
-    tail = torch.where(entries.n_live < vocab_size, (1 - p_entries).clamp(min=0), 0.0)
+def sparse_tail_mass(log_p: torch.Tensor, n_live: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """log P_R per row, float64, of ``[N, K]`` entry log-probabilities ``log_p`` (-inf: no entry) and the ``[N]``
+    counts K' of live ones: P_R = max(1 - sum_I p_k, 0) (a sum above 1 is rounding), and 0 where R is empty (K' = V);
+    NaN where a log-probability is NaN."""
+    p_entries = log_p.double().exp().sum(-1)
+    tail = torch.where(n_live < vocab_size, (1 - p_entries).clamp(min=0), 0.0)
     return torch.where(p_entries.isnan(), math.nan, tail).log()
 
 
@@ -363,7 +364,7 @@ def sparse_teacher_completion(
         raise ValueError(f"only the 'bin' and 'uniform' tails complete the teacher, got {tail!r}")
     dtype = compute_dtype(student.dtype, teacher_logprobs.dtype)
     entries = sparse_entries(teacher_ids, teacher_logprobs, vocab_size, dtype)
-    log_tail = sparse_tail_mass(entries, vocab_size).to(dtype)[:, None]
+    log_tail = sparse_tail_mass(entries.log_p, entries.n_live, vocab_size).to(dtype)[:, None]
     if tail == "bin":
         scaled = _scaled(student, vocab_size, temperature, dtype)
         tail_logits = torch.where(entries.in_entries, -math.inf, scaled)
@@ -461,7 +462,7 @@ def sparse_divergence_partials(
     skew: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, q a)``, each ``[N, vocab_size]`` in ``compute_dtype`` and detached, of ``sparse_divergence``'s outcomes
-    on their columns: "bin" and "uniform" the student's probabilities and q_v a_v (``_outcome_partials``) of the
+    on their columns: "bin" and "uniform" the student's probabilities and q_v a_v (``outcome_partials``) of the
     divergence over the V columns against the completion held fixed (the bin completion's dependence on the
     student adds nothing to the gradient: docs/design.md); "renormalized" those of the renormalised entries on their
     columns, 0 on R. 0 in rows ``mask`` leaves out; NaN rows as they come (``sparse_divergence_gradient`` makes the
@@ -470,7 +471,7 @@ def sparse_divergence_partials(
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     log_q, log_p, _ = _sparse_outcomes(student.detach(), teacher_ids, teacher_logprobs, mask, temperature,
                                        vocab_size, tail)
-    q, qa = log_q.exp(), _outcome_partials(log_q, log_p, divergence, beta, skew)
+    q, qa = log_q.exp(), outcome_partials(log_q, log_p, divergence, beta, skew)
     if tail == "renormalized":  # the entries' outcomes onto their columns (dead entries add 0 to column 0)
         dtype = compute_dtype(student.dtype, teacher_logprobs.dtype)
         column = sparse_entries(teacher_ids, teacher_logprobs, vocab_size, dtype).column

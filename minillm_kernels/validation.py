@@ -386,9 +386,11 @@ def validate_sparse_teacher(
     vocab_size: Optional[int],
     backend: str,
     tail: str,
+    shards: Optional[VocabShards] = None,
 ) -> SparseCall:
     """Checks every argument the sparse functions share (docs/design.md, "Validation"), then the data-dependent ones
-    in eager mode (skipped while tracing and on meta tensors) over the rows the mask keeps."""
+    in eager mode (skipped while tracing and on meta tensors) over the rows the mask keeps. With ``shards`` the
+    student's logits are this rank's columns of a sharded vocabulary, and ``vocab_size`` and the ids are global."""
     check_tail(tail)
     if not isinstance(student_logits, torch.Tensor):
         raise TypeError(f"student_logits must be a tensor, got {type(student_logits).__name__}")
@@ -403,7 +405,7 @@ def validate_sparse_teacher(
     args = validate_token_args(
         lead_shape, student_logits.device, compute_dtype(student_logits.dtype, teacher_logprobs.dtype),
         {"student_logits": width, "teacher_ids": width}, target_ids, mask, temperature, vocab_size, backend,
-        inputs="logits",
+        inputs="logits", shards=shards,
     )
     ids, logprobs = _sparse_teacher_rows(teacher_ids, teacher_logprobs, args)
     return SparseCall(_unit_column_stride(student_logits), ids, logprobs, *args)
@@ -586,11 +588,11 @@ class LinearSparseCall(NamedTuple):
 
 def validate_linear_sparse(
     student_hidden, student_weight, student_bias, teacher_ids, teacher_logprobs, mask, temperature, vocab_size,
-    chunk_size, backend, tail: str,
+    chunk_size, backend, tail: str, shards: Optional[VocabShards] = None,
 ) -> LinearSparseCall:
     """Check everything ``fused_linear_sparse_divergence`` takes: the student's projection as ``validate_linear``
     checks it, the sparse teacher as ``validate_sparse_teacher`` does (its ids against the weight's rows: the
-    student's vocabulary)."""
+    student's vocabulary; with ``shards``, this rank's rows, and the ids and ``vocab_size`` global)."""
     check_tail(tail)
     _check_projection("student", student_hidden, student_weight, student_bias)
     lead_shape = student_hidden.shape[:-1]
@@ -600,7 +602,7 @@ def validate_linear_sparse(
     args = validate_token_args(
         lead_shape, student_hidden.device, compute_dtype(student_weight.dtype, teacher_logprobs.dtype),
         {"student_weight": width, "teacher_ids": width}, None, mask, temperature, vocab_size, backend,
-        inputs="hidden states",
+        inputs="hidden states", shards=shards,
     )
     ids, logprobs = _sparse_teacher_rows(teacher_ids, teacher_logprobs, args)
     student = (student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias)

@@ -862,6 +862,57 @@ MUTATIONS = (
         ("tests/test_parallel.py::test_divergences_of_a_sharded_lm_head_match_the_unsharded_oracle",),
         "the mixtures' and TVD's terms are evaluated with each shard's own log-normalisers, not the whole vocabulary's",
     ),
+    # ---- the sparse teacher on a sharded vocabulary (parallel.combine_sparse_divergence)
+    Mutation(
+        "parallel-sparse-entries-on-every-rank", "minillm_kernels/parallel.py",
+        "            local = global_ids - shards.rank * width\n",
+        "            local = global_ids % width\n",
+        ("tests/test_parallel.py::test_sparse_divergences_of_sharded_logits_match_the_unsharded_oracle", "-k",
+         "2-cpu-fp64"),
+        "every rank counts every entry (and sampled token) as its own, at the id's column within a shard: the entries' "
+        "logits and the tails' exclusions read the wrong columns",
+    ),
+    Mutation(
+        "parallel-sparse-tail-holds-the-entries", "minillm_kernels/parallel.py",
+        "    owned_logprobs = torch.where(teacher.owned, teacher.logprobs, -math.inf)\n",
+        "    owned_logprobs = torch.full_like(teacher.logprobs, -math.inf)\n",
+        ("tests/test_parallel.py::test_sparse_divergences_of_sharded_logits_match_the_unsharded_oracle", "-k",
+         "2-cpu-fp64"),
+        "each shard's tail statistics (c_R, log Z_R) include the entries it owns: Q_R = 1 - Q_I + Q_I",
+    ),
+    Mutation(
+        "parallel-sparse-bin-tail-gradient-dropped", "minillm_kernels/parallel.py",
+        "        factor = (g * tail_coefficient).to(dtype)[:, None]\n",
+        "        factor = 0.0 * g.to(dtype)[:, None]\n",
+        ("tests/test_parallel.py::test_sparse_divergences_of_sharded_logits_match_the_unsharded_oracle", "-k",
+         "2-cpu-fp64"),
+        "bin's gradient reaches the entries only, not the tail's columns through Q_R",
+    ),
+    Mutation(
+        "parallel-sparse-entropy-without-the-shares", "minillm_kernels/parallel.py",
+        "    entropy = torch.where(w == 0, 0.0, w * (every[..., 5 + n_entries] - log_w)).sum(0)\n",
+        "    entropy = torch.where(w == 0, 0.0, w * every[..., 5 + n_entries]).sum(0)\n",
+        ("tests/test_parallel.py::test_sparse_token_stats_of_sharded_logits_match_the_unsharded_oracle", "-k",
+         "2-cpu-fp64"),
+        "the sparse token statistics' entropy sum_r w_r H_r leaves out the shares' own entropy -sum_r w_r log w_r",
+    ),
+    Mutation(
+        "parallel-sparse-linear-chunk-logits-without-bias", "minillm_kernels/linear.py",
+        "        return projected if bias is None else projected + bias\n",
+        "        return projected\n",
+        ("tests/test_parallel.py::test_sparse_divergences_of_a_sharded_lm_head_match_the_unsharded_oracle", "-k",
+         "2-linear-cpu"),
+        "a sharded lm_head's chunk logits leave out the bias rows (forward and backward alike: a consistent wrong "
+        "loss)",
+    ),
+    Mutation(
+        "parallel-sparse-renormalized-nan-from-the-tail", "minillm_kernels/parallel.py",
+        "        undefined = torch.zeros_like(has_entries[:, 0])  #",
+        "        undefined = lse.isnan()  #",
+        ("tests/test_parallel.py::test_sparse_divergence_of_dtensor_logits_and_weights_and_a_mismatched_teacher",),
+        "\"renormalized\" on a sharded vocabulary is NaN for a NaN logit outside the entries, which it does not read "
+        "(the unsharded kernels' contract: finite)",
+    ),
     Mutation(
         "parallel-divergence-backward-gets-shard-stats", "minillm_kernels/parallel.py",
         "    return (value.to(dtype),), (mean_partial.to(dtype), norms.global_row_stats.to(dtype))",

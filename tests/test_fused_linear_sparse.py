@@ -173,10 +173,11 @@ def test_a_fully_masked_mean_is_zero_with_zero_gradients():
     assert loss.item() == 0 and all((x.grad == 0).all() for x in student)
 
 
-def test_a_sharded_lm_head_is_refused_naming_what_is_supported():
+def test_a_process_group_that_is_not_one_is_a_type_error_naming_it():
+    """(A sharded lm_head itself: tests/test_parallel.py, on gloo processes.)"""
     student = projection(STUDENT_HIDDEN, VOCAB, torch.float32, "cpu", bias=False)
     ids, logprobs = (x.view(BATCH, SEQ, K) for x in sparse_teacher(BATCH * SEQ, VOCAB, K, torch.device("cpu")))
-    with pytest.raises(NotImplementedError, match="vocabulary-sharded lm_head .* unsharded student_weight"):
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
         mk.fused_linear_sparse_divergence(student[0], student[1], ids, logprobs, process_group=object())
 
 

@@ -779,3 +779,329 @@ def test_divergences_of_dtensor_logits_and_weights_match_the_unsharded_oracle(di
         for index, exact in ((1, grad_w), (2, grad_b)):
             got = torch.cat([r[kind][1][index] for r in results], 0).double()
             torch.testing.assert_close(got, exact, **tol, msg=f"{kind}: grad {'Wb'[index - 1]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sparse teacher: fused_sparse_divergence of sharded student logits, every divergence x tail mode
+# ---------------------------------------------------------------------------------------------------------------
+SPARSE_TAILS = ("bin", "uniform", "renormalized")
+SPARSE_DIVERGENCES = (("reverse_kl", 0.5, 0.1), ("forward_kl", 0.5, 0.1), ("jsd", 0.3, 0.1),
+                      ("skew_forward_kl", 0.5, 0.25), ("skew_reverse_kl", 0.5, 0.1), ("tvd", 0.5, 0.1))
+
+
+def sparse_inputs(generator, world, width, vocab_size, k, dtype, *, backend="cpu", temperature=0.7):
+    """``logits_inputs``' student and mask, and a sparse teacher of ``k`` entries: the top-k of teacher logits ~ N(0,
+    9) at temperature 1, all of token 0's on rank 0's columns (its largest logits: the other ranks own none of its
+    ids), token 1 with
+    fewer than k live entries where k < vocab_size (the last -inf, their ids out of range), token 2's ids in reverse
+    order."""
+    base = logits_inputs(generator, world, width, vocab_size, dtype, backend=backend, temperature=temperature)
+    n = BATCH * SEQ
+    teacher = torch.randn(n, vocab_size, generator=generator, dtype=F64) * 3
+    teacher[0, :min(k, width)] = teacher[0].max() + torch.rand(min(k, width), generator=generator, dtype=F64)
+    ids, logprobs = mk.topk_teacher(teacher, k, vocab_size=vocab_size)
+    if 2 < k < vocab_size:
+        logprobs[1, k // 2:] = -math.inf
+        ids[1, k // 2:] = 10**6
+    ids[2], logprobs[2] = ids[2].flip(0), logprobs[2].flip(0)
+    lead = (BATCH, SEQ)
+    return dict(student=base["student"], ids=ids.view(*lead, k), logprobs=logprobs.view(*lead, k), mask=base["mask"],
+                target=base["target"], target_logprobs=-torch.rand(lead, generator=generator, dtype=F64) * 5,
+                upstream=base["upstream"], options=dict(temperature=temperature, vocab_size=vocab_size,
+                                                        backend=backend))
+
+
+def rank_sparse(rank, world, *, student, ids, logprobs, target, target_logprobs, mask, upstream, options):
+    """fused_sparse_divergence of this rank's slice of the student's logits, every divergence x tail mode, reduction
+    "none" (and "mean" for the default call): (loss, gradient of sum(loss * upstream[0])); fused_sparse_token_stats
+    of every tail mode: (stats, gradient of sum(a KL + b log q(y) + c H))."""
+    out = {}
+    for tail in SPARSE_TAILS:
+        s = leaf(shard(student, rank, world))
+        stats = mk.fused_sparse_token_stats(s, ids, logprobs, target, target_logprobs, tail=tail, mask=mask,
+                                            mix_alpha=0.2, with_entropy=True, process_group=dist.group.WORLD,
+                                            **options)
+        a, b, c = (u.to(stats.reverse_kld.dtype) for u in upstream)
+        (a * stats.reverse_kld + b * stats.student_logprob + c * stats.entropy).sum().backward()
+        out["token_stats", tail] = (stats._asdict(), s.grad)
+    for name, beta, skew in SPARSE_DIVERGENCES:
+        for tail in SPARSE_TAILS:
+            for reduction in ("none", "mean") if (name, tail) == ("reverse_kl", "bin") else ("none",):
+                s = leaf(shard(student, rank, world))
+                loss = mk.fused_sparse_divergence(s, ids, logprobs, divergence=name, tail=tail, beta=beta, skew=skew,
+                                                  mask=mask, reduction=reduction, process_group=dist.group.WORLD,
+                                                  **options)
+                (loss * _divergence_upstream(reduction, upstream[0]).to(loss.dtype)).sum().backward()
+                out[name, tail, reduction] = (loss.detach(), s.grad)
+    return out
+
+
+def rank_sparse_dtensor(rank, world, *, student, ids, logprobs, target, target_logprobs, mask, upstream, options):
+    """The JSD with the uniform tail of DTensor logits placed Shard(-1) (no process_group passed), the error of a
+    rank whose teacher log-probabilities differ from the others', and every tail of logits with a NaN."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    local = leaf(shard(student, rank, world))
+    logits = DTensor.from_local(local, mesh, [Shard(-1)])
+    loss = mk.fused_sparse_divergence(logits, ids, logprobs, divergence="jsd", tail="uniform", mask=mask,
+                                      reduction="none", **options)
+    (loss * upstream[0].to(loss.dtype)).sum().backward()
+    out = dict(dtensor=(loss.detach(), local.grad))
+    hidden, weight, bias = dtensor_projection(student.shape)
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], dtype=F64)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    head = parallelize_module(head, mesh, ColwiseParallel(use_local_output=False))
+    h = leaf(hidden)
+    loss = mk.fused_linear_sparse_divergence(h, head.weight, ids, logprobs, student_bias=head.bias, divergence="tvd",
+                                             tail="bin", mask=mask, reduction="none", **options)
+    (loss * upstream[0].to(loss.dtype)).sum().backward()
+    out["linear_dtensor"] = (loss.detach(), (h.grad, head.weight.grad.to_local(), head.bias.grad.to_local()))
+    try:
+        mk.fused_sparse_divergence(shard(student, rank, world), ids, logprobs - 0.01 * rank, mask=mask,
+                                   process_group=dist.group.WORLD, **options)
+        out["error"] = None
+    except ValueError as error:
+        out["error"] = str(error)
+    with_nan = student.clone()
+    outside = [c for c in range(student.shape[-1] // world, student.shape[-1]) if c not in ids[0, 0].tolist()]
+    with_nan[0, 0, outside[0]] = math.nan  # (token 0 in rank 1's shard, outside its entries)
+    for tail in SPARSE_TAILS:
+        s = leaf(shard(with_nan, rank, world))
+        loss = mk.fused_sparse_divergence(s, ids, logprobs, tail=tail, mask=mask, reduction="none",
+                                          process_group=dist.group.WORLD, **options)
+        loss.sum().backward()
+        out["nan", tail] = (loss.detach(), s.grad)
+    return out
+
+
+def rank_sparse_linear(rank, world, *, student, ids, logprobs, target, target_logprobs, mask, upstream, options):
+    """fused_linear_sparse_divergence of this rank's rows of the lm_head and bias (the hidden states replicated),
+    every divergence x tail mode, reduction "none": (loss, (grad h, grad W_r, grad b_r)); and a soft cap's error."""
+    hidden, weight, bias = student
+    out = {}
+    for name, beta, skew in SPARSE_DIVERGENCES:
+        for tail in SPARSE_TAILS:
+            h, w, b_ = leaf(hidden), leaf(shard(weight, rank, world, 0)), leaf(shard(bias, rank, world, 0))
+            loss = mk.fused_linear_sparse_divergence(h, w, ids, logprobs, divergence=name, tail=tail, beta=beta,
+                                                     skew=skew, student_bias=b_, mask=mask, reduction="none",
+                                                     process_group=dist.group.WORLD, **options)
+            (loss * upstream[0].to(loss.dtype)).sum().backward()
+            out[name, tail] = (loss.detach(), tuple(map(grad_of, (h, w, b_))))
+    try:
+        mk.fused_linear_sparse_divergence(hidden, shard(weight, rank, world, 0), ids, logprobs, student_softcap=30.0,
+                                          process_group=dist.group.WORLD, **options)
+    except NotImplementedError as error:
+        out["softcap"] = str(error)
+    return out
+
+
+def dtensor_projection(logits_shape):
+    """Hidden states ``[..., 8]``, an lm_head ``[V, 8]`` and bias for logits of ``logits_shape``, float64, the same on
+    every rank and in the test (a fixed seed)."""
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(*logits_shape[:-1], HIDDEN, generator=generator, dtype=F64)
+    weight = torch.randn(logits_shape[-1], HIDDEN, generator=generator, dtype=F64) * (3 / HIDDEN**0.5)
+    return hidden, weight, torch.randn(logits_shape[-1], generator=generator, dtype=F64)
+
+
+RANK_JOBS.update(sparse=rank_sparse, sparse_dtensor=rank_sparse_dtensor, sparse_linear=rank_sparse_linear)
+
+
+def sparse_linear_inputs(generator, world, width, vocab_size, k, dtype, *, backend="cpu", chunk_size=3):
+    """``sparse_inputs``' teacher and ``linear_inputs``' student projection (hidden states, lm_head, bias)."""
+    return {**sparse_inputs(generator, world, width, vocab_size, k, dtype, backend=backend),
+            "student": linear_inputs(generator, world, width, vocab_size, dtype)["student"],
+            "options": dict(temperature=0.7, vocab_size=vocab_size, backend=backend, chunk_size=chunk_size)}
+
+SPARSE_CASES = {  # name: (world, kind, make inputs)
+    "2-cpu-fp64": (2, "sparse", lambda g: sparse_inputs(g, 2, 8, 13, 4, F64)),
+    "2-triton-fp32": (2, "sparse", lambda g: sparse_inputs(g, 2, 32, 60, 8, torch.float32, backend="triton")),
+    "2-dtensor-cpu-fp64": (2, "sparse_dtensor", lambda g: sparse_inputs(g, 2, 8, 16, 4, F64)),
+    "4-reference-fp64-padding-shard": (4, "sparse", lambda g: sparse_inputs(g, 4, 4, 11, 5, F64, backend="reference",
+                                                                            temperature=1.3)),
+    "4-cpu-fp64-k-equals-v": (4, "sparse", lambda g: sparse_inputs(g, 4, 4, 14, 14, F64)),
+    "2-linear-cpu-fp64": (2, "sparse_linear", lambda g: sparse_linear_inputs(g, 2, 8, 13, 4, F64)),
+    "4-linear-reference-fp64-padding-shard": (4, "sparse_linear", lambda g: sparse_linear_inputs(
+        g, 4, 4, 11, 3, F64, backend="reference")),
+}
+
+
+@pytest.fixture(scope="session")
+def sparse_ranks():
+    """``results(world) -> (inputs per case, per-rank results)`` of ``SPARSE_CASES``, as ``ranks``."""
+    seed = random.randrange(2**31)
+    cache = {}
+
+    def results(world):
+        if world not in cache:
+            print(f"inputs seed {seed}")
+            generator = torch.Generator().manual_seed(seed + world)
+            inputs = {name: make(generator) for name, (w, _, make) in SPARSE_CASES.items() if w == world}
+            usable = {name: x for name, x in inputs.items() if x["options"]["backend"] in mk.available_backends()}
+            jobs = {name: (SPARSE_CASES[name][1], x) for name, x in usable.items()}
+            try:
+                cache[world] = (inputs, run_on_ranks(world, jobs))
+            except Exception as error:
+                cache[world] = error
+        if isinstance(cache[world], Exception):
+            raise cache[world]
+        return cache[world]
+
+    return results
+
+
+def sparse_case_results(sparse_ranks, case):
+    world, _, make = SPARSE_CASES[case]
+    require_backend(make(torch.Generator().manual_seed(0))["options"]["backend"])
+    inputs, per_rank = sparse_ranks(world)
+    results = [r[case] for r in per_rank]
+    assert_same_on_every_rank([{key: v[0] for key, v in r.items() if isinstance(v, tuple)} for r in results])
+    return inputs[case], results
+
+
+def exact_sparse(inputs, name, tail, beta, skew, reduction):
+    """The unsharded float64 loss of ``reference.sparse_divergence`` (the teacher completed explicitly) on the whole
+    student logits and the gradient of loss * upstream (autograd)."""
+    from minillm_kernels import reference
+
+    student = inputs["student"].detach().double().requires_grad_()
+    options, mask = inputs["options"], inputs["mask"].reshape(-1)
+    k = inputs["ids"].shape[-1]
+    per_token = reference.sparse_divergence(student.reshape(-1, student.shape[-1]), inputs["ids"].reshape(-1, k),
+                                            inputs["logprobs"].reshape(-1, k), mask, options["temperature"],
+                                            options["vocab_size"], name, tail, beta=beta, skew=skew)
+    loss = per_token.view(inputs["mask"].shape) if reduction == "none" else per_token.sum() / mask.sum().clamp(min=1)
+    (loss * _divergence_upstream(reduction, inputs["upstream"][0])).sum().backward()
+    return loss.detach(), student.grad
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kind, _) in SPARSE_CASES.items() if kind == "sparse"])
+def test_sparse_divergences_of_sharded_logits_match_the_unsharded_oracle(sparse_ranks, case):
+    """Every divergence x tail mode of a student sharded over 2 or 4 ranks: the loss on every rank and the ranks'
+    gradient slices together equal the unsharded float64 oracle's; with K = V every tail equals the dense divergence
+    (``reference.divergence`` of the teacher logits)."""
+    inputs, results = sparse_case_results(sparse_ranks, case)
+    tol = tolerance(inputs["student"].dtype)
+    k, vocab_size = inputs["ids"].shape[-1], inputs["options"]["vocab_size"]
+    divergences = {key: value for key, value in results[0].items() if key[0] != "token_stats"}
+    for (name, tail, reduction), (loss, _) in divergences.items():
+        beta, skew = next((b, s) for n, b, s in SPARSE_DIVERGENCES if n == name)
+        exact, grad = exact_sparse(inputs, name, tail, beta, skew, reduction)
+        what = f"{name} tail={tail} {reduction}"
+        torch.testing.assert_close(loss.double(), exact, **tol, msg=what)
+        got = torch.cat([r[name, tail, reduction][1] for r in results], -1).double()
+        torch.testing.assert_close(got, grad, **tol, msg=f"{what}: gradient ({len(results)} slices)")
+        if k == vocab_size and reduction == "none":
+            from minillm_kernels import reference
+
+            mask = inputs["mask"].reshape(-1)
+            live = inputs["logprobs"].reshape(-1, k)
+            dense_teacher = torch.full((live.shape[0], vocab_size), -math.inf, dtype=F64).scatter(
+                1, inputs["ids"].reshape(-1, k), live.double())  # (log p itself: logits at temperature 1)
+            student = inputs["student"].double().reshape(-1, inputs["student"].shape[-1])[:, :vocab_size]
+            assert bool((live[mask] > -math.inf).all())  # (every kept row has K = V live entries)
+            dense = reference.divergence(student, dense_teacher * inputs["options"]["temperature"], mask,
+                                         inputs["options"]["temperature"], vocab_size, name, beta=beta, skew=skew)
+            torch.testing.assert_close(loss.double().reshape(-1), dense, **tol, msg=f"{what}: the dense divergence")
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kind, _) in SPARSE_CASES.items() if kind == "sparse"])
+def test_sparse_token_stats_of_sharded_logits_match_the_unsharded_oracle(sparse_ranks, case):
+    """fused_sparse_token_stats of every tail mode, targets on every shard: the per-token terms on every rank and the
+    gradient slices of sum(a KL + b log q(y) + c H) equal those of ``reference.sparse_token_stats`` on the whole
+    float64 logits."""
+    from minillm_kernels import reference
+
+    inputs, results = sparse_case_results(sparse_ranks, case)
+    tol = tolerance(inputs["student"].dtype)
+    options, mask = inputs["options"], inputs["mask"].reshape(-1)
+    k = inputs["ids"].shape[-1]
+    for tail in SPARSE_TAILS:
+        student = inputs["student"].detach().double().requires_grad_()
+        terms = reference.sparse_token_stats(student.reshape(-1, student.shape[-1]), inputs["ids"].reshape(-1, k),
+                                             inputs["logprobs"].reshape(-1, k), inputs["target"].reshape(-1), mask,
+                                             options["temperature"], options["vocab_size"], tail)
+        sum(u.reshape(-1) * x for u, x in zip(inputs["upstream"], terms)).sum().backward()
+        stats = results[0]["token_stats", tail][0]
+        for name, exact in zip(("reverse_kld", "student_logprob", "entropy"), terms):
+            torch.testing.assert_close(stats[name].double().reshape(-1), exact.detach(), **tol, msg=f"{tail}: {name}")
+        teacher_logprob = torch.where(inputs["mask"], inputs["target_logprobs"], 0.0)
+        torch.testing.assert_close(stats["teacher_logprob"].double(), teacher_logprob, **tol, msg=f"{tail}: log p(y)")
+        got = torch.cat([r["token_stats", tail][1] for r in results], -1).double()
+        torch.testing.assert_close(got, student.grad, **tol, msg=f"{tail}: gradient ({len(results)} slices)")
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kind, _) in SPARSE_CASES.items() if kind == "sparse_linear"])
+def test_sparse_divergences_of_a_sharded_lm_head_match_the_unsharded_oracle(sparse_ranks, case):
+    """fused_linear_sparse_divergence, every divergence x tail mode, the lm_head's rows over 2 or 4 ranks (a padding
+    shard; chunks of 3 tokens): the loss on every rank, grad h on every rank and the ranks' slices of grad W and
+    grad b equal the float64 oracle's on the whole projection; a soft cap is refused, naming it."""
+    from minillm_kernels import reference
+
+    inputs, results = sparse_case_results(sparse_ranks, case)
+    tol = tolerance(F64)
+    options, mask = inputs["options"], inputs["mask"].reshape(-1)
+    k = inputs["ids"].shape[-1]
+    for name, tail in (key for key in results[0] if key != "softcap"):
+        beta, skew = next((b, s) for n, b, s in SPARSE_DIVERGENCES if n == name)
+        hidden, weight, bias = (x.detach().double().requires_grad_() for x in inputs["student"])
+        logits = (hidden @ weight.t() + bias).reshape(-1, weight.shape[0])
+        loss = reference.sparse_divergence(logits, inputs["ids"].reshape(-1, k), inputs["logprobs"].reshape(-1, k),
+                                           mask, options["temperature"], options["vocab_size"], name, tail,
+                                           beta=beta, skew=skew)
+        (loss * inputs["upstream"][0].reshape(-1)).sum().backward()
+        what = f"{name} tail={tail}"
+        torch.testing.assert_close(results[0][name, tail][0].double().reshape(-1), loss.detach(), **tol, msg=what)
+        for rank, result in enumerate(results):
+            torch.testing.assert_close(result[name, tail][1][0].double(), hidden.grad, **tol,
+                                       msg=f"{what}: grad h on rank {rank}")
+        for index, exact in ((1, weight.grad), (2, bias.grad)):
+            got = torch.cat([r[name, tail][1][index] for r in results], 0).double()
+            torch.testing.assert_close(got, exact, **tol, msg=f"{what}: grad {'Wb'[index - 1]} (the ranks' slices)")
+    assert all("student_softcap with a vocabulary-sharded lm_head" in r["softcap"] for r in results)
+
+
+def test_sparse_divergence_of_dtensor_logits_and_weights_and_a_mismatched_teacher(sparse_ranks):
+    """DTensor logits placed Shard(-1), and the DTensor weight and bias of a ColwiseParallel lm_head, need no
+    process_group (fused_sparse_divergence; fused_linear_sparse_divergence, the TVD with the bin tail, against the
+    float64 oracle); a rank whose teacher differs gets a ValueError that names teacher_logprobs, on every rank; a NaN
+    logit outside a token's entries makes it NaN where the unsharded call does (bin, uniform; not renormalized, which
+    reads the entries only)."""
+    inputs, results = sparse_case_results(sparse_ranks, "2-dtensor-cpu-fp64")
+    loss, grad = exact_sparse(inputs, "jsd", "uniform", 0.5, 0.1, "none")
+    torch.testing.assert_close(results[0]["dtensor"][0].double(), loss, **tolerance(F64))
+    torch.testing.assert_close(torch.cat([r["dtensor"][1] for r in results], -1).double(), grad, **tolerance(F64))
+    from minillm_kernels import reference
+
+    hidden, weight, bias = (x.requires_grad_() for x in dtensor_projection(inputs["student"].shape))
+    k = inputs["ids"].shape[-1]
+    options = inputs["options"]
+    loss = reference.sparse_divergence((hidden @ weight.t() + bias).reshape(-1, weight.shape[0]),
+                                       inputs["ids"].reshape(-1, k), inputs["logprobs"].reshape(-1, k),
+                                       inputs["mask"].reshape(-1), options["temperature"], options["vocab_size"], "tvd",
+                                       "bin")
+    (loss * inputs["upstream"][0].reshape(-1)).sum().backward()
+    torch.testing.assert_close(results[0]["linear_dtensor"][0].reshape(-1), loss.detach(), **tolerance(F64))
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(result["linear_dtensor"][1][0], hidden.grad, **tolerance(F64), msg=f"rank {rank}")
+    for index, exact in ((1, weight.grad), (2, bias.grad)):
+        got = torch.cat([r["linear_dtensor"][1][index] for r in results], 0)
+        torch.testing.assert_close(got, exact, **tolerance(F64), msg=f"grad {'Wb'[index - 1]}")
+    for result in results:
+        assert result["error"] is not None and "teacher_logprobs differs" in result["error"]
+    with_nan = inputs["student"].clone()
+    outside = [c for c in range(with_nan.shape[-1] // 2, with_nan.shape[-1]) if c not in inputs["ids"][0, 0].tolist()]
+    with_nan[0, 0, outside[0]] = math.nan
+    for tail in SPARSE_TAILS:  # NaN where the unsharded call has it: "renormalized" does not read the column
+        s = leaf(with_nan)
+        loss = mk.fused_sparse_divergence(s, inputs["ids"], inputs["logprobs"], tail=tail, mask=inputs["mask"],
+                                          reduction="none", **inputs["options"])
+        loss.sum().backward()
+        torch.testing.assert_close(results[0]["nan", tail][0], loss, equal_nan=True, **tolerance(F64), msg=tail)
+        got = torch.cat([r["nan", tail][1] for r in results], -1)
+        torch.testing.assert_close(got, s.grad, equal_nan=True, **tolerance(F64), msg=f"{tail}: gradient")
