@@ -488,8 +488,8 @@ MUTATIONS = (
     ),
     Mutation(
         "parallel-ids-unchecked", "minillm_kernels/parallel.py",
-        '"target_ids": fingerprint(target, mask),',
-        '"target_ids": 0.0,',
+        '"the number of tokens": math.prod(student.shape[:-1]), "target_ids": fingerprint(target, mask),',
+        '"the number of tokens": math.prod(student.shape[:-1]), "target_ids": 0.0,',
         ("tests/test_parallel.py::test_a_mismatched_call_fails_on_every_rank_naming_the_argument",),
         "ranks passing different target ids get a silently wrong log q(y) instead of an error",
     ),
@@ -993,8 +993,8 @@ MUTATIONS = (
     ),
     Mutation(
         "reference-sparse-tail-mass-unclamped", "minillm_kernels/reference.py",
-        "tail = torch.where(entries.n_live < vocab_size, (1 - p_entries).clamp(min=0), 0.0)",
-        "tail = torch.where(entries.n_live < vocab_size, 1 - p_entries, 0.0)",
+        "tail = torch.where(n_live < vocab_size, (1 - p_entries).clamp(min=0), 0.0)",
+        "tail = torch.where(n_live < vocab_size, 1 - p_entries, 0.0)",
         ("tests/test_sparse.py::test_tail_masses_near_zero_and_one_and_a_student_sure_of_the_entries[bin-cpu]",),
         "P_R = 1 - P_I unclamped: a sum a little above 1 (rounding) gives log of a negative, NaN",
     ),
