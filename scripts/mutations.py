@@ -17,8 +17,9 @@ Cost: each pytest run forks from a server that has imported torch, triton and tr
 starts in a fraction of a second. Each copy has its own C++ build cache, the kernel's own build (its flags: a faster
 -O0 or -O1 build would change its numbers, as it forms no fused multiply-adds, and fail the float32 contract tests
 unmutated); ninja updates it incrementally, so a mutation of the CPU kernel recompiles only the translation units it
-touches. Those mutations run first, each file's on one worker in a row (the restore and the next plant in one
-rebuild); the others then fill the workers.
+touches, and a mutation of a header names the units its tests exercise (``built_in``): the others keep their
+unmutated objects. Those mutations run first, each unit's on one worker in a row (the restore and the next plant in
+one rebuild); the others then fill the workers.
 
 A mutation is caught when its tests fail (or crash, or hang); a selection that pytest cannot run (a node id that no
 longer exists, a ``-k`` that selects nothing) is an error, not a catch. It prints caught/missed per mutation as each
@@ -54,6 +55,10 @@ class Mutation(NamedTuple):
     new: str
     tests: tuple[str, ...]  # pytest arguments: node ids or files relative to the repository root, "-k", "expr"
     bug: str  # what the planted bug is, in words
+    # For a mutation in a header of the CPU kernel: the translation units (.cpp) rebuilt with it, those its tests
+    # exercise; the others keep their unmutated objects (``rewrite``). (): none, its tests compile the header
+    # themselves; None: every unit that includes it.
+    built_in: tuple[str, ...] | None = None
 
 
 MUTATIONS = (
@@ -94,6 +99,7 @@ MUTATIONS = (
         "const float log_m = 2.0f * f;",
         ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu and jsd"),
         "the float fast_log keeps only the first term of its atanh series (log m off by up to 3e-3)",
+        built_in=("csrc/cpu/divergence.cpp",),
     ),
     Mutation(
         "cpu-fast-log-double-coarse", "csrc/cpu/streaming.h",
@@ -101,6 +107,7 @@ MUTATIONS = (
         "  series = series * s + 0.3333334;\n",
         ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu and jsd"),
         "the double fast_log's series off by 1e-7 in its first coefficient (float64 accuracy lost)",
+        built_in=("csrc/cpu/divergence.cpp",),
     ),
     Mutation(
         "cpu-bf16-truncates", "csrc/cpu/streaming.h",
@@ -108,6 +115,7 @@ MUTATIONS = (
         "const uint32_t rounded = u >> 16;",
         ("tests/test_reverse_kld.py::test_token_stats_and_gradient_match_the_oracle", "-k", "cpu and bf16"),
         "the bf16 gradient store truncates instead of rounding to nearest even",
+        built_in=("csrc/cpu/reverse_kld.cpp",),
     ),
     Mutation(
         "cpu-build-fails", "csrc/cpu/reverse_kld.cpp",
@@ -122,6 +130,7 @@ MUTATIONS = (
         "    a_sum = move_a.factor * a_sum;",
         ("tests/test_reverse_kld.py::test_cpu_float32_per_token_accuracy_at_4096_by_32000[1.0]",),
         "when a later chunk raises the student's maximum, A is rescaled but not shifted to the new centre",
+        built_in=("csrc/cpu/reverse_kld.cpp",),
     ),
     Mutation(
         "cpu-row-sums-in-float", "csrc/cpu/streaming.h",  # (scalar: in float lanes a 2048-column chunk's sums err
@@ -130,6 +139,7 @@ MUTATIONS = (
         "  float s0 = 0, s1 = 0, s2 = 0, s3 = 0;\n",
         ("tests/test_reverse_kld.py::test_cpu_float32_per_token_accuracy_at_4096_by_32000[1.0]",),
         "the CPU row sums accumulate in four float sums (each rounded at its running total) instead of double",
+        built_in=("csrc/cpu/reverse_kld.cpp",),
     ),
     Mutation(
         "cpu-row-sums-drop-the-tail", "csrc/cpu/streaming.h",
@@ -137,6 +147,7 @@ MUTATIONS = (
         "  for (int64_t j = 4 * quarter; j < 4 * quarter; ++j) {",
         ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu and float32-float32"),
         "the CPU row sums skip the last n mod 4 columns of a chunk (the scalar tail after the groups of four)",
+        built_in=("csrc/cpu/divergence.cpp",),
     ),
     Mutation(
         "cpu-fast-exp-unmasked", "csrc/cpu/streaming.h",
@@ -144,6 +155,7 @@ MUTATIONS = (
         "  return p * scale;",
         ("tests/test_divergence.py::test_minus_infinity_and_extreme_logits", "-k", "cpu and float32"),
         "the float exp keeps the garbage 2^k below log(FLT_MIN) (-inf logits) instead of masking it to 0",
+        built_in=("csrc/cpu/divergence.cpp",),
     ),
     Mutation(
         "cpu-padding-gradient-unwritten", "csrc/cpu/reverse_kld.cpp",
@@ -172,10 +184,28 @@ MUTATIONS = (
         "    return row * inner_stride;",
         ("tests/test_reverse_kld.py::test_strided_views_match_the_oracle", "-k", "cpu"),
         "strided rows addressed with the inner stride only: a [B, L, V][:, a:b] slice reads the wrong rows",
+        built_in=("csrc/cpu/reverse_kld.cpp",),
+    ),
+    Mutation(
+        "cpu-empty-sum-recentred", "csrc/cpu/streaming.h",
+        "    const Recentring move{shift, z > 0 ? std::exp(shift * k) : 1.0};",
+        "    const Recentring move{shift, std::exp(shift * k)};",
+        ("tests/test_divergence.py::test_rows_whose_first_blocks_are_minus_infinity", "-k", "cpu"),
+        "an empty sum (a row's leading chunks all -inf, centred on 0) is re-centred by exp(k (0 - c')), inf where the "
+        "first finite maximum c' is far below 0: Z = inf * 0 = NaN",
+        built_in=("csrc/cpu/reverse_kld.cpp",),
     ),
     # ---- the Triton kernels (under the interpreter here)
     Mutation(
-        "triton-row-offset-ignores-the-outer-stride", "minillm_kernels/ops/reverse_kld_triton.py",
+        "triton-empty-sum-recentred", "minillm_kernels/ops/triton_common.py",
+        "    shift = tl.minimum(old_centre - centre.to(tl.float64), 0.0)",
+        "    shift = old_centre - centre.to(tl.float64)",
+        ("tests/test_divergence.py::test_rows_whose_first_blocks_are_minus_infinity", "-k", "triton"),
+        "the online log-normaliser re-centres an empty sum (a row's leading blocks all -inf, centred on 0) by "
+        "exp(k (0 - c')), inf where the first finite maximum c' is far below 0: Z = inf * 0 = NaN",
+    ),
+    Mutation(
+        "triton-row-offset-ignores-the-outer-stride", "minillm_kernels/ops/triton_common.py",
         "    return (row // rows_per_outer) * outer_stride + (row % rows_per_outer) * inner_stride",
         "    return row * inner_stride",
         ("tests/test_reverse_kld.py::test_strided_views_match_the_oracle", "-k", "triton"),
@@ -203,7 +233,7 @@ MUTATIONS = (
         "an out-of-range target drops its whole b, the -b q_v term too",
     ),
     Mutation(
-        "triton-float32-sums", "minillm_kernels/ops/reverse_kld_triton.py",
+        "triton-float32-sums", "minillm_kernels/ops/triton_common.py",
         "    normaliser = normaliser * ratio + tl.sum(terms.to(tl.float64), axis=0)",
         "    normaliser = normaliser * ratio + tl.sum(terms, axis=0).to(tl.float32)",
         ("tests/test_reverse_kld.py::test_token_stats_and_gradient_match_the_oracle[1.0-fp64-fp64-triton]",),
@@ -248,7 +278,7 @@ MUTATIONS = (
         "the Triton backward forgets the softmax's -q_v sum_u q_u a_u",
     ),
     Mutation(
-        "triton-expm1-kahan-on-subnormals", "minillm_kernels/ops/divergence_triton.py",
+        "triton-expm1-kahan-on-subnormals", "minillm_kernels/ops/triton_common.py",
         "    corrected = (e - 1.0) * x / tl.log(tl.maximum(e, 0.5))  # (the maximum: no log of 0 in lanes not taken)\n"
         "    return tl.where(e < 0.5, e - 1.0, tl.where(e == 1.0, x, corrected))",
         "    corrected = (e - 1.0) * x / tl.log(e)\n"
@@ -1347,32 +1377,55 @@ def planted(text: str, mutation: Mutation) -> str:
     return text.replace(mutation.old, mutation.new)
 
 
-def apply(copy: Path, mutation: Mutation) -> str:
-    """Plant the mutation in ``copy``; returns the file's original text."""
+def rewrite(copy: Path, mutation: Mutation, text: str) -> None:
+    """Write ``text`` to the mutation's file in ``copy``. For a mutation ``built_in`` some units, the header keeps its
+    modification time and the units' sources are touched instead: ninja, which judges by times, rebuilds those
+    only, and the other units keep their unmutated objects (the header's functions are inlined, C10_ALWAYS_INLINE, or
+    emitted by a unit linked before the others: a copy of an unmutated unit chosen by the linker would show as a
+    missed mutation, not a false catch)."""
     path = copy / mutation.path
-    text = path.read_text()
-    path.write_text(planted(text, mutation))
-    return text
+    if mutation.built_in is None:
+        path.write_text(text)
+        return
+    stamp = path.stat()
+    path.write_text(text)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    for unit in mutation.built_in:
+        (copy / unit).touch()
 
 
 def check_mutation(context, worker: Worker, mutation: Mutation) -> Outcome:
     """Plant ``mutation`` in the worker's copy, run its tests (stopping at the first failure), restore the file."""
-    original = apply(worker.copy, mutation)
+    original = (worker.copy / mutation.path).read_text()
+    rewrite(worker.copy, mutation, planted(original, mutation))
     try:
         return run_tests(context, worker, mutation.tests, stop_first=True)
     finally:
-        (worker.copy / mutation.path).write_text(original)
+        rewrite(worker.copy, mutation, original)
+
+
+def build_cpu_kernel(worker: Worker) -> None:
+    """The worker's copy's CPU kernel, unmutated, in its build cache: a mutation ``built_in`` some units must find the
+    other units' objects built from the unmutated sources."""
+    env = {**os.environ, "PYTHONPATH": str(worker.copy), "TORCH_EXTENSIONS_DIR": str(worker.extensions)}
+    done = subprocess.run([sys.executable, "-c", "from minillm_kernels import _build; "
+                           "import sys; sys.exit(_build.load_cpu_extension() is None)"],
+                          cwd=worker.copy, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the unmutated CPU kernel did not build in {worker.copy}:\n{done.stdout}{done.stderr}")
 
 
 def share_native_mutations(native: list[Mutation], workers: int) -> list[list[Mutation]]:
-    """The CPU kernel's mutations split among ``workers``, each file's on one worker, in file order: consecutive
-    mutations of one file rebuild its translation units once each (the restore and the next plant in one build)."""
-    by_file: dict[str, list[Mutation]] = {}
+    """The CPU kernel's mutations split among ``workers``, those rebuilding the same translation units (a .cpp's, or
+    ``built_in``; a header's without it, every unit including it) on one worker in a row: the restore of one and the
+    plant of the next cost one build of the units."""
+    by_unit: dict[str, list[Mutation]] = {}
     for mutation in native:
-        by_file.setdefault(mutation.path, []).append(mutation)
+        units = mutation.path if mutation.built_in is None else " ".join(mutation.built_in)
+        by_unit.setdefault(units, []).append(mutation)
     shares: list[list[Mutation]] = [[] for _ in range(workers)]
-    for path in sorted(by_file, key=lambda p: -len(by_file[p])):
-        min(shares, key=len).extend(by_file[path])
+    for unit in sorted(by_unit, key=lambda u: -len(by_unit[u])):
+        min(shares, key=len).extend(by_unit[unit])
     return shares
 
 
@@ -1404,6 +1457,8 @@ def check_all(context, workers: list[Worker], chosen: list[Mutation]) -> dict[st
             report(index[mutation.name], len(chosen), mutation, outcome)
 
     def work(worker: Worker, share: list[Mutation]) -> None:
+        if share:
+            build_cpu_kernel(worker)
         for mutation in share:
             record(mutation, check_mutation(context, worker, mutation))
         while True:

@@ -317,6 +317,25 @@ def test_minus_infinity_and_extreme_logits(backend, divergence, dtype):
         assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_rows_whose_first_blocks_are_minus_infinity(backend, divergence):
+    """A row whose first 4096 columns (a whole block of the Triton kernels, two chunks of the CPU kernel) are -inf and
+    whose finite logits lie near -1000: the online log-normaliser's empty sum (Z = 0, centred on 0) must not be
+    re-centred by exp(k (0 - c')) = exp(1000 k) = inf, which makes inf * 0 = NaN (the shift is min(c - c', 0))."""
+    require_backend(backend)
+    device = device_for(backend)
+    student = random_logits(3, 4096 + 905, torch.float32, device) - 1000
+    teacher = random_logits(3, 4096 + 905, torch.float32, device) - 1000
+    student[0, :4096] = teacher[1, :4096] = -math.inf
+    student[2, :4096] = teacher[2, :4096] = -math.inf
+    value, grad = assert_close_to_exact(backend, student, teacher, torch.randn(3, dtype=torch.float64),
+                                        divergence=divergence, beta=BETA, skew=SKEW)
+    assert not value.isnan().any()
+    if divergence != "reverse_kl":  # (its gradient is undefined in row 1, where the KL is infinite)
+        assert torch.isfinite(grad).all()
+
+
 # Rows whose softmax is undefined: a NaN or +inf logit, or every logit -inf (over the first vocab_size columns).
 UNDEFINED_ROWS = {"NaN student": ("student", 5, math.nan), "NaN teacher": ("teacher", 5, math.nan),
                   "+inf student": ("student", 7, math.inf), "+inf teacher": ("teacher", 7, math.inf),

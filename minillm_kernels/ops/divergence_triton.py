@@ -23,9 +23,6 @@ then adds up the value's terms and ``mean_partial = sum_v q_v a_v`` (a_v = dD/dq
 The backward writes in one pass grad_v = g k (q_v a_v - q_v mean_partial), from the saved row statistics
 (c_s, log Z_s, c_t, log Z_t) and mean_partial.
 
-log1p and expm1 are written out (``_log1p``, ``_expm1``: Kahan's corrections of log and exp, a few ulps), as Triton 3.6
-has them only in libdevice, which the interpreter does not run.
-
 Dtypes and rows as in ``reverse_kld_triton``: each input loaded in its own dtype, per-element arithmetic in
 ``ACC_DTYPE`` (float64 if either input is float64, else float32), row sums in float64, the gradient in the student's
 dtype (bfloat16 rounded to nearest even); ``[n_outer, rows_per_outer, V]`` row views with any strides; masked rows are
@@ -38,9 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from minillm_kernels.ops.reverse_kld_triton import (
-    _acc_dtype, _block_size, _centre, _num_warps, _online_log_normaliser, _round_to_bfloat16, _row_offset,
-    _row_strides,
+from minillm_kernels.ops.triton_common import (
+    _acc_dtype, _block_size, _centre, _expm1, _log1p, _num_warps, _online_log_normaliser, _round_to_bfloat16,
+    _row_offset, _row_strides,
 )
 from minillm_kernels.reference import compute_dtype
 
@@ -48,24 +45,6 @@ from minillm_kernels.reference import compute_dtype
 FORWARD_KL, JSD, SKEW_FORWARD_KL, SKEW_REVERSE_KL, TVD = range(5)
 DIVERGENCE_CODES = {"forward_kl": FORWARD_KL, "jsd": JSD, "skew_forward_kl": SKEW_FORWARD_KL,
                     "skew_reverse_kl": SKEW_REVERSE_KL, "tvd": TVD}
-
-
-@triton.jit
-def _expm1(x):
-    """exp(x) - 1 for x <= 0, to a few ulps, with e = exp(x): e - 1 where e < 1/2 (no cancellation there; -1 at -inf),
-    else Kahan's (e - 1) x / log e, which corrects the rounding of e near x = 0 (x itself where e rounds to 1). Not
-    Kahan's below 1/2: there e may be subnormal (x below -87.3 in float32, -708.4 in float64), rounded with a relative
-    error of up to 1/2, which his log e carries into the result (7e-3 at x = -103 in float32)."""
-    e = tl.exp(x)
-    corrected = (e - 1.0) * x / tl.log(tl.maximum(e, 0.5))  # (the maximum: no log of 0 in lanes not taken)
-    return tl.where(e < 0.5, e - 1.0, tl.where(e == 1.0, x, corrected))
-
-
-@triton.jit
-def _log1p(x):
-    """log(1 + x) for -1 < x <= 0, to a few ulps also near 0 (Kahan: log(u) x / (u - 1), u = 1 + x)."""
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
 
 
 @triton.jit

@@ -28,10 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from minillm_kernels.ops.divergence_triton import _expm1, _log1p
-from minillm_kernels.ops.reverse_kld_triton import (
-    _block_size, _centre, _num_warps, _online_log_normaliser, _recentred_moment, _round_to_bfloat16, _row_offset,
-    _row_strides,
+from minillm_kernels.ops.triton_common import (
+    _block_size, _centre, _expm1, _log1p, _num_warps, _online_log_normaliser, _recentred_moment, _round_to_bfloat16,
+    _row_offset, _row_strides,
 )
 from minillm_kernels.reference import DIVERGENCES, SPARSE_TAILS, compute_dtype
 
