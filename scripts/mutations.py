@@ -89,6 +89,23 @@ MUTATIONS = (
         "the CPU divergences' 1 / Z rounded to one float: every probability of a row scaled by the same rounding",
     ),
     Mutation(
+        "cpu-row-factor-relies-on-contraction", "csrc/cpu/row_factor.h",
+        "      return std::fma(x, hi, x * lo);\n#else\n      return static_cast<acc_t>(double(x) * double(hi) + double(x * lo));",
+        "      return x * hi + x * lo;\n#else\n      return x * hi + x * lo;",
+        ("tests/test_divergence.py::test_cpu_row_factor_rounds_its_product_once_in_every_build",),
+        "a per-row factor's product written x * hi + x * lo: rounded once only where the compiler contracts it into an "
+        "FMA (CI's -O3 build at the host's level), else x * hi is rounded first and lo is lost (x86-64-v2, -O0: the JSD's "
+        "and skew KLs' near-teacher contract tests failed 9x over)",
+    ),
+    Mutation(
+        "cpu-row-factor-double-sum-of-two-products", "csrc/cpu/row_factor.h",
+        "      return static_cast<acc_t>(double(x) * double(hi) + double(x * lo));",
+        "      return static_cast<acc_t>(double(x) * double(hi) + double(x) * double(lo));",
+        ("tests/test_divergence.py::test_cpu_row_factor_rounds_its_product_once_in_every_build",),
+        "the build without FMA adds x hi and x lo exactly in double: the products x 0.7 that lie on a float midpoint "
+        "(2.5%) all round one way, by lo's own rounding (a 0.025 ulp bias: the JSD near its teacher at 1.08x the bound)",
+    ),
+    Mutation(
         "cpu-fast-log-float-series-dropped", "csrc/cpu/streaming.h",
         "const float log_m = 2.0f * f + 2.0f * f * s * series;",
         "const float log_m = 2.0f * f;",

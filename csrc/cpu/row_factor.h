@@ -12,9 +12,9 @@
 // explicit: fma(x, hi, x * lo) where the target has the instruction (vectorised), else its exact equivalent in double,
 // x hi (24 x 24 bits, exact) + x * lo (rounded in float, as the FMA's addend), a sum of at most 50 significant bits,
 // exact too, then rounded once to float: the same bits on every target and at every optimisation level. (Not
-// x hi + x lo both in double: for decimal weights such as 0.3 and 0.7, 1.2% of the products x c lie within 2^-29 ulp of
-// a float midpoint, which lo's own rounding then breaks one way for all of them, a bias of 0.03 u in m: the JSD near its
-// teacher at 1.08x the bound.) A double acc_t has lo = 0: x * hi.
+// x hi + x lo both in double: for a decimal weight such as 0.7, 2.5% of the products x c lie within 2^-29 ulp of a float
+// midpoint, which lo's own rounding then breaks one way for all of them, a bias of 0.025 ulp: the JSD near its teacher
+// at 1.08x the bound.) A double acc_t has lo = 0: x * hi.
 #pragma once
 
 #include <cmath>
