@@ -15,8 +15,8 @@ copy, runs its tests with ``-x`` and restores the file.
 
 Cost: each pytest run forks from a server that has imported torch, triton and transformers (``PRELOADED``), so it
 starts in a fraction of a second. Each copy has its own C++ build cache, the kernel's own build (its flags: a faster
--O0 or -O1 build would change its numbers, as it forms no fused multiply-adds, and fail the float32 contract tests
-unmutated); ninja updates it incrementally, so a mutation of the CPU kernel recompiles only the translation units it
+-O0 or -O1 build forms no fused multiply-adds and does not vectorise as -O3 does, so its numbers are not the suite's);
+ninja updates it incrementally, so a mutation of the CPU kernel recompiles only the translation units it
 touches. Those mutations run first, each file's on one worker in a row (the restore and the next plant in one
 rebuild); the others then fill the workers.
 
