@@ -15,11 +15,11 @@ copy, runs its tests with ``-x`` and restores the file.
 
 Cost: each pytest run forks from a server that has imported torch, triton and transformers (``PRELOADED``), so it
 starts in a fraction of a second. Each copy has its own C++ build cache, the kernel's own build (its flags: a faster
--O0 or -O1 build would change its numbers, as it forms no fused multiply-adds, and fail the float32 contract tests
-unmutated); ninja updates it incrementally, so a mutation of the CPU kernel recompiles only the translation units it
-touches, and a mutation of a header names the units its tests exercise (``built_in``): the others keep their
-unmutated objects. Those mutations run first, each unit's on one worker in a row (the restore and the next plant in
-one rebuild); the others then fill the workers.
+-O0 or -O1 build forms no fused multiply-adds and does not vectorise as -O3 does, so its numbers are not the suite's);
+ninja updates it incrementally, so a mutation of the CPU kernel recompiles only the translation units it touches,
+and a mutation of a header names the units its tests exercise (``built_in``): the others keep their unmutated
+objects. Those mutations run first, each unit's on one worker in a row (the restore and the next plant in one
+rebuild); the others then fill the workers.
 
 A mutation is caught when its tests fail (or crash, or hang); a selection that pytest cannot run (a node id that no
 longer exists, a ``-k`` that selects nothing) is an error, not a catch. It prints caught/missed per mutation as each
@@ -92,6 +92,25 @@ MUTATIONS = (
         "const acc_t q = fast_exp(u * r.k) * r.inv_z_s.hi, p = fast_exp(w * r.k) * r.inv_z_t.hi;",
         ("tests/test_divergence.py::test_cpu_float32_per_token_contract_for_a_student_near_its_teacher",),
         "the CPU divergences' 1 / Z rounded to one float: every probability of a row scaled by the same rounding",
+    ),
+    Mutation(
+        "cpu-row-factor-relies-on-contraction", "csrc/cpu/row_factor.h",
+        "      return std::fma(x, hi, x * lo);\n#else\n      return static_cast<acc_t>(double(x) * double(hi) + double(x * lo));",
+        "      return x * hi + x * lo;\n#else\n      return x * hi + x * lo;",
+        ("tests/test_divergence.py::test_cpu_row_factor_rounds_its_product_once_in_every_build",),
+        "a per-row factor's product written x * hi + x * lo: rounded once only where the compiler contracts it into an "
+        "FMA (CI's -O3 build at the host's level), else x * hi is rounded first and lo is lost (x86-64-v2, -O0: the JSD's "
+        "and skew KLs' near-teacher contract tests failed 9x over)",
+        built_in=(),  # (the test compiles a probe of the header itself)
+    ),
+    Mutation(
+        "cpu-row-factor-double-sum-of-two-products", "csrc/cpu/row_factor.h",
+        "      return static_cast<acc_t>(double(x) * double(hi) + double(x * lo));",
+        "      return static_cast<acc_t>(double(x) * double(hi) + double(x) * double(lo));",
+        ("tests/test_divergence.py::test_cpu_row_factor_rounds_its_product_once_in_every_build",),
+        "the build without FMA adds x hi and x lo exactly in double: the products x 0.7 that lie on a float midpoint "
+        "(2.5%) all round one way, by lo's own rounding (a 0.025 ulp bias: the JSD near its teacher at 1.08x the bound)",
+        built_in=(),  # (the test compiles a probe of the header itself)
     ),
     Mutation(
         "cpu-fast-log-float-series-dropped", "csrc/cpu/streaming.h",

@@ -679,6 +679,90 @@ def test_cpu_forward_kl_per_token_contract_on_log_softmax_inputs():
     assert_per_token_contract("cpu", student, teacher, "forward_kl")
 
 
+# The CPU kernel's per-row factors (1 / Z, the mixture's weights) are a float pair hi + lo whose product with a column
+# must be rounded once (csrc/cpu/row_factor.h); x * hi + x * lo does that only where the compiler contracts it into an
+# FMA, which CI's build (the host's level, -O3) does, and an x86-64-v2 or -O0 build does not. Rebuilding the kernel at
+# those levels costs minutes, so this compiles only the header, in a probe of a fraction of a second per build: at the
+# host's flags, at -O0, with contraction off, and at x86-64-v2 (no FMA instruction).
+FACTOR_PROBE = r"""
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include "row_factor.h"
+
+// For each per-row constant c: over random float x, the largest |times(x) - x c| and the mean signed error, in ulps
+// of the result, x c exact in long double (a 64-bit significand: 2^-40 ulp).
+int main(int argc, char** argv) {
+  std::mt19937_64 draw(std::strtoull(argv[1], nullptr, 10));
+  std::uniform_real_distribution<double> uniform(0, 1);
+  const double constants[] = {0.3, 0.7, 0.2, 0.8, 1.0 / 3, 1.0 / 31999.7, std::exp(-10 * uniform(draw))};
+  for (double c : constants) {
+    const minillm_cpu::Factor<float> factor = minillm_cpu::Factor<float>::of(c);
+    double worst = 0, sum = 0;
+    const int n = 200000;
+    for (int i = 0; i < n; ++i) {
+      const float x = static_cast<float>(std::exp(-40 * uniform(draw)));
+      const long double exact = static_cast<long double>(x) * c;
+      const long double ulp = std::ldexp(1.0L, std::ilogb(static_cast<float>(exact)) - 23);
+      const long double error = (factor.times(x) - exact) / ulp;
+      worst = std::fmax(worst, std::fabs(static_cast<double>(error)));
+      sum += static_cast<double>(error);
+    }
+    std::printf("%.17g %.6f %.6f\n", c, worst, sum / n);
+  }
+}
+"""
+
+
+def factor_probe_builds() -> dict[str, list[str]]:
+    """The compiler flags of each probe build: the CPU kernel's own (``_build.build_config`` at the host's level), at
+    -O0, with -ffp-contract=off, and on x86-64 at x86-64-v2."""
+    import platform
+
+    from minillm_kernels import _build
+
+    _, flags = _build.build_config(_build.host_isa_level())
+    flags = [f for f in flags if f != "-fopenmp"]
+    builds = {"host": flags, "-O0": [*flags, "-O0"], "no contraction": [*flags, "-ffp-contract=off"]}
+    if platform.machine() in ("x86_64", "AMD64"):
+        builds["x86-64-v2"] = [*(f for f in flags if not f.startswith("-march=")), "-march=x86-64-v2"]
+    return builds
+
+
+@pytest.mark.parametrize("build", ("host", "-O0", "no contraction", "x86-64-v2"))
+def test_cpu_row_factor_rounds_its_product_once_in_every_build(build, tmp_path):
+    """Factor::times(x) = x (hi + lo) rounded once: within 0.5 ulp (+ 2^-20) of x c, with a mean signed error below
+    0.003 ulp (the sampling noise of 200,000 draws is 7e-4 ulp), for decimal weights, thirds and 1 / Z. Rounding
+    x * hi first (no FMA) errs up to 0.5 ulp + |lo / hi| / u, one way for the whole row; adding x hi and x lo in double
+    breaks the midpoints that 2.5% of the products x 0.7 land on one way (a 0.025 ulp bias)."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from minillm_kernels import _build
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        pytest.skip("no C++ compiler")
+    builds = factor_probe_builds()
+    if build not in builds:
+        pytest.skip(f"the {build} build is x86-64 only")
+    source = tmp_path / "probe.cpp"
+    source.write_text(FACTOR_PROBE)
+    binary = tmp_path / "probe"
+    torch_include = Path(torch.__file__).parent / "include"
+    subprocess.run([compiler, "-std=c++17", *builds[build], f"-I{_build.csrc_dir() / 'cpu'}", f"-I{torch_include}",
+                    str(source), "-o", str(binary)], check=True, capture_output=True, text=True)
+    seed = int(torch.randint(0, 2**62, ()).item())
+    done = subprocess.run([str(binary), str(seed)], check=True, capture_output=True, text=True, timeout=60)
+    for line in done.stdout.splitlines():
+        constant, worst, mean = map(float, line.split())
+        assert worst <= 0.5 + 2**-20, f"{build} build, c = {constant!r}: an error of {worst} ulp (seed {seed})"
+        assert abs(mean) <= 0.003, f"{build} build, c = {constant!r}: a mean error of {mean} ulp (seed {seed})"
+
+
 # Triton's and CUDA's divergence kernels still round log Z_s, log Z_t, log Z_t - log Z_s and 1 - w to one float per row
 # (as the CPU kernel did before issue 22): under Triton's interpreter, 128 x 32000 randn logits, the forward KL reached
 # 6.7e-7, the skew KLs 7.2e-7 and 8.1e-7, the JSD and the TVD 2.5e-7 (the reverse KL, 6e-8, meets it).

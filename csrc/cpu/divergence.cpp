@@ -14,7 +14,8 @@
 // Z_s = sum exp(k (s - c_s)), Z_t likewise, re-centred when a maximum grows, double sums). Pass 2 evaluates each
 // column from them:
 //   q_v = exp(k (s_v - c_s)) / Z_s,   p_v = exp(k (t_v - c_t)) / Z_t,
-// each 1 / Z a per-row Factor, a pair of floats hi + lo (a float log Z subtracted in the exponent instead would shift
+// each 1 / Z a per-row Factor (row_factor.h: a pair of floats hi + lo, its product with a column rounded once, with no
+// reliance on the compiler contracting it into an FMA; a float log Z subtracted in the exponent instead would shift
 // every column by the same rounding, up to half an ulp of log Z: 4.8e-7 relative at V = 32000, the whole result off by
 // as much). For a mixture m = w p + (1 - w) q (w, the teacher's weight: beta, alpha, or 1 - alpha for the skew reverse
 // KL; w and 1 - w Factors too), the log-ratios log(p / m) and log(q / m) are fast_log of the ratios (within a few u
@@ -37,6 +38,7 @@
 
 #include "../common/logits_args.h"
 #include "kl_row.h"
+#include "row_factor.h"
 #include "streaming.h"
 
 #include <algorithm>
@@ -70,24 +72,6 @@ void with_divergence(Divergence kind, F&& f) {
     case Divergence::kTvd: return f(std::integral_constant<Divergence, Divergence::kTvd>{});
   }
 }
-
-// A per-row factor as a pair of acc_t, hi + lo = the double value to about u^2 (lo = 0 for double), and a product by
-// it. One float alone would scale every column of the row by the same rounding (up to 3e-8 relative): 1 / Z by it
-// takes the mixtures' values up to 1.5e-7 relative, and the mixture's weights in m shift every log(p / m) by up to
-// 3e-8, which for a student near its teacher (a skew KL of 0.04) is 8e-7 of the value.
-template <typename acc_t>
-struct Factor {
-  acc_t hi, lo;
-
-  static Factor of(double value) {
-    const acc_t hi = static_cast<acc_t>(value);
-    return {hi, static_cast<acc_t>(value - double(hi))};
-  }
-
-  C10_ALWAYS_INLINE acc_t times(acc_t x) const {
-    return x * hi + x * lo;
-  }
-};
 
 // A row's constants: the centres, 1 / Z_s and 1 / Z_t, k, the divergence's coefficient, and the mixture's weights w
 // and 1 - w.
