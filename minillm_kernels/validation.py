@@ -539,8 +539,8 @@ class LinearCall(NamedTuple):
     """The validated inputs of a fused-linear call, in the custom ops' argument order."""
 
     tensors: tuple  # flattened student (hidden, weight, bias) and teacher (hidden, weight, bias), the teacher's detached
-    target: Optional[Tensor]  # [N] int64
-    mask: Optional[Tensor]  # [N] bool
+    target: Optional[torch.Tensor]  # [N] int64
+    mask: Optional[torch.Tensor]  # [N] bool
     options: tuple  # (temperature, vocab_size, chunk_size: 0 for the default, backend)
     lead_shape: torch.Size
     shards: Optional[VocabShards]  # the weights' rows are this rank's shard of the vocabulary

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import sys
 from pathlib import Path
 
 import torch
