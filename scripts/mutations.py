@@ -18,8 +18,10 @@ starts in a fraction of a second. Each copy has its own C++ build cache, the ker
 -O0 or -O1 build forms no fused multiply-adds and does not vectorise as -O3 does, so its numbers are not the suite's);
 ninja updates it incrementally, so a mutation of the CPU kernel recompiles only the translation units it touches,
 and a mutation of a header names the units its tests exercise (``built_in``): the others keep their unmutated
-objects. Those mutations run first, each unit's on one worker in a row (the restore and the next plant in one
-rebuild); the others then fill the workers.
+objects. A unit whose sources are the suite's is not compiled but copied from the suite's build
+(``compile_or_reuse``, the workers' $CXX): each worker's first build, and the rebuild after a mutation is restored.
+Those mutations run first, each unit's on one worker in a row (the restore and the next plant in one rebuild); the
+others then fill the workers.
 
 A mutation is caught when its tests fail (or crash, or hang); a selection that pytest cannot run (a node id that no
 longer exists, a ``-k`` that selects nothing) is an error, not a catch. It prints caught/missed per mutation as each
@@ -1348,16 +1350,120 @@ def torch_sees_a_gpu() -> bool:
 class Worker(NamedTuple):
     """One copy of the working tree and its C++ build cache. Every mutation of a worker
     shares the cache: torch's JIT writes the same build file and ninja recompiles only the translation units whose
-    sources (headers included) changed since the last build."""
+    sources (headers included) changed since the last build. ``compiler``: the builds' $CXX (``compile_or_reuse``),
+    None for the compiler as it is."""
 
     copy: Path
     extensions: Path
     scratch: Path
+    compiler: Path | None = None
+
+
+def worker_environment(worker: Worker) -> dict[str, str]:
+    """The environment of a worker's pytest runs and builds: its copy's code and its build cache (and compiler)."""
+    env = {**os.environ, "PYTHONPATH": str(worker.copy), "TORCH_EXTENSIONS_DIR": str(worker.extensions)}
+    if worker.compiler is not None:
+        env.update({"CXX": str(worker.compiler), COMPILER_ENV: os.environ.get("CXX", "c++")})
+    return env
+
+
+# ---- the suite's objects of the CPU kernel, reused by the workers' builds
+# Each worker's first build of the kernel would compile every translation unit (~2 CPU min), as would the rebuild of
+# a unit after its mutation is restored: both compile sources the suite has just compiled. The workers' $CXX is this
+# script (``compile_or_reuse``), which copies the suite's object instead where the unit's source and headers in the
+# copy are byte for byte the checkout's, its build flags are the suite's and the object is newer than those sources.
+COMPILER_ENV = "MINILLM_MUTATIONS_CXX"  # the compiler the wrapper stands for
+SUITE_BUILD_ENV = "MINILLM_MUTATIONS_SUITE_BUILD"  # the suite's build folder of the CPU kernel
+
+
+def build_flags(build_folder: Path) -> str | None:
+    """The ``cflags`` line of a torch JIT build file (None without one)."""
+    build_file = build_folder / "build.ninja"
+    if not build_file.is_file():
+        return None
+    return next((line for line in build_file.read_text().splitlines() if line.startswith("cflags = ")), None)
+
+
+def builds_from(build_folder: Path, source: Path) -> bool:
+    """Whether the torch JIT build file in ``build_folder`` compiles ``source`` (its path: a shared cache may hold
+    another checkout's build)."""
+    build_file = build_folder / "build.ninja"
+    return build_file.is_file() and f": compile {source}\n" in build_file.read_text()
+
+
+def suite_object(source: Path, output: str) -> Path | None:
+    """The suite's object for compiling ``source`` (a unit of a copy's csrc/cpu) to ``output`` in the current folder (a
+    worker's build folder), if the suite's build compiled the same unit with the same flags: ``reusable`` then says
+    whether its sources are the same."""
+    suite = os.environ.get(SUITE_BUILD_ENV)
+    if not suite or source.parent.name != "cpu" or source.parents[1].name != "csrc":
+        return None
+    suite_build, built = Path(suite), Path(suite) / output
+    if (not built.is_file() or not builds_from(suite_build, ROOT / "csrc" / "cpu" / source.name)
+            or build_flags(Path.cwd()) is None or build_flags(suite_build) != build_flags(Path.cwd())):
+        return None
+    return built
+
+
+def reusable(built: Path, copy: Path, dependencies: list[str]) -> bool:
+    """Whether the suite's object ``built`` stands for a unit of ``copy`` whose ``dependencies`` (its source and
+    headers, from the preprocessor) are these: those in the copy byte for byte the checkout's, which the object is newer
+    than."""
+    for dependency in dependencies:
+        if not dependency.startswith(f"{copy}/"):
+            continue  # (torch's headers, the same for both)
+        ours = ROOT / Path(dependency).relative_to(copy)
+        if not ours.is_file() or ours.stat().st_mtime > built.stat().st_mtime:
+            return False
+        if ours.read_bytes() != Path(dependency).read_bytes():
+            return False
+    return True
+
+
+def compile_or_reuse(args: list[str]) -> int:
+    """``$CXX args`` of a worker's build: for a compile (``-c SOURCE -o OUTPUT``) of a unit the suite has built
+    (``suite_object``), the preprocessor writes the dependency file (``-E`` with the build's ``-MMD -MF``) and, if those
+    sources are the suite's (``reusable``), the suite's object is copied; else the compiler itself (linking, the ISA
+    macros, a unit with a mutation planted)."""
+    compiler = os.environ.get(COMPILER_ENV, "c++")
+    if "-c" in args and "-o" in args and "-MF" in args:
+        source, output = Path(args[args.index("-c") + 1]), args[args.index("-o") + 1]
+        built = suite_object(source, output)
+        if built is not None:
+            compile_part = {args.index("-c"), args.index("-c") + 1, args.index("-o"), args.index("-o") + 1}
+            rest = [arg for i, arg in enumerate(args) if i not in compile_part]
+            done = subprocess.run([compiler, *rest, "-MT", output, "-E", str(source), "-o", os.devnull], check=False)
+            depfile = Path(args[args.index("-MF") + 1])
+            if done.returncode == 0 and depfile.is_file():
+                dependencies = depfile.read_text().replace("\\\n", " ").split(":", 1)[-1].split()
+                if reusable(built, source.parents[2], dependencies):
+                    shutil.copyfile(built, output)
+                    return 0
+    return subprocess.run([compiler, *args], check=False).returncode
+
+
+def compiler_wrapper(scratch: Path) -> Path:
+    """An executable that runs ``compile_or_reuse`` with its arguments (a worker's $CXX)."""
+    wrapper = scratch / "c++"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).resolve()}" --compile-or-reuse "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def suite_build_folder() -> Path | None:
+    """The build folder of the CPU kernel that the test suite (this environment, this checkout) uses."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from torch.utils.cpp_extension import _get_build_directory; "
+         "from minillm_kernels import _build; "
+         "print(_get_build_directory(_build.build_config(_build.host_isa_level())[0], False))"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=False)
+    folder = Path(done.stdout.strip()) if done.returncode == 0 else None
+    return folder if folder is not None and folder.is_dir() else None
 
 
 def run_tests(context, worker: Worker, tests: tuple[str, ...], *, stop_first: bool) -> Outcome:
     """pytest on ``tests`` in the worker's copy, with its C++ build cache."""
-    env = {**os.environ, "PYTHONPATH": str(worker.copy), "TORCH_EXTENSIONS_DIR": str(worker.extensions)}
+    env = worker_environment(worker)
     args = ["-q", "-p", "no:cacheprovider", *(["-x"] if stop_first else []), *tests]
     log = worker.scratch / "pytest.log"
     started = time.time()
@@ -1426,12 +1532,23 @@ def check_mutation(context, worker: Worker, mutation: Mutation) -> Outcome:
 def build_cpu_kernel(worker: Worker) -> None:
     """The worker's copy's CPU kernel, unmutated, in its build cache: a mutation ``built_in`` some units must find the
     other units' objects built from the unmutated sources."""
-    env = {**os.environ, "PYTHONPATH": str(worker.copy), "TORCH_EXTENSIONS_DIR": str(worker.extensions)}
+    env = worker_environment(worker)
     done = subprocess.run([sys.executable, "-c", "from minillm_kernels import _build; "
                            "import sys; sys.exit(_build.load_cpu_extension() is None)"],
                           cwd=worker.copy, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"the unmutated CPU kernel did not build in {worker.copy}:\n{done.stdout}{done.stderr}")
+
+
+KERNEL_UNITS = (  # the CPU kernel's translation units, as _build.load_cpu_extension lists them
+    "csrc/cpu/reverse_kld.cpp", "csrc/cpu/divergence.cpp", "csrc/cpu/sparse.cpp", "csrc/cpu/bindings.cpp")
+
+
+def units_rebuilt_after(mutation: Mutation) -> tuple[str, ...]:
+    """The CPU kernel's translation units that the next build compiles after the mutation is restored."""
+    if mutation.built_in is not None:
+        return mutation.built_in
+    return (mutation.path,) if mutation.path.endswith(".cpp") else KERNEL_UNITS
 
 
 def share_native_mutations(native: list[Mutation], workers: int) -> list[list[Mutation]]:
@@ -1476,10 +1593,15 @@ def check_all(context, workers: list[Worker], chosen: list[Mutation]) -> dict[st
             report(index[mutation.name], len(chosen), mutation, outcome)
 
     def work(worker: Worker, share: list[Mutation]) -> None:
-        if share:
-            build_cpu_kernel(worker)
+        pending = set(KERNEL_UNITS)  # the units whose sources changed since the worker's last build
         for mutation in share:
+            # A mutation built_in some units keeps its header's time: a unit rebuilt during its tests for another
+            # reason (left to rebuild by the last restore) would take the planted header into an object that ninja
+            # then thinks current. So those are built first, unmutated.
+            if mutation.built_in is not None and not pending <= set(mutation.built_in):
+                build_cpu_kernel(worker)
             record(mutation, check_mutation(context, worker, mutation))
+            pending = set(units_rebuilt_after(mutation))
         while True:
             try:
                 mutation = others.get_nowait()
@@ -1500,6 +1622,9 @@ def default_jobs() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--compile-or-reuse"]:  # (a worker's $CXX: compiler_wrapper)
+        return compile_or_reuse(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations only")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
@@ -1524,10 +1649,15 @@ def main(argv: list[str] | None = None) -> int:
     jobs = max(1, min(args.jobs, len(chosen)))
     context = pytest_server()
     with tempfile.TemporaryDirectory(prefix="minillm-mutations-") as scratch:
+        suite_build = suite_build_folder()
+        compiler = None
+        if suite_build is not None:
+            os.environ[SUITE_BUILD_ENV] = str(suite_build)
+            compiler = compiler_wrapper(Path(scratch))
         workers = []
         for i in range(jobs):
             folder = Path(scratch) / f"worker-{i}"
-            workers.append(Worker(folder / "repo", folder / "extensions", folder))
+            workers.append(Worker(folder / "repo", folder / "extensions", folder, compiler))
             copy_tree(workers[-1].copy)
         if not args.skip_baseline:
             tests = tuple(dict.fromkeys(t for m in chosen for t in selected_paths(m.tests)))
