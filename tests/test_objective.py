@@ -158,6 +158,11 @@ def ppo_inputs(with_weight: bool = True):
     old_logprob = logprob.detach() + torch.randn(BATCH, STEPS, dtype=F64) * 0.3  # ratios inside and outside the clip
     advantages = torch.randn(BATCH, STEPS, dtype=F64)
     weight = torch.rand(BATCH, STEPS, dtype=F64) * 0.6 + 0.7 if with_weight else None
+    # Both branches of the clip on every draw: one token clipped for sure (rho = e w >= 1.9, A > 0: gradient 0), one
+    # unclipped for sure (rho = 1); a draw may otherwise clip none (MINILLM_TEST_SEED=682810543, clip 0.2, no weight).
+    (b0, t0), (b1, t1) = mask.nonzero().tolist()[:2]
+    old_logprob[b0, t0], advantages[b0, t0] = logprob[b0, t0].detach() - 1.0, 1.0
+    old_logprob[b1, t1] = logprob[b1, t1].detach() + (0.0 if weight is None else float(weight[b1, t1].log()))
     return logprob, old_logprob, advantages, mask, weight
 
 
