@@ -90,7 +90,7 @@ class Oracle(NamedTuple):
     student's log q_v over the vocabulary and the exact gradient d_v (q_v's relative error, which the softmax's Jacobian
     carries into the whole column: test_divergence.error_scales). ``sign_ambiguity`` is k |g| q_v where q_v
     and p_v are within kappa u (p + q)(1 + |log q| + |log p|) of each other (the TVD's sign may go either way there),
-    else 0. Values ``[...]``, the others of the student's shape (an entry's outcome on its column)."""
+    else 0, plus k |g| q_v sum_o q_o over those outcomes (each flip moves sum_o q_o a_o by q_o). Values ``[...]``, the others of the student's shape (an entry's outcome on its column)."""
 
     value: torch.Tensor
     grad: torch.Tensor
@@ -126,6 +126,8 @@ def oracle_chunks(student, ids, logprobs, upstream=None, *, divergence="reverse_
             per_column = scale * (column + weight * token[:, None])
             close = (q - p).abs() <= tolerance * (p + q) * (1 + magnitude)
             ambiguity = torch.where(close, scale * q, 0.0)
+            # A flipped sign there also moves sum_o q_o a_o by q_o, and with it every column's k g q_v sum_o q_o a_o.
+            ambiguity = ambiguity + scale * q * torch.where(close, q, 0.0).sum(-1, keepdim=True)
             per_column, ambiguity = (torch.where(keep[rows][:, None], x, 0.0) for x in (per_column, ambiguity))
             if columns is None:
                 per_column, ambiguity = (torch.nn.functional.pad(x, (0, width - vocab))
