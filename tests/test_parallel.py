@@ -347,9 +347,9 @@ CASES = {  # name: (world, kind, make inputs from a generator)
 BACKEND_OF = {name: make(torch.Generator().manual_seed(0))["options"]["backend"] for name, (_, _, make) in CASES.items()}
 
 
-@pytest.fixture(scope="session")
-def ranks():
-    """``results(world) -> (inputs per case, per-rank results)``: the world's processes run once, on first use."""
+def world_results(cases):
+    """``results(world) -> (inputs per case, per-rank results)`` of ``cases`` (``{name: (world, kind, make inputs
+    from a generator)}``): the world's processes run its cases whose backend is usable here, once, on first use."""
     seed = random.randrange(2**31)
     cache = {}
 
@@ -357,9 +357,9 @@ def ranks():
         if world not in cache:
             print(f"inputs seed {seed}")
             generator = torch.Generator().manual_seed(seed + world)
-            inputs = {name: make(generator) for name, (w, _, make) in CASES.items() if w == world}
+            inputs = {name: make(generator) for name, (w, _, make) in cases.items() if w == world}
             usable = {name: x for name, x in inputs.items() if x["options"]["backend"] in mk.available_backends()}
-            jobs = {name: (CASES[name][1], x) for name, x in usable.items()}
+            jobs = {name: (cases[name][1], x) for name, x in usable.items()}
             try:
                 cache[world] = (inputs, run_on_ranks(world, jobs))
             except Exception as error:  # every case of this world fails with it, not only the first
@@ -369,6 +369,11 @@ def ranks():
         return cache[world]
 
     return results
+
+
+@pytest.fixture(scope="session")
+def ranks():
+    return world_results(CASES)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -677,25 +682,7 @@ DIVERGENCE_CASES = {  # name: (world, kind, make inputs)
 
 @pytest.fixture(scope="session")
 def divergence_ranks():
-    """``results(world) -> (inputs per case, per-rank results)`` of ``DIVERGENCE_CASES``, as ``ranks``."""
-    seed = random.randrange(2**31)
-    cache = {}
-
-    def results(world):
-        if world not in cache:
-            print(f"inputs seed {seed}")
-            generator = torch.Generator().manual_seed(seed + world)
-            inputs = {name: make(generator) for name, (w, _, make) in DIVERGENCE_CASES.items() if w == world}
-            jobs = {name: (DIVERGENCE_CASES[name][1], x) for name, x in inputs.items()}
-            try:
-                cache[world] = (inputs, run_on_ranks(world, jobs))
-            except Exception as error:
-                cache[world] = error
-        if isinstance(cache[world], Exception):
-            raise cache[world]
-        return cache[world]
-
-    return results
+    return world_results(DIVERGENCE_CASES)
 
 
 def exact_divergence(student, teacher, mask, options, name, beta, skew, reduction, upstream):
@@ -933,26 +920,7 @@ SPARSE_CASES = {  # name: (world, kind, make inputs)
 
 @pytest.fixture(scope="session")
 def sparse_ranks():
-    """``results(world) -> (inputs per case, per-rank results)`` of ``SPARSE_CASES``, as ``ranks``."""
-    seed = random.randrange(2**31)
-    cache = {}
-
-    def results(world):
-        if world not in cache:
-            print(f"inputs seed {seed}")
-            generator = torch.Generator().manual_seed(seed + world)
-            inputs = {name: make(generator) for name, (w, _, make) in SPARSE_CASES.items() if w == world}
-            usable = {name: x for name, x in inputs.items() if x["options"]["backend"] in mk.available_backends()}
-            jobs = {name: (SPARSE_CASES[name][1], x) for name, x in usable.items()}
-            try:
-                cache[world] = (inputs, run_on_ranks(world, jobs))
-            except Exception as error:
-                cache[world] = error
-        if isinstance(cache[world], Exception):
-            raise cache[world]
-        return cache[world]
-
-    return results
+    return world_results(SPARSE_CASES)
 
 
 def sparse_case_results(sparse_ranks, case):
