@@ -226,7 +226,8 @@ def error_scales(student, teacher, upstream, exact_grad, *, temperature=1.0, voc
 def tvd_sign_ambiguity(student, teacher, upstream, tolerance, *, temperature=1.0, vocab_size=None, **_):
     """k |g| q_v where |q_v - p_v| <= tolerance (p_v + q_v)(1 + |log q_v| + |log p_v|) (the two computed
     probabilities may be ordered either way there, and the TVD's gradient term 1/2 q_v sign(q_v - p_v) with them),
-    else 0."""
+    else 0; plus, on every column, k |g| q_v sum_u q_u over those columns u (each flip moves sum_u q_u a_u by q_u,
+    and every column's term k g q_v sum_u q_u a_u with it)."""
     width = student.shape[-1]
     vocab = vocab_size or width
     log_q = (student.detach().cpu().double().reshape(-1, width)[:, :vocab] / temperature).log_softmax(-1)
@@ -235,7 +236,8 @@ def tvd_sign_ambiguity(student, teacher, upstream, tolerance, *, temperature=1.0
     magnitude = sum(torch.where(x.isinf(), 0.0, x.abs()) for x in (log_q, log_p))
     close = (q - p).abs() <= tolerance * (p + q) * (1 + magnitude)
     g = torch.ones(q.shape[0], dtype=torch.float64) if upstream is None else upstream.double().reshape(-1)
-    ambiguity = torch.where(close, g.abs()[:, None] * q / temperature, 0.0)
+    scale = g.abs()[:, None] * q / temperature
+    ambiguity = torch.where(close, scale, 0.0) + scale * torch.where(close, q, 0.0).sum(-1, keepdim=True)
     return torch.nn.functional.pad(ambiguity, (0, width - vocab)).reshape(student.shape)
 
 

@@ -90,7 +90,8 @@ class Oracle(NamedTuple):
     student's log q_v over the vocabulary and the exact gradient d_v (q_v's relative error, which the softmax's Jacobian
     carries into the whole column: test_divergence.error_scales). ``sign_ambiguity`` is k |g| q_v where q_v
     and p_v are within kappa u (p + q)(1 + |log q| + |log p|) of each other (the TVD's sign may go either way there),
-    else 0, plus k |g| q_v sum_o q_o over those outcomes (each flip moves sum_o q_o a_o by q_o). Values ``[...]``, the others of the student's shape (an entry's outcome on its column)."""
+    else 0, plus k |g| q_v sum_o q_o over those outcomes (each flip moves sum_o q_o a_o by q_o). Values ``[...]``, the
+    others of the student's shape (an entry's outcome on its column)."""
 
     value: torch.Tensor
     grad: torch.Tensor
