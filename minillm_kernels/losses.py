@@ -433,7 +433,7 @@ def fused_sparse_token_stats(
     else:
         kl, student_logprob, entropy = parallel.logits_sparse_divergence(
             shards, teacher.student, teacher.ids, teacher.logprobs, teacher.target, teacher.mask, "reverse_kl", tail,
-            0.0, teacher.temperature, teacher.vocab_size, teacher.backend)
+            0.0, teacher.temperature, teacher.vocab_size, teacher.backend, target_teacher_logprobs.reshape(-1))
     teacher_logprob = target_teacher_logprobs.detach().reshape(-1).to(kl.dtype)
     if teacher.mask is not None:
         teacher_logprob = torch.where(teacher.mask, teacher_logprob, 0.0)

@@ -165,6 +165,7 @@ REPLICATED_FIXES = {
     "mask": "pass the same mask on every rank",
     "teacher_ids": "pass the same global teacher ids on every rank (not ids local to a shard)",
     "teacher_logprobs": "pass the same teacher log-probabilities on every rank",
+    "target_teacher_logprobs": "pass the same teacher log-probabilities of the sampled tokens on every rank",
     "student_hidden": "the hidden states must be replicated over the process group (gather sequence-parallel "
                       "activations before the loss)",
     "teacher_hidden": "the hidden states must be replicated over the process group (gather sequence-parallel "
@@ -724,31 +725,35 @@ def _logits_sparse_family(teacher: SparseShardTeacher, mask: Optional[Tensor], t
 
 
 def check_sparse_shard(shards: VocabShards, width: int, n_tokens: int, ids: Tensor, logprobs: Tensor,
-                       target: Optional[Tensor], mask: Optional[Tensor], vocab_size: int, device: torch.device,
-                       **replicated: Optional[Tensor]) -> None:
+                       target: Optional[Tensor], mask: Optional[Tensor], vocab_size: int, device: torch.device, *,
+                       target_logprobs: Optional[Tensor] = None, **replicated: Optional[Tensor]) -> None:
     """``check_replicated`` of a sparse call: the local width, vocab_size, the tokens, the teacher's ids and
-    log-probabilities, the sampled ids, the mask, and the ``replicated`` tensors (hidden states) by name."""
+    log-probabilities, the sampled ids and the teacher's log-probabilities of them (``target_logprobs``), the mask,
+    and the ``replicated`` tensors (hidden states) by name."""
+    def finite(x: Optional[Tensor]) -> Optional[Tensor]:  # (-inf, a log-probability of 0, counts 0)
+        return None if x is None else torch.where(x == -math.inf, 0.0, x.double())
+
     check_replicated(shards, {
         "the local vocabulary width": width, "vocab_size": vocab_size, "the number of tokens": n_tokens,
-        "teacher_ids": fingerprint(ids, mask),
-        "teacher_logprobs": fingerprint(torch.where(logprobs == -math.inf, 0.0, logprobs.double()), mask),
-        "target_ids": fingerprint(target, mask), "mask": fingerprint(mask),
-        **{name: fingerprint(x) for name, x in replicated.items()},
+        "teacher_ids": fingerprint(ids, mask), "teacher_logprobs": fingerprint(finite(logprobs), mask),
+        "target_ids": fingerprint(target, mask), "target_teacher_logprobs": fingerprint(finite(target_logprobs), mask),
+        "mask": fingerprint(mask), **{name: fingerprint(x) for name, x in replicated.items()},
     }, device)
 
 
 @torch.compiler.disable  # collectives and data-dependent checks: eager (a graph break under torch.compile)
 def logits_sparse_divergence(shards: VocabShards, student: Tensor, ids: Tensor, logprobs: Tensor,
                              target: Optional[Tensor], mask: Optional[Tensor], divergence: str, tail: str,
-                             coefficient: float, temperature: float, vocab_size: int,
-                             backend: str) -> tuple[Tensor, ...]:
+                             coefficient: float, temperature: float, vocab_size: int, backend: str,
+                             target_logprobs: Optional[Tensor] = None) -> tuple[Tensor, ...]:
     """``(value,)``, or with sampled tokens ``target`` (global ids) ``(value, student_logprob, entropy)``, ``[N]``
     each (0 where masked), of validated vocabulary-sharded student logits and a sparse teacher (global ``[N, K]`` ids
     and log-probabilities, replicated; ``losses.fused_sparse_divergence`` and ``fused_sparse_token_stats`` with a
-    process group), after ``check_replicated``."""
+    process group), after ``check_replicated`` (of ``target_logprobs`` too, ``[N]``: the teacher's log-probabilities of
+    the sampled tokens, which the caller uses as they are)."""
     width = student.shape[-1]
     check_sparse_shard(shards, width, math.prod(student.shape[:-1]), ids, logprobs, target, mask, vocab_size,
-                       student.device)
+                       student.device, target_logprobs=target_logprobs)
     real_columns = shards.real_columns(width, vocab_size)
     teacher = SparseShardTeacher.of(shards, ids, logprobs, target, mask, width, real_columns, divergence, tail,
                                     coefficient)

@@ -965,6 +965,14 @@ MUTATIONS = (
         "(the unsharded kernels' contract: finite)",
     ),
     Mutation(
+        "parallel-sparse-target-teacher-logprobs-unchecked", "minillm_kernels/parallel.py",
+        ' "target_teacher_logprobs": fingerprint(finite(target_logprobs), mask),',
+        "",
+        ("tests/test_parallel.py::test_sparse_divergence_of_dtensor_logits_and_weights_and_a_mismatched_teacher",),
+        "the sampled tokens' teacher log-probabilities (target_teacher_logprobs of fused_sparse_token_stats) are not "
+        "checked across the ranks: a rank given others gets other rewards and weights, silently",
+    ),
+    Mutation(
         "parallel-divergence-backward-gets-shard-stats", "minillm_kernels/parallel.py",
         "    return (value.to(dtype),), (mean_partial.to(dtype), norms.global_row_stats.to(dtype))",
         "    return (value.to(dtype),), (mean_partial.to(dtype), row_stats)",

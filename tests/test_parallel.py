@@ -824,8 +824,9 @@ def rank_sparse(rank, world, *, student, ids, logprobs, target, target_logprobs,
 
 
 def rank_sparse_dtensor(rank, world, *, student, ids, logprobs, target, target_logprobs, mask, upstream, options):
-    """The JSD with the uniform tail of DTensor logits placed Shard(-1) (no process_group passed), the error of a
-    rank whose teacher log-probabilities differ from the others', and every tail of logits with a NaN."""
+    """The JSD with the uniform tail of DTensor logits placed Shard(-1) (no process_group passed), the errors of a
+    rank whose teacher log-probabilities (of the entries, of the sampled tokens) differ from the others', and every
+    tail of logits with a NaN."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
@@ -848,12 +849,18 @@ def rank_sparse_dtensor(rank, world, *, student, ids, logprobs, target, target_l
                                              tail="bin", mask=mask, reduction="none", **options)
     (loss * upstream[0].to(loss.dtype)).sum().backward()
     out["linear_dtensor"] = (loss.detach(), (h.grad, head.weight.grad.to_local(), head.bias.grad.to_local()))
-    try:
-        mk.fused_sparse_divergence(shard(student, rank, world), ids, logprobs - 0.01 * rank, mask=mask,
-                                   process_group=dist.group.WORLD, **options)
-        out["error"] = None
-    except ValueError as error:
-        out["error"] = str(error)
+    for name, call in (
+            ("teacher_logprobs", lambda: mk.fused_sparse_divergence(
+                shard(student, rank, world), ids, logprobs - 0.01 * rank, mask=mask, process_group=dist.group.WORLD,
+                **options)),
+            ("target_teacher_logprobs", lambda: mk.fused_sparse_token_stats(
+                shard(student, rank, world), ids, logprobs, target, target_logprobs - 0.01 * rank, mask=mask,
+                process_group=dist.group.WORLD, **options))):
+        try:
+            call()
+            out["error", name] = None
+        except ValueError as error:
+            out["error", name] = str(error)
     with_nan = student.clone()
     outside = [c for c in range(student.shape[-1] // world, student.shape[-1]) if c not in ids[0, 0].tolist()]
     with_nan[0, 0, outside[0]] = math.nan  # (token 0 in rank 1's shard, outside its entries)
@@ -1060,8 +1067,9 @@ def test_sparse_divergence_of_dtensor_logits_and_weights_and_a_mismatched_teache
     for index, exact in ((1, weight.grad), (2, bias.grad)):
         got = torch.cat([r["linear_dtensor"][1][index] for r in results], 0)
         torch.testing.assert_close(got, exact, **tolerance(F64), msg=f"grad {'Wb'[index - 1]}")
-    for result in results:
-        assert result["error"] is not None and "teacher_logprobs differs" in result["error"]
+    for result in results:  # (a mismatched teacher named on every rank)
+        for name in ("teacher_logprobs", "target_teacher_logprobs"):
+            assert result["error", name] is not None and result["error", name].startswith(f"{name} differs"), name
     with_nan = inputs["student"].clone()
     outside = [c for c in range(with_nan.shape[-1] // 2, with_nan.shape[-1]) if c not in inputs["ids"][0, 0].tolist()]
     with_nan[0, 0, outside[0]] = math.nan
