@@ -78,7 +78,7 @@ MUTATIONS = (
         "const acc_t m = r.student_weight.times(p) + r.teacher_weight.times(q);",
         ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu"),
         "the CPU mixture m = w p + (1 - w) q takes each model's weight for the other's",
-        built_in=("csrc/cpu/divergence_forward.cpp",),
+        built_in=("csrc/cpu/divergence_backward.cpp",),
     ),
     Mutation(
         "cpu-divergence-mixture-weights-one-float", "csrc/cpu/divergence_kernel.h",
@@ -123,7 +123,7 @@ MUTATIONS = (
         "const float log_m = 2.0f * f;",
         ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu and jsd"),
         "the float fast_log keeps only the first term of its atanh series (log m off by up to 3e-3)",
-        built_in=("csrc/cpu/divergence_forward.cpp",),
+        built_in=("csrc/cpu/divergence_backward.cpp",),
     ),
     Mutation(
         "cpu-fast-log-double-coarse", "csrc/cpu/streaming.h",
@@ -131,7 +131,7 @@ MUTATIONS = (
         "  series = series * s + 0.3333334;\n",
         ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu and jsd"),
         "the double fast_log's series off by 1e-7 in its first coefficient (float64 accuracy lost)",
-        built_in=("csrc/cpu/divergence_forward.cpp",),
+        built_in=("csrc/cpu/divergence_backward.cpp",),
     ),
     Mutation(
         "cpu-bf16-truncates", "csrc/cpu/streaming.h",
@@ -179,7 +179,7 @@ MUTATIONS = (
         "  return p * scale;",
         ("tests/test_divergence.py::test_minus_infinity_and_extreme_logits", "-k", "cpu and float32"),
         "the float exp keeps the garbage 2^k below log(FLT_MIN) (-inf logits) instead of masking it to 0",
-        built_in=("csrc/cpu/divergence_forward.cpp",),
+        built_in=("csrc/cpu/divergence_backward.cpp",),
     ),
     Mutation(
         "cpu-padding-gradient-unwritten", "csrc/cpu/reverse_kld.cpp",
