@@ -23,8 +23,7 @@
 // absolute; finite wherever the leading probability is positive, -log w where the other model's is 0). The forward
 // KL's p_v (log p_v - log q_v) is p_v k ((t_v - c_t) - (s_v - c_s)) from the raw differences, its row constant
 // -(log Z_t - log Z_s) sum_v p_v added once per row, in double. Then pass 2 adds the value's terms and sum_v q_v a_v,
-// with
-// a_v = dD/dq_v:
+// with a_v = dD/dq_v:
 //   forward_kl: q a = -p;  jsd: (1 - beta) q log(q / m);  skew_forward_kl: -p (1 - alpha p / m);
 //   skew_reverse_kl: q (log(q / m) + 1 - alpha q / m);  tvd: 1/2 q sign(q - p)  (0 at q = p).
 // Given row statistics (a vocabulary shard's, standing for the whole vocabulary's: parallel.py) replace pass 1 (and
