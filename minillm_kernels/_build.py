@@ -143,7 +143,8 @@ def load_cpu_extension() -> ModuleType | None:
     name, cflags = build_config(host_isa_level())
     return build_extension(
         name,
-        [cpu_dir / "reverse_kld.cpp", cpu_dir / "divergence.cpp", cpu_dir / "sparse.cpp", cpu_dir / "bindings.cpp"],
+        [cpu_dir / "reverse_kld.cpp", cpu_dir / "divergence_forward.cpp", cpu_dir / "divergence_backward.cpp",
+         cpu_dir / "sparse_forward.cpp", cpu_dir / "sparse_backward.cpp", cpu_dir / "bindings.cpp"],
         what="the CPU kernel",
         instead="using the reference backend instead",
         extra_cflags=cflags,

@@ -66,34 +66,37 @@ class Mutation(NamedTuple):
 MUTATIONS = (
     # ---- the C++ CPU kernel (each gets a fresh build)
     Mutation(
-        "cpu-divergence-backward-drops-the-mean", "csrc/cpu/divergence.cpp",
+        "cpu-divergence-backward-drops-the-mean", "csrc/cpu/divergence_backward.cpp",
         "store_rounded(out, v, scale * (c.partial - c.q * mean));",
         "store_rounded(out, v, scale * c.partial);",
         ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu"),
         "the CPU divergence backward drops -q_v sum_u q_u a_u (the softmax's chain rule)",
     ),
     Mutation(
-        "cpu-divergence-mixture-weights-swapped", "csrc/cpu/divergence.cpp",
+        "cpu-divergence-mixture-weights-swapped", "csrc/cpu/divergence_kernel.h",
         "const acc_t m = r.teacher_weight.times(p) + r.student_weight.times(q);",
         "const acc_t m = r.student_weight.times(p) + r.teacher_weight.times(q);",
         ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu"),
         "the CPU mixture m = w p + (1 - w) q takes each model's weight for the other's",
+        built_in=("csrc/cpu/divergence_backward.cpp",),
     ),
     Mutation(
-        "cpu-divergence-mixture-weights-one-float", "csrc/cpu/divergence.cpp",
+        "cpu-divergence-mixture-weights-one-float", "csrc/cpu/divergence_kernel.h",
         "const acc_t m = r.teacher_weight.times(p) + r.student_weight.times(q);",
         "const acc_t m = r.teacher_weight.hi * p + r.student_weight.hi * q;",
         ("tests/test_divergence.py::test_cpu_float32_per_token_contract_for_a_student_near_its_teacher",
          "-k", "skew_forward_kl"),
         "the CPU mixture's weights rounded to one float each: every log(p / m) of a row shifted alike (7e-7 of a skew "
         "KL near 0)",
+        built_in=("csrc/cpu/divergence_forward.cpp",),
     ),
     Mutation(
-        "cpu-divergence-normaliser-one-float", "csrc/cpu/divergence.cpp",
+        "cpu-divergence-normaliser-one-float", "csrc/cpu/divergence_kernel.h",
         "const acc_t q = r.inv_z_s.times(fast_exp(u * r.k)), p = r.inv_z_t.times(fast_exp(w * r.k));",
         "const acc_t q = fast_exp(u * r.k) * r.inv_z_s.hi, p = fast_exp(w * r.k) * r.inv_z_t.hi;",
         ("tests/test_divergence.py::test_cpu_float32_per_token_contract_for_a_student_near_its_teacher",),
         "the CPU divergences' 1 / Z rounded to one float: every probability of a row scaled by the same rounding",
+        built_in=("csrc/cpu/divergence_forward.cpp",),
     ),
     Mutation(
         "cpu-row-factor-relies-on-contraction", "csrc/cpu/row_factor.h",
@@ -120,7 +123,7 @@ MUTATIONS = (
         "const float log_m = 2.0f * f;",
         ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu and jsd"),
         "the float fast_log keeps only the first term of its atanh series (log m off by up to 3e-3)",
-        built_in=("csrc/cpu/divergence.cpp",),
+        built_in=("csrc/cpu/divergence_backward.cpp",),
     ),
     Mutation(
         "cpu-fast-log-double-coarse", "csrc/cpu/streaming.h",
@@ -128,7 +131,7 @@ MUTATIONS = (
         "  series = series * s + 0.3333334;\n",
         ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu and jsd"),
         "the double fast_log's series off by 1e-7 in its first coefficient (float64 accuracy lost)",
-        built_in=("csrc/cpu/divergence.cpp",),
+        built_in=("csrc/cpu/divergence_backward.cpp",),
     ),
     Mutation(
         "cpu-bf16-truncates", "csrc/cpu/streaming.h",
@@ -168,7 +171,7 @@ MUTATIONS = (
         "  for (int64_t j = 4 * quarter; j < 4 * quarter; ++j) {",
         ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu and float32-float32"),
         "the CPU row sums skip the last n mod 4 columns of a chunk (the scalar tail after the groups of four)",
-        built_in=("csrc/cpu/divergence.cpp",),
+        built_in=("csrc/cpu/divergence_forward.cpp",),
     ),
     Mutation(
         "cpu-fast-exp-unmasked", "csrc/cpu/streaming.h",
@@ -176,7 +179,7 @@ MUTATIONS = (
         "  return p * scale;",
         ("tests/test_divergence.py::test_minus_infinity_and_extreme_logits", "-k", "cpu and float32"),
         "the float exp keeps the garbage 2^k below log(FLT_MIN) (-inf logits) instead of masking it to 0",
-        built_in=("csrc/cpu/divergence.cpp",),
+        built_in=("csrc/cpu/divergence_backward.cpp",),
     ),
     Mutation(
         "cpu-padding-gradient-unwritten", "csrc/cpu/reverse_kld.cpp",
@@ -982,7 +985,7 @@ MUTATIONS = (
     ),
     # ---- the sparse teacher (issue 23): kernels, reference, validation, benchmark
     Mutation(
-        "cpu-sparse-entries-not-excluded", "csrc/cpu/sparse.cpp",
+        "cpu-sparse-entries-not-excluded", "csrc/cpu/sparse_forward.cpp",
         "    buf[sorted[next] - start] = -std::numeric_limits<acc_t>::infinity();\n",
         "",
         ("tests/test_sparse.py::test_every_divergence_and_tail_matches_the_float64_oracle", "-k",
@@ -990,7 +993,7 @@ MUTATIONS = (
         "the streaming pass over R does not skip the entries' columns: Z counts them twice (log q and log Q_R wrong)",
     ),
     Mutation(
-        "cpu-sparse-bin-tail-gradient-dropped", "csrc/cpu/sparse.cpp",
+        "cpu-sparse-bin-tail-gradient-dropped", "csrc/cpu/sparse_backward.cpp",
         "divergence_part = fast_exp((x - c_r) * ka - log_z_r) * tail_qa - q * mean_a;",
         "divergence_part = -q * mean_a;",
         ("tests/test_sparse.py::test_every_divergence_and_tail_matches_the_float64_oracle", "-k",
@@ -998,15 +1001,16 @@ MUTATIONS = (
         "the bin tail's q_v a_R dropped: the tail logits get no gradient through Q_R (what a clamp on 1 - Q_I does)",
     ),
     Mutation(
-        "cpu-sparse-uniform-tail-counts-the-entries", "csrc/cpu/sparse.cpp",
+        "cpu-sparse-uniform-tail-counts-the-entries", "csrc/cpu/sparse_kernel.h",
         "return n_tail > 0 ? e.log_tail_mass(vocab_size) - std::log(double(n_tail)) : kNegInf;",
         "return n_tail > 0 ? e.log_tail_mass(vocab_size) - std::log(double(vocab_size)) : kNegInf;",
         ("tests/test_sparse.py::test_every_divergence_and_tail_matches_the_float64_oracle", "-k",
          "cpu and uniform and float32-float32"),
         "the uniform completion spreads P_R over V columns instead of V - K' (its tail mass is not P_R)",
+        built_in=("csrc/cpu/sparse_forward.cpp",),
     ),
     Mutation(
-        "cpu-sparse-renormalized-teacher-not-renormalized", "csrc/cpu/sparse.cpp",
+        "cpu-sparse-renormalized-teacher-not-renormalized", "csrc/cpu/sparse_forward.cpp",
         "const Outcome<double> o = div(e.log_p[j] - log_mass,",
         "const Outcome<double> o = div(e.log_p[j],",
         ("tests/test_sparse.py::test_every_divergence_and_tail_matches_the_float64_oracle", "-k",
@@ -1014,7 +1018,7 @@ MUTATIONS = (
         "the renormalized mode renormalises the student on I but not the teacher",
     ),
     Mutation(
-        "cpu-sparse-entry-gradient-drops-the-mean", "csrc/cpu/sparse.cpp",
+        "cpu-sparse-entry-gradient-drops-the-mean", "csrc/cpu/sparse_backward.cpp",
         "qa_minus_mean = div(e.log_p[j], log_q).qa - q * mean;",
         "qa_minus_mean = div(e.log_p[j], log_q).qa;",
         ("tests/test_sparse.py::test_every_divergence_and_tail_matches_the_float64_oracle", "-k",
@@ -1549,7 +1553,8 @@ def build_cpu_kernel(worker: Worker) -> None:
 
 
 KERNEL_UNITS = (  # the CPU kernel's translation units, as _build.load_cpu_extension lists them
-    "csrc/cpu/reverse_kld.cpp", "csrc/cpu/divergence.cpp", "csrc/cpu/sparse.cpp", "csrc/cpu/bindings.cpp")
+    "csrc/cpu/reverse_kld.cpp", "csrc/cpu/divergence_forward.cpp", "csrc/cpu/divergence_backward.cpp",
+    "csrc/cpu/sparse_forward.cpp", "csrc/cpu/sparse_backward.cpp", "csrc/cpu/bindings.cpp")
 
 
 def units_rebuilt_after(mutation: Mutation) -> tuple[str, ...]:

@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <string>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 #include "divergence_kind.h"

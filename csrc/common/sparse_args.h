@@ -1,13 +1,14 @@
-// Argument checks of the sparse-teacher kernels' tensor-level entry points (csrc/cpu/sparse.cpp, csrc/cuda/sparse.cpp):
-// one place for the contract of forward(student, teacher_ids, teacher_logprobs, target, mask, divergence, tail,
-// coefficient, inv_temperature, vocab_size) and backward(...), and for the names of the divergences and tails.
+// Argument checks of the sparse-teacher kernels' tensor-level entry points (csrc/cpu/sparse_*.cpp,
+// csrc/cuda/sparse.cpp): one place for the contract of forward(student, teacher_ids, teacher_logprobs, target, mask,
+// divergence, tail, coefficient, inv_temperature, vocab_size) and backward(...), and for the names of the divergences
+// and tails.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <string>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 #include "logits_args.h"

@@ -1,4 +1,4 @@
-// The sparse-teacher kernels' divergences and tail modes (csrc/cpu/sparse.cpp, csrc/cuda/sparse.cu), free of torch
+// The sparse-teacher kernels' divergences and tail modes (csrc/cpu/sparse_kernel.h, csrc/cuda/sparse.cu), free of torch
 // headers so that the CUDA kernels compile with nvcc alone; sparse_args.h maps the op's names onto them.
 #pragma once
 

@@ -1,11 +1,11 @@
 // Fused CPU kernels of the divergence family beside the reverse KL (forward KL, generalized JSD, skew forward and
-// skew reverse KL, total variation): two streaming passes per row forward, one backward. See divergence.cpp.
+// skew reverse KL, total variation): two streaming passes per row forward, one backward. See divergence_kernel.h.
 #pragma once
 
 #include <string>
 #include <vector>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 // student [n_outer, rows_per_outer, Vs], teacher [n_outer', rows_per_outer', Vt]: row views as reverse_kld_forward

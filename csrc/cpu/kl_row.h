@@ -1,6 +1,6 @@
 // KL(softmax(k a) || softmax(k b)) of one row pair in one streaming pass, with both log-normalisers and the entropy of
 // softmax(k a): the reverse KL's forward (a = the student, reverse_kld.cpp) and the forward KL's (a = the teacher,
-// divergence.cpp).
+// divergence_forward.cpp).
 //
 // Over the n columns of the logits a and b, with inverse temperature k = 1/T, the row is streamed in chunks that stay
 // in L1. Per chunk: the chunk's maxima of the raw logits, the online log-normalisers re-centred on them

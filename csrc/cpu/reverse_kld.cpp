@@ -39,6 +39,7 @@
 #include <limits>
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 namespace {
 

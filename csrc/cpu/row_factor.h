@@ -1,5 +1,6 @@
 // A per-row constant (1 / Z, a mixture's weight) held beyond acc_t's precision, and its product with a column's value,
-// rounded once whatever the instruction set and the optimisation level (divergence.cpp's probabilities and mixtures).
+// rounded once whatever the instruction set and the optimisation level (divergence_kernel.h's probabilities and
+// mixtures).
 //
 // The constant c (a double) is kept as hi + lo, hi = c rounded to acc_t and lo = c - hi rounded (c to about u^2). One
 // acc_t alone would scale every column of a row by the same rounding (up to u/2 = 3e-8 relative in float): 1 / Z by it

@@ -1,11 +1,11 @@
 // Fused CPU kernels of the sparse teacher: a divergence of the student from a teacher given as its top-k (id,
-// log-probability) pairs per row, the tail completed by a tail mode, and its gradient. See sparse.cpp.
+// log-probability) pairs per row, the tail completed by a tail mode, and its gradient. See sparse_kernel.h.
 #pragma once
 
 #include <string>
 #include <vector>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 // student [n_outer, rows_per_outer, Vs]: a row view (any strides in the first two dims, last-dim stride 1, float32,

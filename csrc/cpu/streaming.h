@@ -1,9 +1,9 @@
-// The per-element helpers every CPU kernel shares (csrc/cpu: reverse_kld.cpp, divergence.cpp): the accumulation
-// type of a dtype pair, a branch-free exp and log, exact loads and round-to-nearest-even stores of float32, float64,
-// bfloat16 and float16, the chunked read of a row with its maximum, the online log-normaliser (online softmax) of a
-// row streamed chunk by chunk, row sums in float groups added in double, huge pages for a fresh gradient, and the
-// dispatch over the 16 dtype pairs. Everything is written so that gcc vectorises the loops that call it, at every
-// x86-64 level (cpu.py builds with -fno-trapping-math: without it gcc does not if-convert a float comparison, and
+// The per-element helpers every CPU kernel shares (csrc/cpu: reverse_kld.cpp, divergence_*.cpp, sparse_*.cpp): the
+// accumulation type of a dtype pair, a branch-free exp and log, exact loads and round-to-nearest-even stores of
+// float32, float64, bfloat16 and float16, the chunked read of a row with its maximum, the online log-normaliser (online
+// softmax) of a row streamed chunk by chunk, row sums in float groups added in double, huge pages for a fresh gradient,
+// and the dispatch over the 16 dtype pairs. Everything is written so that gcc vectorises the loops that call it, at
+// every x86-64 level (cpu.py builds with -fno-trapping-math: without it gcc does not if-convert a float comparison, and
 // below AVX-512, whose masked instructions do not need that, every per-column loop stayed scalar).
 #pragma once
 
@@ -19,8 +19,8 @@
 #include <unistd.h>
 #endif
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -313,7 +313,7 @@ C10_ALWAYS_INLINE Terms<double> sum_terms(int64_t n, const TermsOf& terms_of) {
 // exp(k (x_v - c)) (x_v - c) f_v becomes factor * sum + d * the same sum without (x_v - c)). While z is 0 (no live
 // column yet, every sum over the columns 0) the factor is 1: there the first finite maximum can lie far below the
 // centre 0 and exp(k d) overflow. NaN stays NaN. Every kernel family calls it: reverse_kld.cpp's row pass (kl_row.h),
-// divergence.cpp's log-normalisers and sparse.cpp's pass 1 over the tail R.
+// divergence_forward.cpp's log-normalisers and sparse_forward.cpp's pass 1 over the tail R.
 // ---------------------------------------------------------------------------------------------------------
 struct Recentring {
   double shift = 0;   // c_old - c_new

@@ -1,7 +1,7 @@
 // CUDA kernels of the divergence family beside the reverse KL (forward KL, generalized JSD, skew forward and skew
 // reverse KL, total variation): two streaming passes per row forward, one backward.
 //
-// The math is the CPU kernel's (csrc/cpu/divergence.cpp), column for column. Per row, with k = 1/T:
+// The math is the CPU kernel's (csrc/cpu/divergence_kernel.h), column for column. Per row, with k = 1/T:
 // pass 1 gives both log-normalisers, each thread keeping running maxima m_s, m_t of the raw logits of its columns and
 // Z_s = sum exp(k (s - c_s)), Z_t likewise (c = centre_of(m); double sums, re-centred when a maximum grows), merged
 // over the block (warp shuffles, then shared memory) into (c_s, log Z_s, c_t, log Z_t); pass 2 evaluates each column,

@@ -1,7 +1,7 @@
 // CUDA kernels of the sparse teacher: D(p, q) per row of the student from a teacher given as K (id, log p) pairs, the
 // tail completed by the tail mode, and its gradient.
 //
-// The math and the algorithm are the CPU kernel's (csrc/cpu/sparse.cpp; docs/design.md, "The sparse teacher"). Per
+// The math and the algorithm are the CPU kernel's (csrc/cpu/sparse_kernel.h; docs/design.md, "The sparse teacher"). Per
 // row, with k = 1/T: pass 1 streams the row with the columns of I excluded, each thread keeping the running maximum
 // m_R of its columns and, centred on c_R = centre_of(m_R), Z_R = sum exp(k (s - c_R)) and E_R = sum exp(k (s - c_R))
 // (s - c_R) (double sums, re-centred when the maximum grows), merged over the block. Exclusion: the row is cut into

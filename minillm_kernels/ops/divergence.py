@@ -18,7 +18,7 @@ skew of 0 (where the skew KLs are the plain ones) goes to those of the plain KL:
 
 Dtypes as for the reverse KL: each input read in its own dtype, arithmetic in float32 (float64 if either is
 float64), per-row outputs in ``stats_dtype``, the gradient in the student's dtype; masked rows are not read (0).
-Kernels: "cpu" (``csrc/cpu/divergence.cpp``), "triton" (``ops/divergence_triton.py``) and "cuda"
+Kernels: "cpu" (``csrc/cpu/divergence_kernel.h``), "triton" (``ops/divergence_triton.py``) and "cuda"
 (``csrc/cuda/divergence.cu``), with one signature.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ Per row (token), over the first ``vocab_size`` columns, with k = 1/T, q = softma
     skew_reverse_kl   KL(q || m),   m = alpha q + (1 - alpha) p
     tvd               1/2 sum_v |p_v - q_v|
 terms whose leading probability is 0 counting 0 (the reverse KL has its own one-pass kernels, ``reverse_kld_triton``).
-The same algorithm as the CPU kernel (``csrc/cpu/divergence.cpp``), column for column:
+The same algorithm as the CPU kernel (``csrc/cpu/divergence_kernel.h``), column for column:
 
 Pass 1 streams the row for both log-normalisers (online softmax: running maxima c_s, c_t of the raw logits and
 Z_s = sum_v exp(k (s_v - c_s)), Z_t likewise, re-centred when a block raises a maximum; float64 sums). Pass 2 evaluates

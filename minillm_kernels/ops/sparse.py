@@ -18,7 +18,7 @@ log-probabilities in theirs (any float dtype), the ids int32 or int64; arithmeti
 or the log-probabilities are float64, and per-row outputs in that dtype (``stats_dtype``); the gradient in the
 student's dtype, 0 past ``vocab_size`` and in masked rows (which are not read). No kernel reads outside its row: a
 live id outside ``[0, vocab_size)`` makes its row NaN (the public functions refuse it in eager mode). Kernels: "cpu"
-(``csrc/cpu/sparse.cpp``), "triton" (``ops/sparse_triton.py``), "cuda" (``csrc/cuda/sparse.cu``) and "reference"
+(``csrc/cpu/sparse_kernel.h``), "triton" (``ops/sparse_triton.py``), "cuda" (``csrc/cuda/sparse.cu``) and "reference"
 (``ops/reference_kernels.py``), with one signature.
 """
 from __future__ import annotations

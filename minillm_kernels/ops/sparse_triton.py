@@ -1,4 +1,4 @@
-"""Triton kernels of the sparse teacher: one program per row, the CPU kernel's algorithm (``csrc/cpu/sparse.cpp``).
+"""Triton kernels of the sparse teacher: one program per row, the CPU kernel's algorithm (``csrc/cpu/sparse_kernel.h``).
 
 Per row, with k = 1/T over the first ``vocab_size`` = V student columns and the K teacher entries (id, log p), live
 where log p > -inf (I = their ids, K' = |I|, R the other columns; docs/design.md, "The sparse teacher"):
