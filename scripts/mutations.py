@@ -882,6 +882,15 @@ MUTATIONS = (
         "the benchmark's naive variant computes KL(q || q) = 0 (and would be timed as if right)",
     ),
     Mutation(
+        "benchmark-compiles-every-naive-loss", "benchmarks/variants.py",
+        '    if only in (None, f"{naive_name}_compile"):  # (cached: built from the naive loss only where it is measured)\n'
+        '        table[f"{naive_name}_compile"] = compiled(op, divergence)\n',
+        '    table[f"{naive_name}_compile"] = compiled(op, divergence)\n',
+        ("tests/test_benchmarks.py::test_a_wrong_variant_is_reported_and_not_timed", "-k", "student_from_itself"),
+        "every variants() call compiles (and caches) the naive loss, also for a worker measuring another variant: "
+        "the naive loss a test planted stayed compiled, and a later naive_compile measured it (a CI failure)",
+    ),
+    Mutation(
         "benchmark-naive-tvd-q-q", "benchmarks/variants.py",
         "return (0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)).mean()",
         "return (0.5 * (log_q.exp() - log_q.exp()).abs().sum(-1)).mean()",

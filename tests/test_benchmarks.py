@@ -142,9 +142,12 @@ def doubled_gradient(naive):
 def test_a_wrong_variant_is_reported_and_not_timed(monkeypatch, bug, op, divergence):
     table, key = (variants_module.NAIVE_DIVERGENCE, divergence) if divergence else (variants_module.NAIVE, op)
     monkeypatch.setitem(table, key, bug(table[key]))
+    compiled_losses = variants_module.compiled.cache_info().currsize
     row = measure(op, "naive", 64, 1000, "fp32", "cpu", repeats=1, divergence=divergence)
     assert row["status"].startswith(WRONG), row
     assert "fwd_ms" not in row and "peak_extra_mb" not in row
+    # No compiled loss was built (and cached) from the planted one: a later naive_compile would have measured it.
+    assert variants_module.compiled.cache_info().currsize == compiled_losses
 
 
 def test_a_wrong_variant_fails_the_run_and_shows_in_the_table(monkeypatch, tmp_path, capsys):
