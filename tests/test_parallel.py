@@ -347,9 +347,13 @@ CASES = {  # name: (world, kind, make inputs from a generator)
 BACKEND_OF = {name: make(torch.Generator().manual_seed(0))["options"]["backend"] for name, (_, _, make) in CASES.items()}
 
 
-def world_results(cases):
+def world_results(cases, request):
     """``results(world) -> (inputs per case, per-rank results)`` of ``cases`` (``{name: (world, kind, make inputs
-    from a generator)}``): the world's processes run its cases whose backend is usable here, once, on first use."""
+    from a generator)}``): the world's processes run, once, on first use, its cases whose backend is usable here and
+    which a test of the session reads (its ``case`` or ``name`` parameter, in the tests that use the fixture
+    ``request`` is of: a run of a few tests, as the mutation harness makes, starts no case it does not check)."""
+    read = {item.callspec.params.get("case", item.callspec.params.get("name")) for item in request.session.items
+            if request.fixturename in getattr(item, "fixturenames", ()) and hasattr(item, "callspec")}
     seed = random.randrange(2**31)
     cache = {}
 
@@ -357,7 +361,7 @@ def world_results(cases):
         if world not in cache:
             print(f"inputs seed {seed}")
             generator = torch.Generator().manual_seed(seed + world)
-            inputs = {name: make(generator) for name, (w, _, make) in cases.items() if w == world}
+            inputs = {name: make(generator) for name, (w, _, make) in cases.items() if w == world and name in read}
             usable = {name: x for name, x in inputs.items() if x["options"]["backend"] in mk.available_backends()}
             jobs = {name: (cases[name][1], x) for name, x in usable.items()}
             try:
@@ -372,8 +376,8 @@ def world_results(cases):
 
 
 @pytest.fixture(scope="session")
-def ranks():
-    return world_results(CASES)
+def ranks(request):
+    return world_results(CASES, request)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -517,11 +521,12 @@ def test_fused_linear_losses_match_the_unsharded_oracle(ranks, name):
         check_gradients([r[reduction][1] for r in per_rank], exact)
 
 
-def test_shards_without_mass_and_nan_logits(ranks):
+@pytest.mark.parametrize("case", ["2-edges"])
+def test_shards_without_mass_and_nan_logits(ranks, case):
     """A shard where the teacher has no mass but the student has: KL = +inf (not NaN); a target on a shard where the
     student's logits are all -inf: log q(y) = -inf; the teacher's likewise; NaN logits on one rank: NaN in that row,
     on every rank, and nowhere else."""
-    inputs, per_rank = case_results(ranks, "2-edges")
+    inputs, per_rank = case_results(ranks, case)
     assert "stats" in per_rank[0], per_rank[0]
     assert_same_on_every_rank([r["stats"] for r in per_rank])
     stats, exact = per_rank[0]["stats"], exact_of(inputs, upstream=None)
@@ -539,11 +544,12 @@ def test_shards_without_mass_and_nan_logits(ranks):
         assert_within(got[finite], want[finite], combined_bound(want[finite], 8, F64, naive=False), name)
 
 
-def test_out_of_range_ids_give_nan_log_probabilities_and_the_gradient_without_the_one_hot(ranks):
+@pytest.mark.parametrize("case", ["4-out-of-range-ids"])
+def test_out_of_range_ids_give_nan_log_probabilities_and_the_gradient_without_the_one_hot(ranks, case):
     """At the op level (what a compiled graph, which skips the eager check, gets): an id out of [0, vocab_size) has
     NaN log-probabilities on every rank, also one past vocab_size on a partly real shard and one on the padding shard,
     and its gradient is -b q_v everywhere with no one-hot, as in one process."""
-    inputs, per_rank = case_results(ranks, "4-out-of-range-ids")
+    inputs, per_rank = case_results(ranks, case)
     assert_same_on_every_rank([r["terms"] for r in per_rank])
     exact = exact_of(inputs)
     kl, student_logprob, teacher_logprob, entropy = per_rank[0]["terms"]
@@ -567,11 +573,12 @@ ERRORS = {  # call: (exception type, what the message must say)
 }
 
 
+@pytest.mark.parametrize("case", ["2-errors"])
 @pytest.mark.parametrize("call", ERRORS)
-def test_a_mismatched_call_fails_on_every_rank_naming_the_argument(ranks, call):
+def test_a_mismatched_call_fails_on_every_rank_naming_the_argument(ranks, call, case):
     """Mismatches across ranks are errors on every rank (not a wrong loss, nor a hang), naming what differs and
     the fix."""
-    _, per_rank = case_results(ranks, "2-errors")
+    _, per_rank = case_results(ranks, case)
     kind, pattern = ERRORS[call]
     for rank, messages in enumerate(per_rank):
         assert messages[call].startswith(kind) and re.search(pattern, messages[call]), (rank, messages[call])
@@ -681,8 +688,8 @@ DIVERGENCE_CASES = {  # name: (world, kind, make inputs)
 
 
 @pytest.fixture(scope="session")
-def divergence_ranks():
-    return world_results(DIVERGENCE_CASES)
+def divergence_ranks(request):
+    return world_results(DIVERGENCE_CASES, request)
 
 
 def exact_divergence(student, teacher, mask, options, name, beta, skew, reduction, upstream):
@@ -754,8 +761,9 @@ def test_divergences_of_a_sharded_lm_head_match_the_unsharded_oracle(divergence_
             torch.testing.assert_close(got, exact, **tol, msg=f"{what}: grad {'Wb'[index - 1]} (the ranks' slices)")
 
 
-def test_divergences_of_dtensor_logits_and_weights_match_the_unsharded_oracle(divergence_ranks):
-    inputs, results = check_divergence_case(divergence_ranks, "2-dtensor-cpu-fp64")
+@pytest.mark.parametrize("case", ["2-dtensor-cpu-fp64"])
+def test_divergences_of_dtensor_logits_and_weights_match_the_unsharded_oracle(divergence_ranks, case):
+    inputs, results = check_divergence_case(divergence_ranks, case)
     tol = tolerance(F64)
     for kind, name in (("logits", "jsd"), ("linear", "tvd")):
         loss, (grad_h, grad_w, grad_b) = exact_divergence(inputs["student"], inputs["teacher"], inputs["mask"],
@@ -926,8 +934,8 @@ SPARSE_CASES = {  # name: (world, kind, make inputs)
 
 
 @pytest.fixture(scope="session")
-def sparse_ranks():
-    return world_results(SPARSE_CASES)
+def sparse_ranks(request):
+    return world_results(SPARSE_CASES, request)
 
 
 def sparse_case_results(sparse_ranks, case):
@@ -1041,13 +1049,14 @@ def test_sparse_divergences_of_a_sharded_lm_head_match_the_unsharded_oracle(spar
     assert all("student_softcap with a vocabulary-sharded lm_head" in r["softcap"] for r in results)
 
 
-def test_sparse_divergence_of_dtensor_logits_and_weights_and_a_mismatched_teacher(sparse_ranks):
+@pytest.mark.parametrize("case", ["2-dtensor-cpu-fp64"])
+def test_sparse_divergence_of_dtensor_logits_and_weights_and_a_mismatched_teacher(sparse_ranks, case):
     """DTensor logits placed Shard(-1), and the DTensor weight and bias of a ColwiseParallel lm_head, need no
     process_group (fused_sparse_divergence; fused_linear_sparse_divergence, the TVD with the bin tail, against the
     float64 oracle); a rank whose teacher differs gets a ValueError that names teacher_logprobs, on every rank; a NaN
     logit outside a token's entries makes it NaN where the unsharded call does (bin, uniform; not renormalized, which
     reads the entries only)."""
-    inputs, results = sparse_case_results(sparse_ranks, "2-dtensor-cpu-fp64")
+    inputs, results = sparse_case_results(sparse_ranks, case)
     loss, grad = exact_sparse(inputs, "jsd", "uniform", 0.5, 0.1, "none")
     torch.testing.assert_close(results[0]["dtensor"][0].double(), loss, **tolerance(F64))
     torch.testing.assert_close(torch.cat([r["dtensor"][1] for r in results], -1).double(), grad, **tolerance(F64))
