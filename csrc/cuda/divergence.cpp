@@ -2,6 +2,7 @@
 // The kernels are in divergence.cu, behind the torch-free divergence_launch.h.
 #include "divergence.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 

@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 // As csrc/cpu/divergence.h's divergence_forward, on one CUDA device: {divergence [N], mean_partial [N],

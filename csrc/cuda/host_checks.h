@@ -6,7 +6,8 @@
 #include <cstdint>
 #include <limits>
 
-#include <ATen/ATen.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
 #include "reverse_kld_launch.h"

@@ -4,7 +4,7 @@
 
 #include <vector>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 // student [n_outer, rows_per_outer, Vs], teacher [n_outer', rows_per_outer', Vt]: the N rows of each, in order, with

@@ -3,6 +3,7 @@
 // checks. The kernels are in sparse.cu, behind the torch-free sparse_launch.h.
 #include "sparse.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 

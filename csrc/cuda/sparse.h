@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 // As csrc/cpu/sparse.h's sparse_divergence_forward, on one CUDA device: {value, student_logprob, entropy,
