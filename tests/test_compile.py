@@ -17,11 +17,13 @@ SHAPES = ((2, 5), (3, 4))  # two leading shapes: the second call reuses a dynami
 
 
 def require_compiled_backend(backend: str, *, interpreted: bool = True) -> None:
-    """``require_backend``, and the Triton rows without a GPU (its interpreter) only where ``interpreted``: the
-    kernels are one set of custom ops whatever the backend (an argument of each op), so the traced graph is the cpu
-    rows' with another backend string; one row per test shows that the string reaches the interpreted kernels, the
-    others would repeat the cpu rows at many times their cost."""
+    """``require_backend``, and the reference rows, and the Triton rows without a GPU (its interpreter), only where
+    ``interpreted``: the kernels are one set of custom ops whatever the backend (an argument of each op), so the
+    traced graph is the cpu rows' with another backend string; one row per test shows that the string reaches those
+    kernels, the others would repeat the cpu rows at several times their cost."""
     require_backend(backend)
+    if backend == "reference" and not interpreted:
+        pytest.skip("the reference rows' graph is the cpu rows': once per test")
     if backend == "triton" and not torch.cuda.is_available() and not interpreted:
         pytest.skip("the Triton rows' graph is the cpu rows': interpreted once per test, every variant on a GPU")
 
