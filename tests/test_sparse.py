@@ -560,9 +560,9 @@ def test_token_stats_match_the_float64_oracle(backend, tail):
 # ---------------------------------------------------------------------------------------------------------------
 # Realistic sizes.
 # ---------------------------------------------------------------------------------------------------------------
-# (divergence, tail, tokens): one realistic size, thousands of tokens (~50 CPU s, the float64 oracle over the
-# completed teacher); the other tails on fewer rows of the same width.
-REALISTIC_SIZE_CASES = (("reverse_kl", "bin", 2048), ("forward_kl", "uniform", 256), ("jsd", "renormalized", 256))
+# (divergence, tail, tokens): one realistic size, a thousand tokens (~25 CPU s, the float64 oracle over the completed
+# teacher; CI's time kept it below the 4096 of issue 23); the other tails on fewer rows of the same width.
+REALISTIC_SIZE_CASES = (("reverse_kl", "bin", 1024), ("forward_kl", "uniform", 256), ("jsd", "renormalized", 256))
 
 
 @pytest.mark.parametrize("divergence, tail, tokens", REALISTIC_SIZE_CASES)

@@ -1,5 +1,7 @@
-// Python bindings of the fused CPU kernels (reverse KL, the divergence family and the sparse teacher) (built just-in-time by minillm_kernels/cpu.py).
-#include <torch/extension.h>
+// Python bindings of the fused CPU kernels (reverse KL, the divergence family and the sparse teacher), built just-in-time
+// by minillm_kernels/_build.py. <torch/python.h> (pybind11 and its tensor casters) rather than <torch/extension.h>, which
+// adds the whole C++ frontend (torch/all.h) and doubles this unit's compile time.
+#include <torch/python.h>
 
 #include "divergence.h"
 #include "reverse_kld.h"
