@@ -14,10 +14,11 @@ Z_s = sum_v exp(k (s_v - c_s)), Z_t likewise, re-centred when a block raises a m
 each column from them,
     log q_v = k (s_v - c_s) - log Z_s,   log p_v = k (t_v - c_t) - log Z_t,
     delta_v = log p_v - log q_v = k ((t_v - c_t) - (s_v - c_s)) - (log Z_t - log Z_s)   (raw differences first),
-and for a mixture m = w p + (1 - w) q (w the teacher's weight: beta, alpha, or 1 - alpha for the skew reverse KL)
-    tail_v = log1p(w' expm1(-|delta_v|)),   w' = w where delta_v <= 0, 1 - w above,
-    log m_v - log q_v = max(delta_v, 0) + tail_v,   log p_v - log m_v = min(delta_v, 0) - tail_v,
-then adds up the value's terms and ``mean_partial = sum_v q_v a_v`` (a_v = dD/dq_v; q_v a_v is finite):
+each row constant subtracted as a float pair, the subtraction's rounding error kept (``_row_constants``), and for a
+mixture m = w p + (1 - w) q (w the teacher's weight: beta, alpha, or 1 - alpha for the skew reverse KL)
+    log(m_v / q_v) = L(delta_v; w),   log(m_v / p_v) = L(-delta_v; 1 - w),   L(d; w) = log((1 - w) + w e^d)
+(``triton_common._log_mixture``: log1p / expm1 forms, none rounding 1 - w to a float); then adds up the value's terms
+(each in float64) and ``mean_partial = sum_v q_v a_v`` (a_v = dD/dq_v; q_v a_v is finite):
     forward_kl -p;  jsd (1 - beta) q log(q / m);  skew_forward_kl -p (1 - alpha p / m);
     skew_reverse_kl q (log(q / m) + 1 - alpha q / m);  tvd 1/2 q sign(q - p) (0 at q = p).
 The backward writes in one pass grad_v = g k (q_v a_v - q_v mean_partial), from the saved row statistics
@@ -36,8 +37,8 @@ import triton
 import triton.language as tl
 
 from minillm_kernels.ops.triton_common import (
-    _acc_dtype, _block_size, _centre, _expm1, _log1p, _num_warps, _online_log_normaliser, _round_to_bfloat16,
-    _row_offset, _row_strides,
+    _acc_dtype, _block_size, _centre, _difference, _log_mixture, _num_warps, _online_log_normaliser,
+    _round_to_bfloat16, _row_offset, _row_strides, _split,
 )
 from minillm_kernels.reference import compute_dtype
 
@@ -48,43 +49,67 @@ DIVERGENCE_CODES = {"forward_kl": FORWARD_KL, "jsd": JSD, "skew_forward_kl": SKE
 
 
 @triton.jit
-def _columns(s, t, c_s, log_z_s, c_t, log_z_t, k, coefficient, teacher_weight, DIVERGENCE: tl.constexpr):
-    """``(q_v, D's term, q_v a_v)`` of a block of columns, from the raw logits s, t (in the accumulation dtype) and
-    the row's statistics; every lane finite or 0 where its leading probability is 0."""
-    u = s - c_s
-    w = t - c_t
-    log_q = u * k - log_z_s
-    log_p = w * k - log_z_t
+def _row_constants(c_s64, log_z_s64, c_t64, log_z_t64, ACC_DTYPE: tl.constexpr):
+    """A row's statistics (float64) as ``_columns`` takes them: the centres c_s, c_t rounded to ``ACC_DTYPE``, and as
+    pairs hi + lo (``_split``) log Z_s, log Z_t and gap = k (c_t - c_s) + log Z_t - log Z_s, so that
+    delta_v = log p_v - log q_v = k (t_v - s_v) - gap. Each column's log-probability is then its raw centred logit
+    minus a row constant (and delta_v its raw difference minus one): with the constant a single float32, that
+    subtraction would round alike in every column of a binade and shift the whole row, up to half an ulp of log Z
+    (5e-7 of the result at V = 32000, 1e-5 of a KL near 0.05: a student near its teacher); the pair's low part and
+    the subtraction's exact error (``_difference``) are carried as a second term instead."""
+    log_z_s, log_z_s_lo = _split(log_z_s64, ACC_DTYPE)
+    log_z_t, log_z_t_lo = _split(log_z_t64, ACC_DTYPE)
+    gap, gap_lo = _split(log_z_t64 - log_z_s64, ACC_DTYPE)
+    return c_s64.to(ACC_DTYPE), log_z_s, log_z_s_lo, c_t64.to(ACC_DTYPE), log_z_t, log_z_t_lo, gap, gap_lo
+
+
+@triton.jit
+def _columns(s, t, c_s, log_z_s, log_z_s_lo, c_t, log_z_t, log_z_t_lo, gap, gap_lo, k, coefficient, teacher_weight,
+             DIVERGENCE: tl.constexpr):
+    """``(q_v, D's term, q_v a_v)`` of a block of columns, from the raw logits s, t (in the accumulation dtype), the
+    row's constants (``_row_constants``) and k; ``coefficient`` and ``teacher_weight`` float64 scalars (rounded here
+    once each, 1 - coefficient too). Every lane finite or 0 where its leading probability is 0."""
+    log_q, log_q_lo = _difference((s - c_s) * k, log_z_s, log_z_s_lo)
+    log_p, log_p_lo = _difference((t - c_t) * k, log_z_t, log_z_t_lo)
     q = tl.exp(log_q)
     p = tl.exp(log_p)
+    q = q + q * log_q_lo  # exp(hi + lo) = exp(hi) (1 + lo) to second order in lo (a few ulps of hi)
+    p = p + p * log_p_lo
     q_live = q > 0
     p_live = p > 0
     # log p - log q from the raw differences where both logits are finite (+-inf where one is -inf).
     finite = (s > float("-inf")) & (t > float("-inf"))
-    delta = tl.where(finite, (w - u) * k - (log_z_t - log_z_s), log_p - log_q)
+    delta, delta_lo = _difference(((t - c_t) - (s - c_s)) * k, gap, gap_lo)
+    delta = tl.where(finite, delta, log_p - log_q)
+    delta_lo = tl.where(finite, delta_lo, 0.0)
     if DIVERGENCE == 0:  # FORWARD_KL
-        value = tl.where(p_live, p * delta, 0.0)
+        value = tl.where(p_live, p.to(tl.float64) * (delta.to(tl.float64) + delta_lo), 0.0)
         partial = -p
     elif DIVERGENCE == 4:  # TVD
         sign = (q > p).to(q.dtype) - (q < p).to(q.dtype)
         value = 0.5 * tl.abs(p - q)
         partial = 0.5 * q * sign
     else:
-        # The mixture m = w p + (1 - w) q: log m - log q = max(delta, 0) + tail, log p - log m = min(delta, 0) - tail.
-        weight = tl.where(delta > 0, 1.0 - teacher_weight, teacher_weight)
-        tail = _log1p(weight * _expm1(-tl.abs(delta)))
-        log_q_over_m = -(tl.maximum(delta, 0.0) + tail)
-        log_p_over_m = tl.minimum(delta, 0.0) - tail
+        # The mixture m = w p + (1 - w) q: log(m / q) = L(delta; w), log(m / p) = L(-delta; 1 - w) (``_log_mixture``),
+        # each L + correction; the value's terms in float64, where the correction is not lost (a value near 0.03 is a
+        # sum of terms of both signs ~10x larger: a float32 rounding of each term's logarithm is 1e-7 of it).
+        c = coefficient.to(q.dtype)
         if DIVERGENCE == 1:  # JSD
-            q_term = tl.where(q_live, q * log_q_over_m, 0.0)
-            value = coefficient * tl.where(p_live, p * log_p_over_m, 0.0) + (1.0 - coefficient) * q_term
-            partial = (1.0 - coefficient) * q_term
+            log_m_over_q, q_correction = _log_mixture(delta, delta_lo, teacher_weight)
+            log_m_over_p, p_correction = _log_mixture(-delta, -delta_lo, 1.0 - teacher_weight)
+            q_term = tl.where(q_live, -q.to(tl.float64) * (log_m_over_q.to(tl.float64) + q_correction), 0.0)
+            p_term = tl.where(p_live, -p.to(tl.float64) * (log_m_over_p.to(tl.float64) + p_correction), 0.0)
+            value = coefficient * p_term + (1.0 - coefficient) * q_term
+            partial = ((1.0 - coefficient) * q_term).to(q.dtype)
         elif DIVERGENCE == 2:  # SKEW_FORWARD_KL
-            value = tl.where(p_live, p * log_p_over_m, 0.0)
-            partial = tl.where(p_live, -p * (1.0 - coefficient * tl.exp(log_p_over_m)), 0.0)
+            log_m_over_p, correction = _log_mixture(-delta, -delta_lo, 1.0 - teacher_weight)
+            value = tl.where(p_live, -p.to(tl.float64) * (log_m_over_p.to(tl.float64) + correction), 0.0)
+            partial = tl.where(p_live, -p * (1.0 - c * tl.exp(-(log_m_over_p + correction))), 0.0)
         else:  # SKEW_REVERSE_KL
-            value = tl.where(q_live, q * log_q_over_m, 0.0)
-            partial = tl.where(q_live, q * (log_q_over_m + 1.0 - coefficient * tl.exp(log_q_over_m)), 0.0)
+            log_m_over_q, correction = _log_mixture(delta, delta_lo, teacher_weight)
+            log_q_over_m = -(log_m_over_q + correction)
+            value = tl.where(q_live, -q.to(tl.float64) * (log_m_over_q.to(tl.float64) + correction), 0.0)
+            partial = tl.where(q_live, q * (log_q_over_m + 1.0 - c * tl.exp(log_q_over_m)), 0.0)
     return q, value, partial
 
 
@@ -105,8 +130,8 @@ def _divergence_forward_kernel(
     n_cols = tl.where(valid, vocab_size, 0)  # a masked row reads nothing
     k64 = tl.zeros((), tl.float64) + inv_temperature
     k = k64.to(ACC_DTYPE)
-    coefficient_acc = (tl.zeros((), tl.float64) + coefficient).to(ACC_DTYPE)
-    weight_acc = (tl.zeros((), tl.float64) + teacher_weight).to(ACC_DTYPE)
+    coefficient64 = tl.zeros((), tl.float64) + coefficient
+    teacher_weight64 = tl.zeros((), tl.float64) + teacher_weight
 
     # Pass 1: the log-normalisers (online softmax, re-centred on the running maxima; float64 sums), unless given
     # (GIVEN_STATS: row_stats holds them on entry, e.g. a sharded vocabulary's global ones; pass 1 reads nothing).
@@ -134,10 +159,8 @@ def _divergence_forward_kernel(
         log_z_t64 = tl.load(row_stats_ptr + 4 * row + 3).to(tl.float64)
 
     # Pass 2: the value's terms and sum_v q_v a_v, column by column from the statistics.
-    c_s = c_s64.to(ACC_DTYPE)
-    c_t = c_t64.to(ACC_DTYPE)
-    log_z_s = log_z_s64.to(ACC_DTYPE)
-    log_z_t = log_z_t64.to(ACC_DTYPE)
+    c_s, log_z_s, log_z_s_lo, c_t, log_z_t, log_z_t_lo, gap, gap_lo = _row_constants(
+        c_s64, log_z_s64, c_t64, log_z_t64, ACC_DTYPE)
     total = tl.zeros((), tl.float64)
     partial = tl.zeros((), tl.float64)
     for start in range(0, n_cols, BLOCK_V):
@@ -145,8 +168,8 @@ def _divergence_forward_kernel(
         in_row = cols < n_cols
         s = tl.load(student_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
         t = tl.load(teacher_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
-        _, terms, partials = _columns(s, t, c_s, log_z_s, c_t, log_z_t, k, coefficient_acc, weight_acc,
-                                      DIVERGENCE)
+        _, terms, partials = _columns(s, t, c_s, log_z_s, log_z_s_lo, c_t, log_z_t, log_z_t_lo, gap, gap_lo, k,
+                                      coefficient64, teacher_weight64, DIVERGENCE)
         total += tl.sum(tl.where(in_row, terms, 0.0).to(tl.float64), axis=0)
         partial += tl.sum(tl.where(in_row, partials, 0.0).to(tl.float64), axis=0)
     # NaN logits make a log-normaliser NaN, and every q_v, p_v with it: the terms alone would drop them.
@@ -174,22 +197,22 @@ def _divergence_backward_kernel(
     valid = tl.load(mask_ptr + row) != 0 if HAS_MASK else True
     n_cols = tl.where(valid, vocab_size, 0)  # a masked row reads nothing and gets a zero gradient
     k = (tl.zeros((), tl.float64) + inv_temperature).to(ACC_DTYPE)
-    coefficient_acc = (tl.zeros((), tl.float64) + coefficient).to(ACC_DTYPE)
-    weight_acc = (tl.zeros((), tl.float64) + teacher_weight).to(ACC_DTYPE)
+    coefficient64 = tl.zeros((), tl.float64) + coefficient
+    teacher_weight64 = tl.zeros((), tl.float64) + teacher_weight
     scale = tl.load(grad_divergence_ptr + row).to(ACC_DTYPE) * k
     mean = tl.load(mean_partial_ptr + row).to(ACC_DTYPE)
-    c_s = tl.load(row_stats_ptr + 4 * row + 0).to(ACC_DTYPE)
-    log_z_s = tl.load(row_stats_ptr + 4 * row + 1).to(ACC_DTYPE)
-    c_t = tl.load(row_stats_ptr + 4 * row + 2).to(ACC_DTYPE)
-    log_z_t = tl.load(row_stats_ptr + 4 * row + 3).to(ACC_DTYPE)
+    c_s, log_z_s, log_z_s_lo, c_t, log_z_t, log_z_t_lo, gap, gap_lo = _row_constants(
+        tl.load(row_stats_ptr + 4 * row + 0).to(tl.float64), tl.load(row_stats_ptr + 4 * row + 1).to(tl.float64),
+        tl.load(row_stats_ptr + 4 * row + 2).to(tl.float64), tl.load(row_stats_ptr + 4 * row + 3).to(tl.float64),
+        ACC_DTYPE)
     offsets = tl.arange(0, BLOCK_V)
     for start in range(0, student_width, BLOCK_V):
         cols = start + offsets
         in_row = cols < n_cols
         s = tl.load(student_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
         t = tl.load(teacher_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
-        q, _, partials = _columns(s, t, c_s, log_z_s, c_t, log_z_t, k, coefficient_acc, weight_acc,
-                                  DIVERGENCE)
+        q, _, partials = _columns(s, t, c_s, log_z_s, log_z_s_lo, c_t, log_z_t, log_z_t_lo, gap, gap_lo, k,
+                                  coefficient64, teacher_weight64, DIVERGENCE)
         grad = tl.where(in_row, scale * (partials - q * mean), 0.0)
         if grad_student_ptr.dtype.element_ty == tl.bfloat16:
             grad = _round_to_bfloat16(grad)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from minillm_kernels.ops.triton_common import (
-    _block_size, _centre, _expm1, _log1p, _num_warps, _online_log_normaliser, _recentred_moment, _round_to_bfloat16,
+    _block_size, _centre, _log_mixture, _num_warps, _online_log_normaliser, _recentred_moment, _round_to_bfloat16,
     _row_offset, _row_strides,
 )
 from minillm_kernels.reference import DIVERGENCES, SPARSE_TAILS, compute_dtype
@@ -45,7 +45,7 @@ ID_CHUNK = 16  # entry columns compared with a block's columns at a time
 def _outcome(log_p, log_q, coefficient, teacher_weight, DIVERGENCE: tl.constexpr):
     """``(term, q a)`` of outcomes with log-probabilities ``log_p`` (teacher) and ``log_q`` (student): the divergence
     table of docs/design.md, a term whose leading probability is 0 counting 0; the mixtures' logarithms as in
-    ``divergence_triton._columns``."""
+    ``divergence_triton._columns`` (``teacher_weight`` a float64 scalar)."""
     p = tl.exp(log_p)
     q = tl.exp(log_q)
     p_live = p > 0
@@ -62,18 +62,19 @@ def _outcome(log_p, log_q, coefficient, teacher_weight, DIVERGENCE: tl.constexpr
         term = 0.5 * tl.abs(p - q)
         qa = 0.5 * q * sign
     else:
-        weight = tl.where(delta > 0, 1.0 - teacher_weight, teacher_weight)
-        tail = _log1p(weight * _expm1(-tl.abs(delta)))
-        log_q_over_m = -(tl.maximum(delta, 0.0) + tail)
-        log_p_over_m = tl.minimum(delta, 0.0) - tail
+        # log(m / q) = L(delta; w), log(m / p) = L(-delta; 1 - w) (``_log_mixture``; delta has no low part here).
         if DIVERGENCE == 2:  # JSD
+            log_q_over_m = -_log_mixture(delta, 0.0, teacher_weight)[0]
+            log_p_over_m = -_log_mixture(-delta, 0.0, 1.0 - teacher_weight)[0]
             q_term = tl.where(q_live, q * log_q_over_m, 0.0)
             term = coefficient * tl.where(p_live, p * log_p_over_m, 0.0) + (1.0 - coefficient) * q_term
             qa = (1.0 - coefficient) * q_term
         elif DIVERGENCE == 3:  # skew forward KL
+            log_p_over_m = -_log_mixture(-delta, 0.0, 1.0 - teacher_weight)[0]
             term = tl.where(p_live, p * log_p_over_m, 0.0)
             qa = tl.where(p_live, -p * (1.0 - coefficient * tl.exp(log_p_over_m)), 0.0)
         else:  # skew reverse KL
+            log_q_over_m = -_log_mixture(delta, 0.0, teacher_weight)[0]
             term = tl.where(q_live, q * log_q_over_m, 0.0)
             qa = tl.where(q_live, q * (log_q_over_m + 1.0 - coefficient * tl.exp(log_q_over_m)), 0.0)
     return term, qa
@@ -184,7 +185,7 @@ def _sparse_forward_kernel(
     k64 = tl.zeros((), tl.float64) + inv_temperature
     k = k64.to(ACC_DTYPE)
     coefficient_acc = (tl.zeros((), tl.float64) + coefficient).to(ACC_DTYPE)
-    weight_acc = (tl.zeros((), tl.float64) + teacher_weight).to(ACC_DTYPE)
+    weight64 = tl.zeros((), tl.float64) + teacher_weight
     offsets = tl.arange(0, BLOCK_V)
     entry_offsets = tl.arange(0, K_BLOCK)
 
@@ -234,14 +235,14 @@ def _sparse_forward_kernel(
         log_p, logit, counts = entries[1], entries[2], entries[3]
         if TAIL == 2:
             term, qa = _outcome(log_p - log_mass, (logit - c_entries) * k - log_z_entries, coefficient_acc,
-                                weight_acc, DIVERGENCE)
+                                weight64, DIVERGENCE)
         else:
-            term, qa = _outcome(log_p, (logit - c) * k - log_z, coefficient_acc, weight_acc, DIVERGENCE)
+            term, qa = _outcome(log_p, (logit - c) * k - log_z, coefficient_acc, weight64, DIVERGENCE)
         total += tl.sum(tl.where(counts, term, 0.0).to(tl.float64), axis=0)
         partial += tl.sum(tl.where(counts, qa, 0.0).to(tl.float64), axis=0)
     has_tail = n_live < vocab_size
     if TAIL == 0:
-        term, qa = _outcome(log_tail_mass.to(ACC_DTYPE), log_student_tail.to(ACC_DTYPE), coefficient_acc, weight_acc,
+        term, qa = _outcome(log_tail_mass.to(ACC_DTYPE), log_student_tail.to(ACC_DTYPE), coefficient_acc, weight64,
                             DIVERGENCE)
         total += tl.where(has_tail, term.to(tl.float64), 0.0)
         partial += tl.where(has_tail, qa.to(tl.float64), 0.0)
@@ -254,7 +255,7 @@ def _sparse_forward_kernel(
             keep = (cols < n_cols) & _outside_entries(cols, sorted_ptr, first, last, ID_CHUNK)
             first = last
             s = tl.load(student_ptr + cols, mask=keep, other=float("-inf")).to(ACC_DTYPE)
-            term, qa = _outcome(log_pi, (s - c) * k - log_z, coefficient_acc, weight_acc, DIVERGENCE)
+            term, qa = _outcome(log_pi, (s - c) * k - log_z, coefficient_acc, weight64, DIVERGENCE)
             total += tl.sum(tl.where(keep, term, 0.0).to(tl.float64), axis=0)
             partial += tl.sum(tl.where(keep, qa, 0.0).to(tl.float64), axis=0)
 
@@ -303,7 +304,7 @@ def _sparse_backward_kernel(
     k64 = tl.zeros((), tl.float64) + inv_temperature
     k = k64.to(ACC_DTYPE)
     coefficient_acc = (tl.zeros((), tl.float64) + coefficient).to(ACC_DTYPE)
-    weight_acc = (tl.zeros((), tl.float64) + teacher_weight).to(ACC_DTYPE)
+    weight64 = tl.zeros((), tl.float64) + teacher_weight
     offsets = tl.arange(0, BLOCK_V)
     entry_offsets = tl.arange(0, K_BLOCK)
     g = tl.load(grad_value_ptr + row).to(ACC_DTYPE)
@@ -336,7 +337,7 @@ def _sparse_backward_kernel(
     has_tail = log_z_r64 != float("-inf")  # the student has mass on R
     log_student_tail = tl.where(has_tail, (c_r.to(tl.float64) - c.to(tl.float64)) * k64 + log_z_r64 - log_z64,
                                 float("-inf"))
-    tail_qa = _outcome(log_tail_mass.to(ACC_DTYPE), log_student_tail.to(ACC_DTYPE), coefficient_acc, weight_acc,
+    tail_qa = _outcome(log_tail_mass.to(ACC_DTYPE), log_student_tail.to(ACC_DTYPE), coefficient_acc, weight64,
                        DIVERGENCE)[1]
     tail_qa = tl.where(has_tail, tail_qa, 0.0)
     log_z_r = tl.where(has_tail, log_z_r64, 0.0).to(ACC_DTYPE)
@@ -357,7 +358,7 @@ def _sparse_backward_kernel(
         if TAIL == 0:
             grad = g * (tl.exp((s - c_r) * k - log_z_r) * tail_qa - q * mean)
         elif TAIL == 1:
-            grad = g * (_outcome(log_pi, log_q, coefficient_acc, weight_acc, DIVERGENCE)[1] - q * mean)
+            grad = g * (_outcome(log_pi, log_q, coefficient_acc, weight64, DIVERGENCE)[1] - q * mean)
         else:  # renormalized: the tail columns are not in the divergence
             grad = tl.zeros_like(q)
         if HAS_TARGET:
@@ -376,10 +377,10 @@ def _sparse_backward_kernel(
         q = tl.exp(log_q)
         if TAIL == 2:
             log_q_entries = (logit - c_entries) * k - log_z_entries
-            qa = _outcome(log_p - log_mass, log_q_entries, coefficient_acc, weight_acc, DIVERGENCE)[1]
+            qa = _outcome(log_p - log_mass, log_q_entries, coefficient_acc, weight64, DIVERGENCE)[1]
             grad = g * (qa - tl.exp(log_q_entries) * mean)
         else:
-            qa = _outcome(log_p, log_q, coefficient_acc, weight_acc, DIVERGENCE)[1]
+            qa = _outcome(log_p, log_q, coefficient_acc, weight64, DIVERGENCE)[1]
             grad = g * (qa - q * mean)
         if HAS_TARGET:
             grad += b * ((column == target).to(ACC_DTYPE) - q) - grad_h * tl.where(q > 0, q * (log_q + entropy), 0.0)

@@ -69,20 +69,73 @@ def _round_to_bfloat16(x):
 
 @triton.jit
 def _expm1(x):
-    """exp(x) - 1 for x <= 0, to a few ulps, with e = exp(x): e - 1 where e < 1/2 (no cancellation there; -1 at -inf),
-    else Kahan's (e - 1) x / log e, which corrects the rounding of e near x = 0 (x itself where e rounds to 1). Not
-    Kahan's below 1/2: there e may be subnormal (x below -87.3 in float32, -708.4 in float64), rounded with a relative
-    error of up to 1/2, which his log e carries into the result (7e-3 at x = -103 in float32)."""
+    """exp(x) - 1 for x >= -log 2, to a few ulps: Kahan's (e - 1) x / log e with e = exp(x), which corrects the
+    rounding of e near x = 0 (x itself where e rounds to 1). Only there (``_log_mixture`` takes another form below):
+    where e is subnormal (x below -87.3 in float32, -708.4 in float64) it is rounded with a relative error of up to
+    1/2, which log e carries into the result (7e-3 at x = -103 in float32)."""
     e = tl.exp(x)
-    corrected = (e - 1.0) * x / tl.log(tl.maximum(e, 0.5))  # (the maximum: no log of 0 in lanes not taken)
-    return tl.where(e < 0.5, e - 1.0, tl.where(e == 1.0, x, corrected))
+    return tl.where(e == 1.0, x, (e - 1.0) * x / tl.log(e))
 
 
 @triton.jit
 def _log1p(x):
-    """log(1 + x) for -1 < x <= 0, to a few ulps also near 0 (Kahan: log(u) x / (u - 1), u = 1 + x)."""
+    """log(1 + x) for x > -1, to a few ulps also near 0 (Kahan: log(u) x / (u - 1), u = 1 + x)."""
     u = 1.0 + x
     return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
+
+
+@triton.jit
+def _split(x, dtype: tl.constexpr):
+    """A float64 scalar x as a pair hi + lo of ``dtype`` scalars (hi = x rounded, lo = the rest rounded): a product
+    y hi + y lo is y x to one rounding of the result, where y hi alone would carry hi's rounding into every column of
+    a row alike (2e-8 relative for w = 0.9 in float32, which a sum of terms of both signs turns into 1e-7 of the
+    result). lo is 0 in float64."""
+    hi = x.to(dtype)
+    return hi, (x - hi.to(tl.float64)).to(dtype)
+
+
+@triton.jit
+def _log_mixture(d, d_lo, weight):
+    """``(L, correction)`` with L + correction = log((1 - w) + w exp(d + d_lo)), elementwise over a block d + d_lo
+    (``ACC_DTYPE``; d_lo a few ulps of d, 0 where d is +-inf or NaN) for a float64 scalar weight w in (0, 1): log(m / q)
+    of the mixture m = w p + (1 - w) q at log p - log q = d + d_lo. Three forms of L(d), each where its rounding errs
+    least:
+        d < -log 2:        log(1 - w) + log1p(w / (1 - w) exp(d))   (log(1 - w) exactly where p = 0)
+        -log 2 <= d <= 64: log1p(w expm1(d))                         (relative to the result: small near d = 0)
+        d > 64:            d + log w + log1p((1 - w) / w exp(-d))   (no overflow of expm1; +inf where q = 0)
+    and the correction L'(d) d_lo, L' = w e^d / ((1 - w) + w e^d) (first order: d_lo L'' d_lo is below an ulp), a
+    separate term: added to L in float32 it would round away (it is a few ulps of d, not of L), and a caller that
+    needs the logarithm to better than an ulp of itself (a term of a sum that cancels) adds the two in float64.
+    - d_lo: a row's log p_v - log q_v is a column's centred difference minus one row constant, and the rounding of
+      that subtraction is alike for the columns of a binade (the differences lie on float32's grid, the constant does
+      not): 1e-7 of a skew KL near 0.03, kept by ``_difference``.
+    - The row's constants w, log(1 - w) and the odds w / (1 - w) are float64, each taken as a pair hi + lo
+      (``_split``), and 1 - w is never formed in ``ACC_DTYPE``: in float32 1 - 0.9f errs by 2.4e-7 relative, and the
+      first form's log with it in every column where p << q (2.7e-7 of a skew KL at randn * 4 logits, T = 0.25).
+    - log(m / q) comes straight from d, not from a tail of |d| shared with log(m / p) (log m - log q = max(d, 0) +
+      log1p(w' expm1(-|d|))): that sum cancels near d = 0 by a factor 1 / w (10x on a skew KL's alpha = 0.1 side).
+    - The middle form's exp(d) >= 1/2 keeps ``_expm1`` off subnormal exps (7e-3 at d = -103 in float32)."""
+    w_hi, w_lo = _split(weight, d.dtype)
+    odds_hi, odds_lo = _split(weight / (1.0 - weight), d.dtype)
+    log_rest_hi, log_rest_lo = _split(tl.log(1.0 - weight), d.dtype)
+    e = tl.exp(tl.minimum(d, 64.0))
+    low = log_rest_hi + (log_rest_lo + _log1p(e * odds_hi + e * odds_lo))
+    em1 = _expm1(tl.minimum(d, 64.0))
+    middle = _log1p(em1 * w_hi + em1 * w_lo)
+    high = d + tl.log(weight).to(d.dtype) + _log1p(tl.exp(-d) / odds_hi)
+    slope = e * w_hi / ((1.0 - weight).to(d.dtype) + e * w_hi)
+    return tl.where(d < -0.6931471805599453, low, tl.where(d > 64.0, high, middle)), d_lo * slope
+
+
+@triton.jit
+def _difference(x, c_hi, c_lo):
+    """x - c as a pair hi + lo (``ACC_DTYPE`` blocks; c = c_hi + c_lo a row constant, ``_split``): hi = x - c_hi
+    rounded, lo its rounding error (Knuth's TwoSum, exact) minus c_lo, so that hi + lo is x - c to ~u |c_lo|; lo is 0
+    where hi is not finite."""
+    hi = x - c_hi
+    x_part = hi + c_hi
+    lo = ((x - x_part) + (x_part - hi - c_hi)) - c_lo
+    return hi, tl.where(tl.abs(hi) < float("inf"), lo, 0.0)  # (0 where hi is +-inf or NaN: no inf - inf)
 
 
 def _block_size(vocab_size: int) -> int:
