@@ -64,17 +64,21 @@ def _outcome(log_p, log_q, coefficient, teacher_weight, DIVERGENCE: tl.constexpr
     else:
         # log(m / q) = L(delta; w), log(m / p) = L(-delta; 1 - w) (``_log_mixture``; delta has no low part here).
         if DIVERGENCE == 2:  # JSD
-            log_q_over_m = -_log_mixture(delta, 0.0, teacher_weight)[0]
-            log_p_over_m = -_log_mixture(-delta, 0.0, 1.0 - teacher_weight)[0]
+            log_m_over_q, _ = _log_mixture(delta, 0.0, teacher_weight)
+            log_m_over_p, _ = _log_mixture(-delta, 0.0, 1.0 - teacher_weight)
+            log_q_over_m = -log_m_over_q
+            log_p_over_m = -log_m_over_p
             q_term = tl.where(q_live, q * log_q_over_m, 0.0)
             term = coefficient * tl.where(p_live, p * log_p_over_m, 0.0) + (1.0 - coefficient) * q_term
             qa = (1.0 - coefficient) * q_term
         elif DIVERGENCE == 3:  # skew forward KL
-            log_p_over_m = -_log_mixture(-delta, 0.0, 1.0 - teacher_weight)[0]
+            log_m_over_p, _ = _log_mixture(-delta, 0.0, 1.0 - teacher_weight)
+            log_p_over_m = -log_m_over_p
             term = tl.where(p_live, p * log_p_over_m, 0.0)
             qa = tl.where(p_live, -p * (1.0 - coefficient * tl.exp(log_p_over_m)), 0.0)
         else:  # skew reverse KL
-            log_q_over_m = -_log_mixture(delta, 0.0, teacher_weight)[0]
+            log_m_over_q, _ = _log_mixture(delta, 0.0, teacher_weight)
+            log_q_over_m = -log_m_over_q
             term = tl.where(q_live, q * log_q_over_m, 0.0)
             qa = tl.where(q_live, q * (log_q_over_m + 1.0 - coefficient * tl.exp(log_q_over_m)), 0.0)
     return term, qa
