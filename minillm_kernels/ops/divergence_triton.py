@@ -51,9 +51,9 @@ DIVERGENCE_CODES = {"forward_kl": FORWARD_KL, "jsd": JSD, "skew_forward_kl": SKE
 @triton.jit
 def _row_constants(c_s64, log_z_s64, c_t64, log_z_t64, ACC_DTYPE: tl.constexpr):
     """A row's statistics (float64) as ``_columns`` takes them: the centres c_s, c_t rounded to ``ACC_DTYPE``, and as
-    pairs hi + lo (``_split``) log Z_s, log Z_t and gap = k (c_t - c_s) + log Z_t - log Z_s, so that
-    delta_v = log p_v - log q_v = k (t_v - s_v) - gap. Each column's log-probability is then its raw centred logit
-    minus a row constant (and delta_v its raw difference minus one): with the constant a single float32, that
+    pairs hi + lo (``_split``) log Z_s, log Z_t and gap = log Z_t - log Z_s, so that
+    delta_v = log p_v - log q_v = k ((t_v - c_t) - (s_v - c_s)) - gap. Each column's log-probability is then its
+    centred logit times k minus a row constant (and delta_v a difference minus one): with the constant a float32, that
     subtraction would round alike in every column of a binade and shift the whole row, up to half an ulp of log Z
     (5e-7 of the result at V = 32000, 1e-5 of a KL near 0.05: a student near its teacher); the pair's low part and
     the subtraction's exact error (``_difference``) are carried as a second term instead."""
@@ -93,7 +93,6 @@ def _columns(s, t, c_s, log_z_s, log_z_s_lo, c_t, log_z_t, log_z_t_lo, gap, gap_
         # The mixture m = w p + (1 - w) q: log(m / q) = L(delta; w), log(m / p) = L(-delta; 1 - w) (``_log_mixture``),
         # each L + correction; the value's terms in float64, where the correction is not lost (a value near 0.03 is a
         # sum of terms of both signs ~10x larger: a float32 rounding of each term's logarithm is 1e-7 of it).
-        c = coefficient.to(q.dtype)
         if DIVERGENCE == 1:  # JSD
             log_m_over_q, q_correction = _log_mixture(delta, delta_lo, teacher_weight)
             log_m_over_p, p_correction = _log_mixture(-delta, -delta_lo, 1.0 - teacher_weight)
@@ -104,12 +103,14 @@ def _columns(s, t, c_s, log_z_s, log_z_s_lo, c_t, log_z_t, log_z_t_lo, gap, gap_
         elif DIVERGENCE == 2:  # SKEW_FORWARD_KL
             log_m_over_p, correction = _log_mixture(-delta, -delta_lo, 1.0 - teacher_weight)
             value = tl.where(p_live, -p.to(tl.float64) * (log_m_over_p.to(tl.float64) + correction), 0.0)
-            partial = tl.where(p_live, -p * (1.0 - c * tl.exp(-(log_m_over_p + correction))), 0.0)
+            alpha = coefficient.to(q.dtype)
+            partial = tl.where(p_live, -p * (1.0 - alpha * tl.exp(-(log_m_over_p + correction))), 0.0)
         else:  # SKEW_REVERSE_KL
             log_m_over_q, correction = _log_mixture(delta, delta_lo, teacher_weight)
             log_q_over_m = -(log_m_over_q + correction)
             value = tl.where(q_live, -q.to(tl.float64) * (log_m_over_q.to(tl.float64) + correction), 0.0)
-            partial = tl.where(q_live, q * (log_q_over_m + 1.0 - c * tl.exp(log_q_over_m)), 0.0)
+            alpha = coefficient.to(q.dtype)
+            partial = tl.where(q_live, q * (log_q_over_m + 1.0 - alpha * tl.exp(log_q_over_m)), 0.0)
     return q, value, partial
 
 
