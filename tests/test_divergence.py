@@ -662,13 +662,13 @@ def test_cpu_float32_per_token_contract_at_32000_columns(divergence):
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_cpu_float32_per_token_contract_for_a_student_near_its_teacher(divergence):
-    """Student logits = teacher's + 0.3 randn (distillation's late regime), 1024 x 32000: the values are small (a skew
+    """Student logits = teacher's + 0.3 randn (distillation's late regime), 512 x 32000: the values are small (a skew
     KL ~ 0.04), so a rounding that every column of a row shares, invisible at randn logits, shows (the mixture's
-    weights as single floats: 7e-7 relative)."""
+    weights as single floats: 7e-7 relative; it shifts every row, so a few hundred rows show it)."""
     require_backend("cpu")
     cpu = torch.device("cpu")
-    teacher = random_logits(1024, 32000, torch.float32, cpu, 1.0)
-    student = teacher + random_logits(1024, 32000, torch.float32, cpu, 0.3)
+    teacher = random_logits(512, 32000, torch.float32, cpu, 1.0)
+    student = teacher + random_logits(512, 32000, torch.float32, cpu, 0.3)
     assert_per_token_contract("cpu", student, teacher, divergence)
 
 
