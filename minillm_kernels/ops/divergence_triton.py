@@ -69,8 +69,10 @@ def _columns(s, t, c_s, log_z_s, log_z_s_lo, c_t, log_z_t, log_z_t_lo, gap, gap_
     """``(q_v, D's term, q_v a_v)`` of a block of columns, from the raw logits s, t (in the accumulation dtype), the
     row's constants (``_row_constants``) and k; ``coefficient`` and ``teacher_weight`` float64 scalars (rounded here
     once each, 1 - coefficient too). Every lane finite or 0 where its leading probability is 0."""
-    log_q, log_q_lo = _difference((s - c_s) * k, log_z_s, log_z_s_lo)
-    log_p, log_p_lo = _difference((t - c_t) * k, log_z_t, log_z_t_lo)
+    u = s - c_s
+    w = t - c_t
+    log_q, log_q_lo = _difference(u * k, log_z_s, log_z_s_lo)
+    log_p, log_p_lo = _difference(w * k, log_z_t, log_z_t_lo)
     q = tl.exp(log_q)
     p = tl.exp(log_p)
     q = q + q * log_q_lo  # exp(hi + lo) = exp(hi) (1 + lo) to second order in lo (a few ulps of hi)
@@ -79,7 +81,7 @@ def _columns(s, t, c_s, log_z_s, log_z_s_lo, c_t, log_z_t, log_z_t_lo, gap, gap_
     p_live = p > 0
     # log p - log q from the raw differences where both logits are finite (+-inf where one is -inf).
     finite = (s > float("-inf")) & (t > float("-inf"))
-    delta, delta_lo = _difference(((t - c_t) - (s - c_s)) * k, gap, gap_lo)
+    delta, delta_lo = _difference((w - u) * k, gap, gap_lo)
     delta = tl.where(finite, delta, log_p - log_q)
     delta_lo = tl.where(finite, delta_lo, 0.0)
     if DIVERGENCE == 0:  # FORWARD_KL

@@ -68,12 +68,12 @@ def _round_to_bfloat16(x):
 
 
 @triton.jit
-def _expm1(x):
-    """exp(x) - 1 for x >= -log 2, to a few ulps: Kahan's (e - 1) x / log e with e = exp(x), which corrects the
-    rounding of e near x = 0 (x itself where e rounds to 1). Only there (``_log_mixture`` takes another form below):
-    where e is subnormal (x below -87.3 in float32, -708.4 in float64) it is rounded with a relative error of up to
-    1/2, which log e carries into the result (7e-3 at x = -103 in float32)."""
-    e = tl.exp(x)
+def _expm1(x, e):
+    """exp(x) - 1 for x >= -log 2, given e = exp(x) (the caller's, so that it is not computed twice), to a few ulps:
+    Kahan's (e - 1) x / log e, which corrects the rounding of e near x = 0 (x itself where e rounds to 1). Only there
+    (``_log_mixture`` takes another form below): where e is subnormal (x below -87.3 in float32, -708.4 in float64)
+    it is rounded with a relative error of up to 1/2, which log e carries into the result (7e-3 at x = -103 in
+    float32)."""
     return tl.where(e == 1.0, x, (e - 1.0) * x / tl.log(e))
 
 
@@ -118,13 +118,17 @@ def _log_mixture(d, d_lo, weight):
     w_hi, w_lo = _split(weight, d.dtype)
     odds_hi, odds_lo = _split(weight / (1.0 - weight), d.dtype)
     log_rest_hi, log_rest_lo = _split(tl.log(1.0 - weight), d.dtype)
-    e = tl.exp(tl.minimum(d, 64.0))
-    low = log_rest_hi + (log_rest_lo + _log1p(e * odds_hi + e * odds_lo))
-    em1 = _expm1(tl.minimum(d, 64.0))
-    middle = _log1p(em1 * w_hi + em1 * w_lo)
-    high = d + tl.log(weight).to(d.dtype) + _log1p(tl.exp(-d) / odds_hi)
+    capped = tl.minimum(d, 64.0)
+    e = tl.exp(capped)
+    em1 = _expm1(capped, e)
+    low, high = d < -0.6931471805599453, d > 64.0
+    # Each form is an offset plus log1p of its own argument: one log1p per lane, of the argument its form takes.
+    log1p_arg = tl.where(low, e * odds_hi + e * odds_lo, tl.where(high, tl.exp(-d) / odds_hi, em1 * w_hi + em1 * w_lo))
+    tail = _log1p(log1p_arg)
     slope = e * w_hi / ((1.0 - weight).to(d.dtype) + e * w_hi)
-    return tl.where(d < -0.6931471805599453, low, tl.where(d > 64.0, high, middle)), d_lo * slope
+    result = tl.where(low, log_rest_hi + (log_rest_lo + tail),
+                      tl.where(high, d + tl.log(weight).to(d.dtype) + tail, tail))
+    return result, d_lo * slope
 
 
 @triton.jit
