@@ -38,6 +38,12 @@ _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 ISA_LEVEL_ENV = "MINILLM_CPU_ISA_LEVEL"
 # No --use_fast_math: the kernels rely on IEEE exp/log/division for -inf logits and choose their own fast exp.
 _CUDA_CFLAGS = ["-O3"]
+# The CPU kernel's translation units (csrc/cpu). The divergence family's forward has a unit per divergence
+# (divergence_forward_rows.h): each compiles in seconds, and a change to one divergence's code rebuilds its unit only.
+CPU_UNITS = ("reverse_kld.cpp", "divergence_forward.cpp", "divergence_forward_forward_kl.cpp",
+             "divergence_forward_jsd.cpp", "divergence_forward_skew_forward_kl.cpp",
+             "divergence_forward_skew_reverse_kl.cpp", "divergence_forward_tvd.cpp", "divergence_backward.cpp",
+             "sparse_forward.cpp", "sparse_backward.cpp", "bindings.cpp")
 
 X86_64_BASELINE = "x86-64"
 # The x86-64 micro-architecture levels (psABI), lowest first, by the feature macros gcc and clang define for them.
@@ -143,8 +149,7 @@ def load_cpu_extension() -> ModuleType | None:
     name, cflags = build_config(host_isa_level())
     return build_extension(
         name,
-        [cpu_dir / "reverse_kld.cpp", cpu_dir / "divergence_forward.cpp", cpu_dir / "divergence_backward.cpp",
-         cpu_dir / "sparse_forward.cpp", cpu_dir / "sparse_backward.cpp", cpu_dir / "bindings.cpp"],
+        [cpu_dir / unit for unit in CPU_UNITS],
         what="the CPU kernel",
         instead="using the reference backend instead",
         extra_cflags=cflags,

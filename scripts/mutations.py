@@ -31,6 +31,7 @@ missed or could not run.
 from __future__ import annotations
 
 import argparse
+import ast
 import multiprocessing
 import os
 import shutil
@@ -88,16 +89,17 @@ MUTATIONS = (
          "-k", "skew_forward_kl"),
         "the CPU mixture's weights rounded to one float each: every log(p / m) of a row shifted alike (7e-7 of a skew "
         "KL near 0)",
-        built_in=("csrc/cpu/divergence_forward.cpp",),
+        built_in=("csrc/cpu/divergence_forward_skew_forward_kl.cpp",),
     ),
     Mutation(
         "cpu-divergence-mixture-log-of-a-rounded-ratio", "csrc/cpu/divergence_kernel.h",
         "const bool own_share = z < 1;",
         "const bool own_share = false;",
-        ("tests/test_divergence.py::test_per_token_contract_at_peaked_distributions", "-k", "cpu and 0.9"),
+        ("tests/test_divergence.py::test_per_token_contract_at_peaked_distributions", "-k",
+         "cpu and skew_reverse_kl and 0.9"),
         "the CPU mixtures' log(q / m) always the log of the float ratio: near log(1 / 0.9) it errs by half an ulp of "
         "the ratio, 7e-7 of a skew KL at alpha = 0.9 on peaked rows",
-        built_in=("csrc/cpu/divergence_forward.cpp",),
+        built_in=("csrc/cpu/divergence_forward_skew_reverse_kl.cpp",),
     ),
     Mutation(
         "cpu-divergence-mixture-log-weight-one-float", "csrc/cpu/divergence_kernel.h",
@@ -106,7 +108,7 @@ MUTATIONS = (
         ("tests/test_divergence.py::test_cpu_float32_per_token_contract_for_a_student_near_its_teacher", "-k", "jsd"),
         "the CPU mixtures' log w rounded to one float: where -log w - log1p(z) cancels (a student near its teacher), "
         "every column of a row shifted alike (7e-7 of a JSD near 0.01)",
-        built_in=("csrc/cpu/divergence_forward.cpp",),
+        built_in=("csrc/cpu/divergence_forward_jsd.cpp",),
     ),
     Mutation(
         "cpu-divergence-normaliser-one-float", "csrc/cpu/divergence_kernel.h",
@@ -115,7 +117,7 @@ MUTATIONS = (
         ("tests/test_divergence.py::test_cpu_float32_per_token_contract_for_a_student_near_its_teacher", "-k",
          "skew_forward_kl"),
         "the CPU divergences' 1 / Z rounded to one float: every probability of a row scaled by the same rounding",
-        built_in=("csrc/cpu/divergence_forward.cpp",),
+        built_in=("csrc/cpu/divergence_forward_skew_forward_kl.cpp",),
     ),
     Mutation(
         "cpu-row-factor-relies-on-contraction", "csrc/cpu/row_factor.h",
@@ -188,9 +190,10 @@ MUTATIONS = (
         "cpu-row-sums-drop-the-tail", "csrc/cpu/streaming.h",
         "  for (int64_t j = 4 * quarter; j < n; ++j) {",
         "  for (int64_t j = 4 * quarter; j < 4 * quarter; ++j) {",
-        ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k", "cpu and float32-float32"),
+        ("tests/test_divergence.py::test_every_divergence_matches_the_float64_reference", "-k",
+         "cpu and float32-float32 and tvd"),
         "the CPU row sums skip the last n mod 4 columns of a chunk (the scalar tail after the groups of four)",
-        built_in=("csrc/cpu/divergence_forward.cpp",),
+        built_in=("csrc/cpu/divergence_forward_tvd.cpp",),
     ),
     Mutation(
         "cpu-fast-exp-unmasked", "csrc/cpu/streaming.h",
@@ -1593,9 +1596,17 @@ def build_cpu_kernel(worker: Worker) -> None:
         raise SystemExit(f"the unmutated CPU kernel did not build in {worker.copy}:\n{done.stdout}{done.stderr}")
 
 
-KERNEL_UNITS = (  # the CPU kernel's translation units, as _build.load_cpu_extension lists them
-    "csrc/cpu/reverse_kld.cpp", "csrc/cpu/divergence_forward.cpp", "csrc/cpu/divergence_backward.cpp",
-    "csrc/cpu/sparse_forward.cpp", "csrc/cpu/sparse_backward.cpp", "csrc/cpu/bindings.cpp")
+def kernel_units() -> tuple[str, ...]:
+    """The CPU kernel's translation units, as minillm_kernels/_build.py lists them (``CPU_UNITS``), read from its
+    source, not imported: the pytest server preloads this module, and its children import the package from their
+    copy."""
+    build = ast.parse((ROOT / "minillm_kernels" / "_build.py").read_text())
+    units = next(node.value for node in build.body
+                 if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["CPU_UNITS"])
+    return tuple(f"csrc/cpu/{unit}" for unit in ast.literal_eval(units))
+
+
+KERNEL_UNITS = kernel_units()
 
 
 def units_rebuilt_after(mutation: Mutation) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
-// The CPU kernels of the divergence family, D(p, q) per row (divergence_forward.cpp) and its gradient with respect
-// to the student logits (divergence_backward.cpp): what both units share, the per-column formulas below.
+// The CPU kernels of the divergence family, D(p, q) per row (divergence_forward_rows.h: a unit per divergence) and
+// its gradient with respect to the student logits (divergence_backward.cpp): what the units share, the per-column
+// formulas below.
 //
 // Per row, over the first vocab_size columns, with k = 1/T, q = softmax(k s), p = softmax(k t):
 //   forward_kl        KL(p || q) = sum_v p_v (log p_v - log q_v)
@@ -35,9 +36,9 @@
 // if either input is float64, else float), row sums in double, the gradient rounded to nearest even in the
 // student's dtype; [n_outer, rows_per_outer, V] row views with any strides (csrc/common/row_strides.h).
 //
-// Private to those two units: the definitions have internal linkage (an unnamed namespace), as when the family was
+// Private to the family's units: the definitions have internal linkage (an unnamed namespace), as when the family was
 // one unit, so each unit compiles its own copy, and a change built into one unit only (scripts/mutations.py's
-// built_in) is not swapped for the other unit's copy by the linker.
+// built_in) is not swapped for another unit's copy by the linker.
 #pragma once
 
 #include "../common/divergence_kind.h"
@@ -50,7 +51,7 @@
 
 #include <c10/macros/Macros.h>
 
-namespace {  // NOLINT(build/namespaces_headers): private to the family's two units (above)
+namespace {  // NOLINT(build/namespaces_headers): private to the family's units (above)
 
 using namespace minillm_cpu;  // NOLINT(build/namespaces): the shared per-element helpers
 

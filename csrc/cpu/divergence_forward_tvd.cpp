@@ -1,0 +1,4 @@
+// The CPU forward's row loop of the total variation distance, in a unit of its own (divergence_forward_rows.h).
+#include "divergence_forward_rows.h"
+
+template void minillm_cpu::divergence_forward_rows<Divergence::kTvd>(const minillm_cpu::ForwardRows&);
