@@ -212,7 +212,9 @@ def test_vocab_size_ignores_padding_columns(backend, wider):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_extreme_logits_as_accurate_as_naive_float32(backend):
-    """|logits| ~ 1e4 in float32: the error against float64 stays within 4x the naive float32 loss's error."""
+    """|logits| ~ 1e4 in float32: the per-token terms' error against float64 stays within 4x the naive float32 loss's
+    error, the gradient within its derived bound (``gradient_bound``: a ratio to the naive gradient's error fails
+    where two near-tied columns give |log q_v - log p_v| ~ 2e4 and the naive rounding happens to be 0.5 ulp)."""
     require_backend(backend)
     device = device_for(backend)
     rows = 6
@@ -222,15 +224,13 @@ def test_extreme_logits_as_accurate_as_naive_float32(backend):
     target = torch.randint(0, ODD_VOCAB, (rows,), device=device)
     upstream = torch.randn(3, rows, dtype=torch.float64)
     stats, grad = stats_and_gradient(backend, student, teacher, target, upstream)
-    naive, naive_grad = stats_and_gradient("reference", student.cpu(), teacher.cpu(), target.cpu(), upstream)
+    naive, _ = stats_and_gradient("reference", student.cpu(), teacher.cpu(), target.cpu(), upstream)
     exact = exact_token_stats(student, teacher, target, upstream)
     for name in ("reverse_kld", "student_logprob", "teacher_logprob", "entropy"):
         error = (getattr(stats, name).cpu().double() - getattr(exact, name)).abs().max()
         naive_error = (getattr(naive, name).double() - getattr(exact, name)).abs().max()
         assert error <= 4 * naive_error + 1e-3, f"{name}: error {error} vs naive float32 {naive_error}"
-    error = (grad.cpu().double() - exact.grad).abs().max()
-    naive_error = (naive_grad.double() - exact.grad).abs().max()
-    assert error <= 4 * naive_error + 1e-5, f"gradient: error {error} vs naive float32 {naive_error}"
+    assert_gradient_within(grad.cpu(), exact, torch.float32)
 
 
 # |logits / T| far from 1: (dtype, temperature, how the randn logits are transformed). The CPU kernel gave NaN/inf for
