@@ -1360,9 +1360,12 @@ PYTEST_VERDICTS = {0: "passed", 1: "failed", 2: "failed"}  # pytest's exit codes
 MUTATION_VERDICTS = {"passed": "MISSED", "failed": "caught", "timeout": "caught", "error": "ERROR"}  # (a hang: caught)
 
 # Each pytest run is a process forked from a server that has imported these (and nothing of this project): torch,
-# triton, the distributed tensors minillm_kernels.parallel imports, transformers. A fresh interpreter spends ~4 CPU
-# seconds importing them, more than most mutations' tests take.
-PRELOADED = ("torch", "triton", "torch.distributed.tensor", "torch._dynamo", "numpy", "pytest", "transformers")
+# triton, the distributed tensors minillm_kernels.parallel imports, transformers and its Llama (the tiny default's
+# model), matplotlib's pyplot (the benchmarks' plots). A fresh interpreter spends ~5 CPU seconds importing them, more
+# than most mutations' tests take. (Not TRL: it starts pyarrow's allocator thread, which a forking server must not
+# have.)
+PRELOADED = ("torch", "triton", "torch.distributed.tensor", "torch._dynamo", "numpy", "pytest", "transformers",
+             "transformers.models.llama.modeling_llama", "matplotlib.pyplot")
 CPU_SECONDS_MARK = "[mutation harness] CPU seconds: "
 
 
@@ -1375,6 +1378,7 @@ def _pytest_in_this_process(copy: str, args: list[str], env: dict[str, str], log
     os.dup2(output, 2)
     os.environ.clear()
     os.environ.update(env)
+    sys.dont_write_bytecode = True  # (the server's interpreter read its flag at start: worker_environment's, here)
     os.chdir(copy)
     sys.path[:] = [copy, *(entry for entry in sys.path if Path(entry or ".").resolve() != ROOT)]  # the copy's code
     import pytest
@@ -1417,7 +1421,8 @@ class Worker(NamedTuple):
 
 def worker_environment(worker: Worker) -> dict[str, str]:
     """The environment of a worker's pytest runs and builds: its copy's code and its build cache (and compiler)."""
-    env = {**os.environ, "PYTHONPATH": str(worker.copy), "TORCH_EXTENSIONS_DIR": str(worker.extensions)}
+    env = {**os.environ, "PYTHONPATH": str(worker.copy), "TORCH_EXTENSIONS_DIR": str(worker.extensions),
+           "PYTHONDONTWRITEBYTECODE": "1"}  # (a module's bytecode cached before its plant, stale by then, could run)
     if worker.compiler is not None:
         env.update({"CXX": str(worker.compiler), COMPILER_ENV: os.environ.get("CXX", "c++")})
     return env

@@ -23,7 +23,11 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 tests_started=$SECONDS
 set +e
-"$PYTHON" -m pytest -q -rfE "${parallel[@]}" tests 2>&1 | tee "$log"
+# The suite's fresh interpreters (its workers, torchrun's processes, the benchmarks' cases, the README's blocks) import
+# this checkout's modules: compiled into __pycache__ by the first and read back by the others, even where the
+# environment says not to write bytecode (PYTHONDONTWRITEBYTECODE). The mutation harness's copies leave __pycache__
+# out, and its runs write none (a stale one could stand for a planted bug).
+env -u PYTHONDONTWRITEBYTECODE "$PYTHON" -m pytest -q -rfE "${parallel[@]}" tests 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 echo "scripts/test.sh: the test suite took $((SECONDS - tests_started)) s"
