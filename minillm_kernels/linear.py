@@ -17,8 +17,9 @@ tokens are skipped (they get zero outputs and a zero gradient), so the work is p
 tokens. Peak extra memory: three [C, V] buffers in the weights' dtypes, plus the gradients of the inputs.
 
 When is step 3 done? The loss's upstream gradient must be known to form G_c:
-- ``fused_linear_reverse_kld`` with reduction "sum" or "mean": the upstream of each KL_t is the same scalar
-  (times 1/count for "mean"), so step 3 runs in the forward pass with a_t = 1 (or 1/count), and the backward
+- ``fused_linear_reverse_kld`` and ``fused_linear_divergence`` with reduction "sum" or "mean": the upstream of each
+  KL_t (D_t) is the same scalar (times 1/count for "mean"), so step 3 runs in the forward pass with a_t = 1 (or
+  1/count), and the backward
   only scales the stored gradients by the scalar, into new tensors (the stored ones stay for a retained graph's
   next backward, whatever the caller does to those it got). Four matmuls per chunk in all.
 - reduction "none" and ``fused_linear_token_stats``: the upstreams (a_t, b_t, c_t) of KL_t, log q(y_t), H_t are
@@ -36,17 +37,18 @@ grad h is returned in the hidden states' dtype, grad b in the bias's.
 
 One chunk loop (``_ChunkLoop``: the projections, the plan, the logits buffers, autocast off) runs inside every
 ``torch.library`` custom op here (``minillm_kernels::linear_token_stats``, ``linear_reverse_kld_sum``,
-``linear_divergence`` and ``linear_sparse_divergence`` with their backwards, each with a fake implementation and an
+``linear_divergence``, ``linear_divergence_sum`` and ``linear_sparse_divergence`` with their backwards, each with a fake implementation and an
 autograd formula), each op handing it its kernel family's per-chunk function; so ``torch.compile(fullgraph=True)``
 traces a model and this loss together: the chunk plan, which depends on the mask's contents, is made inside the op.
 Meta tensors get the outputs' shapes. The inputs are saved for the backward, so an in-place change of a weight between
 forward and backward is autograd's usual error.
 Gradients flow to the student hidden states, weight and bias; the teacher is frozen.
 
-``fused_linear_divergence`` runs the same chunk loop for the divergence family (``ops/divergence.py``): its forward
-keeps per token the value, ``mean_partial = sum_v q_v a_v`` and the row statistics, and its backward recomputes each
-chunk's logits and writes G_c = g k q (a - mean_partial) (six matmuls per chunk, for every reduction; the reverse KL
-is ``fused_linear_reverse_kld``'s, with its four-matmul scalar path).
+``fused_linear_divergence`` runs the same chunk loop for the divergence family (``ops/divergence.py``), whose
+logit gradient is G_c = g k q (a - mean_partial) with ``mean_partial = sum_v q_v a_v``: with reduction "sum" or
+"mean" in the forward (``linear_divergence_sum``, four matmuls per chunk), with "none" in the backward, from the value,
+``mean_partial`` and the row statistics its forward kept per token (``linear_divergence``, six matmuls per chunk); the
+reverse KL is ``fused_linear_reverse_kld``'s.
 
 ``fused_linear_sparse_divergence`` runs it for the sparse teacher's family (``ops/sparse.py``): the teacher is its
 [N, K] top-k ids and log-probabilities, not an lm_head, so the loop has no teacher projection (two [C, V] buffers,
@@ -444,38 +446,63 @@ def reverse_kld_sum_and_gradients(
     shard's part of it. ``softcaps``: the student's and the teacher's (``_Projection``)."""
     loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
                       None, mask, temperature, vocab_size, chunk_size, backend, softcaps)
-    grads = loop.new_input_gradients(needs)
-    total = student_hidden.new_zeros((), dtype=compute_dtype(student_weight.dtype, teacher_weight.dtype))
-    scale = 1.0 / max(loop.plan.n_counted, 1) if mean else 1.0
-    for chunk in loop:
+
+    def terms(chunk: _Chunk) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         stats = _chunk_stats(chunk, loop.plan)
         kl, _, _, entropy, row_stats = stats if combine is None else combine(stats)
-        total += kl.sum()
+        no_upstream = torch.zeros_like(kl)  # (log q(y) and H have none here)
+        return kl, lambda upstream: _chunk_stats_gradient(chunk, loop.plan, (upstream, no_upstream, no_upstream),
+                                                          (kl, entropy, row_stats))
+
+    return _sum_and_gradients(loop, mean, needs, terms)
+
+
+def _sum_and_gradients(loop: _ChunkLoop, mean: bool, needs: list[bool],
+                       terms: Callable[[_Chunk], tuple[Tensor, Callable[[Tensor], Tensor]]],
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, grad_hidden, grad_weight, grad_bias)`` of loss = scale sum_t D_t over the counted tokens (scale = 1, or
+    1 / their count with ``mean``: 0 when none counts), the gradients for an upstream gradient of 1 formed chunk by
+    chunk in the same pass (step 3 of the module docstring with a_t = scale). ``terms(chunk)`` gives the chunk's
+    per-token D_t and the function that turns their upstream [C] into the logit gradient [C, vocab]."""
+    grads = loop.new_input_gradients(needs)
+    weights = loop.student.weight.dtype, loop.teacher.weight.dtype
+    total = loop.student.hidden.new_zeros((), dtype=compute_dtype(*weights))
+    scale = 1.0 / max(loop.plan.n_counted, 1) if mean else 1.0
+    for chunk in loop:
+        value, logit_gradient = terms(chunk)
+        total += value.sum()
         if grads.any:  # (the logit gradient, passed on directly, is freed before the next chunk's)
-            upstream = (torch.full_like(kl, scale), torch.zeros_like(kl), torch.zeros_like(kl))
-            grads.add_chunk(_chunk_stats_gradient(chunk, loop.plan, upstream, (kl, entropy, row_stats)), chunk,
-                            loop.student)
+            grads.add_chunk(logit_gradient(torch.full_like(value, scale)), chunk, loop.student)
     return (total * scale, *grads.result())
 
 
 @linear_reverse_kld_sum.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask, temperature,
       vocab_size, chunk_size, backend, mean, needs, student_softcap=None, teacher_softcap=None):
+    return _sum_outputs_like(student_hidden, student_weight, student_bias, teacher_weight, needs)
+
+
+def _sum_outputs_like(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+                      teacher_weight: Tensor, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fake ``(loss, grad_hidden, grad_weight, grad_bias)`` of the scalar-reduction ops (``_sum_and_gradients``)."""
     total = student_hidden.new_empty((), dtype=compute_dtype(student_weight.dtype, teacher_weight.dtype))
     return (total, *_input_gradients_like(student_hidden, student_weight, student_bias, needs))
 
 
 def _setup_sum(ctx, inputs, output) -> None:
+    """The scalar-reduction ops' (``linear_reverse_kld_sum``, ``linear_divergence_sum``): their inputs end with
+    ``needs`` and the two soft caps."""
     # The inputs are saved only for autograd's version check: a weight changed in place between the forward and
     # the backward raises, as for any op, instead of returning the gradient of the old weight.
     ctx.save_for_backward(*inputs[:3], *output[1:])
-    ctx.needs = inputs[12]  # (``needs``: the argument before the soft caps)
+    ctx.needs = inputs[-3]
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _sum_backward(ctx, grad_total, *unused):
     _, _, _, *grads = ctx.saved_tensors
-    return (*_scaled_gradients(grads, ctx.needs, grad_total), *(None,) * 12)
+    return (*_scaled_gradients(grads, ctx.needs, grad_total), *(None,) * (ctx.n_inputs - 3))
 
 
 def _scaled_gradients(grads: tuple[Tensor, ...], needs: list[bool], grad_total: Tensor) -> tuple[Optional[Tensor], ...]:
@@ -839,6 +866,38 @@ def _divergence_backward(ctx, grad_value, grad_mean_partial, grad_row_stats):
 differentiable_linear_divergence = differentiable(linear_divergence, _divergence_backward, _setup_divergence)
 
 
+@torch.library.custom_op("minillm_kernels::linear_divergence_sum", mutates_args=())
+def linear_divergence_sum(
+    student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+    teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor], mask: Optional[Tensor],
+    divergence: str, coefficient: float, temperature: float, vocab_size: int, chunk_size: int, backend: str,
+    mean: bool, needs: list[bool], student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, grad_hidden, grad_weight, grad_bias)``: loss = scale sum_t D_t over the counted tokens (scale = 1, or
+    1 / their count with ``mean``), and its gradients for an upstream gradient of 1, computed in the forward (four
+    matmuls per chunk, as ``linear_reverse_kld_sum``; those ``needs`` leaves out are empty)."""
+    check_coefficient(divergence, coefficient)  # (first: under torch.compile its only check)
+    loop = _ChunkLoop((student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias),
+                      None, mask, temperature, vocab_size, chunk_size, backend, (student_softcap, teacher_softcap))
+
+    def terms(chunk: _Chunk) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        value, mean_partial, row_stats = _chunk_divergence(chunk, loop.plan, divergence, coefficient)
+        return value, lambda upstream: _chunk_divergence_gradient(chunk, loop.plan, upstream, (mean_partial, row_stats),
+                                                                  divergence, coefficient)
+
+    return _sum_and_gradients(loop, mean, needs, terms)
+
+
+@linear_divergence_sum.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask, divergence,
+      coefficient, temperature, vocab_size, chunk_size, backend, mean, needs, student_softcap=None,
+      teacher_softcap=None):
+    return _sum_outputs_like(student_hidden, student_weight, student_bias, teacher_weight, needs)
+
+
+differentiable_linear_divergence_sum = differentiable(linear_divergence_sum, _sum_backward, _setup_sum)
+
+
 def fused_linear_divergence(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -873,8 +932,9 @@ def fused_linear_divergence(
     reduced as ``reduction`` says. The logit gradient dD/ds_v = (1/T) q_v (a_v - sum_u q_u a_u) (a_v = dD/dq_v) reaches
     ``student_hidden`` (G W_s), ``student_weight`` (G^T h_s) and ``student_bias`` (sum of G over tokens) chunk by
     chunk; the teacher's inputs get none. The forward keeps per token the value, sum_u q_u a_u and the row
-    statistics; the backward recomputes each chunk's logits (six matmuls per chunk; the reverse KL runs
-    ``fused_linear_reverse_kld``, four with a scalar reduction).
+    statistics; the backward recomputes each chunk's logits (six matmuls per chunk). With reduction "sum" or "mean"
+    the gradients are formed in the forward instead and the backward scales them (four matmuls per chunk, as
+    ``fused_linear_reverse_kld``, which the reverse KL runs).
 
     Args:
         divergence, beta, skew: as in ``fused_divergence``.
@@ -902,9 +962,12 @@ def fused_linear_divergence(
     softcaps = _checked_softcaps(student_softcap, teacher_softcap, call)
     if call.shards is not None:
         value = _sharded_divergence(call, divergence, coefficient)
-    else:
+    elif reduction == "none":
         value = differentiable_linear_divergence(*call.tensors, call.mask, divergence, coefficient, *call.options,
                                                  None, *softcaps)[0]
+    else:
+        return differentiable_linear_divergence_sum(*call.tensors, call.mask, divergence, coefficient, *call.options,
+                                                    reduction == "mean", _needs_grad(*call.tensors[:3]), *softcaps)[0]
     return reduce_per_token(value, call.mask, call.lead_shape, reduction)
 
 

@@ -512,7 +512,7 @@ MUTATIONS = (
     Mutation(
         "linear-mean-counts-masked-tokens", "minillm_kernels/linear.py",
         "scale = 1.0 / max(loop.plan.n_counted, 1) if mean else 1.0",
-        "scale = 1.0 / max(student_hidden.shape[0], 1) if mean else 1.0",
+        "scale = 1.0 / max(loop.student.hidden.shape[0], 1) if mean else 1.0",
         ("tests/test_fused_linear.py::test_reverse_kld_matches_unfused_composition",),
         "the fused-linear mean divides by every token, masked ones included",
     ),

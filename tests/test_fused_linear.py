@@ -262,15 +262,17 @@ def test_scalar_loss_backward_twice_with_retained_graph():
         torch.testing.assert_close(x.grad, 3 * g)
 
 
+@pytest.mark.parametrize("divergence", ("reverse_kl", "jsd"))
 @pytest.mark.parametrize("reduction", ("sum", "mean"))
-def test_the_gradients_returned_are_not_the_ones_saved_for_the_next_backward(reduction):
+def test_the_gradients_returned_are_not_the_ones_saved_for_the_next_backward(reduction, divergence):
     """With a retained graph, what the caller does to one backward's gradients (``.data.zero_()``, zeroing ``.grad``
     in place between steps) changes nothing in the next: each backward returns fresh tensors, even for an upstream
-    gradient of 1 (where scaling the stored gradients would be a no-op)."""
+    gradient of 1 (where scaling the stored gradients would be a no-op). The reverse KL's op and the divergence
+    family's (both compute the gradients in the forward)."""
     student = leaves(*projection(STUDENT_HIDDEN, VOCAB, torch.float64, "cpu"))
     teacher = projection(TEACHER_HIDDEN, VOCAB, torch.float64, "cpu")
-    loss = mk.fused_linear_reverse_kld(student[0], student[1], teacher[0], teacher[1], student_bias=student[2],
-                                       reduction=reduction, chunk_size=6)
+    loss = mk.fused_linear_divergence(student[0], student[1], teacher[0], teacher[1], student_bias=student[2],
+                                      divergence=divergence, reduction=reduction, chunk_size=6)
     first = torch.autograd.grad(loss, student, retain_graph=True)
     want = [g.clone() for g in first]
     for g in first:

@@ -679,7 +679,7 @@ def test_fsdp_gives_one_process_losses_and_resumes(tmp_path, heldout_file):
 
 
 def random_llama(directory: Path, tokenizer, seed: int, vocab: int = 1000) -> Path:
-    """A small random Llama (2 layers, hidden 64, ``vocab`` logit columns for the tokenizer's 327 tokens, untied
+    """A small random Llama (2 layers, hidden 64, ``vocab`` logit columns for the tokenizer's 449 tokens, untied
     embeddings: an lm_head of its own, sharded apart from them) saved with the tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -837,9 +837,9 @@ def test_the_step_allocates_no_tokens_x_vocab_tensor_but_those_the_design_needs(
                                                                                 capsys):
     """The memory promise on the trainer's path: tensors of >= N x V elements allocated during one MiniLLM step.
 
-    On random Llamas with V = 4096 logit columns (for the tokenizer's 327 tokens) and H = 64: as in an LLM, V is far
+    On random Llamas with V = 4096 logit columns (for the tokenizer's 449 tokens) and H = 64: as in an LLM, V is far
     above H and the sequence length, so that no activation, weight or gradient but the [tokens x V] ones reaches
-    N x V (in the tiny default V = 327 is 2.6 H, and a [B, T, H] activation does).
+    N x V (in the tiny default V = 449 is 3.5 H, and a [B, T, H] activation does).
 
     L_pg + L_single on the logits path: the student's [B, N, V] logits (response_logits passes the response
     positions as logits_to_keep) and the kernel's [B N, V] gradient: nothing else (a [:, -(N+1):-1] slice of wider
