@@ -19,9 +19,8 @@ tokens. Peak extra memory: three [C, V] buffers in the weights' dtypes, plus the
 When is step 3 done? The loss's upstream gradient must be known to form G_c:
 - ``fused_linear_reverse_kld`` and ``fused_linear_divergence`` with reduction "sum" or "mean": the upstream of each
   KL_t (D_t) is the same scalar (times 1/count for "mean"), so step 3 runs in the forward pass with a_t = 1 (or
-  1/count), and the backward
-  only scales the stored gradients by the scalar, into new tensors (the stored ones stay for a retained graph's
-  next backward, whatever the caller does to those it got). Four matmuls per chunk in all.
+  1/count), and the backward only scales the stored gradients by the scalar, into new tensors (the stored ones stay
+  for a retained graph's next backward, whatever the caller does to those it got). Four matmuls per chunk in all.
 - reduction "none" and ``fused_linear_token_stats``: the upstreams (a_t, b_t, c_t) of KL_t, log q(y_t), H_t are
   per token and only known in the backward. The forward keeps per-token scalars (KL, H and the row statistics
   (m_s, log Z_s, m_t, log Z_t)); the backward recomputes each chunk's two logits and runs step 3 with them.
@@ -37,9 +36,10 @@ grad h is returned in the hidden states' dtype, grad b in the bias's.
 
 One chunk loop (``_ChunkLoop``: the projections, the plan, the logits buffers, autocast off) runs inside every
 ``torch.library`` custom op here (``minillm_kernels::linear_token_stats``, ``linear_reverse_kld_sum``,
-``linear_divergence``, ``linear_divergence_sum`` and ``linear_sparse_divergence`` with their backwards, each with a fake implementation and an
-autograd formula), each op handing it its kernel family's per-chunk function; so ``torch.compile(fullgraph=True)``
-traces a model and this loss together: the chunk plan, which depends on the mask's contents, is made inside the op.
+``linear_divergence``, ``linear_divergence_sum`` and ``linear_sparse_divergence`` with their backwards, each with a
+fake implementation and an autograd formula), each op handing it its kernel family's per-chunk function; so
+``torch.compile(fullgraph=True)`` traces a model and this loss together: the chunk plan, which depends on the mask's
+contents, is made inside the op.
 Meta tensors get the outputs' shapes. The inputs are saved for the backward, so an in-place change of a weight between
 forward and backward is autograd's usual error.
 Gradients flow to the student hidden states, weight and bias; the teacher is frozen.
