@@ -6,7 +6,7 @@
 # split's scores of the chosen and last checkpoints), then one process reads every run back and writes compare.md
 # and results.json.
 #
-#   bash scripts/compare.sh                                        # the whole grid: 4 lrs, minillm 2 buffers, 5 seeds
+#   bash scripts/compare.sh                                        # the whole grid: 5 lrs, minillm 2 buffers, 5 seeds
 #   PROCESSES=2 bash scripts/compare.sh --lrs 1e-4 3e-4 --seeds 0 1 --steps 40   # a smaller one
 #
 # Extra arguments go to every call (the grid's size: --lrs, --buffers, --seeds, --steps, --rows). A finished run is

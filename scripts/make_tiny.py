@@ -1,7 +1,8 @@
 """Build the ``tiny`` default once: tokenizer + teacher, then the student's SFT start.
 
     python scripts/make_tiny.py teacher       # tokenizer, then the teacher until it masters the tasks
-    python scripts/make_tiny.py student-sft   # the student fine-tuned on the prompt pool's gold answers
+    python scripts/make_tiny.py student-sft   # the student fine-tuned on the prompt pool's gold answers, but the
+                                              # default validation split's (which chooses the comparison's settings)
 
 Writes ``minillm_kernels/training/tiny/checkpoints/<name>/`` (float16 safetensors, config, tokenizer) and a log
 ``<name>.log.jsonl`` beside it (held-out scores, greedy and sampled at T=1, at every evaluation). The teacher
@@ -21,7 +22,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from minillm_kernels.training.data import causal_lm_logits, teacher_forced_batch
+from minillm_kernels.training.data import causal_lm_logits, prompts_fingerprint, teacher_forced_batch, validation_split
 from minillm_kernels.training.evaluation import evaluate, markdown_table
 from minillm_kernels.training.tiny import CHECKPOINTS, MAX_NEW_TOKENS, TASKS, tiny_checkers, tiny_config, tiny_splits
 from minillm_kernels.training.tiny.tasks import sample_examples
@@ -137,7 +138,11 @@ def main() -> None:
     else:
         tokenizer = AutoTokenizer.from_pretrained(CHECKPOINTS / "teacher")
         model = LlamaForCausalLM(tiny_config("student", len(tokenizer), tokenizer.eos_token_id))
-        batch_size, pool, order = args.batch_size or 32, splits["prompts"], random.Random(args.seed)
+        # the default validation split (--validation-seed 0) is unseen by the start, as by every run it chooses for
+        validation, pool = validation_split(splits["prompts"], None, seed=0)
+        log_file.write(json.dumps({"step": 0, "unseen_validation": {"seed": 0, "prompts": len(validation),
+                                                                     "sha256": prompts_fingerprint(validation)}}) + "\n")
+        batch_size, order = args.batch_size or 32, random.Random(args.seed)
 
         def next_examples():
             return order.sample(pool, batch_size)

@@ -740,6 +740,13 @@ MUTATIONS = (
         "an --eval-data row without a response is silently counted",
     ),
     Mutation(
+        "validation-split-seen-by-the-start", "minillm_kernels/training/data.py",
+        "validation = random.Random(seed).sample(labelled, size)",
+        "validation = random.Random(seed + 1).sample(labelled, size)",
+        ("tests/test_data.py::test_the_shipped_student_start_never_trained_on_the_default_validation_split",),
+        "the default validation split is another draw than the one the shipped start left out: the start has seen it",
+    ),
+    Mutation(
         "jsonl-null-response-read-as-text", "minillm_kernels/training/data.py",
         'example = Example("all" if task is None else task, record["prompt"], "" if response is None else response)',
         'example = Example(str(record.get("task", "all")), record["prompt"], str(record.get("response", "")))',

@@ -12,7 +12,8 @@ import torch
 
 from minillm_kernels.training.config import parse_args
 from minillm_kernels.training.data import (
-    IGNORE_INDEX, Example, load_jsonl, load_texts, load_training_data, prompt_batch, teacher_forced_batch,
+    IGNORE_INDEX, Example, load_jsonl, load_texts, load_training_data, prompt_batch, prompts_fingerprint,
+    teacher_forced_batch,
 )
 from minillm_kernels.sampling import position_ids_from_attention_mask
 from minillm_kernels.training.tiny.tasks import (
@@ -204,6 +205,19 @@ def test_the_validation_split_is_drawn_from_the_pool_fixed_by_its_seed_and_disjo
     assert other.validation != data.validation and len(other.validation) == 500
     none = tiny_data("--validation-size", "0")
     assert none.validation == [] and len(none.pool) == 5000
+
+
+def test_the_shipped_student_start_never_trained_on_the_default_validation_split():
+    """The student start (scripts/make_tiny.py student-sft) trained on the pool without the default validation
+    split, which chooses every run's checkpoint and the comparison's settings: its log names the prompts it left out,
+    which must be that split's. (A start remade on the whole pool, or a changed split, fails here.)"""
+    from minillm_kernels.training.tiny import CHECKPOINTS
+
+    first = json.loads((CHECKPOINTS / "student-sft.log.jsonl").read_text().splitlines()[0])
+    validation = tiny_data().validation
+    assert first["unseen_validation"] == {"seed": 0, "prompts": len(validation),
+                                          "sha256": prompts_fingerprint(validation)}
+    assert prompts_fingerprint(validation[:-1]) != prompts_fingerprint(validation)
 
 
 @pytest.mark.parametrize("split", ["heldout", "pool"])

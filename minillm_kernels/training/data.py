@@ -139,6 +139,11 @@ def validation_split(pool: list[Example], size: Optional[int], seed: int) -> tup
     return validation, [e for e in pool if e.prompt not in prompts]
 
 
+def prompts_fingerprint(examples: Sequence[Example]) -> str:
+    """The sha256 of ``examples``' prompts, sorted and joined by NUL: which prompts, in any order."""
+    return hashlib.sha256("\0".join(sorted(e.prompt for e in examples)).encode()).hexdigest()
+
+
 def load_training_data(config: DataConfig, *, seed: int, gold_answers_for: Sequence[str] = ()) -> TrainingData:
     """The prompt pool, its gold pairs, the validation and test (held-out) splits and the L_PT text of --data,
     --eval-data and --lm-data (the tiny default's splits, tasks' validity rules and long tasks for --data tiny), cut
