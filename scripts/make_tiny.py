@@ -22,6 +22,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from minillm_kernels.training.config import DataConfig
 from minillm_kernels.training.data import causal_lm_logits, prompts_fingerprint, teacher_forced_batch, validation_split
 from minillm_kernels.training.evaluation import evaluate, markdown_table
 from minillm_kernels.training.tiny import CHECKPOINTS, MAX_NEW_TOKENS, TASKS, tiny_checkers, tiny_config, tiny_splits
@@ -138,10 +139,11 @@ def main() -> None:
     else:
         tokenizer = AutoTokenizer.from_pretrained(CHECKPOINTS / "teacher")
         model = LlamaForCausalLM(tiny_config("student", len(tokenizer), tokenizer.eos_token_id))
-        # the default validation split (--validation-seed 0) is unseen by the start, as by every run it chooses for
-        validation, pool = validation_split(splits["prompts"], None, seed=0)
-        log_file.write(json.dumps({"step": 0, "unseen_validation": {"seed": 0, "prompts": len(validation),
-                                                                     "sha256": prompts_fingerprint(validation)}}) + "\n")
+        # the trainer's default validation split is unseen by the start, as by every run it chooses for
+        split = DataConfig()
+        validation, pool = validation_split(splits["prompts"], split.validation_size, split.validation_seed)
+        unseen = {"seed": split.validation_seed, "prompts": len(validation), "sha256": prompts_fingerprint(validation)}
+        log_file.write(json.dumps({"step": 0, "unseen_validation": unseen}) + "\n")
         batch_size, order = args.batch_size or 32, random.Random(args.seed)
 
         def next_examples():
