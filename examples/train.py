@@ -54,7 +54,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import minillm_kernels as mk
-from minillm_kernels.distributed import full_state_dict, full_tensor, parallelize
+from minillm_kernels.distributed import end_process_group, full_state_dict, full_tensor, parallelize
 from minillm_kernels.training import methods
 from minillm_kernels.training.cache import CacheError, TeacherCache, run_settings
 from minillm_kernels.training.checkpoint import JsonlLog, append_record, resume, save, save_model
@@ -340,7 +340,7 @@ def distill(config: TrainConfig, data: TrainingData, planned: list[PlannedRun], 
         return results
     finally:  # after an error too: the other processes' collectives fail instead of waiting
         if world > 1:
-            dist.destroy_process_group()
+            end_process_group()
 
 
 def run_planned(config: TrainConfig, data: TrainingData, planned: list[PlannedRun], rank: int, world: int,

@@ -26,11 +26,14 @@ traffic and activation memory), the gradients reduce-scattered in fp32, and the 
 optimizer updates. On the CPU, fp32 throughout (bf16 matmuls are slow on most CPUs: 8x on this project's). The
 fused-linear kernels take each lm_head in the dtype it has inside the forward (bf16 under the policy).
 
+``end_process_group`` ends a run's process group, FSDP2's included.
+
 Sharded checkpoints (``save_sharded`` / ``load_sharded``): the model's and optimizer's state dicts as
 ``torch.distributed.checkpoint`` writes them, each process its own shards, loadable by any number of processes.
 """
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -109,6 +112,23 @@ def parallelize(model: torch.nn.Module, *, fsdp: bool, trainable: bool) -> torch
     if trainable and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return torch.nn.parallel.DistributedDataParallel(runner, forward_sync_buffers=False)
     return runner
+
+
+def end_process_group() -> None:
+    """``dist.destroy_process_group()``, with the backend freed now: its threads end before the interpreter's shutdown.
+
+    DTensor (FSDP2's parameters) caches its sharding plans beyond the models' lives, in C++ and in Python, with the
+    device mesh in them, and a device mesh holds its process groups (``_pg_registry``, torch 2.11 to 2.13): after
+    ``destroy_process_group`` alone, gloo's threads live on into the interpreter's shutdown, where one that reaches
+    for the GIL aborts the process ("terminate called without an active exception", after the run's results were
+    written). So every mesh left lets go of its groups, and the group goes with its last reference: call it once the
+    models are out of use."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    dist.destroy_process_group()
+    for mesh in [o for o in gc.get_objects() if isinstance(o, DeviceMesh)]:
+        getattr(mesh, "_pg_registry", {}).clear()
+    gc.collect()  # the models' FSDP states, in reference cycles, hold the group too
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -1,12 +1,17 @@
 """minillm_kernels.distributed in one process: the ModelRunner's two kinds of call, the decoder layers FSDP2 shards,
-the wrapper errors of response_hidden_states and the sampler, and eval_mode through a wrapper. (DDP and FSDP2 on 2
-processes run in tests/test_train.py, through the trainer.)"""
+the wrapper errors of response_hidden_states and the sampler, and eval_mode through a wrapper; end_process_group on 2
+processes. (DDP and FSDP2 training on 2 processes runs in tests/test_train.py, through the trainer.)"""
 from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import conftest
 import minillm_kernels as mk
 from minillm_kernels.distributed import ModelRunner, decoder_layers, parallelize
 from minillm_kernels.training.evaluation import eval_mode
@@ -67,3 +72,39 @@ def test_eval_mode_restores_each_module_through_a_wrapper(student):
     with eval_mode(wrapper):
         assert not wrapper.training
     assert wrapper.training and not any(m.training for m in student.modules())
+
+
+END_PROCESS_GROUP = textwrap.dedent("""
+    import json, os, torch, torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+    from minillm_kernels.distributed import end_process_group, parallelize
+    from minillm_kernels.training.tiny import checkpoint_dir
+
+    def gloo_threads():
+        tasks = f"/proc/{os.getpid()}/task"
+        return sorted(name for name in (open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks))
+                      if "gloo" in name)
+
+    dist.init_process_group("gloo")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir("student-sft"), dtype=torch.float32)
+    runner = parallelize(model, fsdp=True, trainable=True)
+    runner(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    torch.nn.utils.clip_grad_norm_(runner.parameters(), 1.0)  # a norm over DTensors: more of DTensor's plans cached
+    during = gloo_threads()
+    del runner, model
+    end_process_group()
+    os.write(1, (json.dumps({"during": during, "after": gloo_threads()}) + "\\n").encode())  # one write: whole lines
+""")
+
+
+def test_end_process_group_ends_the_gloo_threads_of_an_fsdp_run(tmp_path: Path):
+    """After FSDP2 has trained, ``destroy_process_group`` alone leaves the gloo backend alive (DTensor's plan caches
+    hold the device mesh, which holds the group) and its threads end in the interpreter's shutdown, where they can
+    abort the process (it failed CI once); ``end_process_group`` ends them before. Read from /proc: Linux."""
+    script = tmp_path / "end_process_group.py"
+    script.write_text(END_PROCESS_GROUP)
+    processes = [json.loads(line) for line in
+                 conftest.torchrun(script, timeout=120, what="end_process_group").splitlines()]
+    assert len(processes) == 2
+    for threads in processes:  # (torch 2.13 names gloo's event loop too, 2.11 does not)
+        assert threads["during"].count("pt_gloo_runloop") >= 1 and threads["after"] == [], threads
