@@ -2,7 +2,9 @@
 ``load_cuda_extension`` (``csrc/cuda``), each compiled once per process (torch caches the build across processes,
 keyed by the extension's name, sources and flags) and returned as a module with the ``Kernels`` of ``backends.py``
 under the names the bindings give them (``forward``, ``backward``, ``divergence_forward``, ...). A build that fails
-warns once, naming the compiler's first error, and returns None: its backend is then not usable.
+warns once, naming the compiler's first error, and returns None: its backend is then not usable. A build killed
+mid-way leaves torch's ``lock`` file, on which every later build would wait for ever: the next build, holding an OS
+lock of its own, removes it with a warning (``_build_lock``).
 
 The CPU build and the instruction set. torch's build cache is keyed by name, sources and flags, not by the CPU. A
 ``-march=native`` build made on an AVX-512 machine and found in a cache shared with an older machine (one home
@@ -23,13 +25,15 @@ with ``nvcc`` (``CUDA_HOME``).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
 import platform
 import re
 import subprocess
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -69,9 +73,11 @@ def build_extension(name: str, sources: list[Path], what: str, instead: str, **l
     ``what`` names the build in the warning ("the CPU kernel") and ``instead`` says what is used in its place.
     """
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
-        return load(name=name, sources=[str(s) for s in sources], **load_kwargs)
+        build_directory = Path(load_kwargs.get("build_directory") or _get_build_directory(name, verbose=False))
+        with _build_lock(build_directory):
+            return load(name=name, sources=[str(s) for s in sources], **load_kwargs)
     except Exception as exc:  # noqa: BLE001 (a compiler, ninja or import failure)
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         # The first line of a failed build is the compile command; the compiler's diagnostic says more.
@@ -80,6 +86,28 @@ def build_extension(name: str, sources: list[Path], what: str, instead: str, **l
             f"minillm_kernels: {what} could not be built ({reason}); {instead}.", RuntimeWarning, stacklevel=3
         )
         return None
+
+
+@contextlib.contextmanager
+def _build_lock(build_directory: Path) -> Iterator[None]:
+    """Holds an OS lock on ``build_directory`` (released by the OS if the process dies) and, under it, removes the
+    ``lock`` file a killed build left behind.
+
+    torch's ``load`` marks a build in progress with a ``lock`` file that only the build itself removes: after a build
+    killed mid-way (a timeout, Ctrl-C twice), every later ``load`` of the extension waited for it forever, without a
+    word. Under this lock no other process of ours is building, so a ``lock`` file there is such a leftover."""
+    build_directory.mkdir(parents=True, exist_ok=True)
+    with open(build_directory / "minillm_build.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            leftover = build_directory / "lock"
+            if leftover.exists():
+                warnings.warn(f"minillm_kernels: removed {leftover}, left by a build that did not finish.",
+                              RuntimeWarning, stacklevel=4)
+                leftover.unlink()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------------------------

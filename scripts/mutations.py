@@ -754,6 +754,13 @@ MUTATIONS = (
         "after FSDP2, the gloo backend outlives end_process_group into the interpreter's shutdown (where it can abort)",
     ),
     Mutation(
+        "killed-build-lock-left-in-place", "minillm_kernels/_build.py",
+        "                leftover.unlink()",
+        "                pass",
+        ("tests/test_reverse_kld.py::test_a_build_killed_mid_way_does_not_block_the_next_one",),
+        "the lock file of a killed build stays: every later build of the extension waits for ever",
+    ),
+    Mutation(
         "jsonl-null-response-read-as-text", "minillm_kernels/training/data.py",
         'example = Example("all" if task is None else task, record["prompt"], "" if response is None else response)',
         'example = Example(str(record.get("task", "all")), record["prompt"], str(record.get("response", "")))',

@@ -752,3 +752,34 @@ def test_the_loaded_cpu_kernel_is_the_build_for_this_machine():
         flags = set(next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split())
         has_avx512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags
         assert (level == "x86-64-v4") == has_avx512, (level, has_avx512)
+
+
+STALE_LOCK_BUILD = """
+import sys, warnings
+from pathlib import Path
+from minillm_kernels._build import build_extension
+warnings.simplefilter("always")
+library = build_extension("minillm_stale_lock_probe", [Path(sys.argv[1])], "the probe", "nothing instead",
+                          is_python_module=False)
+assert library is not None
+"""
+
+
+def test_a_build_killed_mid_way_does_not_block_the_next_one(tmp_path):
+    """torch's ``load`` waits, silently and for ever, while its ``lock`` file exists, and a build killed mid-way leaves
+    it: the next build removes it, with a warning. (A library with no Python module, built in a second or two.)"""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler here")
+    source = tmp_path / "probe.cpp"
+    source.write_text("int minillm_stale_lock_probe() { return 1; }\n")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    command = [sys.executable, "-c", STALE_LOCK_BUILD, str(source)]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and "did not finish" not in first.stderr, first.stderr[-3000:]
+    (tmp_path / "extensions" / "minillm_stale_lock_probe" / "lock").touch()  # what a killed build leaves
+    try:
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=45)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the build after a killed one waited on its lock file for 45 s")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "lock, left by a build that did not finish" in second.stderr
