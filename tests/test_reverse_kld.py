@@ -778,8 +778,8 @@ def test_a_build_killed_mid_way_does_not_block_the_next_one(tmp_path):
     assert first.returncode == 0 and "did not finish" not in first.stderr, first.stderr[-3000:]
     (tmp_path / "extensions" / "minillm_stale_lock_probe" / "lock").touch()  # what a killed build leaves
     try:
-        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=45)
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
-        pytest.fail("the build after a killed one waited on its lock file for 45 s")
+        pytest.fail("the build after a killed one waited on its lock file for 30 s")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "lock, left by a build that did not finish" in second.stderr
