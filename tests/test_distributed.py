@@ -100,7 +100,7 @@ END_PROCESS_GROUP = textwrap.dedent("""
 def test_end_process_group_ends_the_gloo_threads_of_an_fsdp_run(tmp_path: Path):
     """After FSDP2 has trained, ``destroy_process_group`` alone leaves the gloo backend alive (DTensor's plan caches
     hold the device mesh, which holds the group) and its threads end in the interpreter's shutdown, where they can
-    abort the process (it failed CI once); ``end_process_group`` ends them before. Read from /proc: Linux."""
+    abort the process (seen in CI); ``end_process_group`` ends them before. Read from /proc: Linux."""
     script = tmp_path / "end_process_group.py"
     script.write_text(END_PROCESS_GROUP)
     processes = [json.loads(line) for line in
