@@ -97,17 +97,14 @@ def _build_lock(build_directory: Path) -> Iterator[None]:
     killed mid-way (a timeout, Ctrl-C twice), every later ``load`` of the extension waited for it forever, without a
     word. Under this lock no other process of ours is building, so a ``lock`` file there is such a leftover."""
     build_directory.mkdir(parents=True, exist_ok=True)
-    with open(build_directory / "minillm_build.flock", "a") as handle:
+    with open(build_directory / "minillm_build.flock", "a") as handle:  # (closing it releases the lock)
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            leftover = build_directory / "lock"
-            if leftover.exists():
-                warnings.warn(f"minillm_kernels: removed {leftover}, left by a build that did not finish.",
-                              RuntimeWarning, stacklevel=4)
-                leftover.unlink()
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        leftover = build_directory / "lock"
+        if leftover.exists():
+            warnings.warn(f"minillm_kernels: removed {leftover}, left by a build that did not finish.",
+                          RuntimeWarning, stacklevel=4)
+            leftover.unlink()
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------------------

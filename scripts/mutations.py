@@ -755,8 +755,8 @@ MUTATIONS = (
     ),
     Mutation(
         "killed-build-lock-left-in-place", "minillm_kernels/_build.py",
-        "                leftover.unlink()",
-        "                pass",
+        "            leftover.unlink()",
+        "            pass",
         ("tests/test_reverse_kld.py::test_a_build_killed_mid_way_does_not_block_the_next_one",),
         "the lock file of a killed build stays: every later build of the extension waits for ever",
     ),
